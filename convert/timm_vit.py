@@ -1,0 +1,413 @@
+"""timm ViT <-> jaxvit: configs from timm modules, and strict tensor mapping both ways.
+
+Key mapping (timm state dict -> jaxvit params path):
+  blocks.{i}.X        -> blocks_{i}/X
+  *.weight (2-D)      -> */kernel, transposed (Linear is (out, in); Dense is (in, out))
+  *.weight (4-D)      -> */kernel, OIHW -> HWIO (the patch-embedding conv)
+  *.weight (1-D)      -> */scale (LayerNorm)
+  patch_embed.proj.*  -> patch_embed/*
+  everything else keeps its name (bias, gamma, cls_token, reg_token, dist_token, pos_embed).
+Nothing is renamed beyond that, so a missed or extra tensor shows up by name.
+
+This module never imports torch at import time: safetensors checkpoints convert without it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxvit import labels
+from jaxvit.checkpoint import param_shapes
+from jaxvit.config import ViTConfig, get_config
+from jaxvit.posemb import grid_from_length, resample_abs_pos_embed
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fill a jaxvit ViT exactly (missing, unexpected or misshapen keys)."""
+
+
+class UnsupportedModelError(ValueError):
+    """A timm model whose architecture jaxvit does not implement."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and layouts.
+
+def _timm_to_path(key: str, ndim: int) -> tuple[str, ...]:
+    parts = key.split(".")
+    if parts[0] == "blocks":
+        parts = [f"blocks_{parts[1]}"] + parts[2:]
+    if parts[:2] == ["patch_embed", "proj"]:
+        parts = ["patch_embed"] + parts[2:]
+    if parts[-1] == "weight":
+        parts[-1] = "scale" if ndim == 1 else "kernel"
+    return tuple(parts)
+
+
+def _path_to_timm(path: tuple[str, ...]) -> str:
+    parts = list(path)
+    if parts[0].startswith("blocks_"):
+        parts = ["blocks", parts[0][len("blocks_"):]] + parts[1:]
+    if parts[0] == "patch_embed":
+        parts = ["patch_embed", "proj"] + parts[1:]
+    if parts[-1] in ("kernel", "scale"):
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def _to_jax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 4:
+            return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def _to_timm_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 4:
+            return value.transpose(3, 2, 0, 1)
+    return value
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts.
+
+def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Unwrap training-checkpoint containers ('model', 'state_dict', 'module.' prefix) into numpy."""
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = _numpy(v)
+    return out
+
+
+def _numpy(v) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    if type(v).__module__.startswith("torch"):
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return v.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        return v.numpy()
+    return np.asarray(v)
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig) -> dict:
+    """Strictly map a timm state dict onto jaxvit params of `config`.
+
+    Every tensor must be consumed and every parameter filled with the right shape; otherwise
+    `CheckpointMismatchError` names the keys (timm names for the checkpoint side).
+    """
+    sd = clean_state_dict(state_dict)
+    want = {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
+            for path, leaf in _tree_items(param_shapes(config))}
+    got: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, misshapen = [], []
+    for key, value in sd.items():
+        path = _timm_to_path(key, value.ndim)
+        if path not in want:
+            unexpected.append(key)
+            continue
+        value = _to_jax_layout(path, value)
+        if tuple(value.shape) != tuple(want[path]):
+            misshapen.append(f"{key}: {tuple(_to_timm_layout(path, value).shape)} in the checkpoint, "
+                             f"{tuple(_to_timm_layout(path, np.empty(want[path])).shape)} expected")
+            continue
+        got[path] = np.ascontiguousarray(value)
+    missing = [_path_to_timm(p) for p in want if p not in got and _path_to_timm(p) not in misshapen]
+    missing = [m for m in missing if not any(s.startswith(m + ":") for s in misshapen)]
+    if unexpected or missing or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if misshapen:
+            parts.append(f"wrong shapes {misshapen}")
+        raise CheckpointMismatchError(
+            f"checkpoint does not match {config.name or 'the ViT config'}: " + "; ".join(parts)
+            + ". Check model_name (architecture and tag) against the checkpoint.")
+    return _unflatten(got)
+
+
+def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
+    """jaxvit params -> a timm state dict (numpy arrays, timm names and layouts)."""
+    out = {}
+    for path, value in _flatten(params).items():
+        value = np.asarray(value)
+        out[_path_to_timm(path)] = np.ascontiguousarray(_to_timm_layout(path, value))
+    return out
+
+
+def _tree_items(tree):
+    import jax
+
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+def adapt_config(config: ViTConfig, state_dict: Mapping[str, np.ndarray]) -> ViTConfig:
+    """Fill what the checkpoint itself says: classes, register tokens, stored grid size."""
+    changes: dict[str, Any] = {}
+    if "head.weight" in state_dict:
+        n = int(state_dict["head.weight"].shape[0])
+        if n != config.num_classes:
+            changes["num_classes"] = n
+            if config.label_names is not None:
+                changes["label_names"] = labels.imagenet_names() if n == 1000 else None
+    elif "head.bias" not in state_dict and config.num_classes:
+        changes["num_classes"] = 0
+        changes["label_names"] = None
+    if "reg_token" in state_dict:
+        changes["reg_tokens"] = int(state_dict["reg_token"].shape[1])
+    if "pos_embed" in state_dict and config.pos_embed:
+        cfg = config.replace(**{k: v for k, v in changes.items() if k == "reg_tokens"})
+        prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        n = int(state_dict["pos_embed"].shape[1]) - prefix
+        if n != cfg.num_patches and n > 0:
+            gh, gw = grid_from_length(n)
+            changes["img_size"] = (gh * cfg.patch_size, gw * cfg.patch_size)
+    return config.replace(**changes) if changes else config
+
+
+def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) -> tuple[dict, ViTConfig]:
+    """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does."""
+    img_size = tuple(img_size)
+    new = config.replace(img_size=img_size)
+    if img_size == tuple(config.img_size) or not config.pos_embed:
+        return params, new
+    prefix = 0 if config.no_embed_class else config.num_prefix_tokens
+    pe = resample_abs_pos_embed(params["pos_embed"], new.grid_size, config.grid_size, prefix)
+    params = dict(params, pos_embed=np.asarray(pe))
+    return params, new
+
+
+def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = None) -> ViTConfig:
+    """A config from tensor shapes alone, for checkpoints without a model name.
+
+    Shapes fix everything but the head count, which must come from `num_heads` (or q_norm).
+    """
+    sd = state_dict
+    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+        raise UnsupportedModelError(
+            "this state dict is not a timm VisionTransformer (no patch_embed.proj.weight / blocks.0.attn.qkv.weight)")
+    d, c_in, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if "blocks.0.attn.q_norm.weight" in sd:
+        num_heads = sd["blocks.0.attn.qkv.weight"].shape[0] // 3 // sd["blocks.0.attn.q_norm.weight"].shape[0]
+    if num_heads is None:
+        raise ValueError("the number of attention heads cannot be read from tensor shapes: pass model_name "
+                         "(a timm name such as 'vit_small_patch16_224') or num_heads")
+    fc_norm = "fc_norm.weight" in sd
+    distilled = "dist_token" in sd
+    cfg = ViTConfig(
+        patch_size=int(p), in_chans=int(c_in), embed_dim=int(d), depth=depth, num_heads=int(num_heads),
+        head_dim=(sd["blocks.0.attn.qkv.weight"].shape[0] // 3 // num_heads),
+        mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        scale_attn_norm="blocks.0.attn.norm.weight" in sd, scale_mlp_norm="blocks.0.mlp.norm.weight" in sd,
+        proj_bias="blocks.0.attn.proj.bias" in sd, patch_bias="patch_embed.proj.bias" in sd,
+        layer_scale="blocks.0.ls1.gamma" in sd, class_token="cls_token" in sd,
+        reg_tokens=int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0, distilled=distilled,
+        pos_embed="pos_embed" in sd, pre_norm="norm_pre.weight" in sd,
+        final_norm="norm.weight" in sd or fc_norm, fc_norm=fc_norm,
+        global_pool="avg" if fc_norm or "cls_token" not in sd else "token",
+        num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+    )
+    if cfg.head_dim * cfg.num_heads == cfg.embed_dim:
+        cfg = cfg.replace(head_dim=None)
+    if cfg.pos_embed:
+        # The stored grid is square in every timm checkpoint; the row count says whether the
+        # prefix tokens have position rows (no_embed_class=False) or not.
+        n, prefix = sd["pos_embed"].shape[1], cfg.num_prefix_tokens
+        no_embed_class = prefix > 0 and not _is_square(n - prefix) and _is_square(n)
+        gh, gw = grid_from_length(n if no_embed_class else n - prefix)
+        cfg = cfg.replace(img_size=(gh * p, gw * p), no_embed_class=no_embed_class)
+    return cfg
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def _ln_eps(module) -> float:
+    return float(getattr(module, "eps", 1e-6))
+
+
+def config_from_timm_module(model, name: str | None = None) -> ViTConfig:
+    """Describe a timm `VisionTransformer` module as a `ViTConfig`, refusing what jaxvit lacks.
+
+    Works on modules built on the meta device (no weights needed).
+    """
+    import torch.nn as tnn
+    from timm.layers import LayerScale, Mlp
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    arch = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+    def refuse(what: str):
+        raise UnsupportedModelError(f"{arch}: {what} is not supported by jaxvit (it implements timm's plain "
+                                    "VisionTransformer and DeiT distilled models)")
+
+    cls_name = type(model).__name__
+    if not isinstance(model, VisionTransformer) or cls_name not in ("VisionTransformer", "VisionTransformerDistilled"):
+        refuse(f"model class {cls_name}")
+    if getattr(model, "attn_pool", None) is not None:
+        refuse(f"attention-pool head (global_pool={model.global_pool!r})")
+    if model.global_pool not in ("token", "avg", "avgmax", "max"):
+        refuse(f"global_pool={model.global_pool!r}")
+    pe = model.patch_embed
+    if type(pe).__name__ != "PatchEmbed" or not isinstance(pe.norm, tnn.Identity):
+        refuse(f"patch embedding {type(pe).__name__} with norm {type(pe.norm).__name__}")
+    if getattr(pe, "dynamic_img_pad", False):
+        refuse("dynamic image padding")
+    conv = pe.proj
+    if tuple(conv.kernel_size) != tuple(conv.stride) or conv.kernel_size[0] != conv.kernel_size[1] or any(conv.padding):
+        refuse(f"patch conv with kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}")
+    blk = model.blocks[0]
+    if type(blk) is not Block:
+        refuse(f"block type {type(blk).__name__} (e.g. rotary embeddings, parallel or post-norm blocks)")
+    attn, mlp = blk.attn, blk.mlp
+    if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
+        refuse(f"attention layer {type(attn).__name__}{' (gated)' if getattr(attn, 'gate', None) is not None else ''}")
+    if type(mlp) is not Mlp:
+        refuse(f"MLP {type(mlp).__name__} (e.g. SwiGLU / GLU)")
+    norms = [blk.norm1, blk.norm2, model.norm, model.fc_norm, model.norm_pre, attn.q_norm, attn.norm, mlp.norm]
+    for n in norms:
+        if not isinstance(n, (tnn.Identity, tnn.LayerNorm)) or (isinstance(n, tnn.LayerNorm)
+                                                                and not n.elementwise_affine):
+            refuse(f"normalisation layer {type(n).__name__}")
+    act = type(mlp.act).__name__
+    if act == "GELU":
+        act = "gelu_tanh" if getattr(mlp.act, "approximate", "none") == "tanh" else "gelu"
+    elif act == "QuickGELU":
+        act = "quick_gelu"
+    elif act == "GELUTanh":
+        act = "gelu_tanh"
+    else:
+        refuse(f"activation {act}")
+    if isinstance(blk.ls1, LayerScale) != isinstance(blk.ls2, LayerScale) or not isinstance(
+            blk.ls1, (LayerScale, tnn.Identity)):
+        refuse("mixed LayerScale")
+    distilled = cls_name == "VisionTransformerDistilled"
+    has_head = isinstance(model.head, tnn.Linear)
+    fc_norm = isinstance(model.fc_norm, tnn.LayerNorm)
+    cfg = dict(
+        name=arch,
+        img_size=tuple(int(s) for s in pe.img_size),
+        patch_size=int(conv.kernel_size[0]),
+        in_chans=int(conv.in_channels),
+        embed_dim=int(model.embed_dim),
+        depth=len(model.blocks),
+        num_heads=int(attn.num_heads),
+        head_dim=None if attn.head_dim * attn.num_heads == model.embed_dim else int(attn.head_dim),
+        mlp_dim=int(mlp.fc1.out_features),
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=isinstance(attn.q_norm, tnn.LayerNorm),
+        scale_attn_norm=isinstance(attn.norm, tnn.LayerNorm),
+        scale_mlp_norm=isinstance(mlp.norm, tnn.LayerNorm),
+        proj_bias=attn.proj.bias is not None,
+        patch_bias=conv.bias is not None,
+        layer_scale=isinstance(blk.ls1, LayerScale),
+        class_token=model.cls_token is not None,
+        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        distilled=distilled,
+        no_embed_class=bool(model.no_embed_class),
+        pos_embed=model.pos_embed is not None,
+        pre_norm=isinstance(model.norm_pre, tnn.LayerNorm),
+        final_norm=isinstance(model.norm, tnn.LayerNorm) or fc_norm,
+        fc_norm=fc_norm,
+        global_pool=model.global_pool,
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        act=act,
+        norm_eps=_ln_eps(blk.norm1),
+        num_classes=int(model.head.out_features) if has_head else 0,
+    )
+    if mlp.fc1.bias is None or mlp.fc2.bias is None:
+        if cfg["proj_bias"]:
+            refuse("MLP without bias but attention projection with bias")
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg.update(_data_settings(pcfg, cfg["num_classes"]))
+    tag = pcfg.get("tag")
+    if name is None and tag:
+        cfg["name"] = f"{arch}.{tag}"
+    return ViTConfig(**cfg)
+
+
+def _data_settings(pcfg: Mapping, num_classes: int) -> dict:
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        if pcfg.get(key) is not None:
+            out[key] = tuple(float(x) for x in pcfg[key])
+    for key in ("interpolation", "crop_mode", "hf_hub_id"):
+        if pcfg.get(key):
+            out[key] = pcfg[key]
+    if pcfg.get("crop_pct"):
+        out["crop_pct"] = float(pcfg["crop_pct"])
+    in1k = num_classes == 1000 and (pcfg.get("num_classes") in (None, 1000))
+    out["label_names"] = labels.imagenet_names() if in1k else None
+    return out
+
+
+def timm_config(name: str, **overrides) -> ViTConfig:
+    """Config of a timm model name through an installed timm (meta device: no weights, no download)."""
+    import timm
+    import torch
+
+    arch = name.partition(".")[0]
+    if not timm.is_model(arch):
+        raise KeyError(f"unknown model name {name!r}: timm {timm.__version__} has no architecture {arch!r}")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        raise KeyError(f"unknown model name {name!r}: {e}") from None
+    cfg = config_from_timm_module(model, name=name)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def resolve_config(name: str, **overrides) -> ViTConfig:
+    """timm's own definition when timm is installed, else jaxvit's bundled table."""
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return get_config(name, **overrides)
+    return timm_config(name, **overrides)

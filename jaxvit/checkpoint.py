@@ -1,0 +1,87 @@
+"""jaxvit's own checkpoint: a directory with `config.json` and `params.msgpack`.
+
+msgpack (flax.serialization) rather than orbax: a converted ViT is one small pytree that is
+read whole on every host, so one portable file with no extra dependency, no async machinery
+and no directory-of-shards layout is the better fit. The config travels beside it as
+readable JSON, so the pair is self-describing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from jaxvit.config import ViTConfig
+from jaxvit.model import ViT
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.msgpack"
+
+
+def save(path: str | os.PathLike, config: ViTConfig, params: Any) -> Path:
+    """Write `config.json` + `params.msgpack` into directory `path` (created); returns it.
+
+    Each file is written to a temporary name and renamed, so a crash leaves no half file.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    host = _to_numpy(params)
+    for name, data in ((CONFIG_FILE, config.to_json().encode()), (PARAMS_FILE, serialization.msgpack_serialize(host))):
+        tmp = path / (name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path / name)
+    return path
+
+
+def load(path: str | os.PathLike, *, dtype=jnp.float32, attention: str = "fused") -> tuple[ViT, dict]:
+    """Read a checkpoint written by `save` (or `python -m convert`): returns (model, params).
+
+    `path` is the directory, or its `params.msgpack` / `config.json`. `dtype` is the compute
+    dtype of the returned module; params are returned as stored (float32 numpy arrays).
+    """
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    cfg_file, params_file = path / CONFIG_FILE, path / PARAMS_FILE
+    missing = [str(f) for f in (cfg_file, params_file) if not f.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"not a jaxvit checkpoint: missing {', '.join(missing)}. Write one with "
+            "`python -m convert SOURCE --out DIR`, or load timm weights directly with `convert.load(SOURCE)`.")
+    config = ViTConfig.from_json(cfg_file.read_text())
+    params = serialization.msgpack_restore(params_file.read_bytes())
+    _check_shapes(config, params, str(params_file))
+    return ViT(config, dtype=dtype, attention=attention), params
+
+
+def param_shapes(config: ViTConfig) -> dict:
+    """The params pytree of `config` as ShapeDtypeStructs, without allocating anything."""
+    import jax
+
+    model = ViT(config)
+    images = jax.ShapeDtypeStruct((1, config.img_size[0], config.img_size[1], config.in_chans), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+
+
+def _check_shapes(config: ViTConfig, params: dict, where: str) -> None:
+    import jax
+
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: shape {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have))
+                 if tuple(have[k]) != tuple(want[k])]
+    if problems:
+        raise ValueError(f"params in {where} do not match their config: " + "; ".join(problems[:20]))
+
+
+def _to_numpy(tree):
+    import jax
+
+    return jax.tree_util.tree_map(lambda a: np.asarray(a), tree)

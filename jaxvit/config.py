@@ -1,0 +1,195 @@
+"""ViT configuration: what a timm VisionTransformer checkpoint is, as a frozen dataclass.
+
+A config describes the architecture (enough to rebuild the module and check every
+parameter shape) and the data the checkpoint expects (normalisation, eval transform,
+label names). `get_config(name)` resolves timm model names, pretrained tags included,
+from the bundled table `data/timm_vit_configs.json` (generated from timm by
+`python -m convert.registry`); `convert` prefers a live timm when it is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture and data settings of a timm `VisionTransformer`.
+
+    Token layout (the sequence every block sees, length T = P + N):
+    position 0 is the class token (when `class_token`), then the DeiT distillation token
+    (when `distilled`), then `reg_tokens` register tokens, then the N = gh * gw patch
+    tokens in row-major order. P = `num_prefix_tokens`.
+    """
+
+    name: str = ""
+    # Architecture.
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    head_dim: int | None = None  # None: embed_dim // num_heads
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    scale_attn_norm: bool = False  # LayerNorm on the attention output before `proj`
+    scale_mlp_norm: bool = False  # LayerNorm between the MLP activation and `fc2`
+    proj_bias: bool = True  # bias of attn.proj, mlp.fc1 and mlp.fc2
+    patch_bias: bool = True  # timm drops it when pre_norm is on (CLIP)
+    layer_scale: bool = False  # LayerScale gammas (timm `init_values`)
+    class_token: bool = True
+    reg_tokens: int = 0
+    distilled: bool = False  # DeiT distillation token and `head_dist`
+    no_embed_class: bool = False  # position embeddings cover the patch tokens only
+    pos_embed: bool = True
+    pre_norm: bool = False  # `norm_pre` after the embeddings (CLIP)
+    final_norm: bool = True  # `norm` before pooling
+    fc_norm: bool = False  # `fc_norm` after pooling (replaces `norm`)
+    global_pool: str = "token"
+    pool_include_prefix: bool = False
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+    num_classes: int = 1000
+    # Data.
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.9
+    crop_mode: str = "center"
+    label_names: tuple[str, ...] | None = None
+    hf_hub_id: str | None = None
+
+    def __post_init__(self):
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.act!r}; jaxvit supports {ACTIVATIONS}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"unsupported global_pool {self.global_pool!r}; jaxvit supports {GLOBAL_POOLS} "
+                "(attention-pool heads 'map'/'prr' are not implemented)")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs a class token")
+        if self.distilled and (not self.class_token or self.global_pool != "token"):
+            raise ValueError("a distilled (DeiT) model reads the class and distillation tokens: "
+                             "it needs class_token=True and global_pool='token'")
+        if self.head_dim is None and self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.label_names is not None and len(self.label_names) != self.num_classes:
+            raise ValueError(f"{len(self.label_names)} label names for {self.num_classes} classes")
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """P: class token + distillation token + register tokens."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(gh, gw) of the training resolution, the grid of the stored position embeddings."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def class_name(self, index: int) -> str:
+        if self.label_names is None:
+            return str(int(index))
+        return self.label_names[int(index)]
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    # JSON round trip: tuples become lists; the 1000 ImageNet names are stored by name.
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.label_names is not None:
+            from jaxvit import labels
+
+            if tuple(self.label_names) == labels.imagenet_names():
+                d["label_names"] = labels.IMAGENET_1K
+            else:
+                d["label_names"] = list(self.label_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown ViTConfig fields {unknown}; is this file from a newer jaxvit?")
+        d = dict(d)
+        for key in ("img_size", "mean", "std"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
+        names = d.get("label_names")
+        if isinstance(names, str):
+            from jaxvit import labels
+
+            d["label_names"] = labels.named_label_set(names)
+        elif names is not None:
+            d["label_names"] = tuple(names)
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ViTConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_table() -> dict[str, Any]:
+    text = resources.files("jaxvit").joinpath("data/timm_vit_configs.json").read_text()
+    return json.loads(text)
+
+
+def list_models() -> list[str]:
+    """Every timm model name (architecture and architecture.tag) in the bundled table."""
+    table = _bundled_table()
+    return sorted(set(table["architectures"]) | set(table["pretrained"]))
+
+
+def get_config(name: str, **overrides) -> ViTConfig:
+    """Config of a timm model name, e.g. `vit_base_patch16_224.orig_in21k_ft_in1k`.
+
+    Without a tag, the architecture's default tag (timm's first listed) supplies the data
+    settings. `overrides` replace fields (e.g. `num_classes=10`, `img_size=(384, 384)`).
+    Raises `KeyError` naming close matches when the name is unknown.
+    """
+    table = _bundled_table()
+    arch, _, tag = name.partition(".")
+    if arch not in table["architectures"]:
+        close = difflib.get_close_matches(arch, table["architectures"], n=5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise KeyError(
+            f"unknown model name {name!r}: not a supported timm ViT in jaxvit's bundled table.{hint} "
+            "Pass a checkpoint file, or install timm (pip install 'predmaps[torch]') to resolve any timm ViT.")
+    arch_cfg = dict(table["architectures"][arch])
+    if not tag:
+        tag = arch_cfg.pop("default_tag", None) or ""
+    else:
+        arch_cfg.pop("default_tag", None)
+    full = f"{arch}.{tag}" if tag else arch
+    data_cfg = {}
+    if tag:
+        if full not in table["pretrained"]:
+            tags = sorted(k.partition(".")[2] for k in table["pretrained"] if k.startswith(arch + "."))
+            raise KeyError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {tags or 'none'}")
+        data_cfg = dict(table["pretrained"][full])
+    merged = {**arch_cfg, **data_cfg, "name": full, **overrides}
+    return ViTConfig.from_dict(merged)

@@ -1,0 +1,319 @@
+"""A Flax (linen) Vision Transformer that computes what timm's `VisionTransformer` computes.
+
+One module, `ViT`, configured by a `ViTConfig`, that returns the intermediates an
+explanation needs: every layer's tokens and every head's class-token attention row.
+Parameter names mirror timm's (`blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`)
+so the conversion in `convert` is a transpose per tensor and nothing else.
+
+Numerics that decide parity with timm: LayerNorm eps from the config (1e-6 for most timm
+ViTs, 1e-5 for CLIP), exact erf GELU unless the config says quick_gelu, q scaled by
+dh^-0.5 before q k^T, softmax and LayerNorm statistics in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxvit.config import ViTConfig
+from jaxvit.posemb import resample_abs_pos_embed
+
+ATTENTION_IMPLS = ("fused", "materialized")
+
+_dense_init = nn.initializers.truncated_normal(0.02)
+
+
+@struct.dataclass
+class ViTOutput:
+    """What `ViT.__call__` returns; batch axis first.
+
+    T = P + N tokens: P prefix tokens (class, distillation, registers: see `ViTConfig`)
+    then N = gh * gw patch tokens, row-major.
+
+    Attributes:
+      logits: (B, C) float32 classifier output (DeiT distilled: mean of both heads); None
+        for a model without a head (num_classes=0).
+      pre_logits: (B, D) the pooled, normalised features the head reads (timm's
+        `forward_head(x, pre_logits=True)`).
+      tokens: (B, L + 1, T, D): x^(0) (embeddings after `norm_pre`, the first block's input)
+        and the output of each of the L blocks, before the final norm.
+      attn_cls: (B, L, H, T) float32, the class token's attention row of every head of every
+        block (softmax over all T columns). None for models without a class token.
+      attn: (B, L, H, T, T) float32 full attention matrices, only with `return_attn=True`.
+    """
+
+    logits: jax.Array | None
+    pre_logits: jax.Array
+    tokens: jax.Array
+    attn_cls: jax.Array | None
+    attn: jax.Array | None = None
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with float32 statistics; output in the compute dtype."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return lambda x: nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return lambda x: nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _fused_attention(q, k, v, scale, dtype):
+    """jax.nn.dot_product_attention; cuDNN flash attention on GPU in half precision."""
+    if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except Exception:  # cuDNN absent or this shape unsupported: XLA's kernel is exact too
+            pass
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+class Attention(nn.Module):
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    attention: str = "fused"
+
+    @nn.compact
+    def __call__(self, x, *, want_cls: bool, want_full: bool):
+        cfg = self.config
+        b, t, _ = x.shape
+        h, dh = cfg.num_heads, cfg.dim_head
+        qkv = nn.Dense(3 * h * dh, use_bias=cfg.qkv_bias, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, h, dh), 2, 0)  # each (B, T, H, dh)
+        if cfg.qk_norm:
+            q = LayerNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
+            k = LayerNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
+        scale = dh ** -0.5
+        attn_cls = attn = None
+        if self.attention == "materialized" or want_full:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                                preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1)  # (B, H, T, T) float32
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+            attn = probs if want_full else None
+            attn_cls = probs[:, :, 0] if want_cls else None
+        elif self.attention == "fused":
+            out = _fused_attention(q, k, v, scale, self.dtype)
+            if want_cls:  # the one row we need, exactly: softmax(q_cls k^T / sqrt(dh))
+                logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0] * jnp.asarray(scale, q.dtype), k,
+                                    preferred_element_type=jnp.float32)
+                attn_cls = jax.nn.softmax(logits, axis=-1)
+        else:
+            raise ValueError(f"unknown attention implementation {self.attention!r}; choose from {ATTENTION_IMPLS}")
+        out = out.reshape(b, t, h * dh)
+        if cfg.scale_attn_norm:
+            out = LayerNorm(cfg.norm_eps, self.dtype, name="norm")(out)
+        out = nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
+                       name="proj")(out)
+        return out, attn_cls, attn
+
+
+class Mlp(nn.Module):
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+        x = _activation(cfg.act)(x)
+        if cfg.scale_mlp_norm:
+            x = LayerNorm(cfg.norm_eps, self.dtype, name="norm")(x)
+        return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
+                        name="fc2")(x)
+
+
+class LayerScale(nn.Module):
+    init_value: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32)
+        return x * gamma.astype(x.dtype)
+
+
+class Block(nn.Module):
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    attention: str = "fused"
+
+    @nn.compact
+    def __call__(self, x, *, want_cls: bool, want_full: bool):
+        cfg = self.config
+        y = LayerNorm(cfg.norm_eps, self.dtype, name="norm1")(x)
+        y, attn_cls, attn = Attention(cfg, self.dtype, self.attention, name="attn")(
+            y, want_cls=want_cls, want_full=want_full)
+        if cfg.layer_scale:
+            y = LayerScale(name="ls1")(y)
+        x = x + y
+        y = Mlp(cfg, self.dtype, name="mlp")(LayerNorm(cfg.norm_eps, self.dtype, name="norm2")(x))
+        if cfg.layer_scale:
+            y = LayerScale(name="ls2")(y)
+        return x + y, attn_cls, attn
+
+
+class ViT(nn.Module):
+    """timm `VisionTransformer` (and DeiT `VisionTransformerDistilled`) at inference.
+
+    Attributes:
+      config: the architecture (`ViTConfig`).
+      dtype: compute dtype, float32 or bfloat16. Parameters stay as stored; LayerNorm
+        statistics, attention softmax and logits are float32 either way.
+      attention: "fused" (`jax.nn.dot_product_attention`, cuDNN on GPU in half precision,
+        with the class-token row computed exactly on the side: the T x T matrix is never
+        built) or "materialized" (explicit softmax; the only way to get `attn`).
+
+    `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float,
+    H and W multiples of the patch size; another resolution than the config's resamples
+    the position embeddings like timm's dynamic image size. Returns a `ViTOutput`.
+    Under `jit`, outputs the caller ignores are removed by XLA's dead-code elimination.
+    """
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    attention: str = "fused"
+
+    def setup(self):
+        cfg = self.config
+        d = cfg.embed_dim
+        self.patch_embed = nn.Conv(d, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
+                                   padding="VALID", use_bias=cfg.patch_bias, dtype=jnp.float32,
+                                   kernel_init=nn.initializers.lecun_normal(), name="patch_embed")
+        tiny = nn.initializers.normal(1e-6)
+        self.cls_token = self.param("cls_token", tiny, (1, 1, d)) if cfg.class_token else None
+        self.dist_token = self.param("dist_token", _dense_init, (1, 1, d)) if cfg.distilled else None
+        self.reg_token = self.param("reg_token", tiny, (1, cfg.reg_tokens, d)) if cfg.reg_tokens else None
+        if cfg.pos_embed:
+            length = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+            self.pos_embed = self.param("pos_embed", _dense_init, (1, length, d))
+        self.norm_pre = LayerNorm(cfg.norm_eps, self.dtype, name="norm_pre") if cfg.pre_norm else None
+        self.blocks = [Block(cfg, self.dtype, self.attention, name=f"blocks_{i}") for i in range(cfg.depth)]
+        use_fc_norm = cfg.final_norm and cfg.fc_norm
+        self.norm = LayerNorm(cfg.norm_eps, self.dtype, name="norm") if cfg.final_norm and not cfg.fc_norm else None
+        self.fc_norm = LayerNorm(cfg.norm_eps, self.dtype, name="fc_norm") if use_fc_norm else None
+        if cfg.num_classes > 0:
+            dense = lambda name: nn.Dense(cfg.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                                          name=name)
+            self.head = dense("head")
+            self.head_dist = dense("head_dist") if cfg.distilled else None
+        else:
+            self.head = self.head_dist = None
+
+    def embed(self, images):
+        """Images (B, H, W, C) -> x^(0) (B, T, D) in the compute dtype."""
+        cfg = self.config
+        if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+            raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last; got shape {images.shape}")
+        hgt, wid = images.shape[1:3]
+        p = cfg.patch_size
+        if hgt % p or wid % p:
+            raise ValueError(f"image size {hgt}x{wid} is not a multiple of the patch size {p}")
+        b = images.shape[0]
+        x = self.patch_embed(images.astype(jnp.float32))  # (B, gh, gw, D)
+        grid = x.shape[1:3]
+        x = x.reshape(b, grid[0] * grid[1], -1)
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        prefix = [jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix]
+        if cfg.pos_embed:
+            pe = resample_abs_pos_embed(self.pos_embed, grid, cfg.grid_size,
+                                        0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+            if cfg.no_embed_class:
+                x = jnp.concatenate(prefix + [x + pe], axis=1)
+            else:
+                x = jnp.concatenate(prefix + [x], axis=1) + pe
+        else:
+            x = jnp.concatenate(prefix + [x], axis=1)
+        x = x.astype(self.dtype)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        return x
+
+    def classify(self, tokens):
+        """The head nu applied to any tokens (..., D) -> float32 logits (..., C).
+
+        nu(t) = head(fc_norm(norm(t))) with absent norms as identity; for DeiT distilled,
+        (head(norm t) + head_dist(norm t)) / 2. The final norm is re-applied per token, which
+        is what makes every layer's tokens decodable (prediction maps).
+        """
+        if self.head is None:
+            raise ValueError("this model has no classifier head (num_classes=0)")
+        x = tokens.astype(self.dtype)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.fc_norm is not None:
+            x = self.fc_norm(x)
+        logits = self.head(x).astype(jnp.float32)
+        if self.head_dist is not None:
+            logits = (logits + self.head_dist(x).astype(jnp.float32)) / 2
+        return logits
+
+    def pool(self, x):
+        """Final tokens (B, T, D) -> the pooled (B, D) the head reads (before `norm`/`fc_norm`)."""
+        cfg = self.config
+        if cfg.global_pool == "token":
+            return x[:, 0]
+        x = x if cfg.pool_include_prefix else x[:, cfg.num_prefix_tokens:]
+        if cfg.global_pool == "avg":
+            return x.mean(1)
+        if cfg.global_pool == "max":
+            return x.max(1)
+        return 0.5 * (x.max(1) + x.mean(1))  # avgmax
+
+    def head_logits(self, x):
+        """(pre_logits (B, D), logits (B, C) float32 or None) from the last block's tokens (B, T, D).
+
+        As timm: norm every token, pool, fc_norm, head; DeiT distilled averages the class-token
+        head and the distillation-token head.
+        """
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.config.distilled:
+            pre = (x[:, 0] + x[:, 1]) / 2
+            if self.head is None:
+                return pre, None
+            return pre, (self.head(x[:, 0]).astype(jnp.float32) + self.head_dist(x[:, 1]).astype(jnp.float32)) / 2
+        x = self.pool(x)
+        if self.fc_norm is not None:
+            x = self.fc_norm(x)
+        return x, (self.head(x).astype(jnp.float32) if self.head is not None else None)
+
+    def __call__(self, images, *, return_attn: bool = False) -> ViTOutput:
+        cfg = self.config
+        x = self.embed(images)
+        tokens, rows, mats = [x], [], []
+        for block in self.blocks:
+            x, attn_cls, attn = block(x, want_cls=cfg.class_token, want_full=return_attn)
+            tokens.append(x)
+            rows.append(attn_cls)
+            mats.append(attn)
+        pre_logits, logits = self.head_logits(x)
+        return ViTOutput(
+            logits=logits,
+            pre_logits=pre_logits,
+            tokens=jnp.stack(tokens, axis=1),
+            attn_cls=jnp.stack(rows, axis=1) if cfg.class_token else None,
+            attn=jnp.stack(mats, axis=1) if return_attn else None,
+        )

@@ -1,0 +1,87 @@
+"""Resampling of absolute position embeddings, equal to timm's `resample_abs_pos_embed`.
+
+timm resizes the patch rows of a position embedding with
+`F.interpolate(..., mode="bicubic", antialias=True, align_corners=False)` and leaves the
+prefix rows (class, register, distillation tokens) untouched. torch's antialiased bicubic is
+Pillow's separable filter: Keys cubic with a = -0.5, support widened by the scale when
+shrinking, weights normalised over the taps that fall inside the input. The grids are static
+shapes, so we build the two 1-D weight matrices in numpy and apply them as one einsum: exact,
+jittable, and free when the grid does not change.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+_FILTERS = {"bicubic": (_cubic, 2.0), "bilinear": (_triangle, 1.0)}
+
+
+@functools.lru_cache(maxsize=64)
+def resample_matrix(in_size: int, out_size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """(out_size, in_size) float64 weights of torch's antialiased 1-D resampling."""
+    if interpolation not in _FILTERS:
+        raise ValueError(f"unsupported position-embedding interpolation {interpolation!r}; "
+                         f"choose one of {sorted(_FILTERS)}")
+    kernel, support = _FILTERS[interpolation]
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)  # widen the kernel only when shrinking
+    support = support * filter_scale
+    w = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        weights = kernel((taps - center + 0.5) / filter_scale)
+        total = weights.sum()
+        if total != 0:
+            weights = weights / total
+        w[i, lo:hi] = weights
+    return w
+
+
+def resample_abs_pos_embed(posemb, new_grid: tuple[int, int], old_grid: tuple[int, int],
+                           num_prefix_tokens: int, interpolation: str = "bicubic"):
+    """Resample (1, P + gh*gw, D) position embeddings to a new (gh', gw') grid.
+
+    The first `num_prefix_tokens` rows are kept as they are. Computed in float32 like timm.
+    """
+    new_grid, old_grid = tuple(new_grid), tuple(old_grid)
+    if new_grid == old_grid:
+        return posemb
+    if posemb.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
+        raise ValueError(f"position embedding of length {posemb.shape[1]} does not hold {num_prefix_tokens} prefix "
+                         f"rows and a {old_grid[0]}x{old_grid[1]} grid")
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dtype = grid.dtype
+    grid = grid.astype(jnp.float32).reshape(old_grid[0], old_grid[1], -1)
+    wh = jnp.asarray(resample_matrix(old_grid[0], new_grid[0], interpolation), jnp.float32)
+    ww = jnp.asarray(resample_matrix(old_grid[1], new_grid[1], interpolation), jnp.float32)
+    # Separable like torch (rows, then columns); HIGHEST keeps TF32 out of it on GPU.
+    grid = jnp.einsum("hH,Hwd->hwd", wh, jnp.einsum("wW,HWd->Hwd", ww, grid,
+                                                   precision="highest"), precision="highest")
+    grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(dtype)
+    return jnp.concatenate([prefix, grid], axis=1)
+
+
+def grid_from_length(num_tokens: int) -> tuple[int, int]:
+    side = int(math.isqrt(num_tokens))
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} position rows are not a square grid; give the grid size explicitly")
+    return side, side
