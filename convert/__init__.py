@@ -1,0 +1,163 @@
+"""Checkpoint formats: timm weights in, jaxvit params out, and back.
+
+    import convert
+    model, params = convert.load("vit_base_patch16_224.orig_in21k_ft_in1k")   # hub (cached)
+    model, params = convert.load("model.safetensors", model_name="vit_small_patch16_224")
+    model, params = convert.load(timm_module)                                 # nn.Module
+    out = model.apply({"params": params}, images)                             # (B, H, W, 3)
+    convert.save_timm(params, model.config, "out_dir")                         # timm again
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxvit
+from convert.sources import HubUnavailableError, read_source
+from convert.timm_vit import (CheckpointMismatchError, UnsupportedModelError, adapt_config, config_from_timm_module,
+                              infer_config, params_from_state_dict, resize_params, resolve_config,
+                              state_dict_from_params)
+from jaxvit.config import ViTConfig
+
+__all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnsupportedModelError", "export_state_dict", "load",
+           "load_config", "save_timm"]
+
+
+def _is_torch_module(obj) -> bool:
+    return type(obj).__module__.startswith(("timm.", "torch.")) and hasattr(obj, "state_dict")
+
+
+def _hub_data_settings(hub_config: dict | None) -> dict:
+    if not hub_config or not isinstance(hub_config.get("pretrained_cfg"), dict):
+        return {}
+    pcfg = hub_config["pretrained_cfg"]
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        if pcfg.get(key) is not None:
+            out[key] = tuple(float(x) for x in pcfg[key])
+    for key in ("interpolation", "crop_mode"):
+        if pcfg.get(key):
+            out[key] = pcfg[key]
+    if pcfg.get("crop_pct"):
+        out["crop_pct"] = float(pcfg["crop_pct"])
+    return out
+
+
+def _hub_model_name(hub_config: dict | None) -> str | None:
+    if not hub_config or "architecture" not in hub_config:
+        return None
+    tag = (hub_config.get("pretrained_cfg") or {}).get("tag")
+    return f"{hub_config['architecture']}.{tag}" if tag else hub_config["architecture"]
+
+
+def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
+                hub_config: dict | None = None, num_heads: int | None = None) -> ViTConfig:
+    """The config for a state dict: from the model name (timm when installed, else the bundled
+    table), else the checkpoint's timm config.json, else the tensor shapes; then corrected by
+    what the checkpoint holds (classes, registers, stored grid)."""
+    name = model_name or _hub_model_name(hub_config)
+    if model_name is None and hub_config and "jaxvit_config" in hub_config:  # written by save_timm
+        config = ViTConfig.from_dict(hub_config["jaxvit_config"])
+    elif name is not None:
+        try:
+            config = resolve_config(name)
+        except KeyError:
+            arch = name.partition(".")[0]
+            if arch == name or model_name is not None:
+                raise
+            config = resolve_config(arch)  # a tag newer than our table: the architecture decides
+    else:
+        config = infer_config(state_dict, num_heads=num_heads)
+    settings = _hub_data_settings(hub_config)
+    if settings:
+        config = config.replace(**settings)
+    return adapt_config(config, state_dict)
+
+
+def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, attention: str = "fused",
+         img_size: tuple[int, int] | None = None, num_heads: int | None = None) -> tuple[jaxvit.ViT, dict]:
+    """Load timm ViT weights as (jaxvit module, params pytree).
+
+    `source`: a timm `nn.Module`; a state dict (torch tensors or numpy arrays); a `.safetensors`
+    file (no torch needed) or `.pth`/`.bin` file (torch); a directory holding `model.safetensors`
+    (and timm's `config.json`) or a jaxvit checkpoint; or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`,
+    `timm/...`, `hf-hub:timm/...`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE honoured).
+    `model_name`: the timm name the weights belong to, when the source does not say.
+    `dtype`: compute dtype of the module (params stay float32). `img_size`: resample the stored
+    position embeddings to this size now, as timm does when a model is built for another size
+    (inputs of any multiple of the patch size work either way).
+
+    Strict: every tensor is consumed and every parameter filled, else `CheckpointMismatchError`.
+    """
+    if _is_torch_module(source):
+        config = config_from_timm_module(source, name=model_name)
+        state_dict = {k: v for k, v in source.state_dict().items()}
+        from convert.timm_vit import clean_state_dict
+
+        state_dict = clean_state_dict(state_dict)
+    elif isinstance(source, (str, os.PathLike)) and _is_jaxvit_checkpoint(Path(source)):
+        model, params = jaxvit.load(source, dtype=dtype, attention=attention)
+        config = model.config
+        if img_size is not None:
+            params, config = resize_params(params, config, img_size)
+        return jaxvit.ViT(config, dtype=dtype, attention=attention), jax.tree_util.tree_map(jnp.asarray, params)
+    else:
+        hf_hub_id = None
+        if isinstance(source, str) and not Path(source).exists() and "/" not in source:
+            model_name = model_name or source.removeprefix("hf-hub:")
+            try:
+                hf_hub_id = resolve_config(model_name).hf_hub_id
+            except KeyError:
+                hf_hub_id = None
+        state_dict, hub_config, _ = read_source(source, hf_hub_id=hf_hub_id)
+        config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads)
+    params = params_from_state_dict(state_dict, config)
+    if img_size is not None:
+        params, config = resize_params(params, config, img_size)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),
+                                    params)
+    return jaxvit.ViT(config, dtype=dtype, attention=attention), params
+
+
+def _is_jaxvit_checkpoint(path: Path) -> bool:
+    if path.is_dir():
+        return (path / jaxvit.checkpoint.PARAMS_FILE).exists()
+    return path.suffix == ".msgpack" and path.exists()
+
+
+def export_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """jaxvit params -> timm state dict (numpy, timm names and layouts). Exact inverse of `load`."""
+    return state_dict_from_params(jax.tree_util.tree_map(np.asarray, params))
+
+
+def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
+    """Write `model.safetensors` + timm's `config.json` into `out_dir`, the layout of a timm hub repo:
+    `timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=...))` and
+    `convert.load(out_dir)` both read it."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(export_state_dict(params), str(out / "model.safetensors"))
+    arch, _, tag = config.name.partition(".")
+    hub_config = {
+        "architecture": arch or "vit",
+        "num_classes": config.num_classes,
+        "num_features": config.embed_dim,
+        "global_pool": config.global_pool,
+        "pretrained_cfg": {
+            "tag": tag or None, "input_size": [config.in_chans, *config.img_size],
+            "interpolation": config.interpolation, "crop_pct": config.crop_pct, "crop_mode": config.crop_mode,
+            "mean": list(config.mean), "std": list(config.std), "num_classes": config.num_classes,
+        },
+        "jaxvit_config": config.to_dict(),
+    }
+    (out / "config.json").write_text(json.dumps(hub_config, indent=1))
+    return out

@@ -153,15 +153,20 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig) -> 
     if unexpected or missing or misshapen:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            parts.append(f"missing keys {_some(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            parts.append(f"unexpected keys {_some(unexpected)}")
         if misshapen:
-            parts.append(f"wrong shapes {misshapen}")
+            parts.append(f"wrong shapes {_some(misshapen)}")
         raise CheckpointMismatchError(
             f"checkpoint does not match {config.name or 'the ViT config'}: " + "; ".join(parts)
             + ". Check model_name (architecture and tag) against the checkpoint.")
     return _unflatten(got)
+
+
+def _some(keys: list[str], n: int = 12) -> str:
+    keys = sorted(keys)
+    return str(keys) if len(keys) <= n else f"{keys[:n]} and {len(keys) - n} more"
 
 
 def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
@@ -294,8 +299,10 @@ def config_from_timm_module(model, name: str | None = None) -> ViTConfig:
     if model.global_pool not in ("token", "avg", "avgmax", "max"):
         refuse(f"global_pool={model.global_pool!r}")
     pe = model.patch_embed
-    if type(pe).__name__ != "PatchEmbed" or not isinstance(pe.norm, tnn.Identity):
-        refuse(f"patch embedding {type(pe).__name__} with norm {type(pe.norm).__name__}")
+    if type(pe).__name__ != "PatchEmbed":
+        refuse(f"patch embedding {type(pe).__name__} (hybrid CNN stems)")
+    if not isinstance(pe.norm, tnn.Identity):
+        refuse(f"patch embedding with a {type(pe.norm).__name__}")
     if getattr(pe, "dynamic_img_pad", False):
         refuse("dynamic image padding")
     conv = pe.proj
@@ -399,7 +406,7 @@ def timm_config(name: str, **overrides) -> ViTConfig:
             model = timm.create_model(name, pretrained=False)
     except RuntimeError as e:
         raise KeyError(f"unknown model name {name!r}: {e}") from None
-    cfg = config_from_timm_module(model, name=name)
+    cfg = config_from_timm_module(model)  # named arch.tag from the resolved pretrained cfg
     return cfg.replace(**overrides) if overrides else cfg
 
 
