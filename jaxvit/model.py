@@ -112,6 +112,9 @@ class Attention(nn.Module):
             logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
                                 preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)  # (B, H, T, T) float32
+            # Identity unless the caller passes a 'perturbations' collection: then the gradient
+            # w.r.t. that zero variable is d(output)/d(attention), which gradient methods need.
+            probs = self.perturb("attn", probs)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
             attn = probs if want_full else None
             attn_cls = probs[:, :, 0] if want_cls else None

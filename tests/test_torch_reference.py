@@ -1,18 +1,12 @@
 """Tests of the torch reference implementation (bench/torch_reference.py) on tiny random timm ViTs."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "torch_reference.py"
-_spec = importlib.util.spec_from_file_location("torch_reference", _PATH)
-tr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tr)
+from bench import torch_reference as tr  # noqa: E402
 
 NUM_CLASSES = 7
 

@@ -1,0 +1,1 @@
+"""Benchmarks and the torch reference implementation the JAX methods are measured against."""

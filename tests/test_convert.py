@@ -1,0 +1,684 @@
+"""Tests of `convert` (timm weights <-> jaxvit params) and `jaxvit.save`/`jaxvit.load`.
+
+Everything runs on small randomly initialised timm models. Paths that depend on state fixed at
+import time (torch being absent, huggingface_hub's cache and offline constants) run in
+subprocesses with their environment set; no test makes a network request (HF_HUB_OFFLINE=1
+everywhere, and the hub cache is always a temporary directory laid out by the test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import convert  # noqa: E402
+import jaxvit  # noqa: E402
+from convert import timm_vit  # noqa: E402
+from convert.registry import ARCH_FIELDS_EXCLUDED  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_CLASSES = 7
+
+# name -> (timm architecture, kwargs); depth 2 and small images to stay fast.
+ROUND_TRIP_SPECS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=64)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=64)),
+    "reg4_dinov2": ("vit_small_patch14_reg4_dinov2", dict(embed_dim=192, num_heads=3, img_size=56)),
+    "reg4_gap": ("vit_base_patch16_reg4_gap_256", dict(embed_dim=192, num_heads=3, img_size=64)),
+    "deit3_layerscale": ("deit3_small_patch16_224", dict(embed_dim=192, num_heads=3, img_size=64)),
+    "avg_fc_norm": ("vit_tiny_patch16_224", dict(img_size=64, global_pool="avg")),
+}
+
+# The full-depth model behind the file, hub and CLI tests: a real timm architecture, so that a
+# model name (resolved through timm or jaxvit's bundled table) describes it; only img_size and
+# num_classes differ from timm's default, and both are read back from the tensors.
+FULL_ARCH, FULL_TAG, FULL_CLASSES, FULL_SIZE = "vit_tiny_patch16_224", "augreg_in21k_ft_in1k", 10, 64
+FULL_NAME = f"{FULL_ARCH}.{FULL_TAG}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The models are tiny: thread start-up costs more than it saves, badly so on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch, tmp_path):
+    # In-process code must never reach the network either: huggingface_hub reads these module
+    # constants at call time.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache_in_process"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+def _randomize(model, seed=0):
+    """Re-draw timm's near-degenerate init at unit scale (nonzero biases, gammas, tokens), so that
+    logits differ across classes and a swapped or missed tensor cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif p.ndim >= 2 and not name.startswith(("pos_embed", "cls_token", "reg_token", "dist_token")):
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def _make(arch, depth=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, depth=depth, **kw)
+    return _randomize(model, seed)
+
+
+def _images(size, n=2, seed=1):
+    """(n, 3, H, W) float32 numpy images."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.random.RandomState(seed).randn(n, 3, h, w).astype(np.float32)
+
+
+def _timm_logits(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _jax_logits(model, params, x):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits)
+
+
+def _assert_close_to_timm(logits, ref):
+    assert logits.shape == ref.shape
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+
+
+def _numpy_sd(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _assert_trees_equal(a, b):
+    fa, ta = jax.tree_util.tree_flatten_with_path(a)
+    fb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert [jax.tree_util.keystr(k) for k, _ in fa] == [jax.tree_util.keystr(k) for k, _ in fb]
+    for (k, x), (_, y) in zip(fa, fb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype, jax.tree_util.keystr(k)
+        assert x.shape == y.shape, jax.tree_util.keystr(k)
+        assert np.array_equal(x, y), jax.tree_util.keystr(k)
+
+
+def _arch_fields(config):
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ARCH_FIELDS_EXCLUDED}
+
+
+def _run_python(code, *, env=None, args=(), timeout=180):
+    """Run `code` (or `python -m ...` when args are given) in a fresh interpreter, offline."""
+    full_env = dict(os.environ)
+    full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "JAX_PLATFORMS": "cpu",
+                     "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    full_env.update(env or {})
+    cmd = [sys.executable, *args] if args else [sys.executable, "-c", textwrap.dedent(code)]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+# Put first in a subprocess: every later `import torch` / `import timm` raises ImportError.
+BLOCK_TORCH = """
+import importlib.abc, sys
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] in ('torch', 'timm', 'torchvision'):
+            raise ImportError(f'{name} is blocked by the test')
+        return None
+sys.meta_path.insert(0, _NoTorch())
+for _m in [m for m in sys.modules if m.partition('.')[0] in ('torch', 'timm', 'torchvision')]:
+    del sys.modules[_m]
+"""
+
+CHECK_NO_TORCH = """
+_leaked = sorted(m for m in sys.modules if m.partition('.')[0] in ('torch', 'timm', 'torchvision'))
+assert not _leaked, _leaked
+"""
+
+SUBPROCESS_HELPERS = """
+import numpy as np, jax.numpy as jnp
+def logits_of(model, params, x):
+    return np.asarray(model.apply({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits)
+def assert_close(logits, ref):
+    assert logits.shape == ref.shape, (logits.shape, ref.shape)
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures.
+
+@pytest.fixture(scope="module", params=list(ROUND_TRIP_SPECS))
+def small(request):
+    arch, kw = ROUND_TRIP_SPECS[request.param]
+    model = _make(arch, num_classes=NUM_CLASSES, **kw)
+    x = _images(kw["img_size"])
+    return model, x, request.param
+
+
+@pytest.fixture(scope="module")
+def full_tiny(tmp_path_factory):
+    """A full-depth vit_tiny (random weights, 64x64, 10 classes) saved as .safetensors and .pth,
+    with images and timm's logits saved for subprocesses."""
+    d = tmp_path_factory.mktemp("full_tiny")
+    model = _make(FULL_ARCH, depth=12, seed=3, img_size=FULL_SIZE, num_classes=FULL_CLASSES)
+    x = _images(FULL_SIZE, seed=4)
+    ref = _timm_logits(model, x)
+    safetensors_torch.save_file(model.state_dict(), str(d / "model.safetensors"))
+    torch.save(model.state_dict(), str(d / "model.pth"))
+    np.save(d / "x.npy", x)
+    np.save(d / "ref.npy", ref)
+    arch = _arch_fields(timm_vit.config_from_timm_module(model))
+    (d / "arch.json").write_text(json.dumps(arch))
+    return dict(model=model, dir=d, x=x, ref=ref, sd=_numpy_sd(model), arch=arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Exact round trips timm -> jaxvit -> timm.
+
+def test_export_round_trip_is_exact(small):
+    model, x, _ = small
+    sd = _numpy_sd(model)
+    jmodel, params = convert.load(model)
+    back = convert.export_state_dict(params)
+    assert sorted(back) == sorted(sd)
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype, k
+        assert back[k].shape == sd[k].shape, k
+        assert np.array_equal(back[k], sd[k]), k
+    _assert_close_to_timm(_jax_logits(jmodel, params, x), _timm_logits(model, x))
+
+
+def test_state_dict_source_matches_module_source(small):
+    # A plain state dict (torch tensors, and numpy arrays) with an explicit config path gives the
+    # same params as the module itself.
+    model, _, _ = small
+    _, from_module = convert.load(model)
+    cfg = timm_vit.config_from_timm_module(model)
+    for sd in (model.state_dict(), _numpy_sd(model)):
+        params = timm_vit.params_from_state_dict(sd, cfg)
+        _assert_trees_equal(jax.tree_util.tree_map(np.asarray, from_module),
+                            jax.tree_util.tree_map(np.asarray, params))
+
+
+def test_save_timm_round_trip(small, tmp_path):
+    model, x, key = small
+    jmodel, params = convert.load(model)
+    out = convert.save_timm(params, jmodel.config, tmp_path / "timm_out")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    # convert.load(dir) reads it back: same params, same config.
+    jmodel2, params2 = convert.load(out)
+    assert jmodel2.config == jmodel.config
+    _assert_trees_equal(params, params2)
+
+    # timm loads the exported safetensors strictly and computes the very same logits.
+    arch, kw = ROUND_TRIP_SPECS[key]
+    fresh = timm.create_model(arch, pretrained=False, depth=2, num_classes=NUM_CLASSES, **kw).eval()
+    missing_unexpected = fresh.load_state_dict(safetensors_torch.load_file(str(out / "model.safetensors")),
+                                               strict=True)
+    assert not missing_unexpected.missing_keys and not missing_unexpected.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(fresh(torch.from_numpy(x)), model(torch.from_numpy(x)))
+
+    # timm's config.json is readable by timm's own conventions.
+    hub_cfg = json.loads((out / "config.json").read_text())
+    assert hub_cfg["architecture"] == arch
+    assert hub_cfg["num_classes"] == NUM_CLASSES
+    assert hub_cfg["pretrained_cfg"]["mean"] == list(jmodel.config.mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Files: .safetensors without torch, .pth through torch.
+
+def test_safetensors_loads_without_torch(full_tiny):
+    d = full_tiny["dir"]
+    code = BLOCK_TORCH + SUBPROCESS_HELPERS + f"""
+import json
+import convert
+d = {str(d)!r}
+x, ref = np.load(d + '/x.npy'), np.load(d + '/ref.npy')
+model, params = convert.load(d + '/model.safetensors', model_name={FULL_ARCH!r})
+assert_close(logits_of(model, params, x), ref)
+cfg = model.config
+# From the bundled table (timm is not importable), corrected by the tensors.
+assert cfg.name == {FULL_NAME!r}, cfg.name
+assert cfg.num_classes == {FULL_CLASSES} and cfg.img_size == ({FULL_SIZE}, {FULL_SIZE}), cfg
+assert cfg.label_names is None
+arch = json.load(open(d + '/arch.json'))
+got = {{k: v for k, v in cfg.to_dict().items() if k in arch}}
+got['img_size'] = list(got['img_size'])
+assert got == arch, (got, arch)
+# Still torch-free after the forward pass.
+""" + CHECK_NO_TORCH + f"""
+# A .pth file needs torch, and says so.
+try:
+    convert.load(d + '/model.pth', model_name={FULL_ARCH!r})
+except ImportError as e:
+    assert 'needs torch' in str(e) and '.safetensors' in str(e), e
+else:
+    raise AssertionError('loading a .pth file without torch should fail')
+# Unknown names are refused with close matches from the bundled table.
+try:
+    convert.load(d + '/model.safetensors', model_name='vit_bse_patch16_224')
+except KeyError as e:
+    assert 'vit_bse_patch16_224' in str(e) and 'Close names' in str(e) and 'vit_base_patch16_224' in str(e), e
+else:
+    raise AssertionError('an unknown model name should fail')
+""" + CHECK_NO_TORCH + "print('ok')"
+    proc = _check(_run_python(code))
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_pth_file_through_torch(full_tiny, tmp_path):
+    d, x, ref = full_tiny["dir"], full_tiny["x"], full_tiny["ref"]
+    model, params = convert.load(d / "model.pth", model_name=FULL_ARCH)
+    _assert_close_to_timm(_jax_logits(model, params, x), ref)
+    _, from_st = convert.load(d / "model.safetensors", model_name=FULL_ARCH)
+    _assert_trees_equal(params, from_st)
+
+    # Training-checkpoint wrappers: {'model': sd} and DataParallel's 'module.' prefix.
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in full_tiny["model"].state_dict().items()}, "epoch": 3},
+               str(wrapped))
+    _, from_wrapped = convert.load(str(wrapped), model_name=FULL_ARCH)
+    _assert_trees_equal(params, from_wrapped)
+
+
+def test_safetensors_with_inferred_config(full_tiny):
+    # No model name: the shapes and num_heads describe the model (data settings are defaults).
+    model, params = convert.load(full_tiny["dir"] / "model.safetensors", num_heads=3)
+    _assert_close_to_timm(_jax_logits(model, params, full_tiny["x"]), full_tiny["ref"])
+    got = {k: v for k, v in model.config.to_dict().items() if k in full_tiny["arch"]}
+    got["img_size"] = list(got["img_size"])
+    assert got == full_tiny["arch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-4. The hub, through a cache laid out by the test (never the network).
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB_DATA = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "crop_pct": 0.95, "interpolation": "bilinear"}
+
+
+def _lay_out_hub_repo(cache, repo_name, weights, config):
+    repo = cache / f"models--timm--{repo_name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(FAKE_COMMIT)
+    snap = repo / "snapshots" / FAKE_COMMIT
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(weights.read_bytes())
+    (snap / "config.json").write_text(json.dumps(config))
+
+
+def test_hub_names_through_local_cache(full_tiny, tmp_path):
+    cache = tmp_path / "hub"
+    config = {"architecture": FULL_ARCH, "num_classes": FULL_CLASSES, "num_features": 192, "global_pool": "token",
+              "pretrained_cfg": {"tag": FULL_TAG, "custom_load": False, "input_size": [3, 224, 224],
+                                 "fixed_input_size": True, "crop_mode": "center", "num_classes": FULL_CLASSES,
+                                 **HUB_DATA}}
+    _lay_out_hub_repo(cache, FULL_NAME, full_tiny["dir"] / "model.safetensors", config)
+    d = full_tiny["dir"]
+    code = SUBPROCESS_HELPERS + f"""
+import convert
+d = {str(d)!r}
+x, ref = np.load(d + '/x.npy'), np.load(d + '/ref.npy')
+for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}', 'timm/{FULL_NAME}'):
+    model, params = convert.load(source)
+    assert_close(logits_of(model, params, x), ref)
+    cfg = model.config
+    assert cfg.name == {FULL_NAME!r}, (source, cfg.name)
+    assert cfg.mean == {tuple(HUB_DATA["mean"])!r} and cfg.std == {tuple(HUB_DATA["std"])!r}, (source, cfg)
+    assert cfg.crop_pct == {HUB_DATA["crop_pct"]!r} and cfg.interpolation == {HUB_DATA["interpolation"]!r}, cfg
+    assert cfg.num_classes == {FULL_CLASSES} and cfg.img_size == ({FULL_SIZE}, {FULL_SIZE}), cfg
+    assert cfg.depth == 12 and cfg.embed_dim == 192 and cfg.num_heads == 3, cfg
+print('ok')
+"""
+    proc = _check(_run_python(code, env={"HF_HUB_CACHE": str(cache)}))
+    assert proc.stdout.strip().endswith("ok")
+    # Reading from the cache wrote nothing (no lock files, no downloads) outside its snapshot.
+    assert sorted(p.name for p in (cache / f"models--timm--{FULL_NAME}").iterdir()) == ["refs", "snapshots"]
+
+
+def test_hub_unavailable_with_empty_cache(tmp_path):
+    cache = tmp_path / "empty_hub"
+    cache.mkdir()
+    # torch is blocked too: the hub id then comes from jaxvit's bundled table.
+    code = BLOCK_TORCH + f"""
+import convert
+for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}'):
+    try:
+        convert.load(source)
+    except convert.HubUnavailableError as e:
+        msg = str(e)
+        assert isinstance(e, OSError)
+        assert 'timm/{FULL_NAME}' in msg, msg
+        assert 'not in the local cache' in msg, msg
+        assert 'HF_HUB_OFFLINE is set' in msg, msg
+        assert {str(cache)!r} in msg, msg
+        assert "convert.load('path/to/model.safetensors', model_name=" in msg, msg
+        assert '{FULL_NAME}' in msg.rpartition('model_name=')[2], msg
+    else:
+        raise AssertionError(f'{{source}} loaded from an empty cache')
+""" + CHECK_NO_TORCH + "print('ok')"
+    proc = _check(_run_python(code, env={"HF_HUB_CACHE": str(cache)}))
+    assert proc.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Errors and their messages.
+
+def test_missing_key(full_tiny):
+    sd = dict(full_tiny["sd"])
+    del sd["blocks.3.mlp.fc2.bias"]
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.load(sd, model_name=FULL_ARCH)
+    msg = str(e.value)
+    assert "missing keys ['blocks.3.mlp.fc2.bias']" in msg
+    assert "unexpected" not in msg and "wrong shapes" not in msg
+    assert "model_name" in msg
+
+
+def test_unexpected_key(full_tiny):
+    sd = dict(full_tiny["sd"], **{"blocks.0.attn.extra.weight": np.ones((4, 4), np.float32)})
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.load(sd, model_name=FULL_ARCH)
+    msg = str(e.value)
+    assert "unexpected keys ['blocks.0.attn.extra.weight']" in msg
+    assert "missing" not in msg
+
+
+def test_wrong_shape(full_tiny):
+    sd = dict(full_tiny["sd"])
+    sd["blocks.1.mlp.fc1.weight"] = np.zeros((700, 192), np.float32)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.load(sd, model_name=FULL_ARCH)
+    msg = str(e.value)
+    assert "wrong shapes ['blocks.1.mlp.fc1.weight: (700, 192) in the checkpoint, (768, 192) expected']" in msg
+    assert "missing" not in msg and "unexpected" not in msg  # the misshapen key is not also "missing"
+
+
+def test_depth_mismatch_names_the_keys():
+    # A depth-2 model under its full-depth name: the absent blocks are reported (and truncated).
+    model = _make("vit_tiny_patch16_224", img_size=64, num_classes=NUM_CLASSES)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.load(model.state_dict(), model_name="vit_tiny_patch16_224")
+    msg = str(e.value)
+    assert "missing keys" in msg and "blocks.2.attn.qkv.weight" in msg and "more" in msg
+
+
+def test_unknown_model_name_get_config():
+    with pytest.raises(KeyError) as e:
+        jaxvit.get_config("vit_bse_patch16_224")
+    msg = str(e.value)
+    assert "unknown model name 'vit_bse_patch16_224'" in msg
+    assert "Close names" in msg and "vit_base_patch16_224" in msg
+    with pytest.raises(KeyError, match="unknown pretrained tag 'nope'.*augreg_in21k_ft_in1k"):
+        jaxvit.get_config("vit_tiny_patch16_224.nope")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "convert/timm_vit.py timm_config(): with timm installed, an unknown architecture raises "
+    "KeyError(\"unknown model name ...: timm X has no architecture ...\") without close names, "
+    "unlike jaxvit.get_config (and the torch-free path)"))
+def test_unknown_model_name_convert_load(full_tiny):
+    with pytest.raises(KeyError) as e:
+        convert.load(full_tiny["sd"], model_name="vit_bse_patch16_224")
+    msg = str(e.value)
+    assert "vit_bse_patch16_224" in msg
+    assert "vit_base_patch16_224" in msg  # a close name
+
+
+def test_unsupported_model_refused():
+    siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=1).eval()
+    for source, kw in ((siglip, {}), (siglip.state_dict(), dict(model_name="vit_base_patch16_siglip_224"))):
+        with pytest.raises(convert.UnsupportedModelError) as e:
+            convert.load(source, **kw)
+        msg = str(e.value)
+        assert msg.startswith("vit_base_patch16_siglip_224: ")
+        assert "global_pool='map'" in msg and "not supported" in msg
+
+    rope = timm.create_model("vit_base_patch16_rope_224", pretrained=False, depth=1).eval()
+    with pytest.raises(convert.UnsupportedModelError, match=r"^vit_base_patch16_rope_224: model class Eva"):
+        convert.load(rope)
+
+
+def test_missing_file(tmp_path):
+    for path in (tmp_path / "nope.safetensors", tmp_path / "sub" / "nope.pth", str(tmp_path / "nope")):
+        with pytest.raises(FileNotFoundError, match="does not exist") as e:
+            convert.load(path, model_name=FULL_ARCH)
+        assert str(path) in str(e.value)
+    # A relative file name is recognised by its suffix (and never looked up on the hub).
+    with pytest.raises(FileNotFoundError, match="checkpoint file nope.safetensors does not exist"):
+        convert.load("nope.safetensors", model_name=FULL_ARCH)
+
+
+def test_empty_file(tmp_path):
+    for suffix in (".safetensors", ".pth"):
+        path = tmp_path / f"empty{suffix}"
+        path.write_bytes(b"")
+        with pytest.raises(ValueError, match="is empty") as e:
+            convert.load(path, model_name=FULL_ARCH)
+        assert str(path) in str(e.value)
+
+
+def test_corrupt_files(tmp_path, full_tiny):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01 definitely not a safetensors header" * 10)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((full_tiny["dir"] / "model.safetensors").read_bytes()[:5000])
+    for path in (garbage, truncated):
+        with pytest.raises(ValueError, match="as safetensors") as e:
+            convert.load(path, model_name=FULL_ARCH)
+        assert str(path) in str(e.value)
+    bad_pth = tmp_path / "bad.pth"
+    bad_pth.write_bytes(b"not a zip or pickle")
+    with pytest.raises(ValueError, match="as a torch checkpoint"):
+        convert.load(bad_pth, model_name=FULL_ARCH)
+    not_a_dict = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), str(not_a_dict))
+    with pytest.raises(ValueError, match="holds a Tensor, not a state dict"):
+        convert.load(not_a_dict, model_name=FULL_ARCH)
+    other = tmp_path / "weights.npz"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="don't know how to read"):
+        convert.load(other, model_name=FULL_ARCH)
+    empty_dir = tmp_path / "empty_dir"
+    empty_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds none of"):
+        convert.load(empty_dir)
+
+
+def test_state_dict_without_model_name(full_tiny):
+    with pytest.raises(ValueError) as e:
+        convert.load(full_tiny["sd"])
+    msg = str(e.value)
+    assert "number of attention heads" in msg and "pass model_name" in msg and "num_heads" in msg
+    with pytest.raises(convert.UnsupportedModelError, match="not a timm VisionTransformer"):
+        convert.load({"fc.weight": np.zeros((3, 3), np.float32)})
+
+
+def test_jaxvit_load_of_directory_without_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        jaxvit.load(tmp_path)
+    msg = str(e.value)
+    assert "not a jaxvit checkpoint" in msg and "config.json" in msg and "params.msgpack" in msg
+    assert "python -m convert" in msg
+
+
+def test_jaxvit_load_params_not_matching_config(small, tmp_path):
+    model, _, _ = small
+    jmodel, params = convert.load(model)
+    out = jaxvit.save(tmp_path / "ckpt", jmodel.config, params)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["depth"] = 3
+    cfg["mlp_dim"] = cfg["mlp_dim"] + 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        jaxvit.load(out)
+    msg = str(e.value)
+    assert "do not match their config" in msg and "params.msgpack" in msg
+    assert "missing ['blocks_2']" in msg
+    assert "['blocks_0']['mlp']['fc1']['kernel']: shape" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. jaxvit's own checkpoint.
+
+def test_jaxvit_save_load_round_trip(small, tmp_path):
+    model, x, _ = small
+    jmodel, params = convert.load(model)
+    out = jaxvit.save(tmp_path / "ckpt", jmodel.config, params)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.msgpack"]  # no temp files left
+    images = jnp.asarray(x.transpose(0, 2, 3, 1))
+    want = jmodel.apply({"params": params}, images)
+    for source in (out, out / "params.msgpack", out / "config.json"):
+        loaded, lparams = jaxvit.load(source)
+        assert loaded.config == jmodel.config
+        _assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), lparams)
+        got = loaded.apply({"params": lparams}, images)
+        for field in ("logits", "pre_logits", "tokens", "attn_cls"):
+            a, b = getattr(want, field), getattr(got, field)
+            assert (a is None) == (b is None), field
+            if a is not None:
+                assert np.array_equal(np.asarray(a), np.asarray(b)), field
+    # convert.load recognises the directory as a jaxvit checkpoint.
+    again, aparams = convert.load(out)
+    assert again.config == jmodel.config
+    _assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), jax.tree_util.tree_map(np.asarray, aparams))
+
+
+def test_config_json_round_trip():
+    for name in ("vit_tiny_patch16_224", "deit_base_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"):
+        cfg = jaxvit.get_config(name)
+        assert jaxvit.ViTConfig.from_json(cfg.to_json()) == cfg
+    cfg = jaxvit.get_config("vit_tiny_patch16_224")
+    assert cfg.label_names is not None and len(cfg.label_names) == 1000
+    assert json.loads(cfg.to_json())["label_names"] == "imagenet_1k" or isinstance(
+        json.loads(cfg.to_json())["label_names"], str)
+    with pytest.raises(ValueError, match="unknown ViTConfig fields"):
+        jaxvit.ViTConfig.from_dict(dict(cfg.to_dict(), bogus=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The command line.
+
+def test_cli_convert_and_back(full_tiny, tmp_path):
+    d = full_tiny["dir"]
+    out, timm_out = tmp_path / "ckpt", tmp_path / "timm_out"
+    proc = _check(_run_python(None, args=("-m", "convert", str(d / "model.safetensors"), "--model-name", FULL_ARCH,
+                                          "--out", str(out), "--to-timm", str(timm_out))))
+    assert f"wrote {out}" in proc.stdout and f"wrote {timm_out}" in proc.stdout
+    assert "12 blocks x 3 heads, width 192, 64x64 / 16, 10 classes" in proc.stdout
+
+    model, params = jaxvit.load(out)
+    assert model.config.name == FULL_NAME
+    logits = _jax_logits(model, params, full_tiny["x"])
+    _assert_close_to_timm(logits, full_tiny["ref"])
+    ref_model, ref_params = convert.load(full_tiny["model"])
+    assert np.array_equal(logits, _jax_logits(ref_model, ref_params, full_tiny["x"]))
+
+    fresh = timm.create_model(FULL_ARCH, pretrained=False, img_size=FULL_SIZE, num_classes=FULL_CLASSES).eval()
+    fresh.load_state_dict(safetensors_torch.load_file(str(timm_out / "model.safetensors")), strict=True)
+    x = torch.from_numpy(full_tiny["x"])
+    with torch.no_grad():
+        assert torch.equal(fresh(x), full_tiny["model"](x))
+
+
+def test_cli_errors(tmp_path):
+    proc = _run_python(None, args=("-m", "convert", "whatever.safetensors"))
+    assert proc.returncode != 0
+    assert "--out" in proc.stderr and "--to-timm" in proc.stderr
+
+    proc = _run_python(None, args=("-m", "convert"))
+    assert proc.returncode == 2 and "source" in proc.stderr
+
+    missing = tmp_path / "missing.safetensors"
+    proc = _run_python(None, args=("-m", "convert", str(missing), "--out", str(tmp_path / "o")))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and str(missing) in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The bundled table agrees with timm.
+
+TABLE_NAMES = [
+    "vit_tiny_patch16_224",
+    "vit_base_patch16_224.orig_in21k_ft_in1k",
+    "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "deit_base_distilled_patch16_224",
+    "deit3_small_patch16_224",
+    "vit_base_patch16_clip_quickgelu_224",
+    "vit_small_patch14_reg4_dinov2",
+    "vit_base_patch16_reg4_gap_256",
+    "vit_medium_patch16_gap_256",
+    "vit_base_patch16_384",
+]
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_bundled_table_matches_timm(name):
+    table = jaxvit.get_config(name)
+    live = timm_vit.timm_config(name)
+    a, b = dataclasses.asdict(table), dataclasses.asdict(live)
+    assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+    if "." in name:
+        assert table.name == live.name == name
+    else:  # the default tag may be spelled out on either side
+        assert table.name.partition(".")[0] == live.name.partition(".")[0] == name
+        assert table.name == live.name or name in (table.name, live.name)
+
+
+# act and norm_eps leave no trace in tensor shapes; everything else of the architecture does.
+NOT_IN_SHAPES = ("act", "norm_eps")
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_infer_config_reproduces_architecture(name):
+    live = timm_vit.timm_config(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    # Shapes only: zero-strided views, no memory.
+    sd = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()}
+    inferred = timm_vit.infer_config(sd, num_heads=live.num_heads)
+    want = {k: v for k, v in _arch_fields(live).items() if k not in NOT_IN_SHAPES}
+    got = {k: v for k, v in _arch_fields(inferred).items() if k not in NOT_IN_SHAPES}
+    assert got == want
