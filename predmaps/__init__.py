@@ -1,0 +1,15 @@
+"""predmaps: Prediction Maps and PredicAtt, per-class gradient-free ViT explanations, in JAX.
+
+    import convert, predmaps
+    model, params = convert.load("vit_base_patch16_224.orig_in21k_ft_in1k")
+    ex = predmaps.explain(model, params, images, method="predicatt", target="top", layer=-1)
+    ex.maps            # (B, K, 14, 14)
+    predmaps.upsample(ex.maps, (224, 224), normalize=True)
+"""
+
+from predmaps.explain import (METHODS, Explanation, Method, explain, explain_fn, get_method, prediction_matrices,
+                              upsample)
+from predmaps.targets import Targets, make_targets
+
+__all__ = ["METHODS", "Explanation", "Method", "Targets", "explain", "explain_fn", "get_method", "make_targets",
+           "prediction_matrices", "upsample"]

@@ -110,7 +110,8 @@ def _timm_logits(model, x):
 
 
 def _jax_logits(model, params, x):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits)
+    fn = jax.jit(lambda p, images: model.apply({"params": p}, images).logits)
+    return np.asarray(fn(params, jnp.asarray(x.transpose(0, 2, 3, 1))))
 
 
 def _assert_close_to_timm(logits, ref):
@@ -173,8 +174,15 @@ assert not _leaked, _leaked
 
 SUBPROCESS_HELPERS = """
 import numpy as np, jax.numpy as jnp
+import jax
 def logits_of(model, params, x):
-    return np.asarray(model.apply({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits)
+    fn = jax.jit(lambda p, images: model.apply({'params': p}, images).logits)
+    return np.asarray(fn(params, jnp.asarray(x.transpose(0, 2, 3, 1))))
+def assert_same_params(a, b):
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    for (k, u), (_, v) in zip(fa, fb):
+        assert np.array_equal(np.asarray(u), np.asarray(v)), k
 def assert_close(logits, ref):
     assert logits.shape == ref.shape, (logits.shape, ref.shape)
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
@@ -204,7 +212,7 @@ def full_tiny(tmp_path_factory):
     torch.save(model.state_dict(), str(d / "model.pth"))
     np.save(d / "x.npy", x)
     np.save(d / "ref.npy", ref)
-    arch = _arch_fields(timm_vit.config_from_timm_module(model))
+    arch = json.loads(json.dumps(_arch_fields(timm_vit.config_from_timm_module(model))))  # tuples -> lists
     (d / "arch.json").write_text(json.dumps(arch))
     return dict(model=model, dir=d, x=x, ref=ref, sd=_numpy_sd(model), arch=arch)
 
@@ -274,7 +282,7 @@ import json
 import convert
 d = {str(d)!r}
 x, ref = np.load(d + '/x.npy'), np.load(d + '/ref.npy')
-model, params = convert.load(d + '/model.safetensors', model_name={FULL_ARCH!r})
+model, params = convert.load(d + '/model.safetensors', model_name={FULL_NAME!r})
 assert_close(logits_of(model, params, x), ref)
 cfg = model.config
 # From the bundled table (timm is not importable), corrected by the tensors.
@@ -359,9 +367,15 @@ def test_hub_names_through_local_cache(full_tiny, tmp_path):
 import convert
 d = {str(d)!r}
 x, ref = np.load(d + '/x.npy'), np.load(d + '/ref.npy')
+first = None
 for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}', 'timm/{FULL_NAME}'):
     model, params = convert.load(source)
-    assert_close(logits_of(model, params, x), ref)
+    if first is None:
+        first = model, params
+        assert_close(logits_of(model, params, x), ref)
+    else:  # the same files: the same module and params
+        assert model.config == first[0].config, source
+        assert_same_params(params, first[1])
     cfg = model.config
     assert cfg.name == {FULL_NAME!r}, (source, cfg.name)
     assert cfg.mean == {tuple(HUB_DATA["mean"])!r} and cfg.std == {tuple(HUB_DATA["std"])!r}, (source, cfg)
@@ -440,7 +454,7 @@ def test_depth_mismatch_names_the_keys():
     with pytest.raises(convert.CheckpointMismatchError) as e:
         convert.load(model.state_dict(), model_name="vit_tiny_patch16_224")
     msg = str(e.value)
-    assert "missing keys" in msg and "blocks.2.attn.qkv.weight" in msg and "more" in msg
+    assert "missing keys ['blocks.10.attn.proj.bias'" in msg and "and 108 more" in msg
 
 
 def test_unknown_model_name_get_config():
@@ -567,17 +581,20 @@ def test_jaxvit_save_load_round_trip(small, tmp_path):
     out = jaxvit.save(tmp_path / "ckpt", jmodel.config, params)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.msgpack"]  # no temp files left
     images = jnp.asarray(x.transpose(0, 2, 3, 1))
-    want = jmodel.apply({"params": params}, images)
-    for source in (out, out / "params.msgpack", out / "config.json"):
+    for source in (out / "params.msgpack", out / "config.json"):  # a file in the directory names it too
         loaded, lparams = jaxvit.load(source)
         assert loaded.config == jmodel.config
         _assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), lparams)
-        got = loaded.apply({"params": lparams}, images)
-        for field in ("logits", "pre_logits", "tokens", "attn_cls"):
-            a, b = getattr(want, field), getattr(got, field)
-            assert (a is None) == (b is None), field
-            if a is not None:
-                assert np.array_equal(np.asarray(a), np.asarray(b)), field
+    loaded, lparams = jaxvit.load(out)
+    assert loaded.config == jmodel.config
+    _assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), lparams)
+    want = jax.jit(lambda p, i: jmodel.apply({"params": p}, i))(params, images)
+    got = jax.jit(lambda p, i: loaded.apply({"params": p}, i))(lparams, images)
+    for field in ("logits", "pre_logits", "tokens", "attn_cls"):
+        a, b = getattr(want, field), getattr(got, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), field
     # convert.load recognises the directory as a jaxvit checkpoint.
     again, aparams = convert.load(out)
     assert again.config == jmodel.config
@@ -588,7 +605,7 @@ def test_config_json_round_trip():
     for name in ("vit_tiny_patch16_224", "deit_base_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"):
         cfg = jaxvit.get_config(name)
         assert jaxvit.ViTConfig.from_json(cfg.to_json()) == cfg
-    cfg = jaxvit.get_config("vit_tiny_patch16_224")
+    cfg = jaxvit.get_config(FULL_NAME)
     assert cfg.label_names is not None and len(cfg.label_names) == 1000
     assert json.loads(cfg.to_json())["label_names"] == "imagenet_1k" or isinstance(
         json.loads(cfg.to_json())["label_names"], str)
@@ -654,7 +671,21 @@ TABLE_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", TABLE_NAMES)
+_DEFAULT_TAG_BUG = pytest.mark.xfail(strict=True, reason=(
+    "convert/registry.py build_table(): default_tag = timm.list_pretrained(arch + '.*')[0], which is "
+    "alphabetical, not timm's default tag (the first of the architecture's pretrained cfgs): "
+    "the bundled table resolves vit_tiny_patch16_224 to .augreg_in21k (21843 classes) and "
+    "vit_base_patch16_384 to .augreg_in1k, timm to .augreg_in21k_ft_in1k"))
+_UNTRAINED_TAG_BUG = pytest.mark.xfail(strict=True, reason=(
+    "convert/registry.py build_table(): architectures whose only tag is 'untrained' (not listed by "
+    "timm.list_pretrained) get no default tag and no data entry, so get_config gives label_names=None "
+    "where timm_config gives the ImageNet names for the same 1000-class head"))
+TABLE_CASES = [pytest.param(n, marks=_DEFAULT_TAG_BUG) if n in ("vit_tiny_patch16_224", "vit_base_patch16_384")
+               else pytest.param(n, marks=_UNTRAINED_TAG_BUG) if n == "vit_base_patch16_reg4_gap_256"
+               else n for n in TABLE_NAMES]
+
+
+@pytest.mark.parametrize("name", TABLE_CASES)
 def test_bundled_table_matches_timm(name):
     table = jaxvit.get_config(name)
     live = timm_vit.timm_config(name)

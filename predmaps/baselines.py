@@ -1,0 +1,90 @@
+"""Attention and gradient baselines the paper compares against (Chefer et al. 2021b protocol).
+
+Definitions: ../shared/method.md, "Baselines". All functions take the full attention
+matrices or class-token rows from one jaxvit forward; gradient methods take d logit_c / dA
+from `attention_and_grads`, one vjp for all K classes (vmapped cotangents).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxvit import ViT
+from predmaps.targets import Targets
+
+
+def raw_attention(model: ViT, attn_cls: jax.Array) -> jax.Array:
+    """Last block, mean over heads, class-token row, patch columns: (B, L, H, T) -> (B, N)."""
+    return attn_cls[:, -1, :, model.config.num_prefix_tokens:].mean(axis=1)
+
+
+def mean_attention(model: ViT, attn_cls: jax.Array) -> jax.Array:
+    """Ablation (i): mean of A_CLS over all L*H heads: -> (B, N)."""
+    return attn_cls[..., model.config.num_prefix_tokens:].mean(axis=(1, 2))
+
+
+def rollout(model: ViT, attn: jax.Array, start_layer: int = 1) -> jax.Array:
+    """Abnar & Zuidema rollout as in Chefer's code: per block mean over heads, + I, rows
+    normalised, multiplied from `start_layer` on (later blocks on the left); class-token row.
+
+    attn (B, L, H, T, T) -> (B, N).
+    """
+    a = attn.mean(axis=2)  # (B, L, T, T)
+    t = a.shape[-1]
+    a = a + jnp.eye(t, dtype=a.dtype)
+    a = a / a.sum(axis=-1, keepdims=True)
+    joint = a[:, start_layer]
+    for layer in range(start_layer + 1, a.shape[1]):
+        joint = jnp.einsum("bij,bjk->bik", a[:, layer], joint, precision="highest")
+    return joint[:, 0, model.config.num_prefix_tokens:]
+
+
+def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets):
+    """One forward with materialised attention, and d logit_c / dA for each target class.
+
+    Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, L, H, T, T).
+    Blocks whose gradients the caller ignores are pruned by XLA under jit.
+    """
+    mat = model.clone(attention="materialized")
+    init = jax.eval_shape(lambda: mat.apply({"params": params}, images, return_attn=True, mutable=["perturbations"]))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), init[1]["perturbations"])
+
+    def f(perturbations):
+        out = mat.apply({"params": params, "perturbations": perturbations}, images, return_attn=True)
+        return out.logits, out.attn
+
+    (logits, attn), vjp_fn = jax.vjp(f, zeros)
+    classes = targets.resolve(logits)
+
+    def grads_for(c):  # c: (B,) one class per image
+        (g,) = vjp_fn((jax.nn.one_hot(c, logits.shape[-1], dtype=logits.dtype), jnp.zeros_like(attn)))
+        blocks = [g[f"blocks_{i}"]["attn"]["attn"] for i in range(model.config.depth)]
+        return jnp.stack(blocks, axis=1)  # (B, L, H, T, T)
+
+    grads = jax.vmap(grads_for, in_axes=1, out_axes=1)(classes)
+    return logits, classes, attn, grads
+
+
+def gradcam(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:
+    """GradCAM for ViT (Chefer's baseline): last block; per head weight = mean over patch
+    entries of the class-token row of the gradient; map = mean_h(A_CLS * weight), clamped at 0.
+
+    attn (B, L, H, T, T), grads (B, K, L, H, T, T) -> (B, K, N).
+    """
+    p = model.config.num_prefix_tokens
+    a_cls = attn[:, -1, :, 0, p:]  # (B, H, N)
+    g_cls = grads[:, :, -1, :, 0, p:]  # (B, K, H, N)
+    weight = g_cls.mean(axis=-1, keepdims=True)  # (B, K, H, 1)
+    return jnp.maximum((a_cls[:, None] * weight).mean(axis=2), 0.0)
+
+
+def generic_attention(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:
+    """Chefer 2021a self-attention rule: R = I; per block R += mean_h(clamp(grad * A, 0)) @ R;
+    map = R[cls, patches]. attn (B, L, H, T, T), grads (B, K, L, H, T, T) -> (B, K, N)."""
+    cams = jnp.maximum(grads * attn[:, None], 0.0).mean(axis=3)  # (B, K, L, T, T)
+    b, k, l, t, _ = cams.shape
+    r = jnp.broadcast_to(jnp.eye(t, dtype=cams.dtype), (b, k, t, t))
+    for layer in range(l):
+        r = r + jnp.einsum("bkij,bkjm->bkim", cams[:, :, layer], r, precision="highest")
+    return r[:, :, 0, model.config.num_prefix_tokens:]

@@ -1,0 +1,144 @@
+"""Prediction matrices and PredicAtt (paper Eq. 2-5), batched over images, classes, layers, heads.
+
+Shapes: B images, K target classes, L blocks, H heads, P prefix tokens, N = gh*gw patches,
+C classes, D width. Every function here is a pure function of arrays and is traced inside the
+jitted `predmaps.explain` (or the caller's own jit).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxvit import ViT
+
+SCORES = ("probs", "logits")
+SIMILARITIES = ("dot", "cosine")
+# Class chunk of the lean softmax normaliser: bounds the (B, N, chunk) logits held at once.
+_NORMALISER_CHUNK = 256
+
+
+def layer_index(layer: int, depth: int) -> int:
+    """Token layer 0..L (negative from the end: -1 = L, the last block's output)."""
+    if not -(depth + 1) <= layer <= depth:
+        raise ValueError(f"layer {layer} out of range: this model has layers 0..{depth} "
+                         f"(or -{depth + 1}..-1 from the end)")
+    return layer % (depth + 1)
+
+
+def check_class_token(model: ViT, method: str) -> None:
+    if not model.config.class_token:
+        raise ValueError(f"method {method!r} reads class-token attention, and {model.config.name or 'this model'} has "
+                         "no class token; use 'prediction_map' (it works for any ViT)")
+
+
+def patch_tokens(model: ViT, tokens: jax.Array) -> jax.Array:
+    """(..., T, D) -> (..., N, D): drop the P prefix tokens."""
+    return tokens[..., model.config.num_prefix_tokens:, :]
+
+
+def cls_attention(model: ViT, attn_cls: jax.Array) -> jax.Array:
+    """A_CLS: (B, L, H, T) class-token rows -> (B, L, H, N), prefix columns dropped."""
+    return attn_cls[..., model.config.num_prefix_tokens:]
+
+
+def token_logits(model: ViT, params, tokens: jax.Array) -> jax.Array:
+    """nu(x_i) for every token: (..., D) -> (..., C) float32."""
+    return model.apply({"params": params}, tokens, method=ViT.classify)
+
+
+def prediction_matrix(model: ViT, params, tokens: jax.Array, scores: str = "probs") -> jax.Array:
+    """Psi^(l): (B, T, D) tokens of one layer -> (B, N, C) over patch tokens (all classes)."""
+    z = token_logits(model, params, patch_tokens(model, tokens))
+    return jax.nn.softmax(z, axis=-1) if scores == "probs" else z
+
+
+def prediction_columns(model: ViT, params, tokens: jax.Array, classes: jax.Array, scores: str = "probs") -> jax.Array:
+    """Psi^(l)(c) for the requested classes only: tokens (B, T, D), classes (B, K) -> (B, K, N).
+
+    The lean path: the head's columns of the K classes give their logits; the softmax
+    normaliser logsumexp_c nu(x_i)_c is accumulated over class chunks, so the (B, N, C)
+    prediction matrix is never materialised.
+    """
+    cfg = model.config
+    x = _head_input(model, params, patch_tokens(model, tokens))  # (B, N, D) after norm / fc_norm
+    w, b = _head_weights(params, cfg)  # (D, C), (C,)
+    wk = jnp.take(w, classes, axis=1)  # (D, B, K)
+    zk = jnp.einsum("bnd,dbk->bkn", x, wk.astype(x.dtype), preferred_element_type=jnp.float32)
+    zk = zk + jnp.take(b, classes)[..., None]
+    if scores == "logits":
+        return zk
+    return jnp.exp(zk - _logsumexp_chunked(x, w, b)[:, None, :])
+
+
+def _head_input(model: ViT, params, x):
+    """The head's input for tokens x: norm then fc_norm, as `ViT.classify` applies them."""
+    def fn(mdl, t):
+        t = t.astype(mdl.dtype)
+        if mdl.norm is not None:
+            t = mdl.norm(t)
+        if mdl.fc_norm is not None:
+            t = mdl.fc_norm(t)
+        return t
+
+    return model.apply({"params": params}, x, method=fn)
+
+
+def _head_weights(params, cfg):
+    """(D, C) kernel and (C,) bias of nu's final linear map (DeiT distilled: the two heads averaged,
+    which equals averaging their logits since both read the same normalised token)."""
+    w, b = params["head"]["kernel"], params["head"]["bias"]
+    if cfg.distilled:
+        w = (w + params["head_dist"]["kernel"]) / 2
+        b = (b + params["head_dist"]["bias"]) / 2
+    return w.astype(jnp.float32), b.astype(jnp.float32)
+
+
+def _logsumexp_chunked(x, w, b):
+    """logsumexp over classes of x @ w + b, chunked over classes: (B, N, D) -> (B, N) float32."""
+    c = w.shape[1]
+    if c <= _NORMALISER_CHUNK:
+        z = jnp.einsum("bnd,dc->bnc", x, w.astype(x.dtype), preferred_element_type=jnp.float32) + b
+        return jax.nn.logsumexp(z, axis=-1)
+    n_chunks = -(-c // _NORMALISER_CHUNK)
+    pad = n_chunks * _NORMALISER_CHUNK - c
+    wp = jnp.pad(w, ((0, 0), (0, pad))).reshape(w.shape[0], n_chunks, _NORMALISER_CHUNK).transpose(1, 0, 2)
+    bp = jnp.pad(b, (0, pad), constant_values=-jnp.inf).reshape(n_chunks, _NORMALISER_CHUNK)
+
+    def step(carry, chunk):
+        wc, bc = chunk
+        z = jnp.einsum("bnd,dc->bnc", x, wc.astype(x.dtype), preferred_element_type=jnp.float32) + bc
+        return jnp.logaddexp(carry, jax.nn.logsumexp(z, axis=-1)), None
+
+    init = jnp.full(x.shape[:2], -jnp.inf, jnp.float32)
+    return jax.lax.scan(step, init, (wp, bp))[0]
+
+
+def head_similarity(a_cls: jax.Array, psi: jax.Array, similarity: str = "dot") -> jax.Array:
+    """alpha_{l,h}(c) = <A_CLS^(l,h), Psi(c)>: a_cls (B, L, H, N), psi (B, K, N) -> (B, K, L, H)."""
+    alpha = jnp.einsum("blhn,bkn->bklh", a_cls, psi, precision="highest")
+    if similarity == "cosine":
+        na = jnp.linalg.norm(a_cls, axis=-1)[:, None]  # (B, 1, L, H)
+        npsi = jnp.linalg.norm(psi, axis=-1)[:, :, None, None]  # (B, K, 1, 1)
+        alpha = alpha / jnp.maximum(na * npsi, 1e-12)
+    elif similarity != "dot":
+        raise ValueError(f"unknown similarity {similarity!r}; choose from {SIMILARITIES}")
+    return alpha
+
+
+def head_weights(alpha: jax.Array) -> jax.Array:
+    """alpha~: one softmax over all L*H heads jointly. (B, K, L, H) -> (B, K, L, H)."""
+    b, k, l, h = alpha.shape
+    return jax.nn.softmax(alpha.reshape(b, k, l * h), axis=-1).reshape(b, k, l, h)
+
+
+def weighted_attention(a_cls: jax.Array, alpha_tilde: jax.Array) -> jax.Array:
+    """A~(c) = sum_{l,h} alpha~_{l,h}(c) A_CLS^(l,h): -> (B, K, N)."""
+    return jnp.einsum("bklh,blhn->bkn", alpha_tilde, a_cls, precision="highest")
+
+
+def predicatt(a_cls: jax.Array, psi: jax.Array, similarity: str = "dot"):
+    """PredicAtt_i(c) = A~(c) * Psi^(i)(c). Returns (map (B,K,N), A~ (B,K,N), alpha~ (B,K,L,H))."""
+    alpha_tilde = head_weights(head_similarity(a_cls, psi, similarity))
+    a_tilde = weighted_attention(a_cls, alpha_tilde)
+    return a_tilde * psi, a_tilde, alpha_tilde

@@ -1,0 +1,253 @@
+"""One interface for every method: `explain(model, params, images, method=..., target=..., layer=...)`.
+
+The whole explanation (the forward, target resolution, the method) is one jitted function of
+(params, images, targets), compiled once per (model, method, layer, options, batch shape).
+Default path: fused attention with the exact class-token row and only the requested classes'
+columns of the prediction matrix; B x L x N x C is never built unless asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxvit import ViT
+from predmaps import baselines, core
+from predmaps.targets import Targets, make_targets
+
+
+@struct.dataclass
+class Explanation:
+    """Maps for K target classes per image; batch axis first. Token maps are (gh, gw).
+
+    Attributes:
+      maps: (B, K, gh, gw) float32, the method's map for each target class.
+      classes: (B, K) int32, the class of each map.
+      logits: (B, C) float32, the model's output.
+      head_weights: (B, K, L, H) alpha~, PredicAtt's weight of each head (sums to 1 over L*H).
+      weighted_attention: (B, K, gh, gw) A~(c), the alpha~-weighted class-token attention.
+      prediction_map: (B, K, gh, gw) Psi^(layer)(c), the prediction map used.
+      method, layer: what produced it (static).
+    """
+
+    maps: jax.Array
+    classes: jax.Array
+    logits: jax.Array
+    head_weights: jax.Array | None = None
+    weighted_attention: jax.Array | None = None
+    prediction_map: jax.Array | None = None
+    method: str = struct.field(pytree_node=False, default="")
+    layer: int | None = struct.field(pytree_node=False, default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered explanation method.
+
+    `run(model, params, images, targets, layer, **options)` returns a dict with `maps`
+    (B, K, N), `classes` (B, K), `logits` (B, C) and optional extras.
+    """
+
+    name: str
+    run: Callable[..., dict]
+    options: dict[str, Any]
+    class_specific: bool
+    needs_class_token: bool
+    uses_layer: bool
+    description: str
+
+
+def _forward(model, params, images):
+    return model.apply({"params": params}, images)
+
+
+def _psi(model, params, tokens, classes, scores, lean):
+    if lean:
+        return core.prediction_columns(model, params, tokens, classes, scores)
+    full = core.prediction_matrix(model, params, tokens, scores)  # (B, N, C)
+    return jnp.take_along_axis(full, classes[:, None, :], axis=2).transpose(0, 2, 1)
+
+
+def _run_predicatt(model, params, images, targets, layer, *, similarity="dot", scores="probs", lean=True):
+    out = _forward(model, params, images)
+    classes = targets.resolve(out.logits)
+    psi = _psi(model, params, out.tokens[:, layer], classes, scores, lean)
+    maps, a_tilde, alpha_tilde = core.predicatt(core.cls_attention(model, out.attn_cls), psi, similarity)
+    return dict(maps=maps, classes=classes, logits=out.logits, head_weights=alpha_tilde,
+                weighted_attention=a_tilde, prediction_map=psi)
+
+
+def _run_weighted_attention(model, params, images, targets, layer, **options):
+    res = _run_predicatt(model, params, images, targets, layer, **options)
+    return dict(res, maps=res["weighted_attention"])
+
+
+def _run_prediction_map(model, params, images, targets, layer, *, scores="probs", lean=True):
+    out = _forward(model, params, images)
+    classes = targets.resolve(out.logits)
+    psi = _psi(model, params, out.tokens[:, layer], classes, scores, lean)
+    return dict(maps=psi, classes=classes, logits=out.logits, prediction_map=psi)
+
+
+def _agnostic(model, params, images, targets, fn, return_attn=False):
+    out = model.clone(attention="materialized").apply({"params": params}, images, return_attn=True) \
+        if return_attn else _forward(model, params, images)
+    classes = targets.resolve(out.logits)
+    m = fn(out)  # (B, N): the same map for every class
+    return dict(maps=jnp.broadcast_to(m[:, None], (m.shape[0], classes.shape[1], m.shape[1])), classes=classes,
+                logits=out.logits)
+
+
+def _run_raw_attention(model, params, images, targets, layer):
+    return _agnostic(model, params, images, targets, lambda out: baselines.raw_attention(model, out.attn_cls))
+
+
+def _run_mean_attention(model, params, images, targets, layer):
+    return _agnostic(model, params, images, targets, lambda out: baselines.mean_attention(model, out.attn_cls))
+
+
+def _run_rollout(model, params, images, targets, layer, *, start_layer=1):
+    if not 0 <= start_layer < model.config.depth:
+        raise ValueError(f"start_layer {start_layer} out of range 0..{model.config.depth - 1}")
+    return _agnostic(model, params, images, targets, lambda out: baselines.rollout(model, out.attn, start_layer),
+                     return_attn=True)
+
+
+def _run_gradcam(model, params, images, targets, layer):
+    logits, classes, attn, grads = baselines.attention_and_grads(model, params, images, targets)
+    return dict(maps=baselines.gradcam(model, attn, grads), classes=classes, logits=logits)
+
+
+def _run_generic_attention(model, params, images, targets, layer):
+    logits, classes, attn, grads = baselines.attention_and_grads(model, params, images, targets)
+    return dict(maps=baselines.generic_attention(model, attn, grads), classes=classes, logits=logits)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+_PM_OPTIONS = dict(scores="probs", lean=True)
+for _m in [
+    Method("predicatt", _run_predicatt, dict(similarity="dot", **_PM_OPTIONS), True, True, True,
+           "PredicAtt_i(c) = A~(c) * Psi^(i)(c): head-weighted class-token attention times the prediction map"),
+    Method("prediction_map", _run_prediction_map, dict(_PM_OPTIONS), True, False, True,
+           "Psi^(i)(c): the classifier head applied to every patch token of layer i"),
+    Method("weighted_attention", _run_weighted_attention, dict(similarity="dot", **_PM_OPTIONS), True, True, True,
+           "A~(c) alone (ablation ii)"),
+    Method("mean_attention", _run_mean_attention, {}, False, True, False,
+           "mean class-token attention over all heads and blocks (ablation i)"),
+    Method("raw_attention", _run_raw_attention, {}, False, True, False,
+           "last block's class-token attention, mean over heads"),
+    Method("rollout", _run_rollout, dict(start_layer=1), False, True, False,
+           "attention rollout (Abnar & Zuidema) from start_layer"),
+    Method("gradcam", _run_gradcam, {}, True, True, False, "GradCAM on the last block's attention"),
+    Method("generic_attention", _run_generic_attention, {}, True, True, False,
+           "Chefer 2021a: gradient x attention rollout"),
+]:
+    register(_m)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _explain_impl(model: ViT, method: str, layer: int, options: tuple, params, images, targets: Targets):
+    m = METHODS[method]
+    res = m.run(model, params, images, targets, layer, **dict(options))
+    gh, gw = images.shape[1] // model.config.patch_size, images.shape[2] // model.config.patch_size
+
+    def grid(x):
+        return None if x is None else x.reshape(x.shape[:-1] + (gh, gw)).astype(jnp.float32)
+
+    return Explanation(maps=grid(res["maps"]), classes=res["classes"], logits=res["logits"],
+                       head_weights=res.get("head_weights"), weighted_attention=grid(res.get("weighted_attention")),
+                       prediction_map=grid(res.get("prediction_map")), method=method,
+                       layer=layer if m.uses_layer else None)
+
+
+_explain_jit = jax.jit(_explain_impl, static_argnums=(0, 1, 2, 3))
+
+
+def explain(model: ViT, params, images, *, method: str = "predicatt", target: Any = "top", layer: int = -1,
+            **options) -> Explanation:
+    """Explain a batch: images (B, H, W, 3) normalised float -> `Explanation` with maps (B, K, gh, gw).
+
+    target: "top" (predicted class), "topK" (e.g. "top5"), "all", a class index, a list of
+      class indices (same for every image), or an int array (B,) / (B, K) of per-example classes.
+    layer: the prediction layer i of prediction-map methods, 0..L, negative from the end.
+    options: the method's own (see `METHODS[name].options`), e.g. similarity="cosine",
+      scores="logits", lean=False (materialise the full prediction matrix), start_layer=0.
+
+    Jitted: compiles once per (model, method, layer, options, batch shape). Inside your own
+    `jit`, call `explain_fn` instead (no host-side checks).
+    """
+    m = get_method(method)
+    cfg = model.config
+    if cfg.num_classes <= 0:
+        raise ValueError("this model has no classifier head (num_classes=0): prediction maps need one")
+    if m.needs_class_token:
+        core.check_class_token(model, method)
+    unknown = sorted(set(options) - set(m.options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {sorted(m.options) or 'none'}")
+    opts = {**m.options, **options}
+    if "scores" in opts and opts["scores"] not in core.SCORES:
+        raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
+    if "similarity" in opts and opts["similarity"] not in core.SIMILARITIES:
+        raise ValueError(f"similarity must be one of {core.SIMILARITIES}; got {opts['similarity']!r}")
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
+    layer_i = core.layer_index(layer, cfg.depth) if m.uses_layer else 0
+    targets = make_targets(target, images.shape[0], cfg.num_classes)
+    return _explain_jit(model, method, layer_i, tuple(sorted(opts.items())), params, images, targets)
+
+
+def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **options):
+    """A pure function (params, images, targets: Targets) -> Explanation, for composing inside
+    the caller's own jit/vmap/shard_map. Build `targets` with `predmaps.make_targets`."""
+    m = get_method(method)
+    layer_i = core.layer_index(layer, model.config.depth) if m.uses_layer else 0
+    opts = tuple(sorted({**m.options, **options}.items()))
+    return lambda params, images, targets: _explain_impl(model, method, layer_i, opts, params, images, targets)
+
+
+def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False) -> jax.Array:
+    """Token maps (..., gh, gw) -> (..., H, W): bilinear with half-pixel centres, equal to torch
+    `interpolate(mode="bilinear", align_corners=False)`; optionally min-max normalised per map
+    (a constant map becomes 0, as the evaluation protocol sets the reference's NaN to 0)."""
+    maps = jnp.asarray(maps, jnp.float32)
+    out = jax.image.resize(maps, maps.shape[:-2] + tuple(size), method="linear", antialias=False)
+    if normalize:
+        lo = out.min(axis=(-2, -1), keepdims=True)
+        hi = out.max(axis=(-2, -1), keepdims=True)
+        span = hi - lo
+        out = jnp.where(span > 0, (out - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+    return out
+
+
+def prediction_matrices(model: ViT, params, images, *, layers=None, scores: str = "probs") -> jax.Array:
+    """The full Psi for several layers: (B, len(layers), N, C). Materialises B x L x N x C: ask only
+    when you need all classes of all layers (e.g. per-layer statistics, figures)."""
+    depth = model.config.depth
+    layers = tuple(range(depth + 1)) if layers is None else tuple(core.layer_index(l, depth) for l in layers)
+    return _prediction_matrices_jit(model, layers, scores, params, jnp.asarray(images))
+
+
+def _prediction_matrices_impl(model, layers, scores, params, images):
+    out = _forward(model, params, images)
+    return jnp.stack([core.prediction_matrix(model, params, out.tokens[:, l], scores) for l in layers], axis=1)
+
+
+_prediction_matrices_jit = jax.jit(_prediction_matrices_impl, static_argnums=(0, 1, 2))

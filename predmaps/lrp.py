@@ -1,0 +1,475 @@
+"""LRP baselines of Chefer et al. 2021b ("Transformer Interpretability Beyond Attention
+Visualization", CVPR 2021), batched and jittable, on jaxvit parameters.
+
+Three methods, each `(model, params, images, targets, ...) -> dict` with
+``maps`` (B, K, N) float32 (N patch tokens, row-major, prefix tokens dropped),
+``classes`` (B, K) int32 and ``logits`` (B, C) float32:
+
+* `transattr`: Transformer Attribution ("transformer_attribution", legacy name "grad", in
+  Chefer's `ViT_LRP.VisionTransformer.relprop`): per block the LRP relevance of the attention
+  probabilities times d(logit_c)/d(attention), clamped at 0, mean over heads; rollout with the
+  identity added and no row normalisation, from `start_layer`; class-token row.
+* `full_lrp`: relevance propagated to the input pixels ("full"), summed over channels; also
+  pooled to patches (sum over each patch's pixels) for ``maps``; ``pixel_maps`` (B, K, H, W)
+  is what Chefer's evaluation stores for "full_lrp".
+* `partial_lrp`: Voita et al.'s partial LRP ("last_layer"): the last block's attention
+  relevance, clamped at 0, mean over heads, class-token row.
+
+How the relevance is propagated (learned from Chefer's `modules/layers_ours.py` and
+`modules/layers_lrp.py`, re-written as explicit array functions):
+
+* the pass starts from one-hot(class) on the logits (not the logit value);
+* Linear layers (qkv, proj, fc1, fc2, head): alpha-beta rule with positive / negative weight and
+  input splits, biases ignored, alpha = 1, beta = 0 by default. Two rule sets exist in Chefer's
+  code and both are offered through ``rule``:
+    - ``"ours"`` (`layers_ours`, used by Chefer for Transformer Attribution): the positive
+      parts px.pw and nx.nw share one denominator (px pw + nx nw), and residual adds are
+      re-normalised (split by contribution, then each branch scaled so that the two sums are in
+      the ratio |a_sum| : |b_sum| and add up to the incoming sum; sums per image);
+    - ``"orig"`` (`layers_lrp`, `ViT_orig_LRP`, used by Chefer's evaluation scripts for
+      "full_lrp" and "lrp_last_layer"): each part has its own denominator and residual adds
+      are the plain z-rule split x_i * R / (x_0 + x_1).
+* LayerNorm (norm1/2, final norm, fc_norm, norm_pre, q/k norms and the attention / MLP scale
+  norms), GELU, softmax, dropout, LayerScale and the constant 1/2 of DeiT's averaged heads: pass
+  relevance through unchanged;
+* the two attention matmuls: z-rule for a product of two inputs, R_i = X_i * dZ/dX_i^T (R / Z),
+  then halved for each input (Chefer's `cam /= 2`). q.k^T uses the unscaled q (the 1/sqrt(d)
+  factor is outside the einsum in Chefer's model);
+* the clone before each residual branch: sum of the two relevances (X * (R1/X + R2/X));
+* class-token pooling: R at token 0, X_0 * R / X_0;
+* patch embedding (a convolution over 3 input channels): Chefer's z^B (bounded) rule with the
+  bounds L, H = min, max of the image (each image its own);
+* every division is Chefer's `safe_divide`: a / (b + 1e-9) where b != 0, else 0.
+
+Beyond Chefer's ViT (which has none of these): LayerScale passes relevance through; register
+tokens and the DeiT distillation token are ordinary tokens and are dropped from the maps with the
+class token; DeiT distilled heads, whose logits are (head(x_cls) + head_dist(x_dist)) / 2, are
+treated as a residual add of the two halves (split by contribution under the active rule), then
+each head's Linear rule to its token. Models without a class token (or pooling other than the
+class token) are refused: these methods read the class-token row.
+
+The computation runs in float32 whatever the model's compute dtype (float64 when the images
+are float64 and jax_enable_x64 is on: the parity tests use it), in one forward (our own,
+explicit re-implementation of `jaxvit.ViT`, checked against `model.apply` in the tests) that
+saves the activations, then the relevance pass vmapped over the K target classes, and for
+`transattr` one vector-Jacobian product per class (vmapped) for the attention gradients.
+Everything is batched (Chefer's code handles one image; its sums in the residual re-normalisation
+are taken per image here, which is what it computes at batch size 1).
+
+Jit with the model and the string / boolean options static, e.g.
+``jax.jit(transattr, static_argnums=0, static_argnames=("rule",))``; ``start_layer`` and
+``alpha`` may be traced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxvit.posemb import resample_abs_pos_embed
+
+__all__ = ["RULES", "forward", "relprop", "transattr", "full_lrp", "partial_lrp"]
+
+RULES = ("ours", "orig")
+_EPS = 1e-9
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check(model, rule: str):
+    cfg = model.config
+    if not cfg.class_token:
+        raise ValueError(
+            f"LRP baselines (transattr, full_lrp, partial_lrp) need a class token: they propagate relevance "
+            f"from the class-token read-out and take the class-token row; model {cfg.name or '<unnamed>'} has "
+            "class_token=False")
+    if cfg.global_pool != "token":
+        raise ValueError(f"LRP baselines need a model whose head reads the class token (global_pool='token'); "
+                         f"this model pools with global_pool={cfg.global_pool!r}")
+    if cfg.num_classes <= 0:
+        raise ValueError("LRP baselines need a classifier head (num_classes > 0)")
+    if rule not in RULES:
+        raise ValueError(f"unknown LRP rule {rule!r}; choose from {RULES}")
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _dtype(images):
+    """float32, or float64 for float64 images (only possible with jax_enable_x64)."""
+    return jnp.float64 if getattr(images, "dtype", None) == jnp.float64 and jax.config.x64_enabled else jnp.float32
+
+
+def _ln(x, p, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _dense(x, p):
+    y = x @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _act(name):
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _patchify(images, p):
+    """(B, H, W, C) -> (B, N, p*p*C), patches row-major, each patch (row, col, channel)."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def _unpatchify(x, grid, p):
+    """(B, N, p*p) -> (B, H, W)."""
+    b = x.shape[0]
+    gh, gw = grid
+    return x.reshape(b, gh, gw, p, p).transpose(0, 1, 3, 2, 4).reshape(b, gh * p, gw * p)
+
+
+def forward(model, params, images, attn_delta=None):
+    """Our explicit float32 (float64 for float64 images under x64) forward of `model` (a `jaxvit.ViT`): (logits (B, C), activations).
+
+    `attn_delta`: None or a list of L arrays (B, H, T, T) (or None entries) added to each block's attention
+    probabilities (zeros: the gradient w.r.t. them is d(output)/d(attention)). The activations
+    are the inputs of every layer that relevance passes through (a pytree of arrays).
+    """
+    cfg = model.config
+    dt = _dtype(images)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), params)
+    images = jnp.asarray(images, dt)
+    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last; got shape {images.shape}")
+    b, hgt, wid, _ = images.shape
+    p = cfg.patch_size
+    if hgt % p or wid % p:
+        raise ValueError(f"image size {hgt}x{wid} is not a multiple of the patch size {p}")
+    grid = (hgt // p, wid // p)
+    d = cfg.embed_dim
+    eps = cfg.norm_eps
+
+    pe_p = params["patch_embed"]
+    x = _patchify(images, p) @ pe_p["kernel"].reshape(-1, d)
+    if "bias" in pe_p:
+        x = x + pe_p["bias"]
+    names = [n for n, on in (("cls_token", cfg.class_token), ("dist_token", cfg.distilled),
+                             ("reg_token", cfg.reg_tokens)) if on]
+    prefix = [jnp.broadcast_to(params[n], (b,) + params[n].shape[1:]) for n in names]
+    acts: dict[str, Any] = {"images": images}
+    pe = None
+    if cfg.pos_embed:
+        npre = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        pe = resample_abs_pos_embed(params["pos_embed"], grid, cfg.grid_size, npre)
+        if cfg.no_embed_class:
+            acts["patches"] = x
+            x = jnp.concatenate(prefix + [x + pe], axis=1)
+        else:
+            x = jnp.concatenate(prefix + [x], axis=1)
+            acts["patches"] = x
+            x = x + pe
+    else:
+        x = jnp.concatenate(prefix + [x], axis=1)
+    acts["pos_embed"] = pe
+    if cfg.pre_norm:
+        x = _ln(x, params["norm_pre"], eps)
+
+    h, dh = cfg.num_heads, cfg.dim_head
+    t = x.shape[1]
+    act = _act(cfg.act)
+    blocks = []
+    for i in range(cfg.depth):
+        bp = params[f"blocks_{i}"]
+        ap = bp["attn"]
+        s: dict[str, Any] = {"x": x}
+        n1 = _ln(x, bp["norm1"], eps)
+        s["n1"] = n1
+        q, k, v = jnp.moveaxis(_dense(n1, ap["qkv"]).reshape(b, t, 3, h, dh), 2, 0)
+        if cfg.qk_norm:
+            q = _ln(q, ap["q_norm"], eps)
+            k = _ln(k, ap["k_norm"], eps)
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, H, T, dh)
+        probs = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q * dh ** -0.5, k), axis=-1)
+        if attn_delta is not None and attn_delta[i] is not None:
+            probs = probs + attn_delta[i]
+        s.update(q=q, k=k, v=v, attn=probs)
+        o = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2).reshape(b, t, h * dh)
+        if cfg.scale_attn_norm:
+            o = _ln(o, ap["norm"], eps)
+        s["o"] = o
+        y = _dense(o, ap["proj"])
+        if cfg.layer_scale:
+            y = y * bp["ls1"]["gamma"]
+        s["y1"] = y
+        x = x + y
+        s["xm"] = x
+        n2 = _ln(x, bp["norm2"], eps)
+        s["n2"] = n2
+        hid = act(_dense(n2, bp["mlp"]["fc1"]))
+        if cfg.scale_mlp_norm:
+            hid = _ln(hid, bp["mlp"]["norm"], eps)
+        s["hid"] = hid
+        y = _dense(hid, bp["mlp"]["fc2"])
+        if cfg.layer_scale:
+            y = y * bp["ls2"]["gamma"]
+        s["y2"] = y
+        x = x + y
+        blocks.append(s)
+    acts["blocks"] = blocks
+    acts["tokens"] = x
+
+    xn = _ln(x, params["norm"], eps) if (cfg.final_norm and not cfg.fc_norm) else x
+    acts["xn"] = xn
+    if cfg.distilled:
+        zc = _dense(xn[:, 0], params["head"])
+        zd = _dense(xn[:, 1], params["head_dist"])
+        acts["z_halves"] = (zc / 2, zd / 2)
+        logits = (zc + zd) / 2
+    else:
+        pooled = xn[:, 0]
+        if cfg.final_norm and cfg.fc_norm:
+            pooled = _ln(pooled, params["fc_norm"], eps)
+        acts["pooled"] = pooled
+        logits = _dense(pooled, params["head"])
+    return logits, acts
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _sd(a, b):
+    """Chefer's safe_divide: a / (b + 1e-9) where b != 0, else 0."""
+    den = jnp.maximum(b, _EPS) + jnp.minimum(b, _EPS)
+    den = jnp.where(den == 0, _EPS, den)
+    return a / den * (b != 0).astype(a.dtype)
+
+
+def _linear(x, w, r, rule, alpha):
+    """alpha-beta rule for y = x @ w (w (I, O)), bias ignored; r (..., O) -> (..., I)."""
+    pw, nw = jnp.maximum(w, 0), jnp.minimum(w, 0)
+    px, nx = jnp.maximum(x, 0), jnp.minimum(x, 0)
+
+    def part(w1, w2):
+        z1, z2 = px @ w1, nx @ w2
+        if rule == "ours":
+            s1 = s2 = _sd(r, z1 + z2)
+        else:
+            s1, s2 = _sd(r, z1), _sd(r, z2)
+        return px * (s1 @ w1.T) + nx * (s2 @ w2.T)
+
+    act = part(pw, nw)
+    if isinstance(alpha, (int, float)) and alpha == 1:
+        return act
+    return alpha * act - (alpha - 1) * part(nw, pw)
+
+
+def _add(x0, x1, r, rule):
+    """Residual add y = x0 + x1 -> (r0, r1); per-image re-normalisation under rule 'ours'."""
+    s = _sd(r, x0 + x1)
+    a, b = x0 * s, x1 * s
+    if rule == "orig":
+        return a, b
+    axes = tuple(range(1, r.ndim))
+    a_sum, b_sum = a.sum(axes, keepdims=True), b.sum(axes, keepdims=True)
+    r_sum = r.sum(axes, keepdims=True)
+    tot = jnp.abs(a_sum) + jnp.abs(b_sum)
+    a_fact = _sd(jnp.abs(a_sum), tot) * r_sum
+    b_fact = _sd(jnp.abs(b_sum), tot) * r_sum
+    return a * _sd(a_fact, a_sum), b * _sd(b_fact, b_sum)
+
+
+def _clone(x, r0, r1):
+    return x * (_sd(r0, x) + _sd(r1, x))
+
+
+def _matmul_relprop(eq_fwd, eq_0, eq_1, x0, x1, r):
+    """z-rule for Z = einsum(eq_fwd, x0, x1): (x0 * dZ/dx0^T S, x1 * dZ/dx1^T S), S = R / Z.
+
+    eq_0 / eq_1: the einsums (S, x1) -> dx0 and (S, x0) -> dx1 of the backward pass."""
+    s = _sd(r, jnp.einsum(eq_fwd, x0, x1))
+    return x0 * jnp.einsum(eq_0, s, x1), x1 * jnp.einsum(eq_1, s, x0)
+
+
+def _patch_conv_zb(images, kernel, r_patches, p):
+    """z^B rule for the patch convolution; images (B, H, W, C), r_patches (B, N, D) ->
+    pixel relevance per patch (B, N, p*p*C)."""
+    d = kernel.shape[-1]
+    w = kernel.reshape(-1, d)
+    pw, nw = jnp.maximum(w, 0), jnp.minimum(w, 0)
+    lo = images.min(axis=(1, 2, 3))[:, None, None]
+    hi = images.max(axis=(1, 2, 3))[:, None, None]
+    xp = _patchify(images, p)
+    za = xp @ w - lo * pw.sum(0) - hi * nw.sum(0) + _EPS
+    s = r_patches / za
+    return xp * (s @ w.T) - lo * (s @ pw.T) - hi * (s @ nw.T)
+
+
+# ----------------------------------------------------------------------------- relevance pass
+
+
+def relprop(model, params, acts, r_logits, *, rule: str = "ours", alpha=1.0, to_input: bool = False):
+    """The LRP pass from relevance `r_logits` (B, C) on the logits (one-hot in Chefer's use).
+
+    Returns dict(attn_cams=[L x (B, H, T, T)] (relevance at each block's attention
+    probabilities, after Chefer's halving), tokens=(B, T, D) relevance at the first block's
+    input, and with `to_input` pixels=(B, N, p*p*C) relevance at the image, per patch).
+    """
+    cfg = model.config
+    _check(model, rule)
+    dt = acts["images"].dtype
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), params)
+    r_logits = jnp.asarray(r_logits, dt)
+    xn = acts["xn"]
+    b, t, d = xn.shape
+
+    def select(tok, r_tok):  # IndexSelect relprop, token `tok`
+        x_tok = xn[:, tok]
+        return jnp.zeros_like(xn).at[:, tok].set(x_tok * _sd(r_tok, x_tok))
+
+    if cfg.distilled:
+        zc, zd = acts["z_halves"]
+        rc, rd = _add(zc, zd, r_logits, rule)
+        r = (select(0, _linear(xn[:, 0], params["head"]["kernel"], rc, rule, alpha))
+             + select(1, _linear(xn[:, 1], params["head_dist"]["kernel"], rd, rule, alpha)))
+    else:
+        r = select(0, _linear(acts["pooled"], params["head"]["kernel"], r_logits, rule, alpha))
+
+    h, dh = cfg.num_heads, cfg.dim_head
+    cams = [None] * cfg.depth
+    for i in reversed(range(cfg.depth)):
+        s, bp = acts["blocks"][i], params[f"blocks_{i}"]
+        r_res, r_mlp = _add(s["xm"], s["y2"], r, rule)
+        r_mlp = _linear(s["hid"], bp["mlp"]["fc2"]["kernel"], r_mlp, rule, alpha)
+        r_mlp = _linear(s["n2"], bp["mlp"]["fc1"]["kernel"], r_mlp, rule, alpha)
+        r = _clone(s["xm"], r_res, r_mlp)
+
+        r_res, r_att = _add(s["x"], s["y1"], r, rule)
+        r_att = _linear(s["o"], bp["attn"]["proj"]["kernel"], r_att, rule, alpha)
+        r_att = jnp.swapaxes(r_att.reshape(b, t, h, dh), 1, 2)  # (B, H, T, dh)
+        r_attn, r_v = _matmul_relprop("bhij,bhjd->bhid", "bhid,bhjd->bhij", "bhid,bhij->bhjd",
+                                      s["attn"], s["v"], r_att)
+        r_attn, r_v = r_attn / 2, r_v / 2
+        cams[i] = r_attn
+        r_q, r_k = _matmul_relprop("bhid,bhjd->bhij", "bhij,bhjd->bhid", "bhij,bhid->bhjd",
+                                   s["q"], s["k"], r_attn)
+        r_q, r_k = r_q / 2, r_k / 2
+        r_qkv = jnp.stack([r_q, r_k, r_v], axis=1)  # (B, 3, H, T, dh)
+        r_qkv = jnp.moveaxis(r_qkv, 3, 1).reshape(b, t, 3 * h * dh)
+        r_att = _linear(s["n1"], bp["attn"]["qkv"]["kernel"], r_qkv, rule, alpha)
+        r = _clone(s["x"], r_res, r_att)
+
+    out = {"attn_cams": cams, "tokens": r}
+    if to_input:
+        npre = cfg.num_prefix_tokens
+        pe = acts["pos_embed"]
+        if pe is None:
+            r_patch = r[:, npre:]
+        elif cfg.no_embed_class:
+            r_patch, _ = _add(acts["patches"], pe, r[:, npre:], rule)
+        else:
+            r_emb, _ = _add(acts["patches"], pe, r, rule)
+            r_patch = r_emb[:, npre:]
+        out["pixels"] = _patch_conv_zb(acts["images"], params["patch_embed"]["kernel"], r_patch, cfg.patch_size)
+    return out
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _one_hots(logits, targets):
+    classes = targets.resolve(logits)
+    onehot = jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)  # (B, K, C)
+    return classes, jnp.moveaxis(onehot, 1, 0)  # (K, B, C)
+
+
+def _head_mean_clamped(cam):
+    return jnp.maximum(cam, 0).mean(axis=-3)
+
+
+def transattr(model, params, images, targets, start_layer=1, *, rule: str = "ours", alpha=1.0):
+    """Chefer's Transformer Attribution (2021b), as `generate_LRP(method="transformer_attribution")`.
+
+    Per block l: cam_l = mean over heads of max(grad_l * relevance_l, 0) (B, T, T), with
+    grad_l = d(logit_c)/d(attention probabilities of block l) and relevance_l the LRP relevance
+    there; R = prod over l >= start_layer of (I + cam_l) (later blocks on the left), no row
+    normalisation; map = R[0, P:].
+
+    `start_layer` defaults to 1: what Chefer's evaluation scripts (perturbation and segmentation
+    tests) pass; `generate_LRP`'s own default, used by its demo notebook, is 0. May be traced.
+    Returns dict(maps (B, K, N), classes (B, K), logits (B, C)).
+    """
+    cfg = model.config
+    _check(model, rule)
+    b = images.shape[0]
+    t = cfg.num_prefix_tokens + (images.shape[1] // cfg.patch_size) * (images.shape[2] // cfg.patch_size)
+    deltas = [jnp.zeros((b, cfg.num_heads, t, t), _dtype(images)) for _ in range(cfg.depth)]
+    logits, vjp_fn, acts = jax.vjp(lambda dl: forward(model, params, images, dl), deltas, has_aux=True)
+    classes, onehots = _one_hots(logits, targets)
+    grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(onehots)  # L x (K, B, H, T, T)
+    cams = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha)["attn_cams"])(onehots)
+    # Row 0 of (I + A_{L-1}) ... (I + A_s): propagate the class-token row from the last block down.
+    row = jnp.zeros(onehots.shape[:2] + (t,), onehots.dtype).at[..., 0].set(1.0)  # (K, B, T)
+    for i in reversed(range(cfg.depth)):
+        a = _head_mean_clamped(grads[i] * cams[i])  # (K, B, T, T)
+        step = jnp.einsum("kbi,kbij->kbj", row, a)
+        row = row + jnp.where(i >= start_layer, step, jnp.zeros_like(step))
+    maps = jnp.moveaxis(row[..., cfg.num_prefix_tokens:], 0, 1)
+    return {"maps": maps, "classes": classes, "logits": logits}
+
+
+def full_lrp(model, params, images, targets, *, rule: str = "orig", alpha=1.0):
+    """Full LRP to the input (Chefer's "full"): pixel relevance summed over channels.
+
+    Returns dict(maps (B, K, N): pixel relevance summed over each patch, pixel_maps (B, K, H, W):
+    what Chefer's "full_lrp" evaluation uses directly, classes (B, K), logits (B, C)).
+    `rule` defaults to "orig" (`ViT_orig_LRP` / `layers_lrp`), the model Chefer's evaluation
+    scripts use for "full_lrp".
+    """
+    cfg = model.config
+    _check(model, rule)
+    logits, acts = forward(model, params, images)
+    classes, onehots = _one_hots(logits, targets)
+    pix = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha, to_input=True)["pixels"])(onehots)
+    k, b, n, _ = pix.shape
+    p = cfg.patch_size
+    pix = pix.reshape(k, b, n, p * p, cfg.in_chans).sum(-1)  # sum over channels
+    grid = (images.shape[1] // p, images.shape[2] // p)
+    pixel_maps = _unpatchify(pix.reshape(k * b, n, p * p), grid, p).reshape(k, b, grid[0] * p, grid[1] * p)
+    return {"maps": jnp.moveaxis(pix.sum(-1), 0, 1), "pixel_maps": jnp.moveaxis(pixel_maps, 0, 1),
+            "classes": classes, "logits": logits}
+
+
+def partial_lrp(model, params, images, targets, *, rule: str = "orig", alpha=1.0, grad: bool = False):
+    """Partial LRP (Voita et al.), Chefer's "last_layer": the last block's attention relevance,
+    clamped at 0, mean over heads, class-token row, patch columns.
+
+    `grad=True` is Chefer's `is_ablation` variant (relevance times gradient before the clamp).
+    `rule` defaults to "orig", the model Chefer's evaluation scripts use for "lrp_last_layer".
+    Returns dict(maps (B, K, N), classes (B, K), logits (B, C)).
+    """
+    cfg = model.config
+    _check(model, rule)
+    if grad:
+        b = images.shape[0]
+        t = cfg.num_prefix_tokens + (images.shape[1] // cfg.patch_size) * (images.shape[2] // cfg.patch_size)
+        delta = jnp.zeros((b, cfg.num_heads, t, t), _dtype(images))
+        fwd = lambda dl: forward(model, params, images, [None] * (cfg.depth - 1) + [dl])
+        logits, vjp_fn, acts = jax.vjp(fwd, delta, has_aux=True)
+    else:
+        logits, acts = forward(model, params, images)
+    classes, onehots = _one_hots(logits, targets)
+    cam = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha)["attn_cams"][-1])(onehots)
+    if grad:
+        cam = cam * jax.vmap(lambda ct: vjp_fn(ct)[0])(onehots)
+    maps = _head_mean_clamped(cam)[..., 0, cfg.num_prefix_tokens:]  # (K, B, N)
+    return {"maps": jnp.moveaxis(maps, 0, 1), "classes": classes, "logits": logits}

@@ -1,0 +1,72 @@
+"""Which classes a map is for: the predicted class, the top-k, given classes, or all of them.
+
+A `Targets` is resolved against the logits inside the jitted computation, so "top" costs no
+extra forward pass. Its static part (kind, k) is hashable and keys the compilation; the
+class array of kind "given" is traced.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class Targets:
+    """kind: "top" (K=1), "topk" (K=k), "all" (K=C) or "given" (`classes` (B, K) int32)."""
+
+    classes: jax.Array | None = None
+    kind: str = struct.field(pytree_node=False, default="top")
+    k: int = struct.field(pytree_node=False, default=1)
+
+    def resolve(self, logits: jax.Array) -> jax.Array:
+        """(B, K) int32 class indices for these logits (B, C)."""
+        b, c = logits.shape
+        if self.kind == "top":
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]
+        if self.kind == "topk":
+            return jax.lax.top_k(logits, self.k)[1].astype(jnp.int32)
+        if self.kind == "all":
+            return jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+        return jnp.broadcast_to(self.classes, (b, self.classes.shape[-1])).astype(jnp.int32)
+
+
+def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
+    """Parse a user's target: "top", "top5", "all", an int, a list of ints (same classes for
+    every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth)."""
+    if isinstance(target, str):
+        if target in ("top", "pred", "top1"):
+            return Targets(kind="top")
+        if target == "all":
+            return Targets(kind="all", k=num_classes)
+        m = re.fullmatch(r"top(\d+)", target)
+        if m:
+            k = int(m.group(1))
+            if not 1 <= k <= num_classes:
+                raise ValueError(f"target {target!r}: k must be between 1 and {num_classes}")
+            return Targets(kind="topk", k=k)
+        raise ValueError(f"unknown target {target!r}: use 'top', 'topK' (e.g. 'top5'), 'all', a class index, "
+                         "a list of class indices, or an array of per-example classes")
+    if isinstance(target, (int, np.integer)):
+        arr = np.full((1, 1), int(target))
+    elif isinstance(target, (list, tuple)):
+        arr = np.asarray(target, dtype=np.int64)[None, :]
+    else:
+        arr = target
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or arr.shape[0] != batch:
+            raise ValueError(f"per-example targets must have shape (B,) or (B, K) with B={batch}; got {arr.shape}")
+    if not isinstance(arr, jax.core.Tracer):
+        host = np.asarray(arr)
+        if not np.issubdtype(host.dtype, np.integer):
+            raise ValueError(f"target classes must be integers; got dtype {host.dtype}")
+        if host.size and (host.min() < 0 or host.max() >= num_classes):
+            bad = host[(host < 0) | (host >= num_classes)].ravel()[:5].tolist()
+            raise ValueError(f"class index out of range: {bad}; the model has {num_classes} classes (0..{num_classes - 1})")
+    return Targets(classes=jnp.asarray(arr, jnp.int32), kind="given", k=int(arr.shape[-1]))
