@@ -44,7 +44,7 @@ def _data_entry(pcfg: dict) -> dict:
 def build_table() -> dict:
     import timm
     import torch
-    from timm.models import get_pretrained_cfg
+    from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
 
     archs, pretrained, skipped = {}, {}, {}
     # Only these modules define VisionTransformer / VisionTransformerDistilled variants.
@@ -62,7 +62,9 @@ def build_table() -> dict:
             skipped[arch] = str(e).split(": ", 1)[-1]
             continue
         entry = {k: v for k, v in cfg.to_dict().items() if k not in ARCH_FIELDS_EXCLUDED}
-        tags = timm.list_pretrained(arch + ".*")
+        # timm's own order: the first is the default tag (list_pretrained sorts alphabetically).
+        # Untrained-only architectures still get their 'untrained' data settings.
+        tags = list(get_arch_pretrained_cfgs(arch))
         if tags:
             entry["default_tag"] = tags[0].partition(".")[2]
         archs[arch] = entry

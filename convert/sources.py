@@ -84,35 +84,42 @@ def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError)
 
-    def fetch(filename: str) -> str:
+    from huggingface_hub import constants
+
+    def unavailable(filename: str) -> HubUnavailableError:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        return HubUnavailableError(
+            f"cannot load {repo_id}/{filename}: {why} and it is not in the local cache ({constants.HF_HUB_CACHE}). "
+            f"Download it where the hub is reachable (`hf download {repo_id}`) and copy the cache over, or pass "
+            f"a local file instead: convert.load('path/to/model.safetensors', model_name="
+            f"'{model_name or repo_id.split('/')[-1]}').")
+
+    cache_misses = []
+
+    def fetch(filename: str) -> str | None:
+        """The file's local path; None when the repo (or the cache, offline) lacks this file."""
         try:
             return hf_hub_download(repo_id, filename)
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-            from huggingface_hub import constants
-
-            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-            raise HubUnavailableError(
-                f"cannot load {repo_id}/{filename}: {why} and it is not in the local cache ({constants.HF_HUB_CACHE}). "
-                f"Download it where the hub is reachable (`hf download {repo_id}`) and copy the cache over, or pass "
-                f"a local file instead: convert.load('path/to/model.safetensors', model_name="
-                f"'{model_name or repo_id.split('/')[-1]}').") from e
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # subclass of EntryNotFoundError: first
+            cache_misses.append(filename)
+            return None
+        except EntryNotFoundError:
+            return None
         except RepositoryNotFoundError:
             raise HubUnavailableError(f"no such Hugging Face hub repository {repo_id!r} (or it is private)") from None
 
     weights = None
     for filename in WEIGHT_FILES:
-        try:
-            weights = Path(fetch(filename))
+        found = fetch(filename)
+        if found is not None:
+            weights = Path(found)
             break
-        except EntryNotFoundError:
-            continue
     if weights is None:
+        if cache_misses:
+            raise unavailable(cache_misses[0])
         raise FileNotFoundError(f"hub repository {repo_id} has none of {WEIGHT_FILES}")
-    try:
-        config = read_json(Path(fetch("config.json")))
-    except (EntryNotFoundError, HubUnavailableError):
-        config = None
-    return weights, config
+    config_path = fetch("config.json")
+    return weights, (read_json(Path(config_path)) if config_path else None)
 
 
 def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str, np.ndarray], dict | None, str]:
@@ -136,5 +143,5 @@ def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str,
     if os.sep in name and not name.startswith(("hf-hub:", "timm/")) or path.suffix in (".safetensors",) + TORCH_SUFFIXES:
         raise FileNotFoundError(f"checkpoint file {name} does not exist")
     repo_id = hub_repo_id(name, hf_hub_id)
-    weights, config = download(repo_id, model_name=name)
+    weights, config = download(repo_id, model_name=repo_id.split("/")[-1])
     return read_file(weights), config, f"hub:{repo_id}"

@@ -400,7 +400,11 @@ def timm_config(name: str, **overrides) -> ViTConfig:
 
     arch = name.partition(".")[0]
     if not timm.is_model(arch):
-        raise KeyError(f"unknown model name {name!r}: timm {timm.__version__} has no architecture {arch!r}")
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(module=["vision_transformer", "deit"]), n=5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise KeyError(f"unknown model name {name!r}: timm {timm.__version__} has no architecture {arch!r}.{hint}")
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)

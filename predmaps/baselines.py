@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jaxvit import ViT
 from predmaps.targets import Targets
 
+_CLASS_CHUNK = 32  # classes per backward pass of gradient methods
+
 
 def raw_attention(model: ViT, attn_cls: jax.Array) -> jax.Array:
     """Last block, mean over heads, class-token row, patch columns: (B, L, H, T) -> (B, N)."""
@@ -62,8 +64,11 @@ def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets)
         blocks = [g[f"blocks_{i}"]["attn"]["attn"] for i in range(model.config.depth)]
         return jnp.stack(blocks, axis=1)  # (B, L, H, T, T)
 
-    grads = jax.vmap(grads_for, in_axes=1, out_axes=1)(classes)
-    return logits, classes, attn, grads
+    # Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit,
+    # and on XLA:CPU (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles
+    # (15% error against per-class calls, tests/test_predmaps.py::test_matches_torch_version).
+    grads = jax.lax.map(grads_for, classes.T, batch_size=_CLASS_CHUNK)  # (K, B, L, H, T, T)
+    return logits, classes, attn, jnp.moveaxis(grads, 0, 1)
 
 
 def gradcam(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:

@@ -56,21 +56,24 @@ saves the activations, then the relevance pass vmapped over the K target classes
 Everything is batched (Chefer's code handles one image; its sums in the residual re-normalisation
 are taken per image here, which is what it computes at batch size 1).
 
-Jit with the model and the string / boolean options static, e.g.
-``jax.jit(transattr, static_argnums=0, static_argnames=("rule",))``; ``start_layer`` and
-``alpha`` may be traced.
+The public functions check their arguments, then run a jitted implementation (the model, ``rule``,
+``alpha`` and boolean options static); they also work inside the caller's jit, e.g.
+``jax.jit(transattr, static_argnums=0, static_argnames=("rule", "alpha"))``. ``start_layer`` may
+be traced (one compilation serves every start layer).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvit.posemb import resample_abs_pos_embed
 
-__all__ = ["RULES", "forward", "relprop", "transattr", "full_lrp", "partial_lrp"]
+__all__ = ["RULES", "attention_relevance", "forward", "full_lrp", "partial_lrp", "relprop", "transattr"]
 
 RULES = ("ours", "orig")
 _EPS = 1e-9
@@ -386,6 +389,30 @@ def relprop(model, params, acts, r_logits, *, rule: str = "ours", alpha=1.0, to_
 # ----------------------------------------------------------------------------- methods
 
 
+def _num_tokens(cfg, images):
+    return cfg.num_prefix_tokens + (images.shape[1] // cfg.patch_size) * (images.shape[2] // cfg.patch_size)
+
+
+def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_input=False):
+    """One forward (with a vjp when gradients at the attention of `grad_blocks` are wanted),
+    then the relevance pass and the gradients vmapped over the K classes (leading axis K)."""
+    cfg = model.config
+    _check(model, rule)
+    grads = None
+    if grad_blocks:
+        t = _num_tokens(cfg, images)
+        zeros = {i: jnp.zeros((images.shape[0], cfg.num_heads, t, t), _dtype(images)) for i in grad_blocks}
+        fwd = lambda dl: forward(model, params, images, [dl.get(i) for i in range(cfg.depth)])
+        logits, vjp_fn, acts = jax.vjp(fwd, zeros, has_aux=True)
+    else:
+        logits, acts = forward(model, params, images)
+    classes, onehots = _one_hots(logits, targets)
+    rel = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha, to_input=to_input))(onehots)
+    if grad_blocks:
+        grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(onehots)  # {block: (K, B, H, T, T)}
+    return logits, classes, rel, grads
+
+
 def _one_hots(logits, targets):
     classes = targets.resolve(logits)
     onehot = jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)  # (B, K, C)
@@ -396,7 +423,38 @@ def _head_mean_clamped(cam):
     return jnp.maximum(cam, 0).mean(axis=-3)
 
 
-def transattr(model, params, images, targets, start_layer=1, *, rule: str = "ours", alpha=1.0):
+def _validate(model, images, rule):
+    _check(model, rule)
+    cfg = model.config
+    if getattr(images, "ndim", None) != 4 or images.shape[-1] != cfg.in_chans:
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last; got shape "
+                         f"{getattr(images, 'shape', None)}")
+
+
+def attention_relevance(model, params, images, targets, *, rule: str = "ours", alpha: float = 1.0,
+                        grads: bool = True):
+    """Per-block attention relevance and gradients, the ingredients of `transattr`.
+
+    Returns dict(cams (B, K, L, H, T, T): LRP relevance at every block's attention probabilities
+    (Chefer's `get_attn_cam()`), grads (B, K, L, H, T, T): d(logit_c)/d(attention probabilities)
+    (Chefer's `get_attn_gradients()`; only with `grads=True`), classes (B, K), logits (B, C)).
+    """
+    _validate(model, images, rule)
+    return _attention_relevance(model, params, images, targets, rule=rule, alpha=alpha, grads=grads)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha", "grads"))
+def _attention_relevance(model, params, images, targets, *, rule, alpha, grads):
+    depth = model.config.depth
+    logits, classes, rel, g = _core(model, params, images, targets, rule=rule, alpha=alpha,
+                                    grad_blocks=tuple(range(depth)) if grads else ())
+    out = {"cams": jnp.moveaxis(jnp.stack(rel["attn_cams"], axis=2), 0, 1), "classes": classes, "logits": logits}
+    if grads:
+        out["grads"] = jnp.moveaxis(jnp.stack([g[i] for i in range(depth)], axis=2), 0, 1)
+    return out
+
+
+def transattr(model, params, images, targets, start_layer=1, *, rule: str = "ours", alpha: float = 1.0):
     """Chefer's Transformer Attribution (2021b), as `generate_LRP(method="transformer_attribution")`.
 
     Per block l: cam_l = mean over heads of max(grad_l * relevance_l, 0) (B, T, T), with
@@ -408,17 +466,22 @@ def transattr(model, params, images, targets, start_layer=1, *, rule: str = "our
     tests) pass; `generate_LRP`'s own default, used by its demo notebook, is 0. May be traced.
     Returns dict(maps (B, K, N), classes (B, K), logits (B, C)).
     """
+    _validate(model, images, rule)
+    depth = model.config.depth
+    if isinstance(start_layer, (int, np.integer)) and not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer={start_layer} is outside the model's blocks 0..{depth - 1}")
+    return _transattr(model, params, images, targets, start_layer, rule=rule, alpha=alpha)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha"))
+def _transattr(model, params, images, targets, start_layer, *, rule, alpha):
     cfg = model.config
-    _check(model, rule)
-    b = images.shape[0]
-    t = cfg.num_prefix_tokens + (images.shape[1] // cfg.patch_size) * (images.shape[2] // cfg.patch_size)
-    deltas = [jnp.zeros((b, cfg.num_heads, t, t), _dtype(images)) for _ in range(cfg.depth)]
-    logits, vjp_fn, acts = jax.vjp(lambda dl: forward(model, params, images, dl), deltas, has_aux=True)
-    classes, onehots = _one_hots(logits, targets)
-    grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(onehots)  # L x (K, B, H, T, T)
-    cams = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha)["attn_cams"])(onehots)
-    # Row 0 of (I + A_{L-1}) ... (I + A_s): propagate the class-token row from the last block down.
-    row = jnp.zeros(onehots.shape[:2] + (t,), onehots.dtype).at[..., 0].set(1.0)  # (K, B, T)
+    logits, classes, rel, grads = _core(model, params, images, targets, rule=rule, alpha=alpha,
+                                        grad_blocks=tuple(range(cfg.depth)))
+    cams = rel["attn_cams"]
+    # Row 0 of (I + A_{L-1}) ... (I + A_s): carry the class-token row from the last block down.
+    k, b, _, t, _ = cams[0].shape
+    row = jnp.zeros((k, b, t), logits.dtype).at[..., 0].set(1.0)
     for i in reversed(range(cfg.depth)):
         a = _head_mean_clamped(grads[i] * cams[i])  # (K, B, T, T)
         step = jnp.einsum("kbi,kbij->kbj", row, a)
@@ -427,19 +490,23 @@ def transattr(model, params, images, targets, start_layer=1, *, rule: str = "our
     return {"maps": maps, "classes": classes, "logits": logits}
 
 
-def full_lrp(model, params, images, targets, *, rule: str = "orig", alpha=1.0):
+def full_lrp(model, params, images, targets, *, rule: str = "orig", alpha: float = 1.0):
     """Full LRP to the input (Chefer's "full"): pixel relevance summed over channels.
 
     Returns dict(maps (B, K, N): pixel relevance summed over each patch, pixel_maps (B, K, H, W):
-    what Chefer's "full_lrp" evaluation uses directly, classes (B, K), logits (B, C)).
+    what Chefer's "full_lrp" evaluation uses directly (no upsampling), classes (B, K), logits (B, C)).
     `rule` defaults to "orig" (`ViT_orig_LRP` / `layers_lrp`), the model Chefer's evaluation
     scripts use for "full_lrp".
     """
+    _validate(model, images, rule)
+    return _full_lrp(model, params, images, targets, rule=rule, alpha=alpha)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha"))
+def _full_lrp(model, params, images, targets, *, rule, alpha):
     cfg = model.config
-    _check(model, rule)
-    logits, acts = forward(model, params, images)
-    classes, onehots = _one_hots(logits, targets)
-    pix = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha, to_input=True)["pixels"])(onehots)
+    logits, classes, rel, _ = _core(model, params, images, targets, rule=rule, alpha=alpha, to_input=True)
+    pix = rel["pixels"]  # (K, B, N, p*p*C)
     k, b, n, _ = pix.shape
     p = cfg.patch_size
     pix = pix.reshape(k, b, n, p * p, cfg.in_chans).sum(-1)  # sum over channels
@@ -449,7 +516,7 @@ def full_lrp(model, params, images, targets, *, rule: str = "orig", alpha=1.0):
             "classes": classes, "logits": logits}
 
 
-def partial_lrp(model, params, images, targets, *, rule: str = "orig", alpha=1.0, grad: bool = False):
+def partial_lrp(model, params, images, targets, *, rule: str = "orig", alpha: float = 1.0, grad: bool = False):
     """Partial LRP (Voita et al.), Chefer's "last_layer": the last block's attention relevance,
     clamped at 0, mean over heads, class-token row, patch columns.
 
@@ -457,19 +524,18 @@ def partial_lrp(model, params, images, targets, *, rule: str = "orig", alpha=1.0
     `rule` defaults to "orig", the model Chefer's evaluation scripts use for "lrp_last_layer".
     Returns dict(maps (B, K, N), classes (B, K), logits (B, C)).
     """
+    _validate(model, images, rule)
+    return _partial_lrp(model, params, images, targets, rule=rule, alpha=alpha, grad=grad)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha", "grad"))
+def _partial_lrp(model, params, images, targets, *, rule, alpha, grad):
     cfg = model.config
-    _check(model, rule)
+    last = cfg.depth - 1
+    logits, classes, rel, grads = _core(model, params, images, targets, rule=rule, alpha=alpha,
+                                        grad_blocks=(last,) if grad else ())
+    cam = rel["attn_cams"][last]  # (K, B, H, T, T)
     if grad:
-        b = images.shape[0]
-        t = cfg.num_prefix_tokens + (images.shape[1] // cfg.patch_size) * (images.shape[2] // cfg.patch_size)
-        delta = jnp.zeros((b, cfg.num_heads, t, t), _dtype(images))
-        fwd = lambda dl: forward(model, params, images, [None] * (cfg.depth - 1) + [dl])
-        logits, vjp_fn, acts = jax.vjp(fwd, delta, has_aux=True)
-    else:
-        logits, acts = forward(model, params, images)
-    classes, onehots = _one_hots(logits, targets)
-    cam = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha)["attn_cams"][-1])(onehots)
-    if grad:
-        cam = cam * jax.vmap(lambda ct: vjp_fn(ct)[0])(onehots)
+        cam = cam * grads[last]
     maps = _head_mean_clamped(cam)[..., 0, cfg.num_prefix_tokens:]  # (K, B, N)
     return {"maps": jnp.moveaxis(maps, 0, 1), "classes": classes, "logits": logits}

@@ -110,8 +110,8 @@ def _timm_logits(model, x):
 
 
 def _jax_logits(model, params, x):
-    fn = jax.jit(lambda p, images: model.apply({"params": p}, images).logits)
-    return np.asarray(fn(params, jnp.asarray(x.transpose(0, 2, 3, 1))))
+    # Eager, not jit: the op cache is shared by every model of these tests, one compile each is not.
+    return np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits)
 
 
 def _assert_close_to_timm(logits, ref):
@@ -265,7 +265,7 @@ def test_save_timm_round_trip(small, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(torch.from_numpy(x)), model(torch.from_numpy(x)))
 
-    # timm's config.json is readable by timm's own conventions.
+    # config.json follows the layout of a timm hub repo.
     hub_cfg = json.loads((out / "config.json").read_text())
     assert hub_cfg["architecture"] == arch
     assert hub_cfg["num_classes"] == NUM_CLASSES
@@ -345,24 +345,39 @@ FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB_DATA = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "crop_pct": 0.95, "interpolation": "bilinear"}
 
 
-def _lay_out_hub_repo(cache, repo_name, weights, config):
+def _lay_out_hub_repo(cache, repo_name, files, config, no_exist=()):
+    """A huggingface_hub cache entry as a download leaves it: refs/main, the snapshot, and
+    `.no_exist` markers for files the repo does not have."""
     repo = cache / f"models--timm--{repo_name}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(FAKE_COMMIT)
     snap = repo / "snapshots" / FAKE_COMMIT
     snap.mkdir(parents=True)
-    (snap / "model.safetensors").write_bytes(weights.read_bytes())
+    for filename, source in files.items():
+        (snap / filename).write_bytes(source.read_bytes())
     (snap / "config.json").write_text(json.dumps(config))
+    for filename in no_exist:
+        (repo / ".no_exist" / FAKE_COMMIT).mkdir(parents=True, exist_ok=True)
+        (repo / ".no_exist" / FAKE_COMMIT / filename).write_bytes(b"")
 
 
-def test_hub_names_through_local_cache(full_tiny, tmp_path):
-    cache = tmp_path / "hub"
+BIN_TAG = "augreg_in21k"  # a second repo in the cache, with pytorch_model.bin only (older timm repos)
+
+
+@pytest.fixture(scope="module")
+def hub_run(full_tiny, tmp_path_factory):
+    """One subprocess (HF_HUB_CACHE = a cache laid out here, HF_HUB_OFFLINE=1) loading hub names;
+    the main checks assert inside it, the pytorch_model.bin case reports a 'BIN:' line."""
+    cache = tmp_path_factory.mktemp("hub")
     config = {"architecture": FULL_ARCH, "num_classes": FULL_CLASSES, "num_features": 192, "global_pool": "token",
               "pretrained_cfg": {"tag": FULL_TAG, "custom_load": False, "input_size": [3, 224, 224],
                                  "fixed_input_size": True, "crop_mode": "center", "num_classes": FULL_CLASSES,
                                  **HUB_DATA}}
-    _lay_out_hub_repo(cache, FULL_NAME, full_tiny["dir"] / "model.safetensors", config)
     d = full_tiny["dir"]
+    _lay_out_hub_repo(cache, FULL_NAME, {"model.safetensors": d / "model.safetensors"}, config)
+    bin_config = dict(config, pretrained_cfg=dict(config["pretrained_cfg"], tag=BIN_TAG))
+    _lay_out_hub_repo(cache, f"{FULL_ARCH}.{BIN_TAG}", {"pytorch_model.bin": d / "model.pth"}, bin_config,
+                      no_exist=["model.safetensors"])
     code = SUBPROCESS_HELPERS + f"""
 import convert
 d = {str(d)!r}
@@ -383,36 +398,77 @@ for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}', 'timm/{FULL_NAME}'):
     assert cfg.num_classes == {FULL_CLASSES} and cfg.img_size == ({FULL_SIZE}, {FULL_SIZE}), cfg
     assert cfg.depth == 12 and cfg.embed_dim == 192 and cfg.num_heads == 3, cfg
 print('ok')
+try:
+    model, params = convert.load('hf-hub:timm/{FULL_ARCH}.{BIN_TAG}')
+    assert model.config.name == '{FULL_ARCH}.{BIN_TAG}', model.config.name
+    assert_same_params(params, first[1])
+    print('BIN: ok')
+except Exception as e:
+    print('BIN:', type(e).__name__, str(e).replace(chr(10), ' '))
 """
-    proc = _check(_run_python(code, env={"HF_HUB_CACHE": str(cache)}))
-    assert proc.stdout.strip().endswith("ok")
+    proc = _run_python(code, env={"HF_HUB_CACHE": str(cache)})
+    return proc, cache
+
+
+def test_hub_names_through_local_cache(hub_run):
+    proc, cache = hub_run
+    _check(proc)
+    assert "\nok\n" in "\n" + proc.stdout
     # Reading from the cache wrote nothing (no lock files, no downloads) outside its snapshot.
     assert sorted(p.name for p in (cache / f"models--timm--{FULL_NAME}").iterdir()) == ["refs", "snapshots"]
 
 
-def test_hub_unavailable_with_empty_cache(tmp_path):
-    cache = tmp_path / "empty_hub"
-    cache.mkdir()
-    # torch is blocked too: the hub id then comes from jaxvit's bundled table.
+def test_hub_offline_cache_with_pytorch_model_bin(hub_run):
+    proc, _ = hub_run
+    _check(proc)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BIN:"))
+    assert line == "BIN: ok"
+
+
+@pytest.fixture(scope="module")
+def empty_hub_run(tmp_path_factory):
+    """convert.load of hub names with an EMPTY cache and HF_HUB_OFFLINE=1, in a subprocess with
+    torch blocked too (the hub id then comes from jaxvit's bundled table); reports each error."""
+    cache = tmp_path_factory.mktemp("empty_hub")
     code = BLOCK_TORCH + f"""
+import json
 import convert
-for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}'):
+results = {{}}
+for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}', 'timm/{FULL_NAME}'):
     try:
         convert.load(source)
-    except convert.HubUnavailableError as e:
-        msg = str(e)
-        assert isinstance(e, OSError)
-        assert 'timm/{FULL_NAME}' in msg, msg
-        assert 'not in the local cache' in msg, msg
-        assert 'HF_HUB_OFFLINE is set' in msg, msg
-        assert {str(cache)!r} in msg, msg
-        assert "convert.load('path/to/model.safetensors', model_name=" in msg, msg
-        assert '{FULL_NAME}' in msg.rpartition('model_name=')[2], msg
+    except Exception as e:
+        results[source] = dict(type=type(e).__name__, oserror=isinstance(e, OSError),
+                               hub_unavailable=isinstance(e, convert.HubUnavailableError), msg=str(e))
     else:
-        raise AssertionError(f'{{source}} loaded from an empty cache')
-""" + CHECK_NO_TORCH + "print('ok')"
+        results[source] = None
+""" + CHECK_NO_TORCH + "print(json.dumps(results))"
     proc = _check(_run_python(code, env={"HF_HUB_CACHE": str(cache)}))
-    assert proc.stdout.strip().endswith("ok")
+    assert not any(cache.iterdir()), "nothing may be written to the cache"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), cache
+
+
+@pytest.mark.parametrize("source", [FULL_NAME, f"hf-hub:timm/{FULL_NAME}", f"timm/{FULL_NAME}"])
+def test_hub_unavailable_with_empty_cache(empty_hub_run, source):
+    results, cache = empty_hub_run
+    err = results[source]
+    assert err is not None, f"{source} loaded from an empty cache"
+    assert err["hub_unavailable"] and err["oserror"], err
+    msg = err["msg"]
+    assert f"cannot load timm/{FULL_NAME}/model.safetensors" in msg
+    assert "HF_HUB_OFFLINE is set and it is not in the local cache" in msg
+    assert f"({cache})" in msg
+    assert f"hf download timm/{FULL_NAME}" in msg
+    assert "or pass a local file instead: convert.load('path/to/model.safetensors', model_name=" in msg
+
+
+
+
+@pytest.mark.parametrize("source", [FULL_NAME, f"hf-hub:timm/{FULL_NAME}", f"timm/{FULL_NAME}"])
+def test_hub_unavailable_hint_is_a_usable_model_name(empty_hub_run, source):
+    results, _ = empty_hub_run
+    assert results[source]["msg"].endswith(
+        f"convert.load('path/to/model.safetensors', model_name='{FULL_NAME}').")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,10 +523,6 @@ def test_unknown_model_name_get_config():
         jaxvit.get_config("vit_tiny_patch16_224.nope")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "convert/timm_vit.py timm_config(): with timm installed, an unknown architecture raises "
-    "KeyError(\"unknown model name ...: timm X has no architecture ...\") without close names, "
-    "unlike jaxvit.get_config (and the torch-free path)"))
 def test_unknown_model_name_convert_load(full_tiny):
     with pytest.raises(KeyError) as e:
         convert.load(full_tiny["sd"], model_name="vit_bse_patch16_224")
@@ -588,8 +640,8 @@ def test_jaxvit_save_load_round_trip(small, tmp_path):
     loaded, lparams = jaxvit.load(out)
     assert loaded.config == jmodel.config
     _assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), lparams)
-    want = jax.jit(lambda p, i: jmodel.apply({"params": p}, i))(params, images)
-    got = jax.jit(lambda p, i: loaded.apply({"params": p}, i))(lparams, images)
+    want = jmodel.apply({"params": params}, images)
+    got = loaded.apply({"params": lparams}, images)
     for field in ("logits", "pre_logits", "tokens", "attn_cls"):
         a, b = getattr(want, field), getattr(got, field)
         assert (a is None) == (b is None), field
@@ -628,8 +680,8 @@ def test_cli_convert_and_back(full_tiny, tmp_path):
     assert model.config.name == FULL_NAME
     logits = _jax_logits(model, params, full_tiny["x"])
     _assert_close_to_timm(logits, full_tiny["ref"])
-    ref_model, ref_params = convert.load(full_tiny["model"])
-    assert np.array_equal(logits, _jax_logits(ref_model, ref_params, full_tiny["x"]))
+    _, ref_params = convert.load(full_tiny["model"])
+    _assert_trees_equal(params, jax.tree_util.tree_map(np.asarray, ref_params))
 
     fresh = timm.create_model(FULL_ARCH, pretrained=False, img_size=FULL_SIZE, num_classes=FULL_CLASSES).eval()
     fresh.load_state_dict(safetensors_torch.load_file(str(timm_out / "model.safetensors")), strict=True)
@@ -671,18 +723,7 @@ TABLE_NAMES = [
 ]
 
 
-_DEFAULT_TAG_BUG = pytest.mark.xfail(strict=True, reason=(
-    "convert/registry.py build_table(): default_tag = timm.list_pretrained(arch + '.*')[0], which is "
-    "alphabetical, not timm's default tag (the first of the architecture's pretrained cfgs): "
-    "the bundled table resolves vit_tiny_patch16_224 to .augreg_in21k (21843 classes) and "
-    "vit_base_patch16_384 to .augreg_in1k, timm to .augreg_in21k_ft_in1k"))
-_UNTRAINED_TAG_BUG = pytest.mark.xfail(strict=True, reason=(
-    "convert/registry.py build_table(): architectures whose only tag is 'untrained' (not listed by "
-    "timm.list_pretrained) get no default tag and no data entry, so get_config gives label_names=None "
-    "where timm_config gives the ImageNet names for the same 1000-class head"))
-TABLE_CASES = [pytest.param(n, marks=_DEFAULT_TAG_BUG) if n in ("vit_tiny_patch16_224", "vit_base_patch16_384")
-               else pytest.param(n, marks=_UNTRAINED_TAG_BUG) if n == "vit_base_patch16_reg4_gap_256"
-               else n for n in TABLE_NAMES]
+TABLE_CASES = TABLE_NAMES
 
 
 @pytest.mark.parametrize("name", TABLE_CASES)

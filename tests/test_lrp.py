@@ -1,0 +1,354 @@
+"""LRP baselines (predmaps.lrp): parity with Chefer et al.'s own code, forward parity with
+jaxvit, conservation, batching, targets, jit.
+
+The parity test imports Chefer's `baselines/ViT/ViT_LRP.py`, `ViT_orig_LRP.py` and
+`ViT_explanation_generator.py` (hila-chefer/Transformer-Explainability) at test time from a
+local mirror (nothing of it is copied into this repository) and skips when no mirror is there.
+Set CHEFER_REPO to a checkout or a bare git directory of that repository to point elsewhere.
+Both sides run in float64 there, so the comparison is exact up to rounding (~1e-12): any
+difference of rule, order or normalisation would show as 1e-3 or worse. In float32 the
+divisions by near-zero pre-activations amplify rounding differences to ~1e-4..1e-3 relative,
+which a second, looser check covers.
+"""
+
+import functools
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import randomize_timm_, rel_err
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import convert  # noqa: E402
+from jaxvit import ViT  # noqa: E402
+from predmaps import lrp  # noqa: E402
+from predmaps.targets import make_targets  # noqa: E402
+
+SIZE, NUM_CLASSES = 48, 10
+
+
+def _timm(name="vit_tiny_patch16_224", seed=0, **kwargs):
+    kwargs = {"depth": 2, "img_size": SIZE, "num_classes": NUM_CLASSES, **kwargs}
+    return randomize_timm_(timm.create_model(name, pretrained=False, **kwargs), seed=seed)
+
+
+def _images(n, size=SIZE, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tm = _timm()
+    model, params = convert.load(tm)
+    return tm, model, params
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("rule",))
+def _all(model, params, images, targets, start_layer=0, rule=None):
+    """Every method in one compilation (each method's own jit is inlined); rule None: the
+    defaults. `start_layer` is traced: one compilation serves both."""
+    kw = {} if rule is None else {"rule": rule}
+    full = lrp.full_lrp(model, params, images, targets, **kw)
+    return {"transattr": lrp.transattr(model, params, images, targets, start_layer, **kw)["maps"],
+            "full": full["maps"], "full_pixels": full["pixel_maps"],
+            "partial": lrp.partial_lrp(model, params, images, targets, **kw)["maps"],
+            "classes": full["classes"], "logits": full["logits"]}
+
+
+METHODS = ("transattr", "full", "partial")
+
+
+# ----------------------------------------------------------------------------- Chefer's code
+
+_CHEFER_FILES = ["modules/__init__.py", "modules/layers_ours.py", "modules/layers_lrp.py",
+                 "baselines/ViT/ViT_LRP.py", "baselines/ViT/ViT_orig_LRP.py", "baselines/ViT/helpers.py",
+                 "baselines/ViT/weight_init.py", "baselines/ViT/layer_helpers.py",
+                 "baselines/ViT/ViT_explanation_generator.py"]
+_MIRROR = Path(__file__).resolve().parents[2] / ".mirror" / "hila-chefer+Transformer-Explainability" / "repo"
+
+
+def _read_chefer_file(repo: Path, rel: str) -> bytes:
+    if (repo / rel).is_file():  # a checkout
+        return (repo / rel).read_bytes()
+    return subprocess.run(["git", "--git-dir", str(repo), "show", f"HEAD:{rel}"], check=True,
+                          capture_output=True).stdout  # a bare mirror
+
+
+def _einops_stand_in():
+    """`einops.rearrange` for the four patterns Chefer's ViT uses (einops is not a dependency)."""
+
+    def rearrange(x, pattern, **kw):
+        if pattern == "b n (qkv h d) -> qkv b h n d":
+            return x.reshape(x.shape[0], x.shape[1], kw["qkv"], kw["h"], -1).permute(2, 0, 3, 1, 4)
+        if pattern == "b h n d -> b n (h d)":
+            b, h, n, d = x.shape
+            return x.permute(0, 2, 1, 3).reshape(b, n, h * d)
+        if pattern == "b n (h d) -> b h n d":
+            return x.reshape(x.shape[0], x.shape[1], kw["h"], -1).permute(0, 2, 1, 3)
+        if pattern == "qkv b h n d -> b n (qkv h d)":
+            x = torch.stack(list(x))
+            q, b, h, n, d = x.shape
+            return x.permute(1, 3, 0, 2, 4).reshape(b, n, q * h * d)
+        raise NotImplementedError(pattern)
+
+    module = types.ModuleType("einops")
+    module.rearrange = rearrange
+    return module
+
+
+@pytest.fixture(scope="module")
+def chefer(tmp_path_factory):
+    repo = Path(os.environ.get("CHEFER_REPO", _MIRROR))
+    if not repo.exists() or (not (repo / _CHEFER_FILES[3]).is_file() and shutil.which("git") is None):
+        pytest.skip(f"Chefer's Transformer-Explainability not found at {repo} (set CHEFER_REPO)")
+    dest = tmp_path_factory.mktemp("chefer")
+    try:
+        for rel in _CHEFER_FILES:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(_read_chefer_file(repo, rel))
+    except (subprocess.CalledProcessError, OSError) as e:
+        pytest.skip(f"cannot read Chefer's code from {repo}: {e}")
+    for pkg in ("baselines", "baselines/ViT"):
+        (dest / pkg / "__init__.py").touch()
+    names = ["baselines.ViT.ViT_LRP", "baselines.ViT.ViT_orig_LRP", "baselines.ViT.ViT_explanation_generator"]
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in ("modules", "baselines", "einops")}
+    try:
+        importlib.import_module("einops")
+    except ImportError:
+        sys.modules["einops"] = _einops_stand_in()
+    sys.path.insert(0, str(dest))
+    try:
+        mods = {n.rsplit(".", 1)[1]: importlib.import_module(n) for n in names}
+    finally:
+        sys.path.remove(str(dest))
+        for k in [k for k in sys.modules if k.split(".")[0] in ("modules", "baselines", "einops")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return mods
+
+
+def _chefer_model(module, tm, dtype):
+    m = module.VisionTransformer(img_size=SIZE, patch_size=16, embed_dim=tm.embed_dim, depth=len(tm.blocks),
+                                 num_heads=tm.blocks[0].attn.num_heads, mlp_ratio=4, qkv_bias=True,
+                                 num_classes=NUM_CLASSES)
+    m.load_state_dict(tm.state_dict(), strict=True)  # timm's names are Chefer's names
+    m.norm.eps = 1e-6  # Chefer builds the final norm with torch's default 1e-5; timm (and we) use 1e-6
+    return m.to(dtype).eval()
+
+
+def _chefer_maps(chefer, model, image, cls, method, **kw):
+    """One image (1, 3, H, W), one class, through Chefer's `LRP.generate_LRP` (CUDA calls made no-ops)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        out = chefer["ViT_explanation_generator"].LRP(model).generate_LRP(image, index=cls, method=method, **kw)
+    return out.detach().double().numpy().reshape(-1)
+
+
+def _ours(maps, method):
+    if method == "grad":  # Chefer's name for transformer attribution in both of its model files
+        return np.asarray(maps["transattr"])
+    if method == "full":
+        pix = np.asarray(maps["full_pixels"])
+        return pix.reshape(pix.shape[:2] + (-1,))
+    return np.asarray(maps["partial"])
+
+
+CLASSES = np.array([[3, 7, 1], [0, 5, 9], [8, 2, 4]])  # 3 images x 3 classes
+
+
+@pytest.mark.parametrize("rule", ["ours", "orig"])
+def test_matches_chefer_float64(chefer, tiny, rule):
+    """Every method, both of Chefer's rule sets (ViT_LRP = 'ours', ViT_orig_LRP = 'orig'), three
+    images x three given classes, start_layer 0 and 1: equal to Chefer's maps in float64."""
+    tm, model, params = tiny
+    ref_model = _chefer_model(chefer["ViT_LRP" if rule == "ours" else "ViT_orig_LRP"], tm, torch.float64)
+    x = _images(3).double()
+    with jax.enable_x64(True):
+        targets = make_targets(CLASSES, 3, NUM_CLASSES)
+        by_start = [_all(model, params, _nhwc(x), targets, start, rule=rule) for start in (0, 1)]
+    assert by_start[0]["transattr"].dtype == jnp.float64
+    cases = [("grad", 0), ("grad", 1), ("full", 0), ("last_layer", 0)]
+    for method, start in cases:
+        ours = _ours(by_start[start], method)
+        for i in range(3):
+            for j in range(3):
+                want = _chefer_maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), method, start_layer=start)
+                assert rel_err(ours[i, j], want) <= 1e-9, (method, start, i, j)
+
+
+def test_matches_chefer_float32(chefer, tiny):
+    """The float32 path users run, with the default rules (those of Chefer's evaluation scripts:
+    'ours' for transattr from start_layer 1, 'orig' for full and partial LRP), against Chefer's
+    float32 code: rounding differences only (amplified by divisions by small pre-activations)."""
+    tm, model, params = tiny
+    refs = {"ours": _chefer_model(chefer["ViT_LRP"], tm, torch.float32),
+            "orig": _chefer_model(chefer["ViT_orig_LRP"], tm, torch.float32)}
+    x = _images(1)
+    want_cls = int(np.argmax(tm(x).detach().numpy()))
+    maps = _all(model, params, _nhwc(x), make_targets([want_cls], 1, NUM_CLASSES), 1)
+    for rule, method, start in [("ours", "grad", 1), ("orig", "full", 0), ("orig", "last_layer", 0)]:
+        want = _chefer_maps(chefer, refs[rule], x, None, method, start_layer=start)
+        assert rel_err(_ours(maps, method)[0, 0], want) <= 1e-2, (rule, method)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+VARIANTS = [
+    # LayerScale, 2 registers after the class token, no_embed_class, qk_norm, the attention and
+    # MLP scale norms, norm_pre, quick-GELU, no patch bias: everything but distillation at once.
+    ("vit_tiny_patch16_224", {"depth": 2, "init_values": 1.0, "reg_tokens": 2, "no_embed_class": True,
+                              "qk_norm": True, "scale_attn_norm": True, "scale_mlp_norm": True, "pre_norm": True,
+                              "act_layer": "quick_gelu"}, 32),
+    ("deit_tiny_distilled_patch16_224", {"depth": 2}, 32),  # distillation token, two heads
+]
+
+
+@pytest.mark.parametrize("name,kwargs,size", VARIANTS, ids=["many-options", "distilled"])
+def test_forward_matches_model_and_methods_run(name, kwargs, size):
+    tm = _timm(name, img_size=size, **kwargs)
+    model, params = convert.load(tm)
+    x = _nhwc(_images(2, size))
+    want = jax.jit(model.apply)({"params": params}, x)
+    logits, acts = jax.jit(lrp.forward, static_argnums=0)(model, params, x)
+    assert rel_err(logits, want.logits) <= 1e-5
+    assert rel_err(acts["tokens"], want.tokens[:, -1]) <= 1e-5
+    for i, blk in enumerate(acts["blocks"]):
+        assert rel_err(blk["x"], want.tokens[:, i]) <= 1e-5
+    n = (size // model.config.patch_size) ** 2
+    maps = _all(model, params, x, make_targets("top2", 2, NUM_CLASSES), 1)
+    for key in METHODS:
+        assert maps[key].shape == (2, 2, n)
+        assert np.isfinite(np.asarray(maps[key])).all()
+    np.testing.assert_array_equal(maps["classes"], np.argsort(-np.asarray(want.logits), -1)[:, :2])
+
+
+def test_attention_grads_match_perturbation_hook(tiny):
+    """d(logit_c)/d(attention) from our forward equals the jaxvit module's perturbation hook."""
+    _, model, params = tiny
+    x = _nhwc(_images(2))
+    ours = lrp.attention_relevance(model, params, x, make_targets("top", 2, NUM_CLASSES))
+    assert ours["cams"].shape == ours["grads"].shape == (2, 1, 2, 3, 10, 10)
+    mat = model.clone(attention="materialized")
+    _, state = mat.apply({"params": params}, x, return_attn=True, mutable=["perturbations"])
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["perturbations"])
+    onehot = jax.nn.one_hot(ours["classes"][:, 0], NUM_CLASSES)
+
+    @jax.jit
+    @jax.grad
+    def hook_grads(pert):
+        return jnp.sum(onehot * mat.apply({"params": params, "perturbations": pert}, x, return_attn=True).logits)
+
+    g = hook_grads(zeros)
+    for i in range(model.config.depth):
+        assert rel_err(ours["grads"][:, 0, i], jax.tree_util.tree_leaves(g[f"blocks_{i}"])[0]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def test_linear_and_add_rules_conserve():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(16, 8)))
+    r = jnp.asarray(rng.normal(size=(4, 8)))
+    x_pos = jnp.asarray(np.abs(rng.normal(size=(4, 16))))
+    x_mixed = jnp.asarray(rng.normal(size=(4, 16)))
+    for rule in lrp.RULES:  # all-positive inputs: both rules conserve, per row
+        np.testing.assert_allclose(lrp._linear(x_pos, w, r, rule, 1.0).sum(-1), r.sum(-1), rtol=1e-5)
+    # 'ours' shares one denominator between the two positive parts: conserves for any input.
+    np.testing.assert_allclose(lrp._linear(x_mixed, w, r, "ours", 1.0).sum(-1), r.sum(-1), rtol=1e-4)
+    # Add, 'ours': the branches share the incoming sum per image, in the ratio |a| : |b|.
+    x0, x1, ra = (jnp.asarray(rng.normal(size=(3, 5, 6))) for _ in range(3))
+    a, b = lrp._add(x0, x1, ra, "ours")
+    np.testing.assert_allclose(a.sum((1, 2)) + b.sum((1, 2)), ra.sum((1, 2)), rtol=1e-4)
+    za, zb = (np.asarray(v * lrp._sd(ra, x0 + x1)).sum((1, 2)) for v in (x0, x1))
+    np.testing.assert_allclose(np.asarray(a.sum((1, 2)) / b.sum((1, 2))), np.abs(za) / np.abs(zb), rtol=1e-4)
+    a, b = lrp._add(x0, x1, ra, "orig")  # the plain z-rule
+    np.testing.assert_allclose(a + b, ra * ((x0 + x1) / (x0 + x1 + 1e-9)), rtol=1e-4)
+
+
+def test_relevance_conserved_through_network(tiny):
+    """Under Chefer's 2021b rules every layer conserves the total: one-hot in, 1 at the tokens;
+    the z^B rule conserves from the patch tokens to the pixels."""
+    _, model, params = tiny
+
+    @jax.jit
+    def run(params, x):
+        logits, acts = lrp.forward(model, params, x)
+        r = jax.nn.one_hot(jnp.argmax(logits, -1), NUM_CLASSES)
+        out = lrp.relprop(model, params, acts, r, rule="ours", to_input=True)
+        r_emb, _ = lrp._add(acts["patches"], acts["pos_embed"], out["tokens"], "ours")
+        return out["tokens"].sum((1, 2)), out["pixels"].sum((1, 2)), r_emb[:, 1:].sum((1, 2))
+
+    tokens, pixels, patches = run(params, _nhwc(_images(2)))
+    np.testing.assert_allclose(tokens, 1.0, atol=1e-3)
+    # The patch tokens' share of the residual add with the position embedding reaches the pixels.
+    np.testing.assert_allclose(pixels, patches, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- batching, targets, jit
+
+
+def test_batch_and_k_targets_equal_single_calls(tiny):
+    """B images x K classes at once == one image and one class at a time, exactly (float64:
+    in float32 the batched matmuls round differently, which the LRP divisions amplify)."""
+    _, model, params = tiny
+    x = _nhwc(_images(3))
+    with jax.enable_x64(True):
+        x = x.astype(np.float64)
+        many = _all(model, params, x, make_targets(CLASSES, 3, NUM_CLASSES), rule="ours")
+        singles = [[_all(model, params, x[i:i + 1], make_targets([int(CLASSES[i, k])], 1, NUM_CLASSES), rule="ours")
+                    for k in range(3)] for i in range(3)]
+    np.testing.assert_array_equal(many["classes"], CLASSES)
+    assert many["full_pixels"].shape == (3, 3, SIZE, SIZE)
+    pooled = np.asarray(many["full_pixels"]).reshape(3, 3, 3, 16, 3, 16).sum((3, 5)).reshape(3, 3, 9)
+    assert rel_err(many["full"], pooled) <= 1e-12
+    for key in METHODS:
+        assert many[key].shape == (3, 3, 9)
+        for i in range(3):
+            for k in range(3):
+                assert rel_err(many[key][i, k], singles[i][k][key][0, 0]) <= 1e-9, (key, i, k)
+
+
+def test_jit_compiles_once_and_traced_start_layer(tiny):
+    """`jax.jit(transattr, static_argnums=0)`: one compilation for two batches of the same shape
+    and for every start_layer (traced)."""
+    _, model, params = tiny
+    fn = jax.jit(lrp.transattr, static_argnums=0)
+    targets = make_targets([4], 1, NUM_CLASSES)
+    a, b = _nhwc(_images(1, seed=2)), _nhwc(_images(1, seed=3))
+    out_a, out_b = fn(model, params, a, targets, 0), fn(model, params, b, targets, 1)
+    assert fn._cache_size() == 1
+    assert rel_err(out_a["maps"], _all(model, params, a, targets, 0)["transattr"]) <= 1e-6
+    assert rel_err(out_b["maps"], _all(model, params, b, targets, 1)["transattr"]) <= 1e-6
+
+
+def test_refuses_models_without_class_token(tiny):
+    _, model, params = tiny
+    no_cls = ViT(model.config.replace(class_token=False, global_pool="avg"))
+    x = _nhwc(_images(1))
+    targets = make_targets("top", 1, NUM_CLASSES)
+    for fn in (lrp.transattr, lrp.full_lrp, lrp.partial_lrp, lrp.attention_relevance):
+        with pytest.raises(ValueError, match="class token"):
+            fn(no_cls, params, x, targets)
+    with pytest.raises(ValueError, match="start_layer"):
+        lrp.transattr(model, params, x, targets, 2)
+    with pytest.raises(ValueError, match="rule"):
+        lrp.full_lrp(model, params, x, targets, rule="z")
+    with pytest.raises(ValueError, match="channels-last"):
+        lrp.partial_lrp(model, params, x.transpose(0, 3, 1, 2), targets)

@@ -1,0 +1,328 @@
+"""predmaps methods: parity with the torch version, a hand-computed model, invariants, batching,
+compilation, errors.
+
+Parity tolerance: relative error <= 1e-4 in float32 (the issue's bound). Measured ~1e-6: both
+sides compute the same formulas in a different order; gradients add one more pass.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import randomize_timm_, rel_err
+
+import predmaps
+from jaxvit import ViT, ViTConfig
+from predmaps import core, stats
+
+PARITY_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with bench/torch_reference.py (skipped without torch/timm).
+
+TORCH_MODELS = {
+    "vit_s16": ("vit_small_patch16_224", dict(depth=3, num_classes=50), 64),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(depth=3, num_classes=50), 64),
+    "reg4": ("vit_small_patch14_reg4_dinov2", dict(depth=3, num_classes=50), 56),
+}
+
+
+@pytest.fixture(scope="module")
+def torch_models(torch_one_thread):
+    timm = pytest.importorskip("timm")
+    import convert
+    from bench import torch_reference as tr
+
+    built = {}
+    for key, (name, kw, size) in TORCH_MODELS.items():
+        tm = tr.prepare(randomize_timm_(timm.create_model(name, pretrained=False, img_size=size, **kw), seed=1))
+        built[key] = (tm, *convert.load(tm), size)
+    return built
+
+
+TORCH_METHODS = ["predicatt", "prediction_map", "raw_attention", "rollout", "gradcam", "generic_attention",
+                 "mean_attention", "weighted_attention"]
+
+
+@pytest.mark.parametrize("key", list(TORCH_MODELS))
+@pytest.mark.parametrize("method", TORCH_METHODS)
+@pytest.mark.parametrize("target", ["top", "per_example", "all"])
+def test_matches_torch_version(torch_models, key, method, target):
+    import torch
+
+    from bench import torch_reference as tr
+
+    tm, model, params, size = torch_models[key]
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7))
+    if target == "per_example":
+        classes = np.array([3, 0, 42])
+        jt, tt = classes, torch.from_numpy(classes)
+    else:
+        jt, tt = target, (None if target == "top" else "all")
+    ex = predmaps.explain(model, params, x.permute(0, 2, 3, 1).numpy(), method=method, target=jt)
+    ref = getattr(tr, method)(tm, x, targets=tt)
+    want = ref["maps"].detach().numpy()
+    assert ex.maps.shape == want.shape[:2] + (size // model.config.patch_size,) * 2
+    np.testing.assert_array_equal(np.asarray(ex.classes), ref["classes"].numpy())
+    assert rel_err(np.asarray(ex.maps).reshape(want.shape), want) <= PARITY_TOL
+
+
+@pytest.mark.parametrize("layer", [-1, -2, 0, 1])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("scores", ["probs", "logits"])
+def test_predicatt_options_match_torch(torch_models, layer, similarity, scores):
+    import torch
+
+    from bench import torch_reference as tr
+
+    tm, model, params, size = torch_models["vit_s16"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    ex = predmaps.explain(model, params, x.permute(0, 2, 3, 1).numpy(), layer=layer, similarity=similarity,
+                          scores=scores, target="top3")
+    ref = tr.predicatt(tm, x, targets=torch.from_numpy(np.asarray(ex.classes)), layer=layer,
+                       similarity=similarity, scores=scores)
+    b, k = ex.classes.shape
+    assert rel_err(np.asarray(ex.maps).reshape(b, k, -1), ref["maps"].numpy()) <= PARITY_TOL
+    assert rel_err(ex.head_weights, ref["alpha"].numpy()) <= PARITY_TOL
+    assert rel_err(np.asarray(ex.prediction_map).reshape(b, k, -1), ref["prediction_map"].numpy()) <= PARITY_TOL
+
+
+def test_lean_and_full_prediction_matrix_agree(torch_models):
+    _, model, params, size = torch_models["deit_distilled"]
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    for scores in ("probs", "logits"):
+        lean = predmaps.explain(model, params, x, target="all", scores=scores)
+        full = predmaps.explain(model, params, x, target="all", scores=scores, lean=False)
+        assert rel_err(lean.maps, full.maps) <= 1e-5
+    psi_all = predmaps.prediction_matrices(model, params, x)  # (B, L+1, N, C)
+    ex = predmaps.explain(model, params, x, method="prediction_map", target="all", layer=2)
+    np.testing.assert_allclose(np.asarray(psi_all[:, 2]).transpose(0, 2, 1),
+                               np.asarray(ex.maps).reshape(2, model.config.num_classes, -1), rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_softmax_normaliser_matches_logsumexp():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 1000)), jnp.float32)  # > one chunk, not a multiple of it
+    b = jnp.asarray(rng.normal(size=(1000,)), jnp.float32)
+    want = jax.nn.logsumexp(jnp.einsum("bnd,dc->bnc", x, w) + b, axis=-1)
+    np.testing.assert_allclose(core._logsumexp_chunked(x, w, b), want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# A hand-set model: 2 blocks, 2 heads, 4 patches, 3 classes.
+
+def _hand_model():
+    """Tokens x^(0)_t = e_t (one-hot, D = 6, T = 5); blocks add nothing to the residual stream
+    (zero MLP and attention projections), so every layer's tokens are x^(0). Attention logits
+    of head h: q_cls . k_j with q = W_q LN(x), k = W_k LN(x), set by hand below."""
+    cfg = ViTConfig(img_size=(2, 2), patch_size=1, in_chans=3, embed_dim=6, depth=2, num_heads=2, mlp_dim=4,
+                    num_classes=3, qkv_bias=False)
+    model = ViT(cfg)
+    params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))["params"])
+    params = jax.tree_util.tree_map(np.zeros_like, params)
+    params["pos_embed"] = np.eye(6, dtype=np.float32)[None, :5]  # token t -> e_t
+    params["norm"] = {"scale": np.ones(6, np.float32), "bias": np.zeros(6, np.float32)}
+    w_head = np.zeros((6, 3), np.float32)
+    w_head[1:5] = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 0.0]]  # patch p -> e_{p+1}
+    params["head"] = {"kernel": w_head, "bias": np.zeros(3, np.float32)}
+    for i in range(2):
+        blk = params[f"blocks_{i}"]
+        blk["norm1"] = {"scale": np.ones(6, np.float32), "bias": np.zeros(6, np.float32)}
+        blk["norm2"] = {"scale": np.ones(6, np.float32), "bias": np.zeros(6, np.float32)}
+        qkv = np.zeros((6, 18), np.float32)
+        # q of head h (dims 3h..3h+2) reads the class token's feature; k reads patch features.
+        for h in range(2):
+            qkv[0, 3 * h] = 1.0 + i + h  # q_cls[h] = (1+i+h) * LN(e_0)[0]
+            for p in range(4):
+                qkv[1 + p, 6 + 3 * h] = float((p + h + i) % 4) - 1.0  # k_{p}[h] from LN(e_{p+1})
+        blk["attn"]["qkv"]["kernel"] = qkv
+    return model, params
+
+
+def _layernorm(x, eps=1e-6):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps)
+
+
+def test_hand_computed_predicatt():
+    model, params = _hand_model()
+    images = np.zeros((1, 2, 2, 3), np.float32)
+    ex = predmaps.explain(model, params, images, target=[0, 2])
+
+    # By hand, in numpy: tokens are e_t at every layer.
+    tokens = np.eye(6)[:5]
+    z = _layernorm(tokens) @ params["head"]["kernel"]  # nu(x_t), (5, 3)
+    psi = np.exp(z[1:]) / np.exp(z[1:]).sum(-1, keepdims=True)  # (4 patches, 3 classes)
+    a_cls = np.zeros((2, 2, 5))  # (L, H, T)
+    for i in range(2):
+        qkv = _layernorm(tokens) @ params[f"blocks_{i}"]["attn"]["qkv"]["kernel"]
+        for h in range(2):
+            q = qkv[0, 3 * h:3 * h + 3]
+            k = qkv[:, 6 + 3 * h:6 + 3 * h + 3]
+            logits = k @ q / np.sqrt(3)
+            a_cls[i, h] = np.exp(logits) / np.exp(logits).sum()
+    a_patch = a_cls[:, :, 1:]  # (L, H, N)
+    for j, c in enumerate([0, 2]):
+        alpha = (a_patch * psi[:, c]).sum(-1)  # (L, H)
+        alpha_t = np.exp(alpha) / np.exp(alpha).sum()
+        a_tilde = (alpha_t[:, :, None] * a_patch).sum((0, 1))
+        np.testing.assert_allclose(ex.head_weights[0, j], alpha_t, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(ex.prediction_map[0, j]).ravel(), psi[:, c], rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(ex.maps[0, j]).ravel(), a_tilde * psi[:, c], rtol=1e-5)
+    assert ex.maps.shape == (1, 2, 2, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants, batching, compilation, errors (jax-only models: no torch needed).
+
+@pytest.fixture(scope="module")
+def small():
+    cfg = ViTConfig(name="test-vit", img_size=(32, 32), patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_dim=64,
+                    num_classes=10)
+    model = ViT(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    # Re-draw every leaf at unit fan-in scale: flax's zero head would make every class equal.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [jax.random.normal(k, l.shape) * (l.shape[0] ** -0.5 if l.ndim == 2 else 0.3) for k, l in zip(keys, leaves)]
+    params = jax.tree_util.tree_unflatten(tree, leaves)
+    x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+    return model, params, x
+
+
+@pytest.mark.parametrize("method", ["raw_attention", "rollout", "mean_attention"])
+def test_class_agnostic_methods_repeat_one_map(small, method):
+    model, params, x = small
+    ex = predmaps.explain(model, params, x, method=method, target="all")
+    assert ex.maps.shape == (4, 10, 4, 4)
+    np.testing.assert_array_equal(ex.maps, jnp.broadcast_to(ex.maps[:, :1], ex.maps.shape))
+    assert not predmaps.METHODS[method].class_specific
+
+
+def test_uniform_attention_gives_psi_over_t(small):
+    model, params, x = small
+    d = model.config.embed_dim
+
+    def zero_qk(path, v):  # q and k columns of every qkv kernel and bias: all attention rows uniform
+        return v.at[..., : 2 * d].set(0.0) if "qkv" in jax.tree_util.keystr(path) else v
+
+    uniform = jax.tree_util.tree_map_with_path(zero_qk, params)
+    ex = predmaps.explain(model, uniform, x, target="top3")
+    t = model.config.num_prefix_tokens + model.config.num_patches
+    np.testing.assert_allclose(ex.maps, ex.prediction_map / t, rtol=1e-5)
+    np.testing.assert_allclose(ex.head_weights, 1.0 / (3 * 4), rtol=1e-5)
+
+
+def test_head_on_last_class_token_reproduces_logits(small):
+    model, params, x = small
+    out = model.apply({"params": params}, x)
+    z = core.token_logits(model, params, out.tokens[:, -1, 0])
+    np.testing.assert_allclose(z, out.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["predicatt", "prediction_map", "rollout", "gradcam", "generic_attention"])
+def test_batch_equals_single_calls(small, method):
+    model, params, x = small
+    batched = predmaps.explain(model, params, x, method=method, target="top2")
+    for i in range(x.shape[0]):
+        single = predmaps.explain(model, params, x[i:i + 1], method=method, target="top2")
+        np.testing.assert_allclose(batched.maps[i], single.maps[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(batched.classes[i], single.classes[0])
+
+
+def test_same_shape_does_not_recompile(small):
+    from predmaps.explain import _explain_jit
+
+    model, params, x = small
+    predmaps.explain(model, params, x, target=np.array([1, 2, 3, 4]))
+    before = _explain_jit._cache_size()
+    for seed in range(3):
+        x2 = jax.random.normal(jax.random.key(seed + 10), x.shape)
+        predmaps.explain(model, params, x2, target=np.array([seed, 1, 2, 3]))
+    assert _explain_jit._cache_size() == before
+    predmaps.explain(model, params, x[:2], target=np.array([1, 2]))  # a new batch shape compiles once more
+    assert _explain_jit._cache_size() == before + 1
+
+
+def test_explain_fn_composes_in_user_jit(small):
+    model, params, x = small
+    fn = jax.jit(predmaps.explain_fn(model, method="predicatt", layer=-2))
+    targets = predmaps.make_targets("top", x.shape[0], 10)
+    got = fn(params, x, targets)
+    want = predmaps.explain(model, params, x, method="predicatt", layer=-2)
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-6)
+
+
+def test_upsample_matches_torch_interpolate_and_normalises():
+    torch = pytest.importorskip("torch")
+    maps = np.random.default_rng(0).random((2, 3, 14, 14)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(maps), scale_factor=16, mode="bilinear",
+                                           align_corners=False).numpy()
+    got = predmaps.upsample(maps, (224, 224))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    norm = predmaps.upsample(np.concatenate([maps[:, :2], np.full((2, 1, 14, 14), 0.3, np.float32)], 1), (224, 224),
+                             normalize=True)
+    assert float(norm[:, :2].min()) == 0.0 and float(norm[:, :2].max()) == pytest.approx(1.0)
+    np.testing.assert_array_equal(norm[:, 2], 0.0)  # constant map -> 0, not NaN
+
+
+def test_layer_statistics(small):
+    model, params, x = small
+    out = model.apply({"params": params}, x)
+    labels = np.asarray(jnp.argmax(out.logits, -1))
+    s = stats.layer_statistics(model, params, x, labels)
+    assert s.cls_accuracy.shape == (4, 4) and s.patch_entropy.shape == (4, 4)
+    np.testing.assert_array_equal(s.cls_accuracy[:, -1], 1.0)  # last layer's class token is the prediction
+    top2 = jax.lax.top_k(out.logits, 2)[0]
+    np.testing.assert_allclose(s.cls_confidence[:, -1], top2[:, 0] - top2[:, 1], rtol=1e-5)
+    assert (np.asarray(s.patch_entropy) >= 0).all() and (np.asarray(s.patch_entropy) <= np.log(10) + 1e-5).all()
+    ex = predmaps.explain(model, params, x, layer=-1)
+    alpha = np.asarray(ex.head_weights[:, 0]).reshape(4, -1)
+    np.testing.assert_array_equal(s.top_head_block, alpha.argmax(-1) // 4)
+    hist = stats.top_head_histogram(s.top_head_block, 3)
+    assert int(hist.sum()) == 4
+
+
+def test_no_class_token_model(small):
+    cfg = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10,
+                    class_token=False, global_pool="avg", fc_norm=True)
+    model = ViT(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    x = small[2]
+    ex = predmaps.explain(model, params, x, method="prediction_map", target="top")
+    assert ex.maps.shape == (4, 1, 4, 4)
+    for method in ("predicatt", "raw_attention", "rollout", "gradcam"):
+        with pytest.raises(ValueError, match="no class token.*prediction_map"):
+            predmaps.explain(model, params, x, method=method)
+
+
+def test_errors_name_the_problem(small):
+    model, params, x = small
+    with pytest.raises(ValueError, match=r"layer 4 out of range: this model has layers 0\.\.3"):
+        predmaps.explain(model, params, x, layer=4)
+    with pytest.raises(ValueError, match=r"layer -5 out of range"):
+        predmaps.explain(model, params, x, layer=-5)
+    with pytest.raises(ValueError, match=r"class index out of range: \[10\].*10 classes"):
+        predmaps.explain(model, params, x, target=[1, 10])
+    with pytest.raises(ValueError, match=r"class index out of range: \[-1\]"):
+        predmaps.explain(model, params, x, target=np.array([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="unknown method 'predicat'; available: .*predicatt"):
+        predmaps.explain(model, params, x, method="predicat")
+    with pytest.raises(ValueError, match="unknown option.*'simlarity'"):
+        predmaps.explain(model, params, x, simlarity="cosine")
+    with pytest.raises(ValueError, match="unknown target 'best'"):
+        predmaps.explain(model, params, x, target="best")
+    with pytest.raises(ValueError, match=r"per-example targets must have shape \(B,\) or \(B, K\) with B=4"):
+        predmaps.explain(model, params, x, target=np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\)"):
+        predmaps.explain(model, params, x[0])
+
+
+def test_methods_registry_lists_the_papers_methods():
+    want = {"predicatt", "prediction_map", "weighted_attention", "mean_attention", "raw_attention", "rollout",
+            "gradcam", "generic_attention"}
+    assert want <= set(predmaps.METHODS)
