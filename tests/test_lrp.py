@@ -64,10 +64,12 @@ def _all(model, params, images, targets, start_layer=0, rule=None):
     defaults. `start_layer` is traced: one compilation serves both."""
     kw = {} if rule is None else {"rule": rule}
     full = lrp.full_lrp(model, params, images, targets, **kw)
+    logits, acts = lrp.forward(model, params, images)
     return {"transattr": lrp.transattr(model, params, images, targets, start_layer, **kw)["maps"],
             "full": full["maps"], "full_pixels": full["pixel_maps"],
             "partial": lrp.partial_lrp(model, params, images, targets, **kw)["maps"],
-            "classes": full["classes"], "logits": full["logits"]}
+            "classes": full["classes"], "logits": full["logits"], "forward_logits": logits,
+            "forward_tokens": jnp.stack([blk["x"] for blk in acts["blocks"]] + [acts["tokens"]], axis=1)}
 
 
 METHODS = ("transattr", "full", "partial")
@@ -112,7 +114,7 @@ def _einops_stand_in():
 
 
 @pytest.fixture(scope="module")
-def chefer(tmp_path_factory):
+def chefer(tmp_path_factory, torch_one_thread):
     repo = Path(os.environ.get("CHEFER_REPO", _MIRROR))
     if not repo.exists() or (not (repo / _CHEFER_FILES[3]).is_file() and shutil.which("git") is None):
         pytest.skip(f"Chefer's Transformer-Explainability not found at {repo} (set CHEFER_REPO)")
@@ -210,28 +212,26 @@ def test_matches_chefer_float32(chefer, tiny):
 
 
 VARIANTS = [
-    # LayerScale, 2 registers after the class token, no_embed_class, qk_norm, the attention and
-    # MLP scale norms, norm_pre, quick-GELU, no patch bias: everything but distillation at once.
-    ("vit_tiny_patch16_224", {"depth": 2, "init_values": 1.0, "reg_tokens": 2, "no_embed_class": True,
-                              "qk_norm": True, "scale_attn_norm": True, "scale_mlp_norm": True, "pre_norm": True,
-                              "act_layer": "quick_gelu"}, 32),
-    ("deit_tiny_distilled_patch16_224", {"depth": 2}, 32),  # distillation token, two heads
+    # Distillation token and two heads, LayerScale, qk_norm, the attention and MLP scale norms,
+    # norm_pre, quick-GELU, no patch bias.
+    ("deit_tiny_distilled_patch16_224", {"init_values": 1.0, "qk_norm": True, "scale_attn_norm": True,
+                                         "scale_mlp_norm": True, "pre_norm": True, "act_layer": "quick_gelu"}, 32),
+    # Two registers after the class token, position embeddings on the patches only.
+    ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}, 32),
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,size", VARIANTS, ids=["many-options", "distilled"])
+@pytest.mark.parametrize("name,kwargs,size", VARIANTS, ids=["distilled-many-options", "registers-no-embed-class"])
 def test_forward_matches_model_and_methods_run(name, kwargs, size):
     tm = _timm(name, img_size=size, **kwargs)
     model, params = convert.load(tm)
     x = _nhwc(_images(2, size))
     want = jax.jit(model.apply)({"params": params}, x)
-    logits, acts = jax.jit(lrp.forward, static_argnums=0)(model, params, x)
-    assert rel_err(logits, want.logits) <= 1e-5
-    assert rel_err(acts["tokens"], want.tokens[:, -1]) <= 1e-5
-    for i, blk in enumerate(acts["blocks"]):
-        assert rel_err(blk["x"], want.tokens[:, i]) <= 1e-5
-    n = (size // model.config.patch_size) ** 2
     maps = _all(model, params, x, make_targets("top2", 2, NUM_CLASSES), 1)
+    assert rel_err(maps["forward_logits"], want.logits) <= 1e-5
+    for i in range(model.config.depth + 1):
+        assert rel_err(maps["forward_tokens"][:, i], want.tokens[:, i]) <= 1e-5, f"tokens {i}"
+    n = (size // model.config.patch_size) ** 2
     for key in METHODS:
         assert maps[key].shape == (2, 2, n)
         assert np.isfinite(np.asarray(maps[key])).all()
@@ -242,21 +242,22 @@ def test_attention_grads_match_perturbation_hook(tiny):
     """d(logit_c)/d(attention) from our forward equals the jaxvit module's perturbation hook."""
     _, model, params = tiny
     x = _nhwc(_images(2))
-    ours = lrp.attention_relevance(model, params, x, make_targets("top", 2, NUM_CLASSES))
-    assert ours["cams"].shape == ours["grads"].shape == (2, 1, 2, 3, 10, 10)
     mat = model.clone(attention="materialized")
-    _, state = mat.apply({"params": params}, x, return_attn=True, mutable=["perturbations"])
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["perturbations"])
-    onehot = jax.nn.one_hot(ours["classes"][:, 0], NUM_CLASSES)
+    _, state = jax.eval_shape(lambda: mat.apply({"params": params}, x, return_attn=True, mutable=["perturbations"]))
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), state["perturbations"])
 
     @jax.jit
-    @jax.grad
-    def hook_grads(pert):
-        return jnp.sum(onehot * mat.apply({"params": params, "perturbations": pert}, x, return_attn=True).logits)
+    def run(params, x):
+        ours = lrp.attention_relevance(model, params, x, make_targets("top", 2, NUM_CLASSES))
+        onehot = jax.nn.one_hot(ours["classes"][:, 0], NUM_CLASSES)
+        picked = lambda pert: jnp.sum(
+            onehot * mat.apply({"params": params, "perturbations": pert}, x, return_attn=True).logits)
+        return ours, jax.grad(picked)(zeros)
 
-    g = hook_grads(zeros)
+    ours, hook = run(params, x)
+    assert ours["cams"].shape == ours["grads"].shape == (2, 1, 2, 3, 10, 10)
     for i in range(model.config.depth):
-        assert rel_err(ours["grads"][:, 0, i], jax.tree_util.tree_leaves(g[f"blocks_{i}"])[0]) <= 1e-5
+        assert rel_err(ours["grads"][:, 0, i], jax.tree_util.tree_leaves(hook[f"blocks_{i}"])[0]) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- rules
@@ -264,21 +265,22 @@ def test_attention_grads_match_perturbation_hook(tiny):
 
 def test_linear_and_add_rules_conserve():
     rng = np.random.default_rng(0)
+    linear, add = jax.jit(lrp._linear, static_argnums=(3, 4)), jax.jit(lrp._add, static_argnums=3)
     w = jnp.asarray(rng.normal(size=(16, 8)))
     r = jnp.asarray(rng.normal(size=(4, 8)))
     x_pos = jnp.asarray(np.abs(rng.normal(size=(4, 16))))
     x_mixed = jnp.asarray(rng.normal(size=(4, 16)))
     for rule in lrp.RULES:  # all-positive inputs: both rules conserve, per row
-        np.testing.assert_allclose(lrp._linear(x_pos, w, r, rule, 1.0).sum(-1), r.sum(-1), rtol=1e-5)
+        np.testing.assert_allclose(linear(x_pos, w, r, rule, 1.0).sum(-1), r.sum(-1), rtol=1e-5)
     # 'ours' shares one denominator between the two positive parts: conserves for any input.
-    np.testing.assert_allclose(lrp._linear(x_mixed, w, r, "ours", 1.0).sum(-1), r.sum(-1), rtol=1e-4)
+    np.testing.assert_allclose(linear(x_mixed, w, r, "ours", 1.0).sum(-1), r.sum(-1), rtol=1e-4)
     # Add, 'ours': the branches share the incoming sum per image, in the ratio |a| : |b|.
     x0, x1, ra = (jnp.asarray(rng.normal(size=(3, 5, 6))) for _ in range(3))
-    a, b = lrp._add(x0, x1, ra, "ours")
+    a, b = add(x0, x1, ra, "ours")
     np.testing.assert_allclose(a.sum((1, 2)) + b.sum((1, 2)), ra.sum((1, 2)), rtol=1e-4)
     za, zb = (np.asarray(v * lrp._sd(ra, x0 + x1)).sum((1, 2)) for v in (x0, x1))
     np.testing.assert_allclose(np.asarray(a.sum((1, 2)) / b.sum((1, 2))), np.abs(za) / np.abs(zb), rtol=1e-4)
-    a, b = lrp._add(x0, x1, ra, "orig")  # the plain z-rule
+    a, b = add(x0, x1, ra, "orig")  # the plain z-rule
     np.testing.assert_allclose(a + b, ra * ((x0 + x1) / (x0 + x1 + 1e-9)), rtol=1e-4)
 
 
@@ -311,8 +313,8 @@ def test_batch_and_k_targets_equal_single_calls(tiny):
     x = _nhwc(_images(3))
     with jax.enable_x64(True):
         x = x.astype(np.float64)
-        many = _all(model, params, x, make_targets(CLASSES, 3, NUM_CLASSES), rule="ours")
-        singles = [[_all(model, params, x[i:i + 1], make_targets([int(CLASSES[i, k])], 1, NUM_CLASSES), rule="ours")
+        many = _all(model, params, x, make_targets(CLASSES, 3, NUM_CLASSES), 0, rule="ours")
+        singles = [[_all(model, params, x[i:i + 1], make_targets([int(CLASSES[i, k])], 1, NUM_CLASSES), 0, rule="ours")
                     for k in range(3)] for i in range(3)]
     np.testing.assert_array_equal(many["classes"], CLASSES)
     assert many["full_pixels"].shape == (3, 3, SIZE, SIZE)

@@ -81,7 +81,7 @@ def test_predicatt_options_match_torch(torch_models, layer, similarity, scores):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
     ex = predmaps.explain(model, params, x.permute(0, 2, 3, 1).numpy(), layer=layer, similarity=similarity,
                           scores=scores, target="top3")
-    ref = tr.predicatt(tm, x, targets=torch.from_numpy(np.asarray(ex.classes)), layer=layer,
+    ref = tr.predicatt(tm, x, targets=torch.from_numpy(np.array(ex.classes)), layer=layer,
                        similarity=similarity, scores=scores)
     b, k = ex.classes.shape
     assert rel_err(np.asarray(ex.maps).reshape(b, k, -1), ref["maps"].numpy()) <= PARITY_TOL
