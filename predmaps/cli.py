@@ -159,7 +159,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo)
 
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # "--layers -1,-2": argparse would take -1,-2 for an option
+        if argv[i] == "--layers" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--layers={argv[i + 1]}", ""]
+    args = parser.parse_args([a for a in argv if a != ""])
     try:
         return args.fn(args)
     except (OSError, KeyError) as e:

@@ -1,0 +1,66 @@
+"""The predmaps command line: explain writes overlays and skips unreadable images; viz helpers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import jaxvit
+from jaxvit import ViT, ViTConfig
+from predmaps import cli, viz
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    cfg = ViTConfig(name="tiny-test", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                    num_classes=5, label_names=("ant", "bee", "cat", "dog", "eel"), crop_pct=1.0)
+    params = ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+    return jaxvit.save(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, params)
+
+
+def test_explain_writes_overlays_and_skips_bad_files(tiny_checkpoint, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    rc = cli.main(["explain", str(good), str(bad), "--model", str(tiny_checkpoint), "--classes", "top2",
+                   "--layers", "-1,-2", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr()
+    assert "bad.jpg" in text.err and "skipped" in text.err
+    assert "good.png:" in text.out and "1 skipped" in text.out
+    pngs = sorted(p.name for p in out.glob("good_predicatt_L*.png"))
+    assert len(pngs) == 4  # 2 classes x 2 layers
+    assert Image.open(out / pngs[0]).size == (32, 32)  # the model's input after the eval transform
+    assert (out / "good_predicatt_grid.png").exists()
+    assert cli.main(["explain", str(good), str(bad), "--model", str(tiny_checkpoint), "--out", str(out),
+                     "--strict"]) == 1
+
+
+def test_explain_errors(tiny_checkpoint, tmp_path, capsys):
+    good = tmp_path / "g.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--layers", "7", "--out",
+                     str(tmp_path)]) == 2
+    assert "layer 7 out of range" in capsys.readouterr().err
+    assert cli.main(["explain", str(tmp_path / "missing.png"), "--model", str(tiny_checkpoint), "--out",
+                     str(tmp_path)]) == 2
+    assert "no readable image" in capsys.readouterr().err
+    assert cli.main(["explain", str(good), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_overlay_keeps_size_and_puts_heat_on_the_hot_cell():
+    image = np.full((64, 96, 3), 128, np.uint8)
+    token_map = np.zeros((4, 6), np.float32)
+    token_map[1, 4] = 1.0  # rows 16..31, columns 64..79 of the image
+    out = np.asarray(viz.overlay(image, token_map, cmap="jet", alpha=1.0))
+    assert out.shape == (64, 96, 3)
+    red = out[..., 0].astype(int) - out[..., 2].astype(int)  # jet: hot is red, cold is blue
+    y, x = np.unravel_index(np.argmax(red), red.shape)
+    assert 16 <= y < 32 and 64 <= x < 80
+    with pytest.raises(ValueError, match="unknown colour map"):
+        viz.overlay(image, token_map, cmap="no-such-map")
