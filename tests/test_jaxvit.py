@@ -1,0 +1,85 @@
+"""jaxvit without torch: config validation and JSON, labels, input errors, unused outputs cost nothing."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+from jaxvit import ViT, ViTConfig, get_config, labels
+
+SMALL = ViTConfig(name="small", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                  num_classes=10)
+
+
+def test_imagenet_labels_are_readable_and_in_synset_order():
+    names, wnids = labels.imagenet_names(), labels.imagenet_wnids()
+    assert len(names) == len(wnids) == 1000
+    assert list(wnids) == sorted(wnids)  # class index = rank of the wnid, as timm and torchvision
+    assert names[281] == "tabby cat" and wnids[281] == "n02123045"
+    assert labels.wnid_to_index("n01440764") == 0
+    assert get_config("vit_base_patch16_224.augreg2_in21k_ft_in1k").class_name(281) == "tabby cat"
+    with pytest.raises(KeyError, match="not an ImageNet-1k WordNet id"):
+        labels.wnid_to_index("n99999999")
+
+
+def test_shared_sample_file_names_map_to_their_classes():
+    folder = SHARED_DATA / "imagenet-sample"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/imagenet-sample is absent")
+    for path in sorted(folder.glob("*.JPEG"))[:10]:
+        wnid = path.name.split("_")[0]
+        index = labels.wnid_to_index(wnid)
+        assert labels.imagenet_wnids()[index] == wnid
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = get_config("deit_base_distilled_patch16_224")
+    assert ViTConfig.from_json(cfg.to_json()) == cfg
+    assert '"imagenet-1k"' in cfg.to_json()  # 1000 names stored by reference, not inline
+    assert cfg.num_prefix_tokens == 2 and cfg.grid_size == (14, 14)
+    with pytest.raises(ValueError, match="attention-pool heads 'map'/'prr' are not implemented"):
+        ViTConfig(global_pool="map")
+    with pytest.raises(ValueError, match="unsupported activation 'swiglu'"):
+        ViTConfig(act="swiglu")
+    with pytest.raises(ValueError, match="global_pool='token' needs a class token"):
+        ViTConfig(class_token=False)
+    with pytest.raises(ValueError, match="unknown ViTConfig fields \\['rope'\\]"):
+        ViTConfig.from_dict({**dataclasses.asdict(SMALL), "rope": True})
+    with pytest.raises(KeyError, match="unknown pretrained tag 'nope' for vit_base_patch16_224; known tags"):
+        get_config("vit_base_patch16_224.nope")
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    return ViT(SMALL).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+def test_input_errors_name_the_problem(small_params):
+    model = ViT(SMALL)
+    with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\) channels-last; got shape \(1, 3, 32, 32\)"):
+        model.apply({"params": small_params}, jnp.zeros((1, 3, 32, 32)))
+    with pytest.raises(ValueError, match="image size 36x32 is not a multiple of the patch size 8"):
+        model.apply({"params": small_params}, jnp.zeros((1, 36, 32, 3)))
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        ViT(SMALL, attention="flash").apply({"params": small_params}, jnp.zeros((1, 32, 32, 3)))
+
+
+def test_other_resolutions_resample_position_embeddings(small_params):
+    out = ViT(SMALL).apply({"params": small_params}, jnp.zeros((2, 48, 40, 3)))
+    assert out.tokens.shape == (2, 3, 1 + 6 * 5, 32) and out.attn_cls.shape == (2, 2, 2, 31)
+
+
+def test_ignored_outputs_are_not_computed(small_params):
+    """Under jit, a caller that reads only the logits gets no stacked (B, L+1, T, D) tokens and
+    no attention rows: XLA's dead-code elimination drops them."""
+    model = ViT(SMALL)
+    x = jnp.zeros((2, 32, 32, 3))
+    logits_only = jax.jit(lambda p, x: model.apply({"params": p}, x).logits).lower(small_params, x).compile()
+    everything = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(small_params, x).compile()
+    stacked = "f32[2,3,17,32]"  # tokens: B=2, L+1=3, T=17, D=32
+    assert stacked in everything.as_text()
+    assert stacked not in logits_only.as_text()
+    assert "f32[2,2,2,17]" not in logits_only.as_text()  # attn_cls
