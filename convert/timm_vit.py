@@ -334,6 +334,8 @@ def config_from_timm_module(model, name: str | None = None) -> ViTConfig:
             blk.ls1, (LayerScale, tnn.Identity)):
         refuse("mixed LayerScale")
     distilled = cls_name == "VisionTransformerDistilled"
+    if distilled and (getattr(model, "num_reg_tokens", 0) or model.no_embed_class):
+        refuse("a distilled DeiT with register tokens or no_embed_class (timm's own forward ignores them)")
     has_head = isinstance(model.head, tnn.Linear)
     fc_norm = isinstance(model.fc_norm, tnn.LayerNorm)
     cfg = dict(

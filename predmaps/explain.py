@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxvit import ViT
-from predmaps import baselines, core
+from predmaps import baselines, core, lrp
 from predmaps.targets import Targets, make_targets
 
 
@@ -127,6 +127,18 @@ def _run_generic_attention(model, params, images, targets, layer):
     return dict(maps=baselines.generic_attention(model, attn, grads), classes=classes, logits=logits)
 
 
+def _run_transattr(model, params, images, targets, layer, *, start_layer=1, rule="ours"):
+    return lrp.transattr(model, params, images, targets, start_layer, rule=rule)
+
+
+def _run_lrp(model, params, images, targets, layer, *, rule="orig"):
+    return lrp.full_lrp(model, params, images, targets, rule=rule)
+
+
+def _run_partial_lrp(model, params, images, targets, layer, *, rule="orig"):
+    return lrp.partial_lrp(model, params, images, targets, rule=rule)
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -152,6 +164,12 @@ for _m in [
     Method("gradcam", _run_gradcam, {}, True, True, False, "GradCAM on the last block's attention"),
     Method("generic_attention", _run_generic_attention, {}, True, True, False,
            "Chefer 2021a: gradient x attention rollout"),
+    Method("transattr", _run_transattr, dict(start_layer=1, rule="ours"), True, True, False,
+           "Chefer 2021b Transformer Attribution: LRP relevance x gradient of attention, rollout"),
+    Method("lrp", _run_lrp, dict(rule="orig"), True, True, False,
+           "full LRP to the input pixels, summed per patch"),
+    Method("partial_lrp", _run_partial_lrp, dict(rule="orig"), True, True, False,
+           "partial LRP (Voita et al.): the last block's attention relevance"),
 ]:
     register(_m)
 

@@ -48,11 +48,14 @@ treated as a residual add of the two halves (split by contribution under the act
 each head's Linear rule to its token. Models without a class token (or pooling other than the
 class token) are refused: these methods read the class-token row.
 
-The computation runs in float32 whatever the model's compute dtype (float64 when the images
-are float64 and jax_enable_x64 is on: the parity tests use it), in one forward (our own,
-explicit re-implementation of `jaxvit.ViT`, checked against `model.apply` in the tests) that
-saves the activations, then the relevance pass vmapped over the K target classes, and for
-`transattr` one vector-Jacobian product per class (vmapped) for the attention gradients.
+The computation runs in float32 whatever the model's compute dtype (float64 when the images are
+float64 and jax_enable_x64 is on: the parity tests use it), with matmuls at full precision
+(Precision.HIGHEST, no TF32 on GPU: the rules divide by pre-activations, which amplifies
+rounding). One forward (our own, explicit re-implementation of `jaxvit.ViT`, checked against
+`model.apply` in the tests) saves the activations; then the relevance pass runs vmapped over the
+K target classes, and for `transattr` one vector-Jacobian product per class (vmapped) gives the
+attention gradients. Memory grows with K (for transattr: K x L x B x H x T x T relevances and
+gradients); explain many classes in chunks.
 Everything is batched (Chefer's code handles one image; its sums in the residual re-normalisation
 are taken per image here, which is what it computes at batch size 1).
 
@@ -77,6 +80,17 @@ __all__ = ["RULES", "attention_relevance", "forward", "full_lrp", "partial_lrp",
 
 RULES = ("ours", "orig")
 _EPS = 1e-9
+# Full float32 matmuls (no TF32 / bf16 passes on GPU): the relevance rules divide by
+# pre-activations, which amplifies matmul rounding.
+_PREC = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_PREC)
+
+
+def _einsum(eq, a, b):
+    return jnp.einsum(eq, a, b, precision=_PREC)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -113,7 +127,7 @@ def _ln(x, p, eps):
 
 
 def _dense(x, p):
-    y = x @ p["kernel"]
+    y = _mm(x, p["kernel"])
     return y + p["bias"] if "bias" in p else y
 
 
@@ -142,11 +156,14 @@ def _unpatchify(x, grid, p):
 
 
 def forward(model, params, images, attn_delta=None):
-    """Our explicit float32 (float64 for float64 images under x64) forward of `model` (a `jaxvit.ViT`): (logits (B, C), activations).
+    """Our explicit forward of `model` (a `jaxvit.ViT`) -> (logits (B, C), activations).
 
-    `attn_delta`: None or a list of L arrays (B, H, T, T) (or None entries) added to each block's attention
-    probabilities (zeros: the gradient w.r.t. them is d(output)/d(attention)). The activations
-    are the inputs of every layer that relevance passes through (a pytree of arrays).
+    float32 (float64 for float64 images under x64) whatever the model's compute dtype.
+    `attn_delta`: None or a list of L entries, each None or an array (B, H, T, T) added to that
+    block's attention probabilities (zeros: the gradient w.r.t. them is d(output)/d(attention)).
+    The activations are the inputs of every layer that relevance passes through (a pytree):
+    `tokens` the last block's output, `blocks[i]["x"]` block i's input, `blocks[i]["attn"]` its
+    attention probabilities (B, H, T, T), and so on.
     """
     cfg = model.config
     dt = _dtype(images)
@@ -163,7 +180,7 @@ def forward(model, params, images, attn_delta=None):
     eps = cfg.norm_eps
 
     pe_p = params["patch_embed"]
-    x = _patchify(images, p) @ pe_p["kernel"].reshape(-1, d)
+    x = _mm(_patchify(images, p), pe_p["kernel"].reshape(-1, d))
     if "bias" in pe_p:
         x = x + pe_p["bias"]
     names = [n for n, on in (("cls_token", cfg.class_token), ("dist_token", cfg.distilled),
@@ -202,11 +219,11 @@ def forward(model, params, images, attn_delta=None):
             q = _ln(q, ap["q_norm"], eps)
             k = _ln(k, ap["k_norm"], eps)
         q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, H, T, dh)
-        probs = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q * dh ** -0.5, k), axis=-1)
+        probs = jax.nn.softmax(_einsum("bhqd,bhkd->bhqk", q * dh ** -0.5, k), axis=-1)
         if attn_delta is not None and attn_delta[i] is not None:
             probs = probs + attn_delta[i]
         s.update(q=q, k=k, v=v, attn=probs)
-        o = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2).reshape(b, t, h * dh)
+        o = jnp.swapaxes(_einsum("bhqk,bhkd->bhqd", probs, v), 1, 2).reshape(b, t, h * dh)
         if cfg.scale_attn_norm:
             o = _ln(o, ap["norm"], eps)
         s["o"] = o
@@ -251,10 +268,11 @@ def forward(model, params, images, attn_delta=None):
 
 
 def _sd(a, b):
-    """Chefer's safe_divide: a / (b + 1e-9) where b != 0, else 0."""
-    den = jnp.maximum(b, _EPS) + jnp.minimum(b, _EPS)
-    den = jnp.where(den == 0, _EPS, den)
-    return a / den * (b != 0).astype(a.dtype)
+    """Chefer's safe_divide: a / (b + 1e-9) where b != 0, else 0 (and a / 1e-9 where b = -1e-9).
+
+    Chefer's denominator clamp(b, min=eps) + clamp(b, max=eps) is b + eps to the last bit."""
+    den = b + _EPS
+    return jnp.where(b != 0, a / jnp.where(den == 0, _EPS, den), 0)
 
 
 def _linear(x, w, r, rule, alpha):
@@ -262,13 +280,13 @@ def _linear(x, w, r, rule, alpha):
     pw, nw = jnp.maximum(w, 0), jnp.minimum(w, 0)
     px, nx = jnp.maximum(x, 0), jnp.minimum(x, 0)
 
-    def part(w1, w2):
-        z1, z2 = px @ w1, nx @ w2
-        if rule == "ours":
+    def part(w1, w2):  # w1 pairs with x+, w2 with x-
+        z1, z2 = _mm(px, w1), _mm(nx, w2)
+        if rule == "ours":  # one denominator for both parts
             s1 = s2 = _sd(r, z1 + z2)
-        else:
+        else:  # "orig": each part normalised on its own
             s1, s2 = _sd(r, z1), _sd(r, z2)
-        return px * (s1 @ w1.T) + nx * (s2 @ w2.T)
+        return px * _mm(s1, w1.T) + nx * _mm(s2, w2.T)
 
     act = part(pw, nw)
     if isinstance(alpha, (int, float)) and alpha == 1:
@@ -299,8 +317,8 @@ def _matmul_relprop(eq_fwd, eq_0, eq_1, x0, x1, r):
     """z-rule for Z = einsum(eq_fwd, x0, x1): (x0 * dZ/dx0^T S, x1 * dZ/dx1^T S), S = R / Z.
 
     eq_0 / eq_1: the einsums (S, x1) -> dx0 and (S, x0) -> dx1 of the backward pass."""
-    s = _sd(r, jnp.einsum(eq_fwd, x0, x1))
-    return x0 * jnp.einsum(eq_0, s, x1), x1 * jnp.einsum(eq_1, s, x0)
+    s = _sd(r, _einsum(eq_fwd, x0, x1))
+    return x0 * _einsum(eq_0, s, x1), x1 * _einsum(eq_1, s, x0)
 
 
 def _patch_conv_zb(images, kernel, r_patches, p):
@@ -312,9 +330,9 @@ def _patch_conv_zb(images, kernel, r_patches, p):
     lo = images.min(axis=(1, 2, 3))[:, None, None]
     hi = images.max(axis=(1, 2, 3))[:, None, None]
     xp = _patchify(images, p)
-    za = xp @ w - lo * pw.sum(0) - hi * nw.sum(0) + _EPS
+    za = _mm(xp, w) - lo * pw.sum(0) - hi * nw.sum(0) + _EPS
     s = r_patches / za
-    return xp * (s @ w.T) - lo * (s @ pw.T) - hi * (s @ nw.T)
+    return xp * _mm(s, w.T) - lo * _mm(s, pw.T) - hi * _mm(s, nw.T)
 
 
 # ----------------------------------------------------------------------------- relevance pass
@@ -484,7 +502,7 @@ def _transattr(model, params, images, targets, start_layer, *, rule, alpha):
     row = jnp.zeros((k, b, t), logits.dtype).at[..., 0].set(1.0)
     for i in reversed(range(cfg.depth)):
         a = _head_mean_clamped(grads[i] * cams[i])  # (K, B, T, T)
-        step = jnp.einsum("kbi,kbij->kbj", row, a)
+        step = _einsum("kbi,kbij->kbj", row, a)
         row = row + jnp.where(i >= start_layer, step, jnp.zeros_like(step))
     maps = jnp.moveaxis(row[..., cfg.num_prefix_tokens:], 0, 1)
     return {"maps": maps, "classes": classes, "logits": logits}

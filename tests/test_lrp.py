@@ -6,9 +6,12 @@ The parity test imports Chefer's `baselines/ViT/ViT_LRP.py`, `ViT_orig_LRP.py` a
 local mirror (nothing of it is copied into this repository) and skips when no mirror is there.
 Set CHEFER_REPO to a checkout or a bare git directory of that repository to point elsewhere.
 Both sides run in float64 there, so the comparison is exact up to rounding (~1e-12): any
-difference of rule, order or normalisation would show as 1e-3 or worse. In float32 the
-divisions by near-zero pre-activations amplify rounding differences to ~1e-4..1e-3 relative,
-which a second, looser check covers.
+difference of rule, order or normalisation shows as 1e-2 or worse (e.g. a missing halving of
+the q relevance: 0.17; no re-normalisation at the residual adds: 1.2). In float32 the rules'
+divisions by small pre-activations amplify rounding differences (transattr ~1e-6..4e-5,
+last_layer up to 2e-4, full ~1e-3 relative), which a second, looser check covers.
+
+Compilation dominates the run time: methods are compiled together (`_all`) and shapes reused.
 """
 
 import functools
@@ -183,6 +186,8 @@ def test_matches_chefer_float64(chefer, tiny, rule):
     with jax.enable_x64(True):
         targets = make_targets(CLASSES, 3, NUM_CLASSES)
         by_start = [_all(model, params, _nhwc(x), targets, start, rule=rule) for start in (0, 1)]
+        if rule == "orig":  # Chefer's is_ablation variant of "last_layer": relevance x gradient
+            ablation = np.asarray(lrp.partial_lrp(model, params, _nhwc(x), targets, rule=rule, grad=True)["maps"])
     assert by_start[0]["transattr"].dtype == jnp.float64
     cases = [("grad", 0), ("grad", 1), ("full", 0), ("last_layer", 0)]
     for method, start in cases:
@@ -191,6 +196,11 @@ def test_matches_chefer_float64(chefer, tiny, rule):
             for j in range(3):
                 want = _chefer_maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), method, start_layer=start)
                 assert rel_err(ours[i, j], want) <= 1e-9, (method, start, i, j)
+    if rule == "orig":
+        for i in range(3):
+            for j in range(3):
+                want = _chefer_maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), "last_layer", is_ablation=True)
+                assert rel_err(ablation[i, j], want) <= 1e-9, ("last_layer ablation", i, j)
 
 
 def test_matches_chefer_float32(chefer, tiny):
@@ -205,7 +215,7 @@ def test_matches_chefer_float32(chefer, tiny):
     maps = _all(model, params, _nhwc(x), make_targets([want_cls], 1, NUM_CLASSES), 1)
     for rule, method, start in [("ours", "grad", 1), ("orig", "full", 0), ("orig", "last_layer", 0)]:
         want = _chefer_maps(chefer, refs[rule], x, None, method, start_layer=start)
-        assert rel_err(_ours(maps, method)[0, 0], want) <= 1e-2, (rule, method)
+        assert rel_err(_ours(maps, method)[0, 0], want) <= 5e-3, (rule, method)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -214,27 +224,30 @@ def test_matches_chefer_float32(chefer, tiny):
 VARIANTS = [
     # Distillation token and two heads, LayerScale, qk_norm, the attention and MLP scale norms,
     # norm_pre, quick-GELU, no patch bias.
-    ("deit_tiny_distilled_patch16_224", {"init_values": 1.0, "qk_norm": True, "scale_attn_norm": True,
-                                         "scale_mlp_norm": True, "pre_norm": True, "act_layer": "quick_gelu"}, 32),
-    # Two registers after the class token, position embeddings on the patches only.
-    ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}, 32),
-]
+    ("deit_tiny_distilled_patch16_224", {"depth": 1, "init_values": 1.0, "qk_norm": True, "scale_attn_norm": True,
+                                         "scale_mlp_norm": True, "pre_norm": True, "act_layer": "quick_gelu"}, 32, 32),
+    # Two registers after the class token, position embeddings on the patches only, resampled
+    # from the 2x2 grid the model was built for to the 3x3 grid of 48-pixel images.
+    ("vit_tiny_patch16_224", {"depth": 1, "reg_tokens": 2, "no_embed_class": True}, 32, 48),
+]  # one block each: compilation time grows with depth
 
 
-@pytest.mark.parametrize("name,kwargs,size", VARIANTS, ids=["distilled-many-options", "registers-no-embed-class"])
-def test_forward_matches_model_and_methods_run(name, kwargs, size):
+@pytest.mark.parametrize("name,kwargs,size,image_size", VARIANTS,
+                         ids=["distilled-many-options", "registers-no-embed-class-resampled"])
+def test_forward_matches_model_and_methods_run(name, kwargs, size, image_size):
     tm = _timm(name, img_size=size, **kwargs)
     model, params = convert.load(tm)
-    x = _nhwc(_images(2, size))
+    x = _nhwc(_images(2, image_size))
     want = jax.jit(model.apply)({"params": params}, x)
-    maps = _all(model, params, x, make_targets("top2", 2, NUM_CLASSES), 1)
+    maps = _all(model, params, x, make_targets("top2", 2, NUM_CLASSES), 0)
     assert rel_err(maps["forward_logits"], want.logits) <= 1e-5
     for i in range(model.config.depth + 1):
         assert rel_err(maps["forward_tokens"][:, i], want.tokens[:, i]) <= 1e-5, f"tokens {i}"
-    n = (size // model.config.patch_size) ** 2
+    n = (image_size // model.config.patch_size) ** 2
     for key in METHODS:
         assert maps[key].shape == (2, 2, n)
         assert np.isfinite(np.asarray(maps[key])).all()
+    assert maps["full_pixels"].shape == (2, 2, image_size, image_size)
     np.testing.assert_array_equal(maps["classes"], np.argsort(-np.asarray(want.logits), -1)[:, :2])
 
 

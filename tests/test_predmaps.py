@@ -224,7 +224,8 @@ def test_head_on_last_class_token_reproduces_logits(small):
     np.testing.assert_allclose(z, out.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["predicatt", "prediction_map", "rollout", "gradcam", "generic_attention"])
+@pytest.mark.parametrize("method", ["predicatt", "prediction_map", "rollout", "gradcam", "generic_attention",
+                                    "transattr"])
 def test_batch_equals_single_calls(small, method):
     model, params, x = small
     batched = predmaps.explain(model, params, x, method=method, target="top2")
@@ -295,7 +296,7 @@ def test_no_class_token_model(small):
     x = small[2]
     ex = predmaps.explain(model, params, x, method="prediction_map", target="top")
     assert ex.maps.shape == (4, 1, 4, 4)
-    for method in ("predicatt", "raw_attention", "rollout", "gradcam"):
+    for method in ("predicatt", "raw_attention", "rollout", "gradcam", "transattr", "lrp"):
         with pytest.raises(ValueError, match="no class token.*prediction_map"):
             predmaps.explain(model, params, x, method=method)
 
@@ -324,5 +325,5 @@ def test_errors_name_the_problem(small):
 
 def test_methods_registry_lists_the_papers_methods():
     want = {"predicatt", "prediction_map", "weighted_attention", "mean_attention", "raw_attention", "rollout",
-            "gradcam", "generic_attention"}
+            "gradcam", "generic_attention", "transattr", "lrp", "partial_lrp"}
     assert want <= set(predmaps.METHODS)
