@@ -1,0 +1,183 @@
+"""`predmaps eval`: the paper's perturbation and segmentation tests (after Chefer et al. 2021b).
+
+    predmaps eval perturbation --model NAME|PATH --method M [--layer L] [--target pred|gt] --data PATH
+                               [--batch-size N] [--limit N] [--json FILE] [--maps results.hdf5]
+                               [--save-maps results.hdf5] [--mode both|positive|negative]
+    predmaps eval segmentation --model NAME|PATH --method M [--layer L] --data gtsegs_ijcv.mat
+                               [--batch-size N] [--limit N] [--json FILE] [--maps results.hdf5]
+
+`add_eval_parser(subparsers)` registers the `eval` subcommand; its handler returns an exit code
+(0 ok, 2 for a missing or malformed data set, a bad option or model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE (e.g. similarity=cosine); got {text!r}")
+    low = value.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _common(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--model", required=True, help="timm name (with its pretrained tag), checkpoint file or directory")
+    p.add_argument("--method", default="predicatt", help="explanation method (default predicatt)")
+    p.add_argument("--layer", type=int, default=-1, help="prediction layer of prediction-map methods (default -1 = L)")
+    p.add_argument("--option", dest="options", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --option similarity=cosine (repeatable)")
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--maps",
+                   help="score precomputed maps from a results.hdf5 (Chefer's layout) instead of computing them")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="evaluate only this many images (a deterministic subset)")
+    p.add_argument("--subset", choices=("random", "first"), default="random",
+                   help="with --limit: a seeded random subset kept in data order (default) or the first N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --subset random draw (default 0)")
+    p.add_argument("--workers", type=int, help="image loading threads (default: up to 8)")
+    p.add_argument("--json", help="write every number to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval perturbation|segmentation` on `subparsers` (from `add_subparsers`)."""
+    p = subparsers.add_parser("eval", help="the perturbation and segmentation tests (Chefer et al. 2021b protocol)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="eval_test", required=True)
+
+    pp = sub.add_parser("perturbation", help="positive / negative perturbation AUC on ImageNet validation")
+    _common(pp, "ImageNet validation: a class-folder tree ROOT/<wnid>/*.JPEG, or flat files with a label file")
+    pp.add_argument("--target", choices=("pred", "gt"), default="pred",
+                    help="maps for the predicted class (Pred.) or the ground truth (Target); accuracy is always "
+                         "against the ground truth")
+    pp.add_argument("--mode", choices=("both", "positive", "negative"), default="both")
+    pp.add_argument("--labels", help="label file of a flat image folder (see the layouts in the error message)")
+    pp.add_argument("--class-order", choices=("imagenet", "sorted"), default="imagenet",
+                    help="class folders: ImageNet-1k wnids in synset order (default), or any names numbered by "
+                         "their sorted rank (torchvision ImageFolder)")
+    pp.add_argument("--transform", choices=("resize", "timm"), default="resize",
+                    help="resize: the protocol's plain 224x224 bilinear resize (default); timm: the model's eval "
+                         "transform (crop_pct, centre crop, its interpolation)")
+    pp.add_argument("--normalization", choices=("protocol", "model"), default="protocol",
+                    help="mean = std = 0.5 as the protocol (default), or the model's own mean/std")
+    pp.add_argument("--save-maps", help="also write the computed maps as a results.hdf5 (Chefer's layout)")
+    pp.set_defaults(fn=cmd_eval)
+
+    ps = sub.add_parser("segmentation", help="pixel accuracy, mIoU and mAP on ImageNet-Segmentation")
+    _common(ps, "ImageNet-Segmentation's gtsegs_ijcv.mat (or a folder holding it)")
+    ps.add_argument("--normalization", choices=("protocol", "model"), default="protocol",
+                    help="mean = std = 0.5 as the protocol (default), or the model's own mean/std")
+    ps.set_defaults(fn=cmd_eval)
+    return p
+
+
+def _method_text(method: str, layer, depth: int) -> str:
+    if layer is None:
+        return method
+    name = "L" if layer == depth else f"L-{depth - layer}"
+    return f"{method} (layer {layer} = {name})"
+
+
+def _write_json(path: str, payload: dict) -> None:
+    out = Path(path)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def cmd_eval(args) -> int:
+    from predmaps import evaluation as ev
+
+    try:
+        return _cmd_eval(args, ev)
+    except ev.DataLayoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_eval(args, ev) -> int:
+    from predmaps.cli import load_model
+
+    test = args.eval_test
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive; got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be positive; got {args.limit}")
+    if args.maps is None and args.data is None:
+        raise ValueError(f"eval {test} needs --data" + (" (or --maps results.hdf5)" if test == "perturbation" else ""))
+    if test == "segmentation" and args.data is None:
+        raise ValueError("eval segmentation needs --data gtsegs_ijcv.mat (the masks), also with --maps")
+    # Check the data before loading a model (which may download).
+    images = seg = None
+    if test == "perturbation" and args.maps is None:
+        images = ev.imagenet_val(args.data, labels_file=args.labels, class_order=args.class_order, limit=args.limit,
+                                 subset=args.subset, seed=args.seed)
+    if test == "segmentation":
+        seg = ev.ImageNetSegmentation(args.data)
+    maps_reader = ev.CheferResults(args.maps) if (args.maps and test == "perturbation") else None
+
+    model, params = load_model(args.model)
+    cfg = model.config
+    options = dict(args.options)
+    if args.normalization == "model":
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    else:
+        mean, std = ev.PROTOCOL_MEAN, ev.PROTOCOL_STD
+    progress = not args.quiet
+    header = {"model": args.model, "model_name": cfg.name, "data": args.data, "maps": args.maps}
+
+    if test == "perturbation":
+        modes = ev.MODES if args.mode == "both" else (args.mode,)
+        if maps_reader is not None:
+            with maps_reader:
+                idx = ev.subset_indices(len(maps_reader), args.limit, mode=args.subset, seed=args.seed)
+                res = ev.score_maps(model, params, maps_reader, None, None, modes=modes, batch_size=args.batch_size,
+                                    mean=mean, std=std, indices=idx, progress=progress)
+            res.info.update(method=None, layer=None, target=None, note="maps read from --maps; method/target are "
+                            "whatever produced them")
+        else:
+            res = ev.perturbation_test(model, params, images, method=args.method, layer=args.layer, target=args.target,
+                                       modes=modes, batch_size=args.batch_size, transform=args.transform, mean=mean,
+                                       std=std, method_options=options, workers=args.workers, progress=progress,
+                                       save_maps=args.save_maps)
+            res.info.update(layout=images.layout, class_order=images.class_order, save_maps=args.save_maps)
+        res.info.update(limit=args.limit, subset=args.subset if args.limit else None,
+                        seed=args.seed if args.limit and args.subset == "random" else None)
+        what = ("maps from " + args.maps) if args.maps else (
+            _method_text(args.method, res.info.get("layer"), cfg.depth)
+            + f", maps for the {'predicted' if args.target == 'pred' else 'ground-truth'} class")
+        print(f"perturbation test: {cfg.name or args.model}, {what}, {res.n} images")
+    else:
+        with seg:
+            res = ev.segmentation_test(model, params, seg, method=args.method, layer=args.layer,
+                                       batch_size=args.batch_size, limit=args.limit, subset=args.subset,
+                                       seed=args.seed, mean=mean, std=std, method_options=options, maps=args.maps,
+                                       workers=args.workers, progress=progress)
+        what = ("maps from " + args.maps) if args.maps else (
+            _method_text(args.method, res.info.get("layer"), cfg.depth) + ", maps for the predicted class")
+        print(f"segmentation test: {cfg.name or args.model}, {what}, {res.n} images")
+    print(res.table())
+    rate = res.info.get("images_per_second")
+    if rate:
+        print(f"{res.info['seconds']:.1f} s ({rate:.1f} img/s after the first batch, which took "
+              f"{res.info['first_batch_seconds']:.1f} s with compilation)")
+    if args.json:
+        _write_json(args.json, {**header, **res.to_dict()})
+        print(f"results: {args.json}")
+    return 0
