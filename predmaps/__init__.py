@@ -9,7 +9,8 @@
 
 from predmaps.explain import (METHODS, Explanation, Method, explain, explain_fn, get_method, prediction_matrices,
                               upsample)
+from predmaps.results import iter_results, read_results
 from predmaps.targets import Targets, make_targets
 
-__all__ = ["METHODS", "Explanation", "Method", "Targets", "explain", "explain_fn", "get_method", "make_targets",
-           "prediction_matrices", "upsample"]
+__all__ = ["METHODS", "Explanation", "Method", "Targets", "explain", "explain_fn", "get_method", "iter_results",
+           "make_targets", "prediction_matrices", "read_results", "upsample"]

@@ -159,6 +159,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo)
 
+    from predmaps.eval_cli import add_eval_parser
+    from predmaps.run_cli import add_run_parser
+
+    add_eval_parser(sub)
+    add_run_parser(sub)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     for i in range(len(argv) - 1):  # "--layers -1,-2": argparse would take -1,-2 for an option
         if argv[i] == "--layers" and argv[i + 1].startswith("-"):

@@ -1,0 +1,370 @@
+"""The on-disk format of `predmaps run` / `predmaps.pipeline.explain_dataset`, and its reader.
+
+    res = predmaps.results.read_results("out/")          # every complete shard, in input order
+    res.paths, res.pred, res.score, res.labels           # per image
+    res.maps["predicatt/L12/top"]                        # (N, K, gh, gw) token maps
+    res.map("predicatt", layer=-1, target="top")         # the same, chosen by parts
+    read_results("out/", upsample=True)                  # maps at the model's input size
+    for part in iter_results("out/"): ...                # one shard at a time: bounded memory
+
+Layout of an output directory:
+
+    manifest.json          the job (format, model identity, spec, inputs, shard plan) and the
+                           shards process 0 completed; consolidated with every process's at the end
+    manifest-p{P}.json     the same header and the shards process P > 0 completed (multi-host runs)
+    shard-{J:06d}.npz      input positions [J*S, (J+1)*S): one complete, atomically renamed file
+    errors.tsv             every input that could not be read: index, name, path, reason
+
+File format: `.npz` shards, not HDF5. Every shard is written whole, once, then renamed into
+place, so HDF5's strengths (chunked partial writes and reads inside one big growing file) buy
+nothing here, while its costs are real: a native dependency, a file that a crash mid-write can
+leave unreadable (the reason to shard and rename anyway), HDF5 file locking that fails on some
+network file systems, and h5py's one global lock around every HDF5 call, several of which
+(file close, object look-ups) also hold the GIL, stalling the decoding threads. An `.npz` is a
+zip of `.npy` members: numpy alone reads it, lazily member by member, on any machine. A
+shard's size is bounded (S images), so reading a whole member is cheap. Members are stored
+uncompressed: token maps are dense floats that compress poorly, and writing stays fast.
+
+A shard holds, for its n readable images, in input order:
+    index (n,) int64 global input position; name, path (n,) str; label (n,) int32 (-1 unknown);
+    pred (n,) int32 predicted class; score (n,) float32 its softmax probability;
+    maps_{c} (n, K_c, gh, gw) float16/float32 and classes_{c} (n, K_c) int32 for each
+    combination c of (method, layer, target) listed in the manifest's "combos".
+A shard counts only when the manifest lists it and its size matches: a temporary file, or a
+shard renamed into place just before a crash but never recorded, is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+FORMAT = "predmaps-run"
+VERSION = 1
+MANIFEST = "manifest.json"
+ERRORS_FILE = "errors.tsv"
+_PART_RE = re.compile(r"^manifest(?:-p(\d+))?\.json$")
+
+__all__ = ["FORMAT", "JobMismatchError", "Results", "iter_results", "read_manifest", "read_results"]
+
+
+class JobMismatchError(ValueError):
+    """An output directory holds a different job (model, spec, inputs or shard size)."""
+
+
+# --------------------------------------------------------------------------------------
+# Atomic files
+# --------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory, fsync, rename:
+    readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def remove_temporaries(out: Path) -> int:
+    """Delete temporary files a killed job left behind; returns how many."""
+    n = 0
+    for p in out.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def shard_file(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.npz"
+
+
+def manifest_file(process_index: int) -> str:
+    return MANIFEST if process_index == 0 else f"manifest-p{process_index}.json"
+
+
+# --------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------
+
+# The header fields that make two runs the same job; everything else may differ on resume.
+IDENTITY_FIELDS = ("model", "spec", "inputs", "shard_size")
+
+
+def describe_identity(header: dict) -> str:
+    m, s, i = header.get("model", {}), header.get("spec", {}), header.get("inputs", {})
+    return (f"model {m.get('name') or '?'} (config sha256 {str(m.get('config_sha256'))[:12]}, params "
+            f"{m.get('params_fingerprint')}, dtype {m.get('dtype')}), methods {s.get('methods')} layers "
+            f"{s.get('layers')} targets {s.get('targets')} maps {s.get('map_dtype')} options {s.get('options')}, "
+            f"inputs {i.get('source')!r} ({i.get('count')} items, sha256 {str(i.get('sha256'))[:12]}), "
+            f"shard size {header.get('shard_size')}")
+
+
+def identity_differences(a: dict, b: dict) -> list[str]:
+    """Which identity fields differ between two headers (field names, dotted)."""
+    diffs = []
+    for key in IDENTITY_FIELDS:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += [f"{key}.{k}" for k in sorted(set(va) | set(vb)) if key != "inputs" or k != "source"
+                      if va.get(k) != vb.get(k)]
+        elif va != vb:
+            diffs.append(key)
+    return diffs
+
+
+def check_same_job(existing: dict, wanted: dict, out: Path) -> None:
+    diffs = identity_differences(existing, wanted)
+    if diffs:
+        raise JobMismatchError(
+            f"{out} already holds a different job ({', '.join(diffs)} differ):\n"
+            f"  existing: {describe_identity(existing)}\n  this run: {describe_identity(wanted)}\n"
+            "Results of different jobs are never mixed: choose another --out, or delete that directory.")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable manifest {path}: {e}") from e
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    """The job header plus `shards`: {shard id: record} from every process's manifest, only
+    records whose shard file exists with the recorded size (complete shards)."""
+    out = Path(out)
+    main = out / MANIFEST
+    if not main.exists():
+        raise FileNotFoundError(f"{out} holds no predmaps results: {MANIFEST} is missing")
+    header = _load_json(main)
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{main} is not a predmaps run manifest")
+    if header.get("version", 0) > VERSION:
+        raise ValueError(f"{main} was written by a newer predmaps (format version {header['version']})")
+    shards: dict[int, dict] = {}
+    for part in sorted(out.iterdir()):
+        if not _PART_RE.match(part.name):
+            continue
+        data = header if part == main else _load_json(part)
+        if part != main and identity_differences(data, header):
+            continue  # a stale part of another job: never mixed in
+        for rec in data.get("shards", []):
+            f = out / rec["file"]
+            try:
+                if f.stat().st_size == rec["bytes"]:
+                    shards.setdefault(int(rec["id"]), rec)
+            except OSError:
+                pass
+    return dict(header, shards=shards)
+
+
+def shard_names_digest(names: list[str], labels: list[int]) -> str:
+    h = hashlib.sha256()
+    for n, l in zip(names, labels):
+        h.update(n.encode("utf-8", "surrogatepass") + b"\0" + str(int(l)).encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
+def write_errors_file(out: Path, shards: dict[int, dict]) -> int:
+    """errors.tsv from the error records of the given shards, in input order; returns the count."""
+    rows = sorted((e for rec in shards.values() for e in rec.get("errors", [])), key=lambda e: e[0])
+
+    def clean(s):
+        return str(s).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+
+    text = "index\tname\tpath\treason\n" + "".join(
+        f"{i}\t{clean(n)}\t{clean(p)}\t{clean(r)}\n" for i, n, p, r in rows)
+    atomic_write(out / ERRORS_FILE, text.encode("utf-8", "surrogateescape"))
+    return len(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Results:
+    """Explanations of the complete shards of a job (or of one shard, from `iter_results`).
+
+    Attributes:
+      index: (N,) int64 input position; names, paths: (N,) str; labels: (N,) int32 (-1: none).
+      pred: (N,) int32 predicted class; score: (N,) float32 its softmax probability.
+      maps: {combo key: (N, K, gh, gw)} e.g. "predicatt/L12/top"; upsampled when asked.
+      classes: {combo key: (N, K) int32} the class of each map.
+      combos: the manifest's combos, each {key, method, layer, target, k}.
+      errors: [(index, name, path, reason)] of the inputs that could not be read (complete shards).
+      complete: every shard of the job is present.
+      manifest: the job's header (model identity, spec, inputs, ...).
+    """
+
+    index: np.ndarray
+    names: np.ndarray
+    paths: np.ndarray
+    labels: np.ndarray
+    pred: np.ndarray
+    score: np.ndarray
+    maps: dict[str, np.ndarray]
+    classes: dict[str, np.ndarray]
+    combos: list[dict]
+    errors: list[tuple]
+    complete: bool
+    manifest: dict
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def key(self, method: str | None = None, layer: int | None = None, target: str | None = None) -> str:
+        """The combo key for (method, layer, target); None means 'the only one'. Negative layers
+        count from the end, as in `explain`."""
+        depth = self.manifest["model"].get("depth")
+        if layer is not None and layer < 0 and depth is not None:
+            layer = layer % (depth + 1)
+        hits = [c for c in self.combos if (method is None or c["method"] == method)
+                and (layer is None or c["layer"] == layer) and (target is None or c["target"] == target)]
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} maps match method={method!r} layer={layer!r} target={target!r}; "
+                           f"this job has {[c['key'] for c in self.combos]}")
+        return hits[0]["key"]
+
+    def map(self, method: str | None = None, layer: int | None = None, target: str | None = None) -> np.ndarray:
+        return self.maps[self.key(method, layer, target)]
+
+
+def _select_keys(combos: list[dict], keys) -> list[dict]:
+    if keys is None:
+        return combos
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    known = {c["key"]: c for c in combos}
+    missing = [k for k in keys if k not in known]
+    if missing:
+        raise KeyError(f"no maps {missing} in these results; they hold {list(known)}")
+    return [known[k] for k in keys]
+
+
+def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize: bool, verify: bool) -> dict:
+    path = out / rec["file"]
+    if verify:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != rec["sha256"]:
+            raise ValueError(f"{path}: sha256 {digest} differs from the manifest's {rec['sha256']}: corrupt shard")
+    with np.load(path, allow_pickle=False) as z:
+        part = {k: z[k] for k in ("index", "name", "path", "label", "pred", "score")}
+        part["maps"], part["classes"] = {}, {}
+        for c in combos:
+            m = z[f"maps_{c['id']}"]
+            if size is not None or normalize:
+                from predmaps.explain import upsample as _upsample
+
+                m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize))
+            part["maps"][c["key"]] = m.astype(dtype) if dtype is not None else m
+            part["classes"][c["key"]] = z[f"classes_{c['id']}"]
+    return part
+
+
+def _assemble(parts: list[dict], combos: list[dict], errors: list, complete: bool, header: dict) -> Results:
+    def cat(key, dtype):
+        return np.concatenate([p[key] for p in parts]) if parts else np.zeros((0,), dtype)
+
+    def cat_dict(key, c, dtype):
+        if parts:
+            return np.concatenate([p[key][c["key"]] for p in parts])
+        return np.zeros((0, c["k"], *header["grid"]), dtype) if key == "maps" else np.zeros((0, c["k"]), dtype)
+
+    return Results(index=cat("index", np.int64), names=cat("name", str), paths=cat("path", str),
+                   labels=cat("label", np.int32), pred=cat("pred", np.int32), score=cat("score", np.float32),
+                   maps={c["key"]: cat_dict("maps", c, np.float32) for c in combos},
+                   classes={c["key"]: cat_dict("classes", c, np.int32) for c in combos},
+                   combos=combos, errors=errors, complete=complete, manifest=header)
+
+
+def _size(header: dict, upsample) -> tuple[int, int] | None:
+    if upsample is None or upsample is False:
+        return None
+    if upsample is True:
+        return tuple(header["image_size"])
+    if isinstance(upsample, int):
+        return (upsample, upsample)
+    return tuple(upsample)
+
+
+def iter_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None, normalize: bool = False,
+                 verify: bool = False) -> Iterator[Results]:
+    """One `Results` per complete shard, in input order: memory bounded by one shard.
+    Options as `read_results`."""
+    out = Path(out)
+    man = read_manifest(out)
+    combos = _select_keys(man["combos"], keys)
+    header = {k: v for k, v in man.items() if k != "shards"}
+    size = _size(header, upsample)
+    for sid in sorted(man["shards"]):
+        rec = man["shards"][sid]
+        part = _read_shard(out, rec, combos, dtype, size, normalize, verify)
+        yield _assemble([part], combos, [tuple(e) for e in rec.get("errors", [])], False, header)
+
+
+def read_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None, normalize: bool = False,
+                 verify: bool = False) -> Results:
+    """Read the explanations a `predmaps run` wrote to `out`: every complete shard, in input order.
+
+    keys: which maps to read (combo keys such as "predicatt/L12/top"; default all).
+    dtype: convert maps to this dtype (default: as stored, float16 or float32).
+    upsample: None (token maps, (gh, gw)), True (the model's input size) or (H, W): bilinear,
+      equal to torch `interpolate(mode="bilinear", align_corners=False)` (`predmaps.upsample`).
+    normalize: min-max normalise each map to [0, 1] (after upsampling).
+    verify: check each shard's sha256 against the manifest.
+
+    Only shards the manifest lists are read (an interrupted job reads as the shards it
+    finished; `Results.complete` says whether all are there). For jobs too large for memory,
+    `iter_results` yields one shard at a time.
+    """
+    out = Path(out)
+    man = read_manifest(out)
+    combos = _select_keys(man["combos"], keys)
+    header = {k: v for k, v in man.items() if k != "shards"}
+    size = _size(header, upsample)
+    parts, errors = [], []
+    for sid in sorted(man["shards"]):
+        rec = man["shards"][sid]
+        parts.append(_read_shard(out, rec, combos, dtype, size, normalize, verify))
+        errors += [tuple(e) for e in rec.get("errors", [])]
+    n_shards = header.get("num_shards")
+    complete = n_shards is not None and len(man["shards"]) == n_shards
+    return _assemble(parts, combos, errors, complete, header)
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps(data: dict) -> bytes:
+    return json.dumps(data, indent=1, default=_json_default).encode("utf-8", "surrogateescape")

@@ -1,0 +1,118 @@
+"""`predmaps run`: explain a whole data set into resumable shards (see `predmaps.pipeline`).
+
+    predmaps run --model NAME|PATH --images DIR|GLOB|LIST --out DIR [--method predicatt[,rollout]]
+                 [--layers -1,-2] [--target top|top5|gt[,...]] [--batch-size N] [--dtype bf16]
+                 [--map-dtype float16] [--labels FILE] [--shard-size N] [--resume] [--strict]
+
+`add_run_parser(subparsers)` registers the subcommand on the `predmaps` parser; `main(argv)`
+runs it alone (`python -m predmaps.run_cli ...`). Exit codes: 0 done; 1 `--strict` and some
+input could not be read; 2 the job could not run (bad arguments, another job in --out, ...).
+Several hosts: start the same command on each (SLURM/mpirun/TPU pods are detected), or pass
+--coordinator HOST:PORT --num-processes N --process-id I.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = {"f32": "float32", "float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "f16": "float16", "float16": "float16", "fp16": "float16"}
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like -1,-2; got {text!r}") from None
+
+
+def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "run", help="explain a whole data set into resumable shards on every device and host",
+        description="Stream a data set through every device and host; write explanations as resumable "
+                    ".npz shards that predmaps.results.read_results(DIR) reads. Running the same command "
+                    "again finishes an interrupted job.")
+    p.add_argument("--model", help="timm name, checkpoint file or directory (default: the embedded model)")
+    p.add_argument("--images", required=True,
+                   help="a directory (recursive; an ImageNet class-folder tree gives labels), a glob (quote "
+                        "it), a text file of paths (optionally 'path<TAB>label'), or one image")
+    p.add_argument("--out", required=True, help="output directory (created; resumed when it holds this job)")
+    p.add_argument("--labels", help="label file for flat layouts: 'file label' lines (class index or WordNet id)")
+    p.add_argument("--method", default="predicatt", help="method(s), comma-separated (default predicatt)")
+    p.add_argument("--layers", type=_parse_layers, default=[-1],
+                   help="prediction layers of prediction-map methods, e.g. -1,-2 (default -1)")
+    p.add_argument("--target", default="top", help="top, topK (e.g. top5), all, gt, or a class index; "
+                                                   "comma-separated for several (default top)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, rounded up to a multiple of the "
+                                                                "device count (default 64)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    p.add_argument("--map-dtype", default="float32", choices=["float32", "float16"],
+                   help="stored map dtype (default float32; float16 halves the disk)")
+    p.add_argument("--shard-size", type=int, help="images per shard (default: up to 1024, 256 MiB of maps)")
+    p.add_argument("--workers", type=int, help="decoding threads (default: CPU count)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="require a job in --out to continue (without it, a matching job is continued anyway)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any input could not be read")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
+                   help="jax.distributed: auto (when a cluster or --coordinator is given), on, off")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, for a multi-process run")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.set_defaults(fn=cmd_run)
+    return p
+
+
+def cmd_run(args) -> int:
+    from predmaps import pipeline
+    from predmaps.results import JobMismatchError
+
+    try:
+        pipeline.init_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: jax.distributed: {e}", file=sys.stderr)
+        return 2
+    import jax
+    import jax.numpy as jnp
+
+    from predmaps.cli import load_model
+
+    try:
+        model, params = load_model(args.model)
+        dtype = DTYPES[args.dtype]
+        if jnp.dtype(model.dtype) != jnp.dtype(dtype):
+            model = model.clone(dtype=jnp.dtype(dtype))
+        spec = pipeline.ExplainSpec(methods=args.method, layers=args.layers, targets=args.target,
+                                    map_dtype=args.map_dtype)
+        summary = pipeline.explain_dataset(
+            model, params, args.images, args.out, spec, labels=args.labels, batch_size=args.batch_size,
+            shard_size=args.shard_size, resume=True if args.resume else None, workers=args.workers,
+            prefetch=args.prefetch, progress=not args.no_progress)
+    except JobMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(summary)
+    return 1 if args.strict and summary.total_errors else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="predmaps")
+    add_run_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "run":
+        argv.insert(0, "run")
+    for i in range(len(argv) - 1):  # "--layers -1,-2": argparse would read -1,-2 as an option
+        if argv[i] == "--layers" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--layers={argv[i + 1]}", ""]
+    args = parser.parse_args([a for a in argv if a != ""])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""`predmaps run` / predmaps.pipeline: sharded batch jobs on many devices and processes,
+resumable, bad inputs recorded; predmaps.results reads them back.
+
+Tiny random ViT (32x32 inputs, 4x4 tokens), tiny images; the multi-device, multi-process and
+kill tests run in subprocesses (XLA device flags and jax.distributed are per process).
+"""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import convert
+import jaxvit
+from jaxvit import ViT, ViTConfig, labels as jlabels
+from predmaps import pipeline, run_cli
+from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
+from predmaps import iter_results, read_results
+from predmaps.results import JobMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ExplainSpec(methods="predicatt", layers="-1,-2", targets="top2")  # 2 maps of 2 classes per image
+CLI_SPEC = ["--method", "predicatt", "--layers", "-1,-2", "--target", "top2"]
+N_IMAGES = 13  # not a multiple of 8 (devices) nor of the batch
+
+
+def random_params(cfg: ViTConfig, seed: int = 0) -> dict:
+    """Non-degenerate random weights, drawn in numpy from the shapes alone (no eager JAX op per
+    leaf, which costs seconds on a loaded 2-core machine)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        if name.endswith("['bias']"):
+            return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+        return (rng.standard_normal(leaf.shape) * fan_in ** -0.5).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, jaxvit.checkpoint.param_shapes(cfg))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = ViTConfig(name="tiny-run", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                    num_classes=5, label_names=("ant", "bee", "cat", "dog", "eel"), crop_pct=1.0)
+    return jaxvit.save(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, random_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return convert.load(str(ckpt))
+
+
+def _save_images(folder: Path, n: int, seed: int = 0, nested: bool = True) -> list[str]:
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        sub = folder / ("b" if nested and i % 4 == 1 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 255, (30 + i % 5 * 3, 34 + i % 3 * 4, 3), dtype=np.uint8)  # resized by the transform
+        fmt = "JPEG" if i % 2 else "PNG"
+        path = sub / f"im{i:02d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        Image.fromarray(img).save(path, fmt)
+        names.append(path.relative_to(folder).as_posix())
+    return names
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    _save_images(d, N_IMAGES)
+    (d / "notes.txt").write_text("not an image extension: not listed")
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(model, image_dir, tmp_path_factory):
+    """The uninterrupted one-device run every other run is compared with."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    m, p = model
+    s = explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=10, devices=jax.devices()[:1],
+                        progress=False)
+    assert (s.images, s.errors, s.num_shards, s.complete_shards) == (N_IMAGES, 0, 2, 2)
+    return out
+
+
+def _assert_same(res, ref, names=None):
+    names = list(ref.names) if names is None else names
+    pos = {n: i for i, n in enumerate(ref.names)}
+    assert sorted(res.names) == sorted(names) and len(set(res.names)) == len(res.names)
+    idx = np.asarray([pos[n] for n in res.names], np.int64)
+    np.testing.assert_array_equal(res.pred, ref.pred[idx])
+    np.testing.assert_allclose(res.score, ref.score[idx], rtol=1e-5, atol=1e-6)
+    assert sorted(res.maps) == sorted(ref.maps)
+    for k in ref.maps:
+        np.testing.assert_array_equal(res.classes[k], ref.classes[k][idx])
+        np.testing.assert_allclose(res.maps[k], ref.maps[k][idx], rtol=1e-4, atol=1e-6)
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    return env
+
+
+def _run_cli_subprocess(args, devices=1, **kw):
+    return subprocess.Popen([sys.executable, "-m", "predmaps.run_cli", *map(str, args)], env=_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# Devices and hosts
+# --------------------------------------------------------------------------------------
+
+
+def test_eight_devices_equal_one_device(ckpt, image_dir, reference, tmp_path):
+    out = tmp_path / "out8"
+    proc = _run_cli_subprocess(["--model", ckpt, "--images", image_dir, "--out", out, *CLI_SPEC, "--batch-size", 6,
+                                "--shard-size", 10, "--no-progress"], devices=8)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "on 8 device(s) x 1 process(es)" in stdout and f"{N_IMAGES} image(s) explained" in stdout
+    res, ref = read_results(out), read_results(reference)
+    assert res.complete and len(res) == N_IMAGES
+    np.testing.assert_array_equal(res.index, np.arange(N_IMAGES))
+    _assert_same(res, ref)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_path):
+    out = tmp_path / "out2p"
+    port = _free_port()
+    procs = [_run_cli_subprocess(["--model", ckpt, "--images", image_dir, "--out", out, *CLI_SPEC, "--batch-size", 4,
+                                  "--shard-size", 3, "--no-progress", "--coordinator", f"127.0.0.1:{port}",
+                                  "--num-processes", 2, "--process-id", i], devices=2) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "on 4 device(s) x 2 process(es)" in outs[0][0]
+    man = json.loads((out / "manifest.json").read_text())
+    assert [r["id"] for r in man["shards"]] == [0, 1, 2, 3, 4] and man["num_shards"] == 5
+    assert {r["id"]: r["process"] for r in man["shards"]} == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
+    assert (out / "manifest-p1.json").exists()  # each process records its own shards
+    res = read_results(out)
+    assert res.complete and len(res) == N_IMAGES  # every image exactly once
+    _assert_same(res, read_results(reference))
+
+
+_KILLED_JOB = """
+import sys, time
+import convert
+from predmaps.pipeline import ExplainSpec, explain_dataset
+model, params = convert.load(sys.argv[1])
+explain_dataset(model, params, sys.argv[2], sys.argv[3], ExplainSpec("predicatt", "-1,-2", "top2"), batch_size=4,
+                shard_size=2, progress=False, on_batch=lambda b: time.sleep(0.4))
+print("finished")
+"""
+
+
+def test_killed_job_resumes_to_the_uninterrupted_result(ckpt, model, image_dir, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_JOB, str(ckpt), str(image_dir), str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    num_shards = 7
+    done = {r["id"] for r in json.loads((out / "manifest.json").read_text())["shards"]}
+    assert 2 <= len(done) < num_shards
+    # What a crash can leave: a temporary file, and a shard renamed into place but never recorded.
+    missing = max(set(range(num_shards)) - done)
+    (out / ".shard-000000.npz.tmp-1-dead").write_bytes(b"PK\x03\x04 half a zip")
+    (out / f"shard-{missing:06d}.npz").write_bytes(b"PK\x03\x04 half a zip")
+
+    ref = read_results(reference)
+    partial = read_results(out)  # only what the manifest lists: never a partial shard
+    assert not partial.complete and len(partial) == 2 * len(done) - (num_shards - 1 in done)
+    _assert_same(partial, ref, names=[n for i, n in enumerate(ref.names) if i // 2 in done])
+
+    m, p = model
+    s = explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=2, resume=True, progress=False)
+    assert s.skipped_images == len(partial) and s.images == N_IMAGES - len(partial) and s.complete
+    res = read_results(out, verify=True)
+    assert res.complete
+    _assert_same(res, ref)
+    assert not list(out.glob(".*.tmp-*"))
+    # Running the finished job again does nothing.
+    s = explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=2, progress=False)
+    assert (s.images, s.skipped_images, s.total_images) == (0, N_IMAGES, N_IMAGES)
+
+
+# --------------------------------------------------------------------------------------
+# Bad inputs, mismatched jobs, input layouts
+# --------------------------------------------------------------------------------------
+
+
+def _jpeg_bytes(rng) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_recorded_and_skipped(ckpt, tmp_path, capsys):
+    d = tmp_path / "in"
+    good = _save_images(d, 3, seed=5, nested=False)
+    rng = np.random.default_rng(1)
+    jpeg = bytearray(_jpeg_bytes(rng))
+    dht = jpeg.find(b"\xff\xc4")
+    jpeg[dht + 4:dht + 30] = b"\xff" * 26  # Huffman tables smashed: identified as JPEG, fails to decode
+    (d / "corrupt.jpg").write_bytes(bytes(jpeg))
+    (d / "truncated.jpg").write_bytes(_jpeg_bytes(rng)[:300])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("this is a text file, not a JPEG\n")
+    deep = (rng.integers(0, 256, (36, 36)).astype(np.uint16) * 257 + rng.integers(0, 256, (36, 36))).astype(np.uint16)
+    Image.fromarray(deep).save(d / "deep16.png")  # 16-bit greyscale: a valid image
+    assert Image.open(d / "deep16.png").mode == "I;16"
+    Image.fromarray((deep >> 8).astype(np.uint8)).save(d / "deep8.png")  # what it must read as
+
+    out = tmp_path / "out"
+    args = ["--model", str(ckpt), "--images", str(d), "--out", str(out), *CLI_SPEC, "--batch-size", "4",
+            "--shard-size", "4", "--no-progress"]
+    assert run_cli.main(args + ["--strict"]) == 1
+    text = capsys.readouterr().out
+    assert "5 image(s) explained, 4 error(s)" in text and "errors.tsv" in text
+    rows = [line.split("\t") for line in (out / "errors.tsv").read_text().splitlines()[1:]]
+    reasons = {name: reason for _, name, _, reason in rows}
+    assert sorted(reasons) == ["corrupt.jpg", "empty.jpg", "text.jpg", "truncated.jpg"]
+    assert "corrupt" in reasons["corrupt.jpg"] and "broken data stream" in reasons["corrupt.jpg"]
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "empty (zero bytes)" in reasons["empty.jpg"]
+    assert "not an image" in reasons["text.jpg"]
+    res = read_results(out)
+    assert sorted(res.names) == sorted(good + ["deep16.png", "deep8.png"]) and res.complete
+    assert len(res.errors) == 4
+    i16, i8 = list(res.names).index("deep16.png"), list(res.names).index("deep8.png")
+    for k in res.maps:  # the 16-bit PNG is read as its high byte, not clipped to white
+        np.testing.assert_array_equal(res.maps[k][i16], res.maps[k][i8])
+    # Without --strict the same job exits 0; nothing is redone.
+    assert run_cli.main(args) == 0
+    assert "0 image(s) explained" in capsys.readouterr().out
+
+
+def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, reference, tmp_path):
+    before = (reference / "manifest.json").read_bytes()
+    m, p = model
+    with pytest.raises(JobMismatchError, match=r"spec.targets.*\n  existing: .*'top2'.*\n  this run: .*'top'"):
+        explain_dataset(m, p, image_dir, reference, ExplainSpec("predicatt", "-1,-2", "top"), batch_size=4,
+                        shard_size=10, progress=False)
+    other = jax.tree_util.tree_map(lambda a: a * 1.01, p)
+    with pytest.raises(JobMismatchError, match="model.params_fingerprint"):
+        explain_dataset(m, other, image_dir, reference, SPEC, batch_size=4, shard_size=10, progress=False)
+    with pytest.raises(JobMismatchError, match="model.dtype"):
+        explain_dataset(m.clone(dtype=jnp.bfloat16), p, image_dir, reference, SPEC, batch_size=4, shard_size=10,
+                        progress=False)
+    extra = tmp_path / "more"
+    _save_images(extra, N_IMAGES + 1)
+    with pytest.raises(JobMismatchError, match="inputs.count"):
+        explain_dataset(m, p, extra, reference, SPEC, batch_size=4, shard_size=10, progress=False)
+    assert (reference / "manifest.json").read_bytes() == before  # untouched
+    # The CLI says so and exits 2.
+    assert run_cli.main(["--model", str(ckpt), "--images", str(image_dir), "--out", str(reference), "--target", "top",
+                         "--shard-size", "10", "--no-progress"]) == 2
+    assert run_cli.main(["--model", str(ckpt), "--images", str(image_dir), "--out", str(tmp_path / "new"),
+                         "--resume", "--no-progress"]) == 2
+
+
+def test_input_layouts_and_ground_truth_targets(model, tmp_path):
+    m, p = model
+    wnids = jlabels.imagenet_wnids()
+    # ImageFolder layout with synset folders: labels from the folder names.
+    tree = tmp_path / "val"
+    for c in (2, 0, 1):
+        _save_images(tree / wnids[c], 2, seed=c, nested=False)
+    inputs = open_inputs(tree)
+    items = list(inputs)
+    assert [it.label for it in items] == [0, 0, 1, 1, 2, 2] and items[0].name == f"{wnids[0]}/im00.png"
+    assert "WordNet" in inputs.labelled
+    batches = list(explain_batches(m, p, tree, ExplainSpec("prediction_map", -1, "top,gt"), batch_size=4))
+    gt = np.concatenate([b.classes["prediction_map/L2/gt"][:, 0] for b in batches])
+    np.testing.assert_array_equal(gt, [0, 0, 1, 1, 2, 2])
+    assert [n for b in batches for n in b.names] == [it.name for it in items]
+    # Flat files plus a label file (caffe's val.txt style, and Kaggle's LOC_val_solution.csv style).
+    flat = tmp_path / "flat"
+    names = _save_images(flat, 3, nested=False)
+    (tmp_path / "val.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
+    assert [it.label for it in open_inputs(flat, labels=tmp_path / "val.txt")] == [0, 1, 2]
+    (tmp_path / "loc.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"{Path(n).stem},{wnids[3 - i]} 1 2 3 4 {wnids[3 - i]} 5 6 7 8\n" for i, n in enumerate(names)))
+    assert [it.label for it in open_inputs(flat, labels=tmp_path / "loc.csv")] == [3, 2, 1]
+    (tmp_path / "gt.txt").write_text("65\n970\n")
+    with pytest.raises(ValueError, match="ambiguous"):
+        open_inputs(flat, labels=tmp_path / "gt.txt")
+    # A list file (relative to its folder, optional TAB label) and a glob.
+    (flat / "list.txt").write_text(f"# comment\n{names[2]}\t{wnids[4]}\n{names[0]}\n")
+    listed = list(open_inputs(flat / "list.txt"))
+    assert [(it.name, it.label) for it in listed] == [(names[2], 4), (names[0], -1)]
+    assert listed[0].path == str((flat / names[2]).resolve())
+    assert [Path(it.name).name for it in open_inputs(str(flat / "*.jpg"))] == [n for n in names if n.endswith(".jpg")]
+    # 'gt' without labels is a clear error before anything runs.
+    with pytest.raises(ValueError, match="'gt' needs a label for every input"):
+        explain_dataset(m, p, flat, tmp_path / "nolabels", ExplainSpec(targets="gt"), progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        ExplainSpec(methods="predicatt,nope").combos(m)
+
+
+def test_reader_options_and_in_memory_inputs(model, reference):
+    res = read_results(reference)
+    assert res.manifest["spec"]["layers"] == [1, 2] and len(res.combos) == 2
+    assert res.map("predicatt", layer=-1).shape == (N_IMAGES, 2, 4, 4)
+    assert res.key(layer=1) == "predicatt/L1/top2"
+    up = read_results(reference, keys="predicatt/L2/top2", upsample=True, normalize=True, dtype=np.float16)
+    assert list(up.maps) == ["predicatt/L2/top2"] and up.maps["predicatt/L2/top2"].shape == (N_IMAGES, 2, 32, 32)
+    assert up.maps["predicatt/L2/top2"].dtype == np.float16
+    assert float(up.maps["predicatt/L2/top2"].min()) == 0.0 and float(up.maps["predicatt/L2/top2"].max()) == 1.0
+    parts = list(iter_results(reference))
+    assert [len(x) for x in parts] == [10, 3]
+    # In memory, from research code: arrays and (name, image) pairs, nothing written.
+    m, p = model
+    images = [np.asarray(Image.open(Path(res.paths[i]))) for i in range(3)]
+    batches = list(explain_batches(m, p, [(res.names[i], images[i]) for i in range(3)], SPEC, batch_size=4,
+                                   devices=jax.devices()[:1]))
+    assert [len(b) for b in batches] == [3]
+    got = np.concatenate([b.maps["predicatt/L2/top2"] for b in batches])
+    np.testing.assert_allclose(got, res.maps["predicatt/L2/top2"][:3], rtol=1e-5, atol=1e-7)
+
+
+def test_a_stream_is_read_a_shard_at_a_time(model, tmp_path):
+    m, p = model
+    rng = np.random.default_rng(3)
+    images = [(f"mem{i:02d}", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(30)]
+    pulled, at_first_batch = [0], []
+
+    def stream(items):
+        for x in items:
+            pulled[0] += 1
+            yield x
+
+    out = tmp_path / "stream"
+    s = explain_dataset(m, p, stream(images), out, SPEC, batch_size=4, shard_size=8, devices=jax.devices()[:1],
+                        progress=False, on_batch=lambda b: at_first_batch.append(pulled[0]))
+    assert (s.images, s.num_shards, s.complete) == (30, 4, True)
+    assert at_first_batch[0] <= 8 + 8  # this shard and the next, whatever the stream's length
+    res = read_results(out)
+    assert list(res.names) == [n for n, _ in images] and set(res.paths) == {""}
+    # A stream has no listing to compare up front: each skipped shard's names are checked instead.
+    s = explain_dataset(m, p, stream(images), out, SPEC, batch_size=4, shard_size=8, progress=False)
+    assert (s.images, s.skipped_images) == (0, 30)
+    with pytest.raises(JobMismatchError, match="shard 0 was made from other inputs"):
+        explain_dataset(m, p, stream(images[1:]), out, SPEC, batch_size=4, shard_size=8, progress=False)
+
+
+def test_decoding_runs_ahead_on_threads_within_its_window():
+    live, peak, threads, lock = [0], [0], set(), threading.Lock()
+
+    def transform(source):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            threads.add(threading.get_ident())
+        time.sleep(0.005)
+        if source == 7:
+            raise pipeline.ImageLoadError("cannot read image 7: truncated")
+        return np.full((2, 2, 3), source, np.float32)
+
+    items = [pipeline.Item(str(i), i) for i in range(30)]
+    pre = pipeline._Prefetcher(iter([pipeline._Shard(0, 0, items[:20]), pipeline._Shard(1, 20, items[20:])]),
+                               transform, workers=3, window=5)
+    pre.start()
+    got = []
+    for sh, j, item, arr, reason in pre:
+        with lock:
+            live[0] -= 1
+        got.append((sh.id, sh.first + j, None if arr is None else int(arr[0, 0, 0]), reason))
+        time.sleep(0.001)
+    assert got[:2] == [(0, 0, 0, None), (0, 1, 1, None)] and got[20][:2] == (1, 20)
+    assert [g[1] for g in got] == list(range(30)) and got[7] == (0, 7, None, "cannot read image 7: truncated")
+    assert peak[0] <= 5 and len(threads) > 1  # bounded look-ahead, decoded in parallel
+
+
+def test_spec_and_shard_size():
+    s = ExplainSpec("predicatt,rollout", "-1,-2", "top,top5,gt", map_dtype="f16")
+    assert s.methods == ("predicatt", "rollout") and s.layers == (-1, -2) and s.map_dtype == "float16"
+    assert s.needs_labels
+    cfg = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5)
+    combos = s.combos(ViT(cfg))
+    # rollout has no prediction layer: one map per target, not per layer.
+    assert [c.key for c in combos] == ["predicatt/L2/top", "predicatt/L2/top5", "predicatt/L2/gt",
+                                       "predicatt/L1/top", "predicatt/L1/top5", "predicatt/L1/gt",
+                                       "rollout/top", "rollout/top5", "rollout/gt"]
+    with pytest.raises(ValueError, match="k must be between"):
+        ExplainSpec(targets="top9").combos(ViT(cfg))
+    with pytest.raises(ValueError, match="out of range"):
+        ExplainSpec(layers=5).combos(ViT(cfg))
+    big = ViT(ViTConfig(num_classes=1000))
+    assert pipeline.auto_shard_size(big, ExplainSpec(targets="all").combos(big), "float32") == 340
+    assert pipeline.auto_shard_size(big, ExplainSpec().combos(big), "float32") == 1024
