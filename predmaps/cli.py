@@ -2,14 +2,16 @@
 
     predmaps demo [--out DIR]                       # offline: the embedded digit-scenes ViT
     predmaps explain IMAGE... [--model NAME|PATH] [--classes top5|281,285] [--method predicatt]
-                     [--layers -1,-2] [--out DIR]
+                     [--layers -1,-2] [--labels 3,7] [--cmap jet] [--alpha 0.5] [--shared-scale] [--out DIR]
+
+Both write PNG overlays into --out and a self-contained HTML report (no script, images embedded)
+into --out/report: index.html, one page per image (see `predmaps.report`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -48,92 +50,146 @@ def _parse_classes(text: str):
             from None
 
 
-def _write_explanations(model, params, images_unit, images_norm, names, target, method, layers, out: Path,
-                        cmap: str, shared_scale: bool) -> list[str]:
-    """Explain a batch, write one PNG per (image, class, layer); return summary lines."""
-    import predmaps
-    from predmaps import viz
+def _parse_labels(text: str) -> list[list[int]]:
+    try:
+        return [[int(v) for v in item.split("+")] for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--labels takes one class index per image like 3,7 (several for one image: "
+                                         f"3+7); got {text!r}") from None
 
-    cfg = model.config
-    lines = []
-    exs = {layer: predmaps.explain(model, params, images_norm, method=method, target=target, layer=layer)
-           for layer in layers}
-    first = exs[layers[0]]
-    probs = np.asarray(__import__("jax").nn.softmax(first.logits, -1))
-    for i, name in enumerate(names):
-        top = np.argsort(-probs[i])[:5]
-        lines.append(f"{name}: " + ", ".join(f"{cfg.class_name(c)} {probs[i, c]:.3f}" for c in top))
-        tiles, titles = [], []
-        base = (images_unit[i] * 255 + 0.5).astype(np.uint8)
-        for layer, ex in exs.items():
-            maps = np.asarray(ex.maps[i])
-            lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
-            for k, c in enumerate(np.asarray(ex.classes[i])):
-                img = viz.overlay(base, maps[k], cmap=cmap, vmin=lo, vmax=hi)
-                stem = f"{Path(name).stem}_{method}_L{layer}_{cfg.class_name(c).replace(' ', '_').replace('/', '_')}"
-                img.save(out / f"{stem}.png")
-                tiles.append(img)
-                titles.append(f"{cfg.class_name(c)} L{layer}")
-        viz.grid(tiles, titles, columns=len(tiles) // len(layers), cell=max(128, base.shape[0])).save(
-            out / f"{Path(name).stem}_{method}_grid.png")
-    return lines
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def _label_array(rows: list[list[int]]) -> np.ndarray:
+    """Ragged per-image label lists -> (b, M) int, -1 where an image has fewer labels."""
+    rows = [list(dict.fromkeys(r)) for r in rows]  # a repeated label would count twice in the accuracy
+    m = max(len(r) for r in rows)
+    return np.asarray([r + [-1] * (m - len(r)) for r in rows], np.int64)
+
+
+def _report_options(args, **overrides):
+    from predmaps import report
+
+    fields = dict(target=args.classes, method=args.method, layers=tuple(args.layers), map_class=args.map_class,
+                  cmap=args.cmap, alpha=args.alpha, shared_scale=args.shared_scale, top_k=args.top_k,
+                  heads=args.heads, batch_size=args.batch_size)
+    fields.update(overrides)
+    return report.ReportOptions(**fields)
+
+
+def _run_report(model, params, batches, out: Path, options, png_layers):
+    """The explain flow shared by `explain` and `demo`: the HTML report under out/report, and the
+    stand-alone PNG overlays of the requested method and layers in out/."""
+    from predmaps import report
+
+    def pngs(r):
+        report.write_pngs(r, model.config, out, options.method, png_layers, cmap=options.cmap, alpha=options.alpha,
+                          shared_scale=options.shared_scale)
+
+    return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
 
 
 def cmd_explain(args) -> int:
-    from jaxvit import preprocess
+    import itertools
 
+    from jaxvit import preprocess
+    from predmaps import report
+
+    if args.labels is not None and len(args.labels) != len(args.images):
+        print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
+              "image, in order", file=sys.stderr)
+        return 2
     model, params = load_model(args.model)
     cfg = model.config
+    if args.labels is not None:
+        bad = [c for row in args.labels for c in row if not 0 <= c < cfg.num_classes]
+        if bad:
+            print(f"error: label(s) {bad} out of range 0..{cfg.num_classes - 1}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     transform = preprocess.eval_transform_for(cfg)
-    ok, names, errors = [], [], []
-    for path in args.images:
-        try:
-            img = preprocess.load_image(path)
-            ok.append(transform(img))
-            names.append(path)
-        except preprocess.ImageLoadError as e:
-            errors.append(str(e))
-            print(f"skipped: {e}", file=sys.stderr)
-    if not ok:
+    size = max(1, min(args.batch_size, len(args.images)))
+    errors = []
+    mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
+
+    def make(buf):
+        x = np.stack([b[1] for b in buf])
+        labels = None if args.labels is None else _label_array([b[2] for b in buf])
+        return report.Batch(names=[b[0] for b in buf], images=np.clip(x * std + mean, 0, 1), inputs=x, labels=labels)
+
+    def batches():  # read lazily, one batch at a time: a run over many images stays bounded in memory
+        buf = []
+        for i, path in enumerate(args.images):
+            try:
+                x = transform(preprocess.load_image(path))
+            except preprocess.ImageLoadError as e:
+                errors.append(str(e))
+                print(f"skipped: {e}", file=sys.stderr)
+                continue
+            buf.append((path, x, None if args.labels is None else args.labels[i]))
+            if len(buf) == size:
+                yield make(buf)
+                buf = []
+        if buf:
+            yield make(buf)
+
+    it = batches()
+    first = next(it, None)
+    if first is None:
         print("error: no readable image", file=sys.stderr)
         return 2
-    x = np.stack(ok)
-    unit = np.clip(x * np.asarray(cfg.std) + np.asarray(cfg.mean), 0, 1)
-    t0 = time.perf_counter()
+    options = _report_options(args, batch_size=size, model_name=args.model or DEFAULT_MODEL)
     try:
-        lines = _write_explanations(model, params, unit, x, names, args.classes, args.method, args.layers, out,
-                                    args.cmap, args.shared_scale)
+        rep = _run_report(model, params, itertools.chain([first], it), out, options, args.layers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n".join(lines))
-    print(f"{len(names)} image(s) explained in {time.perf_counter() - t0:.1f}s; overlays in {out}"
+    print("\n".join(rep.lines))
+    print(f"{len(rep.lines)} image(s) explained in {rep.seconds:.1f}s; overlays in {out}"
           + (f"; {len(errors)} skipped" if errors else ""))
+    print(f"report: {rep.index.resolve()}")
     return 1 if errors and args.strict else 0
 
 
 def cmd_demo(args) -> int:
-    from predmaps import digits
+    from PIL import Image
+
+    from predmaps import digits, report
 
     model, params = load_model(None)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "scenes").mkdir(parents=True, exist_ok=True)
     images, labels, _ = digits.two_digit_scenes(args.n, split="test", seed=args.seed)
-    x = digits.normalize(images)
-    unit = images.astype(np.float32) / 255.0
     names = [f"scene{i}_digits_{a}_{b}.png" for i, (a, b) in enumerate(labels)]
     for name, img in zip(names, images):
-        __import__("PIL.Image").Image.fromarray(img).save(out / name)
-    lines = _write_explanations(model, params, unit, x, names, np.asarray(labels), "predicatt", [-1, -2], out,
-                                "jet", False)
-    for method in ("raw_attention", "rollout"):
-        _write_explanations(model, params, unit, x, names, "top", method, [-1], out, "jet", False)
-    print("\n".join(lines))
-    print(f"demo: PredicAtt_L and PredicAtt_(L-1) for both digits of {args.n} two-digit scenes, beside raw "
-          f"attention and rollout")
-    print(f"report: {out.resolve()}")
+        Image.fromarray(img).save(out / "scenes" / name)
+    size = min(8, args.n)
+    batches = [report.Batch(names=names[i:i + size], images=images[i:i + size],
+                            inputs=digits.normalize(images[i:i + size]), labels=labels[i:i + size],
+                            targets=labels[i:i + size]) for i in range(0, args.n, size)]
+    options = report.ReportOptions(
+        target=None, method="predicatt", layers=(-1, -2), cmap=args.cmap, alpha=args.alpha, batch_size=size,
+        title="predmaps demo: two-digit scenes", model_name=f"{DEFAULT_MODEL} (embedded)",
+        label_note="top-1 prediction is one of the scene's two digits")
+    try:
+        rep = _run_report(model, params, batches, out, options, [-1, -2])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(rep.lines))
+    print(f"demo: PredicAtt_L and PredicAtt_(L-1) for both digits of {args.n} two-digit scene(s), beside raw "
+          f"attention and rollout; prediction maps at every layer, heads ranked by alpha~, per-layer statistics "
+          f"({rep.seconds:.1f}s). Scenes and PNG overlays in {out.resolve()}")
+    print(f"report: {rep.index.resolve()}")
     return 0
 
 
@@ -141,22 +197,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="predmaps", description="Prediction maps and PredicAtt for ViTs, in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("explain", help="explain images with a timm ViT; writes PNG overlays")
+    p = sub.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--classes", type=_parse_classes, default="top", help="top, topK, all, or indices like 281,285")
-    p.add_argument("--method", default="predicatt")
+    p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
+                   "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout)")
     p.add_argument("--layers", type=_parse_layers, default=[-1], help="prediction layers, e.g. -1,-2")
+    p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index per image, e.g. 3,7 "
+                   "(3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
+    p.add_argument("--map-class", type=int, help="the class whose prediction map the report shows at every layer "
+                   "(default: each image's first explained class)")
     p.add_argument("--out", default="predmaps-out")
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--shared-scale", action="store_true", help="one colour scale for all maps of an image")
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map")
+    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
+    p.add_argument("--shared-scale", action="store_true",
+                   help="one colour scale per method for all maps of an image (default: each map its own min-max)")
+    p.add_argument("--top-k", type=_positive, default=5, help="predictions listed in the report")
+    p.add_argument("--heads", type=_positive, default=4, help="most and least contributing heads shown per class")
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
     p.set_defaults(fn=cmd_explain)
 
-    p = sub.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline)")
+    p = sub.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline); "
+                       "writes the HTML report and prints its path")
     p.add_argument("--out", default="predmaps-demo")
-    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--n", type=_positive, default=4, help="number of scenes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map")
+    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
     p.set_defaults(fn=cmd_demo)
 
     from predmaps.eval_cli import add_eval_parser

@@ -1,22 +1,32 @@
-"""The predmaps command line: explain writes overlays and skips unreadable images; viz helpers."""
+"""The predmaps command line: explain writes overlays and the HTML report, skips unreadable images;
+labels; errors; viz helpers. (`predmaps demo` is tested with the reports, in test_report.py.)"""
+
+import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 import jaxvit
-from jaxvit import ViT, ViTConfig
-from predmaps import cli, viz
+from jaxvit import ViTConfig
+from jaxvit.checkpoint import param_shapes
+from predmaps import cli, report, viz
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     cfg = ViTConfig(name="tiny-test", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                     num_classes=5, label_names=("ant", "bee", "cat", "dog", "eel"), crop_pct=1.0)
-    params = ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+    rng = np.random.default_rng(0)  # random weights without running (and compiling) init
+
+    def draw(path, s):
+        x = rng.normal(size=s.shape).astype(np.float32)
+        if len(s.shape) >= 2:
+            return x * np.prod(s.shape[:-1]) ** -0.5
+        return 1 + 0.1 * x if "scale" in jax.tree_util.keystr(path) else 0.1 * x
+
+    params = jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
     return jaxvit.save(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, params)
 
 
@@ -26,14 +36,23 @@ def test_explain_writes_overlays_and_skips_bad_files(tiny_checkpoint, tmp_path, 
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     out = tmp_path / "out"
-    rc = cli.main(["explain", str(good), str(bad), "--model", str(tiny_checkpoint), "--classes", "top2",
-                   "--layers", "-1,-2", "--out", str(out)])
+    rc = cli.main(["explain", str(good), str(bad), "--model", str(tiny_checkpoint), "--classes", "top3",
+                   "--layers", "-1,-2", "--out", str(out), "--labels", "1+2,3+4", "--cmap", "magma", "--alpha", "0.7",
+                   "--shared-scale", "--map-class", "2"])
     assert rc == 0
     text = capsys.readouterr()
     assert "bad.jpg" in text.err and "skipped" in text.err
     assert "good.png:" in text.out and "1 skipped" in text.out
+    index = out / "report" / "index.html"
+    assert f"report: {index.resolve()}" in text.out
+    assert report.verify(index) == []
+    page = (out / "report" / "0000_good.html").read_text()
+    assert "magma" in page and "opacity 0.7" in page and "one scale per method" in page and "c = cat" in page
+    assert re.search(r"ground truth: bee <span class='note'>\(1\)</span>, cat <span class='note'>\(2\)</span>", page)
+    assert "Per-layer statistics" in page
+    assert not list((out / "report").glob("*bad*"))
     pngs = sorted(p.name for p in out.glob("good_predicatt_L*.png"))
-    assert len(pngs) == 4  # 2 classes x 2 layers
+    assert len(pngs) == 6  # 3 classes x 2 layers
     assert Image.open(out / pngs[0]).size == (32, 32)  # the model's input after the eval transform
     assert (out / "good_predicatt_grid.png").exists()
     assert cli.main(["explain", str(good), str(bad), "--model", str(tiny_checkpoint), "--out", str(out),
@@ -51,6 +70,18 @@ def test_explain_errors(tiny_checkpoint, tmp_path, capsys):
     assert "no readable image" in capsys.readouterr().err
     assert cli.main(["explain", str(good), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--labels", "1,2", "--out",
+                     str(tmp_path)]) == 2
+    assert "2 label(s) for 1 image(s)" in capsys.readouterr().err
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--labels", "9", "--out",
+                     str(tmp_path)]) == 2
+    assert "label(s) [9] out of range 0..4" in capsys.readouterr().err
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--cmap", "nope", "--out",
+                     str(tmp_path)]) == 2
+    assert "unknown colour map" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["explain", str(good), "--labels", "x"])
+    assert "--labels takes one class index per image" in capsys.readouterr().err
 
 
 def test_overlay_keeps_size_and_puts_heat_on_the_hot_cell():
