@@ -84,7 +84,11 @@ _CHEFER_FILES = ["modules/__init__.py", "modules/layers_ours.py", "modules/layer
                  "baselines/ViT/ViT_LRP.py", "baselines/ViT/ViT_orig_LRP.py", "baselines/ViT/helpers.py",
                  "baselines/ViT/weight_init.py", "baselines/ViT/layer_helpers.py",
                  "baselines/ViT/ViT_explanation_generator.py"]
-_MIRROR = Path(__file__).resolve().parents[2] / ".mirror" / "hila-chefer+Transformer-Explainability" / "repo"
+_MIRROR_NAME = Path(".mirror") / "hila-chefer+Transformer-Explainability" / "repo"
+# Beside the checkout (a developer's workplace), or the workplace's fixed mirror folder (CI clones
+# the project elsewhere); the first that exists.
+_MIRROR = next((p for p in (Path(__file__).resolve().parents[2] / _MIRROR_NAME, Path("/work") / _MIRROR_NAME)
+                if p.exists()), Path(__file__).resolve().parents[2] / _MIRROR_NAME)
 
 
 def _read_chefer_file(repo: Path, rel: str) -> bytes:
