@@ -1,0 +1,1169 @@
+"""The benchmark behind `python -m bench`: JAX explanations against the torch version.
+
+For every model x dtype x batch size x method it times the JAX implementation (`predmaps`) and
+the torch version (`bench/torch_reference.py`, what a torch user of the methods writes) on the
+same device, in the same process, one after the other, and checks that both give the same maps
+(parity), so a fast wrong answer cannot win.
+
+Rows
+  methods: predicatt_L, predicatt_L-1, predicatt_L+L-1 (both layers from one forward: JAX calls
+  `explain_fn` twice inside one `jax.jit` and XLA shares the forward; torch reads both layers
+  from one hooked forward), prediction_map, raw_attention, rollout, gradcam, generic_attention,
+  transattr (JAX only: the torch version has no LRP), and `forward`: torch = plain timm forward
+  with fused SDPA attention and no explanation (the floor a torch user sees), JAX = the bare
+  jaxvit forward (fused attention, logits only).
+
+Measures
+  latency: median of `--repeats` timed calls (after `--warmup` calls), device synchronised
+    (`jax.block_until_ready`, `torch.cuda.synchronize`); reported at batch 1.
+  throughput: batch / median time at the large batch (`--large-repeats` calls).
+  memory overhead (the paper's): peak device memory during one call minus device memory in use
+    before it. GPU: torch `reset_peak_memory_stats` / `max_memory_allocated`; JAX in a fresh
+    subprocess per (model, dtype, method) reading `memory_stats()` peak_bytes_in_use minus
+    bytes_in_use before (JAX cannot reset its peak in-process; the subprocess hits the
+    compilation cache this run wrote, so no autotuning runs before the measured call).
+    CPU: resident-set growth of this process during one call (VmHWM after, reset through
+    /proc/self/clear_refs, minus VmRSS before): an approximation, labelled as such (memory that
+    the allocator reuses from earlier calls does not show).
+  compile: JAX trace + lower + compile, reported on its own, never inside the run times.
+
+Inputs: timm models built with `pretrained=False`, every weight re-drawn at unit fan-in scale
+(seeded): timm's own init is nearly degenerate (near-uniform attention, tiny logits), which
+would make the parity check vacuous. Images: seeded standard-normal (already "normalised").
+
+Parity: each map set against the torch version's fp32 maps on the same inputs (for
+predicatt_L+L-1: `torch_reference.predicatt` at L and at L-1), ||a - b|| / ||b|| over the batch.
+fp32: <= 1e-4 and the same predicted classes. bf16: at most max(5e-2, 2x the torch version's own
+bf16 error against its fp32), over the images whose predicted class agrees with fp32.
+Forward rows compare logits the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# key -> (timm architecture, create_model kwargs, image size, label)
+MODELS = {
+    "vit_s16": ("vit_small_patch16_224", {}, 224, "ViT-S/16"),
+    "vit_b16": ("vit_base_patch16_224", {}, 224, "ViT-B/16"),
+    "vit_l16": ("vit_large_patch16_224", {}, 224, "ViT-L/16"),
+    "tiny": ("vit_tiny_patch16_224", dict(depth=2, img_size=64), 64, "ViT-Ti/16 depth 2 @64"),
+}
+MODEL_ALIASES = {"vit-s/16": "vit_s16", "vits16": "vit_s16", "vit-b/16": "vit_b16", "vitb16": "vit_b16",
+                 "vit-l/16": "vit_l16", "vitl16": "vit_l16"}
+GPU_LARGE_BATCH = {"vit_s16": 256, "vit_b16": 256, "vit_l16": 128, "tiny": 8}
+CPU_LARGE_BATCH = 8
+
+METHODS = ["forward", "predicatt_L", "predicatt_L-1", "predicatt_L+L-1", "prediction_map", "raw_attention",
+           "rollout", "gradcam", "generic_attention", "transattr"]
+METHOD_ALIASES = {"predicatt": "predicatt_L", "predicatt_l": "predicatt_L", "predicatt_l-1": "predicatt_L-1",
+                  "predicatt_l+l-1": "predicatt_L+L-1", "headline": "predicatt_L+L-1", "floor": "forward"}
+# bench method -> (predmaps method, layer)
+JAX_METHODS = {"predicatt_L": ("predicatt", -1), "predicatt_L-1": ("predicatt", -2),
+               "prediction_map": ("prediction_map", -1), "raw_attention": ("raw_attention", -1),
+               "rollout": ("rollout", -1), "gradcam": ("gradcam", -1),
+               "generic_attention": ("generic_attention", -1), "transattr": ("transattr", -1)}
+HEADLINE = "predicatt_L+L-1"
+
+FP32_TOL = 1e-4
+TF32_TOL = 1e-2
+BF16_TOL = 5e-2
+MiB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class ForeignLoad:
+    """CPU time used by other processes (in cores, averaged over an interval): the machine's busy time
+    (/proc/stat) minus this process's own (and its children's) CPU time. Linux only; None elsewhere."""
+
+    def __init__(self):
+        self.last = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def interval(self) -> float | None:
+        """Cores used by other processes since the previous call."""
+        now = self._sample()
+        prev, self.last = self.last, now
+        if now is None or prev is None or now[0] - prev[0] <= 0:
+            return None
+        return round(max(0.0, ((now[1] - prev[1]) - (now[2] - prev[2])) / (now[0] - prev[0])), 3)
+
+
+def redraw_(model, seed: int = 0):
+    """Re-draw every weight of a timm ViT at unit fan-in scale, in place (as tests/conftest.py)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif name.startswith(("pos_embed", "cls_token", "reg_token", "dist_token")):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def build_timm(key: str, seed: int = 0):
+    import timm
+    import torch
+
+    arch, kw, size, _ = MODELS[key]
+    torch.manual_seed(seed)
+    return redraw_(timm.create_model(arch, pretrained=False, **kw), seed), size
+
+
+def make_images(batch: int, size: int, seed: int = 1) -> np.ndarray:
+    """(B, 3, H, W) float32, seeded standard normal; the same first images for every batch size."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+def jax_function(model, method: str):
+    """The function JAX times: (params, images NHWC) -> dict(maps (B, K, gh, gw), classes) or dict(logits)."""
+    import jax.numpy as jnp
+
+    from predmaps import explain_fn
+    from predmaps.targets import Targets
+
+    top = Targets(kind="top")
+    if method == "forward":
+        return lambda p, x: {"logits": model.apply({"params": p}, x).logits}
+    if method == HEADLINE:
+        f_l = explain_fn(model, method="predicatt", layer=-1)
+        f_l1 = explain_fn(model, method="predicatt", layer=-2)
+
+        def both(p, x):  # two explanations, one jit: XLA's CSE shares the forward
+            a, b = f_l(p, x, top), f_l1(p, x, top)
+            return {"maps": jnp.concatenate([a.maps, b.maps], axis=1), "classes": a.classes}
+
+        return both
+    name, layer = JAX_METHODS[method]
+    g = explain_fn(model, method=name, layer=layer)
+
+    def one(p, x):
+        e = g(p, x, top)
+        return {"maps": e.maps, "classes": e.classes}
+
+    return one
+
+
+def jax_methods_available() -> set[str]:
+    import predmaps
+
+    out = {"forward", HEADLINE}
+    for m, (name, _) in JAX_METHODS.items():
+        if name in predmaps.METHODS:
+            out.add(m)
+    return out
+
+
+def _precision_ctx(dtype: str, fp32_precision: str):
+    import jax
+
+    if dtype == "fp32" and fp32_precision == "highest":
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
+def jax_compile(model, params, x, method: str, dtype: str, fp32_precision: str):
+    """AOT-compile the timed function. Returns (compiled, seconds, xla static memory dict)."""
+    import jax
+
+    fn = jax.jit(jax_function(model, method))
+    t0 = time.perf_counter()
+    with _precision_ctx(dtype, fp32_precision):
+        compiled = fn.lower(params, x).compile()
+    secs = time.perf_counter() - t0
+    static = None
+    try:
+        ma = compiled.memory_analysis()
+        if ma is not None:
+            static = {"temp_bytes": int(ma.temp_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
+                      "argument_bytes": int(ma.argument_size_in_bytes)}
+    except Exception:  # not every backend reports it
+        pass
+    return compiled, secs, static
+
+
+
+# ------------------------------------------------------------------------------------------ torch side
+
+
+def torch_predicatt_layers(model, images, layers=(-1, -2)):
+    """PredicAtt at several layers from ONE hooked forward (the torch counterpart of the JAX
+    headline row); the same arithmetic as `torch_reference.predicatt`, maps concatenated on K."""
+    import torch
+
+    from bench import torch_reference as tr
+
+    with torch.no_grad():
+        out = tr.forward_with_internals(model, images)
+        logits, tokens, attn = out["logits"], out["tokens"], out["attn"]
+        b, c = logits.shape
+        n_layers, n_heads = len(attn), attn[0].shape[1]
+        classes = tr.resolve_targets(None, logits, b, c, device=logits.device)
+        k = classes.shape[1]
+        a_cls = tr._cls_attention(model, attn)
+        maps = []
+        for layer in layers:
+            psi_c = tr._gather_classes(tr.prediction_matrix(model, tokens[tr._layer_index(layer, n_layers)]), classes)
+            sim = torch.einsum("blhn,bkn->bklh", a_cls, psi_c)
+            alpha = sim.reshape(b, k, n_layers * n_heads).softmax(dim=-1).reshape(b, k, n_layers, n_heads)
+            maps.append(torch.einsum("bklh,blhn->bkn", alpha, a_cls) * psi_c)
+        return {"maps": torch.cat(maps, dim=1), "classes": classes}
+
+
+def torch_function(model, method: str):
+    """(fn(images) -> dict, setup(), teardown()) for the torch version of `method`; None if it has none."""
+    import torch
+
+    from bench import torch_reference as tr
+
+    def fused(on: bool):
+        def f():
+            for blk in model.blocks:
+                blk.attn.fused_attn = on
+        return f
+
+    def plain(fn, **kw):
+        return lambda x: fn(model, x, **kw)
+
+    if method == "forward":
+        def fwd(x):
+            with torch.inference_mode():
+                return {"logits": model(x)}
+        return fwd, fused(True), fused(False)
+    table = {
+        "predicatt_L": plain(tr.predicatt, layer=-1),
+        "predicatt_L-1": plain(tr.predicatt, layer=-2),
+        HEADLINE: lambda x: torch_predicatt_layers(model, x),
+        "prediction_map": plain(tr.prediction_map, layer=-1),
+        "raw_attention": plain(tr.raw_attention),
+        "rollout": plain(tr.rollout),
+        "gradcam": plain(tr.gradcam),
+        "generic_attention": plain(tr.generic_attention),
+    }
+    if method not in table:
+        return None
+    return table[method], fused(False), fused(False)
+
+
+def torch_reference_output(model, method: str, x):
+    """The fp32 parity reference: the torch version's own functions, no autocast."""
+    from bench import torch_reference as tr
+
+    if method == HEADLINE:
+        a, b = tr.predicatt(model, x, layer=-1), tr.predicatt(model, x, layer=-2)
+        import torch
+        return {"maps": torch.cat([a["maps"], b["maps"]], dim=1), "classes": a["classes"]}
+    fn, setup, teardown = torch_function(model, method)
+    setup()
+    try:
+        return fn(x)
+    finally:
+        teardown()
+
+
+def _to_numpy(out: dict) -> dict:
+    res = {}
+    for k, v in out.items():
+        if k not in ("maps", "classes", "logits") or v is None:
+            continue
+        if hasattr(v, "detach"):
+            v = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+        a = np.asarray(v)
+        if k == "maps":
+            a = a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64)
+        elif k == "logits":
+            a = a.astype(np.float64)
+        res[k] = a
+    return res
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_supported() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def rss_overhead(call) -> int:
+    """Peak resident-set growth during call() (reset VmHWM, read VmRSS, call, read VmHWM)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    out = call()
+    peak = _status_kb("VmHWM")
+    del out
+    return max(0, peak - before) * 1024
+
+
+def time_calls(call, sync, warmup: int, repeats: int):
+    """Median-able wall times of call() after warm-up, device synchronised; returns (last output, times)."""
+    out = None
+    for _ in range(warmup):
+        out = call()
+        sync(out)
+    times = []
+    for _ in range(repeats):
+        del out
+        t0 = time.perf_counter()
+        out = call()
+        sync(out)
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def _summary(times: list[float], batch: int) -> dict:
+    med = statistics.median(times)
+    return {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "repeats": len(times),
+            "throughput": batch / med, "times_ms": [round(t * 1e3, 4) for t in times]}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    nb = float(np.linalg.norm(b))
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a - b))
+
+
+def parity(out: dict, ref: dict, dtype: str, fp32_precision: str, torch_err: float | None = None) -> dict:
+    """Compare an output with the fp32 reference. Returns dict(status, rel_err, tol, note)."""
+    key = "maps" if "maps" in ref else "logits"
+    if key not in out:
+        return {"status": "FAIL", "rel_err": None, "tol": None, "note": f"no {key} in the output"}
+    a, b = out[key], ref[key]
+    if a.shape != b.shape:
+        return {"status": "FAIL", "rel_err": None, "tol": None, "note": f"shape {a.shape} != reference {b.shape}"}
+    keep = np.ones(a.shape[0], bool)
+    if key == "maps" and "classes" in ref and "classes" in out:
+        keep = (np.asarray(out["classes"]) == np.asarray(ref["classes"])).all(axis=1)
+    if key == "logits":
+        keep = a.argmax(-1) == b.argmax(-1)
+    mism = int((~keep).sum())
+    if dtype == "fp32":
+        tol = FP32_TOL if fp32_precision == "highest" else TF32_TOL
+        err = rel_err(a, b)
+        ok = err <= tol and mism == 0
+        note = f"predicted class differs on {mism} image(s)" if mism else ""
+        return {"status": "PASS" if ok else "FAIL", "rel_err": err, "tol": tol, "class_mismatch": mism, "note": note}
+    tol = BF16_TOL if torch_err is None else max(BF16_TOL, 2 * torch_err)
+    if not keep.any():
+        return {"status": "FAIL", "rel_err": None, "tol": tol, "class_mismatch": mism,
+                "note": "predicted class differs from fp32 on every image"}
+    err = rel_err(a[keep], b[keep])
+    note = f"{mism} image(s) with another predicted class than fp32 left out" if mism else ""
+    return {"status": "PASS" if err <= tol else "FAIL", "rel_err": err, "tol": tol, "class_mismatch": mism,
+            "note": note}
+
+
+# ------------------------------------------------------------------------------------------ JAX memory child
+
+
+def _enable_compile_cache(path: str) -> None:
+    import jax
+
+    for name, value in (("jax_compilation_cache_dir", path), ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                        ("jax_persistent_cache_min_entry_size_bytes", -1)):
+        try:
+            jax.config.update(name, value)
+        except Exception:
+            pass
+
+
+def memory_child(spec: dict) -> dict:
+    """In a fresh process: one JAX case per batch size, ascending; peak_bytes_in_use minus bytes_in_use
+    before the first call after compiling (valid when the peak rises past every earlier peak)."""
+    import jax
+    import jax.numpy as jnp
+
+    import convert
+
+    if spec.get("cache_dir"):
+        _enable_compile_cache(spec["cache_dir"])
+    tmodel, size = build_timm(spec["model"], spec["seed"])
+    model, params = convert.load(tmodel, dtype=jnp.bfloat16 if spec["dtype"] == "bf16" else jnp.float32)
+    del tmodel
+    dev = jax.devices()[0]
+    if dev.memory_stats() is None:
+        return {str(b): {"error": f"no memory_stats() on {dev.platform}"} for b in spec["batches"]}
+    res = {}
+    for batch in sorted(spec["batches"]):
+        x = jax.device_put(make_images(batch, size).transpose(0, 2, 3, 1))
+        try:
+            compiled, csecs, _ = jax_compile(model, params, x, spec["method"], spec["dtype"], spec["fp32_precision"])
+            jax.block_until_ready(x)
+            s0 = dev.memory_stats()
+            out = compiled(params, x)
+            jax.block_until_ready(out)
+            s1 = dev.memory_stats()
+            del out
+            res[str(batch)] = {"before": s0["bytes_in_use"], "peak_before": s0["peak_bytes_in_use"],
+                               "peak_after": s1["peak_bytes_in_use"],
+                               "overhead": s1["peak_bytes_in_use"] - s0["bytes_in_use"],
+                               "exact": s1["peak_bytes_in_use"] > s0["peak_bytes_in_use"], "compile_s": csecs}
+        except Exception as e:  # OOM and the like: reported, not fatal
+            res[str(batch)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return res
+
+
+def run_memory_child(spec: dict) -> dict:
+    cmd = [sys.executable, "-m", "bench", "--_memory-child", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {str(b): {"error": "memory subprocess timed out"} for b in spec["batches"]}
+    for line in p.stdout.splitlines():
+        if line.startswith("MEMCHILD "):
+            return json.loads(line[len("MEMCHILD "):])
+    return {str(b): {"error": f"memory subprocess failed (rc {p.returncode}): {p.stderr[-400:]}"}
+            for b in spec["batches"]}
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args, torch_device) -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import timm
+    import torch
+
+    jdev = jax.devices()[0]
+    gpu = jdev.platform == "gpu"
+    device = torch.cuda.get_device_name(0) if gpu and torch.cuda.is_available() else (
+        jdev.device_kind if gpu else f"{_cpu_name()} ({os.cpu_count()} cores)")
+    hi = args.fp32_precision == "highest"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "device": device,
+        "jax_backend": jdev.platform,
+        "jax_device_kind": jdev.device_kind,
+        "jax_device_count": jax.device_count(),
+        "torch_device": str(torch_device),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                     "flax": flax.__version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "numpy": np.__version__,
+                     "cuda (torch)": torch.version.cuda if torch.cuda.is_available() else None},
+        "precision": {
+            "jax_fp32_matmul": ("highest (jax.default_matmul_precision('highest') around tracing: true fp32)" if hi
+                                else "default (TF32-class on GPU, fp32 on CPU)"),
+            "torch_fp32": ("true fp32 (torch.backends.cuda.matmul.allow_tf32=False, cudnn.allow_tf32=False)" if hi
+                           else "TF32 allowed (cuda.matmul.allow_tf32=True, cudnn.allow_tf32=True)"),
+            "jax_bf16": "convert.load(..., dtype=jnp.bfloat16): bf16 matmuls, fp32 params, LayerNorm stats, softmax "
+                        "and logits",
+            "torch_bf16": f"torch.autocast('{torch_device.type}', dtype=torch.bfloat16)",
+        },
+        "threads": {"torch_num_threads": torch.get_num_threads(),
+                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+                    "note": "torch threads left at their default; XLA:CPU uses every core by default"},
+        "env": {k: os.environ[k] for k in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS", "OMP_NUM_THREADS",
+                                             "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "weights": f"random (timm pretrained=False, re-drawn at unit fan-in scale, seed {args.seed})",
+        "inputs": "seeded standard-normal images (seed 1), NCHW for torch, the same values NHWC for JAX",
+        "timing": f"median of the timed calls after {args.warmup} warm-up call(s); batch-1 repeats {args.repeats}, "
+                  f"large-batch repeats {args.large_repeats}; JAX times the AOT-compiled executable",
+        "targets": "the predicted class (K=1), resolved inside the timed call",
+    }
+
+
+def device_slug(env: dict) -> str:
+    if env["jax_backend"] == "cpu":
+        return f"cpu-{env['cpu_count']}core"
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    return slug + (f"-x{env['jax_device_count']}" if env["jax_device_count"] > 1 else "")
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def _parse_list(text: str | None, aliases: dict, known: list[str], what: str) -> list[str] | None:
+    if text is None:
+        return None
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key = aliases.get(item.lower(), item)
+        if key not in known:
+            raise SystemExit(f"unknown {what} {item!r}; choose from {', '.join(known)}")
+        out.append(key)
+    return out
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+class Runner:
+    def __init__(self, args):
+        import jax
+        import torch
+
+        self.args = args
+        self.gpu = jax.default_backend() == "gpu"
+        cuda = self.gpu and torch.cuda.is_available()
+        self.tdev = torch.device("cuda" if cuda else "cpu")
+        hi = args.fp32_precision == "highest"
+        torch.backends.cuda.matmul.allow_tf32 = not hi
+        torch.backends.cudnn.allow_tf32 = not hi
+        self.sync_t = (lambda _out: torch.cuda.synchronize()) if cuda else (lambda _out: None)
+        mode = args.memory
+        if mode == "auto":
+            mode = "device" if self.gpu else ("rss" if rss_supported() else "off")
+        if mode == "rss" and not rss_supported():
+            mode = "off"
+        self.mem_mode = mode
+        self.cache_dir = None
+        if mode == "device" and self.gpu:
+            self.cache_dir = tempfile.mkdtemp(prefix="bench-jax-cache-")
+            _enable_compile_cache(self.cache_dir)
+        self.records: list[dict] = []
+        self.refs: dict = {}
+        self.torch_bf16_err: dict = {}
+        self.loads: list[list[float]] = []
+        self.foreign = ForeignLoad()
+        self.foreign_samples: list[float] = []
+
+    # -- helpers
+    def _record(self, **kw) -> dict:
+        load = _loadavg()
+        if load:
+            self.loads.append(load)
+        other = self.foreign.interval()
+        if other is not None:
+            self.foreign_samples.append(other)
+        rec = dict(kw, loadavg=load, other_processes_cores=other)
+        self.records.append(rec)
+        return rec
+
+    def _mem_label(self, impl: str) -> str:
+        if self.mem_mode == "off":
+            return "n/a"
+        if self.mem_mode == "rss":
+            return "CPU RSS growth during the call (approximate)"
+        return ("torch.cuda max_memory_allocated - memory_allocated before" if impl == "torch"
+                else "JAX peak_bytes_in_use - bytes_in_use before (fresh subprocess)")
+
+    def reference(self, tmodel, mkey, method, batch, xt):
+        import torch
+
+        key = (mkey, method, batch)
+        if key not in self.refs:
+            with torch.autocast(self.tdev.type, enabled=False):
+                self.refs[key] = _to_numpy(torch_reference_output(tmodel, method, xt))
+        return self.refs[key]
+
+    # -- one torch case
+    def torch_case(self, tmodel, mkey, method, dtype, batch, xt, repeats):
+        import torch
+
+        spec = torch_function(tmodel, method)
+        if spec is None:
+            return None
+        fn, setup, teardown = spec
+        base = dict(model=mkey, model_label=MODELS[mkey][3], method=method, impl="torch", dtype=dtype, batch=batch,
+                    memory_kind=self._mem_label("torch"))
+        ctx = (lambda: torch.autocast(self.tdev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+
+        def call():
+            with ctx():
+                return fn(xt)
+
+        setup()
+        self.foreign.interval()
+        try:
+            out, times = time_calls(call, self.sync_t, self.args.warmup, repeats)
+            outn = _to_numpy(out)
+            del out
+            if dtype == "fp32" and method != HEADLINE:
+                self.refs[(mkey, method, batch)] = outn  # the torch version at fp32 IS the reference
+                par = {"status": "ref", "rel_err": 0.0, "tol": None, "note": "the parity reference"}
+            else:
+                teardown()
+                ref = self.reference(tmodel, mkey, method, batch, xt)
+                setup()
+                par = parity(outn, ref, dtype, self.args.fp32_precision)
+                if dtype == "bf16" and par.get("rel_err") is not None:
+                    self.torch_bf16_err[(mkey, method, batch)] = par["rel_err"]
+                if dtype == "bf16":
+                    par["status"] = "info"  # the torch version's own bf16 error: what JAX bf16 is held to
+            mem = None
+            if self.mem_mode == "rss":
+                mem = rss_overhead(lambda: (call(), self.sync_t(None))[0])
+            elif self.mem_mode == "device" and self.tdev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                o = call()
+                torch.cuda.synchronize()
+                mem = torch.cuda.max_memory_allocated() - before
+                del o
+            return self._record(**base, **_summary(times, batch), memory_bytes=mem, compile_s=None, parity=par)
+        except Exception as e:
+            _log(f"  torch {method} {dtype} b{batch}: {_err(e)}")
+            return self._record(**base, error=_err(e))
+        finally:
+            teardown()
+            if self.tdev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- one JAX case
+    def jax_case(self, jmodel, jparams, tmodel, mkey, method, dtype, batch, xj, xt, repeats):
+        import jax
+
+        base = dict(model=mkey, model_label=MODELS[mkey][3], method=method, impl="jax", dtype=dtype, batch=batch,
+                    memory_kind=self._mem_label("jax"))
+        self.foreign.interval()
+        try:
+            compiled, csecs, static = jax_compile(jmodel, jparams, xj, method, dtype, self.args.fp32_precision)
+
+            def call():
+                return compiled(jparams, xj)
+
+            out, times = time_calls(call, jax.block_until_ready, self.args.warmup, repeats)
+            outn = _to_numpy(jax.device_get(out))
+            del out
+            if method == "transattr":
+                par = {"status": "n/a", "rel_err": None, "tol": None,
+                       "note": "no torch version of LRP; parity with Chefer's code is tests/test_lrp.py's"}
+            else:
+                ref = self.reference(tmodel, mkey, method, batch, xt)
+                par = parity(outn, ref, dtype, self.args.fp32_precision,
+                             self.torch_bf16_err.get((mkey, method, batch)))
+            mem = None
+            if self.mem_mode == "rss":
+                mem = rss_overhead(lambda: jax.block_until_ready(call()))
+            del compiled
+            return self._record(**base, **_summary(times, batch), memory_bytes=mem, compile_s=csecs,
+                                xla_static_memory=static, parity=par)
+        except Exception as e:
+            _log(f"  jax {method} {dtype} b{batch}: {_err(e)}")
+            if self.args.verbose:
+                traceback.print_exc()
+            return self._record(**base, error=_err(e))
+
+    # -- a shared machine: wait for quiet, redo a case that another process disturbed
+    def _wait_quiet(self):
+        limit = self.args.wait_quiet
+        if limit is None:
+            return
+        t0, calm = time.time(), 0
+        self.foreign.interval()
+        while calm < 2 and time.time() - t0 < self.args.wait_quiet_max:
+            time.sleep(5)
+            other = self.foreign.interval()
+            calm = calm + 1 if other is not None and other <= limit else 0
+            if calm == 0 and int(time.time() - t0) % 60 < 5:
+                _log(f"    waiting for other processes to stop (they use {other} cores)")
+
+    def measured(self, case):
+        """Run case() (a torch_case / jax_case thunk); with --wait-quiet, first wait until other processes
+        are idle, and redo the case (up to 3 tries) when they used more than the limit during it."""
+        for attempt in range(1, 4):
+            self._wait_quiet()
+            rec = case()
+            if rec is None:
+                return None
+            rec["attempts"] = attempt
+            other = rec.get("other_processes_cores")
+            if self.args.wait_quiet is None or other is None or other <= self.args.wait_quiet or attempt == 3:
+                return rec
+            _log(f"    other processes used {other} cores during {rec['impl']} {rec['method']}: measuring again")
+            self.records.remove(rec)
+        return rec
+
+    # -- everything
+    def run(self, models, methods, dtypes, batches_for, impls):
+        import jax
+        import jax.numpy as jnp
+        import torch
+
+        import convert
+
+        available = jax_methods_available()
+        self.skipped = [m for m in methods if m not in available]
+        for m in self.skipped:
+            _log(f"JAX method {m} not in predmaps.METHODS here: skipped on the JAX side")
+        for mkey in models:
+            _log(f"== {MODELS[mkey][3]}: building random weights")
+            tmodel, size = build_timm(mkey, self.args.seed)
+            jax_models = {dt: convert.load(tmodel, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32)
+                          for dt in dtypes}
+            tmodel.to(self.tdev)
+            batches = batches_for(mkey)
+            for dtype in dtypes:
+                jmodel, jparams = jax_models[dtype]
+                for batch in batches:
+                    xh = make_images(batch, size)
+                    xt = torch.from_numpy(xh).to(self.tdev)
+                    xj = jax.device_put(np.ascontiguousarray(xh.transpose(0, 2, 3, 1)))
+                    reps = self.args.repeats if batch == 1 else self.args.large_repeats
+                    for method in methods:
+                        t0 = time.perf_counter()
+                        msg = []
+                        if "torch" in impls:
+                            r = self.measured(lambda: self.torch_case(tmodel, mkey, method, dtype, batch, xt, reps))
+                            if r is not None:
+                                msg.append(_brief(r))
+                        if "jax" in impls and method in available:
+                            r = self.measured(lambda: self.jax_case(jmodel, jparams, tmodel, mkey, method, dtype,
+                                                                    batch, xj, xt, reps))
+                            msg.append(_brief(r))
+                        if msg:
+                            _log(f"  {mkey} {dtype} b{batch} {method:18s} " + " | ".join(msg)
+                                 + f"  ({time.perf_counter() - t0:.0f} s, load {_loadavg()})")
+                    del xt, xj
+                if self.mem_mode == "device" and "jax" in impls:
+                    for method in methods:
+                        if method not in available:
+                            continue
+                        spec = dict(model=mkey, dtype=dtype, method=method, batches=batches, seed=self.args.seed,
+                                    fp32_precision=self.args.fp32_precision, cache_dir=self.cache_dir)
+                        res = run_memory_child(spec)
+                        for rec in self.records:
+                            if (rec["impl"], rec["model"], rec["dtype"], rec["method"]) == ("jax", mkey, dtype, method):
+                                m = res.get(str(rec["batch"]), {})
+                                rec["memory_bytes"] = m.get("overhead")
+                                rec["memory_detail"] = m
+                        _log(f"  {mkey} {dtype} {method}: JAX memory {_mem_brief(res)}")
+            del jax_models, tmodel
+            if self.tdev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _brief(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['impl']} ERROR"
+    par = r["parity"]["status"]
+    return f"{r['impl']} {r['median_ms']:.2f} ms {r['throughput']:.1f} img/s {par}"
+
+
+def _mem_brief(res: dict) -> str:
+    return ", ".join(f"b{b}: {v['overhead'] / MiB:.0f} MiB" if "overhead" in v else f"b{b}: {v.get('error')}"
+                     for b, v in res.items())
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _fmt_ms(v):
+    return "–" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
+
+
+def _fmt_tput(v):
+    return "–" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.2f}")
+
+
+def _fmt_mib(v):
+    return "n/a" if v is None else f"{v / MiB:,.0f}" if v >= 10 * MiB else f"{v / MiB:.1f}"
+
+
+def _fmt_parity(p):
+    if not p:
+        return "–"
+    err = p.get("rel_err")
+    s = p["status"]
+    if s == "ref":
+        return "ref"
+    if err is not None:
+        s += f" {err:.1e}"
+    if p.get("class_mismatch"):
+        s += f" ({p['class_mismatch']} cls≠)"
+    return s
+
+
+METHOD_LABEL = {"forward": "forward (no explanation)", "predicatt_L": "PredicAtt_L", "predicatt_L-1": "PredicAtt_{L-1}",
+                HEADLINE: "**PredicAtt_L + PredicAtt_{L-1}** (one forward)", "prediction_map": "prediction map (L)",
+                "raw_attention": "raw attention", "rollout": "rollout", "gradcam": "GradCAM",
+                "generic_attention": "generic attention", "transattr": "TransAttr (LRP)"}
+IMPL_LABEL = {("torch", "forward"): "torch forward (fused SDPA)", ("jax", "forward"): "JAX bare forward"}
+
+
+def _index(records):
+    idx = {}
+    for r in records:
+        idx[(r["model"], r["dtype"], r["method"], r["impl"], r["batch"])] = r
+    return idx
+
+
+def _get(idx, *key, field="median_ms"):
+    r = idx.get(key)
+    return None if r is None or r.get("error") else r.get(field)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def target_checks(records, gpu: bool) -> list[dict]:
+    idx = _index(records)
+    checks = []
+    if not gpu:
+        for mkey in ("vit_s16", "vit_b16"):
+            for batch in sorted({r["batch"] for r in records if r["model"] == mkey and r["batch"] > 1}):
+                tj = _get(idx, mkey, "fp32", "predicatt_L", "jax", batch, field="throughput")
+                tt = _get(idx, mkey, "fp32", "predicatt_L", "torch", batch, field="throughput")
+                th = _get(idx, mkey, "fp32", HEADLINE, "jax", batch, field="throughput")
+                if tj is None or tt is None:
+                    continue
+                checks.append({"what": f"{MODELS[mkey][3]} fp32 b{batch}: JAX PredicAtt_L / torch PredicAtt_L "
+                                       "throughput >= 1.25x",
+                               "value": tj / tt, "target": 1.25, "met": tj / tt >= 1.25})
+                if th is not None:
+                    checks.append({"what": f"{MODELS[mkey][3]} fp32 b{batch}: JAX PredicAtt_L+L-1 / torch "
+                                           "PredicAtt_L throughput >= 1.25x",
+                                   "value": th / tt, "target": 1.25, "met": th / tt >= 1.25})
+    else:
+        for batch in sorted({r["batch"] for r in records if r["model"] == "vit_b16" and r["batch"] > 1}):
+            th = _get(idx, "vit_b16", "bf16", HEADLINE, "jax", batch, field="throughput")
+            tt = _get(idx, "vit_b16", "bf16", "predicatt_L", "torch", batch, field="throughput")
+            tf = _get(idx, "vit_b16", "bf16", "forward", "torch", batch, field="throughput")
+            if th is None:
+                continue
+            checks.append({"what": f"ViT-B/16 bf16 b{batch}: JAX PredicAtt_L+L-1 >= 11,000 img/s", "value": th,
+                           "target": 11000, "met": th >= 11000})
+            if tt:
+                checks.append({"what": f"ViT-B/16 bf16 b{batch}: vs torch PredicAtt >= 2.3x", "value": th / tt,
+                               "target": 2.3, "met": th / tt >= 2.3})
+            if tf:
+                checks.append({"what": f"ViT-B/16 bf16 b{batch}: vs torch forward >= 1.2x", "value": th / tf,
+                               "target": 1.2, "met": th / tf >= 1.2})
+        lat = _get(idx, "vit_b16", "bf16", HEADLINE, "jax", 1)
+        if lat is not None:
+            checks.append({"what": "ViT-B/16 bf16 b1: JAX PredicAtt_L+L-1 latency <= 1.5 ms", "value": lat,
+                           "target": 1.5, "met": lat <= 1.5})
+            tl = _get(idx, "vit_b16", "bf16", "predicatt_L", "torch", 1)
+            if tl:
+                checks.append({"what": "ViT-B/16 bf16 b1: torch PredicAtt latency / JAX >= 4x", "value": tl / lat,
+                               "target": 4, "met": tl / lat >= 4})
+    return checks
+
+
+def render_markdown(result: dict) -> str:
+    env, records = result["environment"], result["records"]
+    idx = _index(records)
+    gpu = env["jax_backend"] == "gpu"
+    lines = [f"# predmaps benchmark: {env['device']}", ""]
+    v = env["versions"]
+    lines += [f"- date: {env['date']}", f"- command: `{env['command']}`",
+              f"- versions: jax {v['jax']} (jaxlib {v['jaxlib']}), flax {v['flax']}, torch {v['torch']}, "
+              f"timm {v['timm']}, numpy {v['numpy']}, python {v['python']}",
+              f"- JAX backend: {env['jax_backend']} ({env['jax_device_kind']}); torch device: {env['torch_device']}; "
+              f"torch threads: {env['threads']['torch_num_threads']}; XLA_FLAGS: `{env['threads']['XLA_FLAGS']}`",
+              f"- fp32 precision: JAX {env['precision']['jax_fp32_matmul']}; torch {env['precision']['torch_fp32']}",
+              f"- bf16: JAX {env['precision']['jax_bf16']}; torch {env['precision']['torch_bf16']}",
+              f"- weights: {env['weights']}; inputs: {env['inputs']}; targets: {env['targets']}",
+              f"- timing: {env['timing']}",
+              f"- memory: {result['memory_mode']}"]
+    load = result.get("load")
+    if load:
+        lines.append(f"- load average (1/5/15 min) at start {load['start']}, at end {load['end']}, highest 1-min "
+                     f"during the run {load['max_1min']} (this benchmark's own threads count in it)")
+        if load.get("other_processes_cores_mean") is not None:
+            lines.append(f"- other processes' CPU use during the cases (machine busy time minus this benchmark's, "
+                         f"in cores): mean {load['other_processes_cores_mean']:.2f}, highest in one case "
+                         f"{load['other_processes_cores_max']:.2f} (per case in results.json)")
+    for note in result.get("notes", []):
+        lines.append(f"- note: {note}")
+    lines.append("")
+
+    models = list(dict.fromkeys(r["model"] for r in records))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in records))
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+
+    def small(mkey):
+        return min(r["batch"] for r in records if r["model"] == mkey)
+
+    def big(mkey):
+        return max(r["batch"] for r in records if r["model"] == mkey)
+
+    lat_head = ("b1 latency" if all(small(m) == 1 for m in models)
+                else "latency at the smallest batch")
+
+    # headline
+    lines += ["## Headline: PredicAtt_L + PredicAtt_{L-1} of the predicted class, both from one forward", "",
+              f"| model | dtype | JAX L+L-1, {lat_head} | torch PredicAtt_L, {lat_head} | JAX L+L-1 throughput | "
+              "torch PredicAtt_L throughput | torch forward throughput | x torch PredicAtt_L | x torch forward |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for mkey in models:
+        nb, sb = big(mkey), small(mkey)
+        for dt in dtypes:
+            jl = _get(idx, mkey, dt, HEADLINE, "jax", sb)
+            tl = _get(idx, mkey, dt, "predicatt_L", "torch", sb)
+            jt = _get(idx, mkey, dt, HEADLINE, "jax", nb, field="throughput") if nb else None
+            tt = _get(idx, mkey, dt, "predicatt_L", "torch", nb, field="throughput") if nb else None
+            tf = _get(idx, mkey, dt, "forward", "torch", nb, field="throughput") if nb else None
+            if jl is None and jt is None:
+                continue
+            r1, r2 = _ratio(jt, tt), _ratio(jt, tf)
+            lines.append(f"| {MODELS[mkey][3]} | {dt} | {_fmt_ms(jl)} ms | {_fmt_ms(tl)} ms | "
+                         f"{_fmt_tput(jt)} img/s (b{nb}) | {_fmt_tput(tt)} img/s | {_fmt_tput(tf)} img/s | "
+                         f"{'–' if r1 is None else f'{r1:.2f}x'} | {'–' if r2 is None else f'{r2:.2f}x'} |")
+    lines.append("")
+    checks = result.get("target_checks") or []
+    if checks:
+        lines += ["## Targets (perf-anchors.md)", ""]
+        for c in checks:
+            lines.append(f"- {c['what']}: **{c['value']:.2f}** -> {'MET' if c['met'] else 'NOT MET'}")
+        lines.append("")
+
+    # all rows
+    lines += ["## All rows", "",
+              "Latency: median ms at batch 1 (or the smallest batch run). Throughput: images/s at the large batch. Memory: overhead in MiB "
+              "(peak during the call minus before it; see 'memory' above). Parity: ||a-b||/||b|| of the maps "
+              "(forward rows: logits) against the torch version's fp32 output; 'ref' = that reference itself; "
+              "bf16 torch rows show their own error ('info'), which sets the JAX bf16 tolerance. "
+              "JAX/torch: torch latency / JAX latency at the small batch, JAX throughput / torch throughput at the large batch, "
+              "same method.", "",
+              f"| model | dtype | method | impl | {lat_head} (ms) | mem at that batch (MiB) | throughput (img/s) | mem at batch "
+              "(MiB) | parity | JAX/torch (b1 / large) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for mkey in models:
+        nb, sb = big(mkey), small(mkey)
+        for dt in dtypes:
+            for method in methods:
+                for impl in ("torch", "jax"):
+                    r1, rn = idx.get((mkey, dt, method, impl, sb)), idx.get((mkey, dt, method, impl, nb))
+                    if r1 is None and rn is None:
+                        continue
+                    errs = [r["error"] for r in (r1, rn) if r is not None and r.get("error")]
+                    pars = [r["parity"] for r in (r1, rn) if r is not None and r.get("parity")]
+                    worst = None
+                    for p in pars:
+                        if worst is None or p["status"] == "FAIL" or (
+                                worst["status"] != "FAIL" and (p.get("rel_err") or 0) > (worst.get("rel_err") or 0)):
+                            worst = p
+                    speed = "–"
+                    if impl == "jax":
+                        a = _ratio(_get(idx, mkey, dt, method, "torch", sb), _get(idx, mkey, dt, method, "jax", sb))
+                        b = _ratio(_get(idx, mkey, dt, method, "jax", nb, field="throughput"),
+                                   _get(idx, mkey, dt, method, "torch", nb, field="throughput"))
+                        if a is not None or b is not None:
+                            speed = " / ".join("–" if x is None else f"{x:.2f}x" for x in (a, b))
+                    label = IMPL_LABEL.get((impl, method), impl)
+                    lines.append(
+                        f"| {MODELS[mkey][3]} | {dt} | {METHOD_LABEL.get(method, method)} | {label} | "
+                        f"{_fmt_ms(_get(idx, mkey, dt, method, impl, sb))} | "
+                        f"{_fmt_mib(_get(idx, mkey, dt, method, impl, sb, field='memory_bytes'))} | "
+                        f"{_fmt_tput(_get(idx, mkey, dt, method, impl, nb, field='throughput'))}"
+                        f"{f' (b{nb})' if nb else ''} | "
+                        f"{_fmt_mib(_get(idx, mkey, dt, method, impl, nb, field='memory_bytes'))} | "
+                        f"{'ERROR: ' + '; '.join(errs) if errs else _fmt_parity(worst)} | {speed} |")
+    lines.append("")
+
+    # compile
+    lines += ["## Compile time (JAX: trace + lower + XLA compile, s; not included in any time above; torch is eager)",
+              "", "| model | dtype | method | smallest batch | large batch |", "|---|---|---|---|---|"]
+    for mkey in models:
+        nb, sb = big(mkey), small(mkey)
+        for dt in dtypes:
+            for method in methods:
+                c1 = _get(idx, mkey, dt, method, "jax", sb, field="compile_s")
+                cn = _get(idx, mkey, dt, method, "jax", nb, field="compile_s") if nb else None
+                if c1 is None and cn is None:
+                    continue
+                lines.append(f"| {MODELS[mkey][3]} | {dt} | {METHOD_LABEL.get(method, method)} | "
+                             f"{'–' if c1 is None else f'{c1:.1f}'} | "
+                             f"{'–' if cn is None else f'{cn:.1f} (b{nb})'} |")
+    lines.append("")
+    if result.get("skipped_jax_methods"):
+        lines.append(f"JAX methods not available in this checkout (skipped): {', '.join(result['skipped_jax_methods'])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default: GPU all but tiny, CPU vit_s16,vit_b16)")
+    p.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--batch", help="comma list of batch sizes (default: GPU 1 and 256, 128 for ViT-L; CPU 1,8)")
+    p.add_argument("--dtypes", help="comma list of fp32, bf16 (default: GPU fp32,bf16; CPU fp32)")
+    p.add_argument("--impls", default="torch,jax", help="comma list of torch, jax (default both)")
+    p.add_argument("--repeats", type=int, help="timed calls at batch 1 (default 20)")
+    p.add_argument("--large-repeats", type=int, help="timed calls at larger batches (default GPU 20, CPU 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 2)")
+    p.add_argument("--fp32-precision", choices=("highest", "tf32"), default="highest",
+                   help="fp32 matmuls: 'highest' = true fp32 in both (default); 'tf32' = JAX default precision and "
+                        "torch TF32 allowed (parity tolerance 1e-2)")
+    p.add_argument("--memory", choices=("auto", "device", "rss", "off"), default="auto",
+                   help="memory overhead: device (GPU stats; JAX in subprocesses), rss (CPU RSS growth), off")
+    p.add_argument("--out", help="output folder (default bench/results/<device-slug>)")
+    p.add_argument("--device-label", help="the device slug of the default output folder, e.g. cpu-2core")
+    p.add_argument("--note", action="append", default=[], help="a line for the results file (load, context)")
+    p.add_argument("--wait-quiet", type=float, metavar="CORES",
+                   help="shared machine: before each case wait until other processes use at most CORES cores "
+                        "(Linux /proc/stat), and measure a case again (3 tries) when they used more during it")
+    p.add_argument("--wait-quiet-max", type=float, default=1800, help="longest wait per case, s (default 1800)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true",
+                   help="CI smoke run: ViT-Ti depth 2 at 64x64, batch 2, fp32, one repeat")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--render", metavar="RESULTS_JSON",
+                   help="only re-write results.md beside RESULTS_JSON from it (adding any --note lines)")
+    p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_child:
+        res = memory_child(json.loads(args.memory_child))
+        print("MEMCHILD " + json.dumps(res), flush=True)
+        return 0
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        result["notes"] = list(dict.fromkeys(result.get("notes", []) + args.note))
+        path.write_text(json.dumps(result, indent=1, default=float))
+        md = render_markdown(result)
+        (path.parent / "results.md").write_text(md)
+        print(md)
+        return 0
+
+    import jax
+    import torch
+
+    gpu = jax.default_backend() == "gpu"
+    if args.tiny:
+        models = _parse_list(args.models, MODEL_ALIASES, list(MODELS), "model") or ["tiny"]
+        batch_list = [int(b) for b in (args.batch or "2").split(",")]
+        dtypes = (args.dtypes or "fp32").split(",")
+        args.repeats = args.repeats or 1
+        args.large_repeats = args.large_repeats or 1
+        args.warmup = 1 if args.warmup is None else args.warmup
+    else:
+        models = _parse_list(args.models, MODEL_ALIASES, list(MODELS), "model") or (
+            ["vit_s16", "vit_b16", "vit_l16"] if gpu else ["vit_s16", "vit_b16"])
+        batch_list = [int(b) for b in args.batch.split(",")] if args.batch else None
+        dtypes = (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")
+        args.repeats = args.repeats or 20
+        args.large_repeats = args.large_repeats or (20 if gpu else 10)
+        args.warmup = 2 if args.warmup is None else args.warmup
+    for d in dtypes:
+        if d not in ("fp32", "bf16"):
+            raise SystemExit(f"unknown dtype {d!r}; choose fp32, bf16")
+    methods = _parse_list(args.methods, METHOD_ALIASES, METHODS, "method") or list(METHODS)
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+
+    def batches_for(mkey):
+        if batch_list:
+            return sorted(set(batch_list))
+        return [1, GPU_LARGE_BATCH[mkey] if gpu else CPU_LARGE_BATCH]
+
+    runner = Runner(args)
+    env = environment(args, runner.tdev)
+    load_start = _loadavg()
+    t0 = time.perf_counter()
+    _log(f"bench on {env['device']} (jax {jax.__version__}, torch {torch.__version__}); load {load_start}")
+    runner.run(models, methods, dtypes, batches_for, impls)
+    load_end = _loadavg()
+    mem_mode = {"device": "GPU: torch max_memory_allocated - memory_allocated before; JAX peak_bytes_in_use - "
+                          "bytes_in_use before, first call after compiling in a fresh subprocess per "
+                          "(model, dtype, method)",
+                "rss": "CPU: growth of this process's resident set during one call (VmHWM reset through "
+                       "/proc/self/clear_refs, minus VmRSS before); approximate: memory the allocator keeps from "
+                       "earlier calls does not show, so small overheads read low",
+                "off": "not measured"}[runner.mem_mode]
+    result = {
+        "environment": env,
+        "memory_mode": mem_mode,
+        "load": {"start": load_start, "end": load_end,
+                 "max_1min": max((l[0] for l in runner.loads), default=None),
+                 "other_processes_cores_mean": (round(statistics.mean(runner.foreign_samples), 3)
+                                                if runner.foreign_samples else None),
+                 "other_processes_cores_max": max(runner.foreign_samples, default=None)} if load_start else None,
+        "notes": args.note,
+        "tolerances": {"fp32": FP32_TOL if args.fp32_precision == "highest" else TF32_TOL,
+                       "bf16": f"max({BF16_TOL}, 2 x the torch version's bf16 error), images whose predicted class "
+                               "agrees with fp32"},
+        "wall_s": time.perf_counter() - t0,
+        "skipped_jax_methods": runner.skipped,
+        "records": runner.records,
+    }
+    result["target_checks"] = target_checks(runner.records, gpu)
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / (args.device_label or device_slug(env))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    md = render_markdown(result)
+    (out / "results.md").write_text(md)
+    print(md)
+    _log(f"wrote {out / 'results.md'} and {out / 'results.json'} ({result['wall_s']:.0f} s)")
+    bad = [r for r in runner.records if r.get("error") or (r.get("parity") or {}).get("status") == "FAIL"]
+    return 1 if bad else 0

@@ -1,0 +1,75 @@
+"""`python -m bench --tiny`: the benchmark runs end to end, writes its table and JSON, and every row
+has numbers and passes parity with the torch version."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_writes_markdown_and_json(tiny_run):
+    out, proc = tiny_run
+    md = (out / "results.md").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert "## Headline" in md and "## All rows" in md and "## Compile time" in md
+    env = res["environment"]
+    for key in ("device", "date", "versions", "precision"):
+        assert env[key]
+    assert {"jax", "torch", "timm", "flax"} <= set(env["versions"])
+    assert "fp32" in env["precision"]["jax_fp32_matmul"] or "highest" in env["precision"]["jax_fp32_matmul"]
+    assert md in proc.stdout  # the table is printed too
+
+
+def test_every_row_has_numbers_and_parity(tiny_run):
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    rows = res["records"]
+    methods = {r["method"] for r in rows}
+    assert {"forward", "predicatt_L", "predicatt_L-1", "predicatt_L+L-1", "prediction_map", "raw_attention",
+            "rollout", "gradcam", "generic_attention"} <= methods
+    assert {r["impl"] for r in rows} == {"jax", "torch"}
+    measured_memory = res["memory_mode"] != "not measured"
+    for r in rows:
+        name = f"{r['impl']} {r['method']} b{r['batch']}"
+        assert not r.get("error"), f"{name}: {r['error']}"
+        assert r["median_ms"] > 0 and r["throughput"] > 0 and r["repeats"] >= 1, name
+        if measured_memory:
+            assert isinstance(r["memory_bytes"], int) and r["memory_bytes"] >= 0, name
+        if r["impl"] == "jax":
+            assert r["compile_s"] > 0, name
+        status = r["parity"]["status"]
+        if r["method"] == "transattr":  # JAX only: the torch version has no LRP
+            assert status in ("n/a", "PASS"), name
+        elif r["impl"] == "jax" or r["method"] == "predicatt_L+L-1":
+            assert status == "PASS", f"{name}: {r['parity']}"
+        else:
+            assert status == "ref", name  # the torch version's own fp32 output is the reference
+
+
+def test_headline_shares_the_forward(tiny_run):
+    """PredicAtt at L and L-1 in one jit: XLA keeps one forward (its scratch memory stays that of one)."""
+    out, _ = tiny_run
+    rows = json.loads((out / "results.json").read_text())["records"]
+    static = {r["method"]: r.get("xla_static_memory") for r in rows if r["impl"] == "jax"}
+    one, both = static["predicatt_L"], static["predicatt_L+L-1"]
+    if one is None or both is None:
+        pytest.skip("this backend reports no XLA memory analysis")
+    assert both["temp_bytes"] <= 1.25 * one["temp_bytes"]
