@@ -180,7 +180,7 @@ def test_shipped_accuracy(shipped):
     # are seeded and the forward deterministic on CPU; 0.01 leaves room for another XLA build
     # flipping a borderline scene or two (1 scene = 0.0033).
     acc = train_digits.evaluate(model, params, n=300, split="test", seed=train_digits.EVAL_SEED, batch=150)
-    assert abs(acc - 0.89) <= 0.01, acc
+    assert abs(acc - 0.8733) <= 0.01, acc
 
 
 @needs_asset
