@@ -210,12 +210,28 @@ def explain(model: ViT, params, images, *, method: str = "predicatt", target: An
     Jitted: compiles once per (model, method, layer, options, batch shape). Inside your own
     `jit`, call `explain_fn` instead (no host-side checks).
     """
+    _, layer_i, opts = check_request(model, method, layer, options)
+    cfg = model.config
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
+    targets = make_targets(target, images.shape[0], cfg.num_classes)
+    return _explain_jit(model, method, layer_i, opts, params, images, targets)
+
+
+def check_request(model: ViT, method: str, layer: int = -1, options: dict | None = None):
+    """The host-side checks of an explanation request: (Method, layer index, sorted options tuple).
+
+    Raises ValueError naming the problem: unknown method or option, bad option value, layer out of
+    range, no classifier head, an attention method on a model without a class token.
+    """
     m = get_method(method)
     cfg = model.config
     if cfg.num_classes <= 0:
         raise ValueError("this model has no classifier head (num_classes=0): prediction maps need one")
     if m.needs_class_token:
         core.check_class_token(model, method)
+    options = dict(options or {})
     unknown = sorted(set(options) - set(m.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {sorted(m.options) or 'none'}")
@@ -224,12 +240,8 @@ def explain(model: ViT, params, images, *, method: str = "predicatt", target: An
         raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
     if "similarity" in opts and opts["similarity"] not in core.SIMILARITIES:
         raise ValueError(f"similarity must be one of {core.SIMILARITIES}; got {opts['similarity']!r}")
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
-        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
     layer_i = core.layer_index(layer, cfg.depth) if m.uses_layer else 0
-    targets = make_targets(target, images.shape[0], cfg.num_classes)
-    return _explain_jit(model, method, layer_i, tuple(sorted(opts.items())), params, images, targets)
+    return m, layer_i, tuple(sorted(opts.items()))
 
 
 def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **options):

@@ -45,26 +45,10 @@ class ExplainSpec:
 
 def check_explainer(model, method: str, layer: int = -1, options: dict | None = None) -> ExplainSpec:
     """The host-side checks `predmaps.explain` makes, for use with `explain_fn` under our jit."""
-    from predmaps import core
-    from predmaps.explain import get_method
+    from predmaps.explain import check_request
 
-    m = get_method(method)
-    cfg = model.config
-    if cfg.num_classes <= 0:
-        raise ValueError("this model has no classifier head (num_classes=0): the tests need one")
-    if m.needs_class_token:
-        core.check_class_token(model, method)
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(m.options))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {sorted(m.options) or 'none'}")
-    opts = {**m.options, **options}
-    if "scores" in opts and opts["scores"] not in core.SCORES:
-        raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
-    if "similarity" in opts and opts["similarity"] not in core.SIMILARITIES:
-        raise ValueError(f"similarity must be one of {core.SIMILARITIES}; got {opts['similarity']!r}")
-    layer_i = core.layer_index(layer, cfg.depth) if m.uses_layer else None
-    return ExplainSpec(method, layer_i, tuple(sorted(opts.items())))
+    m, layer_i, opts = check_request(model, method, layer, options)
+    return ExplainSpec(method, layer_i if m.uses_layer else None, opts)
 
 
 def pixel_maps(model, params, spec: ExplainSpec, x, labels, target: str, size):
