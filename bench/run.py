@@ -1134,6 +1134,8 @@ def main(argv=None) -> int:
     _log(f"bench on {env['device']} (jax {jax.__version__}, torch {torch.__version__}); load {load_start}")
     runner.run(models, methods, dtypes, batches_for, impls)
     load_end = _loadavg()
+    # cases measured again after a disturbance are no longer in the records; their samples do not count
+    foreign = [r["other_processes_cores"] for r in runner.records if r.get("other_processes_cores") is not None]
     mem_mode = {"device": "GPU: torch max_memory_allocated - memory_allocated before; JAX peak_bytes_in_use - "
                           "bytes_in_use before, first call after compiling in a fresh subprocess per "
                           "(model, dtype, method)",
@@ -1146,9 +1148,8 @@ def main(argv=None) -> int:
         "memory_mode": mem_mode,
         "load": {"start": load_start, "end": load_end,
                  "max_1min": max((l[0] for l in runner.loads), default=None),
-                 "other_processes_cores_mean": (round(statistics.mean(runner.foreign_samples), 3)
-                                                if runner.foreign_samples else None),
-                 "other_processes_cores_max": max(runner.foreign_samples, default=None)} if load_start else None,
+                 "other_processes_cores_mean": (round(statistics.mean(foreign), 3) if foreign else None),
+                 "other_processes_cores_max": max(foreign, default=None)} if load_start else None,
         "notes": args.note,
         "tolerances": {"fp32": FP32_TOL if args.fp32_precision == "highest" else TF32_TOL,
                        "bf16": f"max({BF16_TOL}, 2 x the torch version's bf16 error), images whose predicted class "
