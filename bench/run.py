@@ -40,11 +40,12 @@ Forward rows compare logits the same way.
 
 from __future__ import annotations
 
+from predmaps.machine import cpu_name
+
 import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -480,16 +481,6 @@ def run_memory_child(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------ environment
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(args, torch_device) -> dict:
     import flax
     import jax
@@ -500,7 +491,7 @@ def environment(args, torch_device) -> dict:
     jdev = jax.devices()[0]
     gpu = jdev.platform == "gpu"
     device = torch.cuda.get_device_name(0) if gpu and torch.cuda.is_available() else (
-        jdev.device_kind if gpu else f"{_cpu_name()} ({os.cpu_count()} cores)")
+        jdev.device_kind if gpu else f"{cpu_name()} ({os.cpu_count()} cores)")
     hi = args.fp32_precision == "highest"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -510,7 +501,7 @@ def environment(args, torch_device) -> dict:
         "jax_device_kind": jdev.device_kind,
         "jax_device_count": jax.device_count(),
         "torch_device": str(torch_device),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
                      "flax": flax.__version__, "torch": torch.__version__, "timm": timm.__version__,

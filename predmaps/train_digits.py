@@ -14,6 +14,8 @@ together with `TRAINING.md`, the record of the run.
 
 from __future__ import annotations
 
+from predmaps.machine import cpu_name
+
 import argparse
 import datetime
 import os
@@ -143,16 +145,6 @@ def evaluate_two_digit(model, params, n: int = 1000, split: str = "test", seed: 
     return float(np.concatenate(hits).all(1).mean()) if n else float("nan")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: int = 64, lr: float = 1e-3,
           warmup: int = 100, weight_decay: float = 0.05, label_smoothing: float = 0.1, clip: float = 1.0,
           embed_dim: int = 128, depth: int = 6, num_heads: int = 4, two_digit_frac: float = 0.0, curriculum: int = 300,
@@ -253,7 +245,7 @@ patch 8 (an 8x8 grid of patch tokens), class token, token pooling, 10 classes "0
 | | |
 |---|---|
 | date | {date} |
-| machine | {os.cpu_count()}-core CPU ({_cpu_name()}), {platform.system()} {platform.machine()}, shared with other jobs |
+| machine | {os.cpu_count()}-core CPU ({cpu_name()}), {platform.system()} {platform.machine()}, shared with other jobs |
 | software | python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, numpy {np.__version__}, scikit-learn {sklearn.__version__} |
 | seed | {r['seed']} |
 | steps x batch | {r['steps']} x {r['batch']} = {r['steps'] * r['batch']:,} scenes, each drawn fresh from the 1,438 train digits |

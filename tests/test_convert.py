@@ -51,13 +51,8 @@ FULL_ARCH, FULL_TAG, FULL_CLASSES, FULL_SIZE = "vit_tiny_patch16_224", "augreg_i
 FULL_NAME = f"{FULL_ARCH}.{FULL_TAG}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models are tiny: thread start-up costs more than it saves, badly so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The models are tiny: thread start-up costs more than it saves (conftest's torch_one_thread).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -44,13 +44,8 @@ def _make(name, **extra):
     return tr.prepare(model), size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models are tiny: thread start-up costs more than it saves, badly so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The models are tiny: thread start-up costs more than it saves (conftest's torch_one_thread).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module", params=list(MODEL_SPECS))
