@@ -81,14 +81,30 @@ def _activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
+def _heads_first(x):
+    """(B, T, H, dh) -> (B, H, T, dh): each head's T x dh block contiguous, so the two attention
+    matmuls are plain batched GEMMs (XLA:CPU ran the bqhd einsums 3-8x slower: bench/NOTES.md)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def _fused_attention(q, k, v, scale, dtype):
-    """jax.nn.dot_product_attention; cuDNN flash attention on GPU in half precision."""
+    """softmax(q k^T * scale) v for (B, T, H, dh) inputs without returning the probabilities.
+
+    cuDNN flash attention on GPU in half precision. Elsewhere: exp(logits - rowmax) @ v, divided
+    by the row sums afterwards (T x dh divisions instead of T x T; the same value up to rounding),
+    with float32 logits and sums.
+    """
     if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except Exception:  # cuDNN absent or this shape unsupported: XLA's kernel is exact too
+        except Exception:  # cuDNN absent or this shape unsupported: the path below is exact too
             pass
-    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(dtype), v, preferred_element_type=jnp.float32)
+    out = out / e.sum(-1, keepdims=True)
+    return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -109,13 +125,13 @@ class Attention(nn.Module):
         scale = dh ** -0.5
         attn_cls = attn = None
         if self.attention == "materialized" or want_full:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+            logits = jnp.einsum("bhqd,bhkd->bhqk", _heads_first(q) * jnp.asarray(scale, q.dtype), _heads_first(k),
                                 preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)  # (B, H, T, T) float32
             # Identity unless the caller passes a 'perturbations' collection: then the gradient
             # w.r.t. that zero variable is d(output)/d(attention), which gradient methods need.
             probs = self.perturb("attn", probs)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+            out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), _heads_first(v)), 1, 2)
             attn = probs if want_full else None
             attn_cls = probs[:, :, 0] if want_cls else None
         elif self.attention == "fused":

@@ -7,6 +7,8 @@ from `attention_and_grads`, one vjp for all K classes (vmapped cotangents).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -42,12 +44,17 @@ def rollout(model: ViT, attn: jax.Array, start_layer: int = 1) -> jax.Array:
     return joint[:, 0, model.config.num_prefix_tokens:]
 
 
-def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets):
+def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
+                        blocks: Sequence[int] | None = None):
     """One forward with materialised attention, and d logit_c / dA for each target class.
 
-    Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, L, H, T, T).
-    Blocks whose gradients the caller ignores are pruned by XLA under jit.
+    `blocks`: the blocks whose attention gradients are wanted (default all, in order). Ask only
+    for what is used: the per-class backward runs inside a loop, where XLA cannot prune the
+    gradients of unused blocks, and the last block alone needs a backward through one block, not L.
+
+    Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, len(blocks), H, T, T).
     """
+    blocks = tuple(range(model.config.depth)) if blocks is None else tuple(b % model.config.depth for b in blocks)
     mat = model.clone(attention="materialized")
     init = jax.eval_shape(lambda: mat.apply({"params": params}, images, return_attn=True, mutable=["perturbations"]))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), init[1]["perturbations"])
@@ -61,8 +68,7 @@ def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets)
 
     def grads_for(c):  # c: (B,) one class per image
         (g,) = vjp_fn((jax.nn.one_hot(c, logits.shape[-1], dtype=logits.dtype), jnp.zeros_like(attn)))
-        blocks = [g[f"blocks_{i}"]["attn"]["attn"] for i in range(model.config.depth)]
-        return jnp.stack(blocks, axis=1)  # (B, L, H, T, T)
+        return jnp.stack([g[f"blocks_{i}"]["attn"]["attn"] for i in blocks], axis=1)  # (B, len(blocks), H, T, T)
 
     # Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit,
     # and on XLA:CPU (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles
@@ -75,7 +81,8 @@ def gradcam(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:
     """GradCAM for ViT (Chefer's baseline): last block; per head weight = mean over patch
     entries of the class-token row of the gradient; map = mean_h(A_CLS * weight), clamped at 0.
 
-    attn (B, L, H, T, T), grads (B, K, L, H, T, T) -> (B, K, N).
+    attn (B, L, H, T, T), grads (B, K, L', H, T, T) whose last entry on L' is the last block's
+    (all blocks, or only the last one) -> (B, K, N).
     """
     p = model.config.num_prefix_tokens
     a_cls = attn[:, -1, :, 0, p:]  # (B, H, N)

@@ -118,7 +118,7 @@ def _run_rollout(model, params, images, targets, layer, *, start_layer=1):
 
 
 def _run_gradcam(model, params, images, targets, layer):
-    logits, classes, attn, grads = baselines.attention_and_grads(model, params, images, targets)
+    logits, classes, attn, grads = baselines.attention_and_grads(model, params, images, targets, blocks=(-1,))
     return dict(maps=baselines.gradcam(model, attn, grads), classes=classes, logits=logits)
 
 

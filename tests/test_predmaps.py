@@ -236,6 +236,22 @@ def test_batch_equals_single_calls(small, method):
         np.testing.assert_array_equal(batched.classes[i], single.classes[0])
 
 
+def test_attention_grads_of_chosen_blocks_equal_those_of_all_blocks(small):
+    """GradCAM asks only for the last block's gradient (one block of backward instead of L): the
+    values must be the all-blocks call's, entry for entry (same ops, same order: exact)."""
+    from predmaps import baselines
+    from predmaps.targets import Targets
+
+    model, params, x = small
+    t = Targets(kind="topk", k=3)
+    *_, all_grads = baselines.attention_and_grads(model, params, x, t)
+    *_, last = baselines.attention_and_grads(model, params, x, t, blocks=(-1,))
+    *_, two = baselines.attention_and_grads(model, params, x, t, blocks=(2, 0))
+    assert last.shape == (4, 3, 1) + all_grads.shape[3:]
+    np.testing.assert_allclose(last[:, :, 0], all_grads[:, :, -1], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(two, all_grads[:, :, [2, 0]], rtol=1e-6, atol=1e-9)
+
+
 def test_same_shape_does_not_recompile(small):
     from predmaps.explain import _explain_jit
 
