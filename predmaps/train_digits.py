@@ -148,18 +148,32 @@ def evaluate_two_digit(model, params, n: int = 1000, split: str = "test", seed: 
 def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: int = 64, lr: float = 1e-3,
           warmup: int = 100, weight_decay: float = 0.05, label_smoothing: float = 0.1, clip: float = 1.0,
           embed_dim: int = 128, depth: int = 6, num_heads: int = 4, two_digit_frac: float = 0.0, curriculum: int = 300,
-          eval_scenes: int = EVAL_SCENES, log_every: int = 50, command: str | None = None) -> dict:
-    """Train, evaluate, save with `convert.save_timm` and write TRAINING.md; returns the record."""
+          eval_scenes: int = EVAL_SCENES, log_every: int = 50, command: str | None = None,
+          init: str | os.PathLike | None = None) -> dict:
+    """Train, evaluate, save with `convert.save_timm` and write TRAINING.md; returns the record.
+
+    `init`: a checkpoint directory (this script's output) to continue from, with a fresh optimiser
+    state and schedule (a warm restart); its architecture replaces embed_dim/depth/num_heads and its
+    TRAINING.md is kept in the new record as the earlier stage."""
     import convert
 
     t_start = time.time()
-    config = make_config(embed_dim, depth, num_heads)
+    init_key, redraw_key = jax.random.split(jax.random.key(seed))
+    earlier = None
+    if init is not None:
+        _, params = convert.load(init)
+        config = _.config
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        earlier = (Path(init) / "TRAINING.md").read_text() if (Path(init) / "TRAINING.md").exists() else None
+        embed_dim, depth, num_heads = config.embed_dim, config.depth, config.num_heads
+    else:
+        config = make_config(embed_dim, depth, num_heads)
     size = config.img_size[0]
     # Training uses the materialised attention (faster on CPU); the parameters are the same.
     model = ViT(config, attention="materialized")
-    init_key, redraw_key = jax.random.split(jax.random.key(seed))
-    params = model.init(init_key, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-    params = jax_init(params, redraw_key, config)
+    if init is None:
+        params = model.init(init_key, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+        params = jax_init(params, redraw_key, config)
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.01)
     tx = optax.chain(optax.clip_by_global_norm(clip),
@@ -215,7 +229,7 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
         seed=seed, steps=steps, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay,
         label_smoothing=label_smoothing, clip=clip, two_digit_frac=two_digit_frac, curriculum=curriculum, n_params=n_params,
         train_time_s=train_time, wall_time_s=wall, test_acc=test_acc, train_acc=train_acc, two_digit_top2=two_acc,
-        eval_scenes=eval_scenes, config=config)
+        eval_scenes=eval_scenes, config=config, init=None if init is None else str(init), earlier=earlier)
     _write_record(out, record)
     print(f"saved {out / 'model.safetensors'} ({(out / 'model.safetensors').stat().st_size / 1e6:.2f} MB), "
           f"wall time {wall:.0f}s", flush=True)
@@ -231,7 +245,7 @@ def _write_record(out: Path, r: dict) -> None:
 
     text = f"""# {cfg.name}
 
-A {r['n_params']:,}-parameter timm `VisionTransformer` trained from scratch on digit scenes
+A {r['n_params']:,}-parameter timm `VisionTransformer` trained {'from scratch' if r.get('init') is None else 'in two stages'} on digit scenes
 (`predmaps.digits`: the UCI handwritten digits shipped in scikit-learn, on random textured
 backgrounds) by `predmaps/train_digits.py`. Input 64x64 RGB, normalised with mean = std = 0.5;
 patch 8 (an 8x8 grid of patch tokens), class token, token pooling, 10 classes "0".."9".
@@ -248,6 +262,7 @@ patch 8 (an 8x8 grid of patch tokens), class token, token pooling, 10 classes "0
 | machine | {os.cpu_count()}-core CPU ({cpu_name()}), {platform.system()} {platform.machine()}, shared with other jobs |
 | software | python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, numpy {np.__version__}, scikit-learn {sklearn.__version__} |
 | seed | {r['seed']} |
+| initial weights | {'jax-style random init (Xavier-uniform block kernels)' if r.get('init') is None else '`' + r['init'] + '` (the earlier stage below), with a fresh optimiser state and schedule'} |
 | steps x batch | {r['steps']} x {r['batch']} = {r['steps'] * r['batch']:,} scenes, each drawn fresh from the 1,438 train digits |
 | curriculum | scene difficulty ramps from 0 (centred 32 px digit, no warp, untextured background) to 1 (the full scene distribution) over the first {r['curriculum']} steps, reached by every scene at step {int(1.25 * r['curriculum'])} |
 | two-digit share of each batch (after the curriculum, 50/50 targets) | {r['two_digit_frac']} |
@@ -276,6 +291,10 @@ Test accuracy: **{r['test_acc']:.4f}** ({r['eval_scenes']} one-digit scenes of t
 | {r['eval_scenes']} one-digit scenes of the train digits (seed {EVAL_SEED}) | {r['train_acc']:.4f} |
 | {max(r['eval_scenes'] // 2, 1)} two-digit test scenes: both classes are the top two | {r['two_digit_top2']:.4f} |
 """
+    if r.get("earlier"):
+        # The earlier stage's record, its headings pushed one level down.
+        earlier = "\n".join(("#" + line) if line.startswith("#") else line for line in r["earlier"].splitlines())
+        text += "\n## Earlier stage (the initial weights of this run)\n\n" + earlier.split("\n", 1)[1].lstrip("\n") + "\n"
     (out / "TRAINING.md").write_text(text)
 
 
@@ -298,10 +317,13 @@ def main(argv=None) -> int:
                     help="steps over which the scene difficulty ramps up from easy (0: off)")
     ap.add_argument("--eval-scenes", type=int, default=EVAL_SCENES)
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--init", default=None,
+                    help="continue from this checkpoint directory (fresh optimiser and schedule)")
     a = ap.parse_args(argv)
     train(a.out, steps=a.steps, seed=a.seed, batch=a.batch, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
           label_smoothing=a.label_smoothing, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.heads,
-          two_digit_frac=a.two_digit_frac, curriculum=a.curriculum, eval_scenes=a.eval_scenes, log_every=a.log_every)
+          two_digit_frac=a.two_digit_frac, curriculum=a.curriculum, eval_scenes=a.eval_scenes, log_every=a.log_every,
+          init=a.init)
     return 0
 
 
