@@ -5,6 +5,8 @@
                                [--save-maps results.hdf5] [--mode both|positive|negative]
     predmaps eval segmentation --model NAME|PATH --method M [--layer L] --data gtsegs_ijcv.mat
                                [--batch-size N] [--limit N] [--json FILE] [--maps results.hdf5]
+    predmaps eval digits [--model NAME|PATH] [--method M|all] [--layer L] [--target pred|gt]
+                         [--scenes N] [--seed S] [--batch-size N] [--json FILE] [--markdown FILE]
 
 `add_eval_parser(subparsers)` registers the `eval` subcommand; its handler returns an exit code
 (0 ok, 2 for a missing or malformed data set, a bad option or model).
@@ -81,6 +83,26 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     ps.add_argument("--normalization", choices=("protocol", "model"), default="protocol",
                     help="mean = std = 0.5 as the protocol (default), or the model's own mean/std")
     ps.set_defaults(fn=cmd_eval)
+
+    pd = sub.add_parser("digits", help="every method on generated digit scenes with exact masks (offline)",
+                        description="Segmentation, perturbation and class-specificity tests on scenes of the "
+                                    "held-out UCI test digits (predmaps.evaluation.digit_scenes).")
+    pd.add_argument("--model", help="a 10-class digits ViT (default: the one predmaps ships)")
+    pd.add_argument("--method", default="all",
+                    help="a method, or 'all' (default): every method at layer L plus predicatt and "
+                         "prediction_map at L-1")
+    pd.add_argument("--layer", type=int, default=-1, help="prediction layer for a single --method (default -1 = L)")
+    pd.add_argument("--option", dest="options", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                    help="a method option for a single --method (repeatable)")
+    pd.add_argument("--target", choices=("pred", "gt"), default="pred",
+                    help="perturbation maps for the predicted (default) or the true class")
+    pd.add_argument("--scenes", type=int, default=1000, help="one-digit and two-digit scenes each (default 1000)")
+    pd.add_argument("--seed", type=int, default=2024, help="scene seed (default 2024, the published table's)")
+    pd.add_argument("--batch-size", type=int, default=100)
+    pd.add_argument("--json", help="write every number to this JSON file")
+    pd.add_argument("--markdown", help="write the table (with the command and the run's details) to this file")
+    pd.add_argument("--quiet", action="store_true", help="no progress bar")
+    pd.set_defaults(fn=cmd_eval)
     return p
 
 
@@ -115,6 +137,8 @@ def _cmd_eval(args, ev) -> int:
     from predmaps.cli import load_model
 
     test = args.eval_test
+    if test == "digits":
+        return _cmd_digits(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive; got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
@@ -181,3 +205,98 @@ def _cmd_eval(args, ev) -> int:
         _write_json(args.json, {**header, **res.to_dict()})
         print(f"results: {args.json}")
     return 0
+
+
+def _cmd_digits(args) -> int:
+    import shlex
+    import time
+
+    from predmaps import digits
+    from predmaps.evaluation import digit_scenes
+
+    if args.scenes < 1:
+        raise ValueError(f"--scenes must be positive; got {args.scenes}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive; got {args.batch_size}")
+    if args.method == "all":
+        if args.options or args.layer != -1:
+            raise ValueError("--layer and --option apply to a single --method, not to 'all'")
+        rows = None
+    else:
+        rows = [(args.method, args.layer)]
+    if args.model is None:
+        model, params = digits.load_model()
+    else:
+        from predmaps.cli import load_model
+
+        model, params = load_model(args.model)
+    t0 = time.perf_counter()
+    res = digit_scenes.run_benchmark(model, params, rows=rows, scenes=args.scenes, seed=args.seed,
+                                     batch_size=args.batch_size, target=args.target,
+                                     method_options=dict(args.options) or None, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    info = res.info
+    summary = (f"{info['scenes']} one-digit and {info['scenes']} two-digit scenes of the held-out test digits "
+               f"(seed {info['seed']}); model {info['model']}: one-digit accuracy "
+               f"{100 * info['one_digit_accuracy']:.2f}%, two-digit scenes with both classes in the top two "
+               f"{100 * info['two_digit_top2']:.2f}%")
+    print(f"digit-scenes benchmark: {summary}")
+    print(res.markdown())
+    print(f"{seconds:.0f} s")
+    if args.json:
+        _write_json(args.json, {"model_source": args.model or "predmaps default (predmaps/assets/vit_digits_patch8_64)",
+                                "seconds": seconds, **res.to_dict()})
+        print(f"results: {args.json}")
+    if args.markdown:
+        import datetime
+        import os
+        import platform
+
+        import jax
+
+        from predmaps.machine import cpu_name
+
+        argv = _digits_command(args)
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        text = f"""# Digit-scenes benchmark
+
+{summary}.
+
+Regenerate:
+
+    {shlex.join(argv)}
+
+Columns (definitions: `predmaps/evaluation/digit_scenes.py`):
+- segmentation on one-digit scenes, the map of the predicted class against the digit's pixels:
+  pixel accuracy, mIoU, mAP in % (the ImageNet-Segmentation protocol);
+- perturbation on the same scenes, maps for the {'predicted' if args.target == 'pred' else 'true'} class:
+  AUC x 100 of the accuracy as the most (positive) or least (negative) relevant pixels are zeroed;
+- class specificity on two-digit scenes, the map of each of the two classes: the mean share of its
+  non-negative mass on its own digit (of the mass on both digits), and how often it puts more mass on
+  its own digit than on the other (ties count one half). Class-agnostic methods are at 0.5 by construction.
+
+{res.markdown()}
+
+Run: {date}, {os.cpu_count()}-core CPU ({cpu_name()}), {platform.system()} {platform.machine()}, jax {jax.__version__}
+on {jax.default_backend()}, float32, batch {args.batch_size}; {seconds:.0f} s for all rows.
+"""
+        out = Path(args.markdown)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"table: {args.markdown}")
+    return 0
+
+
+def _digits_command(args) -> list[str]:
+    """The command that regenerates this run (every option that decides a number)."""
+    argv = ["predmaps", "eval", "digits"]
+    if args.model:
+        argv += ["--model", args.model]
+    argv += ["--method", args.method]
+    if args.method != "all":
+        argv += ["--layer", str(args.layer)] + [f"--option={k}={v}" for k, v in args.options]
+    argv += ["--target", args.target, "--scenes", str(args.scenes), "--seed", str(args.seed),
+             "--batch-size", str(args.batch_size)]
+    if args.json:
+        argv += ["--json", args.json]
+    return argv + ["--markdown", args.markdown]

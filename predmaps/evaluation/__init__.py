@@ -7,6 +7,10 @@
     seg = ev.segmentation_test(model, params, "gtsegs_ijcv.mat", method="predicatt")
     seg.pixel_accuracy, seg.miou, seg.mean_ap
 
+    # offline: every method on generated digit scenes with exact masks (see digit_scenes)
+    from predmaps.evaluation import digit_scenes
+    print(digit_scenes.run_benchmark(model, params, scenes=1000).markdown())
+
     # maps made elsewhere (e.g. by the torch code), in Chefer's results.hdf5:
     with ev.CheferResults("results.hdf5") as r:
         res = ev.score_maps(model, params, r, None, None)
@@ -23,15 +27,16 @@ from predmaps.evaluation.metrics import (MODES, STEPS, TIE_ORDER, SegmentationTo
                                          average_precision_numpy, minmax_normalize, num_removed, perturbation_auc,
                                          removal_masks, removal_ranks, remove_pixels, segmentation_counts)
 from predmaps.evaluation.perturbation import (PerturbationResult, check_explainer, perturbation_hits,
-                                              perturbation_test, score_maps)
-from predmaps.evaluation.segmentation import SegmentationResult, resize_mask, segmentation_test
+                                              perturbation_test, perturbation_test_arrays, score_maps)
+from predmaps.evaluation.segmentation import (SegmentationResult, resize_mask, segmentation_test,
+                                              segmentation_test_arrays)
 
 __all__ = [
     "IMAGENET_LAYOUTS", "MODES", "PROTOCOL_MEAN", "PROTOCOL_STD", "STEPS", "TIE_ORDER", "CheferResults", "CheferWriter",
     "DataLayoutError", "ImageList", "ImageNetSegmentation", "PerturbationResult", "SegmentationResult",
     "SegmentationTotals", "average_precision", "average_precision_numpy", "check_explainer", "imagenet_val",
     "minmax_normalize", "num_removed", "perturbation_auc", "perturbation_hits", "perturbation_test",
-    "read_chefer_hdf5", "removal_masks", "removal_ranks", "remove_pixels", "resize_mask", "score_maps",
-    "segmentation_counts", "segmentation_test", "subset_indices", "unit_transform", "write_chefer_hdf5",
-    "write_segmentation_mat",
+    "perturbation_test_arrays", "read_chefer_hdf5", "removal_masks", "removal_ranks", "remove_pixels", "resize_mask",
+    "score_maps", "segmentation_counts", "segmentation_test", "segmentation_test_arrays", "subset_indices",
+    "unit_transform", "write_chefer_hdf5", "write_segmentation_mat",
 ]

@@ -212,6 +212,23 @@ def _run(step_fn: Callable, batches: Iterable, n: int, *, modes, steps, progress
     return np.asarray(counts).tolist(), timing
 
 
+def _check_request(model, method, layer, target, modes, steps, image_size, mean, std, method_options):
+    if target not in ("pred", "gt"):
+        raise ValueError(f"target must be 'pred' or 'gt'; got {target!r}")
+    modes = _check_modes(modes)
+    steps = tuple(float(s) for s in steps)
+    spec = check_explainer(model, method, layer, method_options)
+    size = tuple(int(s) for s in image_size)
+    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    return spec, modes, steps, size, mean, std
+
+
+def _check_labels(model, labels) -> None:
+    if len(labels) and int(np.max(labels)) >= model.config.num_classes:
+        raise ValueError(f"labels go up to {int(np.max(labels))} but the model has {model.config.num_classes} "
+                         "classes (ImageNet-1k labels need a 1000-class model)")
+
+
 def perturbation_test(model, params, images: ImageList, *, method: str = "predicatt", layer: int = -1,
                       target: str = "pred", modes=metrics.MODES, steps=metrics.STEPS, batch_size: int = 32,
                       image_size=(224, 224), transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
@@ -226,18 +243,11 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
     Memory: each batch runs the model on batch_size x len(modes) x len(steps) images at once
     (640 for the default 32 x 2 x 10); lower `batch_size` if that does not fit.
     """
-    if target not in ("pred", "gt"):
-        raise ValueError(f"target must be 'pred' or 'gt'; got {target!r}")
-    modes = _check_modes(modes)
-    steps = tuple(float(s) for s in steps)
-    spec = check_explainer(model, method, layer, method_options)
-    size = tuple(int(s) for s in image_size)
+    spec, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, image_size,
+                                                         mean, std, method_options)
     if len(images) == 0:
         raise ValueError("no images to evaluate")
-    if int(images.labels.max()) >= model.config.num_classes:
-        raise ValueError(f"labels go up to {int(images.labels.max())} but the model has {model.config.num_classes} "
-                         "classes (ImageNet-1k labels need a 1000-class model)")
-    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    _check_labels(model, images.labels)
     want_maps = save_maps is not None
     static = (model, spec, target, size, modes, steps, mean, std, want_maps)
 
@@ -270,6 +280,40 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
             "transform": transform, "normalization": {"mean": list(mean), "std": list(std)},
             "batch_size": batch_size, "maps_source": "computed", **timing}
     return PerturbationResult(len(images), dict(zip(modes, counts)), steps, size, info)
+
+
+def perturbation_test_arrays(model, params, unit, labels, *, method: str = "predicatt", layer: int = -1,
+                             target: str = "pred", modes=metrics.MODES, steps=metrics.STEPS, batch_size: int = 32,
+                             mean=PROTOCOL_MEAN, std=PROTOCOL_STD, method_options: dict | None = None,
+                             progress: bool = False) -> PerturbationResult:
+    """`perturbation_test` on images in memory: unit (n, H, W, 3) float in [0, 1] at the size the
+    model reads, labels (n,) ground-truth classes."""
+    unit, labels = np.asarray(unit, np.float32), np.asarray(labels)
+    if unit.ndim != 4 or unit.shape[-1] != 3 or labels.shape != unit.shape[:1]:
+        raise ValueError(f"perturbation_test_arrays takes unit (n, H, W, 3) and labels (n,); got {unit.shape}, "
+                         f"{labels.shape}")
+    spec, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, unit.shape[1:3],
+                                                         mean, std, method_options)
+    n = unit.shape[0]
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    _check_labels(model, labels)
+    static = (model, spec, target, size, modes, steps, mean, std, False)
+
+    def step_fn(counts, batch, valid):
+        return _explain_step(static, params, counts, batch["unit"], batch["labels"], valid)
+
+    def batches():
+        for start in range(0, n, batch_size):
+            rows = [{"unit": unit[i], "labels": np.int32(labels[i])} for i in range(start, min(start + batch_size, n))]
+            batch, valid = stack_padded(rows, batch_size)
+            yield start, batch, valid
+
+    counts, timing = _run(step_fn, batches(), n, modes=modes, steps=steps, progress=progress)
+    info = {"method": method, "layer": spec.layer, "method_options": dict(spec.options), "target": target,
+            "normalization": {"mean": list(mean), "std": list(std)}, "batch_size": batch_size,
+            "maps_source": "computed", **timing}
+    return PerturbationResult(n, dict(zip(modes, counts)), steps, size, info)
 
 
 def score_maps(model, params, unit, maps, labels, *, modes=metrics.MODES, steps=metrics.STEPS, batch_size: int = 32,

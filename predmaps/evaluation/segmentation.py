@@ -178,3 +178,36 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
     finally:
         for c in closers:
             c.close()
+
+
+def segmentation_test_arrays(model, params, unit, masks, *, method: str = "predicatt", layer: int = -1,
+                             batch_size: int = 32, mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
+                             method_options: dict | None = None) -> SegmentationResult:
+    """`segmentation_test` on images in memory: unit (n, H, W, 3) float in [0, 1] at the size the
+    model reads, masks (n, H, W) (foreground where != 0); maps for the predicted class."""
+    unit, masks = np.asarray(unit, np.float32), np.asarray(masks)
+    if unit.ndim != 4 or unit.shape[-1] != 3 or masks.shape != unit.shape[:3]:
+        raise ValueError(f"segmentation_test_arrays takes unit (n, H, W, 3) and masks (n, H, W); got {unit.shape}, "
+                         f"{masks.shape}")
+    n = unit.shape[0]
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    spec = check_explainer(model, method, layer, method_options)
+    size = unit.shape[1:3]
+    mean_, std_ = tuple(map(float, mean)), tuple(map(float, std))
+    step = segmentation_step(model, spec, size=size, mean=mean_, std=std_)
+    totals = metrics.SegmentationTotals()
+    t0 = time.perf_counter()
+    pending = None
+    for start in range(0, n, batch_size):
+        rows = [{"unit": unit[i], "masks": masks[i].astype(np.uint8)} for i in range(start, min(start + batch_size, n))]
+        batch, valid = stack_padded(rows, batch_size)
+        out = step(params, batch["unit"], batch["masks"])
+        if pending is not None:
+            totals.update(*pending)
+        pending = (out, valid)
+    totals.update(*pending)
+    info = {"method": method, "layer": spec.layer, "method_options": dict(spec.options), "target": "pred",
+            "maps_source": "computed", "image_size": list(size), "normalization": {"mean": list(mean_), "std": list(std_)},
+            "batch_size": batch_size, "seconds": time.perf_counter() - t0}
+    return SegmentationResult(totals, info)
