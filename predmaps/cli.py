@@ -11,6 +11,7 @@ into --out/report: index.html, one page per image (see `predmaps.report`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -193,8 +194,48 @@ def cmd_demo(args) -> int:
     return 0
 
 
+COMPILE_CACHE_ENV = "PREDMAPS_COMPILE_CACHE"
+
+
+def default_compile_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "predmaps" / "jax"
+
+
+def configure_compile_cache(setting: str | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at a directory, so a second CLI run of the same
+    model, batch and method loads its executables instead of compiling them again (the compile
+    is seconds per executable on CPU, tens on GPU with autotuning).
+
+    `setting`: a directory, or "off"; default the PREDMAPS_COMPILE_CACHE variable, else
+    ~/.cache/predmaps/jax. A cache the user configured for JAX itself (JAX_COMPILATION_CACHE_DIR
+    or jax.config) is left as it is. Returns the directory in use, or None.
+    """
+    import jax
+
+    setting = setting or os.environ.get(COMPILE_CACHE_ENV)
+    if setting == "off":
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current and setting is None:
+        return current
+    path = Path(setting) if setting else default_compile_cache()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home must not stop the job: it only compiles every time
+        print(f"warning: no compilation cache ({path}: {e.strerror}); set {COMPILE_CACHE_ENV}=DIR or off",
+              file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every executable worth a disk read: the digits model's compile well under JAX's 1 s default.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return str(path)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="predmaps", description="Prediction maps and PredicAtt for ViTs, in JAX")
+    parser = argparse.ArgumentParser(prog="predmaps", description="Prediction maps and PredicAtt for ViTs, in JAX",
+                                     epilog=f"Compiled executables are cached in {default_compile_cache()} "
+                                            f"(set {COMPILE_CACHE_ENV}=DIR to move it, or =off).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
@@ -239,6 +280,7 @@ def main(argv=None) -> int:
         if argv[i] == "--layers" and argv[i + 1].startswith("-"):
             argv[i:i + 2] = [f"--layers={argv[i + 1]}", ""]
     args = parser.parse_args([a for a in argv if a != ""])
+    configure_compile_cache()
     try:
         return args.fn(args)
     except (OSError, KeyError) as e:

@@ -1,5 +1,6 @@
 """Shared test set-up: highest matmul precision, torch threads, non-degenerate random weights."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -8,6 +9,9 @@ import pytest
 
 # Parity tests compare float32 results; keep XLA from lowering matmul precision anywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
+# CLI tests call predmaps.cli.main in this process: keep it from pointing JAX's process-wide
+# persistent cache at ~/.cache (tests of the cache run the CLI in a subprocess with their own dir).
+os.environ["PREDMAPS_COMPILE_CACHE"] = "off"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,6 +1,7 @@
 """The predmaps command line: explain writes overlays and the HTML report, skips unreadable images;
 labels; errors; viz helpers. (`predmaps demo` is tested with the reports, in test_report.py.)"""
 
+import json
 import re
 
 import jax
@@ -95,3 +96,36 @@ def test_overlay_keeps_size_and_puts_heat_on_the_hot_cell():
     assert 16 <= y < 32 and 64 <= x < 80
     with pytest.raises(ValueError, match="unknown colour map"):
         viz.overlay(image, token_map, cmap="no-such-map")
+
+
+def test_compilation_cache_is_written_then_reused(tmp_path):
+    """A second identical CLI run compiles nothing new: every executable comes from the cache
+    directory the first run filled (PREDMAPS_COMPILE_CACHE), and the numbers are the same."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PREDMAPS_COMPILE_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "predmaps", "eval", "digits", "--method", "predicatt", "--scenes", "3",
+           "--batch-size", "3", "--quiet", "--json"]
+
+    def run(i):
+        out = tmp_path / f"r{i}.json"
+        subprocess.run(cmd + [str(out)], env=env, check=True, capture_output=True, timeout=600)
+        data = json.loads(out.read_text())
+        for r in data["rows"]:
+            r.pop("seconds")
+        data.pop("seconds")
+        return data, sorted(p.name for p in cache.rglob("*") if p.is_file())
+
+    first, files1 = run(1)
+    assert files1, "the first run wrote no cache entries"
+    second, files2 = run(2)
+    assert files2 == files1
+    assert first == second
+    off = subprocess.run(cmd + [str(tmp_path / "off.json")], env={**env, "PREDMAPS_COMPILE_CACHE": "off",
+                                                                       "HOME": str(tmp_path / "home")},
+                         capture_output=True, timeout=600)
+    assert off.returncode == 0 and not (tmp_path / "home" / ".cache" / "predmaps").exists()
