@@ -236,6 +236,13 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
     return record
 
 
+def _curriculum_text(steps: int) -> str:
+    if steps <= 0:
+        return "none: every scene from the full distribution"
+    return (f"scene difficulty ramps from 0 (centred 32 px digit, no warp, untextured background) to 1 (the full "
+            f"scene distribution) over the first {steps} steps, reached by every scene at step {int(1.25 * steps)}")
+
+
 def _write_record(out: Path, r: dict) -> None:
     cfg: ViTConfig = r["config"]
     size = (out / "model.safetensors").stat().st_size
@@ -264,7 +271,7 @@ patch 8 (an 8x8 grid of patch tokens), class token, token pooling, 10 classes "0
 | seed | {r['seed']} |
 | initial weights | {'jax-style random init (Xavier-uniform block kernels)' if r.get('init') is None else '`' + r['init'] + '` (the earlier stage below), with a fresh optimiser state and schedule'} |
 | steps x batch | {r['steps']} x {r['batch']} = {r['steps'] * r['batch']:,} scenes, each drawn fresh from the 1,438 train digits |
-| curriculum | scene difficulty ramps from 0 (centred 32 px digit, no warp, untextured background) to 1 (the full scene distribution) over the first {r['curriculum']} steps, reached by every scene at step {int(1.25 * r['curriculum'])} |
+| curriculum | {_curriculum_text(r['curriculum'])} |
 | two-digit share of each batch (after the curriculum, 50/50 targets) | {r['two_digit_frac']} |
 | optimiser | AdamW, peak lr {r['lr']}, {r['warmup']} warm-up steps then cosine decay to {r['lr'] * 0.01:g}, weight decay {r['weight_decay']} (matrices only), grad-norm clip {r['clip']}, label smoothing {r['label_smoothing']} |
 | training time | {r['train_time_s']:.0f} s |

@@ -127,6 +127,44 @@ def test_rerun_is_deterministic(shipped, scenes, table):
         assert now == then
 
 
+# Golden values of the shipped checkpoint on the CI scenes (128 each, seed 2024): (pixel accuracy,
+# mIoU, mAP) in %, (positive, negative) perturbation AUC, (correct share, win rate). Tolerances:
+# segmentation 0.05 points (a pixel flipping across the mean threshold after a 1e-6 change moves
+# pixel accuracy by 1/(128*4096)); perturbation AUC 0.5 (one image changing its prediction at one
+# step moves the AUC by 0.078: a few such flips between CPUs are allowed, a wrong method is not);
+# specificity 0.01. Layers are 0-based prediction layers (4 = L on this depth-4 model).
+GOLDEN: dict[tuple[str, int | None], tuple] = {
+    ('predicatt', 4): ((85.441, 56.879, 97.684), (13.555, 52.734), (0.4682, 0.4453)),
+    ('prediction_map', 4): ((52.323, 28.458, 61.908), (32.500, 32.070), (0.4713, 0.4258)),
+    ('weighted_attention', 4): ((86.864, 59.950, 99.430), (13.242, 56.172), (0.4992, 0.5000)),
+    ('mean_attention', None): ((86.880, 59.972, 99.447), (12.773, 56.133), (0.5000, 0.5000)),
+    ('raw_attention', None): ((86.935, 59.457, 98.629), (14.063, 54.414), (0.5000, 0.5000)),
+    ('rollout', None): ((87.099, 60.281, 99.514), (13.984, 56.289), (0.5000, 0.5000)),
+    ('gradcam', None): ((83.947, 53.309, 92.765), (16.953, 45.977), (0.4845, 0.4648)),
+    ('generic_attention', None): ((88.144, 61.124, 98.510), (14.375, 54.570), (0.6513, 0.8555)),
+    ('transattr', None): ((88.140, 59.886, 97.321), (13.281, 52.422), (0.6859, 0.8359)),
+    ('lrp', None): ((72.512, 43.755, 82.133), (20.664, 45.820), (0.4933, 0.5078)),
+    ('partial_lrp', None): ((85.810, 55.835, 95.658), (14.609, 44.375), (0.5008, 0.5234)),
+    ('predicatt', 3): ((87.252, 60.277, 99.061), (14.688, 55.312), (0.4826, 0.4492)),
+    ('prediction_map', 3): ((59.151, 32.788, 71.973), (26.484, 33.750), (0.4838, 0.4336)),
+}
+
+
+@needs_asset
+def test_golden_values_of_the_shipped_checkpoint(table):
+    got = {(r.method, r.layer): r for r in table.rows}
+    assert set(GOLDEN) <= set(got)
+    for key, (seg, auc, spec) in GOLDEN.items():
+        r = got[key]
+        s = r.segmentation
+        np.testing.assert_allclose([100 * s.pixel_accuracy, 100 * s.miou, 100 * s.mean_ap], seg, atol=0.05,
+                                   err_msg=str(key))
+        np.testing.assert_allclose([r.perturbation.auc["positive"], r.perturbation.auc["negative"]], auc, atol=0.5,
+                                   err_msg=str(key))
+        np.testing.assert_allclose([r.specificity.mean_share, r.specificity.win_rate], spec, atol=0.01,
+                                   err_msg=str(key))
+
+
 # ---------------------------------------------------------------- the command
 
 @needs_asset
