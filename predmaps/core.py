@@ -26,6 +26,11 @@ def layer_index(layer: int, depth: int) -> int:
     return layer % (depth + 1)
 
 
+def layer_name(index: int, depth: int) -> str:
+    """The paper's name of token layer `index` (0..L): "L", "L-1", ..., "L-{depth}" (the embeddings)."""
+    return "L" if index == depth else f"L-{depth - index}"
+
+
 def check_class_token(model: ViT, method: str) -> None:
     if not model.config.class_token:
         raise ValueError(f"method {method!r} reads class-token attention, and {model.config.name or 'this model'} has "

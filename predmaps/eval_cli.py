@@ -109,7 +109,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def _method_text(method: str, layer, depth: int) -> str:
     if layer is None:
         return method
-    name = "L" if layer == depth else f"L-{depth - layer}"
+    from predmaps.core import layer_name
+
+    name = layer_name(layer, depth)
     return f"{method} (layer {layer} = {name})"
 
 

@@ -615,24 +615,26 @@ class ReportWriter:
 
 def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int], *, cmap: str = "jet",
                alpha: float = 0.5, shared_scale: bool = False) -> None:
-    """Stand-alone PNG overlays at the model's input size: `{stem}_{method}_L{layer}_{class}.png` per
-    requested class and layer, and `{stem}_{method}_grid.png` (layers x classes)."""
+    """Stand-alone PNG overlays at the model's input size: `{stem}_{method}_{layer}_{class}.png` per
+    requested class and layer (layer named as the paper: L, L-1, ...; `{stem}_{method}_{class}.png`
+    for methods without a layer), and `{stem}_{method}_grid.png` (layers x classes)."""
     from predmaps import core, viz
     from predmaps.explain import get_method
 
     uses_layer = get_method(method).uses_layer
     stem = Path(r.name).stem
     tiles, titles = [], []
-    for layer in layers:
+    for layer in (layers if uses_layer else layers[:1]):  # a method without a layer has one map per class
         key = (method, core.layer_index(layer, cfg.depth) if uses_layer else None)
+        tag = core.layer_name(key[1], cfg.depth) if uses_layer else ""
         maps = r.maps[key]
         lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
         for j, c in enumerate(r.classes):
             img = viz.overlay(r.image, maps[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
             cname = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.class_name(c))
-            img.save(out / f"{stem}_{method}_L{layer}_{cname}.png")
+            img.save(out / (f"{stem}_{method}_{tag}_{cname}.png" if tag else f"{stem}_{method}_{cname}.png"))
             tiles.append(img)
-            titles.append(f"{cfg.class_name(c)} L{layer}")
+            titles.append(f"{cfg.class_name(c)} {tag}".rstrip())
     viz.grid(tiles, titles, columns=len(r.classes), cell=max(128, r.image.shape[0])).save(
         out / f"{stem}_{method}_grid.png")
 

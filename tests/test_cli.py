@@ -54,6 +54,7 @@ def test_explain_writes_overlays_and_skips_bad_files(tiny_checkpoint, tmp_path, 
     assert not list((out / "report").glob("*bad*"))
     pngs = sorted(p.name for p in out.glob("good_predicatt_L*.png"))
     assert len(pngs) == 6  # 3 classes x 2 layers
+    assert {n.split("_")[2] for n in pngs} == {"L", "L-1"}  # layers -1, -2 named as the paper does
     assert Image.open(out / pngs[0]).size == (32, 32)  # the model's input after the eval transform
     assert (out / "good_predicatt_grid.png").exists()
     assert cli.main(["explain", str(good), str(bad), "--model", str(tiny_checkpoint), "--out", str(out),

@@ -179,13 +179,15 @@ class BenchmarkResult:
         return {"benchmark": "digit scenes", **self.info, "rows": [r.to_dict() for r in self.rows]}
 
     def markdown(self) -> str:
-        depth = self.info.get("depth")
+        from predmaps.core import layer_name
+
+        depth = self.info["depth"]
         head = ("| method | layer | class-specific | pixel acc | mIoU | mAP | pert. pos AUC (lower better) | "
                 "pert. neg AUC (higher better) | correct share | own > other |\n"
                 "|---|---|---|---|---|---|---|---|---|---|")
         lines = [head]
         for r in self.rows:
-            layer = "" if r.layer is None else ("L" if depth is None or r.layer == depth else f"L-{depth - r.layer}")
+            layer = "" if r.layer is None else layer_name(r.layer, depth)
             seg, auc, sp = r.segmentation, r.perturbation.auc, r.specificity
             lines.append(f"| {r.method} | {layer} | {'yes' if r.class_specific else 'no'} | "
                          f"{100 * seg.pixel_accuracy:.2f} | {100 * seg.miou:.2f} | {100 * seg.mean_ap:.2f} | "
