@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import jax
 import numpy as np
 
 DIGIT_MEAN = (0.5, 0.5, 0.5)
@@ -314,6 +315,30 @@ def normalize(images: np.ndarray) -> np.ndarray:
     """uint8 images (..., 3) -> float32 (x / 255 - DIGIT_MEAN) / DIGIT_STD, the model's input."""
     x = np.asarray(images, np.float32) / 255.0
     return (x - np.asarray(DIGIT_MEAN, np.float32)) / np.asarray(DIGIT_STD, np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, x):
+    return model.apply({"params": params}, x).logits
+
+
+def scene_accuracy(model, params, x, labels, batch: int = 250) -> float:
+    """Accuracy of `model` on normalised scenes x (n, S, S, 3) (see `normalize`).
+
+    labels (n,): top-1 accuracy. labels (n, 2) (two-digit scenes): the share of scenes whose two
+    classes are the model's top two.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    if n == 0:
+        return float("nan")
+    k = 1 if labels.ndim == 1 else labels.shape[1]
+    hits = []
+    for i in range(0, n, batch):
+        top = np.asarray(jax.lax.top_k(_logits(model, params, x[i:i + batch]), k)[1])
+        want = labels[i:i + batch].reshape(len(top), k)
+        hits.append((np.sort(top, 1) == np.sort(want, 1)).all(1))
+    return float(np.concatenate(hits).mean())
 
 
 def load_model(path: str | Path | None = None, **kwargs):

@@ -126,23 +126,14 @@ def evaluate(model, params, n: int = EVAL_SCENES, split: str = "test", seed: int
              batch: int = 250) -> float:
     """Top-1 accuracy on n one-digit scenes of `split` drawn with `seed`."""
     images, labels, _ = digits.one_digit_scenes(n, split, seed, model.config.img_size[0])
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
-    preds = []
-    for i in range(0, n, batch):
-        preds.append(np.asarray(jnp.argmax(fwd(params, digits.normalize(images[i:i + batch])), -1)))
-    return float((np.concatenate(preds) == labels).mean()) if n else float("nan")
+    return digits.scene_accuracy(model, params, digits.normalize(images), labels, batch)
 
 
 def evaluate_two_digit(model, params, n: int = 1000, split: str = "test", seed: int = EVAL_SEED,
                        batch: int = 250) -> float:
     """Fraction of two-digit scenes whose two classes are the model's top two."""
     images, labels, _ = digits.two_digit_scenes(n, split, seed, model.config.img_size[0])
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
-    hits = []
-    for i in range(0, n, batch):
-        top2 = np.asarray(jax.lax.top_k(fwd(params, digits.normalize(images[i:i + batch])), 2)[1])
-        hits.append(np.sort(top2, 1) == np.sort(labels[i:i + batch], 1))
-    return float(np.concatenate(hits).all(1).mean()) if n else float("nan")
+    return digits.scene_accuracy(model, params, digits.normalize(images), labels, batch)
 
 
 def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: int = 64, lr: float = 1e-3,

@@ -200,14 +200,11 @@ def scene_accuracy(model, params, scenes: SceneSet, batch_size: int = 250) -> di
     """Top-1 accuracy on the one-digit scenes; share of two-digit scenes whose classes are the top two."""
     from jaxvit.preprocess import normalize
 
-    fwd = jax.jit(lambda p, u: model.apply({"params": p}, normalize(u, digits.DIGIT_MEAN, digits.DIGIT_STD)).logits)
-    one, two = [], []
-    for i in range(0, scenes.n, batch_size):
-        one.append(np.asarray(jnp.argmax(fwd(params, scenes.one_unit[i:i + batch_size]), -1)))
-        top2 = np.asarray(jax.lax.top_k(fwd(params, scenes.two_unit[i:i + batch_size]), 2)[1])
-        two.append((np.sort(top2, 1) == np.sort(scenes.two_labels[i:i + batch_size], 1)).all(1))
-    return {"one_digit_accuracy": float((np.concatenate(one) == scenes.one_labels).mean()),
-            "two_digit_top2": float(np.concatenate(two).mean())}
+    def x(unit):
+        return np.asarray(normalize(unit, digits.DIGIT_MEAN, digits.DIGIT_STD), np.float32)
+
+    return {"one_digit_accuracy": digits.scene_accuracy(model, params, x(scenes.one_unit), scenes.one_labels, batch_size),
+            "two_digit_top2": digits.scene_accuracy(model, params, x(scenes.two_unit), scenes.two_labels, batch_size)}
 
 
 def run_benchmark(model, params, *, rows: Sequence[tuple[str, int]] | None = None, scenes: int | SceneSet = 1000,
@@ -231,13 +228,13 @@ def run_benchmark(model, params, *, rows: Sequence[tuple[str, int]] | None = Non
     if data.one_unit.shape[1:3] != tuple(cfg.img_size):
         raise ValueError(f"scenes are {data.one_unit.shape[1:3]} but the model reads {tuple(cfg.img_size)}")
     rows = list(rows or default_rows())
+    opts = method_options if len(rows) == 1 else None  # options belong to a single method
     for method, layer in rows:  # every request checked before the first long computation
-        check_explainer(model, method, layer, method_options if len(rows) == 1 else None)
+        check_explainer(model, method, layer, opts)
     common = dict(batch_size=batch_size, mean=digits.DIGIT_MEAN, std=digits.DIGIT_STD)
     out = []
     for method, layer in tqdm(rows, disable=not progress, unit="method", dynamic_ncols=True):
         t0 = time.perf_counter()
-        opts = method_options if len(rows) == 1 else None
         seg = segmentation_test_arrays(model, params, data.one_unit, data.one_masks, method=method, layer=layer,
                                        method_options=opts, **common)
         pert = perturbation_test_arrays(model, params, data.one_unit, data.one_labels, method=method, layer=layer,
