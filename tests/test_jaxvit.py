@@ -83,3 +83,25 @@ def test_ignored_outputs_are_not_computed(small_params):
     assert stacked in everything.as_text()
     assert stacked not in logits_only.as_text()
     assert "f32[2,2,2,17]" not in logits_only.as_text()  # attn_cls
+
+
+def test_cast_params_changes_no_output_bit_and_only_block_dense_leaves(small_params):
+    """bf16 block weights stored cast give the same bits as float32 ones cast per call (flax's Dense
+    casts kernel and bias to the compute dtype), and only qkv/proj/fc1/fc2 inside blocks change."""
+    from jaxvit import cast_params
+
+    # unit-scale random weights: the init's zero head would make the logits comparison vacuous
+    leaves, treedef = jax.tree_util.tree_flatten(small_params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, l.shape) * 0.3 for k, l in zip(keys, leaves)])
+    cast = cast_params(params, jnp.bfloat16)
+    changed = {jax.tree_util.keystr(p) for p, l in jax.tree_util.tree_leaves_with_path(cast) if l.dtype == jnp.bfloat16}
+    assert changed == {f"['blocks_{i}']['{m}']['{n}']['{w}']" for i in range(SMALL.depth)
+                       for m, n in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
+                       for w in ("kernel", "bias")}
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    model = ViT(SMALL, dtype=jnp.bfloat16)
+    a = model.apply({"params": params}, x)
+    b = model.apply({"params": cast}, x)
+    for name in ("logits", "tokens", "attn_cls"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name), np.float32), np.asarray(getattr(b, name), np.float32))
