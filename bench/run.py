@@ -161,6 +161,21 @@ def build_timm(key: str, seed: int = 0):
     return redraw_(timm.create_model(arch, pretrained=False, **kw), seed), size
 
 
+def load_jax(tmodel, dtype: str, bf16_weights: str = "cast"):
+    """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16. bf16 with
+    bf16_weights='cast' stores the block matmul weights in bf16 (`jaxvit.cast_params`: the same
+    output bits as casting them on every call, without that per-call conversion)."""
+    import jax.numpy as jnp
+
+    import convert
+    import jaxvit
+
+    model, params = convert.load(tmodel, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+    if dtype == "bf16" and bf16_weights == "cast":
+        params = jaxvit.cast_params(params, jnp.bfloat16)
+    return model, params
+
+
 def make_images(batch: int, size: int, seed: int = 1) -> np.ndarray:
     """(B, 3, H, W) float32, seeded standard normal; the same first images for every batch size."""
     rng = np.random.default_rng(seed)
@@ -433,14 +448,11 @@ def memory_child(spec: dict) -> dict:
     """In a fresh process: one JAX case per batch size, ascending; peak_bytes_in_use minus bytes_in_use
     before the first call after compiling (valid when the peak rises past every earlier peak)."""
     import jax
-    import jax.numpy as jnp
-
-    import convert
 
     if spec.get("cache_dir"):
         _enable_compile_cache(spec["cache_dir"])
     tmodel, size = build_timm(spec["model"], spec["seed"])
-    model, params = convert.load(tmodel, dtype=jnp.bfloat16 if spec["dtype"] == "bf16" else jnp.float32)
+    model, params = load_jax(tmodel, spec["dtype"], spec.get("bf16_weights", "cast"))
     del tmodel
     dev = jax.devices()[0]
     if dev.memory_stats() is None:
@@ -512,8 +524,9 @@ def environment(args, torch_device) -> dict:
                                 else "default (TF32-class on GPU, fp32 on CPU)"),
             "torch_fp32": ("true fp32 (torch.backends.cuda.matmul.allow_tf32=False, cudnn.allow_tf32=False)" if hi
                            else "TF32 allowed (cuda.matmul.allow_tf32=True, cudnn.allow_tf32=True)"),
-            "jax_bf16": "convert.load(..., dtype=jnp.bfloat16): bf16 matmuls, fp32 params, LayerNorm stats, softmax "
-                        "and logits",
+            "jax_bf16": "convert.load(..., dtype=jnp.bfloat16): bf16 matmuls; fp32 LayerNorm stats, softmax and "
+                        "logits; " + ("block matmul weights stored in bf16 (jaxvit.cast_params), the rest fp32"
+                                      if args.bf16_weights == "cast" else "fp32 params, cast per call"),
             "torch_bf16": f"torch.autocast('{torch_device.type}', dtype=torch.bfloat16)",
         },
         "threads": {"torch_num_threads": torch.get_num_threads(),
@@ -587,6 +600,12 @@ class Runner:
         self.loads: list[list[float]] = []
         self.foreign = ForeignLoad()
         self.foreign_samples: list[float] = []
+        self.on_record = None  # called after every record: main() rewrites the results files
+        self.t0 = time.perf_counter()
+        self.stopped_early = None
+        mc = args.memory_check
+        self.memory_check = set(METHODS) if mc == "all" else set() if mc in ("none", "") else set(
+            _parse_list(mc, METHOD_ALIASES, METHODS, "method") or [])
 
     # -- helpers
     def _record(self, **kw) -> dict:
@@ -598,15 +617,20 @@ class Runner:
             self.foreign_samples.append(other)
         rec = dict(kw, loadavg=load, other_processes_cores=other)
         self.records.append(rec)
+        if self.on_record is not None:
+            self.on_record()
         return rec
 
-    def _mem_label(self, impl: str) -> str:
+    def _mem_label(self, impl: str, method: str = "") -> str:
         if self.mem_mode == "off":
             return "n/a"
         if self.mem_mode == "rss":
             return "CPU RSS growth during the call (approximate)"
-        return ("torch.cuda max_memory_allocated - memory_allocated before" if impl == "torch"
-                else "JAX peak_bytes_in_use - bytes_in_use before (fresh subprocess)")
+        if impl == "torch":
+            return "torch.cuda max_memory_allocated - memory_allocated before"
+        if method in self.memory_check:
+            return "JAX peak_bytes_in_use - bytes_in_use before (fresh subprocess)"
+        return "JAX: XLA's static allocation plan of the executable (temp + outputs)"
 
     def reference(self, tmodel, mkey, method, batch, xt):
         import torch
@@ -676,7 +700,7 @@ class Runner:
         import jax
 
         base = dict(model=mkey, model_label=MODELS[mkey][3], method=method, impl="jax", dtype=dtype, batch=batch,
-                    memory_kind=self._mem_label("jax"))
+                    memory_kind=self._mem_label("jax", method))
         self.foreign.interval()
         try:
             compiled, csecs, static = jax_compile(jmodel, jparams, xj, method, dtype, self.args.fp32_precision)
@@ -697,6 +721,8 @@ class Runner:
             mem = None
             if self.mem_mode == "rss":
                 mem = rss_overhead(lambda: jax.block_until_ready(call()))
+            elif self.mem_mode == "device" and static is not None:
+                mem = static["temp_bytes"] + static["output_bytes"]  # replaced by the subprocess's where checked
             del compiled
             return self._record(**base, **_summary(times, batch), memory_bytes=mem, compile_s=csecs,
                                 xla_static_memory=static, parity=par)
@@ -736,13 +762,17 @@ class Runner:
             self.records.remove(rec)
         return rec
 
+    def _past_deadline(self, what: str) -> bool:
+        if self.args.deadline is None or time.perf_counter() - self.t0 < self.args.deadline:
+            return False
+        self.stopped_early = f"--deadline {self.args.deadline:.0f} s reached before {what}; later cases not run"
+        _log(self.stopped_early)
+        return True
+
     # -- everything
     def run(self, models, methods, dtypes, batches_for, impls):
         import jax
-        import jax.numpy as jnp
         import torch
-
-        import convert
 
         available = jax_methods_available()
         self.skipped = [m for m in methods if m not in available]
@@ -751,8 +781,7 @@ class Runner:
         for mkey in models:
             _log(f"== {MODELS[mkey][3]}: building random weights")
             tmodel, size = build_timm(mkey, self.args.seed)
-            jax_models = {dt: convert.load(tmodel, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32)
-                          for dt in dtypes}
+            jax_models = {dt: load_jax(tmodel, dt, self.args.bf16_weights) for dt in dtypes}
             tmodel.to(self.tdev)
             batches = batches_for(mkey)
             for dtype in dtypes:
@@ -763,6 +792,8 @@ class Runner:
                     xj = jax.device_put(np.ascontiguousarray(xh.transpose(0, 2, 3, 1)))
                     reps = self.args.repeats if batch == 1 else self.args.large_repeats
                     for method in methods:
+                        if self._past_deadline(f"{mkey} {dtype} b{batch} {method}"):
+                            return
                         t0 = time.perf_counter()
                         msg = []
                         if "torch" in impls:
@@ -779,16 +810,21 @@ class Runner:
                     del xt, xj
                 if self.mem_mode == "device" and "jax" in impls:
                     for method in methods:
-                        if method not in available:
+                        if method not in available or method not in self.memory_check:
                             continue
+                        if self._past_deadline(f"{mkey} {dtype} {method} memory check"):
+                            return
                         spec = dict(model=mkey, dtype=dtype, method=method, batches=batches, seed=self.args.seed,
-                                    fp32_precision=self.args.fp32_precision, cache_dir=self.cache_dir)
+                                    fp32_precision=self.args.fp32_precision, cache_dir=self.cache_dir,
+                                    bf16_weights=self.args.bf16_weights)
                         res = run_memory_child(spec)
                         for rec in self.records:
                             if (rec["impl"], rec["model"], rec["dtype"], rec["method"]) == ("jax", mkey, dtype, method):
                                 m = res.get(str(rec["batch"]), {})
                                 rec["memory_bytes"] = m.get("overhead")
                                 rec["memory_detail"] = m
+                        if self.on_record is not None:
+                            self.on_record()
                         _log(f"  {mkey} {dtype} {method}: JAX memory {_mem_brief(res)}")
             del jax_models, tmodel
             if self.tdev.type == "cuda":
@@ -820,6 +856,14 @@ def _fmt_tput(v):
 
 def _fmt_mib(v):
     return "n/a" if v is None else f"{v / MiB:,.0f}" if v >= 10 * MiB else f"{v / MiB:.1f}"
+
+
+def _mem_cell(idx, *key):
+    """Memory overhead in MiB; '*' marks XLA's static plan rather than a measured peak."""
+    r = idx.get(key)
+    v = None if r is None or r.get("error") else r.get("memory_bytes")
+    static = v is not None and "static" in (r.get("memory_kind") or "") and not r.get("memory_detail")
+    return _fmt_mib(v) + ("*" if static else "")
 
 
 def _fmt_parity(p):
@@ -1008,10 +1052,10 @@ def render_markdown(result: dict) -> str:
                     lines.append(
                         f"| {MODELS[mkey][3]} | {dt} | {METHOD_LABEL.get(method, method)} | {label} | "
                         f"{_fmt_ms(_get(idx, mkey, dt, method, impl, sb))} | "
-                        f"{_fmt_mib(_get(idx, mkey, dt, method, impl, sb, field='memory_bytes'))} | "
+                        f"{_mem_cell(idx, mkey, dt, method, impl, sb)} | "
                         f"{_fmt_tput(_get(idx, mkey, dt, method, impl, nb, field='throughput'))}"
                         f"{f' (b{nb})' if nb else ''} | "
-                        f"{_fmt_mib(_get(idx, mkey, dt, method, impl, nb, field='memory_bytes'))} | "
+                        f"{_mem_cell(idx, mkey, dt, method, impl, nb)} | "
                         f"{'ERROR: ' + '; '.join(errs) if errs else _fmt_parity(worst)} | {speed} |")
     lines.append("")
 
@@ -1062,6 +1106,14 @@ def parse_args(argv=None):
                    help="shared machine: before each case wait until other processes use at most CORES cores "
                         "(Linux /proc/stat), and measure a case again (3 tries) when they used more during it")
     p.add_argument("--wait-quiet-max", type=float, default=1800, help="longest wait per case, s (default 1800)")
+    p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
+                   help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
+                        "or keep fp32 params cast on every call")
+    p.add_argument("--memory-check", default=HEADLINE,
+                   help="GPU: comma list of methods whose JAX memory is measured in a fresh subprocess (default "
+                        f"{HEADLINE}; 'all'; 'none'); other JAX rows report XLA's static plan (temp + outputs)")
+    p.add_argument("--deadline", type=float, metavar="S",
+                   help="stop starting new cases after S seconds (the results so far are written after every case)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true",
                    help="CI smoke run: ViT-Ti depth 2 at 64x64, batch 2, fp32, one repeat")
@@ -1122,40 +1174,50 @@ def main(argv=None) -> int:
     env = environment(args, runner.tdev)
     load_start = _loadavg()
     t0 = time.perf_counter()
-    _log(f"bench on {env['device']} (jax {jax.__version__}, torch {torch.__version__}); load {load_start}")
-    runner.run(models, methods, dtypes, batches_for, impls)
-    load_end = _loadavg()
-    # cases measured again after a disturbance are no longer in the records; their samples do not count
-    foreign = [r["other_processes_cores"] for r in runner.records if r.get("other_processes_cores") is not None]
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / (args.device_label or device_slug(env))
+    out.mkdir(parents=True, exist_ok=True)
     mem_mode = {"device": "GPU: torch max_memory_allocated - memory_allocated before; JAX peak_bytes_in_use - "
                           "bytes_in_use before, first call after compiling in a fresh subprocess per "
-                          "(model, dtype, method)",
+                          f"(model, dtype, method) for {', '.join(sorted(runner.memory_check)) or 'no method'}; "
+                          "other JAX rows: XLA's static allocation plan (temp + outputs), marked *",
                 "rss": "CPU: growth of this process's resident set during one call (VmHWM reset through "
                        "/proc/self/clear_refs, minus VmRSS before); approximate: memory the allocator keeps from "
                        "earlier calls does not show, so small overheads read low",
                 "off": "not measured"}[runner.mem_mode]
-    result = {
-        "environment": env,
-        "memory_mode": mem_mode,
-        "load": {"start": load_start, "end": load_end,
-                 "max_1min": max((l[0] for l in runner.loads), default=None),
-                 "other_processes_cores_mean": (round(statistics.mean(foreign), 3) if foreign else None),
-                 "other_processes_cores_max": max(foreign, default=None)} if load_start else None,
-        "notes": args.note,
-        "tolerances": {"fp32": FP32_TOL if args.fp32_precision == "highest" else TF32_TOL,
-                       "bf16": f"max({BF16_TOL}, 2 x the torch version's bf16 error), images whose predicted class "
-                               "agrees with fp32"},
-        "wall_s": time.perf_counter() - t0,
-        "skipped_jax_methods": runner.skipped,
-        "records": runner.records,
-    }
-    result["target_checks"] = target_checks(runner.records, gpu)
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / (args.device_label or device_slug(env))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
-    md = render_markdown(result)
-    (out / "results.md").write_text(md)
-    print(md)
+
+    def write(final: bool) -> dict:
+        # cases measured again after a disturbance are no longer in the records; their samples do not count
+        foreign = [r["other_processes_cores"] for r in runner.records if r.get("other_processes_cores") is not None]
+        notes = list(args.note)
+        if runner.stopped_early:
+            notes.append(runner.stopped_early)
+        if not final:
+            notes.append("partial: written while the run was in progress")
+        result = {
+            "environment": env,
+            "memory_mode": mem_mode,
+            "load": {"start": load_start, "end": _loadavg(),
+                     "max_1min": max((l[0] for l in runner.loads), default=None),
+                     "other_processes_cores_mean": (round(statistics.mean(foreign), 3) if foreign else None),
+                     "other_processes_cores_max": max(foreign, default=None)} if load_start else None,
+            "notes": notes,
+            "tolerances": {"fp32": FP32_TOL if args.fp32_precision == "highest" else TF32_TOL,
+                           "bf16": f"max({BF16_TOL}, 2 x the torch version's bf16 error), images whose predicted "
+                                   "class agrees with fp32"},
+            "wall_s": time.perf_counter() - t0,
+            "skipped_jax_methods": getattr(runner, "skipped", []),
+            "records": runner.records,
+        }
+        result["target_checks"] = target_checks(runner.records, gpu)
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+        (out / "results.md").write_text(render_markdown(result))
+        return result
+
+    runner.on_record = lambda: write(final=False)
+    _log(f"bench on {env['device']} (jax {jax.__version__}, torch {torch.__version__}); load {load_start}")
+    runner.run(models, methods, dtypes, batches_for, impls)
+    result = write(final=True)
+    print(render_markdown(result))
     _log(f"wrote {out / 'results.md'} and {out / 'results.json'} ({result['wall_s']:.0f} s)")
     bad = [r for r in runner.records if r.get("error") or (r.get("parity") or {}).get("status") == "FAIL"]
     return 1 if bad else 0

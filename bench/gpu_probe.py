@@ -1,0 +1,366 @@
+"""`python -m bench.gpu_probe`: where the headline's time goes on an accelerator, and which levers move it.
+
+A probe, not the benchmark (`python -m bench` is that): JAX only, random jaxvit weights, ViT-B/16 in
+bf16 unless told otherwise. It times the headline (PredicAtt_L + PredicAtt_{L-1} of the predicted
+class, one jit) and the bare forward under variants of the implementation, and the pieces that bound
+them:
+
+  variants   forward / headline with block weights cast to bf16 (jaxvit.cast_params) or fp32,
+             attention through cuDNN (the default on GPU in half precision), through jaxvit's own
+             heads-first kernel, or materialised; the prediction-column normaliser chunked (default)
+             or as one GEMM.
+  floors     a large bf16 matmul (the card's matrix rate); each dense layer's GEMM at the model's
+             shapes, alone (x L: the dense floor); cuDNN attention alone (x L).
+
+XLA flags are process-wide, so `--xla-flags-sets` re-runs this script in a subprocess per set.
+Results go to a JSON file, rewritten after every measurement, so a run cut short keeps what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
+               "vit_l16": "vit_large_patch16_224", "tiny": None}
+VARIANTS = ("headline", "forward", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
+            "headline_own_attn", "forward_fp32w")
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def config_for(key: str):
+    from jaxvit import ViTConfig, get_config
+
+    if key == "tiny":
+        return ViTConfig(name="tiny", img_size=(32, 32), patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                         mlp_dim=128, num_classes=10)
+    return get_config(MODEL_NAMES[key])
+
+
+def random_params(model, size, seed=0):
+    """Unit-fan-in normal weights (the init's zero head would make every class tie)."""
+    import jax
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = []
+    for k, leaf in zip(keys, leaves):
+        scale = leaf.shape[0] ** -0.5 if len(leaf.shape) >= 2 else 0.1
+        if len(leaf.shape) == 4:  # conv kernel (kh, kw, cin, cout): fan-in kh*kw*cin
+            scale = (leaf.shape[0] * leaf.shape[1] * leaf.shape[2]) ** -0.5
+        out.append(jax.random.normal(k, leaf.shape, jnp.float32) * scale)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def timeit(fn, args, warmup, repeats):
+    import jax
+
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+        jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        del out
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def _own_attention(q, k, v, scale, dtype):
+    """jaxvit's heads-first kernel, never cuDNN (the non-GPU branch of `_fused_attention`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvit.model import _heads_first
+
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(dtype), v, preferred_element_type=jnp.float32)
+    out = out / e.sum(-1, keepdims=True)
+    return jnp.swapaxes(out, 1, 2).astype(dtype)
+
+
+def build_variant(name, cfg, dtype, params32):
+    """(jitted fn, params, context manager) for one variant."""
+    import contextlib
+
+    import jax
+
+    import jaxvit
+    import jaxvit.model as jm
+    import predmaps.core as core
+    from bench.run import HEADLINE, jax_function
+
+    attention = "materialized" if name == "headline_materialized" else "fused"
+    model = jaxvit.ViT(cfg, dtype=dtype, attention=attention)
+    cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
+    params = jaxvit.cast_params(params32, dtype) if cast else params32
+    fn = jax.jit(jax_function(model, "forward" if name.startswith("forward") else HEADLINE))
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = jm._fused_attention, core._NORMALISER_CHUNK
+        if name == "headline_own_attn":
+            jm._fused_attention = _own_attention
+        if name == "headline_one_gemm_normaliser":
+            core._NORMALISER_CHUNK = 1 << 20
+        try:
+            yield
+        finally:
+            jm._fused_attention, core._NORMALISER_CHUNK = saved
+
+    return fn, params, ctx
+
+
+def gemm_floor(cfg, batch, dtype, warmup, repeats):
+    """Each block GEMM (x @ W, x (B*T, Din)) alone at the model's shapes; the sum over one block x L."""
+    import jax
+
+    m = batch * (cfg.num_patches + cfg.num_prefix_tokens)
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    shapes = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, f), "fc2": (f, d)}
+    out, total = {}, 0.0
+    for name, (k, n) in shapes.items():
+        x = jax.random.normal(jax.random.key(1), (m, k), dtype)
+        w = jax.random.normal(jax.random.key(2), (k, n), dtype) * k ** -0.5
+        fn = jax.jit(lambda a, b: a @ b)
+        med, _ = timeit(fn, (x, w), warmup, repeats)
+        out[name] = {"ms": med * 1e3, "tflops": 2 * m * k * n / med / 1e12}
+        total += med
+    out["one_block_ms"] = total * 1e3
+    out["all_blocks_ms"] = total * cfg.depth * 1e3
+    return out
+
+
+def attention_floor(cfg, batch, dtype, warmup, repeats):
+    import jax
+
+    t = cfg.num_patches + cfg.num_prefix_tokens
+    shape = (batch, t, cfg.num_heads, cfg.dim_head)
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, dtype) for i in range(3))
+    res = {}
+    for impl in ("cudnn", "xla"):
+        try:
+            fn = jax.jit(lambda a, b, c, impl=impl: jax.nn.dot_product_attention(a, b, c, implementation=impl))
+            med, _ = timeit(fn, (q, k, v), warmup, repeats)
+            res[impl] = {"ms": med * 1e3, "all_blocks_ms": med * cfg.depth * 1e3}
+        except Exception as e:
+            res[impl] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    own = jax.jit(lambda a, b, c: _own_attention(a, b, c, cfg.dim_head ** -0.5, dtype))
+    med, _ = timeit(own, (q, k, v), warmup, repeats)
+    res["own"] = {"ms": med * 1e3, "all_blocks_ms": med * cfg.depth * 1e3}
+    return res
+
+
+def profile_summary(fn, args, calls, trace_dir, top=60):
+    """Trace `calls` calls of fn and sum the device events: per device line (stream) the busy time,
+    and the top events grouped by XLA op (the `hlo_op` stat; the event name where absent)."""
+    import glob
+    from collections import defaultdict
+
+    import jax
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(trace_dir):
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
+    files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+    if not files:
+        return {"error": "no xplane.pb written"}
+    data = ProfileData.from_file(files[-1])
+    lines, ops = {}, defaultdict(lambda: [0.0, 0, ""])
+    planes = []
+    for plane in data.planes:
+        planes.append(plane.name)
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            total, n = 0.0, 0
+            for ev in line.events:
+                stats = {}
+                try:
+                    stats = dict(ev.stats)
+                except Exception:
+                    pass
+                total += ev.duration_ns
+                n += 1
+                key = (line.name, str(stats.get("hlo_op") or ev.name))
+                ops[key][0] += ev.duration_ns
+                ops[key][1] += 1
+                ops[key][2] = ops[key][2] or ev.name[:160]
+            lines[f"{plane.name} | {line.name}"] = {"busy_ms_per_call": total / calls / 1e6, "events": n}
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"planes": planes, "calls": calls, "lines": lines,
+            "top_ops": [{"line": k[0], "op": k[1], "ms_per_call": v[0] / calls / 1e6, "events": v[1],
+                         "kernel": v[2]} for k, v in ranked]}
+
+
+def matmul_ceiling(dtype, warmup, repeats, n):
+    import jax
+
+    a = jax.random.normal(jax.random.key(3), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(4), (n, n), dtype)
+    med, _ = timeit(jax.jit(lambda x, y: x @ y), (a, b), warmup, repeats)
+    return {"n": n, "ms": med * 1e3, "tflops": 2 * n ** 3 / med / 1e12}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_b16", choices=list(MODEL_NAMES))
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--batches", default="256,1")
+    p.add_argument("--b1-variants", default="headline,headline_materialized,headline_own_attn,headline_fp32w",
+                   help="variants also timed at batch 1 (latency)")
+    p.add_argument("--floors", action="store_true", help="also time the matmul, GEMM and attention floors")
+    p.add_argument("--xla-flags-sets", default="",
+                   help="';'-separated XLA_FLAGS values: the headline re-run in a subprocess under each")
+    p.add_argument("--matmul-n", type=int, default=8192, help="size of the square matmul of the ceiling")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--deadline", type=float, default=1e9, help="start nothing new after S seconds")
+    p.add_argument("--profile", action="store_true",
+                   help="trace the headline at the largest batch and summarise device time by XLA op")
+    p.add_argument("--out", required=True, help="JSON file, rewritten after every measurement")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    t_start = time.perf_counter()
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    cfg = config_for(args.model)
+    size = cfg.img_size[0]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    variants = [v for v in args.variants.split(",") if v]
+    b1_variants = set(v for v in args.b1_variants.split(",") if v)
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "model": args.model, "dtype": args.dtype,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}, "floors": {},
+           "flag_sets": {}}
+    out_path = Path(args.out)
+
+    def save():
+        out_path.write_text(json.dumps(res, indent=1))
+
+    def late(what):
+        if time.perf_counter() - t_start > args.deadline:
+            res.setdefault("skipped", []).append(what)
+            save()
+            return True
+        return False
+
+    def floors():
+        big = max(batches)
+        for what, fn in (("matmul", lambda: matmul_ceiling(dtype, args.warmup, args.repeats, args.matmul_n)),
+                         (f"gemms_b{big}", lambda: gemm_floor(cfg, big, dtype, args.warmup, args.repeats)),
+                         (f"attention_b{big}", lambda: attention_floor(cfg, big, dtype, args.warmup, args.repeats))):
+            if late(what):
+                continue
+            try:
+                res["floors"][what] = fn()
+            except Exception as e:
+                res["floors"][what] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            _log(f"{what}: {json.dumps(res['floors'][what])[:300]}")
+            save()
+
+    params32 = random_params(jaxvit_model(cfg), size)
+    for i_batch, batch in enumerate(batches):
+        if i_batch == 1 and args.floors:
+            floors()
+        x = jax.random.normal(jax.random.key(5), (batch, size, size, 3), jnp.float32)
+        reps = args.repeats if batch > 1 else max(args.repeats, 50)
+        for name in variants:
+            if batch == 1 and name not in b1_variants:
+                continue
+            key = f"{name}_b{batch}"
+            if late(key):
+                continue
+            try:
+                fn, params, ctx = build_variant(name, cfg, dtype, params32)
+                with ctx():
+                    t0 = time.perf_counter()
+                    compiled = fn.lower(params, x).compile()
+                    csecs = time.perf_counter() - t0
+                med, best = timeit(compiled, (params, x), args.warmup, reps)
+                ma = compiled.memory_analysis()
+                res["variants"][key] = {"batch": batch, "median_ms": med * 1e3, "min_ms": best * 1e3,
+                                        "img_per_s": batch / med, "compile_s": csecs,
+                                        "temp_mib": ma.temp_size_in_bytes / 2 ** 20 if ma else None}
+                _log(f"{key:40s} {med * 1e3:8.3f} ms  {batch / med:9.1f} img/s  (compile {csecs:.1f} s)")
+                del compiled
+            except Exception as e:
+                res["variants"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                _log(f"{key}: {res['variants'][key]['error']}")
+            save()
+    if args.floors and len(batches) < 2:
+        floors()
+    for i, flags in enumerate(s for s in args.xla_flags_sets.split(";") if s.strip()):
+        if late(f"flags {flags}"):
+            continue
+        sub = out_path.with_name(f"{out_path.stem}_flags{i}.json")
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        cmd = [sys.executable, "-m", "bench.gpu_probe", "--model", args.model, "--dtype", args.dtype,
+               "--variants", "headline", "--b1-variants", "headline", "--batches", args.batches,
+               "--repeats", str(args.repeats), "--out", str(sub)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=min(900.0, max(30.0, args.deadline - (time.perf_counter() - t_start) + 60)))
+            entry = json.loads(sub.read_text())["variants"] if sub.exists() else {}
+            if proc.returncode:
+                entry["error"] = f"rc {proc.returncode}: {proc.stderr[-400:]}"
+        except subprocess.TimeoutExpired:
+            entry = {"error": "timed out"}
+        entry["wall_s"] = time.perf_counter() - t0
+        res["flag_sets"][flags] = entry
+        _log(f"XLA_FLAGS+={flags}: {json.dumps(entry)[:400]}")
+        save()
+    if args.profile and not late("profile"):
+        big = max(batches)
+        try:
+            fn, params, ctx = build_variant("headline", cfg, dtype, params32)
+            x = jax.random.normal(jax.random.key(5), (big, size, size, 3), jnp.float32)
+            with ctx():
+                compiled = fn.lower(params, x).compile()
+            res["profile"] = profile_summary(compiled, (params, x), 5, str(out_path.with_suffix("")) + "_trace")
+        except Exception as e:
+            res["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        _log(f"profile: {json.dumps(res['profile'])[:2000]}")
+        save()
+    res["wall_s"] = time.perf_counter() - t_start
+    save()
+    return 0
+
+
+def jaxvit_model(cfg):
+    import jax.numpy as jnp
+
+    import jaxvit
+
+    return jaxvit.ViT(cfg, dtype=jnp.float32)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

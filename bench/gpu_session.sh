@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: environment, the benchmark's rows, the probe. Everything lands in $OUT,
+# each result file rewritten as it grows, so a call cut short keeps what finished.
+#   bash bench/gpu_session.sh main    # ViT-B/16 headline rows (bf16, fp32) + probe (variants, floors, flags, profile)
+#   bash bench/gpu_session.sh rest    # the other methods (ViT-B/16 bf16) and ViT-L/16, ViT-S/16 headline rows
+# BUDGET (s, default 420) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
+# PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
+# BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/gpu-session}; mkdir -p "$OUT"
+BUDGET=${BUDGET:-420}
+PY=${PY:-python3}
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+log="$OUT/session-$1.log"
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+    --format=csv 2>&1
+  $PY -c "import jax, jaxlib, flax, torch, timm, numpy; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__); print(jax.devices())" 2>&1
+} | tee "$log"
+case "$1" in
+  main)
+    timeout $(( $(left) - 190 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
+      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 230 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    timeout $(( $(left) - 70 )) $PY -m bench.gpu_probe --floors --deadline $(( $(left) - 150 )) \
+      "--xla-flags-sets=--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_triton_gemm=false" \
+      --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    # kernel-level trace: without command buffers, so each kernel is its own event
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 5 )) $PY -m bench.gpu_probe \
+      --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    ;;
+  rest)
+    timeout $(( $(left) / 2 )) $PY -m bench --models vit_b16 --dtypes bf16 --memory-check none \
+      --methods prediction_map,raw_attention,rollout,gradcam,generic_attention,transattr \
+      --deadline $(( $(left) / 2 - 40 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    timeout $(( $(left) - 5 )) $PY -m bench --models vit_l16,vit_s16 --dtypes bf16 \
+      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 60 )) --out "$OUT/bench_ls" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    ;;
+  *) echo "usage: bench/gpu_session.sh main|rest" >&2; exit 2 ;;
+esac
+echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
+rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary
