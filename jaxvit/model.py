@@ -71,14 +71,56 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _activation(name: str):
+def _gelu_erf(x):
+    """Exact GELU, x/2 (1 + erf(x/sqrt 2)), evaluated in at least float32 and rounded once.
+
+    torch's kernels compute this erf form in float32 for half inputs. `jax.nn.gelu` instead
+    evaluates erfc(-x/sqrt 2) in the input dtype: erfc costs both of XLA's erf branches plus an
+    exp, and made the GELU fusion ~19% of the bf16 ViT-B/16 forward on an H100 (bench/NOTES.md).
+    """
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (0.5 * wide * (1.0 + jax.lax.erf(wide * (2 ** -0.5)))).astype(x.dtype)
+
+
+def activation(name: str):
+    """The MLP activation named by `ViTConfig.act` (also used by predmaps' LRP forward)."""
     if name == "gelu":
-        return lambda x: nn.gelu(x, approximate=False)
+        return _gelu_erf
     if name == "gelu_tanh":
         return lambda x: nn.gelu(x, approximate=True)
     if name == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     raise ValueError(f"unsupported activation {name!r}")
+
+
+def patchify(images, p: int):
+    """(B, H, W, C) -> (B, N, p*p*C): patches row-major, each flattened (row, col, channel), the
+    order of a (p, p, C, D) conv kernel reshaped to (p*p*C, D)."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class PatchEmbed(nn.Module):
+    """timm's stride-p conv patch embedding as one GEMM over patchified pixels, in float32.
+
+    Parameters keep the conv layout (kernel (p, p, C, D), bias (D,)). cuDNN ran the strided
+    float32 conv with layout conversions at ~2 ms per ViT-B/16 batch of 256 on an H100, ~7% of
+    the forward; the GEMM is a small fraction of that (bench/NOTES.md).
+    """
+
+    features: int
+    patch_size: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, images):
+        p, c = self.patch_size, images.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32)
+        x = patchify(images.astype(jnp.float32), p) @ kernel.reshape(p * p * c, self.features)
+        if self.use_bias:
+            x = x + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return x
 
 
 def _heads_first(x):
@@ -105,6 +147,16 @@ def _fused_attention(q, k, v, scale, dtype):
     out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(dtype), v, preferred_element_type=jnp.float32)
     out = out / e.sum(-1, keepdims=True)
     return jnp.swapaxes(out, 1, 2).astype(dtype)
+
+
+def _cls_logits(q0, k):
+    """q0 (B, H, dh) . k (B, T, H, dh) -> (B, H, T) float32, as a multiply-reduce.
+
+    One pass over k in its (B, T, H, dh) layout; as a dot with batch dims (b, h), XLA first
+    copies k into a heads-major layout, in every block. Products and sums are float32 (exact
+    products for half inputs, like a dot with float32 accumulation)."""
+    prod = q0.astype(jnp.float32)[:, None] * k.astype(jnp.float32)
+    return jnp.swapaxes(prod.sum(-1), 1, 2)
 
 
 class Attention(nn.Module):
@@ -137,9 +189,7 @@ class Attention(nn.Module):
         elif self.attention == "fused":
             out = _fused_attention(q, k, v, scale, self.dtype)
             if want_cls:  # the one row we need, exactly: softmax(q_cls k^T / sqrt(dh))
-                logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0] * jnp.asarray(scale, q.dtype), k,
-                                    preferred_element_type=jnp.float32)
-                attn_cls = jax.nn.softmax(logits, axis=-1)
+                attn_cls = jax.nn.softmax(_cls_logits(q[:, 0] * jnp.asarray(scale, q.dtype), k), axis=-1)
         else:
             raise ValueError(f"unknown attention implementation {self.attention!r}; choose from {ATTENTION_IMPLS}")
         out = out.reshape(b, t, h * dh)
@@ -158,7 +208,7 @@ class Mlp(nn.Module):
     def __call__(self, x):
         cfg = self.config
         x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
-        x = _activation(cfg.act)(x)
+        x = activation(cfg.act)(x)
         if cfg.scale_mlp_norm:
             x = LayerNorm(cfg.norm_eps, self.dtype, name="norm")(x)
         return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
@@ -240,9 +290,7 @@ class ViT(nn.Module):
     def setup(self):
         cfg = self.config
         d = cfg.embed_dim
-        self.patch_embed = nn.Conv(d, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-                                   padding="VALID", use_bias=cfg.patch_bias, dtype=jnp.float32,
-                                   kernel_init=nn.initializers.lecun_normal(), name="patch_embed")
+        self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, name="patch_embed")
         tiny = nn.initializers.normal(1e-6)
         self.cls_token = self.param("cls_token", tiny, (1, 1, d)) if cfg.class_token else None
         self.dist_token = self.param("dist_token", _dense_init, (1, 1, d)) if cfg.distilled else None
@@ -273,9 +321,8 @@ class ViT(nn.Module):
         if hgt % p or wid % p:
             raise ValueError(f"image size {hgt}x{wid} is not a multiple of the patch size {p}")
         b = images.shape[0]
-        x = self.patch_embed(images.astype(jnp.float32))  # (B, gh, gw, D)
-        grid = x.shape[1:3]
-        x = x.reshape(b, grid[0] * grid[1], -1)
+        grid = (hgt // p, wid // p)
+        x = self.patch_embed(images)  # (B, N, D) float32
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         prefix = [jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix]
         if cfg.pos_embed:

@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvit.model import activation, patchify
 from jaxvit.posemb import resample_abs_pos_embed
 
 __all__ = ["RULES", "attention_relevance", "forward", "full_lrp", "partial_lrp", "relprop", "transattr"]
@@ -131,21 +132,6 @@ def _dense(x, p):
     return y + p["bias"] if "bias" in p else y
 
 
-def _act(name):
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    raise ValueError(f"unsupported activation {name!r}")
-
-
-def _patchify(images, p):
-    """(B, H, W, C) -> (B, N, p*p*C), patches row-major, each patch (row, col, channel)."""
-    b, h, w, c = images.shape
-    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def _unpatchify(x, grid, p):
@@ -180,7 +166,7 @@ def forward(model, params, images, attn_delta=None):
     eps = cfg.norm_eps
 
     pe_p = params["patch_embed"]
-    x = _mm(_patchify(images, p), pe_p["kernel"].reshape(-1, d))
+    x = _mm(patchify(images, p), pe_p["kernel"].reshape(-1, d))
     if "bias" in pe_p:
         x = x + pe_p["bias"]
     names = [n for n, on in (("cls_token", cfg.class_token), ("dist_token", cfg.distilled),
@@ -206,7 +192,7 @@ def forward(model, params, images, attn_delta=None):
 
     h, dh = cfg.num_heads, cfg.dim_head
     t = x.shape[1]
-    act = _act(cfg.act)
+    act = activation(cfg.act)
     blocks = []
     for i in range(cfg.depth):
         bp = params[f"blocks_{i}"]
@@ -329,7 +315,7 @@ def _patch_conv_zb(images, kernel, r_patches, p):
     pw, nw = jnp.maximum(w, 0), jnp.minimum(w, 0)
     lo = images.min(axis=(1, 2, 3))[:, None, None]
     hi = images.max(axis=(1, 2, 3))[:, None, None]
-    xp = _patchify(images, p)
+    xp = patchify(images, p)
     za = _mm(xp, w) - lo * pw.sum(0) - hi * nw.sum(0) + _EPS
     s = r_patches / za
     return xp * _mm(s, w.T) - lo * _mm(s, pw.T) - hi * _mm(s, nw.T)
