@@ -31,8 +31,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
                "vit_l16": "vit_large_patch16_224", "tiny": None}
-VARIANTS = ("headline", "forward", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
+VARIANTS = ("headline", "forward", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
+            "headline_ln_onepass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
             "headline_own_attn", "forward_fp32w")
+DEFAULT_VARIANTS = ("headline", "forward", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
+                    "headline_ln_onepass")
 
 
 def _log(msg):
@@ -97,6 +100,49 @@ def _own_attention(q, k, v, scale, dtype):
     return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 
+def _einsum_cls_logits(q0, k):
+    """The earlier class-token row: a dot with batch dims (b, h) over k in (B, T, H, dh)."""
+    import jax.numpy as jnp
+
+    return jnp.einsum("bhd,bkhd->bhk", q0, k, preferred_element_type=jnp.float32)
+
+
+def _activation_jax_gelu(name):
+    """The earlier GELU: jax.nn.gelu(approximate=False), erfc in the input dtype."""
+    import jax
+
+    import jaxvit.model as jm
+
+    return (lambda x: jax.nn.gelu(x, approximate=False)) if name == "gelu" else jm.activation(name)
+
+
+def _conv_patch_embed(self, images):
+    """The earlier patch embedding: a stride-p float32 conv (flax nn.Conv semantics), same params."""
+    import jax
+    import jax.numpy as jnp
+
+    p = self.patch_size
+    kernel = self.get_variable("params", "kernel")
+    x = jax.lax.conv_general_dilated(images.astype(jnp.float32), kernel, (p, p), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = x.reshape(x.shape[0], -1, self.features)
+    if self.use_bias:
+        x = x + self.get_variable("params", "bias")
+    return x
+
+
+def _layer_norm_one_pass(self, x):
+    """LayerNorm with var = E[x^2] - E[x]^2 (one read of x for both statistics)."""
+    import jax
+    import jax.numpy as jnp
+
+    scale, bias = self.get_variable("params", "scale"), self.get_variable("params", "bias")
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+
+
 def build_variant(name, cfg, dtype, params32):
     """(jitted fn, params, context manager) for one variant."""
     import contextlib
@@ -116,15 +162,25 @@ def build_variant(name, cfg, dtype, params32):
 
     @contextlib.contextmanager
     def ctx():
-        saved = jm._fused_attention, core._NORMALISER_CHUNK
+        saved = (jm._fused_attention, core._NORMALISER_CHUNK, jm._cls_logits, jm.activation,
+                 jm.PatchEmbed.__call__, jm.LayerNorm.__call__)
         if name == "headline_own_attn":
             jm._fused_attention = _own_attention
         if name == "headline_one_gemm_normaliser":
             core._NORMALISER_CHUNK = 1 << 20
+        if name == "headline_cls_einsum":
+            jm._cls_logits = _einsum_cls_logits
+        if name == "headline_old_gelu":
+            jm.activation = _activation_jax_gelu
+        if name == "headline_conv_patch":
+            jm.PatchEmbed.__call__ = _conv_patch_embed
+        if name == "headline_ln_onepass":
+            jm.LayerNorm.__call__ = _layer_norm_one_pass
         try:
             yield
         finally:
-            jm._fused_attention, core._NORMALISER_CHUNK = saved
+            (jm._fused_attention, core._NORMALISER_CHUNK, jm._cls_logits, jm.activation,
+             jm.PatchEmbed.__call__, jm.LayerNorm.__call__) = saved
 
     return fn, params, ctx
 
@@ -169,7 +225,7 @@ def attention_floor(cfg, batch, dtype, warmup, repeats):
     return res
 
 
-def profile_summary(fn, args, calls, trace_dir, top=60):
+def profile_summary(fn, args, calls, trace_dir, top=400):
     """Trace `calls` calls of fn and sum the device events: per device line (stream) the busy time,
     and the top events grouped by XLA op (the `hlo_op` stat; the event name where absent)."""
     import glob
@@ -208,7 +264,14 @@ def profile_summary(fn, args, calls, trace_dir, top=60):
                 ops[key][2] = ops[key][2] or ev.name[:160]
             lines[f"{plane.name} | {line.name}"] = {"busy_ms_per_call": total / calls / 1e6, "events": n}
     ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    kinds = defaultdict(lambda: [0.0, 0])
+    for (_, op), (ns, n, _) in ops.items():
+        kind = op.split(".")[0]  # 'loop_multiply_fusion.7' -> 'loop_multiply_fusion'
+        kinds[kind][0] += ns
+        kinds[kind][1] += n
     return {"planes": planes, "calls": calls, "lines": lines,
+            "by_kind": {k: {"ms_per_call": v[0] / calls / 1e6, "events_per_call": v[1] / calls}
+                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
             "top_ops": [{"line": k[0], "op": k[1], "ms_per_call": v[0] / calls / 1e6, "events": v[1],
                          "kernel": v[2]} for k, v in ranked]}
 
@@ -226,9 +289,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_b16", choices=list(MODEL_NAMES))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--batches", default="256,1")
-    p.add_argument("--b1-variants", default="headline,headline_materialized,headline_own_attn,headline_fp32w",
+    p.add_argument("--b1-variants", default="headline,headline_materialized",
                    help="variants also timed at batch 1 (latency)")
     p.add_argument("--floors", action="store_true", help="also time the matmul, GEMM and attention floors")
     p.add_argument("--xla-flags-sets", default="",
@@ -251,8 +314,8 @@ def main(argv=None) -> int:
     size = cfg.img_size[0]
     batches = [int(b) for b in args.batches.split(",") if b]
     variants = [v for v in args.variants.split(",") if v]
-    b1_variants = set(v for v in args.b1_variants.split(",") if v)
-    for v in variants:
+    b1_variants = [v for v in args.b1_variants.split(",") if v]
+    for v in variants + b1_variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
@@ -291,9 +354,7 @@ def main(argv=None) -> int:
             floors()
         x = jax.random.normal(jax.random.key(5), (batch, size, size, 3), jnp.float32)
         reps = args.repeats if batch > 1 else max(args.repeats, 50)
-        for name in variants:
-            if batch == 1 and name not in b1_variants:
-                continue
+        for name in (b1_variants if batch == 1 else variants):
             key = f"{name}_b{batch}"
             if late(key):
                 continue
