@@ -865,11 +865,14 @@ def _fmt_mib(v):
 
 
 def _mem_cell(idx, *key):
-    """Memory overhead in MiB; '*' marks XLA's static plan rather than a measured peak."""
+    """Memory overhead in MiB; '*' marks XLA's static plan rather than a measured peak, '≤' a
+    measured reading that is only an upper bound (the device's peak did not rise during the call)."""
     r = idx.get(key)
     v = None if r is None or r.get("error") else r.get("memory_bytes")
-    static = v is not None and "static" in (r.get("memory_kind") or "") and not r.get("memory_detail")
-    return _fmt_mib(v) + ("*" if static else "")
+    detail = (r or {}).get("memory_detail") or {}
+    static = v is not None and "static" in (r.get("memory_kind") or "") and not detail
+    bound = v is not None and detail.get("exact") is False
+    return ("≤" if bound else "") + _fmt_mib(v) + ("*" if static else "")
 
 
 def _fmt_parity(p):
@@ -1024,7 +1027,8 @@ def render_markdown(result: dict) -> str:
     # all rows
     lines += ["## All rows", "",
               "Latency: median ms at batch 1 (or the smallest batch run). Throughput: images/s at the large batch. Memory: overhead in MiB "
-              "(peak during the call minus before it; see 'memory' above). Parity: ||a-b||/||b|| of the maps "
+              "(peak during the call minus before it; see 'memory' above; * = XLA's static plan, ≤ = an upper bound: "
+              "the device's peak was set before the call and did not rise). Parity: ||a-b||/||b|| of the maps "
               "(forward rows: logits) against the torch version's fp32 output; 'ref' = that reference itself; "
               "bf16 torch rows show their own error ('info'), which sets the JAX bf16 tolerance. "
               "JAX/torch: torch latency / JAX latency at the small batch, JAX throughput / torch throughput at the large batch, "
@@ -1089,6 +1093,33 @@ def render_markdown(result: dict) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 
 
+def merge_results(results: list[dict]) -> dict:
+    """One result from several runs on the same device: records concatenated (a later run's row
+    replaces an earlier one with the same model, dtype, method, impl and batch), every command
+    and note kept, target checks recomputed."""
+    devices = {r["environment"]["device"] for r in results}
+    if len(devices) != 1:
+        raise SystemExit(f"--merge takes runs on one device; got {sorted(devices)}")
+    env = dict(results[0]["environment"])
+    env["commands"] = [r["environment"]["command"] for r in results]
+    env["command"] = " ; ".join(env["commands"])
+    env["dates"] = [r["environment"]["date"] for r in results]
+    records = {}
+    for r in results:
+        for rec in r["records"]:
+            records[(rec["model"], rec["dtype"], rec["method"], rec["impl"], rec["batch"])] = rec
+    notes = [f"merged from {len(results)} runs ({', '.join(env['dates'])}), one command each (see command)"]
+    for i, r in enumerate(results, 1):
+        notes += [f"run {i}: {n}" for n in r.get("notes", [])]
+    merged = dict(results[0], environment=env, records=list(records.values()), notes=notes,
+                  wall_s=sum(r.get("wall_s", 0) for r in results),
+                  memory_modes=list(dict.fromkeys(r["memory_mode"] for r in results)))
+    merged["memory_mode"] = " | ".join(f"run {i}: {m}" for i, m in enumerate(merged["memory_modes"], 1)) \
+        if len(merged["memory_modes"]) > 1 else merged["memory_modes"][0]
+    merged["target_checks"] = target_checks(merged["records"], env["jax_backend"] == "gpu")
+    return merged
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1126,6 +1157,9 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--render", metavar="RESULTS_JSON",
                    help="only re-write results.md beside RESULTS_JSON from it (adding any --note lines)")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="combine the records of several runs on one device (e.g. the invocations of one GPU "
+                        "session) into --out/results.{json,md}; the first file's environment heads it")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1144,6 +1178,18 @@ def main(argv=None) -> int:
         md = render_markdown(result)
         (path.parent / "results.md").write_text(md)
         print(md)
+        return 0
+
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out DIR")
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        result["notes"] = list(dict.fromkeys(result["notes"] + args.note))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+        (out / "results.md").write_text(render_markdown(result))
+        print(render_markdown(result))
         return 0
 
     import jax
