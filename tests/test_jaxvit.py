@@ -128,3 +128,28 @@ def test_separate_qkv_gemms_compute_the_same_attention(small_params, monkeypatch
         for name in ("logits", "tokens", "attn_cls"):
             a, b = np.asarray(getattr(one, name), np.float32), np.asarray(getattr(three, name), np.float32)
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(a), (dtype, name)
+
+
+def test_half_precision_layer_norm_matches_the_two_pass_form_to_bf16_rounding():
+    """bf16 LayerNorm takes both statistics from one pass (E[x^2] - mean^2). On rows whose mean is
+    up to 40 standard deviations from zero, where that form cancels most, its output still equals
+    the float32 two-pass result up to one bf16 step. float32 output keeps the two-pass form."""
+    from jaxvit.model import LayerNorm
+
+    x = (jax.random.normal(jax.random.key(0), (64, 768)) * jnp.linspace(0.5, 3.0, 64)[:, None]
+         + jnp.linspace(-20.0, 20.0, 64)[:, None])
+    params = {"scale": jax.random.uniform(jax.random.key(1), (768,), minval=0.5, maxval=1.5),
+              "bias": jax.random.normal(jax.random.key(2), (768,)) * 0.1}
+    x16 = x.astype(jnp.bfloat16)
+    x32 = x16.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    two_pass = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + 1e-6)
+    two_pass = two_pass * params["scale"] + params["bias"]
+    got = LayerNorm(1e-6, jnp.bfloat16).apply({"params": params}, x16)
+    assert got.dtype == jnp.bfloat16
+    # one bf16 step (8 significant bits) of the terms that make each value: the scaled, normalised
+    # x and the bias (a sum near zero keeps the absolute error of its terms)
+    step = 2.0 ** -7 * (jnp.abs(two_pass - params["bias"]) + jnp.abs(params["bias"]))
+    assert bool(jnp.all(jnp.abs(got.astype(jnp.float32) - two_pass) <= step))
+    got32 = LayerNorm(1e-6, jnp.float32).apply({"params": params}, x32)
+    np.testing.assert_array_equal(np.asarray(got32), np.asarray(two_pass))
