@@ -9,6 +9,11 @@ import os
 # the card up front (its allocator then grows on demand, and its peak statistics stay exact).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# The JAX rows run with the XLA flags the predmaps CLI sets (recorded in the results' environment).
+from predmaps.cli import configure_xla_flags  # noqa: E402
+
+configure_xla_flags()
+
 from bench.run import main  # noqa: E402
 
 raise SystemExit(main())

@@ -195,6 +195,26 @@ def cmd_demo(args) -> int:
 
 
 COMPILE_CACHE_ENV = "PREDMAPS_COMPILE_CACHE"
+XLA_DEFAULTS_ENV = "PREDMAPS_XLA_DEFAULTS"
+# XLA flags the CLI (and `python -m bench`) add unless XLA_FLAGS already names them. Each was
+# measured on the bf16 ViT-B/16 headline, H100 (bench/NOTES.md): cuBLAS for every GEMM instead of
+# autotuned Triton GEMM fusions, 25.94 -> 23.60 ms at batch 256 and 1.285 -> 1.234 ms at batch 1.
+# GPU-only flags: CPU and TPU compiles ignore them.
+XLA_DEFAULT_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+
+
+def configure_xla_flags(environ=None) -> list[str]:
+    """Add `XLA_DEFAULT_FLAGS` to XLA_FLAGS, each unless XLA_FLAGS already sets that flag; none with
+    PREDMAPS_XLA_DEFAULTS=off. Effective only before JAX starts its backend (the CLI calls this
+    first). Returns the flags added."""
+    environ = os.environ if environ is None else environ
+    if environ.get(XLA_DEFAULTS_ENV, "").lower() == "off":
+        return []
+    current = environ.get("XLA_FLAGS", "")
+    added = [f for f in XLA_DEFAULT_FLAGS if f.split("=")[0] not in current]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
 
 
 def default_compile_cache() -> Path:
@@ -235,7 +255,9 @@ def configure_compile_cache(setting: str | None = None) -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="predmaps", description="Prediction maps and PredicAtt for ViTs, in JAX",
                                      epilog=f"Compiled executables are cached in {default_compile_cache()} "
-                                            f"(set {COMPILE_CACHE_ENV}=DIR to move it, or =off).")
+                                            f"(set {COMPILE_CACHE_ENV}=DIR to move it, or =off). XLA_FLAGS gets "
+                                            f"{' '.join(XLA_DEFAULT_FLAGS)} unless it sets that flag itself "
+                                            f"({XLA_DEFAULTS_ENV}=off: none).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
@@ -280,6 +302,7 @@ def main(argv=None) -> int:
         if argv[i] == "--layers" and argv[i + 1].startswith("-"):
             argv[i:i + 2] = [f"--layers={argv[i + 1]}", ""]
     args = parser.parse_args([a for a in argv if a != ""])
+    configure_xla_flags()
     configure_compile_cache()
     try:
         return args.fn(args)

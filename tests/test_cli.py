@@ -130,3 +130,25 @@ def test_compilation_cache_is_written_then_reused(tmp_path):
                                                                        "HOME": str(tmp_path / "home")},
                          capture_output=True, timeout=600)
     assert off.returncode == 0 and not (tmp_path / "home" / ".cache" / "predmaps").exists()
+
+
+def test_xla_flag_defaults_are_added_unless_the_user_set_them():
+    """The CLI adds its GPU XLA defaults to XLA_FLAGS, keeps whatever the user put there, never
+    overrides a flag the user set either way, and adds nothing with PREDMAPS_XLA_DEFAULTS=off."""
+    from predmaps.cli import XLA_DEFAULT_FLAGS, configure_xla_flags
+
+    env = {}
+    assert configure_xla_flags(env) == list(XLA_DEFAULT_FLAGS)
+    assert env["XLA_FLAGS"] == " ".join(XLA_DEFAULT_FLAGS)
+    assert configure_xla_flags(env) == [] and env["XLA_FLAGS"] == " ".join(XLA_DEFAULT_FLAGS)  # idempotent
+
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    configure_xla_flags(env)
+    assert env["XLA_FLAGS"].startswith("--xla_dump_to=/tmp/d ") and XLA_DEFAULT_FLAGS[0] in env["XLA_FLAGS"]
+
+    name = XLA_DEFAULT_FLAGS[0].split("=")[0]
+    env = {"XLA_FLAGS": f"{name}=true"}
+    assert configure_xla_flags(env) == [] and env["XLA_FLAGS"] == f"{name}=true"
+
+    env = {"PREDMAPS_XLA_DEFAULTS": "off"}
+    assert configure_xla_flags(env) == [] and "XLA_FLAGS" not in env
