@@ -133,6 +133,10 @@ def test_rerun_is_deterministic(shipped, scenes, table):
 # pixel accuracy by 1/(128*4096)); perturbation AUC 0.5 (one image changing its prediction at one
 # step moves the AUC by 0.078: a few such flips between CPUs are allowed, a wrong method is not);
 # specificity 0.01. Layers are 0-based prediction layers (4 = L on this depth-4 model).
+# Wider where measured drift needs it (GOLDEN_TOL): full LRP's segmentation moved 0.14 points of mAP
+# when GELU's float32 evaluation changed by rounding (its z-rule divides by near-zero sums); the
+# two-digit specificity of the gradient methods moved up to 0.012 between jax 0.10.2 and 0.11.2
+# (maps whose non-negative mass is near zero; one win is 1/128 = 0.0078).
 GOLDEN: dict[tuple[str, int | None], tuple] = {
     ('predicatt', 4): ((85.441, 56.879, 97.684), (13.555, 52.734), (0.4682, 0.4453)),
     ('prediction_map', 4): ((52.323, 28.458, 61.908), (32.500, 32.070), (0.4713, 0.4258)),
@@ -140,14 +144,16 @@ GOLDEN: dict[tuple[str, int | None], tuple] = {
     ('mean_attention', None): ((86.880, 59.972, 99.447), (12.773, 56.133), (0.5000, 0.5000)),
     ('raw_attention', None): ((86.935, 59.457, 98.629), (14.063, 54.414), (0.5000, 0.5000)),
     ('rollout', None): ((87.099, 60.281, 99.514), (13.984, 56.289), (0.5000, 0.5000)),
-    ('gradcam', None): ((83.947, 53.309, 92.765), (16.953, 45.977), (0.4845, 0.4648)),
-    ('generic_attention', None): ((88.144, 61.124, 98.510), (14.375, 54.570), (0.6513, 0.8555)),
-    ('transattr', None): ((88.140, 59.886, 97.321), (13.281, 52.422), (0.6859, 0.8359)),
-    ('lrp', None): ((72.512, 43.755, 82.133), (20.664, 45.820), (0.4933, 0.5078)),
+    ('gradcam', None): ((83.947, 53.309, 92.764), (16.953, 45.977), (0.4845, 0.4648)),
+    ('generic_attention', None): ((88.144, 61.124, 98.510), (14.375, 54.570), (0.6544, 0.8555)),
+    ('transattr', None): ((88.139, 59.886, 97.324), (13.281, 52.383), (0.6863, 0.8320)),
+    ('lrp', None): ((72.500, 43.749, 82.269), (20.625, 46.094), (0.4933, 0.5078)),
     ('partial_lrp', None): ((85.810, 55.835, 95.658), (14.609, 44.375), (0.5008, 0.5234)),
-    ('predicatt', 3): ((87.252, 60.277, 99.061), (14.688, 55.312), (0.4826, 0.4492)),
+    ('predicatt', 3): ((87.252, 60.277, 99.060), (14.688, 55.312), (0.4826, 0.4492)),
     ('prediction_map', 3): ((59.151, 32.788, 71.973), (26.484, 33.750), (0.4838, 0.4336)),
 }
+GOLDEN_TOL = {("lrp", None): {"seg": 0.3},
+              **{(m, None): {"spec": 0.02} for m in ("gradcam", "generic_attention", "transattr")}}
 
 
 @needs_asset
@@ -157,11 +163,12 @@ def test_golden_values_of_the_shipped_checkpoint(table):
     for key, (seg, auc, spec) in GOLDEN.items():
         r = got[key]
         s = r.segmentation
-        np.testing.assert_allclose([100 * s.pixel_accuracy, 100 * s.miou, 100 * s.mean_ap], seg, atol=0.05,
+        tol = {"seg": 0.05, "auc": 0.5, "spec": 0.01, **GOLDEN_TOL.get(key, {})}
+        np.testing.assert_allclose([100 * s.pixel_accuracy, 100 * s.miou, 100 * s.mean_ap], seg, atol=tol["seg"],
                                    err_msg=str(key))
-        np.testing.assert_allclose([r.perturbation.auc["positive"], r.perturbation.auc["negative"]], auc, atol=0.5,
-                                   err_msg=str(key))
-        np.testing.assert_allclose([r.specificity.mean_share, r.specificity.win_rate], spec, atol=0.01,
+        np.testing.assert_allclose([r.perturbation.auc["positive"], r.perturbation.auc["negative"]], auc,
+                                   atol=tol["auc"], err_msg=str(key))
+        np.testing.assert_allclose([r.specificity.mean_share, r.specificity.win_rate], spec, atol=tol["spec"],
                                    err_msg=str(key))
 
 
