@@ -85,21 +85,6 @@ def timeit(fn, args, warmup, repeats):
     return statistics.median(times), min(times)
 
 
-def _own_attention(q, k, v, scale, dtype):
-    """jaxvit's heads-first kernel, never cuDNN (the non-GPU branch of `_fused_attention`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxvit.model import _heads_first
-
-    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
-    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(dtype), v, preferred_element_type=jnp.float32)
-    out = out / e.sum(-1, keepdims=True)
-    return jnp.swapaxes(out, 1, 2).astype(dtype)
-
-
 def _einsum_cls_logits(q0, k):
     """The earlier class-token row: a dot with batch dims (b, h) over k in (B, T, H, dh)."""
     import jax.numpy as jnp
@@ -172,7 +157,7 @@ def build_variant(name, cfg, dtype, params32):
         saved = (jm._fused_attention, core._NORMALISER_CHUNK, jm._cls_logits, jm.activation,
                  jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention)
         if name == "headline_own_attn":
-            jm._fused_attention = _own_attention
+            jm._fused_attention = jm._heads_first_attention
         if name == "headline_one_gemm_normaliser":
             core._NORMALISER_CHUNK = 1 << 20
         if name == "headline_cls_einsum":
@@ -218,6 +203,8 @@ def gemm_floor(cfg, batch, dtype, warmup, repeats):
 def attention_floor(cfg, batch, dtype, warmup, repeats):
     import jax
 
+    from jaxvit.model import _heads_first_attention
+
     t = cfg.num_patches + cfg.num_prefix_tokens
     shape = (batch, t, cfg.num_heads, cfg.dim_head)
     q, k, v = (jax.random.normal(jax.random.key(i), shape, dtype) for i in range(3))
@@ -229,7 +216,7 @@ def attention_floor(cfg, batch, dtype, warmup, repeats):
             res[impl] = {"ms": med * 1e3, "all_blocks_ms": med * cfg.depth * 1e3}
         except Exception as e:
             res[impl] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    own = jax.jit(lambda a, b, c: _own_attention(a, b, c, cfg.dim_head ** -0.5, dtype))
+    own = jax.jit(lambda a, b, c: _heads_first_attention(a, b, c, cfg.dim_head ** -0.5, dtype))
     med, _ = timeit(own, (q, k, v), warmup, repeats)
     res["own"] = {"ms": med * 1e3, "all_blocks_ms": med * cfg.depth * 1e3}
     return res

@@ -156,6 +156,11 @@ def _fused_attention(q, k, v, scale, dtype):
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         except Exception:  # cuDNN absent or this shape unsupported: the path below is exact too
             pass
+    return _heads_first_attention(q, k, v, scale, dtype)
+
+
+def _heads_first_attention(q, k, v, scale, dtype):
+    """jaxvit's own kernel: (B, T, H, dh) in and out, heads-first inside, deferred normalisation."""
     q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
