@@ -436,3 +436,18 @@ def test_spec_and_shard_size():
     big = ViT(ViTConfig(num_classes=1000))
     assert pipeline.auto_shard_size(big, ExplainSpec(targets="all").combos(big), "float32") == 340
     assert pipeline.auto_shard_size(big, ExplainSpec().combos(big), "float32") == 1024
+
+
+def test_half_precision_jobs_hold_block_weights_in_that_dtype(model):
+    """A bf16 job keeps the block matmul weights on device in bf16 (`jaxvit.cast_params`: the same
+    outputs as casting per step, tested in test_jaxvit) and the rest as given."""
+    from predmaps.pipeline import _Engine
+
+    m, p = model
+    m16 = m.clone(dtype=jnp.bfloat16)
+    engine = _Engine(m16, p, SPEC, SPEC.combos(m16), 4, jax.devices()[:1])
+    assert engine.params["blocks_0"]["attn"]["qkv"]["kernel"].dtype == jnp.bfloat16
+    assert engine.params["blocks_1"]["mlp"]["fc2"]["bias"].dtype == jnp.bfloat16
+    assert engine.params["head"]["kernel"].dtype == jnp.float32 and engine.params["pos_embed"].dtype == jnp.float32
+    assert _Engine(m, p, SPEC, SPEC.combos(m), 4, jax.devices()[:1]).params["blocks_0"]["attn"]["qkv"][
+        "kernel"].dtype == jnp.float32
