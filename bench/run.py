@@ -1111,11 +1111,13 @@ def merge_results(results: list[dict]) -> dict:
     notes = [f"merged from {len(results)} runs ({', '.join(env['dates'])}), one command each (see command)"]
     for i, r in enumerate(results, 1):
         notes += [f"run {i}: {n}" for n in r.get("notes", [])]
+    modes: dict[str, list[int]] = {}
+    for i, r in enumerate(results, 1):
+        modes.setdefault(r["memory_mode"], []).append(i)
     merged = dict(results[0], environment=env, records=list(records.values()), notes=notes,
-                  wall_s=sum(r.get("wall_s", 0) for r in results),
-                  memory_modes=list(dict.fromkeys(r["memory_mode"] for r in results)))
-    merged["memory_mode"] = " | ".join(f"run {i}: {m}" for i, m in enumerate(merged["memory_modes"], 1)) \
-        if len(merged["memory_modes"]) > 1 else merged["memory_modes"][0]
+                  wall_s=sum(r.get("wall_s", 0) for r in results))
+    merged["memory_mode"] = next(iter(modes)) if len(modes) == 1 else " | ".join(
+        f"run{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {m}" for m, ix in modes.items())
     merged["target_checks"] = target_checks(merged["records"], env["jax_backend"] == "gpu")
     return merged
 

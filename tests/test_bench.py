@@ -73,3 +73,29 @@ def test_headline_shares_the_forward(tiny_run):
     if one is None or both is None:
         pytest.skip("this backend reports no XLA memory analysis")
     assert both["temp_bytes"] <= 1.25 * one["temp_bytes"]
+
+
+def test_merge_keeps_every_row_once_and_refuses_other_devices(tiny_run, tmp_path):
+    """--merge: runs of one device become one table (a row measured twice kept once, the later),
+    with every command and the targets recomputed; runs of two devices are refused."""
+    from bench.run import main, merge_results
+
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    later = json.loads(json.dumps(res))
+    later["environment"]["command"] = "python -m bench --again"
+    later["records"][0]["median_ms"] = 123.0
+    merged = merge_results([res, later])
+    assert len(merged["records"]) == len(res["records"])
+    assert merged["environment"]["commands"] == [res["environment"]["command"], "python -m bench --again"]
+    key = ("model", "dtype", "method", "impl", "batch")
+    first = tuple(res["records"][0][k] for k in key)
+    assert [r["median_ms"] for r in merged["records"] if tuple(r[k] for k in key) == first] == [123.0]
+    (tmp_path / "a.json").write_text(json.dumps(res))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 0
+    assert "## Headline" in (tmp_path / "m" / "results.md").read_text()
+    other = json.loads(json.dumps(res))
+    other["environment"]["device"] = "another card"
+    with pytest.raises(SystemExit, match="one device"):
+        merge_results([res, other])
