@@ -69,19 +69,12 @@ def random_params(model, size, seed=0):
 
 
 def timeit(fn, args, warmup, repeats):
+    """(median, min) seconds of fn(*args), device synchronised: the benchmark's own timing loop."""
     import jax
 
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-        jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        del out
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
+    from bench.run import time_calls
+
+    _, times = time_calls(lambda: fn(*args), jax.block_until_ready, warmup, repeats)
     return statistics.median(times), min(times)
 
 

@@ -70,7 +70,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxvit.model import cast_params
 from jaxvit.preprocess import ImageLoadError
 from predmaps import results as _results
 from predmaps.results import JobMismatchError
@@ -637,6 +636,8 @@ class _Engine:
             return jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
 
         if jnp.dtype(model.dtype).itemsize < 4:  # same outputs, no per-step weight conversion
+            from jaxvit.model import cast_params
+
             params = cast_params(params, model.dtype)
         self.params = jax.tree_util.tree_map(replicate, params)
         jitted = _step_fn(model, tuple(combos), spec.options, spec.map_dtype, self.mesh)
