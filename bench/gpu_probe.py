@@ -9,8 +9,8 @@ them:
              attention through cuDNN (the default on GPU in half precision), through jaxvit's own
              heads-first kernel, or materialised; the prediction-column normaliser chunked (default)
              or as one GEMM.
-  floors     a large bf16 matmul (the card's matrix rate); each dense layer's GEMM at the model's
-             shapes, alone (x L: the dense floor); cuDNN attention alone (x L).
+  floors     a large matmul (the card's matrix rate) and each dense layer's GEMM at the model's
+             shapes, alone (both from bench.bounds); cuDNN attention alone (x L).
 
 XLA flags are process-wide, so `--xla-flags-sets` re-runs this script in a subprocess per set.
 Results go to a JSON file, rewritten after every measurement, so a run cut short keeps what it did.
@@ -173,26 +173,6 @@ def build_variant(name, cfg, dtype, params32):
     return fn, params, ctx
 
 
-def gemm_floor(cfg, batch, dtype, warmup, repeats):
-    """Each block GEMM (x @ W, x (B*T, Din)) alone at the model's shapes; the sum over one block x L."""
-    import jax
-
-    m = batch * (cfg.num_patches + cfg.num_prefix_tokens)
-    d, f = cfg.embed_dim, cfg.mlp_dim
-    shapes = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, f), "fc2": (f, d)}
-    out, total = {}, 0.0
-    for name, (k, n) in shapes.items():
-        x = jax.random.normal(jax.random.key(1), (m, k), dtype)
-        w = jax.random.normal(jax.random.key(2), (k, n), dtype) * k ** -0.5
-        fn = jax.jit(lambda a, b: a @ b)
-        med, _ = timeit(fn, (x, w), warmup, repeats)
-        out[name] = {"ms": med * 1e3, "tflops": 2 * m * k * n / med / 1e12}
-        total += med
-    out["one_block_ms"] = total * 1e3
-    out["all_blocks_ms"] = total * cfg.depth * 1e3
-    return out
-
-
 def attention_floor(cfg, batch, dtype, warmup, repeats):
     import jax
 
@@ -266,15 +246,6 @@ def profile_summary(fn, args, calls, trace_dir, top=400):
                          "kernel": v[2]} for k, v in ranked]}
 
 
-def matmul_ceiling(dtype, warmup, repeats, n):
-    import jax
-
-    a = jax.random.normal(jax.random.key(3), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(4), (n, n), dtype)
-    med, _ = timeit(jax.jit(lambda x, y: x @ y), (a, b), warmup, repeats)
-    return {"n": n, "ms": med * 1e3, "tflops": 2 * n ** 3 / med / 1e12}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_b16", choices=list(MODEL_NAMES))
@@ -295,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file, rewritten after every measurement")
     args = p.parse_args(argv)
 
+    from bench.bounds import jax_dense_gemms, jax_matmul_peak
     from predmaps.cli import configure_xla_flags
 
     configure_xla_flags()  # the baseline is what the CLI runs; --xla-flags-sets add to it
@@ -329,8 +301,8 @@ def main(argv=None) -> int:
 
     def floors():
         big = max(batches)
-        for what, fn in (("matmul", lambda: matmul_ceiling(dtype, args.warmup, args.repeats, args.matmul_n)),
-                         (f"gemms_b{big}", lambda: gemm_floor(cfg, big, dtype, args.warmup, args.repeats)),
+        for what, fn in (("matmul", lambda: jax_matmul_peak(args.dtype, args.matmul_n, args.warmup, args.repeats)),
+                         (f"gemms_b{big}", lambda: jax_dense_gemms(cfg, big, args.dtype, args.warmup, args.repeats)),
                          (f"attention_b{big}", lambda: attention_floor(cfg, big, dtype, args.warmup, args.repeats))):
             if late(what):
                 continue

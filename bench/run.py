@@ -601,6 +601,7 @@ class Runner:
             self.cache_dir = tempfile.mkdtemp(prefix="bench-jax-cache-")
             _enable_compile_cache(self.cache_dir)
         self.records: list[dict] = []
+        self.bounds: list[dict] = []
         self.refs: dict = {}
         self.torch_bf16_err: dict = {}
         self.loads: list[list[float]] = []
@@ -738,6 +739,26 @@ class Runner:
                 traceback.print_exc()
             return self._record(**base, error=_err(e))
 
+    # -- what bounds the model's throughput here (bench.bounds)
+    def bounds_case(self, cfg, mkey, dtype, batch, impls):
+        from bench import bounds
+
+        self._wait_quiet()
+        t0 = time.perf_counter()
+        self.foreign.interval()
+        res = bounds.measure(cfg, batch, dtype, gpu=self.gpu, torch_device=self.tdev, torch_sync=self.sync_t,
+                             warmup=self.args.warmup, repeats=self.args.large_repeats,
+                             peak_n=256 if self.args.tiny else None, impls=impls)
+        res.update(model=mkey, model_label=MODELS[mkey][3], other_processes_cores=self.foreign.interval())
+        self.bounds = [b for b in self.bounds if (b["model"], b["dtype"], b["batch"]) != (mkey, dtype, batch)]
+        self.bounds.append(res)
+        if self.on_record is not None:
+            self.on_record()
+        gem = {k: v.get("total_ms") for k, v in res["gemms"].items()}
+        _log(f"  {mkey} {dtype} b{batch} bounds: peak {res['peak_tflops']} TFLOP/s, floor {res['floor_ms']} ms, "
+             f"dense GEMMs alone {gem} ms ({time.perf_counter() - t0:.0f} s)")
+        return res
+
     # -- a shared machine: wait for quiet, redo a case that another process disturbed
     def _wait_quiet(self):
         limit = self.args.wait_quiet
@@ -814,6 +835,8 @@ class Runner:
                             _log(f"  {mkey} {dtype} b{batch} {method:18s} " + " | ".join(msg)
                                  + f"  ({time.perf_counter() - t0:.0f} s, load {_loadavg()})")
                     del xt, xj
+                if self.args.bounds and not self._past_deadline(f"{mkey} {dtype} bounds"):
+                    self.bounds_case(jmodel.config, mkey, dtype, max(batches), impls)
                 if self.mem_mode == "device" and "jax" in impls:
                     for method in methods:
                         if method not in available or method not in self.memory_check:
@@ -912,9 +935,23 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def target_checks(records, gpu: bool) -> list[dict]:
+def target_checks(records, gpu: bool, bounds: list[dict] | None = None) -> list[dict]:
+    """The perf-anchors targets this run can check. A throughput target also says where the time per
+    call it needs stands against the run's measured bounds (`bench.bounds.verdict`)."""
+    from bench.bounds import verdict
+
     idx = _index(records)
+    bidx = {(b["model"], b["dtype"], b["batch"]): b for b in bounds or []}
     checks = []
+
+    def add(what, value, target, met, mkey=None, dtype=None, batch=None, needed_tput=None, method=HEADLINE):
+        c = {"what": what, "value": value, "target": target, "met": met}
+        if needed_tput:
+            c["needed_ms"] = batch / needed_tput * 1e3
+            c["bound"] = verdict(c["needed_ms"], bidx.get((mkey, dtype, batch)),
+                                 _get(idx, mkey, dtype, method, "jax", batch))
+        checks.append(c)
+
     if not gpu:
         for mkey in ("vit_s16", "vit_b16"):
             for batch in sorted({r["batch"] for r in records if r["model"] == mkey and r["batch"] > 1}):
@@ -923,13 +960,12 @@ def target_checks(records, gpu: bool) -> list[dict]:
                 th = _get(idx, mkey, "fp32", HEADLINE, "jax", batch, field="throughput")
                 if tj is None or tt is None:
                     continue
-                checks.append({"what": f"{MODELS[mkey][3]} fp32 b{batch}: JAX PredicAtt_L / torch PredicAtt_L "
-                                       "throughput >= 1.25x",
-                               "value": tj / tt, "target": 1.25, "met": tj / tt >= 1.25})
+                name = MODELS[mkey][3]
+                add(f"{name} fp32 b{batch}: JAX PredicAtt_L / torch PredicAtt_L throughput >= 1.25x",
+                    tj / tt, 1.25, tj / tt >= 1.25, mkey, "fp32", batch, 1.25 * tt, "predicatt_L")
                 if th is not None:
-                    checks.append({"what": f"{MODELS[mkey][3]} fp32 b{batch}: JAX PredicAtt_L+L-1 / torch "
-                                           "PredicAtt_L throughput >= 1.25x",
-                                   "value": th / tt, "target": 1.25, "met": th / tt >= 1.25})
+                    add(f"{name} fp32 b{batch}: JAX PredicAtt_L+L-1 / torch PredicAtt_L throughput >= 1.25x",
+                        th / tt, 1.25, th / tt >= 1.25, mkey, "fp32", batch, 1.25 * tt)
     else:
         for batch in sorted({r["batch"] for r in records if r["model"] == "vit_b16" and r["batch"] > 1}):
             th = _get(idx, "vit_b16", "bf16", HEADLINE, "jax", batch, field="throughput")
@@ -937,22 +973,19 @@ def target_checks(records, gpu: bool) -> list[dict]:
             tf = _get(idx, "vit_b16", "bf16", "forward", "torch", batch, field="throughput")
             if th is None:
                 continue
-            checks.append({"what": f"ViT-B/16 bf16 b{batch}: JAX PredicAtt_L+L-1 >= 11,000 img/s", "value": th,
-                           "target": 11000, "met": th >= 11000})
+            key = ("vit_b16", "bf16", batch)
+            add(f"ViT-B/16 bf16 b{batch}: JAX PredicAtt_L+L-1 >= 11,000 img/s", th, 11000, th >= 11000, *key, 11000)
             if tt:
-                checks.append({"what": f"ViT-B/16 bf16 b{batch}: vs torch PredicAtt >= 2.3x", "value": th / tt,
-                               "target": 2.3, "met": th / tt >= 2.3})
+                add(f"ViT-B/16 bf16 b{batch}: vs torch PredicAtt >= 2.3x", th / tt, 2.3, th / tt >= 2.3, *key,
+                    2.3 * tt)
             if tf:
-                checks.append({"what": f"ViT-B/16 bf16 b{batch}: vs torch forward >= 1.2x", "value": th / tf,
-                               "target": 1.2, "met": th / tf >= 1.2})
+                add(f"ViT-B/16 bf16 b{batch}: vs torch forward >= 1.2x", th / tf, 1.2, th / tf >= 1.2, *key, 1.2 * tf)
         lat = _get(idx, "vit_b16", "bf16", HEADLINE, "jax", 1)
         if lat is not None:
-            checks.append({"what": "ViT-B/16 bf16 b1: JAX PredicAtt_L+L-1 latency <= 1.5 ms", "value": lat,
-                           "target": 1.5, "met": lat <= 1.5})
+            add("ViT-B/16 bf16 b1: JAX PredicAtt_L+L-1 latency <= 1.5 ms", lat, 1.5, lat <= 1.5)
             tl = _get(idx, "vit_b16", "bf16", "predicatt_L", "torch", 1)
             if tl:
-                checks.append({"what": "ViT-B/16 bf16 b1: torch PredicAtt latency / JAX >= 4x", "value": tl / lat,
-                               "target": 4, "met": tl / lat >= 4})
+                add("ViT-B/16 bf16 b1: torch PredicAtt latency / JAX >= 4x", tl / lat, 4, tl / lat >= 4)
     return checks
 
 
@@ -1021,8 +1054,12 @@ def render_markdown(result: dict) -> str:
     if checks:
         lines += ["## Targets (perf-anchors.md)", ""]
         for c in checks:
-            lines.append(f"- {c['what']}: **{c['value']:.2f}** -> {'MET' if c['met'] else 'NOT MET'}")
+            lines.append(f"- {c['what']}: **{c['value']:.2f}** -> {'MET' if c['met'] else 'NOT MET'}"
+                         + (f" ({c['bound']})" if c.get("bound") else ""))
         lines.append("")
+    bounds = result.get("bounds") or []
+    if bounds:
+        lines += render_bounds(bounds, idx)
 
     # all rows
     lines += ["## All rows", "",
@@ -1090,6 +1127,42 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_bounds(bounds: list[dict], idx) -> list[str]:
+    lines = ["## What bounds it (bench/bounds.py)", "",
+             "Measured in this run after each model's cases. Matmul rate: an n x n x n matmul, each library's "
+             "median; the compute floor is the headline's FLOPs at the better of the two rates. Dense GEMMs alone: "
+             "the model's patch embedding and qkv / proj / fc1 / fc2 (with bias) at the benchmark's shapes, each "
+             "timed alone, summed over one call.", "",
+             "| model | dtype | batch | headline GFLOP per call | matmul rate JAX / torch (TFLOP/s) | compute floor "
+             "(ms per call; img/s) | dense GEMMs alone JAX / torch (ms) | JAX headline (ms) | torch forward (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def rate(part):
+        return "–" if not part or part.get("tflops") is None else f"{part['tflops']:.3g}"
+
+    def ms(v):
+        return "–" if v is None else f"{v:.4g}"
+
+    for b in bounds:
+        key = (b["model"], b["dtype"])
+        jh = _get(idx, *key, HEADLINE, "jax", b["batch"])
+        tf = _get(idx, *key, "forward", "torch", b["batch"])
+        floor = b.get("floor_ms")
+        ceiling = "" if not floor else f"; {b['batch'] / floor * 1e3:,.0f}"
+        lines.append(
+            f"| {b.get('model_label', b['model'])} | {b['dtype']} | {b['batch']} | {b['flops']['total'] / 1e9:.4g} | "
+            f"{rate(b['peak'].get('jax'))} / {rate(b['peak'].get('torch'))} | "
+            f"{ms(floor)}{ceiling} | "
+            f"{ms((b['gemms'].get('jax') or {}).get('total_ms'))} / {ms((b['gemms'].get('torch') or {}).get('total_ms'))} | "
+            f"{ms(jh)} | {ms(tf)} |")
+    errs = [f"{b['model']} {b['dtype']} {what} {impl}: {v['error']}" for b in bounds for what in ("peak", "gemms")
+            for impl, v in b[what].items() if "error" in v]
+    if errs:
+        lines += [""] + [f"- not measured: {e}" for e in errs]
+    lines.append("")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -1118,7 +1191,12 @@ def merge_results(results: list[dict]) -> dict:
                   wall_s=sum(r.get("wall_s", 0) for r in results))
     merged["memory_mode"] = next(iter(modes)) if len(modes) == 1 else " | ".join(
         f"run{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {m}" for m, ix in modes.items())
-    merged["target_checks"] = target_checks(merged["records"], env["jax_backend"] == "gpu")
+    bounds = {}
+    for r in results:
+        for b in r.get("bounds", []):
+            bounds[(b["model"], b["dtype"], b["batch"])] = b
+    merged["bounds"] = list(bounds.values())
+    merged["target_checks"] = target_checks(merged["records"], env["jax_backend"] == "gpu", merged["bounds"])
     return merged
 
 
@@ -1153,6 +1231,9 @@ def parse_args(argv=None):
                         f"{HEADLINE}; 'all'; 'none'); other JAX rows report XLA's static plan (temp + outputs)")
     p.add_argument("--deadline", type=float, metavar="S",
                    help="stop starting new cases after S seconds (the results so far are written after every case)")
+    p.add_argument("--no-bounds", dest="bounds", action="store_false",
+                   help="skip the bounds (bench/bounds.py: matmul rate, the model's GEMMs alone, compute floor) "
+                        "measured after each model's cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true",
                    help="CI smoke run: ViT-Ti depth 2 at 64x64, batch 2, fp32, one repeat")
@@ -1261,8 +1342,9 @@ def main(argv=None) -> int:
             "wall_s": time.perf_counter() - t0,
             "skipped_jax_methods": getattr(runner, "skipped", []),
             "records": runner.records,
+            "bounds": runner.bounds,
         }
-        result["target_checks"] = target_checks(runner.records, gpu)
+        result["target_checks"] = target_checks(runner.records, gpu, runner.bounds)
         (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
         (out / "results.md").write_text(render_markdown(result))
         return result

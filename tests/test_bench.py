@@ -99,3 +99,64 @@ def test_merge_keeps_every_row_once_and_refuses_other_devices(tiny_run, tmp_path
     other["environment"]["device"] = "another card"
     with pytest.raises(SystemExit, match="one device"):
         merge_results([res, other])
+
+
+def test_run_measures_its_bounds(tiny_run):
+    """Each model's large batch gets its bounds in the same run: both libraries' matmul rate and dense
+    GEMMs alone, and the compute floor: the headline's FLOPs at the better of the two rates."""
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    assert "## What bounds it" in (out / "results.md").read_text()
+    (b,) = res["bounds"]
+    assert (b["model"], b["dtype"], b["batch"]) == ("tiny", "fp32", 2)
+    for impl in ("jax", "torch"):
+        assert b["peak"][impl]["tflops"] > 0, b["peak"][impl]
+        gemms = b["gemms"][impl]
+        assert set(gemms) == {"patch_embed", "qkv", "proj", "fc1", "fc2", "total_ms"}, gemms
+        assert gemms["total_ms"] == pytest.approx(sum(v["ms"] * v["times_per_call"] for k, v in gemms.items()
+                                                      if k != "total_ms"))
+    assert b["peak_tflops"] == max(b["peak"][i]["tflops"] for i in ("jax", "torch"))
+    assert b["floor_ms"] == pytest.approx(b["flops"]["total"] / b["peak_tflops"] / 1e9)
+
+
+def test_headline_flops_match_the_known_vit_b16_count():
+    """ViT-B/16 at 224: 17.56 G multiply-adds per image for the forward (the usual published count),
+    plus N*D*C per prediction matrix (the softmax over classes reads every logit)."""
+    from bench.bounds import headline_flops
+    from jaxvit import get_config
+
+    f = headline_flops(get_config("vit_base_patch16_224"), batch=4)
+    forward_macs = (f["patch_embed"] + f["dense"] + f["attention"] + f["head"]) / 2 / 4
+    assert forward_macs == pytest.approx(17.56e9, rel=5e-3)
+    assert f["prediction_matrices"] == 2 * 4 * 2 * 196 * 768 * 1000
+    assert f["total"] == sum(v for k, v in f.items() if k != "total")
+
+
+def test_bound_verdicts():
+    """A target's time per call is judged against the floor first, then against JAX's GEMMs alone."""
+    from bench.bounds import verdict
+
+    bound = {"batch": 8, "floor_ms": 100.0, "gemms": {"jax": {"total_ms": 150.0}}}
+    assert "out of reach for any implementation" in verdict(90.0, bound)
+    assert "111% of the best matmul rate" in verdict(90.0, bound)
+    assert "out of reach with the GEMMs XLA emits" in verdict(120.0, bound)
+    ok = verdict(200.0, bound, jax_ms=230.0)
+    assert "leaves 50 ms" in ok and "JAX spends 80 ms there now" in ok
+    assert verdict(200.0, None) is None
+
+
+def test_target_checks_carry_their_bound():
+    from bench.run import target_checks
+
+    def rec(method, impl, tput):
+        return {"model": "vit_s16", "dtype": "fp32", "method": method, "impl": impl, "batch": 8,
+                "median_ms": 8 / tput * 1e3, "throughput": tput}
+
+    records = [rec("predicatt_L", "torch", 20.0), rec("predicatt_L", "jax", 24.0), rec("predicatt_L+L-1", "jax", 23.0)]
+    bounds = [{"model": "vit_s16", "dtype": "fp32", "batch": 8, "floor_ms": 200.0,
+               "gemms": {"jax": {"total_ms": 250.0}}}]
+    checks = target_checks(records, gpu=False, bounds=bounds)
+    assert [c["met"] for c in checks] == [False, False]
+    assert checks[0]["needed_ms"] == pytest.approx(8 / 25.0 * 1e3)  # 1.25 x torch's 20 img/s
+    assert "leaves 70 ms" in checks[0]["bound"]
+    assert all(c.get("bound") is None for c in target_checks(records, gpu=False))
