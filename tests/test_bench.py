@@ -160,3 +160,68 @@ def test_target_checks_carry_their_bound():
     assert checks[0]["needed_ms"] == pytest.approx(8 / 25.0 * 1e3)  # 1.25 x torch's 20 img/s
     assert "leaves 70 ms" in checks[0]["bound"]
     assert all(c.get("bound") is None for c in target_checks(records, gpu=False))
+
+
+class FakeAllocator:
+    """A device allocator as XLA's BFC reports it: bytes in use, and a peak that never resets."""
+
+    def __init__(self):
+        self.in_use = self.peak = 0
+
+    def alloc(self, n):
+        self.in_use += n
+        self.peak = max(self.peak, self.in_use)
+
+    def free(self, n):
+        self.in_use -= n
+
+    def stats(self):
+        return {"bytes_in_use": self.in_use, "peak_bytes_in_use": self.peak}
+
+
+def test_call_memory_reads_a_call_under_an_earlier_peak_exactly():
+    """The first call also allocates a 300-unit workspace it frees; later calls use 12 units. The
+    second call alone reads only an upper bound (the peak never rises); the balloon read is exact."""
+    from bench.run import MiB, call_memory
+
+    dev = FakeAllocator()
+    dev.alloc(1000)  # weights and inputs
+    calls = []
+
+    def call():
+        first = not calls
+        calls.append(1)
+        dev.alloc(12)
+        if first:
+            dev.alloc(300)
+            dev.free(300)
+        dev.free(12)
+
+    held = []
+
+    def balloon(n):
+        dev.alloc(n)
+        held.append(n)
+        return n
+
+    r = call_memory(dev.stats, call, balloon)
+    assert r["first_call"]["overhead"] == 312 and r["first_call"]["exact"]
+    assert r["second_call"]["overhead"] == 312 and not r["second_call"]["exact"]  # the bound it replaces
+    assert r["overhead"] == 12 and r["exact"] and r["read"].startswith("third call")
+    assert held == [312 + MiB]  # lifts bytes in use just past the first call's peak
+
+
+def test_call_memory_keeps_an_exact_second_read():
+    """A second call that lifts the peak by itself is read directly, without a balloon."""
+    from bench.run import call_memory
+
+    dev = FakeAllocator()
+    sizes = iter([50, 60])
+
+    def call():
+        n = next(sizes)
+        dev.alloc(n)
+        dev.free(n)
+
+    r = call_memory(dev.stats, call, lambda n: pytest.fail("no balloon needed"))
+    assert r["overhead"] == 60 and r["exact"] and r["read"] == "second call"
