@@ -85,6 +85,8 @@ JAX_METHODS = {"predicatt_L": ("predicatt", -1), "predicatt_L-1": ("predicatt", 
                "rollout": ("rollout", -1), "gradcam": ("gradcam", -1),
                "generic_attention": ("generic_attention", -1), "transattr": ("transattr", -1)}
 HEADLINE = "predicatt_L+L-1"
+# the rows the targets compare, timed again round-robin (Runner.interleaved_case)
+INTERLEAVED = (("torch", "forward"), ("torch", "predicatt_L"), ("jax", "predicatt_L"), ("jax", HEADLINE))
 
 FP32_TOL = 1e-4
 TF32_TOL = 1e-2
@@ -630,6 +632,7 @@ class Runner:
             _enable_compile_cache(self.cache_dir)
         self.records: list[dict] = []
         self.bounds: list[dict] = []
+        self.interleaved: list[dict] = []
         self.refs: dict = {}
         self.torch_bf16_err: dict = {}
         self.loads: list[list[float]] = []
@@ -767,6 +770,68 @@ class Runner:
                 traceback.print_exc()
             return self._record(**base, error=_err(e))
 
+    # -- the target rows again, interleaved call by call
+    def interleaved_case(self, tmodel, jmodel, jparams, mkey, dtype, batch, xt, xj, methods):
+        """Time the rows the targets compare (torch forward, torch PredicAtt_L, JAX PredicAtt_L, JAX
+        headline) round-robin, one call of each per round: every row then sees the same machine
+        state, so their ratios hold on a machine whose speed drifts between cases (a shared VM's
+        rows moved 10-25% between runs while the round-robin ratios did not). The timed call is
+        the one the separate cases time; only torch's attention switch is set between calls."""
+        import jax
+        import torch
+
+        rows = [(impl, m) for impl, m in INTERLEAVED if m in methods]
+        if len({impl for impl, _ in rows}) < 2:
+            return None
+        ctx = (lambda: torch.autocast(self.tdev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+        calls = []
+        try:
+            for impl, method in rows:
+                if impl == "torch":
+                    fn, setup, teardown = torch_function(tmodel, method)
+
+                    def call(fn=fn, setup=setup):
+                        setup()
+                        t0 = time.perf_counter()
+                        with ctx():
+                            out = fn(xt)
+                        self.sync_t(out)
+                        return time.perf_counter() - t0
+                    calls.append(((impl, method), call, teardown))
+                else:
+                    compiled, _, _ = jax_compile(jmodel, jparams, xj, method, dtype, self.args.fp32_precision)
+
+                    def call(compiled=compiled):
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(compiled(jparams, xj))
+                        return time.perf_counter() - t0
+                    calls.append(((impl, method), call, lambda: None))
+            self.foreign.interval()
+            for _ in range(self.args.warmup):
+                for _, call, _ in calls:
+                    call()
+            times = {key: [] for key, _, _ in calls}
+            for _ in range(self.args.large_repeats):
+                for key, call, _ in calls:
+                    times[key].append(call())
+            for _, _, teardown in calls:
+                teardown()
+            rec = {"model": mkey, "model_label": MODELS[mkey][3], "dtype": dtype, "batch": batch,
+                   "rounds": self.args.large_repeats,
+                   "rows": [dict(impl=impl, method=method, **_summary(ts, batch)) for (impl, method), ts in times.items()]}
+        except Exception as e:
+            _log(f"  interleaved {mkey} {dtype} b{batch}: {_err(e)}")
+            rec = {"model": mkey, "dtype": dtype, "batch": batch, "error": _err(e)}
+        rec["other_processes_cores"] = self.foreign.interval()
+        rec["impl"], rec["method"] = "interleaved", "targets"  # for measured()'s retry bookkeeping
+        self.interleaved = [r for r in self.interleaved if (r["model"], r["dtype"], r["batch"]) != (mkey, dtype, batch)]
+        self.interleaved.append(rec)
+        if self.on_record is not None:
+            self.on_record()
+        _log(f"  {mkey} {dtype} b{batch} interleaved: " + ", ".join(
+            f"{r['impl']} {r['method']} {r['median_ms']:.4g} ms" for r in rec.get("rows", [])))
+        return rec
+
     # -- what bounds the model's throughput here (bench.bounds)
     def bounds_case(self, cfg, mkey, dtype, batch, impls):
         from bench import bounds
@@ -814,7 +879,7 @@ class Runner:
             if self.args.wait_quiet is None or other is None or other <= self.args.wait_quiet or attempt == 3:
                 return rec
             _log(f"    other processes used {other} cores during {rec['impl']} {rec['method']}: measuring again")
-            self.records.remove(rec)
+            self.records = [r for r in self.records if r is not rec]
         return rec
 
     def _past_deadline(self, what: str) -> bool:
@@ -862,6 +927,10 @@ class Runner:
                         if msg:
                             _log(f"  {mkey} {dtype} b{batch} {method:18s} " + " | ".join(msg)
                                  + f"  ({time.perf_counter() - t0:.0f} s, load {_loadavg()})")
+                    if (batch == max(batches) > 1 and {"torch", "jax"} <= set(impls) and self.args.interleaved
+                            and not self._past_deadline(f"{mkey} {dtype} b{batch} interleaved")):
+                        self.measured(lambda: self.interleaved_case(tmodel, jmodel, jparams, mkey, dtype, batch, xt, xj,
+                                                                    methods))
                     del xt, xj
                 if self.args.bounds and not self._past_deadline(f"{mkey} {dtype} bounds"):
                     self.bounds_case(jmodel.config, mkey, dtype, max(batches), impls)
@@ -963,18 +1032,26 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def target_checks(records, gpu: bool, bounds: list[dict] | None = None) -> list[dict]:
-    """The perf-anchors targets this run can check. A throughput target also says where the time per
-    call it needs stands against the run's measured bounds (`bench.bounds.verdict`)."""
+def target_checks(records, gpu: bool, bounds: list[dict] | None = None,
+                  interleaved: list[dict] | None = None) -> list[dict]:
+    """The perf-anchors targets this run can check. Throughputs at the large batch come from the
+    interleaved timing of the target rows where the run has it (`source`), else from the separate
+    cases. A throughput target also says where the time per call it needs stands against the run's
+    measured bounds (`bench.bounds.verdict`)."""
     from bench.bounds import verdict
 
     idx = _index(records)
+    for rec in interleaved or []:
+        for row in rec.get("rows", []):
+            idx[(rec["model"], rec["dtype"], row["method"], row["impl"], rec["batch"])] = dict(row, interleaved=True)
     bidx = {(b["model"], b["dtype"], b["batch"]): b for b in bounds or []}
     checks = []
 
     def add(what, value, target, met, mkey=None, dtype=None, batch=None, needed_tput=None, method=HEADLINE):
         c = {"what": what, "value": value, "target": target, "met": met}
         if needed_tput:
+            c["source"] = ("interleaved timing" if (idx.get((mkey, dtype, method, "jax", batch)) or {}).get("interleaved")
+                           else "separate cases")
             c["needed_ms"] = batch / needed_tput * 1e3
             c["bound"] = verdict(c["needed_ms"], bidx.get((mkey, dtype, batch)),
                                  _get(idx, mkey, dtype, method, "jax", batch))
@@ -1083,7 +1160,23 @@ def render_markdown(result: dict) -> str:
         lines += ["## Targets (perf-anchors.md)", ""]
         for c in checks:
             lines.append(f"- {c['what']}: **{c['value']:.2f}** -> {'MET' if c['met'] else 'NOT MET'}"
+                         + (f" [{c['source']}]" if c.get("source") else "")
                          + (f" ({c['bound']})" if c.get("bound") else ""))
+        lines.append("")
+    inter = [r for r in result.get("interleaved") or [] if r.get("rows")]
+    if inter:
+        lines += ["## Target rows, interleaved", "",
+                  "The rows the targets compare, timed again round-robin at the large batch (one call of each per "
+                  "round, after warm-up), so that they share the machine's state; the targets above use these.", "",
+                  "| model | dtype | batch | rounds | " + " | ".join(
+                      f"{'JAX' if i == 'jax' else 'torch'} {METHOD_LABEL.get(m, m)}" for i, m in INTERLEAVED) + " |",
+                  "|---|---|---|---|" + "---|" * len(INTERLEAVED)]
+        for r in inter:
+            by = {(row["impl"], row["method"]): row for row in r["rows"]}
+            cells = [f"{by[k]['median_ms']:.4g} ms, {_fmt_tput(by[k]['throughput'])} img/s" if k in by else "–"
+                     for k in INTERLEAVED]
+            lines.append(f"| {r.get('model_label', r['model'])} | {r['dtype']} | {r['batch']} | {r['rounds']} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     bounds = result.get("bounds") or []
     if bounds:
@@ -1224,7 +1317,13 @@ def merge_results(results: list[dict]) -> dict:
         for b in r.get("bounds", []):
             bounds[(b["model"], b["dtype"], b["batch"])] = b
     merged["bounds"] = list(bounds.values())
-    merged["target_checks"] = target_checks(merged["records"], env["jax_backend"] == "gpu", merged["bounds"])
+    inter = {}
+    for r in results:
+        for b in r.get("interleaved", []):
+            inter[(b["model"], b["dtype"], b["batch"])] = b
+    merged["interleaved"] = list(inter.values())
+    merged["target_checks"] = target_checks(merged["records"], env["jax_backend"] == "gpu", merged["bounds"],
+                                            merged["interleaved"])
     return merged
 
 
@@ -1259,6 +1358,9 @@ def parse_args(argv=None):
                         f"{HEADLINE}; 'all'; 'none'); other JAX rows report XLA's static plan (temp + outputs)")
     p.add_argument("--deadline", type=float, metavar="S",
                    help="stop starting new cases after S seconds (the results so far are written after every case)")
+    p.add_argument("--no-interleaved", dest="interleaved", action="store_false",
+                   help="skip timing the target rows (torch forward, torch PredicAtt_L, JAX PredicAtt_L, JAX "
+                        "headline) again round-robin at the large batch; the targets then use the separate cases")
     p.add_argument("--no-bounds", dest="bounds", action="store_false",
                    help="skip the bounds (bench/bounds.py: matmul rate, the model's GEMMs alone, compute floor) "
                         "measured after each model's cases")
@@ -1373,8 +1475,9 @@ def main(argv=None) -> int:
             "skipped_jax_methods": getattr(runner, "skipped", []),
             "records": runner.records,
             "bounds": runner.bounds,
+            "interleaved": runner.interleaved,
         }
-        result["target_checks"] = target_checks(runner.records, gpu, runner.bounds)
+        result["target_checks"] = target_checks(runner.records, gpu, runner.bounds, runner.interleaved)
         (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
         (out / "results.md").write_text(render_markdown(result))
         return result

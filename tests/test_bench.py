@@ -225,3 +225,32 @@ def test_call_memory_keeps_an_exact_second_read():
 
     r = call_memory(dev.stats, call, lambda n: pytest.fail("no balloon needed"))
     assert r["overhead"] == 60 and r["exact"] and r["read"] == "second call"
+
+
+def test_run_times_the_target_rows_interleaved(tiny_run):
+    """At the large batch the rows the targets compare are timed again round-robin, so their ratios
+    come from the same machine state."""
+    out, _ = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    (rec,) = res["interleaved"]
+    assert (rec["model"], rec["batch"]) == ("tiny", 2) and not rec.get("error")
+    rows = {(r["impl"], r["method"]) for r in rec["rows"]}
+    assert rows == {("torch", "forward"), ("torch", "predicatt_L"), ("jax", "predicatt_L"), ("jax", "predicatt_L+L-1")}
+    assert all(r["repeats"] == rec["rounds"] and r["median_ms"] > 0 for r in rec["rows"])
+    assert "## Target rows, interleaved" in (out / "results.md").read_text()
+
+
+def test_target_checks_prefer_the_interleaved_timing():
+    from bench.run import target_checks
+
+    def rec(method, impl, tput):
+        return {"model": "vit_b16", "dtype": "fp32", "method": method, "impl": impl, "batch": 8,
+                "median_ms": 8 / tput * 1e3, "throughput": tput}
+
+    records = [rec("predicatt_L", "torch", 8.0), rec("predicatt_L", "jax", 6.0)]
+    inter = [{"model": "vit_b16", "dtype": "fp32", "batch": 8, "rounds": 3,
+              "rows": [dict(rec("predicatt_L", "torch", 7.0), repeats=3), dict(rec("predicatt_L", "jax", 7.7), repeats=3)]}]
+    (plain,) = target_checks(records, gpu=False)
+    (paired,) = target_checks(records, gpu=False, interleaved=inter)
+    assert plain["value"] == pytest.approx(0.75) and plain["source"] == "separate cases"
+    assert paired["value"] == pytest.approx(1.1) and paired["source"] == "interleaved timing"
