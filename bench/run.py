@@ -87,6 +87,7 @@ JAX_METHODS = {"predicatt_L": ("predicatt", -1), "predicatt_L-1": ("predicatt", 
 HEADLINE = "predicatt_L+L-1"
 # the rows the targets compare, timed again round-robin (Runner.interleaved_case)
 INTERLEAVED = (("torch", "forward"), ("torch", "predicatt_L"), ("jax", "predicatt_L"), ("jax", HEADLINE))
+INTERLEAVED_ROUNDS = 10  # at most; each round calls every row twice, so this bounds what it adds to a device session
 
 FP32_TOL = 1e-4
 TF32_TOL = 1e-2
@@ -814,14 +815,15 @@ class Runner:
                 for _, call, _ in calls:
                     call()
             times = {key: [] for key, _, _ in calls}
-            for _ in range(self.args.large_repeats):
+            rounds = min(self.args.large_repeats, INTERLEAVED_ROUNDS)
+            for _ in range(rounds):
                 for key, call, _ in calls:
                     call()  # untimed: the timed call follows its own library's, as in steady use
                     times[key].append(call())
             for _, _, teardown in calls:
                 teardown()
             rec = {"model": mkey, "model_label": MODELS[mkey][3], "dtype": dtype, "batch": batch,
-                   "rounds": self.args.large_repeats,
+                   "rounds": rounds,
                    "rows": [dict(impl=impl, method=method, **_summary(ts, batch)) for (impl, method), ts in times.items()]}
         except Exception as e:
             _log(f"  interleaved {mkey} {dtype} b{batch}: {_err(e)}")
