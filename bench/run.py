@@ -1142,7 +1142,11 @@ def render_markdown(result: dict) -> str:
                 else "latency at the smallest batch")
 
     # headline
-    lines += ["## Headline: PredicAtt_L + PredicAtt_{L-1} of the predicted class, both from one forward", "",
+    lines += ["## Headline: PredicAtt_L + PredicAtt_{L-1} of the predicted class, both from one forward", ""]
+    if result.get("interleaved"):
+        lines += ["Each row from its own case; the target checks below use the round-robin timing of these rows "
+                  "('Target rows, interleaved'), which shares the machine's state.", ""]
+    lines += [
               f"| model | dtype | JAX L+L-1, {lat_head} | torch PredicAtt_L, {lat_head} | JAX L+L-1 throughput | "
               "torch PredicAtt_L throughput | torch forward throughput | x torch PredicAtt_L | x torch forward |",
               "|---|---|---|---|---|---|---|---|---|"]
