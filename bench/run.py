@@ -660,6 +660,14 @@ class Runner:
             self.on_record()
         return rec
 
+    def _torch_ctx(self, dtype: str):
+        """A context-manager factory for the torch side of a row: bf16 autocast, or nothing."""
+        import torch
+
+        if dtype == "bf16":
+            return lambda: torch.autocast(self.tdev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
     def _mem_label(self, impl: str, method: str = "") -> str:
         if self.mem_mode == "off":
             return "n/a"
@@ -690,7 +698,7 @@ class Runner:
         fn, setup, teardown = spec
         base = dict(model=mkey, model_label=MODELS[mkey][3], method=method, impl="torch", dtype=dtype, batch=batch,
                     memory_kind=self._mem_label("torch"))
-        ctx = (lambda: torch.autocast(self.tdev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+        ctx = self._torch_ctx(dtype)
 
         def call():
             with ctx():
@@ -782,12 +790,11 @@ class Runner:
         The timed call is the one the separate cases time; only torch's attention switch is set
         between calls."""
         import jax
-        import torch
 
         rows = [(impl, m) for impl, m in INTERLEAVED if m in methods]
         if len({impl for impl, _ in rows}) < 2:
             return None
-        ctx = (lambda: torch.autocast(self.tdev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+        ctx = self._torch_ctx(dtype)
         calls = []
         try:
             for impl, method in rows:
@@ -820,14 +827,15 @@ class Runner:
                 for key, call, _ in calls:
                     call()  # untimed: the timed call follows its own library's, as in steady use
                     times[key].append(call())
-            for _, _, teardown in calls:
-                teardown()
             rec = {"model": mkey, "model_label": MODELS[mkey][3], "dtype": dtype, "batch": batch,
                    "rounds": rounds,
                    "rows": [dict(impl=impl, method=method, **_summary(ts, batch)) for (impl, method), ts in times.items()]}
         except Exception as e:
             _log(f"  interleaved {mkey} {dtype} b{batch}: {_err(e)}")
             rec = {"model": mkey, "dtype": dtype, "batch": batch, "error": _err(e)}
+        finally:
+            for _, _, teardown in calls:
+                teardown()
         rec["other_processes_cores"] = self.foreign.interval()
         rec["impl"], rec["method"] = "interleaved", "targets"  # for measured()'s retry bookkeeping
         self.interleaved = [r for r in self.interleaved if (r["model"], r["dtype"], r["batch"]) != (mkey, dtype, batch)]
