@@ -1111,7 +1111,6 @@ def target_checks(records, gpu: bool, bounds: list[dict] | None = None,
 def render_markdown(result: dict) -> str:
     env, records = result["environment"], result["records"]
     idx = _index(records)
-    gpu = env["jax_backend"] == "gpu"
     lines = [f"# predmaps benchmark: {env['device']}", ""]
     v = env["versions"]
     lines += [f"- date: {env['date']}", f"- command: `{env['command']}`",
