@@ -93,12 +93,12 @@ def jax_dense_gemms(cfg, batch: int, dtype: str, warmup: int, repeats: int) -> d
 
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     prec = "highest" if dtype == "fp32" else None
+    fn = jax.jit(lambda a, b, c: jnp.dot(a, b, precision=prec) + c)
     out, total = {}, 0.0
     for i, (name, (m, k, n, times_per_call)) in enumerate(_gemm_shapes(cfg, batch).items()):
         x = jax.random.normal(jax.random.key(10 + i), (m, k), jdt)
         w = (jax.random.normal(jax.random.key(20 + i), (k, n), jnp.float32) * k ** -0.5).astype(jdt)
         bias = jnp.zeros((n,), jdt)
-        fn = jax.jit(lambda a, b, c: jnp.dot(a, b, precision=prec) + c)
         _, times = time_calls(lambda: fn(x, w, bias), jax.block_until_ready, warmup, repeats)
         med = _median(times)
         out[name] = {"shape": [m, k, n], "ms": med * 1e3, "tflops": 2 * m * k * n / med / 1e12,
