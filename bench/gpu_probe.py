@@ -128,6 +128,13 @@ def _layer_norm_two_pass(self, x):
     return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
 
 
+def merge_xla_flags(current: str, extra: str) -> str:
+    """XLA_FLAGS with `extra`'s flags added, each replacing a flag of the same name in `current`, so a
+    flag set can also switch a CLI default back (`--xla_gpu_enable_triton_gemm=true`)."""
+    names = {f.split("=")[0] for f in extra.split()}
+    return " ".join([f for f in current.split() if f.split("=")[0] not in names] + extra.split())
+
+
 def build_variant(name, cfg, dtype, params32):
     """(jitted fn, params, context manager) for one variant."""
     import contextlib
@@ -256,7 +263,10 @@ def main(argv=None) -> int:
                    help="variants also timed at batch 1 (latency)")
     p.add_argument("--floors", action="store_true", help="also time the matmul, GEMM and attention floors")
     p.add_argument("--xla-flags-sets", default="",
-                   help="';'-separated XLA_FLAGS values: the headline re-run in a subprocess under each")
+                   help="';'-separated XLA_FLAGS values, each re-running --flag-set-variants in a subprocess; "
+                        "a flag named there replaces the same flag in XLA_FLAGS (the CLI defaults included)")
+    p.add_argument("--flag-set-variants", default="headline",
+                   help="variants timed under each --xla-flags-sets entry (at --batches; batch 1: headline only)")
     p.add_argument("--matmul-n", type=int, default=8192, help="size of the square matmul of the ceiling")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -280,7 +290,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     variants = [v for v in args.variants.split(",") if v]
     b1_variants = [v for v in args.b1_variants.split(",") if v]
-    for v in variants + b1_variants:
+    flag_set_variants = [v for v in args.flag_set_variants.split(",") if v]
+    for v in variants + b1_variants + flag_set_variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
@@ -346,9 +357,9 @@ def main(argv=None) -> int:
         if late(f"flags {flags}"):
             continue
         sub = out_path.with_name(f"{out_path.stem}_flags{i}.json")
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        env = dict(os.environ, XLA_FLAGS=merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags))
         cmd = [sys.executable, "-m", "bench.gpu_probe", "--model", args.model, "--dtype", args.dtype,
-               "--variants", "headline", "--b1-variants", "headline", "--batches", args.batches,
+               "--variants", args.flag_set_variants, "--b1-variants", "headline", "--batches", args.batches,
                "--repeats", str(args.repeats), "--out", str(sub)]
         t0 = time.perf_counter()
         try:
@@ -359,6 +370,7 @@ def main(argv=None) -> int:
                 entry["error"] = f"rc {proc.returncode}: {proc.stderr[-400:]}"
         except subprocess.TimeoutExpired:
             entry = {"error": "timed out"}
+        entry["XLA_FLAGS"] = env["XLA_FLAGS"]
         entry["wall_s"] = time.perf_counter() - t0
         res["flag_sets"][flags] = entry
         _log(f"XLA_FLAGS+={flags}: {json.dumps(entry)[:400]}")

@@ -2,7 +2,8 @@
 # One call on a lent GPU: environment, the benchmark's rows, the probe. Everything lands in $OUT,
 # each result file rewritten as it grows, so a call cut short keeps what finished.
 #   bash bench/gpu_session.sh main    # ViT-B/16 headline rows (bf16, fp32) + probe (variants, floors, flags, profile)
-#   bash bench/gpu_session.sh final   # ViT-B/16 rows again, variants, profile, ViT-L/16 and the other methods
+#   bash bench/gpu_session.sh final   # ViT-B/16 rows again, LayerNorm and XLA flag variants, profile, ViT-S/16 and
+#                                     # ViT-L/16 rows, the other methods
 # BUDGET (s, default 420) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
@@ -25,7 +26,7 @@ case "$1" in
     timeout $(( $(left) - 190 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 230 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     timeout $(( $(left) - 70 )) $PY -m bench.gpu_probe --floors --deadline $(( $(left) - 150 )) \
-      "--xla-flags-sets=--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_triton_gemm=false" \
+      "--xla-flags-sets=--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_triton_gemm=true" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     # kernel-level trace: without command buffers, so each kernel is its own event
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 5 )) $PY -m bench.gpu_probe \
@@ -33,17 +34,21 @@ case "$1" in
     ;;
   final)
     # the committed GPU table (ViT-B/16), the implementation variants and a kernel-level profile,
-    # then ViT-L/16 and the other methods as far as the budget goes
+    # then ViT-S/16, ViT-L/16 and the other methods as far as the budget goes
     timeout $(( $(left) - 250 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 290 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    # the LayerNorm lever in place (one-pass default vs two-pass), then XLA flag sets over both: Triton
+    # GEMMs back on (the CLI default turns them off), cuBLASLt epilogues, cuDNN LayerNorm
     timeout $(( $(left) - 170 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 220 )) \
-      "--xla-flags-sets=--xla_gpu_enable_triton_gemm=false" --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+      --variants headline,forward,headline_ln_twopass --flag-set-variants headline,headline_ln_twopass \
+      "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_cudnn_layer_norm=true" \
+      --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe \
       --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     rm -rf "$OUT"/*_trace "$OUT"/probe_flags*.json  # the flag runs are inside probe.json too
-    timeout $(( $(left) - 70 )) $PY -m bench --models vit_l16 --dtypes bf16 --memory-check none \
-      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 100 )) --out "$OUT/bench_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    rm -f "$OUT/bench_l16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
+    timeout $(( $(left) - 70 )) $PY -m bench --models vit_s16,vit_l16 --dtypes bf16 --memory-check none \
+      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 100 )) --out "$OUT/bench_s16_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT/bench_s16_l16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
     timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --memory-check none \
       --methods prediction_map,raw_attention,rollout,gradcam,generic_attention,transattr \
       --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"

@@ -254,3 +254,38 @@ def test_target_checks_prefer_the_interleaved_timing():
     (paired,) = target_checks(records, gpu=False, interleaved=inter)
     assert plain["value"] == pytest.approx(0.75) and plain["source"] == "separate cases"
     assert paired["value"] == pytest.approx(1.1) and paired["source"] == "interleaved timing"
+
+
+def test_probe_flag_sets_replace_the_cli_defaults():
+    """A probe flag set replaces a same-named flag already in XLA_FLAGS (last word wins, once)."""
+    from bench.gpu_probe import merge_xla_flags
+
+    merged = merge_xla_flags("--xla_gpu_enable_triton_gemm=false --xla_dump_to=/tmp/d",
+                             "--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_cublaslt=true")
+    assert merged.split() == ["--xla_dump_to=/tmp/d", "--xla_gpu_enable_triton_gemm=true",
+                              "--xla_gpu_enable_cublaslt=true"]
+    assert merge_xla_flags("", "--a=1") == "--a=1"
+
+
+def test_probe_times_variants_under_a_flag_set(tmp_path):
+    """`python -m bench.gpu_probe` on CPU: the variants, then each flag set's variants in a subprocess
+    whose XLA_FLAGS carry the set instead of the CLI default it overrides."""
+    out = tmp_path / "probe.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_probe", "--model", "tiny", "--batches", "2,1", "--variants",
+         "headline,headline_ln_twopass", "--b1-variants", "headline", "--repeats", "2", "--warmup", "1",
+         "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true", "--flag-set-variants", "headline,headline_ln_twopass",
+         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert {"headline_b2", "headline_ln_twopass_b2", "headline_b1"} <= set(res["variants"])
+    for v in res["variants"].values():
+        assert v["median_ms"] > 0
+    (flags, entry), = res["flag_sets"].items()
+    assert flags == "--xla_gpu_enable_triton_gemm=true"
+    assert "error" not in entry, entry
+    assert entry["XLA_FLAGS"].split().count("--xla_gpu_enable_triton_gemm=true") == 1
+    assert "--xla_gpu_enable_triton_gemm=false" not in entry["XLA_FLAGS"]
+    assert entry["headline_ln_twopass_b2"]["median_ms"] > 0 and entry["headline_b1"]["median_ms"] > 0
