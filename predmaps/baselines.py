@@ -2,7 +2,8 @@
 
 Definitions: ../shared/method.md, "Baselines". All functions take the full attention
 matrices or class-token rows from one jaxvit forward; gradient methods take d logit_c / dA
-from `attention_and_grads`, one vjp for all K classes (vmapped cotangents).
+from one vjp for all K classes (vmapped cotangents): `gradient_maps` reduces each class's
+gradients to its map inside the class loop, `attention_and_grads` returns them all.
 """
 
 from __future__ import annotations
@@ -44,17 +45,9 @@ def rollout(model: ViT, attn: jax.Array, start_layer: int = 1) -> jax.Array:
     return joint[:, 0, model.config.num_prefix_tokens:]
 
 
-def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
-                        blocks: Sequence[int] | None = None):
-    """One forward with materialised attention, and d logit_c / dA for each target class.
-
-    `blocks`: the blocks whose attention gradients are wanted (default all, in order). Ask only
-    for what is used: the per-class backward runs inside a loop, where XLA cannot prune the
-    gradients of unused blocks, and the last block alone needs a backward through one block, not L.
-
-    Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, len(blocks), H, T, T).
-    """
-    blocks = tuple(range(model.config.depth)) if blocks is None else tuple(b % model.config.depth for b in blocks)
+def _attention_vjp(model: ViT, params, images: jax.Array, targets: Targets, blocks):
+    """One forward with materialised attention -> (logits, classes, attn, grads_for), where
+    grads_for(c) with c (B,) one class per image gives d logit_c / dA of `blocks`: (B, len(blocks), H, T, T)."""
     mat = model.clone(attention="materialized")
     init = jax.eval_shape(lambda: mat.apply({"params": params}, images, return_attn=True, mutable=["perturbations"]))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), init[1]["perturbations"])
@@ -66,15 +59,47 @@ def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
     (logits, attn), vjp_fn = jax.vjp(f, zeros)
     classes = targets.resolve(logits)
 
-    def grads_for(c):  # c: (B,) one class per image
+    def grads_for(c):
         (g,) = vjp_fn((jax.nn.one_hot(c, logits.shape[-1], dtype=logits.dtype), jnp.zeros_like(attn)))
-        return jnp.stack([g[f"blocks_{i}"]["attn"]["attn"] for i in blocks], axis=1)  # (B, len(blocks), H, T, T)
+        return jnp.stack([g[f"blocks_{i}"]["attn"]["attn"] for i in blocks], axis=1)
 
-    # Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit,
-    # and on XLA:CPU (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles
-    # (15% error against per-class calls, tests/test_predmaps.py::test_matches_torch_version).
-    grads = jax.lax.map(grads_for, classes.T, batch_size=_CLASS_CHUNK)  # (K, B, L, H, T, T)
+    return logits, classes, attn, grads_for
+
+
+def _blocks(model: ViT, blocks: Sequence[int] | None) -> tuple[int, ...]:
+    return tuple(range(model.config.depth)) if blocks is None else tuple(b % model.config.depth for b in blocks)
+
+
+# Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit, and on XLA:CPU
+# (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles (15% error against per-class
+# calls, tests/test_predmaps.py::test_matches_torch_version).
+def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
+                        blocks: Sequence[int] | None = None):
+    """One forward with materialised attention, and d logit_c / dA for each target class.
+
+    `blocks`: the blocks whose attention gradients are wanted (default all, in order). Ask only
+    for what is used: the per-class backward runs inside a loop, where XLA cannot prune the
+    gradients of unused blocks, and the last block alone needs a backward through one block, not L.
+    Holds every class's gradients at once; `gradient_maps` keeps only one chunk's.
+
+    Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, len(blocks), H, T, T).
+    """
+    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, _blocks(model, blocks))
+    grads = jax.lax.map(grads_for, classes.T, batch_size=_CLASS_CHUNK)  # (K, B, L', H, T, T)
     return logits, classes, attn, jnp.moveaxis(grads, 0, 1)
+
+
+def gradient_maps(model: ViT, params, images: jax.Array, targets: Targets, map_fn,
+                  blocks: Sequence[int] | None = None):
+    """A gradient method's maps, each class's attention gradients reduced to its map inside the class
+    loop, so at most one chunk of classes' gradients (32 x B x L' x H x T x T) exists at a time.
+
+    map_fn(attn (B, L, H, T, T), grads (B, 1, L', H, T, T)) -> (B, 1, N), as `gradcam` and
+    `generic_attention` take them. Returns logits (B, C), classes (B, K), maps (B, K, N).
+    """
+    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, _blocks(model, blocks))
+    maps = jax.lax.map(lambda c: map_fn(attn, grads_for(c)[:, None])[:, 0], classes.T, batch_size=_CLASS_CHUNK)
+    return logits, classes, jnp.moveaxis(maps, 0, 1)
 
 
 def gradcam(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:
@@ -93,10 +118,14 @@ def gradcam(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:
 
 def generic_attention(model: ViT, attn: jax.Array, grads: jax.Array) -> jax.Array:
     """Chefer 2021a self-attention rule: R = I; per block R += mean_h(clamp(grad * A, 0)) @ R;
-    map = R[cls, patches]. attn (B, L, H, T, T), grads (B, K, L, H, T, T) -> (B, K, N)."""
+    map = R[cls, patches]. attn (B, L, H, T, T), grads (B, K, L, H, T, T) -> (B, K, N).
+
+    Only R's class-token row is read, and R = (I + C_L) ... (I + C_1), so that row is rolled out as
+    a vector from the left, r <- r + r C_l for l = L..1: T^2 per block instead of T^3 (Chefer's
+    matrix product, the same sum in another order)."""
     cams = jnp.maximum(grads * attn[:, None], 0.0).mean(axis=3)  # (B, K, L, T, T)
     b, k, l, t, _ = cams.shape
-    r = jnp.broadcast_to(jnp.eye(t, dtype=cams.dtype), (b, k, t, t))
-    for layer in range(l):
-        r = r + jnp.einsum("bkij,bkjm->bkim", cams[:, :, layer], r, precision="highest")
-    return r[:, :, 0, model.config.num_prefix_tokens:]
+    r = jnp.broadcast_to(jax.nn.one_hot(0, t, dtype=cams.dtype), (b, k, t))
+    for layer in reversed(range(l)):
+        r = r + jnp.einsum("bki,bkij->bkj", r, cams[:, :, layer], precision="highest")
+    return r[:, :, model.config.num_prefix_tokens:]

@@ -118,13 +118,15 @@ def _run_rollout(model, params, images, targets, layer, *, start_layer=1):
 
 
 def _run_gradcam(model, params, images, targets, layer):
-    logits, classes, attn, grads = baselines.attention_and_grads(model, params, images, targets, blocks=(-1,))
-    return dict(maps=baselines.gradcam(model, attn, grads), classes=classes, logits=logits)
+    logits, classes, maps = baselines.gradient_maps(
+        model, params, images, targets, lambda attn, grads: baselines.gradcam(model, attn, grads), blocks=(-1,))
+    return dict(maps=maps, classes=classes, logits=logits)
 
 
 def _run_generic_attention(model, params, images, targets, layer):
-    logits, classes, attn, grads = baselines.attention_and_grads(model, params, images, targets)
-    return dict(maps=baselines.generic_attention(model, attn, grads), classes=classes, logits=logits)
+    logits, classes, maps = baselines.gradient_maps(
+        model, params, images, targets, lambda attn, grads: baselines.generic_attention(model, attn, grads))
+    return dict(maps=maps, classes=classes, logits=logits)
 
 
 def _run_transattr(model, params, images, targets, layer, *, start_layer=1, rule="ours"):

@@ -252,6 +252,42 @@ def test_attention_grads_of_chosen_blocks_equal_those_of_all_blocks(small):
     np.testing.assert_allclose(two, all_grads[:, :, [2, 0]], rtol=1e-6, atol=1e-9)
 
 
+def test_gradient_maps_per_class_chunk_equal_all_gradients_at_once(small, monkeypatch):
+    """GradCAM and generic attention reduce each class chunk's gradients to maps inside the class loop
+    (memory: one chunk, not K classes): the maps equal those from every class's gradients at once,
+    here over chunks of 2 classes and a remainder (K = 5)."""
+    from predmaps import baselines
+    from predmaps.targets import Targets
+
+    monkeypatch.setattr(baselines, "_CLASS_CHUNK", 2)
+    model, params, x = small
+    t = Targets(kind="topk", k=5)
+    for fn, blocks in ((baselines.gradcam, (-1,)), (baselines.generic_attention, None)):
+        logits, classes, attn, grads = baselines.attention_and_grads(model, params, x, t, blocks=blocks)
+        want = fn(model, attn, grads)
+        logits2, classes2, got = baselines.gradient_maps(model, params, x, t, lambda a, g: fn(model, a, g),
+                                                         blocks=blocks)
+        assert got.shape == (4, 5, 16)
+        np.testing.assert_array_equal(classes2, classes)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_generic_attention_row_rollout_equals_the_matrix_product(small):
+    """generic_attention rolls out R's class-token row as a vector; Chefer's code multiplies the T x T
+    matrices, R <- R + mean_h(clamp(grad * A)) @ R from block 1 on. Same sum, other order: float32
+    rounding apart (1e-5)."""
+    from predmaps import baselines
+    from predmaps.targets import Targets
+
+    model, params, x = small
+    _, _, attn, grads = baselines.attention_and_grads(model, params, x, Targets(kind="topk", k=2))
+    cams = np.maximum(np.asarray(grads) * np.asarray(attn)[:, None], 0.0).mean(axis=3)  # (B, K, L, T, T)
+    r = np.broadcast_to(np.eye(cams.shape[-1]), cams.shape[:2] + cams.shape[-2:]).astype(np.float64)
+    for layer in range(cams.shape[2]):
+        r = r + cams[:, :, layer] @ r
+    np.testing.assert_allclose(baselines.generic_attention(model, attn, grads), r[:, :, 0, 1:], rtol=1e-5, atol=1e-9)
+
+
 def test_same_shape_does_not_recompile(small):
     from predmaps.explain import _explain_jit
 
