@@ -33,7 +33,7 @@ MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_
                "vit_l16": "vit_large_patch16_224", "tiny": None}
 VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
-            "headline_own_attn", "forward_fp32w")
+            "headline_own_attn", "forward_fp32w", "forward_scan")
 DEFAULT_VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch",
                     "headline_cls_einsum", "headline_ln_twopass", "headline_one_gemm_normaliser")
 
@@ -151,6 +151,8 @@ def build_variant(name, cfg, dtype, params32):
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
     fn = jax.jit(jax_function(model, "forward" if name.startswith("forward") else HEADLINE))
+    if name == "forward_scan":
+        fn, params = jax.jit(scanned_forward(model)), scan_params(params, cfg.depth)
 
     @contextlib.contextmanager
     def ctx():
@@ -178,6 +180,39 @@ def build_variant(name, cfg, dtype, params32):
              jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention) = saved
 
     return fn, params, ctx
+
+
+def scan_params(params, depth):
+    """{'blocks': every block's parameters stacked on a leading axis, 'rest': the others}."""
+    import jax
+    import jax.numpy as jnp
+
+    blocks = [params[f"blocks_{i}"] for i in range(depth)]
+    rest = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    return {"blocks": jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *blocks), "rest": rest}
+
+
+def scanned_forward(model):
+    """The bare forward (logits) with the blocks under `lax.scan` over stacked parameters (the
+    `nn.scan` question: one compiled block instead of L), on `scan_params`' layout. Same ops per
+    block as the unrolled `ViT.__call__`."""
+    import jax
+
+    import jaxvit.model as jm
+
+    block = jm.Block(model.config, model.dtype, model.attention)
+
+    def forward(p, images):
+        x = model.apply({"params": p["rest"]}, images, method=model.embed)
+
+        def body(x, block_params):
+            y, _, _ = block.apply({"params": block_params}, x, want_cls=False, want_full=False)
+            return y, None
+
+        x, _ = jax.lax.scan(body, x, p["blocks"])
+        return {"logits": model.apply({"params": p["rest"]}, x, method=model.head_logits)[1]}
+
+    return forward
 
 
 def attention_floor(cfg, batch, dtype, warmup, repeats):

@@ -4,14 +4,14 @@
 #   bash bench/gpu_session.sh main    # ViT-B/16 headline rows (bf16, fp32) + probe (variants, floors, flags, profile)
 #   bash bench/gpu_session.sh final   # ViT-B/16 rows again, LayerNorm and XLA flag variants, profile, ViT-S/16 and
 #                                     # ViT-L/16 rows, the other methods
-# BUDGET (s, default 420) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
+# BUDGET (s, default 500) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/gpu-session}; mkdir -p "$OUT"
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-500}
 PY=${PY:-python3}
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -34,21 +34,30 @@ case "$1" in
     ;;
   final)
     # the committed GPU table (ViT-B/16), the implementation variants and a kernel-level profile,
-    # then ViT-S/16, ViT-L/16 and the other methods as far as the budget goes
-    timeout $(( $(left) - 250 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
-      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 290 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    # the LayerNorm lever in place (one-pass default vs two-pass), then XLA flag sets over both: Triton
-    # GEMMs back on (the CLI default turns them off), cuBLASLt epilogues, cuDNN LayerNorm
-    timeout $(( $(left) - 170 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 220 )) \
-      --variants headline,forward,headline_ln_twopass --flag-set-variants headline,headline_ln_twopass \
+    # then ViT-S/16, ViT-L/16, nn.scan and the other methods as far as the budget goes.
+    # Seconds kept back for later stages (from left): the table ~200 s, the probe ~150 s, the profile ~40 s.
+    timeout $(( $(left) - 260 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
+      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 300 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    # the LayerNorm lever in place (one-pass default vs two-pass), nn.scan, then XLA flag sets over both
+    # LayerNorms: Triton GEMMs back on (the CLI default turns them off), cuBLASLt epilogues, cuDNN LayerNorm
+    timeout $(( $(left) - 110 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 150 )) \
+      --variants headline,forward,forward_scan,headline_ln_twopass --flag-set-variants headline,headline_ln_twopass \
       "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_cudnn_layer_norm=true" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
-    XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe \
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 70 )) $PY -m bench.gpu_probe \
       --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     rm -rf "$OUT"/*_trace "$OUT"/probe_flags*.json  # the flag runs are inside probe.json too
-    timeout $(( $(left) - 70 )) $PY -m bench --models vit_s16,vit_l16 --dtypes bf16 --memory-check none \
-      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 100 )) --out "$OUT/bench_s16_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    timeout $(( $(left) - 50 )) $PY -m bench --models vit_s16,vit_l16 --dtypes bf16 --memory-check none \
+      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 80 )) --out "$OUT/bench_s16_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_s16_l16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
+    # nn.scan on the deepest model: compile and run time, scanned blocks against unrolled, each in its
+    # own process so neither compile finds the other's GEMM autotuning cached; one file comes back
+    for v in forward_scan forward; do
+      timeout $(( $(left) - 30 )) $PY -m bench.gpu_probe --model vit_l16 --variants $v --b1-variants $v \
+        --batches 128,1 --deadline $(( $(left) - 50 )) --out "$OUT/scan_$v.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    done
+    $PY -c "import json, os, sys; json.dump({os.path.basename(p): json.load(open(p)) for p in sys.argv[2:]}, open(sys.argv[1], 'w'), indent=1)" \
+      "$OUT/probe_scan_l16.json" "$OUT"/scan_forward*.json && rm -f "$OUT"/scan_forward*.json
     timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --memory-check none \
       --methods prediction_map,raw_attention,rollout,gradcam,generic_attention,transattr \
       --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"

@@ -289,3 +289,24 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     assert entry["XLA_FLAGS"].split().count("--xla_gpu_enable_triton_gemm=true") == 1
     assert "--xla_gpu_enable_triton_gemm=false" not in entry["XLA_FLAGS"]
     assert entry["headline_ln_twopass_b2"]["median_ms"] > 0 and entry["headline_b1"]["median_ms"] > 0
+
+
+def test_probe_scanned_forward_equals_the_unrolled_one():
+    """The probe's `forward_scan` variant (blocks under lax.scan over stacked parameters) computes the
+    same logits as the model's unrolled forward: same ops per block, so equal to float32 rounding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.gpu_probe import build_variant, config_for, jaxvit_model, random_params
+
+    cfg = config_for("tiny")
+    params32 = random_params(jaxvit_model(cfg), cfg.img_size[0])
+    x = jax.random.normal(jax.random.key(5), (3,) + cfg.img_size + (3,))
+    logits = {}
+    for name in ("forward", "forward_scan"):
+        fn, params, ctx = build_variant(name, cfg, jnp.float32, params32)
+        with ctx():
+            logits[name] = np.asarray(fn(params, x)["logits"])
+    assert logits["forward"].shape == (3, cfg.num_classes)
+    np.testing.assert_allclose(logits["forward_scan"], logits["forward"], rtol=1e-6, atol=1e-6)
