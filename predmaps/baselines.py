@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from jaxvit import ViT
 from predmaps.targets import Targets
 
+# Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit, and on XLA:CPU
+# (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles (15% error against per-class
+# calls, tests/test_predmaps.py::test_matches_torch_version).
 _CLASS_CHUNK = 32  # classes per backward pass of gradient methods
 
 
@@ -70,9 +73,6 @@ def _blocks(model: ViT, blocks: Sequence[int] | None) -> tuple[int, ...]:
     return tuple(range(model.config.depth)) if blocks is None else tuple(b % model.config.depth for b in blocks)
 
 
-# Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit, and on XLA:CPU
-# (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles (15% error against per-class
-# calls, tests/test_predmaps.py::test_matches_torch_version).
 def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
                         blocks: Sequence[int] | None = None):
     """One forward with materialised attention, and d logit_c / dA for each target class.
