@@ -19,7 +19,16 @@ from predmaps.targets import Targets
 # Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit, and on XLA:CPU
 # (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles (15% error against per-class
 # calls, tests/test_predmaps.py::test_matches_torch_version).
-_CLASS_CHUNK = 32  # classes per backward pass of gradient methods
+_CLASS_CHUNK = 32  # classes per backward pass of gradient methods, at most
+_CHUNK_GRAD_BYTES = 1 << 31  # and at most this many bytes of one chunk's attention gradients
+
+
+def _class_chunk(attn: jax.Array, num_blocks: int) -> int:
+    """Classes per backward pass: 32, fewer where their gradients (num_blocks x attn's B x H x T x T
+    each) would pass 2 GiB, e.g. ViT-B/16 at batch 64 with every block: 1."""
+    b, _, h, t, _ = attn.shape
+    per_class = b * num_blocks * h * t * t * jnp.dtype(attn.dtype).itemsize
+    return max(1, min(_CLASS_CHUNK, _CHUNK_GRAD_BYTES // per_class))
 
 
 def raw_attention(model: ViT, attn_cls: jax.Array) -> jax.Array:
@@ -84,21 +93,25 @@ def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
 
     Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, len(blocks), H, T, T).
     """
-    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, _blocks(model, blocks))
-    grads = jax.lax.map(grads_for, classes.T, batch_size=_CLASS_CHUNK)  # (K, B, L', H, T, T)
+    blocks = _blocks(model, blocks)
+    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, blocks)
+    chunk = _class_chunk(attn, len(blocks))
+    grads = jax.lax.map(grads_for, classes.T, batch_size=chunk)  # (K, B, L', H, T, T)
     return logits, classes, attn, jnp.moveaxis(grads, 0, 1)
 
 
 def gradient_maps(model: ViT, params, images: jax.Array, targets: Targets, map_fn,
                   blocks: Sequence[int] | None = None):
     """A gradient method's maps, each class's attention gradients reduced to its map inside the class
-    loop, so at most one chunk of classes' gradients (32 x B x L' x H x T x T) exists at a time.
+    loop, so at most one chunk of classes' gradients (up to 32 x B x L' x H x T x T, 2 GiB) exists at a time.
 
     map_fn(attn (B, L, H, T, T), grads (B, 1, L', H, T, T)) -> (B, 1, N), as `gradcam` and
     `generic_attention` take them. Returns logits (B, C), classes (B, K), maps (B, K, N).
     """
-    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, _blocks(model, blocks))
-    maps = jax.lax.map(lambda c: map_fn(attn, grads_for(c)[:, None])[:, 0], classes.T, batch_size=_CLASS_CHUNK)
+    blocks = _blocks(model, blocks)
+    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, blocks)
+    chunk = _class_chunk(attn, len(blocks))
+    maps = jax.lax.map(lambda c: map_fn(attn, grads_for(c)[:, None])[:, 0], classes.T, batch_size=chunk)
     return logits, classes, jnp.moveaxis(maps, 0, 1)
 
 

@@ -272,6 +272,20 @@ def test_gradient_maps_per_class_chunk_equal_all_gradients_at_once(small, monkey
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
+def test_gradient_class_chunk_bounds_one_chunks_gradients():
+    """Classes per backward pass: 32 where they fit, fewer where one chunk's attention gradients
+    would pass 2 GiB, never 0 (a ViT-B/16 batch of 64 with every block: 1.4 GiB per class)."""
+    from predmaps.baselines import _class_chunk
+
+    def attn(b, layers, heads, t=197):
+        return jax.ShapeDtypeStruct((b, layers, heads, t, t), jnp.float32)
+
+    assert _class_chunk(attn(2, 3, 4, 17), 3) == 32
+    assert _class_chunk(attn(8, 12, 6), 12) == 24  # ViT-S/16 b8: 89 MB per class
+    assert _class_chunk(attn(8, 12, 6), 1) == 32  # GradCAM: the last block only
+    assert _class_chunk(attn(64, 12, 12), 12) == 1
+
+
 def test_generic_attention_row_rollout_equals_the_matrix_product(small):
     """generic_attention rolls out R's class-token row as a vector; Chefer's code multiplies the T x T
     matrices, R <- R + mean_h(clamp(grad * A)) @ R from block 1 on. Same sum, other order: float32
