@@ -150,9 +150,10 @@ def build_variant(name, cfg, dtype, params32):
     model = jaxvit.ViT(cfg, dtype=dtype, attention=attention)
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
-    fn = jax.jit(jax_function(model, "forward" if name.startswith("forward") else HEADLINE))
     if name == "forward_scan":
         fn, params = jax.jit(scanned_forward(model)), scan_params(params, cfg.depth)
+    else:
+        fn = jax.jit(jax_function(model, "forward" if name.startswith("forward") else HEADLINE))
 
     @contextlib.contextmanager
     def ctx():
