@@ -57,9 +57,12 @@ def rollout(model: ViT, attn: jax.Array, start_layer: int = 1) -> jax.Array:
     return joint[:, 0, model.config.num_prefix_tokens:]
 
 
-def _attention_vjp(model: ViT, params, images: jax.Array, targets: Targets, blocks):
-    """One forward with materialised attention -> (logits, classes, attn, grads_for), where
-    grads_for(c) with c (B,) one class per image gives d logit_c / dA of `blocks`: (B, len(blocks), H, T, T)."""
+def _attention_vjp(model: ViT, params, images: jax.Array, targets: Targets, blocks: Sequence[int] | None):
+    """One forward with materialised attention -> (logits, classes, attn, grads_for, chunk), where
+    grads_for(c) with c (B,) one class per image gives d logit_c / dA of `blocks` (default all):
+    (B, len(blocks), H, T, T), and chunk is how many classes one backward pass takes (`_class_chunk`)."""
+    depth = model.config.depth
+    blocks = tuple(range(depth)) if blocks is None else tuple(b % depth for b in blocks)
     mat = model.clone(attention="materialized")
     init = jax.eval_shape(lambda: mat.apply({"params": params}, images, return_attn=True, mutable=["perturbations"]))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), init[1]["perturbations"])
@@ -75,11 +78,7 @@ def _attention_vjp(model: ViT, params, images: jax.Array, targets: Targets, bloc
         (g,) = vjp_fn((jax.nn.one_hot(c, logits.shape[-1], dtype=logits.dtype), jnp.zeros_like(attn)))
         return jnp.stack([g[f"blocks_{i}"]["attn"]["attn"] for i in blocks], axis=1)
 
-    return logits, classes, attn, grads_for
-
-
-def _blocks(model: ViT, blocks: Sequence[int] | None) -> tuple[int, ...]:
-    return tuple(range(model.config.depth)) if blocks is None else tuple(b % model.config.depth for b in blocks)
+    return logits, classes, attn, grads_for, _class_chunk(attn, len(blocks))
 
 
 def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
@@ -93,9 +92,7 @@ def attention_and_grads(model: ViT, params, images: jax.Array, targets: Targets,
 
     Returns logits (B, C), classes (B, K), attn (B, L, H, T, T), grads (B, K, len(blocks), H, T, T).
     """
-    blocks = _blocks(model, blocks)
-    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, blocks)
-    chunk = _class_chunk(attn, len(blocks))
+    logits, classes, attn, grads_for, chunk = _attention_vjp(model, params, images, targets, blocks)
     grads = jax.lax.map(grads_for, classes.T, batch_size=chunk)  # (K, B, L', H, T, T)
     return logits, classes, attn, jnp.moveaxis(grads, 0, 1)
 
@@ -108,9 +105,7 @@ def gradient_maps(model: ViT, params, images: jax.Array, targets: Targets, map_f
     map_fn(attn (B, L, H, T, T), grads (B, 1, L', H, T, T)) -> (B, 1, N), as `gradcam` and
     `generic_attention` take them. Returns logits (B, C), classes (B, K), maps (B, K, N).
     """
-    blocks = _blocks(model, blocks)
-    logits, classes, attn, grads_for = _attention_vjp(model, params, images, targets, blocks)
-    chunk = _class_chunk(attn, len(blocks))
+    logits, classes, attn, grads_for, chunk = _attention_vjp(model, params, images, targets, blocks)
     maps = jax.lax.map(lambda c: map_fn(attn, grads_for(c)[:, None])[:, 0], classes.T, batch_size=chunk)
     return logits, classes, jnp.moveaxis(maps, 0, 1)
 
