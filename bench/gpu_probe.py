@@ -135,6 +135,26 @@ def merge_xla_flags(current: str, extra: str) -> str:
     return " ".join([f for f in current.split() if f.split("=")[0] not in names] + extra.split())
 
 
+def best_flag_set(probe: dict, variant: str = "headline", margin: float = 0.02) -> str | None:
+    """The XLA_FLAGS of the flag set whose `variant` at the largest batch ran at least `margin`
+    faster than the baseline in `probe` (a probe JSON), else None. The GPU session re-times the
+    benchmark's rows under it, so a flag worth making a default is measured in the table itself."""
+    def largest(entries):
+        runs = [(v["batch"], v["median_ms"]) for k, v in entries.items()
+                if k.startswith(variant + "_b") and k[len(variant) + 2:].isdigit() and "median_ms" in v]
+        return max(runs) if runs else None
+
+    base = largest(probe.get("variants", {}))
+    if base is None:
+        return None
+    best, best_ms = None, base[1] * (1 - margin)
+    for entry in probe.get("flag_sets", {}).values():
+        run = largest(entry)
+        if run and run[0] == base[0] and run[1] < best_ms:
+            best, best_ms = entry["XLA_FLAGS"], run[1]
+    return best
+
+
 def build_variant(name, cfg, dtype, params32):
     """(jitted fn, params, context manager) for one variant."""
     import contextlib

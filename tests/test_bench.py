@@ -267,6 +267,29 @@ def test_probe_flag_sets_replace_the_cli_defaults():
     assert merge_xla_flags("", "--a=1") == "--a=1"
 
 
+def test_best_flag_set_needs_a_margin_at_the_largest_batch():
+    """The GPU session re-times the table under a flag set only when its headline beat the baseline
+    by the margin at the largest batch; batch-1 wins, other variants and failed sets do not count."""
+    from bench.gpu_probe import best_flag_set
+
+    def run(batch, ms):
+        return {"batch": batch, "median_ms": ms}
+
+    probe = {"variants": {"headline_b256": run(256, 25.0), "headline_b1": run(1, 1.2),
+                          "forward_b256": run(256, 20.0)},
+             "flag_sets": {
+                 "--a=1": {"headline_b256": run(256, 24.8), "headline_b1": run(1, 0.5), "XLA_FLAGS": "--a=1"},
+                 "--b=1": {"headline_b256": run(256, 23.0), "XLA_FLAGS": "--x=0 --b=1"},
+                 "--c=1": {"headline_b256": run(256, 22.0), "headline_ln_twopass_b256": run(256, 21.0),
+                           "XLA_FLAGS": "--c=1"},
+                 "--d=1": {"error": "rc 1", "XLA_FLAGS": "--d=1"}}}
+    assert best_flag_set(probe) == "--c=1"
+    assert best_flag_set(probe, margin=0.15) is None
+    del probe["flag_sets"]["--c=1"]
+    assert best_flag_set(probe) == "--x=0 --b=1"  # the set's full XLA_FLAGS, as its subprocess ran
+    assert best_flag_set({"variants": {}, "flag_sets": probe["flag_sets"]}) is None
+
+
 def test_probe_times_variants_under_a_flag_set(tmp_path):
     """`python -m bench.gpu_probe` on CPU: the variants, then each flag set's variants in a subprocess
     whose XLA_FLAGS carry the set instead of the CLI default it overrides."""
