@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh main    # ViT-B/16 headline rows (bf16, fp32) + probe (variants, floors, flags, profile)
 #   bash bench/gpu_session.sh final   # ViT-B/16 rows again, LayerNorm and XLA flag variants, profile, bf16 rows
 #                                     # under the fastest flag set, ViT-S/16 and ViT-L/16 rows, the other methods
+#   FLAG_SETS="--a=1;--b=1" bash bench/gpu_session.sh retime   # the headline under each set, then the bf16
+#                                     # b256 rows and bounds (under the fastest set if it won by 2%)
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
@@ -16,6 +18,11 @@ PY=${PY:-python3}
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 log="$OUT/session-$1.log"
+# the XLA_FLAGS of a probe flag set that beat the default headline by 2% ('' if none)
+best_flags() {
+  $PY -c "import json, sys; from bench.gpu_probe import best_flag_set; print(best_flag_set(json.load(open(sys.argv[1]))) or '')" \
+    "$OUT/probe.json" 2>>"$log"
+}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
     --format=csv 2>&1
@@ -51,8 +58,7 @@ case "$1" in
     rm -rf "$OUT"/*_trace "$OUT"/probe_flags*.json  # the flag runs are inside probe.json too
     # a flag set that beat the default headline by 2% in the probe: the table's bf16 rows again under it,
     # torch beside it, so a new default would rest on the benchmark's own target rows
-    tuned=$($PY -c "import json, sys; from bench.gpu_probe import best_flag_set; print(best_flag_set(json.load(open(sys.argv[1]))) or '')" \
-      "$OUT/probe.json" 2>>"$log")
+    tuned=$(best_flags)
     if [ -n "$tuned" ]; then
       echo "re-timing the bf16 rows under XLA_FLAGS=$tuned" | tee -a "$log"
       XLA_FLAGS="$tuned" timeout $(( $(left) - 50 )) $PY -m bench --models vit_b16 --dtypes bf16 \
@@ -76,7 +82,20 @@ case "$1" in
       --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_b16_methods/results.md"
     ;;
-  *) echo "usage: bench/gpu_session.sh main|final" >&2; exit 2 ;;
+  retime)
+    # a short follow-up call: the headline under each of FLAG_SETS (';'-separated XLA_FLAGS), then the
+    # ViT-B/16 bf16 b256 rows and their bounds, under the fastest set where one beat the default by 2%
+    timeout $(( $(left) - 60 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 90 )) --variants headline,forward \
+      --b1-variants headline --flag-set-variants headline "--xla-flags-sets=${FLAG_SETS:?set FLAG_SETS}" \
+      --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT"/probe_flags*.json
+    tuned=$(best_flags)
+    if [ -n "$tuned" ]; then echo "re-timing the bf16 rows under XLA_FLAGS=$tuned" | tee -a "$log"; export XLA_FLAGS="$tuned"; fi
+    timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --batch 256 \
+      --methods forward,predicatt_L,predicatt_L+L-1 --memory-check none --deadline $(( $(left) - 30 )) \
+      --out "$OUT/bench_b16_retime" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    ;;
+  *) echo "usage: bench/gpu_session.sh main|final|retime" >&2; exit 2 ;;
 esac
 echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
 rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary
