@@ -1271,11 +1271,16 @@ def render_markdown(result: dict) -> str:
 
 
 def render_bounds(bounds: list[dict], idx) -> list[str]:
+    burst = all("burst" in g.get("qkv", {}) for b in bounds for g in b.get("gemms", {}).values()
+                if isinstance(g, dict) and "qkv" in g)
+    how = ("each timed alone in bursts of back-to-back calls with one sync (as many as one call of the model "
+           "makes, at least 8)" if burst else "each call timed alone and synced (this run predates the bursts: "
+           "the sync adds the host's dispatch and wait to every GEMM, which overstates JAX's on GPU)")
     lines = ["## What bounds it (bench/bounds.py)", "",
              "Measured in this run after each model's cases. Matmul rate: an n x n x n matmul, each library's "
              "median; the compute floor is the headline's FLOPs at the better of the two rates. Dense GEMMs alone: "
-             "the model's patch embedding and qkv / proj / fc1 / fc2 (with bias) at the benchmark's shapes, each "
-             "timed alone, summed over one call.", "",
+             f"the model's patch embedding and qkv / proj / fc1 / fc2 (with bias) at the benchmark's shapes, {how}, "
+             "summed over one call.", "",
              "| model | dtype | batch | headline GFLOP per call | matmul rate JAX / torch (TFLOP/s) | compute floor "
              "(ms per call; img/s) | dense GEMMs alone JAX / torch (ms) | JAX headline (ms) | torch forward (ms) |",
              "|---|---|---|---|---|---|---|---|---|"]
