@@ -55,7 +55,8 @@ rounding). One forward (our own, explicit re-implementation of `jaxvit.ViT`, che
 `model.apply` in the tests) saves the activations; then the relevance pass runs vmapped over the
 K target classes, and for `transattr` one vector-Jacobian product per class (vmapped) gives the
 attention gradients. Memory grows with K (for transattr: K x L x B x H x T x T relevances and
-gradients); explain many classes in chunks.
+gradients); explain many classes in chunks. Large batches run in sub-batches (`lax.map`) sized to
+keep one pass near `_PASS_BYTES` (8 GiB): ViT-B/16 at K=1 takes at most 17 images per pass.
 Everything is batched (Chefer's code handles one image; its sums in the residual re-normalisation
 are taken per image here, which is what it computes at batch size 1).
 
@@ -417,6 +418,47 @@ def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_inp
     return logits, classes, rel, grads
 
 
+# Images per pass: the batch runs in sub-batches (lax.map) sized so that one pass's float32
+# activations, relevances and gradients stay near this many bytes. Every image is independent here, so
+# the maps do not depend on it. ViT-B/16 at b256 in one pass planned 110 GiB of temporaries (XLA:CPU)
+# and ran out of memory on an 80 GB H100; XLA:CPU plans ~0.41 GiB per image at K=1.
+_PASS_BYTES = 8 << 30
+
+
+def _sub_batch(cfg, images, k: int) -> int:
+    """Images per pass for K classes: an upper estimate of a pass's bytes per image is 2 + 2K copies
+    of the forward's saved activations (x, norms, q, k, v, outputs: ~10 T x D; the MLP's T x mlp_dim;
+    the attention's H x T x T per block), at the images' dtype."""
+    t = _num_tokens(cfg, images)
+    per_block = 10 * t * cfg.embed_dim + t * cfg.mlp_dim + cfg.num_heads * t * t
+    per_image = cfg.depth * per_block * jnp.dtype(_dtype(images)).itemsize * (2 + 2 * k)
+    return max(1, _PASS_BYTES // per_image)
+
+
+def _by_sub_batch(impl):
+    """impl(model, params, images, targets, ...) run over sub-batches of `_sub_batch` images when the
+    batch is larger (padded with copies of the last image, then sliced off); outputs are pytrees with
+    the batch axis first. Per-example target classes (B, K) are split with the images."""
+    @functools.wraps(impl)
+    def run(model, params, images, targets, *args, **kwargs):
+        b = images.shape[0]
+        chunk = _sub_batch(model.config, images, targets.k)
+        if b <= chunk:
+            return impl(model, params, images, targets, *args, **kwargs)
+        n = -(-b // chunk)
+        chunk = -(-b // n)  # the same number of passes, the least padding
+        edge = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], n * chunk - b, axis=0)]).reshape(
+            (n, chunk) + a.shape[1:])
+        per_example = targets.classes is not None and targets.classes.shape[0] == b
+        xs = (edge(images), edge(targets.classes) if per_example else None)
+        body = lambda x: impl(model, params, x[0], targets.replace(classes=x[1]) if per_example else targets,
+                              *args, **kwargs)
+        out = jax.lax.map(body, xs)
+        return jax.tree_util.tree_map(lambda o: o.reshape((n * chunk,) + o.shape[2:])[:b], out)
+
+    return run
+
+
 def _one_hots(logits, targets):
     classes = targets.resolve(logits)
     onehot = jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)  # (B, K, C)
@@ -448,6 +490,7 @@ def attention_relevance(model, params, images, targets, *, rule: str = "ours", a
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha", "grads"))
+@_by_sub_batch
 def _attention_relevance(model, params, images, targets, *, rule, alpha, grads):
     depth = model.config.depth
     logits, classes, rel, g = _core(model, params, images, targets, rule=rule, alpha=alpha,
@@ -478,6 +521,7 @@ def transattr(model, params, images, targets, start_layer=1, *, rule: str = "our
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha"))
+@_by_sub_batch
 def _transattr(model, params, images, targets, start_layer, *, rule, alpha):
     cfg = model.config
     logits, classes, rel, grads = _core(model, params, images, targets, rule=rule, alpha=alpha,
@@ -507,6 +551,7 @@ def full_lrp(model, params, images, targets, *, rule: str = "orig", alpha: float
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha"))
+@_by_sub_batch
 def _full_lrp(model, params, images, targets, *, rule, alpha):
     cfg = model.config
     logits, classes, rel, _ = _core(model, params, images, targets, rule=rule, alpha=alpha, to_input=True)
@@ -533,6 +578,7 @@ def partial_lrp(model, params, images, targets, *, rule: str = "orig", alpha: fl
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("rule", "alpha", "grad"))
+@_by_sub_batch
 def _partial_lrp(model, params, images, targets, *, rule, alpha, grad):
     cfg = model.config
     last = cfg.depth - 1

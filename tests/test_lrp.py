@@ -344,6 +344,34 @@ def test_batch_and_k_targets_equal_single_calls(tiny):
                 assert rel_err(many[key][i, k], singles[i][k][key][0, 0]) <= 1e-9, (key, i, k)
 
 
+def test_large_batches_run_in_sub_batches_with_the_same_maps(tiny, monkeypatch):
+    """A batch larger than one pass's memory budget runs as sub-batches under lax.map (here 5 images in
+    3 passes of 2, the last padded): every output equals one-image calls (float64, 1e-9), with
+    per-example target classes split along with the images and shared ones broadcast."""
+    _, model, params = tiny
+    x = _nhwc(_images(5, seed=4))
+    per_example = np.array([[3, 7], [0, 5], [8, 2], [1, 9], [6, 4]])
+    with jax.enable_x64(True):
+        x = x.astype(np.float64)
+        assert lrp._sub_batch(model.config, x, 2) >= 5  # the default budget: one pass
+        monkeypatch.setattr(lrp, "_PASS_BYTES", 2 * lrp._PASS_BYTES // lrp._sub_batch(model.config, x, 2) + 1)
+        assert lrp._sub_batch(model.config, x, 2) == 2
+        for target in (per_example, [3, 7]):
+            targets = make_targets(target, 5, NUM_CLASSES)
+            many = _all(model, params, x, targets, 1, rule="ours")
+            relevance = lrp.attention_relevance(model, params, x, targets)
+            for i in range(5):
+                one = make_targets(per_example[i:i + 1] if target is per_example else target, 1, NUM_CLASSES)
+                single = _all(model, params, x[i:i + 1], one, 1, rule="ours")
+                single_relevance = lrp.attention_relevance(model, params, x[i:i + 1], one)
+                for key in METHODS + ("classes", "logits", "full_pixels"):
+                    assert many[key].shape[0] == 5
+                    assert rel_err(many[key][i], single[key][0]) <= 1e-9, (key, i)
+                for key in ("cams", "grads", "classes"):
+                    assert rel_err(relevance[key][i], single_relevance[key][0]) <= 1e-9, (key, i)
+            np.testing.assert_array_equal(many["classes"], np.broadcast_to(np.asarray(target), (5, 2)))
+
+
 def test_jit_compiles_once_and_traced_start_layer(tiny):
     """`jax.jit(transattr, static_argnums=0)`: one compilation for two batches of the same shape
     and for every start_layer (traced)."""
