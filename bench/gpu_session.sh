@@ -2,8 +2,8 @@
 # One call on a lent GPU: environment, the benchmark's rows, the probe. Everything lands in $OUT,
 # each result file rewritten as it grows, so a call cut short keeps what finished.
 #   bash bench/gpu_session.sh main    # ViT-B/16 headline rows (bf16, fp32) + probe (variants, floors, flags, profile)
-#   bash bench/gpu_session.sh final   # ViT-B/16 rows again, LayerNorm and XLA flag variants, profile, bf16 rows
-#                                     # under the fastest flag set, ViT-S/16 and ViT-L/16 rows, the other methods
+#   bash bench/gpu_session.sh final   # ViT-B/16 rows again, probe and XLA flag sets, profile, bf16 rows under
+#                                     # the fastest flag set, ViT-S/16 and ViT-L/16 rows, the other methods
 #   FLAG_SETS="--a=1;--b=1" bash bench/gpu_session.sh retime   # the headline under each set, then the bf16
 #                                     # b256 rows and bounds (under the fastest set if it won by 2%)
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
@@ -40,18 +40,19 @@ case "$1" in
       --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     ;;
   final)
-    # the committed GPU table (ViT-B/16), the implementation variants and a kernel-level profile, the
-    # table's bf16 rows again under the fastest flag set, then ViT-S/16, ViT-L/16, nn.scan and the other
-    # methods as far as the budget goes. Seconds kept back for later stages (from left): the probe
+    # the committed GPU table (ViT-B/16), the probe and a kernel-level profile, the table's bf16 rows
+    # again under the fastest flag set, then ViT-S/16, ViT-L/16 and the other methods as far as the
+    # budget goes (nn.scan and the LayerNorm forms were answered in session 3: bench/NOTES.md). Seconds kept back for later stages (from left): the probe
     # ~150 s, the profile ~40 s, the re-timed rows ~70 s.
     timeout $(( $(left) - 320 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 360 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_b16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
-    # the LayerNorm lever in place (one-pass default vs two-pass), nn.scan, then XLA flag sets over both
-    # LayerNorms: Triton GEMMs back on (the CLI default turns them off), cuBLASLt epilogues, cuDNN LayerNorm
+    # headline and bare forward (b256), fused and materialised attention at b1, then XLA flag sets: every
+    # fusion through Triton (session 4: -1.8% at b256, -13% at b1, one probe), and cuDNN calls inside
+    # command buffers (the call took ~1 ms more than its kernels' busy time in session 3's trace)
     timeout $(( $(left) - 160 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 200 )) \
-      --variants headline,forward,forward_scan,headline_ln_twopass --flag-set-variants headline,headline_ln_twopass \
-      "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_cudnn_layer_norm=true" \
+      --variants headline,forward --flag-set-variants headline \
+      "--xla-flags-sets=--xla_gpu_experimental_all_fusions_with_triton=true;--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 120 )) $PY -m bench.gpu_probe \
       --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
@@ -69,14 +70,6 @@ case "$1" in
     timeout $(( $(left) - 50 )) $PY -m bench --models vit_s16,vit_l16 --dtypes bf16 --memory-check none \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 80 )) --out "$OUT/bench_s16_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_s16_l16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
-    # nn.scan on the deepest model: compile and run time, scanned blocks against unrolled, each in its
-    # own process so neither compile finds the other's GEMM autotuning cached; one file comes back
-    for v in forward_scan forward; do
-      timeout $(( $(left) - 30 )) $PY -m bench.gpu_probe --model vit_l16 --variants $v --b1-variants $v \
-        --batches 128,1 --deadline $(( $(left) - 50 )) --out "$OUT/scan_$v.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
-    done
-    $PY -c "import json, os, sys; json.dump({os.path.basename(p): json.load(open(p)) for p in sys.argv[2:]}, open(sys.argv[1], 'w'), indent=1)" \
-      "$OUT/probe_scan_l16.json" "$OUT"/scan_forward*.json && rm -f "$OUT"/scan_forward*.json
     timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --memory-check none \
       --methods prediction_map,raw_attention,rollout,gradcam,generic_attention,transattr \
       --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
