@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: environment, the benchmark's rows, the probe. Everything lands in $OUT,
 # each result file rewritten as it grows, so a call cut short keeps what finished.
-#   bash bench/gpu_session.sh main    # ViT-B/16 headline rows (bf16, fp32) + probe (variants, floors, flags, profile)
-#   bash bench/gpu_session.sh final   # ViT-B/16 rows again, probe and XLA flag sets, profile, bf16 rows under
+#   bash bench/gpu_session.sh final   # ViT-B/16 rows (bf16, fp32), probe and XLA flag sets, profile, bf16 rows under
 #                                     # the fastest flag set, ViT-S/16 and ViT-L/16 rows, the other methods
 #   FLAG_SETS="--a=1;--b=1" bash bench/gpu_session.sh retime   # the headline under each set, then the bf16
 #                                     # b256 rows and bounds (under the fastest set if it won by 2%)
@@ -29,21 +28,12 @@ best_flags() {
   $PY -c "import jax, jaxlib, flax, torch, timm, numpy; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__); print(jax.devices())" 2>&1
 } | tee "$log"
 case "$1" in
-  main)
-    timeout $(( $(left) - 190 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
-      --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 230 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    timeout $(( $(left) - 70 )) $PY -m bench.gpu_probe --floors --deadline $(( $(left) - 150 )) \
-      "--xla-flags-sets=--xla_gpu_enable_cublaslt=true;--xla_gpu_enable_triton_gemm=true" \
-      --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
-    # kernel-level trace: without command buffers, so each kernel is its own event
-    XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 5 )) $PY -m bench.gpu_probe \
-      --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
-    ;;
   final)
     # the committed GPU table (ViT-B/16), the probe and a kernel-level profile, the table's bf16 rows
     # again under the fastest flag set, then ViT-S/16, ViT-L/16 and the other methods as far as the
-    # budget goes (nn.scan and the LayerNorm forms were answered in session 3: bench/NOTES.md). Seconds kept back for later stages (from left): the probe
-    # ~150 s, the profile ~40 s, the re-timed rows ~70 s.
+    # budget goes (nn.scan and the LayerNorm forms were answered in session 3: bench/NOTES.md).
+    # Seconds kept back for later stages (from left): the probe ~150 s, the profile ~40 s, the re-timed
+    # rows ~70 s.
     timeout $(( $(left) - 320 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 360 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_b16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
@@ -88,7 +78,7 @@ case "$1" in
       --methods forward,predicatt_L,predicatt_L+L-1 --memory-check none --deadline $(( $(left) - 30 )) \
       --out "$OUT/bench_b16_retime" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     ;;
-  *) echo "usage: bench/gpu_session.sh main|final|retime" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_session.sh final|retime" >&2; exit 2 ;;
 esac
 echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
 rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary

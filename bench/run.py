@@ -1271,7 +1271,7 @@ def render_markdown(result: dict) -> str:
 
 
 def render_bounds(bounds: list[dict], idx) -> list[str]:
-    burst = all("burst" in g.get("qkv", {}) for b in bounds for g in b.get("gemms", {}).values()
+    burst = all("burst" in g["qkv"] for b in bounds for g in b.get("gemms", {}).values()
                 if isinstance(g, dict) and "qkv" in g)
     how = ("each timed alone in bursts of back-to-back calls with one sync (as many as one call of the model "
            "makes, at least 8)" if burst else "each call timed alone and synced (this run predates the bursts: "
