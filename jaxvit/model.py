@@ -19,10 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
 
 ATTENTION_IMPLS = ("fused", "materialized")
+KERNEL_IMPLS = ("xla", "pallas", "pallas_layernorm", "pallas_mlp")
+_PALLAS_LAYERNORM = ("pallas", "pallas_layernorm")
+_PALLAS_MLP = ("pallas", "pallas_mlp")
 
 _dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -61,16 +65,23 @@ class LayerNorm(nn.Module):
     bf16 ViT-B/16 headline at batch 256 went from 25.94 to 24.96 ms: bench/NOTES.md). Its float32
     cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays under the bf16 rounding of the
     output (2^-9) while a row's |mean| is under ~100 standard deviations.
+
+    kernels="pallas" or "pallas_layernorm" in half precision: one kernel (`jaxvit.kernels.layer_norm`,
+    two-pass statistics).
     """
 
     eps: float
     dtype: Any = jnp.float32
+    kernels: str = "xla"
+    kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        if self.kernels in _PALLAS_LAYERNORM and _half(self.dtype):
+            return pallas_kernels.layer_norm(x, scale, bias, self.eps, self.dtype, self.kernel_tiles.layer_norm)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         if jnp.dtype(self.dtype).itemsize < 4:
@@ -79,6 +90,10 @@ class LayerNorm(nn.Module):
             var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
         return y.astype(self.dtype)
+
+
+def _half(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize == 2
 
 
 def _gelu_erf(x):
@@ -220,6 +235,8 @@ class Attention(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
     attention: str = "fused"
+    kernels: str = "xla"
+    kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
@@ -229,8 +246,8 @@ class Attention(nn.Module):
         separate = self.attention == "fused" and not want_full and _cudnn_attention(self.dtype)
         q, k, v = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, name="qkv")(x)  # each (B, T, H, dh)
         if cfg.qk_norm:
-            q = LayerNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
-            k = LayerNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
+            q = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="q_norm")(q)
+            k = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="k_norm")(k)
         scale = dh ** -0.5
         attn_cls = attn = None
         if self.attention == "materialized" or want_full:
@@ -251,23 +268,56 @@ class Attention(nn.Module):
             raise ValueError(f"unknown attention implementation {self.attention!r}; choose from {ATTENTION_IMPLS}")
         out = out.reshape(b, t, h * dh)
         if cfg.scale_attn_norm:
-            out = LayerNorm(cfg.norm_eps, self.dtype, name="norm")(out)
+            out = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(out)
         out = nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
                        name="proj")(out)
         return out, attn_cls, attn
 
 
+class DenseAct(nn.Module):
+    """act(x @ kernel + bias) as one kernel (`jaxvit.kernels.dense_act`: the activation in the GEMM's
+    epilogue), with `nn.Dense`'s parameters (kernel (in, out), bias (out,)). Inputs, kernel and bias
+    are cast to the compute dtype as `nn.Dense` casts them; the sum and the activation stay float32
+    and are rounded once (nn.Dense + activation rounds the pre-activation too)."""
+
+    features: int
+    act: str
+    use_bias: bool = True
+    dtype: Any = jnp.bfloat16
+    tile: pallas_kernels.DenseConfig = pallas_kernels.DenseConfig()
+
+    @nn.compact
+    def __call__(self, x):
+        k = x.shape[-1]
+        kernel = self.param("kernel", _dense_init, (k, self.features), jnp.float32).astype(self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        else:
+            bias = jnp.zeros((self.features,), self.dtype)
+        return pallas_kernels.dense_act(x.astype(self.dtype), kernel, bias, self.act, self.tile)
+
+
 class Mlp(nn.Module):
+    """fc1, activation, (norm), fc2. kernels="pallas" or "pallas_mlp" in half precision: fc1 and the
+    activation as one kernel (`DenseAct`) where the tile fits the weight."""
+
     config: ViTConfig
     dtype: Any = jnp.float32
+    kernels: str = "xla"
+    kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
-        x = activation(cfg.act)(x)
+        k, tile = x.shape[-1], self.kernel_tiles.dense
+        if (self.kernels in _PALLAS_MLP and cfg.act in pallas_kernels.ACTIVATIONS
+                and pallas_kernels.dense_act_supported(k, cfg.mlp_dim, self.dtype, tile)):
+            x = DenseAct(cfg.mlp_dim, cfg.act, cfg.proj_bias, self.dtype, tile, name="fc1")(x)
+        else:
+            x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+            x = activation(cfg.act)(x)
         if cfg.scale_mlp_norm:
-            x = LayerNorm(cfg.norm_eps, self.dtype, name="norm")(x)
+            x = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(x)
         return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
                         name="fc2")(x)
 
@@ -285,17 +335,20 @@ class Block(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
     attention: str = "fused"
+    kernels: str = "xla"
+    kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
         cfg = self.config
-        y = LayerNorm(cfg.norm_eps, self.dtype, name="norm1")(x)
-        y, attn_cls, attn = Attention(cfg, self.dtype, self.attention, name="attn")(
-            y, want_cls=want_cls, want_full=want_full)
+        y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm1")(x)
+        attention = Attention(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, name="attn")
+        y, attn_cls, attn = attention(y, want_cls=want_cls, want_full=want_full)
         if cfg.layer_scale:
             y = LayerScale(name="ls1")(y)
         x = x + y
-        y = Mlp(cfg, self.dtype, name="mlp")(LayerNorm(cfg.norm_eps, self.dtype, name="norm2")(x))
+        y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm2")(x)
+        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, name="mlp")(y)
         if cfg.layer_scale:
             y = LayerScale(name="ls2")(y)
         return x + y, attn_cls, attn
@@ -333,6 +386,11 @@ class ViT(nn.Module):
       attention: "fused" (`jax.nn.dot_product_attention`, cuDNN on GPU in half precision,
         with the class-token row computed exactly on the side: the T x T matrix is never
         built) or "materialized" (explicit softmax; the only way to get `attn`).
+      kernels: "xla" (XLA's fusions) or "pallas": in half precision, every LayerNorm and fc1 with
+        its activation as one Pallas kernel each (`jaxvit.kernels`; Triton on CUDA, the same
+        arithmetic through XLA on other platforms); "pallas_layernorm" / "pallas_mlp": only those.
+        float32 compute is the same either way.
+      kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
 
     `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float,
     H and W multiples of the patch size; another resolution than the config's resamples
@@ -343,9 +401,13 @@ class ViT(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
     attention: str = "fused"
+    kernels: str = "xla"
+    kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
 
     def setup(self):
         cfg = self.config
+        if self.kernels not in KERNEL_IMPLS:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {KERNEL_IMPLS}")
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, name="patch_embed")
         tiny = nn.initializers.normal(1e-6)
@@ -355,11 +417,13 @@ class ViT(nn.Module):
         if cfg.pos_embed:
             length = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
             self.pos_embed = self.param("pos_embed", _dense_init, (1, length, d))
-        self.norm_pre = LayerNorm(cfg.norm_eps, self.dtype, name="norm_pre") if cfg.pre_norm else None
-        self.blocks = [Block(cfg, self.dtype, self.attention, name=f"blocks_{i}") for i in range(cfg.depth)]
+        ln = lambda name: LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name=name)
+        self.norm_pre = ln("norm_pre") if cfg.pre_norm else None
+        self.blocks = [Block(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles,
+                             name=f"blocks_{i}") for i in range(cfg.depth)]
         use_fc_norm = cfg.final_norm and cfg.fc_norm
-        self.norm = LayerNorm(cfg.norm_eps, self.dtype, name="norm") if cfg.final_norm and not cfg.fc_norm else None
-        self.fc_norm = LayerNorm(cfg.norm_eps, self.dtype, name="fc_norm") if use_fc_norm else None
+        self.norm = ln("norm") if cfg.final_norm and not cfg.fc_norm else None
+        self.fc_norm = ln("fc_norm") if use_fc_norm else None
         if cfg.num_classes > 0:
             dense = lambda name: nn.Dense(cfg.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                                           name=name)
