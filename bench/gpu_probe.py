@@ -11,6 +11,9 @@ them:
              or as one GEMM.
   floors     a large matmul (the card's matrix rate) and each dense layer's GEMM at the model's
              shapes, alone (both from bench.bounds); cuDNN attention alone (x L).
+  kernels    jaxvit.kernels' Pallas LayerNorm and fc1+GELU against XLA's, alone at the model's shapes,
+             for a few tiles each (with their parity); the fastest correct tiles are what the
+             headline_pallas* variants (ViT(kernels=...)) run with.
 
 XLA flags are process-wide, so `--xla-flags-sets` re-runs this script in a subprocess per set.
 Results go to a JSON file, rewritten after every measurement, so a run cut short keeps what it did.
@@ -33,7 +36,13 @@ MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_
                "vit_l16": "vit_large_patch16_224", "tiny": None}
 VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
-            "headline_own_attn", "forward_fp32w", "forward_scan")
+            "headline_own_attn", "forward_fp32w", "forward_scan", "headline_pallas", "headline_pallas_layernorm",
+            "headline_pallas_mlp")
+PALLAS_VARIANTS = ("headline_pallas", "headline_pallas_layernorm", "headline_pallas_mlp")
+# tiles tried by `tune_kernels`: (block_rows, num_warps) and (block_m, block_n, block_k, num_warps, num_stages)
+LAYER_NORM_TILES = ((4, 4), (8, 4), (8, 8), (16, 8), (2, 2))
+DENSE_TILES = ((128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
+               (128, 256, 32, 8, 4), (256, 128, 64, 8, 3))
 DEFAULT_VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch",
                     "headline_cls_einsum", "headline_ln_twopass", "headline_one_gemm_normaliser")
 
@@ -155,8 +164,107 @@ def best_flag_set(probe: dict, variant: str = "headline", margin: float = 0.02) 
     return best
 
 
-def build_variant(name, cfg, dtype, params32):
-    """(jitted fn, params, context manager) for one variant."""
+def best_kernels(probe: dict, margin: float = 0.02) -> tuple[str, str] | None:
+    """(ViT kernels, tiles text) of the headline_pallas* variant that ran at least `margin` faster than
+    `headline` at the largest batch in `probe` (a probe JSON), else None: the GPU session re-times the
+    benchmark's rows with it (`python -m bench --kernels ... --kernel-tiles ...`)."""
+    variants = probe.get("variants", {})
+
+    def at(name, batch):
+        v = variants.get(f"{name}_b{batch}", {})
+        return v.get("median_ms")
+
+    batches = [v["batch"] for k, v in variants.items() if k.startswith("headline_b") and "median_ms" in v]
+    if not batches:
+        return None
+    big = max(batches)
+    best, best_ms = None, at("headline", big) * (1 - margin)
+    for name in PALLAS_VARIANTS:
+        ms = at(name, big)
+        if ms is not None and ms < best_ms:
+            best, best_ms = name, ms
+    if best is None:
+        return None
+    return best[len("headline_"):], probe.get("kernels", {}).get("tiles", "")
+
+
+def _time_or_error(fn, args, warmup, repeats):
+    """{'ms': median of jit(fn)(*args)} or {'error': ...} (a tile Triton cannot compile, say)."""
+    import jax
+
+    try:
+        med, _ = timeit(jax.jit(fn), args, warmup, repeats)
+        return {"ms": med * 1e3}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def tune_kernels(cfg, batch, dtype, warmup, repeats, late=lambda what: False):
+    """jaxvit.kernels against XLA at the model's shapes (batch x tokens rows): the block LayerNorm
+    (x (rows, D)) and fc1 + activation (x (rows, D) @ (D, mlp_dim)), alone, for each tile in
+    LAYER_NORM_TILES / DENSE_TILES. A tile counts only if its output is within one bf16 rounding
+    step (2^-7 of the largest magnitude) of the XLA reference. Returns the timings, the parity and
+    `tiles`: the fastest correct tiles as `jaxvit.kernels.Tiles` text."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxvit.model as jm
+    from jaxvit import kernels as K
+
+    rows, d, f = batch * (cfg.num_patches + cfg.num_prefix_tokens), cfg.embed_dim, cfg.mlp_dim
+    x = (3 * jax.random.normal(jax.random.key(0), (rows, d)) + 1).astype(dtype)
+    scale, bias = 1 + 0.1 * jax.random.normal(jax.random.key(1), (d,)), 0.1 * jax.random.normal(jax.random.key(2), (d,))
+    w = (jax.random.normal(jax.random.key(3), (d, f)) * d ** -0.5).astype(dtype)
+    b = (0.1 * jax.random.normal(jax.random.key(4), (f,))).astype(dtype)
+    xn = K.layer_norm_reference(x, scale, bias, cfg.norm_eps, dtype)
+    act = jm.activation(cfg.act)
+    res = {"rows": rows, "layer_norm": {}, "dense": {}}
+
+    def parity(got, want):
+        got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+        return float(jnp.abs(got - want).max() / jnp.abs(want).max())
+
+    # XLA: the model's own modules (one-pass half-precision LayerNorm; nn.Dense then the activation)
+    ln_xla = lambda x: jm.LayerNorm(cfg.norm_eps, dtype).apply({"params": {"scale": scale, "bias": bias}}, x)
+    res["layer_norm"]["xla"] = _time_or_error(ln_xla, (x,), warmup, repeats)
+    dense_xla = lambda x, w, b: act(x @ w + b)
+    res["dense"]["xla"] = _time_or_error(dense_xla, (xn, w, b), warmup, repeats)
+    ln_want, dense_want = jax.jit(ln_xla)(x), K.dense_act_reference(xn, w, b, cfg.act)
+    best = {}
+    for kind, tiles, make in (
+            ("layer_norm", LAYER_NORM_TILES,
+             lambda t: (lambda x: K.layer_norm(x, scale, bias, cfg.norm_eps, dtype, K.LayerNormConfig(*t)), (x,),
+                        ln_want)),
+            ("dense", DENSE_TILES,
+             lambda t: (lambda x, w, b: K.dense_act(x, w, b, cfg.act, K.DenseConfig(*t)), (xn, w, b), dense_want))):
+        for t in tiles:
+            key = ",".join(map(str, t))
+            if late(f"kernels {kind} {key}"):
+                continue
+            if kind == "dense" and not K.dense_act_supported(d, f, dtype, K.DenseConfig(*t)):
+                res[kind][key] = {"error": "tile does not divide the weight"}
+                continue
+            fn, args, want = make(t)
+            entry = _time_or_error(fn, args, warmup, repeats)
+            if "ms" in entry:
+                entry["parity"] = parity(jax.jit(fn)(*args), want)
+                entry["ok"] = entry["parity"] <= 2 ** -7
+                if entry["ok"] and entry["ms"] < best.get(kind, (None, float("inf")))[1]:
+                    best[kind] = (t, entry["ms"])
+            res[kind][key] = entry
+            _log(f"kernels {kind} {key}: {json.dumps(entry)}")
+    tiles = K.Tiles(K.LayerNormConfig(*best["layer_norm"][0]) if "layer_norm" in best else K.LayerNormConfig(),
+                    K.DenseConfig(*best["dense"][0]) if "dense" in best else K.DenseConfig())
+    res["tiles"] = str(tiles)
+    for kind, per_model in (("layer_norm", 2 * cfg.depth), ("dense", cfg.depth)):
+        if kind in best and "ms" in res[kind]["xla"]:
+            res[kind]["saves_ms_per_call"] = (res[kind]["xla"]["ms"] - best[kind][1]) * per_model
+    return res
+
+
+def build_variant(name, cfg, dtype, params32, tiles: str = ""):
+    """(jitted fn, params, context manager) for one variant; `tiles` (jaxvit.kernels.Tiles text) for the
+    headline_pallas* variants."""
     import contextlib
 
     import jax
@@ -166,8 +274,11 @@ def build_variant(name, cfg, dtype, params32):
     import predmaps.core as core
     from bench.run import HEADLINE, jax_function
 
+    from jaxvit.kernels import Tiles
+
     attention = "materialized" if name == "headline_materialized" else "fused"
-    model = jaxvit.ViT(cfg, dtype=dtype, attention=attention)
+    kernels = name[len("headline_"):] if name in PALLAS_VARIANTS else "xla"
+    model = jaxvit.ViT(cfg, dtype=dtype, attention=attention, kernels=kernels, kernel_tiles=Tiles.parse(tiles))
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
     if name == "forward_scan":
@@ -221,7 +332,7 @@ def scanned_forward(model):
 
     import jaxvit.model as jm
 
-    block = jm.Block(model.config, model.dtype, model.attention)
+    block = jm.Block(model.config, model.dtype, model.attention, model.kernels, model.kernel_tiles)
 
     def forward(p, images):
         x = model.apply({"params": p["rest"]}, images, method=model.embed)
@@ -327,6 +438,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--deadline", type=float, default=1e9, help="start nothing new after S seconds")
+    p.add_argument("--kernel-tiles", default="auto",
+                   help="tiles of the headline_pallas* variants: 'auto' (the fastest correct ones of the kernels "
+                        "stage, run first when such a variant is asked for) or jaxvit.kernels.Tiles text")
     p.add_argument("--profile", action="store_true",
                    help="trace the headline at the largest batch and summarise device time by XLA op")
     p.add_argument("--out", required=True, help="JSON file, rewritten after every measurement")
@@ -380,6 +494,15 @@ def main(argv=None) -> int:
             _log(f"{what}: {json.dumps(res['floors'][what])[:300]}")
             save()
 
+    tiles = "" if args.kernel_tiles == "auto" else args.kernel_tiles
+    if args.kernel_tiles == "auto" and set(variants) & set(PALLAS_VARIANTS) and not late("kernels"):
+        try:
+            res["kernels"] = tune_kernels(cfg, max(batches), dtype, args.warmup, args.repeats, late)
+            tiles = res["kernels"]["tiles"]
+        except Exception as e:
+            res["kernels"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        _log(f"kernels: tiles {tiles or 'default'}")
+        save()
     params32 = random_params(jaxvit_model(cfg), size)
     for i_batch, batch in enumerate(batches):
         if i_batch == 1 and args.floors:
@@ -391,7 +514,7 @@ def main(argv=None) -> int:
             if late(key):
                 continue
             try:
-                fn, params, ctx = build_variant(name, cfg, dtype, params32)
+                fn, params, ctx = build_variant(name, cfg, dtype, params32, tiles)
                 with ctx():
                     t0 = time.perf_counter()
                     compiled = fn.lower(params, x).compile()

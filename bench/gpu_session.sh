@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: environment, the benchmark's rows, the probe. Everything lands in $OUT,
 # each result file rewritten as it grows, so a call cut short keeps what finished.
-#   bash bench/gpu_session.sh final   # ViT-B/16 rows (bf16, fp32), probe and XLA flag sets, profile, bf16 rows under
-#                                     # the fastest flag set, ViT-S/16 and ViT-L/16 rows, the other methods
-#   FLAG_SETS="--a=1;--b=1" bash bench/gpu_session.sh retime   # the headline under each set, then the bf16
-#                                     # b256 rows and bounds (under the fastest set if it won by 2%)
+#   bash bench/gpu_session.sh final   # ViT-B/16 rows (bf16, fp32), probe (Pallas kernels and XLA flag sets),
+#                                     # profile, bf16 rows again with the fastest kernels / flag set, ViT-S/16 and
+#                                     # ViT-L/16 rows, the other methods
+#   FLAG_SETS="--a=1;--b=1" bash bench/gpu_session.sh retime   # the headline with the Pallas kernels and under
+#                                     # each set, then the bf16 b256 rows and bounds (with the fastest if it won by 2%)
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
@@ -22,6 +23,25 @@ best_flags() {
   $PY -c "import json, sys; from bench.gpu_probe import best_flag_set; print(best_flag_set(json.load(open(sys.argv[1]))) or '')" \
     "$OUT/probe.json" 2>>"$log"
 }
+# "KERNELS TILES" of a headline_pallas* probe variant that beat the default headline by 2% ('' if none)
+best_kern() {
+  $PY -c "import json, sys; from bench.gpu_probe import best_kernels; b = best_kernels(json.load(open(sys.argv[1]))); print(' '.join(b) if b else '')" \
+    "$OUT/probe.json" 2>>"$log"
+}
+# the benchmark's bf16 rows again with the winners of the probe (flag set, kernels), if any; args: out dir, bench args
+retime_rows() {
+  local tuned kern
+  tuned=$(best_flags); kern=$(best_kern)
+  [ -z "$tuned$kern" ] && return 0
+  echo "re-timing the bf16 rows: XLA_FLAGS=${tuned:-(default)} kernels=${kern:-xla}" | tee -a "$log"
+  (
+    if [ -n "$tuned" ]; then export XLA_FLAGS="$tuned"; fi
+    kargs=(--kernels xla)
+    if [ -n "$kern" ]; then kargs=(--kernels "${kern%% *}" --kernel-tiles "${kern#* }"); fi
+    "$@" "${kargs[@]}"
+  )
+}
+PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
     --format=csv 2>&1
@@ -37,26 +57,23 @@ case "$1" in
     timeout $(( $(left) - 320 )) $PY -m bench --models vit_b16 --dtypes bf16,fp32 \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 360 )) --out "$OUT/bench_b16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_b16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
-    # headline and bare forward (b256), fused and materialised attention at b1, then XLA flag sets: every
-    # fusion through Triton (session 4: -1.8% at b256, -13% at b1, one probe), and cuDNN calls inside
-    # command buffers (the call took ~1 ms more than its kernels' busy time in session 3's trace)
+    # jaxvit.kernels' tiles against XLA's LayerNorm and fc1+GELU; headline and bare forward (b256), the
+    # headline with the Pallas kernels (both, each alone); headline and its Pallas form at b1; then XLA flag
+    # sets: every fusion through Triton (session 4: -1.8% at b256, -13% at b1, one probe), and cuDNN calls
+    # inside command buffers (the call took ~1 ms more than its kernels' busy time in session 3's trace)
     timeout $(( $(left) - 160 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 200 )) \
-      --variants headline,forward --flag-set-variants headline \
+      --variants headline,forward,$PALLAS --b1-variants headline,headline_pallas --flag-set-variants headline \
       "--xla-flags-sets=--xla_gpu_experimental_all_fusions_with_triton=true;--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout $(( $(left) - 120 )) $PY -m bench.gpu_probe \
       --variants headline --b1-variants headline --batches 256 --profile --out "$OUT/profile.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     rm -rf "$OUT"/*_trace "$OUT"/probe_flags*.json  # the flag runs are inside probe.json too
-    # a flag set that beat the default headline by 2% in the probe: the table's bf16 rows again under it,
-    # torch beside it, so a new default would rest on the benchmark's own target rows
-    tuned=$(best_flags)
-    if [ -n "$tuned" ]; then
-      echo "re-timing the bf16 rows under XLA_FLAGS=$tuned" | tee -a "$log"
-      XLA_FLAGS="$tuned" timeout $(( $(left) - 50 )) $PY -m bench --models vit_b16 --dtypes bf16 \
-        --methods forward,predicatt_L,predicatt_L+L-1 --memory-check none --no-bounds --deadline $(( $(left) - 90 )) \
-        --out "$OUT/bench_b16_tuned" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-      rm -f "$OUT/bench_b16_tuned/results.md"
-    fi
+    # a flag set or Pallas kernels that beat the default headline by 2% in the probe: the table's bf16 rows
+    # again with them, torch beside, so a new default would rest on the benchmark's own target rows
+    retime_rows timeout $(( $(left) - 50 )) $PY -m bench --models vit_b16 --dtypes bf16 \
+      --methods forward,predicatt_L,predicatt_L+L-1 --memory-check predicatt_L+L-1 --no-bounds \
+      --deadline $(( $(left) - 90 )) --out "$OUT/bench_b16_tuned" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT/bench_b16_tuned/results.md"
     timeout $(( $(left) - 50 )) $PY -m bench --models vit_s16,vit_l16 --dtypes bf16 --memory-check none \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 80 )) --out "$OUT/bench_s16_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_s16_l16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
@@ -66,17 +83,17 @@ case "$1" in
     rm -f "$OUT/bench_b16_methods/results.md"
     ;;
   retime)
-    # a short follow-up call: the headline under each of FLAG_SETS (';'-separated XLA_FLAGS), then the
-    # ViT-B/16 bf16 b256 rows and their bounds, under the fastest set where one beat the default by 2%
-    timeout $(( $(left) - 60 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 90 )) --variants headline,forward \
-      --b1-variants headline --flag-set-variants headline "--xla-flags-sets=${FLAG_SETS:?set FLAG_SETS}" \
+    # a short follow-up call: the headline with the Pallas kernels and under each of FLAG_SETS (';'-separated
+    # XLA_FLAGS), then the ViT-B/16 bf16 b256 rows and their bounds, with the fastest where it beat the
+    # default by 2% (else as they are)
+    timeout $(( $(left) - 60 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 90 )) --variants headline,forward,$PALLAS \
+      --b1-variants headline,headline_pallas --flag-set-variants headline "--xla-flags-sets=${FLAG_SETS:-}" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT"/probe_flags*.json
-    tuned=$(best_flags)
-    if [ -n "$tuned" ]; then echo "re-timing the bf16 rows under XLA_FLAGS=$tuned" | tee -a "$log"; export XLA_FLAGS="$tuned"; fi
-    timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --batch 256 \
-      --methods forward,predicatt_L,predicatt_L+L-1 --memory-check none --deadline $(( $(left) - 30 )) \
-      --out "$OUT/bench_b16_retime" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    cmd=(timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --batch 256
+         --methods forward,predicatt_L,predicatt_L+L-1 --memory-check none --deadline $(( $(left) - 30 ))
+         --out "$OUT/bench_b16_retime" ${BENCH_ARGS:-})
+    if [ -n "$(best_flags)$(best_kern)" ]; then retime_rows "${cmd[@]}"; else "${cmd[@]}"; fi 2>&1 | tee -a "$log"
     ;;
   *) echo "usage: bench/gpu_session.sh final|retime" >&2; exit 2 ;;
 esac

@@ -164,18 +164,22 @@ def build_timm(key: str, seed: int = 0):
     return redraw_(timm.create_model(arch, pretrained=False, **kw), seed), size
 
 
-def load_jax(tmodel, dtype: str, bf16_weights: str = "cast"):
+def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla", kernel_tiles: str = ""):
     """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16. bf16 with
     bf16_weights='cast' stores the block matmul weights in bf16 (`jaxvit.cast_params`: the same
-    output bits as casting them on every call, without that per-call conversion)."""
+    output bits as casting them on every call, without that per-call conversion). kernels and
+    kernel_tiles (`jaxvit.kernels.Tiles` text, '' for the defaults) set `ViT.kernels` and its tiles."""
     import jax.numpy as jnp
 
     import convert
     import jaxvit
+    from jaxvit.kernels import Tiles
 
     model, params = convert.load(tmodel, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
     if dtype == "bf16" and bf16_weights == "cast":
         params = jaxvit.cast_params(params, jnp.bfloat16)
+    if kernels != "xla" or kernel_tiles:
+        model = model.clone(kernels=kernels, kernel_tiles=Tiles.parse(kernel_tiles))
     return model, params
 
 
@@ -490,7 +494,8 @@ def memory_child(spec: dict) -> dict:
     if spec.get("cache_dir"):
         _enable_compile_cache(spec["cache_dir"])
     tmodel, size = build_timm(spec["model"], spec["seed"])
-    model, params = load_jax(tmodel, spec["dtype"], spec.get("bf16_weights", "cast"))
+    model, params = load_jax(tmodel, spec["dtype"], spec.get("bf16_weights", "cast"), spec.get("kernels", "xla"),
+                             spec.get("kernel_tiles", ""))
     del tmodel
     dev = jax.devices()[0]
     if dev.memory_stats() is None:
@@ -563,7 +568,9 @@ def environment(args, torch_device) -> dict:
                            else "TF32 allowed (cuda.matmul.allow_tf32=True, cudnn.allow_tf32=True)"),
             "jax_bf16": "convert.load(..., dtype=jnp.bfloat16): bf16 matmuls; fp32 LayerNorm stats, softmax and "
                         "logits; " + ("block matmul weights stored in bf16 (jaxvit.cast_params), the rest fp32"
-                                      if args.bf16_weights == "cast" else "fp32 params, cast per call"),
+                                      if args.bf16_weights == "cast" else "fp32 params, cast per call")
+                        + ("" if args.kernels == "xla" else
+                           f"; kernels={args.kernels} (jaxvit.kernels, tiles {args.kernel_tiles or 'default'})"),
             "torch_bf16": f"torch.autocast('{torch_device.type}', dtype=torch.bfloat16)",
         },
         "threads": {"torch_num_threads": torch.get_num_threads(),
@@ -919,7 +926,8 @@ class Runner:
         for mkey in models:
             _log(f"== {MODELS[mkey][3]}: building random weights")
             tmodel, size = build_timm(mkey, self.args.seed)
-            jax_models = {dt: load_jax(tmodel, dt, self.args.bf16_weights) for dt in dtypes}
+            jax_models = {dt: load_jax(tmodel, dt, self.args.bf16_weights, self.args.kernels, self.args.kernel_tiles)
+                          for dt in dtypes}
             tmodel.to(self.tdev)
             batches = batches_for(mkey)
             for dtype in dtypes:
@@ -960,7 +968,8 @@ class Runner:
                             return
                         spec = dict(model=mkey, dtype=dtype, method=method, batches=batches, seed=self.args.seed,
                                     fp32_precision=self.args.fp32_precision, cache_dir=self.cache_dir,
-                                    bf16_weights=self.args.bf16_weights)
+                                    bf16_weights=self.args.bf16_weights, kernels=self.args.kernels,
+                                    kernel_tiles=self.args.kernel_tiles)
                         res = run_memory_child(spec)
                         for rec in self.records:
                             if (rec["impl"], rec["model"], rec["dtype"], rec["method"]) == ("jax", mkey, dtype, method):
@@ -1381,6 +1390,12 @@ def parse_args(argv=None):
     p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
                    help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
                         "or keep fp32 params cast on every call")
+    p.add_argument("--kernels", choices=("xla", "pallas", "pallas_layernorm", "pallas_mlp"), default="xla",
+                   help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or the Pallas "
+                        "LayerNorm and fc1+GELU kernels of jaxvit.kernels (both, or one of them)")
+    p.add_argument("--kernel-tiles", default="",
+                   help="tiles of those kernels, jaxvit.kernels.Tiles text, e.g. 'layer_norm=8,4;dense=128,256,64,8,3' "
+                        "(default: the library's)")
     p.add_argument("--memory-check", default=HEADLINE,
                    help="GPU: comma list of methods whose JAX memory is measured in a fresh subprocess (default "
                         f"{HEADLINE}; 'all'; 'none'); other JAX rows report XLA's static plan (temp + outputs)")
@@ -1432,6 +1447,14 @@ def main(argv=None) -> int:
         (out / "results.md").write_text(render_markdown(result))
         print(render_markdown(result))
         return 0
+
+    if args.kernel_tiles:
+        from jaxvit.kernels import Tiles
+
+        try:
+            Tiles.parse(args.kernel_tiles)
+        except ValueError as e:
+            raise SystemExit(f"--kernel-tiles: {e}") from None
 
     import jax
     import torch

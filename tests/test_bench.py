@@ -290,6 +290,27 @@ def test_best_flag_set_needs_a_margin_at_the_largest_batch():
     assert best_flag_set({"variants": {}, "flag_sets": probe["flag_sets"]}) is None
 
 
+def test_best_kernels_needs_a_margin_at_the_largest_batch():
+    """The GPU session re-times the table with ViT(kernels=...) only when a headline_pallas* variant beat
+    the headline by the margin at the largest batch, and with the tiles the probe tuned."""
+    from bench.gpu_probe import best_kernels
+
+    def run(batch, ms):
+        return {"batch": batch, "median_ms": ms}
+
+    probe = {"variants": {"headline_b256": run(256, 23.0), "headline_b1": run(1, 1.3),
+                          "headline_pallas_b256": run(256, 22.0), "headline_pallas_b1": run(1, 0.9),
+                          "headline_pallas_mlp_b256": run(256, 21.5), "headline_pallas_layernorm_b256": {"error": "x"}},
+             "kernels": {"tiles": "layer_norm=8,4;dense=128,256,64,8,3"}}
+    assert best_kernels(probe) == ("pallas_mlp", "layer_norm=8,4;dense=128,256,64,8,3")
+    assert best_kernels(probe, margin=0.07) is None  # 21.5 ms is 6.5% under 23.0
+    del probe["variants"]["headline_pallas_mlp_b256"]
+    assert best_kernels(probe) == ("pallas", "layer_norm=8,4;dense=128,256,64,8,3")
+    probe["variants"]["headline_pallas_b256"] = run(256, 22.8)  # under 2%: not worth a table run
+    assert best_kernels(probe) is None
+    assert best_kernels({"variants": {}}) is None
+
+
 def test_probe_times_variants_under_a_flag_set(tmp_path):
     """`python -m bench.gpu_probe` on CPU: the variants, then each flag set's variants in a subprocess
     whose XLA_FLAGS carry the set instead of the CLI default it overrides."""
@@ -298,14 +319,23 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_probe", "--model", "tiny", "--batches", "2,1", "--variants",
-         "headline,headline_ln_twopass", "--b1-variants", "headline", "--repeats", "2", "--warmup", "1",
+         "headline,headline_ln_twopass,headline_pallas", "--b1-variants", "headline", "--repeats", "2", "--warmup", "1",
          "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true", "--flag-set-variants", "headline,headline_ln_twopass",
          "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert {"headline_b2", "headline_ln_twopass_b2", "headline_b1"} <= set(res["variants"])
+    assert {"headline_b2", "headline_ln_twopass_b2", "headline_pallas_b2", "headline_b1"} <= set(res["variants"])
     for v in res["variants"].values():
         assert v["median_ms"] > 0
+    # a headline_pallas* variant tunes the kernels' tiles first (on CPU: the XLA reference of each)
+    from jaxvit.kernels import Tiles
+
+    kern = res["kernels"]
+    Tiles.parse(kern["tiles"])
+    assert "ms" in kern["layer_norm"]["xla"] and "ms" in kern["dense"]["xla"]
+    timed = [e for kind in ("layer_norm", "dense") for k, e in kern[kind].items()
+             if k != "xla" and isinstance(e, dict) and "ms" in e]
+    assert timed and all(e["ok"] for e in timed)
     (flags, entry), = res["flag_sets"].items()
     assert flags == "--xla_gpu_enable_triton_gemm=true"
     assert "error" not in entry, entry
