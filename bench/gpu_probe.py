@@ -442,7 +442,8 @@ def main(argv=None) -> int:
                    help="tiles of the headline_pallas* variants: 'auto' (the fastest correct ones of the kernels "
                         "stage, run first when such a variant is asked for) or jaxvit.kernels.Tiles text")
     p.add_argument("--profile", action="store_true",
-                   help="trace the headline at the largest batch and summarise device time by XLA op")
+                   help="trace --profile-variant at the largest batch and summarise device time by XLA op")
+    p.add_argument("--profile-variant", default="headline", choices=VARIANTS)
     p.add_argument("--out", required=True, help="JSON file, rewritten after every measurement")
     args = p.parse_args(argv)
 
@@ -557,13 +558,14 @@ def main(argv=None) -> int:
     if args.profile and not late("profile"):
         big = max(batches)
         try:
-            fn, params, ctx = build_variant("headline", cfg, dtype, params32)
+            fn, params, ctx = build_variant(args.profile_variant, cfg, dtype, params32, tiles)
             x = jax.random.normal(jax.random.key(5), (big, size, size, 3), jnp.float32)
             with ctx():
                 compiled = fn.lower(params, x).compile()
             res["profile"] = profile_summary(compiled, (params, x), 5, str(out_path.with_suffix("")) + "_trace")
         except Exception as e:
             res["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res["profile"]["variant"] = args.profile_variant
         _log(f"profile: {json.dumps(res['profile'])[:2000]}")
         save()
     res["wall_s"] = time.perf_counter() - t_start
