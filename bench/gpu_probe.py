@@ -35,6 +35,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
                "vit_l16": "vit_large_patch16_224", "tiny": None}
 VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
+            "headline_f32_patch",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
             "headline_own_attn", "forward_fp32w", "forward_scan", "headline_pallas", "headline_pallas_layernorm",
             "headline_pallas_mlp")
@@ -101,6 +102,18 @@ def _activation_jax_gelu(name):
     import jaxvit.model as jm
 
     return (lambda x: jax.nn.gelu(x, approximate=False)) if name == "gelu" else jm.activation(name)
+
+
+def _f32_patch_embed(self, images):
+    """The earlier patch embedding: the patchify GEMM in float32 whatever the compute dtype."""
+    import jax.numpy as jnp
+
+    from jaxvit.model import patchify
+
+    p, c = self.patch_size, images.shape[-1]
+    kernel = self.get_variable("params", "kernel")
+    x = patchify(images.astype(jnp.float32), p) @ kernel.reshape(p * p * c, self.features)
+    return x + self.get_variable("params", "bias") if self.use_bias else x
 
 
 def _conv_patch_embed(self, images):
@@ -300,6 +313,8 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
             jm.activation = _activation_jax_gelu
         if name == "headline_conv_patch":
             jm.PatchEmbed.__call__ = _conv_patch_embed
+        if name == "headline_f32_patch":
+            jm.PatchEmbed.__call__ = _f32_patch_embed
         if name == "headline_fused_qkv":  # one qkv GEMM split afterwards; cuDNN attention all the same
             jm._cudnn_attention = lambda dt: False
             jm._fused_attention = _cudnn_fused_attention

@@ -66,7 +66,7 @@ case "$1" in
     # sets: every fusion through Triton (session 4: -1.8% at b256, -13% at b1, one probe), and cuDNN calls
     # inside command buffers (the call took ~1 ms more than its kernels' busy time in session 3's trace)
     timeout $(( $(left) - 160 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 200 )) \
-      --variants headline,forward,$PALLAS --b1-variants headline,headline_pallas --flag-set-variants headline \
+      --variants headline,forward,$PALLAS,headline_f32_patch --b1-variants headline,headline_pallas --flag-set-variants headline \
       "--xla-flags-sets=--xla_gpu_experimental_all_fusions_with_triton=true;--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     # the kernel-level trace of the headline with the Pallas kernels (session 3 has the XLA one)

@@ -127,24 +127,28 @@ def patchify(images, p: int):
 
 
 class PatchEmbed(nn.Module):
-    """timm's stride-p conv patch embedding as one GEMM over patchified pixels, in float32.
+    """timm's stride-p conv patch embedding as one GEMM over patchified pixels, in the compute dtype
+    (as torch autocast runs timm's conv), with float32 accumulation.
 
     Parameters keep the conv layout (kernel (p, p, C, D), bias (D,)). cuDNN ran the strided
     float32 conv with layout conversions at ~2 ms per ViT-B/16 batch of 256 on an H100, ~7% of
-    the forward; as a GEMM the bf16 headline went from 27.95 to 25.94 ms (bench/NOTES.md).
+    the forward; as a GEMM the bf16 headline went from 27.95 to 25.94 ms (bench/NOTES.md). In
+    float32 that GEMM still took 0.21 ms (TF32) plus a float32 patchify and a float32 output pass in
+    session 3's trace; in bf16 the pixels and the output move half the bytes.
     """
 
     features: int
     patch_size: int
     use_bias: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images):
         p, c = self.patch_size, images.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32)
-        x = patchify(images.astype(jnp.float32), p) @ kernel.reshape(p * p * c, self.features)
+        x = patchify(images.astype(self.dtype), p) @ kernel.reshape(p * p * c, self.features).astype(self.dtype)
         if self.use_bias:
-            x = x + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            x = x + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return x
 
 
@@ -409,7 +413,7 @@ class ViT(nn.Module):
         if self.kernels not in KERNEL_IMPLS:
             raise ValueError(f"unknown kernels {self.kernels!r}; choose from {KERNEL_IMPLS}")
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, name="patch_embed")
+        self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, self.dtype, name="patch_embed")
         tiny = nn.initializers.normal(1e-6)
         self.cls_token = self.param("cls_token", tiny, (1, 1, d)) if cfg.class_token else None
         self.dist_token = self.param("dist_token", _dense_init, (1, 1, d)) if cfg.distilled else None
@@ -443,7 +447,7 @@ class ViT(nn.Module):
             raise ValueError(f"image size {hgt}x{wid} is not a multiple of the patch size {p}")
         b = images.shape[0]
         grid = (hgt // p, wid // p)
-        x = self.patch_embed(images)  # (B, N, D) float32
+        x = self.patch_embed(images)  # (B, N, D) in the compute dtype
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         prefix = [jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix]
         if cfg.pos_embed:
