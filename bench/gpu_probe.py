@@ -11,9 +11,9 @@ them:
              or as one GEMM.
   floors     a large matmul (the card's matrix rate) and each dense layer's GEMM at the model's
              shapes, alone (both from bench.bounds); cuDNN attention alone (x L).
-  kernels    jaxvit.kernels' Pallas LayerNorm and fc1+GELU against XLA's, alone at the model's shapes,
-             for a few tiles each (with their parity); the fastest correct tiles are what the
-             headline_pallas* variants (ViT(kernels=...)) run with.
+  kernels    jaxvit.kernels' Pallas LayerNorm, fc1+GELU and prediction-map normaliser against XLA's,
+             alone at the model's shapes, for a few tiles each (with their errors); the fastest
+             correct tiles are what the headline_pallas* variants (ViT(kernels=...)) run with.
 
 XLA flags are process-wide, so `--xla-flags-sets` re-runs this script in a subprocess per set.
 Results go to a JSON file, rewritten after every measurement, so a run cut short keeps what it did.
@@ -38,12 +38,13 @@ VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "h
             "headline_f32_patch",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
             "headline_own_attn", "forward_fp32w", "forward_scan", "headline_pallas", "headline_pallas_layernorm",
-            "headline_pallas_mlp")
-PALLAS_VARIANTS = ("headline_pallas", "headline_pallas_layernorm", "headline_pallas_mlp")
+            "headline_pallas_mlp", "headline_pallas_head")
+PALLAS_VARIANTS = ("headline_pallas", "headline_pallas_layernorm", "headline_pallas_mlp", "headline_pallas_head")
 # tiles tried by `tune_kernels`: (block_rows, num_warps) and (block_m, block_n, block_k, num_warps, num_stages)
 LAYER_NORM_TILES = ((4, 4), (8, 4), (8, 8), (16, 8), (2, 2))
 DENSE_TILES = ((128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
                (128, 256, 32, 8, 4), (256, 128, 64, 8, 3))
+HEAD_TILES = ((128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
 DEFAULT_VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch",
                     "headline_cls_einsum", "headline_ln_twopass", "headline_one_gemm_normaliser")
 
@@ -213,65 +214,79 @@ def _time_or_error(fn, args, warmup, repeats):
 
 
 def tune_kernels(cfg, batch, dtype, warmup, repeats, late=lambda what: False):
-    """jaxvit.kernels against XLA at the model's shapes (batch x tokens rows): the block LayerNorm
-    (x (rows, D)) and fc1 + activation (x (rows, D) @ (D, mlp_dim)), alone, for each tile in
-    LAYER_NORM_TILES / DENSE_TILES. A tile counts only if its output is within one bf16 rounding
-    step (2^-7 of the largest magnitude) of the XLA reference. Returns the timings, the parity and
-    `tiles`: the fastest correct tiles as `jaxvit.kernels.Tiles` text."""
+    """jaxvit.kernels against what XLA runs in their place, alone, at the model's shapes for `batch`
+    images, for each tile in LAYER_NORM_TILES / DENSE_TILES / HEAD_TILES:
+      layer_norm  x (rows, D), rows = batch x tokens (the model's one-pass half-precision LayerNorm);
+      dense       fc1 + activation, (rows, D) @ (D, mlp_dim) (nn.Dense, then the activation);
+      head        the prediction-map normaliser of one layer, logsumexp over the classes of
+                  (batch x patches, D) @ (D, C) (predmaps.core's class-chunked form).
+    A tile counts only if it is correct: layer_norm and dense within one bf16 rounding step (2^-7 of the
+    largest magnitude) of the reference, head within 1e-3 absolute (the relative error it puts on every
+    probability). Returns the timings, the errors, what the fastest correct tile saves per headline call
+    (`saves_ms_per_call`: x 2L LayerNorms, x L fc1, x 2 layers' normalisers) and `tiles`: the fastest
+    correct tiles as `jaxvit.kernels.Tiles` text."""
     import jax
     import jax.numpy as jnp
 
     import jaxvit.model as jm
+    import predmaps.core as core
     from jaxvit import kernels as K
 
     rows, d, f = batch * (cfg.num_patches + cfg.num_prefix_tokens), cfg.embed_dim, cfg.mlp_dim
-    x = (3 * jax.random.normal(jax.random.key(0), (rows, d)) + 1).astype(dtype)
-    scale, bias = 1 + 0.1 * jax.random.normal(jax.random.key(1), (d,)), 0.1 * jax.random.normal(jax.random.key(2), (d,))
-    w = (jax.random.normal(jax.random.key(3), (d, f)) * d ** -0.5).astype(dtype)
-    b = (0.1 * jax.random.normal(jax.random.key(4), (f,))).astype(dtype)
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    normal = lambda shape, scale=1.0: scale * jax.random.normal(next(keys), shape)
+    x = (normal((rows, d), 3.0) + 1).astype(dtype)
+    scale, bias = 1 + normal((d,), 0.1), normal((d,), 0.1)
+    w, b = normal((d, f), d ** -0.5).astype(dtype), normal((f,), 0.1).astype(dtype)
     xn = K.layer_norm_reference(x, scale, bias, cfg.norm_eps, dtype)
+    patches = xn[:batch * cfg.num_patches].reshape(batch, cfg.num_patches, d)  # (B, N, D), as predmaps passes it
+    wh, bh = normal((d, cfg.num_classes), 2 * d ** -0.5), normal((cfg.num_classes,))  # logits ~ N(0, 4)
     act = jm.activation(cfg.act)
-    res = {"rows": rows, "layer_norm": {}, "dense": {}}
 
-    def parity(got, want):
+    def rel(got, want):
         got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
         return float(jnp.abs(got - want).max() / jnp.abs(want).max())
 
-    # XLA: the model's own modules (one-pass half-precision LayerNorm; nn.Dense then the activation)
+    def abs_err(got, want):
+        return float(jnp.abs(jnp.asarray(got, jnp.float32) - jnp.asarray(want, jnp.float32)).max())
+
     ln_xla = lambda x: jm.LayerNorm(cfg.norm_eps, dtype).apply({"params": {"scale": scale, "bias": bias}}, x)
-    res["layer_norm"]["xla"] = _time_or_error(ln_xla, (x,), warmup, repeats)
-    dense_xla = lambda x, w, b: act(x @ w + b)
-    res["dense"]["xla"] = _time_or_error(dense_xla, (xn, w, b), warmup, repeats)
-    ln_want, dense_want = jax.jit(ln_xla)(x), K.dense_act_reference(xn, w, b, cfg.act)
-    best = {}
-    for kind, tiles, make in (
-            ("layer_norm", LAYER_NORM_TILES,
-             lambda t: (lambda x: K.layer_norm(x, scale, bias, cfg.norm_eps, dtype, K.LayerNormConfig(*t)), (x,),
-                        ln_want)),
-            ("dense", DENSE_TILES,
-             lambda t: (lambda x, w, b: K.dense_act(x, w, b, cfg.act, K.DenseConfig(*t)), (xn, w, b), dense_want))):
+    kinds = {  # kind: (XLA fn, args, reference output, tiles, make kernel fn, error, tolerance, per call, supported)
+        "layer_norm": (ln_xla, (x,), jax.jit(ln_xla)(x), LAYER_NORM_TILES,
+                       lambda t: lambda x: K.layer_norm(x, scale, bias, cfg.norm_eps, dtype, K.LayerNormConfig(*t)),
+                       rel, 2 ** -7, 2 * cfg.depth, lambda t: True),
+        "dense": (lambda x, w, b: act(x @ w + b), (xn, w, b), K.dense_act_reference(xn, w, b, cfg.act), DENSE_TILES,
+                  lambda t: lambda x, w, b: K.dense_act(x, w, b, cfg.act, K.DenseConfig(*t)),
+                  rel, 2 ** -7, cfg.depth, lambda t: K.dense_act_supported(d, f, dtype, K.DenseConfig(*t))),
+        "head": (lambda x, w, b: core._logsumexp_chunked(x, w, b), (patches, wh, bh),
+                 K.dense_logsumexp_reference(patches, wh.astype(dtype), bh), HEAD_TILES,
+                 lambda t: lambda x, w, b: K.dense_logsumexp(x, w.astype(dtype), b, K.DenseConfig(*t)),
+                 abs_err, 1e-3, 2, lambda t: K.dense_logsumexp_supported(d, dtype, K.DenseConfig(*t))),
+    }
+    res, best = {"rows": rows}, {}
+    for kind, (xla_fn, args, want, tiles, make, error, tol, per_call, supported) in kinds.items():
+        res[kind] = {"xla": _time_or_error(xla_fn, args, warmup, repeats)}
         for t in tiles:
             key = ",".join(map(str, t))
             if late(f"kernels {kind} {key}"):
                 continue
-            if kind == "dense" and not K.dense_act_supported(d, f, dtype, K.DenseConfig(*t)):
-                res[kind][key] = {"error": "tile does not divide the weight"}
+            if not supported(t):
+                res[kind][key] = {"error": "tile does not divide the shapes"}
                 continue
-            fn, args, want = make(t)
+            fn = make(t)
             entry = _time_or_error(fn, args, warmup, repeats)
             if "ms" in entry:
-                entry["parity"] = parity(jax.jit(fn)(*args), want)
-                entry["ok"] = entry["parity"] <= 2 ** -7
+                entry["error_vs_reference"] = error(jax.jit(fn)(*args), want)
+                entry["ok"] = entry["error_vs_reference"] <= tol
                 if entry["ok"] and entry["ms"] < best.get(kind, (None, float("inf")))[1]:
                     best[kind] = (t, entry["ms"])
             res[kind][key] = entry
             _log(f"kernels {kind} {key}: {json.dumps(entry)}")
-    tiles = K.Tiles(K.LayerNormConfig(*best["layer_norm"][0]) if "layer_norm" in best else K.LayerNormConfig(),
-                    K.DenseConfig(*best["dense"][0]) if "dense" in best else K.DenseConfig())
-    res["tiles"] = str(tiles)
-    for kind, per_model in (("layer_norm", 2 * cfg.depth), ("dense", cfg.depth)):
         if kind in best and "ms" in res[kind]["xla"]:
-            res[kind]["saves_ms_per_call"] = (res[kind]["xla"]["ms"] - best[kind][1]) * per_model
+            res[kind]["saves_ms_per_call"] = (res[kind]["xla"]["ms"] - best[kind][1]) * per_call
+    pick = lambda kind, cls: cls(*best[kind][0]) if kind in best else cls()
+    res["tiles"] = str(K.Tiles(pick("layer_norm", K.LayerNormConfig), pick("dense", K.DenseConfig),
+                               pick("head", K.DenseConfig)))
     return res
 
 

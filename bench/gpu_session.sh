@@ -41,7 +41,7 @@ retime_rows() {
     "$@" "${kargs[@]}"
   )
 }
-PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp
+PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp,headline_pallas_head
 # the jaxvit.kernels tiles the probe tuned ('' for the library's)
 probe_tiles() {
   $PY -c "import json, sys; print(json.load(open(sys.argv[1])).get('kernels', {}).get('tiles', ''))" "$OUT/probe.json" 2>>"$log"

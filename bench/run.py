@@ -1390,11 +1390,13 @@ def parse_args(argv=None):
     p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
                    help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
                         "or keep fp32 params cast on every call")
-    p.add_argument("--kernels", choices=("xla", "pallas", "pallas_layernorm", "pallas_mlp"), default="xla",
-                   help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or the Pallas "
-                        "LayerNorm and fc1+GELU kernels of jaxvit.kernels (both, or one of them)")
+    p.add_argument("--kernels", choices=("xla", "pallas", "pallas_layernorm", "pallas_mlp", "pallas_head"),
+                   default="xla",
+                   help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or jaxvit.kernels' "
+                        "Pallas kernels (LayerNorm, fc1+GELU, the prediction-map normaliser: all, or one of them)")
     p.add_argument("--kernel-tiles", default="",
-                   help="tiles of those kernels, jaxvit.kernels.Tiles text, e.g. 'layer_norm=8,4;dense=128,256,64,8,3' "
+                   help="tiles of those kernels, jaxvit.kernels.Tiles text, e.g. 'layer_norm=8,4;dense=128,256,64,8,3;"
+                        "head=128,128,64,4,4' "
                         "(default: the library's)")
     p.add_argument("--memory-check", default=HEADLINE,
                    help="GPU: comma list of methods whose JAX memory is measured in a fresh subprocess (default "

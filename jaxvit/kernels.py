@@ -10,6 +10,9 @@ compute). These kernels do each in one pass:
                once, and the float32 statistics are two-pass (mean((x - mean)^2)) for free;
   dense_act    x @ w + b followed by the MLP activation in the GEMM's epilogue, in float32 from the
                float32 accumulator, rounded once: fc1's output is written once, activated.
+  dense_logsumexp  logsumexp_c (x @ w + b)_c per row, the classes' logits never leaving the kernel:
+               the softmax normaliser of predmaps' prediction maps (every patch token through the
+               head), whose (rows, C) float32 logits XLA writes and reads back.
 
 Both are pure functions that work under jit, vmap and grad (the backward is the vjp of the plain XLA
 computation, `layer_norm_reference` / `dense_act_reference`). Lowered for CUDA they are Triton
@@ -53,11 +56,13 @@ class DenseConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """The tiles a model's kernels run with; text form "layer_norm=8,4;dense=128,128,64,4,4" (the
-    fields of LayerNormConfig, then DenseConfig, in order), as `str()` writes and `parse` reads."""
+    """The tiles a model's kernels run with; text form "layer_norm=8,4;dense=128,128,64,4,4;head=..."
+    (the fields of LayerNormConfig, DenseConfig, DenseConfig in order), as `str()` writes and `parse`
+    reads. `head` is `dense_logsumexp`'s."""
 
     layer_norm: LayerNormConfig = LayerNormConfig()
     dense: DenseConfig = DenseConfig()
+    head: DenseConfig = DenseConfig()
 
     def __str__(self):
         return ";".join(f"{f.name}=" + ",".join(str(v) for v in dataclasses.astuple(getattr(self, f.name)))
@@ -66,7 +71,7 @@ class Tiles:
     @classmethod
     def parse(cls, text: str) -> "Tiles":
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-        types = {"layer_norm": LayerNormConfig, "dense": DenseConfig}
+        types = {"layer_norm": LayerNormConfig, "dense": DenseConfig, "head": DenseConfig}
         values = {}
         for part in filter(None, (p.strip() for p in text.split(";"))):
             name, _, nums = part.partition("=")
@@ -142,6 +147,14 @@ def layer_norm_reference(x, scale, bias, eps: float, out_dtype):
     return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(out_dtype)
 
 
+def _load_rows(ref, row_ok):
+    """ref[...] with the rows outside the array (row_ok False) read as 0; row_ok None: all inside (Triton
+    takes no fill value without a mask)."""
+    if row_ok is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=row_ok, other=0.0)
+
+
 def _layer_norm_kernel(x_ref, scale_ref, bias_ref, o_ref, *, eps, block_rows, width):
     rows, d = x_ref.shape
     start = pl.program_id(0) * block_rows
@@ -205,7 +218,7 @@ def _dense_act_kernel(x_ref, w_ref, b_ref, o_ref, *, act, config, rows):
 
     def step(t, acc):
         k_slice = pl.ds(pl.multiple_of(t * bk, bk), bk)
-        xa = plgpu.load(x_ref.at[m_slice, k_slice], mask=row_ok, other=0.0)
+        xa = _load_rows(x_ref.at[m_slice, k_slice], row_ok)
         wb = plgpu.load(w_ref.at[k_slice, n_slice])
         return acc + jnp.dot(xa, wb, preferred_element_type=jnp.float32)
 
@@ -250,3 +263,76 @@ def dense_act(x, w, b, act: str = "identity", config: DenseConfig | None = None,
     kernel = functools.partial(_dense_act_pallas, act=act, config=config)
     reference = functools.partial(dense_act_reference, act=act)
     return _kernel_or_reference(kernel, reference, interpret)(x, w, b)
+
+
+# ---------------------------------------------------------------- GEMM + logsumexp over its columns
+
+
+def dense_logsumexp_reference(x, w, b):
+    """What `dense_logsumexp` computes, in plain XLA: logsumexp_c (x @ w + b)_c, float32."""
+    z = jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return jax.nn.logsumexp(z + b.astype(jnp.float32), axis=-1)
+
+
+def _dense_logsumexp_kernel(x_ref, w_ref, b_ref, o_ref, *, config, rows):
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    i = pl.program_id(0)
+    row_ok = None if rows % bm == 0 else (i * bm + jnp.arange(bm)) < rows
+    m_slice = pl.ds(i * bm, bm)
+
+    def n_step(j, carry):  # one block of classes: its logits, merged into the running (max, sum of exp)
+        top, total = carry
+        n_slice = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+        def k_step(t, acc):
+            k_slice = pl.ds(pl.multiple_of(t * bk, bk), bk)
+            xa = _load_rows(x_ref.at[m_slice, k_slice], None if row_ok is None else row_ok[:, None])
+            return acc + jnp.dot(xa, plgpu.load(w_ref.at[k_slice, n_slice]), preferred_element_type=jnp.float32)
+
+        z = jax.lax.fori_loop(0, x_ref.shape[1] // bk, k_step, jnp.zeros((bm, bn), jnp.float32))
+        z = z + plgpu.load(b_ref.at[n_slice])[None, :]  # padded classes: bias -inf, exp 0
+        new_top = jnp.maximum(top, z.max(1))
+        total = total * jnp.exp(top - new_top) + jnp.exp(z - new_top[:, None]).sum(1)
+        return new_top, total
+
+    init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
+    top, total = jax.lax.fori_loop(0, w_ref.shape[1] // bn, n_step, init)
+    plgpu.store(o_ref.at[m_slice], top + jnp.log(total), mask=row_ok)
+
+
+def _dense_logsumexp_pallas(x, w, b, *, config, interpret):
+    k, n = w.shape
+    rows = x.size // k
+    pad = -n % config.block_n
+    w = jnp.pad(w.astype(x.dtype), ((0, 0), (0, pad)))
+    b = jnp.pad(b.astype(jnp.float32), (0, pad), constant_values=-jnp.inf)
+    call = pl.pallas_call(
+        functools.partial(_dense_logsumexp_kernel, config=config, rows=rows),
+        out_shape=jax.ShapeDtypeStruct((rows,), jnp.float32),
+        grid=(pl.cdiv(rows, config.block_m),),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="jaxvit_dense_logsumexp",
+    )
+    return call(x.reshape(rows, k), w, b).reshape(x.shape[:-1])
+
+
+def dense_logsumexp_supported(k: int, dtype, config: DenseConfig | None = None) -> bool:
+    """Whether `dense_logsumexp` tiles a (K, N) weight: K a multiple of block_k (N is padded), x half precision."""
+    config = config or DenseConfig()
+    return k % config.block_k == 0 and jnp.dtype(dtype).itemsize == 2
+
+
+def dense_logsumexp(x, w, b, config: DenseConfig | None = None, interpret: bool = False):
+    """logsumexp over N of x @ w + b in one kernel: x (..., K) in half precision, w (K, N), b (N,) ->
+    (...,) float32. float32 accumulation and bias; an online logsumexp over blocks of block_n columns,
+    so the (..., N) logits are never written. Raises ValueError where `dense_logsumexp_supported` is false."""
+    config = config or DenseConfig()
+    if x.shape[-1:] != w.shape[:1] or b.shape != w.shape[1:]:
+        raise ValueError(f"dense_logsumexp: x {x.shape}, w {w.shape} and b {b.shape} do not chain as "
+                         "(..., K) @ (K, N) + (N,)")
+    if not dense_logsumexp_supported(w.shape[0], x.dtype, config):
+        raise ValueError(f"dense_logsumexp: K={w.shape[0]} with {jnp.dtype(x.dtype).name} inputs does not fit the "
+                         f"tile {config}; K must be a multiple of block_k and x half precision")
+    kernel = functools.partial(_dense_logsumexp_pallas, config=config)
+    return _kernel_or_reference(kernel, dense_logsumexp_reference, interpret)(x, w, b)

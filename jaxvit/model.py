@@ -24,9 +24,18 @@ from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
 
 ATTENTION_IMPLS = ("fused", "materialized")
-KERNEL_IMPLS = ("xla", "pallas", "pallas_layernorm", "pallas_mlp")
-_PALLAS_LAYERNORM = ("pallas", "pallas_layernorm")
-_PALLAS_MLP = ("pallas", "pallas_mlp")
+KERNEL_IMPLS = ("xla", "pallas", "pallas_layernorm", "pallas_mlp", "pallas_head")
+PALLAS_PARTS = ("layernorm", "mlp", "head")
+
+
+def pallas_parts(kernels: str) -> frozenset[str]:
+    """The steps `ViT.kernels` runs as Pallas kernels in half precision: 'layernorm' (every LayerNorm),
+    'mlp' (fc1 + activation), 'head' (the softmax normaliser of predmaps' prediction maps)."""
+    if kernels not in KERNEL_IMPLS:
+        raise ValueError(f"unknown kernels {kernels!r}; choose from {KERNEL_IMPLS}")
+    if kernels == "xla":
+        return frozenset()
+    return frozenset(PALLAS_PARTS) if kernels == "pallas" else frozenset({kernels[len("pallas_"):]})
 
 _dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -66,7 +75,7 @@ class LayerNorm(nn.Module):
     cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays under the bf16 rounding of the
     output (2^-9) while a row's |mean| is under ~100 standard deviations.
 
-    kernels="pallas" or "pallas_layernorm" in half precision: one kernel (`jaxvit.kernels.layer_norm`,
+    kernels="pallas" or "pallas_layernorm" in half precision (`pallas_parts`): one kernel (`jaxvit.kernels.layer_norm`,
     two-pass statistics).
     """
 
@@ -80,7 +89,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        if self.kernels in _PALLAS_LAYERNORM and _half(self.dtype):
+        if "layernorm" in pallas_parts(self.kernels) and _half(self.dtype):
             return pallas_kernels.layer_norm(x, scale, bias, self.eps, self.dtype, self.kernel_tiles.layer_norm)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
@@ -302,8 +311,8 @@ class DenseAct(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1, activation, (norm), fc2. kernels="pallas" or "pallas_mlp" in half precision: fc1 and the
-    activation as one kernel (`DenseAct`) where the tile fits the weight."""
+    """fc1, activation, (norm), fc2. kernels="pallas" or "pallas_mlp" in half precision (`pallas_parts`):
+    fc1 and the activation as one kernel (`DenseAct`) where the tile fits the weight."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
@@ -314,7 +323,7 @@ class Mlp(nn.Module):
     def __call__(self, x):
         cfg = self.config
         k, tile = x.shape[-1], self.kernel_tiles.dense
-        if (self.kernels in _PALLAS_MLP and cfg.act in pallas_kernels.ACTIVATIONS
+        if ("mlp" in pallas_parts(self.kernels) and cfg.act in pallas_kernels.ACTIVATIONS
                 and pallas_kernels.dense_act_supported(k, cfg.mlp_dim, self.dtype, tile)):
             x = DenseAct(cfg.mlp_dim, cfg.act, cfg.proj_bias, self.dtype, tile, name="fc1")(x)
         else:
@@ -390,9 +399,10 @@ class ViT(nn.Module):
       attention: "fused" (`jax.nn.dot_product_attention`, cuDNN on GPU in half precision,
         with the class-token row computed exactly on the side: the T x T matrix is never
         built) or "materialized" (explicit softmax; the only way to get `attn`).
-      kernels: "xla" (XLA's fusions) or "pallas": in half precision, every LayerNorm and fc1 with
-        its activation as one Pallas kernel each (`jaxvit.kernels`; Triton on CUDA, the same
-        arithmetic through XLA on other platforms); "pallas_layernorm" / "pallas_mlp": only those.
+      kernels: "xla" (XLA's fusions) or "pallas": in half precision, every LayerNorm, fc1 with its
+        activation, and predmaps' prediction-map normaliser as one Pallas kernel each
+        (`jaxvit.kernels`; Triton on CUDA, the same arithmetic through XLA on other platforms);
+        "pallas_layernorm" / "pallas_mlp" / "pallas_head": only that one (`pallas_parts`).
         float32 compute is the same either way.
       kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
 
@@ -410,8 +420,7 @@ class ViT(nn.Module):
 
     def setup(self):
         cfg = self.config
-        if self.kernels not in KERNEL_IMPLS:
-            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {KERNEL_IMPLS}")
+        pallas_parts(self.kernels)  # an unknown name fails here, with the choices
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, self.dtype, name="patch_embed")
         tiny = nn.initializers.normal(1e-6)

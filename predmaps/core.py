@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxvit import ViT
+from jaxvit import kernels as pallas_kernels
+from jaxvit.model import pallas_parts
 
 SCORES = ("probs", "logits")
 SIMILARITIES = ("dot", "cosine")
@@ -63,7 +65,8 @@ def prediction_columns(model: ViT, params, tokens: jax.Array, classes: jax.Array
 
     The lean path: the head's columns of the K classes give their logits; the softmax
     normaliser logsumexp_c nu(x_i)_c is accumulated over class chunks, so the (B, N, C)
-    prediction matrix is never materialised.
+    prediction matrix is never materialised (with the model's 'head' Pallas kernel in half
+    precision, `jaxvit.kernels.dense_logsumexp`, the chunks' logits never leave the kernel).
     """
     cfg = model.config
     x = _head_input(model, params, patch_tokens(model, tokens))  # (B, N, D) after norm / fc_norm
@@ -73,7 +76,12 @@ def prediction_columns(model: ViT, params, tokens: jax.Array, classes: jax.Array
     zk = zk + jnp.take(b, classes)[..., None]
     if scores == "logits":
         return zk
-    return jnp.exp(zk - _logsumexp_chunked(x, w, b)[:, None, :])
+    if ("head" in pallas_parts(model.kernels)
+            and pallas_kernels.dense_logsumexp_supported(x.shape[-1], x.dtype, model.kernel_tiles.head)):
+        lse = pallas_kernels.dense_logsumexp(x, w.astype(x.dtype), b, model.kernel_tiles.head)
+    else:
+        lse = _logsumexp_chunked(x, w, b)
+    return jnp.exp(zk - lse[:, None, :])
 
 
 def _head_input(model: ViT, params, x):

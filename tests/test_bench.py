@@ -332,8 +332,8 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
 
     kern = res["kernels"]
     Tiles.parse(kern["tiles"])
-    assert "ms" in kern["layer_norm"]["xla"] and "ms" in kern["dense"]["xla"]
-    timed = [e for kind in ("layer_norm", "dense") for k, e in kern[kind].items()
+    assert all("ms" in kern[kind]["xla"] for kind in ("layer_norm", "dense", "head"))
+    timed = [e for kind in ("layer_norm", "dense", "head") for k, e in kern[kind].items()
              if k != "xla" and isinstance(e, dict) and "ms" in e]
     assert timed and all(e["ok"] for e in timed)
     (flags, entry), = res["flag_sets"].items()

@@ -1,6 +1,6 @@
-"""jaxvit.kernels: the Pallas LayerNorm and GEMM+activation kernels compute what their XLA references
-compute (run in the Pallas interpreter here), lower to Triton kernels for CUDA, and ViT(kernels=...)
-uses them only where it says."""
+"""jaxvit.kernels: the Pallas LayerNorm, GEMM+activation and GEMM+logsumexp kernels compute what their
+XLA references compute (run in the Pallas interpreter here), lower to Triton kernels for CUDA, and
+ViT(kernels=...) uses them only where it says."""
 
 import functools
 
@@ -16,7 +16,8 @@ from jaxvit.model import _gelu_erf
 # multiple of any tile's rows (the last block is masked).
 SMALL = ViTConfig(name="small", img_size=(32, 32), patch_size=8, embed_dim=96, depth=2, num_heads=2, mlp_dim=192,
                   num_classes=10)
-SMALL_TILES = kernels.Tiles(kernels.LayerNormConfig(4, 4), kernels.DenseConfig(16, 64, 32, 4, 2))
+SMALL_TILES = kernels.Tiles(kernels.LayerNormConfig(4, 4), kernels.DenseConfig(16, 64, 32, 4, 2),
+                            kernels.DenseConfig(16, 4, 32, 4, 2))  # head: 10 classes in blocks of 4, padded
 
 
 def _cuda_lowering(fn, *args) -> str:
@@ -85,6 +86,26 @@ def test_dense_act_kernel_equals_reference(act):
     np.testing.assert_allclose(np.asarray(want, np.float64), truth, rtol=2 ** -7, atol=1e-3)
 
 
+def test_dense_logsumexp_kernel_equals_reference():
+    # 100 classes in blocks of 32: the last block padded with -inf logits; 74 rows in blocks of 16
+    x = _random(13, (2, 37, 64), 1.0, jnp.bfloat16)
+    w = _random(14, (64, 100), 0.5, jnp.bfloat16)
+    b = _random(15, (100,), 2.0)
+    config = kernels.DenseConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    got = kernels.dense_logsumexp(x, w, b, config, interpret=True)
+    want = kernels.dense_logsumexp_reference(x, w, b)
+    assert got.shape == (2, 37) and got.dtype == jnp.float32
+    # float32 throughout: the online merge of blocks against one logsumexp, float32 rounding only
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    y64 = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    truth = np.log(np.exp(y64 - y64.max(-1, keepdims=True)).sum(-1)) + y64.max(-1)
+    np.testing.assert_allclose(got, truth, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        kernels.dense_logsumexp(x, w, b, kernels.DenseConfig(block_k=48))
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.dense_logsumexp(x, w, b[:10])
+
+
 def test_kernels_differentiate_and_vmap_like_their_references():
     x = _random(6, (3, 40, 64), 1.0, jnp.bfloat16)
     w, b = _random(7, (64, 64), 0.125, jnp.bfloat16), _random(8, (64,), 0.5, jnp.bfloat16)
@@ -118,9 +139,14 @@ def test_dense_act_rejects_what_it_cannot_tile():
 
 def test_kernels_lower_to_triton_for_cuda():
     x = jnp.zeros((2, 197, 768), jnp.bfloat16)
-    hlo = _cuda_lowering(lambda x, w, b: kernels.dense_act(x, w, b, "gelu", kernels.DenseConfig(128, 256, 64, 8, 3)),
-                         x, jnp.zeros((768, 3072), jnp.bfloat16), jnp.zeros((3072,), jnp.bfloat16))
-    assert _triton_calls(hlo) == 1 and "num_warps = 8" in hlo
+    # rows a multiple of the tile (b256's 50432 = 394 x 128) and not: unmasked and masked loads
+    for rows in (x, x[:, :128]):
+        hlo = _cuda_lowering(lambda x, w, b: kernels.dense_act(x, w, b, "gelu", kernels.DenseConfig(128, 256, 64, 8, 3)),
+                             rows, jnp.zeros((768, 3072), jnp.bfloat16), jnp.zeros((3072,), jnp.bfloat16))
+        assert _triton_calls(hlo) == 1 and "num_warps = 8" in hlo
+        hlo = _cuda_lowering(lambda x, w, b: kernels.dense_logsumexp(x, w, b), rows,
+                             jnp.zeros((768, 1000), jnp.bfloat16), jnp.zeros((1000,)))
+        assert _triton_calls(hlo) == 1
     hlo = _cuda_lowering(lambda x, s, b: kernels.layer_norm(x, s, b, 1e-6), x, jnp.ones((768,)), jnp.zeros((768,)))
     assert _triton_calls(hlo) == 1
     # on the CPU the same call is the XLA reference: no custom call
@@ -143,7 +169,7 @@ def test_vit_kernels_option_same_params_same_outputs():
     xla = ViT(SMALL, dtype=jnp.bfloat16)
     params = _model_params(xla, images)
     want = xla.apply({"params": params}, images)
-    for impl in ("pallas", "pallas_layernorm", "pallas_mlp"):
+    for impl in ("pallas", "pallas_layernorm", "pallas_mlp", "pallas_head"):
         model = xla.clone(kernels=impl, kernel_tiles=SMALL_TILES)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
         assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
@@ -166,14 +192,31 @@ def test_vit_kernels_option_lowers_each_layer_norm_and_fc1_to_triton():
     assert count("pallas_layernorm", jnp.bfloat16) == 2 * depth + 1  # norm1, norm2 per block, the final norm
     assert count("pallas_mlp", jnp.bfloat16) == depth
     assert count("pallas", jnp.bfloat16) == 3 * depth + 1
+    assert count("pallas_head", jnp.bfloat16) == 0  # the head kernel is predmaps', below
     assert count("pallas", jnp.float32) == 0  # float32 compute keeps XLA's kernels
+
+
+def test_headline_lowers_the_prediction_map_normaliser_to_triton():
+    """PredicAtt_L + PredicAtt_{L-1} with kernels='pallas_head': one normaliser kernel per layer. (Each of
+    the two explanations traces its own forward; XLA's CSE merges them after this lowering.)"""
+    from bench.run import HEADLINE, jax_function
+
+    images = jnp.zeros((2, 32, 32, 3))
+    params = _model_params(ViT(SMALL), images)
+    # per explanation with every kernel: the forward's (3 per block, the final norm), then the final norm
+    # again on the layer's patch tokens (the head's input) and the normaliser
+    every = 3 * SMALL.depth + 1 + 1 + 1
+    for impl, calls in (("xla", 0), ("pallas_head", 2), ("pallas", 2 * every)):
+        model = ViT(SMALL, dtype=jnp.bfloat16, kernels=impl, kernel_tiles=SMALL_TILES)
+        assert _triton_calls(_cuda_lowering(jax_function(model, HEADLINE), params, images)) == calls, impl
 
 
 def test_tiles_text_round_trip_and_errors():
     tiles = kernels.Tiles(kernels.LayerNormConfig(16, 8), kernels.DenseConfig(128, 256, 64, 8, 3))
-    assert str(tiles) == "layer_norm=16,8;dense=128,256,64,8,3"
+    assert str(tiles) == "layer_norm=16,8;dense=128,256,64,8,3;head=128,128,64,4,4"
     assert kernels.Tiles.parse(str(tiles)) == tiles
     assert kernels.Tiles.parse("dense=64,64") == kernels.Tiles(dense=kernels.DenseConfig(64, 64))
+    assert kernels.Tiles.parse("head=64,128").head == kernels.DenseConfig(64, 128)
     with pytest.raises(ValueError, match="unknown kernel 'gemm'"):
         kernels.Tiles.parse("gemm=1,2")
     with pytest.raises(ValueError, match="layer_norm takes up to 2 integers"):
@@ -185,7 +228,7 @@ def test_vit_runs_the_kernels_themselves_inside_the_model(monkeypatch):
     (its gradient flows through the kernels' custom vjp) agree with kernels='xla'."""
     from predmaps import explain
 
-    calls = {"layer_norm": 0, "dense_act": 0}
+    calls = {"layer_norm": 0, "dense_act": 0, "dense_logsumexp": 0}
     for name in calls:
         original = getattr(kernels, name)
 
@@ -206,3 +249,4 @@ def test_vit_runs_the_kernels_themselves_inside_the_model(monkeypatch):
         scale = float(jnp.abs(want.maps).max())
         np.testing.assert_allclose(got.maps, want.maps, rtol=0, atol=0.05 * scale)
     assert calls["layer_norm"] >= 2 * SMALL.depth and calls["dense_act"] >= SMALL.depth
+    assert calls["dense_logsumexp"] >= 1
