@@ -125,7 +125,7 @@ def test_kernels_differentiate_and_vmap_like_their_references():
                                rtol=2 ** -7, atol=2 ** -7)
 
 
-def test_dense_act_rejects_what_it_cannot_tile():
+def test_kernels_reject_what_they_cannot_compute():
     x = jnp.zeros((4, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiples of block_k, block_n"):
         kernels.dense_act(x, jnp.zeros((64, 100), jnp.bfloat16), jnp.zeros((100,)), "gelu")
@@ -135,6 +135,8 @@ def test_dense_act_rejects_what_it_cannot_tile():
         kernels.dense_act(x, jnp.zeros((32, 128), jnp.bfloat16), jnp.zeros((128,)), "gelu")
     with pytest.raises(ValueError, match="unsupported activation"):
         kernels.dense_act(x, jnp.zeros((64, 128), jnp.bfloat16), jnp.zeros((128,)), "relu6")
+    with pytest.raises(ValueError, match=r"layer_norm: scale \(32,\) and bias \(32,\) must be \(D,\)"):
+        kernels.layer_norm(x, jnp.ones(32), jnp.zeros(32), 1e-6)
 
 
 def test_kernels_lower_to_triton_for_cuda():
