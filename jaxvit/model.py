@@ -75,8 +75,8 @@ class LayerNorm(nn.Module):
     cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays under the bf16 rounding of the
     output (2^-9) while a row's |mean| is under ~100 standard deviations.
 
-    kernels="pallas" or "pallas_layernorm" in half precision (`pallas_parts`): one kernel (`jaxvit.kernels.layer_norm`,
-    two-pass statistics).
+    kernels="pallas" or "pallas_layernorm" in half precision (`pallas_parts`): one kernel
+    (`jaxvit.kernels.layer_norm`, two-pass statistics).
     """
 
     eps: float
