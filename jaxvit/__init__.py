@@ -10,4 +10,5 @@ from jaxvit.config import ViTConfig, get_config, list_models
 from jaxvit.model import ATTENTION_IMPLS, KERNEL_IMPLS, ViT, ViTOutput, cast_params
 from jaxvit.checkpoint import load, save
 
-__all__ = ["ATTENTION_IMPLS", "KERNEL_IMPLS", "ViT", "ViTConfig", "ViTOutput", "cast_params", "get_config", "list_models", "load", "save"]
+__all__ = ["ATTENTION_IMPLS", "KERNEL_IMPLS", "ViT", "ViTConfig", "ViTOutput", "cast_params", "get_config",
+           "list_models", "load", "save"]

@@ -15,10 +15,10 @@ compute). These kernels do each in one pass:
                head), whose (rows, C) float32 logits XLA writes and reads back.
 
 All three are pure functions that work under jit, vmap and grad (the backward is the vjp of the plain
-XLA computation, `layer_norm_reference` / `dense_act_reference` / `dense_logsumexp_reference`). Lowered for CUDA they are Triton
-kernels; for any other platform they are that XLA computation (`interpret=True` runs the kernels in
-the Pallas interpreter instead, anywhere: slow, for checking them). `jaxvit.ViT(kernels="pallas")`
-uses them in half precision.
+XLA computation, `layer_norm_reference` / `dense_act_reference` / `dense_logsumexp_reference`).
+Lowered for CUDA they are Triton kernels; for any other platform they are that XLA computation
+(`interpret=True` runs the kernels in the Pallas interpreter instead, anywhere: slow, for checking
+them). `jaxvit.ViT(kernels="pallas")` uses them in half precision.
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def dense_act(x, w, b, act: str = "identity", config: DenseConfig | None = None,
     ACTIVATIONS ('gelu' is the exact erf form). Raises ValueError where `dense_act_supported` is false."""
     config = config or DenseConfig()
     if x.shape[-1:] != w.shape[:1] or b.shape != w.shape[1:]:
-        raise ValueError(f"dense_act: x {x.shape}, w {w.shape} and b {b.shape} do not chain as (..., K) @ (K, N) + (N,)")
+        raise ValueError(f"dense_act: x {x.shape}, w {w.shape} and b {b.shape} do not chain as "
+                         "(..., K) @ (K, N) + (N,)")
     if not dense_act_supported(*w.shape, x.dtype, config):
         raise ValueError(f"dense_act: weight {w.shape} with {jnp.dtype(x.dtype).name} inputs does not fit the tile "
                          f"{config}; K, N must be multiples of block_k, block_n and x half precision")
