@@ -158,21 +158,28 @@ def merge_xla_flags(current: str, extra: str) -> str:
     return " ".join([f for f in current.split() if f.split("=")[0] not in names] + extra.split())
 
 
+def _largest_run(entries: dict, variant: str) -> tuple[int, float] | None:
+    """(batch, median ms) of `variant` at its largest timed batch among probe entries ('<variant>_b<batch>')."""
+    runs = [(v["batch"], v["median_ms"]) for k, v in entries.items()
+            if k.startswith(variant + "_b") and k[len(variant) + 2:].isdigit() and "median_ms" in v]
+    return max(runs) if runs else None
+
+
+def variant_kernels(name: str) -> str:
+    """The `ViT.kernels` a probe variant runs with: headline_pallas_mlp -> 'pallas_mlp', others 'xla'."""
+    return name[len("headline_"):] if name in PALLAS_VARIANTS else "xla"
+
+
 def best_flag_set(probe: dict, variant: str = "headline", margin: float = 0.02) -> str | None:
     """The XLA_FLAGS of the flag set whose `variant` at the largest batch ran at least `margin`
     faster than the baseline in `probe` (a probe JSON), else None. The GPU session re-times the
     benchmark's rows under it, so a flag worth making a default is measured in the table itself."""
-    def largest(entries):
-        runs = [(v["batch"], v["median_ms"]) for k, v in entries.items()
-                if k.startswith(variant + "_b") and k[len(variant) + 2:].isdigit() and "median_ms" in v]
-        return max(runs) if runs else None
-
-    base = largest(probe.get("variants", {}))
+    base = _largest_run(probe.get("variants", {}), variant)
     if base is None:
         return None
     best, best_ms = None, base[1] * (1 - margin)
     for entry in probe.get("flag_sets", {}).values():
-        run = largest(entry)
+        run = _largest_run(entry, variant)
         if run and run[0] == base[0] and run[1] < best_ms:
             best, best_ms = entry["XLA_FLAGS"], run[1]
     return best
@@ -183,23 +190,15 @@ def best_kernels(probe: dict, margin: float = 0.02) -> tuple[str, str] | None:
     `headline` at the largest batch in `probe` (a probe JSON), else None: the GPU session re-times the
     benchmark's rows with it (`python -m bench --kernels ... --kernel-tiles ...`)."""
     variants = probe.get("variants", {})
-
-    def at(name, batch):
-        v = variants.get(f"{name}_b{batch}", {})
-        return v.get("median_ms")
-
-    batches = [v["batch"] for k, v in variants.items() if k.startswith("headline_b") and "median_ms" in v]
-    if not batches:
+    base = _largest_run(variants, "headline")
+    if base is None:
         return None
-    big = max(batches)
-    best, best_ms = None, at("headline", big) * (1 - margin)
+    best, best_ms = None, base[1] * (1 - margin)
     for name in PALLAS_VARIANTS:
-        ms = at(name, big)
-        if ms is not None and ms < best_ms:
-            best, best_ms = name, ms
-    if best is None:
-        return None
-    return best[len("headline_"):], probe.get("kernels", {}).get("tiles", "")
+        run = variants.get(f"{name}_b{base[0]}", {})
+        if run.get("median_ms", float("inf")) < best_ms:
+            best, best_ms = name, run["median_ms"]
+    return None if best is None else (variant_kernels(best), probe.get("kernels", {}).get("tiles", ""))
 
 
 def _time_or_error(fn, args, warmup, repeats):
@@ -305,8 +304,8 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
     from jaxvit.kernels import Tiles
 
     attention = "materialized" if name == "headline_materialized" else "fused"
-    kernels = name[len("headline_"):] if name in PALLAS_VARIANTS else "xla"
-    model = jaxvit.ViT(cfg, dtype=dtype, attention=attention, kernels=kernels, kernel_tiles=Tiles.parse(tiles))
+    model = jaxvit.ViT(cfg, dtype=dtype, attention=attention, kernels=variant_kernels(name),
+                       kernel_tiles=Tiles.parse(tiles))
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
     if name == "forward_scan":

@@ -40,6 +40,7 @@ Forward rows compare logits the same way.
 
 from __future__ import annotations
 
+from jaxvit.model import KERNEL_IMPLS
 from predmaps.machine import cpu_name
 
 import argparse
@@ -1390,8 +1391,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
                    help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
                         "or keep fp32 params cast on every call")
-    p.add_argument("--kernels", choices=("xla", "pallas", "pallas_layernorm", "pallas_mlp", "pallas_head"),
-                   default="xla",
+    p.add_argument("--kernels", choices=KERNEL_IMPLS, default="xla",
                    help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or jaxvit.kernels' "
                         "Pallas kernels (LayerNorm, fc1+GELU, the prediction-map normaliser: all, or one of them)")
     p.add_argument("--kernel-tiles", default="",

@@ -201,32 +201,57 @@ def layer_norm(x, scale, bias, eps: float, out_dtype=None, config: LayerNormConf
     return _kernel_or_reference(kernel, reference, interpret)(x, scale, bias)
 
 
+# ---------------------------------------------------------------- GEMMs: the shared pieces
+
+
+def _logits_reference(x, w, b):
+    """float32 x @ w + b with x's-dtype inputs: what both GEMM kernels compute before their epilogue."""
+    z = jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return z + b.astype(jnp.float32)
+
+
+def _check_chain(name, x, w, b):
+    if x.shape[-1:] != w.shape[:1] or b.shape != w.shape[1:]:
+        raise ValueError(f"{name}: x {x.shape}, w {w.shape} and b {b.shape} do not chain as (..., K) @ (K, N) + (N,)")
+
+
+def _row_mask(i, rows, bm):
+    """Which of row block i's bm rows lie inside the array: (bm,) bool, or None when all of every block do."""
+    return None if rows % bm == 0 else (i * bm + jnp.arange(bm)) < rows
+
+
+def _tile_logits(x_ref, w_ref, b_ref, m_slice, n_slice, row_ok, config):
+    """(block_m, block_n) float32 x[m_slice] @ w[:, n_slice] + b[n_slice], accumulated over K in steps of
+    block_k (the loop Triton pipelines)."""
+    bk = config.block_k
+    mask = None if row_ok is None else row_ok[:, None]
+
+    def step(t, acc):
+        k_slice = pl.ds(pl.multiple_of(t * bk, bk), bk)
+        xa = _load_rows(x_ref.at[m_slice, k_slice], mask)
+        return acc + jnp.dot(xa, plgpu.load(w_ref.at[k_slice, n_slice]), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, x_ref.shape[1] // bk, step, jnp.zeros((config.block_m, config.block_n), jnp.float32))
+    return acc + plgpu.load(b_ref.at[n_slice])[None, :]
+
+
 # ---------------------------------------------------------------- GEMM + activation
 
 
 def dense_act_reference(x, w, b, act: str):
     """What `dense_act` computes, in plain XLA: float32 x @ w + b, activated, rounded to x's dtype."""
-    y = jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return _activate(y + b.astype(jnp.float32), act).astype(x.dtype)
+    return _activate(_logits_reference(x, w, b), act).astype(x.dtype)
 
 
 def _dense_act_kernel(x_ref, w_ref, b_ref, o_ref, *, act, config, rows):
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    bm, bn = config.block_m, config.block_n
     # program_id(0), the fastest-launched axis, walks N: programs running together share x's rows
     # (read from HBM once, then from L2) and the weight (at most a few MiB) stays in L2.
     i, j = pl.program_id(1), pl.program_id(0)
-    row_ok = None if rows % bm == 0 else ((i * bm + jnp.arange(bm)) < rows)[:, None]
+    row_ok = _row_mask(i, rows, bm)
     m_slice, n_slice = pl.ds(i * bm, bm), pl.ds(pl.multiple_of(j * bn, bn), bn)
-
-    def step(t, acc):
-        k_slice = pl.ds(pl.multiple_of(t * bk, bk), bk)
-        xa = _load_rows(x_ref.at[m_slice, k_slice], row_ok)
-        wb = plgpu.load(w_ref.at[k_slice, n_slice])
-        return acc + jnp.dot(xa, wb, preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, x_ref.shape[1] // bk, step, jnp.zeros((bm, bn), jnp.float32))
-    y = _activate(acc + plgpu.load(b_ref.at[n_slice])[None, :], act)
-    plgpu.store(o_ref.at[m_slice, n_slice], y.astype(o_ref.dtype), mask=row_ok)
+    y = _activate(_tile_logits(x_ref, w_ref, b_ref, m_slice, n_slice, row_ok, config), act)
+    plgpu.store(o_ref.at[m_slice, n_slice], y.astype(o_ref.dtype), mask=None if row_ok is None else row_ok[:, None])
 
 
 def _dense_act_pallas(x, w, b, *, act, config, interpret):
@@ -255,9 +280,7 @@ def dense_act(x, w, b, act: str = "identity", config: DenseConfig | None = None,
     dtype. float32 accumulation, bias and activation; one rounding at the end. act is one of
     ACTIVATIONS ('gelu' is the exact erf form). Raises ValueError where `dense_act_supported` is false."""
     config = config or DenseConfig()
-    if x.shape[-1:] != w.shape[:1] or b.shape != w.shape[1:]:
-        raise ValueError(f"dense_act: x {x.shape}, w {w.shape} and b {b.shape} do not chain as "
-                         "(..., K) @ (K, N) + (N,)")
+    _check_chain("dense_act", x, w, b)
     if not dense_act_supported(*w.shape, x.dtype, config):
         raise ValueError(f"dense_act: weight {w.shape} with {jnp.dtype(x.dtype).name} inputs does not fit the tile "
                          f"{config}; K, N must be multiples of block_k, block_n and x half precision")
@@ -273,27 +296,19 @@ def dense_act(x, w, b, act: str = "identity", config: DenseConfig | None = None,
 
 def dense_logsumexp_reference(x, w, b):
     """What `dense_logsumexp` computes, in plain XLA: logsumexp_c (x @ w + b)_c, float32."""
-    z = jnp.einsum("...k,kn->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return jax.nn.logsumexp(z + b.astype(jnp.float32), axis=-1)
+    return jax.nn.logsumexp(_logits_reference(x, w, b), axis=-1)
 
 
 def _dense_logsumexp_kernel(x_ref, w_ref, b_ref, o_ref, *, config, rows):
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    bm, bn = config.block_m, config.block_n
     i = pl.program_id(0)
-    row_ok = None if rows % bm == 0 else (i * bm + jnp.arange(bm)) < rows
+    row_ok = _row_mask(i, rows, bm)
     m_slice = pl.ds(i * bm, bm)
 
     def n_step(j, carry):  # one block of classes: its logits, merged into the running (max, sum of exp)
         top, total = carry
         n_slice = pl.ds(pl.multiple_of(j * bn, bn), bn)
-
-        def k_step(t, acc):
-            k_slice = pl.ds(pl.multiple_of(t * bk, bk), bk)
-            xa = _load_rows(x_ref.at[m_slice, k_slice], None if row_ok is None else row_ok[:, None])
-            return acc + jnp.dot(xa, plgpu.load(w_ref.at[k_slice, n_slice]), preferred_element_type=jnp.float32)
-
-        z = jax.lax.fori_loop(0, x_ref.shape[1] // bk, k_step, jnp.zeros((bm, bn), jnp.float32))
-        z = z + plgpu.load(b_ref.at[n_slice])[None, :]  # padded classes: bias -inf, exp 0
+        z = _tile_logits(x_ref, w_ref, b_ref, m_slice, n_slice, row_ok, config)  # padded classes: -inf
         new_top = jnp.maximum(top, z.max(1))
         total = total * jnp.exp(top - new_top) + jnp.exp(z - new_top[:, None]).sum(1)
         return new_top, total
@@ -331,9 +346,7 @@ def dense_logsumexp(x, w, b, config: DenseConfig | None = None, interpret: bool 
     (...,) float32. float32 accumulation and bias; an online logsumexp over blocks of block_n columns,
     so the (..., N) logits are never written. Raises ValueError where `dense_logsumexp_supported` is false."""
     config = config or DenseConfig()
-    if x.shape[-1:] != w.shape[:1] or b.shape != w.shape[1:]:
-        raise ValueError(f"dense_logsumexp: x {x.shape}, w {w.shape} and b {b.shape} do not chain as "
-                         "(..., K) @ (K, N) + (N,)")
+    _check_chain("dense_logsumexp", x, w, b)
     if not dense_logsumexp_supported(w.shape[0], x.dtype, config):
         raise ValueError(f"dense_logsumexp: K={w.shape[0]} with {jnp.dtype(x.dtype).name} inputs does not fit the "
                          f"tile {config}; K must be a multiple of block_k and x half precision")
