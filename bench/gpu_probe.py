@@ -32,14 +32,16 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from jaxvit.model import KERNEL_IMPLS  # noqa: E402 (after the allocator setting, before any backend starts)
+
 MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
                "vit_l16": "vit_large_patch16_224", "tiny": None}
+# the headline with each ViT(kernels=...) other than XLA's: headline_pallas, headline_pallas_mlp, ...
+PALLAS_VARIANTS = tuple(f"headline_{k}" for k in KERNEL_IMPLS if k != "xla")
 VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
             "headline_f32_patch",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
-            "headline_own_attn", "forward_fp32w", "forward_scan", "headline_pallas", "headline_pallas_layernorm",
-            "headline_pallas_mlp", "headline_pallas_head")
-PALLAS_VARIANTS = ("headline_pallas", "headline_pallas_layernorm", "headline_pallas_mlp", "headline_pallas_head")
+            "headline_own_attn", "forward_fp32w", "forward_scan") + PALLAS_VARIANTS
 # tiles tried by `tune_kernels`: (block_rows, num_warps) and (block_m, block_n, block_k, num_warps, num_stages)
 LAYER_NORM_TILES = ((4, 4), (8, 4), (8, 8), (16, 8), (2, 2))
 DENSE_TILES = ((128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),

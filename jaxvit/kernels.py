@@ -71,14 +71,13 @@ class Tiles:
 
     @classmethod
     def parse(cls, text: str) -> "Tiles":
-        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-        types = {"layer_norm": LayerNormConfig, "dense": DenseConfig, "head": DenseConfig}
+        types = {f.name: type(f.default) for f in dataclasses.fields(cls)}  # the configs, from the defaults
         values = {}
         for part in filter(None, (p.strip() for p in text.split(";"))):
             name, _, nums = part.partition("=")
             name = name.strip()
-            if name not in kinds:
-                raise ValueError(f"kernel tiles {text!r}: unknown kernel {name!r}; choose from {', '.join(kinds)}")
+            if name not in types:
+                raise ValueError(f"kernel tiles {text!r}: unknown kernel {name!r}; choose from {', '.join(types)}")
             try:
                 values[name] = types[name](*(int(v) for v in nums.split(",")))
             except (TypeError, ValueError):
@@ -86,6 +85,12 @@ class Tiles:
                 raise ValueError(f"kernel tiles {text!r}: {name} takes up to {n} integers "
                                  f"({', '.join(f.name for f in dataclasses.fields(types[name]))})") from None
         return cls(**values)
+
+
+def half_precision(dtype) -> bool:
+    """Whether the kernels serve this compute dtype: 2-byte floats only (a float32 Triton dot would round
+    through TF32, which the float32 model path must not)."""
+    return jnp.dtype(dtype).itemsize == 2
 
 
 def _erf(x):
@@ -269,10 +274,9 @@ def _dense_act_pallas(x, w, b, *, act, config, interpret):
 
 
 def dense_act_supported(k: int, n: int, dtype, config: DenseConfig | None = None) -> bool:
-    """Whether `dense_act` tiles a (K, N) weight: K and N multiples of the tile, half-precision inputs
-    (a float32 Triton dot would round through TF32, which the float32 model path must not)."""
+    """Whether `dense_act` tiles a (K, N) weight: K and N multiples of the tile, half-precision inputs."""
     config = config or DenseConfig()
-    return k % config.block_k == 0 and n % config.block_n == 0 and jnp.dtype(dtype).itemsize == 2
+    return k % config.block_k == 0 and n % config.block_n == 0 and half_precision(dtype)
 
 
 def dense_act(x, w, b, act: str = "identity", config: DenseConfig | None = None, interpret: bool = False):
@@ -338,7 +342,7 @@ def _dense_logsumexp_pallas(x, w, b, *, config, interpret):
 def dense_logsumexp_supported(k: int, dtype, config: DenseConfig | None = None) -> bool:
     """Whether `dense_logsumexp` tiles a (K, N) weight: K a multiple of block_k (N is padded), x half precision."""
     config = config or DenseConfig()
-    return k % config.block_k == 0 and jnp.dtype(dtype).itemsize == 2
+    return k % config.block_k == 0 and half_precision(dtype)
 
 
 def dense_logsumexp(x, w, b, config: DenseConfig | None = None, interpret: bool = False):

@@ -89,7 +89,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        if "layernorm" in pallas_parts(self.kernels) and _half(self.dtype):
+        if "layernorm" in pallas_parts(self.kernels) and pallas_kernels.half_precision(self.dtype):
             return pallas_kernels.layer_norm(x, scale, bias, self.eps, self.dtype, self.kernel_tiles.layer_norm)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
@@ -99,10 +99,6 @@ class LayerNorm(nn.Module):
             var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
         return y.astype(self.dtype)
-
-
-def _half(dtype) -> bool:
-    return jnp.dtype(dtype).itemsize == 2
 
 
 def _gelu_erf(x):

@@ -78,7 +78,7 @@ def prediction_columns(model: ViT, params, tokens: jax.Array, classes: jax.Array
         return zk
     if ("head" in pallas_parts(model.kernels)
             and pallas_kernels.dense_logsumexp_supported(x.shape[-1], x.dtype, model.kernel_tiles.head)):
-        lse = pallas_kernels.dense_logsumexp(x, w.astype(x.dtype), b, model.kernel_tiles.head)
+        lse = pallas_kernels.dense_logsumexp(x, w, b, model.kernel_tiles.head)
     else:
         lse = _logsumexp_chunked(x, w, b)
     return jnp.exp(zk - lse[:, None, :])
