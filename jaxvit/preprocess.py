@@ -281,7 +281,7 @@ def _resize_keep_ratio(img: Image.Image, target: tuple[int, int], longest: float
 
 
 def _center_crop_or_pad(arr: np.ndarray, crop: tuple[int, int], fill: Sequence[int] | int = 0) -> np.ndarray:
-    """torchvision center_crop / timm center_crop_or_pad on an (H, W, C) uint8 array."""
+    """torchvision center_crop / timm center_crop_or_pad on an (H, W[, C]) uint8 array."""
     crop_h, crop_w = crop
     img_h, img_w = arr.shape[:2]
     if crop_w > img_w or crop_h > img_h:
@@ -289,7 +289,7 @@ def _center_crop_or_pad(arr: np.ndarray, crop: tuple[int, int], fill: Sequence[i
         top = (crop_h - img_h) // 2 if crop_h > img_h else 0
         right = (crop_w - img_w + 1) // 2 if crop_w > img_w else 0
         bottom = (crop_h - img_h + 1) // 2 if crop_h > img_h else 0
-        padded = np.empty((img_h + top + bottom, img_w + left + right, arr.shape[2]), dtype=arr.dtype)
+        padded = np.empty((img_h + top + bottom, img_w + left + right) + arr.shape[2:], dtype=arr.dtype)
         padded[...] = np.asarray(fill, dtype=arr.dtype)
         padded[top:top + img_h, left:left + img_w] = arr
         arr = padded
@@ -333,6 +333,40 @@ def normalize(x, mean: Sequence[float], std: Sequence[float]):
     return (x - m) / s
 
 
+def eval_geometry(
+    img: Image.Image,
+    *,
+    img_size: int | Sequence[int] = (224, 224),
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+    crop_pct: float | None = 0.9,
+    crop_mode: str | None = "center",
+    fill: Sequence[int] | int = 0,
+) -> np.ndarray:
+    """The resize and crop of timm's eval transform on any PIL image, as a uint8 (H, W[, C]) array.
+
+    `eval_transform` is this plus ToTensor and Normalize. Apart from images, it moves label maps
+    (segmentation masks: `resample=NEAREST`, `fill=0`) through exactly the same geometry.
+    `fill`: what 'border' mode pads with.
+    """
+    out_h, out_w = _pair(img_size, "img_size")
+    crop_pct = crop_pct or DEFAULT_CROP_PCT
+    if crop_pct < 0:
+        raise ValueError(f"crop_pct must be positive, got {crop_pct}")
+    crop_mode = crop_mode or "center"
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"unknown crop_mode {crop_mode!r}; valid modes are {list(CROP_MODES)}")
+    scale = (math.floor(out_h / crop_pct), math.floor(out_w / crop_pct))
+    if crop_mode == "squash":
+        img = _resize(img, scale, resample)
+    elif crop_mode == "border":
+        img = _resize_keep_ratio(img, scale, 1.0, resample)
+    elif scale[0] == scale[1]:
+        img = _resize_shorter(img, scale[0], resample)
+    else:
+        img = _resize_keep_ratio(img, scale, 0.0, resample)
+    return _center_crop_or_pad(np.asarray(img), (out_h, out_w), fill if crop_mode == "border" else 0)
+
+
 def eval_transform(
     image: ImageSource,
     *,
@@ -353,28 +387,8 @@ def eval_transform(
     Unlike timm, an unknown `crop_mode` raises ValueError instead of silently falling
     back to 'center'. See the module docstring for the exact steps.
     """
-    img = _as_rgb(image)
-    out_h, out_w = _pair(img_size, "img_size")
-    resample = pil_interpolation(interpolation)
-    crop_pct = crop_pct or DEFAULT_CROP_PCT
-    if crop_pct < 0:
-        raise ValueError(f"crop_pct must be positive, got {crop_pct}")
-    crop_mode = crop_mode or "center"
-    if crop_mode not in CROP_MODES:
-        raise ValueError(f"unknown crop_mode {crop_mode!r}; valid modes are {list(CROP_MODES)}")
-    scale = (math.floor(out_h / crop_pct), math.floor(out_w / crop_pct))
-
-    fill: Sequence[int] | int = 0
-    if crop_mode == "squash":
-        img = _resize(img, scale, resample)
-    elif crop_mode == "border":
-        img = _resize_keep_ratio(img, scale, 1.0, resample)
-        fill = [round(255 * v) for v in mean]
-    elif scale[0] == scale[1]:
-        img = _resize_shorter(img, scale[0], resample)
-    else:
-        img = _resize_keep_ratio(img, scale, 0.0, resample)
-    arr = _center_crop_or_pad(np.asarray(img), (out_h, out_w), fill)
+    arr = eval_geometry(_as_rgb(image), img_size=img_size, resample=pil_interpolation(interpolation),
+                        crop_pct=crop_pct, crop_mode=crop_mode, fill=[round(255 * v) for v in mean])
     return normalize(_unit(arr), mean, std)
 
 

@@ -5,6 +5,7 @@
                                [--save-maps results.hdf5] [--mode both|positive|negative]
     predmaps eval segmentation --model NAME|PATH --method M [--layer L] --data gtsegs_ijcv.mat
                                [--batch-size N] [--limit N] [--json FILE] [--maps results.hdf5]
+                               [--transform resize|timm]
     predmaps eval digits [--model NAME|PATH] [--method M|all] [--layer L] [--target pred|gt]
                          [--scenes N] [--seed S] [--batch-size N] [--json FILE] [--markdown FILE]
 
@@ -37,8 +38,10 @@ def _parse_option(text: str):
 
 def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--model", required=True, help="timm name (with its pretrained tag), checkpoint file or directory")
-    p.add_argument("--method", default="predicatt", help="explanation method (default predicatt)")
-    p.add_argument("--layer", type=int, default=-1, help="prediction layer of prediction-map methods (default -1 = L)")
+    # Defaults of the options that shape computed maps are filled in by _cmd_eval, so that giving one
+    # together with --maps (where it would be ignored) is an error.
+    p.add_argument("--method", help="explanation method (default predicatt)")
+    p.add_argument("--layer", type=int, help="prediction layer of prediction-map methods (default -1 = L)")
     p.add_argument("--option", dest="options", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option similarity=cosine (repeatable)")
     p.add_argument("--data", help=data_help)
@@ -54,6 +57,12 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _transform_option(p: argparse.ArgumentParser, more: str) -> None:
+    p.add_argument("--transform", choices=("resize", "timm"),
+                   help="resize: the protocol's plain 224x224 bilinear resize (default); timm: the model's eval "
+                        f"transform (crop_pct, centre crop, its interpolation){more}")
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval perturbation|segmentation` on `subparsers` (from `add_subparsers`)."""
     p = subparsers.add_parser("eval", help="the perturbation and segmentation tests (Chefer et al. 2021b protocol)",
@@ -62,17 +71,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
     pp = sub.add_parser("perturbation", help="positive / negative perturbation AUC on ImageNet validation")
     _common(pp, "ImageNet validation: a class-folder tree ROOT/<wnid>/*.JPEG, or flat files with a label file")
-    pp.add_argument("--target", choices=("pred", "gt"), default="pred",
+    pp.add_argument("--target", choices=("pred", "gt"),
                     help="maps for the predicted class (Pred.) or the ground truth (Target); accuracy is always "
-                         "against the ground truth")
+                         "against the ground truth (default pred)")
     pp.add_argument("--mode", choices=("both", "positive", "negative"), default="both")
     pp.add_argument("--labels", help="label file of a flat image folder (see the layouts in the error message)")
     pp.add_argument("--class-order", choices=("imagenet", "sorted"), default="imagenet",
                     help="class folders: ImageNet-1k wnids in synset order (default), or any names numbered by "
                          "their sorted rank (torchvision ImageFolder)")
-    pp.add_argument("--transform", choices=("resize", "timm"), default="resize",
-                    help="resize: the protocol's plain 224x224 bilinear resize (default); timm: the model's eval "
-                         "transform (crop_pct, centre crop, its interpolation)")
+    _transform_option(pp, "")
     pp.add_argument("--normalization", choices=("protocol", "model"), default="protocol",
                     help="mean = std = 0.5 as the protocol (default), or the model's own mean/std")
     pp.add_argument("--save-maps", help="also write the computed maps as a results.hdf5 (Chefer's layout)")
@@ -80,6 +87,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
     ps = sub.add_parser("segmentation", help="pixel accuracy, mIoU and mAP on ImageNet-Segmentation")
     _common(ps, "ImageNet-Segmentation's gtsegs_ijcv.mat (or a folder holding it)")
+    _transform_option(ps, "; each mask goes through the same resize and crop (nearest)")
     ps.add_argument("--normalization", choices=("protocol", "model"), default="protocol",
                     help="mean = std = 0.5 as the protocol (default), or the model's own mean/std")
     ps.set_defaults(fn=cmd_eval)
@@ -135,6 +143,26 @@ def cmd_eval(args) -> int:
         return 2
 
 
+def _check_maps_options(args, test: str) -> None:
+    """With --maps the maps are given, so the options that would compute them are an error, not
+    silently ignored; without it, their defaults are filled in here."""
+    computing = {"--method": args.method, "--layer": args.layer, "--option": args.options or None}
+    if test == "perturbation":  # the images and labels come from the results.hdf5 as well
+        computing.update({"--target": args.target, "--transform": args.transform, "--save-maps": args.save_maps,
+                          "--data": args.data, "--labels": args.labels})
+    if args.maps is not None:
+        given = [flag for flag, value in computing.items() if value is not None]
+        if given:
+            source = "maps, images and labels" if test == "perturbation" else "maps"
+            raise ValueError(f"--maps reads the {source} from {args.maps}, so {', '.join(given)} would be ignored; "
+                             "drop them (they apply when this command computes the maps)")
+    args.method = args.method or "predicatt"
+    args.layer = -1 if args.layer is None else args.layer
+    args.transform = args.transform or "resize"
+    if test == "perturbation":
+        args.target = args.target or "pred"
+
+
 def _cmd_eval(args, ev) -> int:
     from predmaps.cli import load_model
 
@@ -149,6 +177,7 @@ def _cmd_eval(args, ev) -> int:
         raise ValueError(f"eval {test} needs --data" + (" (or --maps results.hdf5)" if test == "perturbation" else ""))
     if test == "segmentation" and args.data is None:
         raise ValueError("eval segmentation needs --data gtsegs_ijcv.mat (the masks), also with --maps")
+    _check_maps_options(args, test)
     # Check the data before loading a model (which may download).
     images = seg = None
     if test == "perturbation" and args.maps is None:
@@ -193,7 +222,8 @@ def _cmd_eval(args, ev) -> int:
         with seg:
             res = ev.segmentation_test(model, params, seg, method=args.method, layer=args.layer,
                                        batch_size=args.batch_size, limit=args.limit, subset=args.subset,
-                                       seed=args.seed, mean=mean, std=std, method_options=options, maps=args.maps,
+                                       seed=args.seed, transform=args.transform, mean=mean, std=std,
+                                       method_options=options, maps=args.maps,
                                        workers=args.workers, progress=progress)
         what = ("maps from " + args.maps) if args.maps else (
             _method_text(args.method, res.info.get("layer"), cfg.depth) + ", maps for the predicted class")

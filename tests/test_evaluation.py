@@ -407,6 +407,32 @@ def test_segmentation_end_to_end(tiny, seg_file):
     assert sub.n == 2 and sub.totals.ap == pytest.approx(res.totals.ap[:2], abs=1e-7)
 
 
+def test_segmentation_with_the_timm_transform_crops_masks_with_their_images(tiny, seg_file):
+    """transform="timm": images through the model's eval transform, masks through the same resize
+    and crop (nearest); the counts equal a by-hand computation on those pieces."""
+    model, params, _ = tiny
+    path, images, masks, _ = seg_file
+    cfg = model.config
+    res = ev.segmentation_test(model, params, path, batch_size=2, transform="timm")
+    assert res.info["transform"] == "timm" and res.n == 5
+    unit = np.stack([preprocess.eval_transform(img, img_size=224, mean=(0.0,) * 3, std=(1.0,) * 3,
+                                               interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+                     for img in images])
+    gt = np.stack([preprocess.eval_geometry(Image.fromarray(m), img_size=224, resample=Image.Resampling.NEAREST,
+                                            crop_pct=cfg.crop_pct) for m in masks])
+    ex = predmaps.explain(model, params, preprocess.normalize(unit, (0.5,) * 3, (0.5,) * 3), target="top")
+    r = np.asarray(predmaps.upsample(ex.maps[:, 0], (224, 224), normalize=True))
+    fg = r > r.mean(axis=(1, 2), keepdims=True)
+    inter = np.array([(~fg & (gt == 0)).sum(), (fg & (gt == 1)).sum()])
+    union = np.array([(~fg | (gt == 0)).sum(), (fg | (gt == 1)).sum()])
+    # Maps computed inside the evaluation's jit differ from predmaps.explain's by float rounding only
+    # (a few pixels at the mean threshold); plain-resized masks would move thousands.
+    np.testing.assert_allclose(res.totals.inter, inter, atol=20)
+    np.testing.assert_allclose(res.totals.union, union, atol=20)
+    plain = np.stack([ev.resize_mask(m) for m in masks])
+    assert np.abs(res.totals.union - np.array([(~fg | (plain == 0)).sum(), (fg | (plain == 1)).sum()])).max() > 500
+
+
 # --------------------------------------------------------------------------------------------
 # Data layouts and errors
 
@@ -533,7 +559,11 @@ def test_cli_perturbation_and_segmentation(tiny, tree, seg_file, tmp_path, capsy
     assert "mIoU" in capsys.readouterr().out
     js = json.loads(out2.read_text())
     assert js["n_images"] == 5 and len(js["ap_per_image"]) == 5 and 0 <= js["pixel_accuracy"] <= 1
-    assert js["map"] == pytest.approx(np.mean(js["ap_per_image"]))
+    assert js["map"] == pytest.approx(np.mean(js["ap_per_image"])) and js["transform"] == "resize"
+    assert js["method"] == "predicatt" and js["layer"] == 2  # layer -1 = L, this depth-2 model's 2
+    rc = _run_cli(["eval", "segmentation", "--model", str(ckpt), "--data", str(seg_file[0]), "--transform", "timm",
+                   "--batch-size", "2", "--json", str(out2), "--quiet"])
+    assert rc == 0 and json.loads(out2.read_text())["transform"] == "timm"
 
 
 def test_cli_errors(tiny, tmp_path, capsys):
@@ -547,3 +577,18 @@ def test_cli_errors(tiny, tmp_path, capsys):
     assert rc == 2 and "/value/gt" in capsys.readouterr().err
     rc = _run_cli(["eval", "perturbation", "--model", str(ckpt), "--maps", str(tmp_path / "none.hdf5"), "--quiet"])
     assert rc == 2 and "results.hdf5" in capsys.readouterr().err
+    # Options that shape computed maps are refused with --maps instead of being ignored.
+    rc = _run_cli(["eval", "perturbation", "--model", str(ckpt), "--maps", str(tmp_path / "none.hdf5"),
+                   "--method", "rollout", "--target", "gt", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--method, --target would be ignored" in err and "drop them" in err
+    rc = _run_cli(["eval", "segmentation", "--model", str(ckpt), "--data", str(tmp_path / "x.mat"),
+                   "--maps", str(tmp_path / "none.hdf5"), "--layer", "-2", "--quiet"])
+    assert rc == 2 and "--layer would be ignored" in capsys.readouterr().err
+    # A results.hdf5 whose labels lie outside the model's classes: an error before any image is scored.
+    rng = np.random.default_rng(0)
+    bad = ev.write_chefer_hdf5(tmp_path / "bad_labels.hdf5", rng.random((2, 224, 224)).astype(np.float32),
+                               rng.random((2, 224, 224, 3)).astype(np.float32), np.array([1, NUM_CLASSES]))
+    rc = _run_cli(["eval", "perturbation", "--model", str(ckpt), "--maps", str(bad), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'target' labels go up to 4" in err and "bad_labels.hdf5" in err

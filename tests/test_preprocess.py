@@ -175,6 +175,26 @@ def test_eval_pads_with_zero_and_mean():
     np.testing.assert_allclose(border[0, 0], fill, atol=1e-6)
 
 
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("wh,size,crop_pct", [((320, 240), (224, 224), 0.9), ((181, 263), (192, 256), 0.875),
+                                              ((97, 150), (224, 224), 1.15)], ids=["wide", "tall-nonsquare", "pad"])
+def test_eval_geometry_moves_a_label_map_as_timm_moves_its_image(timm_data, wh, size, crop_pct, crop_mode):
+    """A segmentation mask through `eval_geometry` (NEAREST, fill 0) lands exactly where timm's
+    eval transform with nearest interpolation puts the same labels drawn as an image: every pixel
+    equal, so masks stay aligned with images under the timm transform."""
+    w, h = wh
+    rng = np.random.default_rng(w)
+    labels = np.kron(rng.integers(0, 3, (h // 8 + 1, w // 8 + 1)), np.ones((8, 8), int))[:h, :w].astype(np.uint8)
+    ours = pp.eval_geometry(Image.fromarray(labels), img_size=size, resample=Image.Resampling.NEAREST,
+                            crop_pct=crop_pct, crop_mode=crop_mode)
+    drawn = Image.fromarray(np.repeat(labels[..., None] * 100, 3, axis=-1))
+    ref = _timm_eval(drawn, size, mean=(0.0,) * 3, std=(1.0,) * 3, interpolation="nearest", crop_pct=crop_pct,
+                     crop_mode=crop_mode)
+    assert ours.shape == size and ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours.astype(np.int64) * 100, np.rint(ref[..., 0] * 255).astype(np.int64))
+    assert set(np.unique(ours)) <= {0, 1, 2}
+
+
 # --------------------------------------------------------------------------------------
 # Plain resize protocol, to_unit, normalize
 # --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ negative = increasing map value; equal values in increasing flat pixel index (y 
 """
 
 from predmaps.evaluation.data import (IMAGENET_LAYOUTS, PROTOCOL_MEAN, PROTOCOL_STD, DataLayoutError, ImageList,
-                                      imagenet_val, subset_indices, unit_transform)
+                                      imagenet_val, mask_transform, subset_indices, unit_transform)
 from predmaps.evaluation.files import (CheferResults, CheferWriter, ImageNetSegmentation, read_chefer_hdf5,
                                        write_chefer_hdf5, write_segmentation_mat)
 from predmaps.evaluation.metrics import (MODES, STEPS, TIE_ORDER, SegmentationTotals, average_precision,
@@ -35,7 +35,7 @@ __all__ = [
     "IMAGENET_LAYOUTS", "MODES", "PROTOCOL_MEAN", "PROTOCOL_STD", "STEPS", "TIE_ORDER", "CheferResults", "CheferWriter",
     "DataLayoutError", "ImageList", "ImageNetSegmentation", "PerturbationResult", "SegmentationResult",
     "SegmentationTotals", "average_precision", "average_precision_numpy", "check_explainer", "imagenet_val",
-    "minmax_normalize", "num_removed", "perturbation_auc", "perturbation_hits", "perturbation_test",
+    "mask_transform", "minmax_normalize", "num_removed", "perturbation_auc", "perturbation_hits", "perturbation_test",
     "perturbation_test_arrays", "read_chefer_hdf5", "removal_masks", "removal_ranks", "remove_pixels", "resize_mask",
     "score_maps", "segmentation_counts", "segmentation_test", "segmentation_test_arrays", "subset_indices",
     "unit_transform", "write_chefer_hdf5", "write_segmentation_mat",

@@ -279,6 +279,14 @@ PROTOCOL_STD = (0.5, 0.5, 0.5)
 TRANSFORMS = ("resize", "timm")
 
 
+def _timm_geometry(config) -> dict:
+    """The eval-transform geometry of a model config: interpolation, crop_pct, crop_mode."""
+    if config is None:
+        raise ValueError("the timm transform needs the model config")
+    return {"interpolation": getattr(config, "interpolation", "bicubic"),
+            "crop_pct": getattr(config, "crop_pct", 0.9), "crop_mode": getattr(config, "crop_mode", "center")}
+
+
 def unit_transform(kind: str = "resize", size=(224, 224), config=None) -> Callable:
     """image -> float32 (H, W, 3) in [0, 1], before normalisation.
 
@@ -291,13 +299,30 @@ def unit_transform(kind: str = "resize", size=(224, 224), config=None) -> Callab
     if kind == "resize":
         return lambda img: preprocess.to_unit(img, size, "bilinear")
     if kind == "timm":
-        if config is None:
-            raise ValueError("the timm transform needs the model config")
-        interp = getattr(config, "interpolation", "bicubic")
-        crop_pct = getattr(config, "crop_pct", 0.9)
-        crop_mode = getattr(config, "crop_mode", "center")
+        geometry = _timm_geometry(config)
         return lambda img: preprocess.eval_transform(img, img_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                                                     interpolation=interp, crop_pct=crop_pct, crop_mode=crop_mode)
+                                                     **geometry)
+    raise ValueError(f"transform must be one of {TRANSFORMS}; got {kind!r}")
+
+
+def mask_transform(kind: str = "resize", size=(224, 224), config=None) -> Callable:
+    """label mask (H, W) -> uint8 `size`, through the same geometry as `unit_transform(kind)`
+    moves its image, with NEAREST resampling ("resize": torchvision Resize(size, NEAREST), as
+    the protocol; "timm": the eval transform's resize and crop, padding with 0 = background)."""
+    from PIL import Image
+
+    from jaxvit import preprocess
+
+    def to_pil(mask):
+        return Image.fromarray(np.asarray(mask, np.uint8))
+
+    if kind == "resize":
+        return lambda mask: np.asarray(to_pil(mask).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    if kind == "timm":
+        geometry = _timm_geometry(config)
+        del geometry["interpolation"]
+        return lambda mask: preprocess.eval_geometry(to_pil(mask), img_size=size, resample=Image.Resampling.NEAREST,
+                                                     **geometry)
     raise ValueError(f"transform must be one of {TRANSFORMS}; got {kind!r}")
 
 

@@ -211,6 +211,10 @@ class CheferResults:
     def __len__(self) -> int:
         return int(self._f["vis"].shape[0])
 
+    def labels(self) -> np.ndarray:
+        """(n,) int64: every entry's ground-truth class ('target')."""
+        return np.asarray(self._f["target"][:]).astype(np.int64)
+
     def maps(self, start: int, stop: int) -> np.ndarray:
         """(b, H, W) float32 maps only."""
         return np.asarray(self._f["vis"][start:stop, 0], np.float32)

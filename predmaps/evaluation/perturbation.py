@@ -223,9 +223,13 @@ def _check_request(model, method, layer, target, modes, steps, image_size, mean,
     return spec, modes, steps, size, mean, std
 
 
-def _check_labels(model, labels) -> None:
+def _check_labels(model, labels, source: str = "labels") -> None:
+    labels = np.asarray(labels)
+    if len(labels) and int(np.min(labels)) < 0:
+        raise ValueError(f"{source} hold a negative class index ({int(np.min(labels))}); ground-truth classes are "
+                         f"0..{model.config.num_classes - 1}")
     if len(labels) and int(np.max(labels)) >= model.config.num_classes:
-        raise ValueError(f"labels go up to {int(np.max(labels))} but the model has {model.config.num_classes} "
+        raise ValueError(f"{source} go up to {int(np.max(labels))} but the model has {model.config.num_classes} "
                          "classes (ImageNet-1k labels need a 1000-class model)")
 
 
@@ -330,6 +334,8 @@ def score_maps(model, params, unit, maps, labels, *, modes=metrics.MODES, steps=
         idx = np.arange(len(source)) if indices is None else np.asarray(indices)
         n = len(idx)
         size = source.image_size
+        # Before the first batch: a label outside the head would count every image as wrong.
+        _check_labels(model, source.labels()[idx], f"{source.path}: 'target' labels")
 
         def get(start, stop):
             if indices is None:
@@ -346,8 +352,7 @@ def score_maps(model, params, unit, maps, labels, *, modes=metrics.MODES, steps=
             raise ValueError(f"score_maps takes unit (n, H, W, 3), maps (n, H, W), labels (n,); got {unit.shape}, "
                              f"{maps.shape}, {labels.shape}")
         size = unit.shape[1:3]
-        if n and (labels.min() < 0 or labels.max() >= model.config.num_classes):
-            raise ValueError(f"labels must lie in 0..{model.config.num_classes - 1} (the model's classes)")
+        _check_labels(model, labels)
 
         def get(start, stop):
             return {"unit": unit[start:stop], "maps": maps[start:stop], "labels": labels[start:stop].astype(np.int32)}

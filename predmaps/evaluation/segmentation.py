@@ -16,10 +16,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
 
 from predmaps.evaluation import metrics
-from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, prefetch_batches, stack_padded, subset_indices
+from predmaps.evaluation.data import (PROTOCOL_MEAN, PROTOCOL_STD, mask_transform, prefetch_batches, stack_padded,
+                                      subset_indices, unit_transform)
 from predmaps.evaluation.files import ImageNetSegmentation
 from predmaps.evaluation.perturbation import _normalize, check_explainer, pixel_maps
 
@@ -64,8 +64,7 @@ class SegmentationResult:
 
 def resize_mask(mask, size=(224, 224)) -> np.ndarray:
     """uint8 (H, W) -> uint8 `size`, NEAREST (torchvision Resize(size, Image.NEAREST) on PIL)."""
-    img = Image.fromarray(np.asarray(mask, np.uint8))
-    return np.asarray(img.resize((size[1], size[0]), Image.Resampling.NEAREST))
+    return mask_transform("resize", size)(mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -89,12 +88,14 @@ def segmentation_step(model, spec, *, size=(224, 224), mean=PROTOCOL_MEAN, std=P
 
 def segmentation_test(model, params, data, *, method: str = "predicatt", layer: int = -1, batch_size: int = 32,
                       limit: int | None = None, subset: str = "random", seed: int = 0, image_size=(224, 224),
-                      mean=PROTOCOL_MEAN, std=PROTOCOL_STD, method_options: dict | None = None, maps=None,
+                      transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
+                      method_options: dict | None = None, maps=None,
                       workers: int | None = None, progress: bool = False) -> SegmentationResult:
     """The segmentation test of `method` on gtsegs_ijcv.mat (`data`: a path or an open
     `ImageNetSegmentation`). `maps`: optional precomputed maps, (n, H, W) array or a
     results.hdf5 path, in the .mat file's order (min-max normalised again here; only their
-    `vis` is used); then the model is not run."""
+    `vis` is used); then the model is not run. `transform`: "resize" (the protocol) or "timm"
+    (the model's eval transform; each mask goes through the same resize and crop, NEAREST)."""
     from tqdm.auto import tqdm
 
     own = not isinstance(data, ImageNetSegmentation)
@@ -102,6 +103,8 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
     closers = [ds] if own else []
     try:
         size = tuple(int(s) for s in image_size)
+        config = model.config if model is not None else None
+        image_tf, mask_tf = unit_transform(transform, size, config), mask_transform(transform, size, config)
         given = None
         if maps is not None:
             if isinstance(maps, (str, bytes)) or hasattr(maps, "__fspath__"):
@@ -133,11 +136,10 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
             raise ValueError("no images to evaluate")
         mean_, std_ = tuple(map(float, mean)), tuple(map(float, std))
         step = segmentation_step(model, spec, size=size, mean=mean_, std=std_)
-        from jaxvit import preprocess
 
         def load(j):
             i = int(idx[j])
-            row = {"unit": preprocess.to_unit(ds.image(i), size, "bilinear"), "masks": resize_mask(ds.mask(i), size)}
+            row = {"unit": image_tf(ds.image(i)), "masks": mask_tf(ds.mask(i))}
             if given is not None:
                 row["maps"] = given(i)
             return row
@@ -169,7 +171,7 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
         info = {"method": method if given is None else None, "layer": spec.layer if spec else None,
                 "method_options": dict(spec.options) if spec else {}, "target": "pred",
                 "maps_source": "computed" if given is None else "given", "image_size": list(size),
-                "transform": "resize", "normalization": {"mean": list(mean_), "std": list(std_)},
+                "transform": transform, "normalization": {"mean": list(mean_), "std": list(std_)},
                 "batch_size": batch_size, "limit": limit, "subset": subset if limit else None,
                 "seed": seed if limit and subset == "random" else None, "seconds": total,
                 "first_batch_seconds": t_first,
