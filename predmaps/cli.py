@@ -1,8 +1,9 @@
 """The `predmaps` command.
 
     predmaps demo [--out DIR]                       # offline: the embedded digit-scenes ViT
-    predmaps explain IMAGE... [--model NAME|PATH] [--classes top5|281,285] [--method predicatt]
-                     [--layers -1,-2] [--labels 3,7] [--cmap jet] [--alpha 0.5] [--shared-scale] [--out DIR]
+    predmaps explain IMAGE... [--model NAME|PATH [--model-name NAME]] [--classes top5|281,285]
+                     [--method predicatt] [--layers -1,-2] [--labels 3,7] [--cmap jet] [--alpha 0.5]
+                     [--shared-scale] [--out DIR]
 
 Both write PNG overlays into --out and a self-contained HTML report (no script, images embedded)
 into --out/report: index.html, one page per image (see `predmaps.report`).
@@ -26,19 +27,37 @@ def default_model_path() -> Path:
     return Path(str(resources.files("predmaps").joinpath("assets", DEFAULT_MODEL)))
 
 
-def load_model(spec: str | None):
+def load_model(spec: str | None, model_name: str | None = None):
+    """The CLI's --model (a timm name, a checkpoint file or directory; None: the embedded default)
+    and --model-name (the timm architecture of a bare weights file that does not say)."""
     import convert
 
     if spec is None or spec == DEFAULT_MODEL:
         return convert.load(default_model_path())
-    return convert.load(spec)
+    return convert.load(spec, model_name=model_name)
+
+
+def model_error_text(e: Exception) -> str:
+    """A model-loading error for the command line: the library's advice to pass model_name,
+    said as the option that does it."""
+    text = str(e)
+    if "pass model_name" in text:
+        text += " (on the command line: --model-name NAME)"
+    return text
+
+
+MODEL_NAME_HELP = ("the timm name of a bare weights file (.safetensors/.pth state dict) that does not say which "
+                   "architecture it is, e.g. vit_base_patch16_224")
 
 
 def _parse_layers(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like -1,-2; got {text!r}") from None
+        layers = []
+    if not layers:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like -1,-2; got {text!r}")
+    return layers
 
 
 def _parse_classes(text: str):
@@ -91,9 +110,15 @@ def _run_report(model, params, batches, out: Path, options, png_layers):
     stand-alone PNG overlays of the requested method and layers in out/."""
     from predmaps import report
 
+    names = report.PngNames()
+
     def pngs(r):
+        stem = names(r.name)
+        if stem != Path(r.name).stem:
+            print(f"note: {r.name} has the file stem of an earlier image; its overlays are {stem}_*.png",
+                  file=sys.stderr)
         report.write_pngs(r, model.config, out, options.method, png_layers, cmap=options.cmap, alpha=options.alpha,
-                          shared_scale=options.shared_scale)
+                          shared_scale=options.shared_scale, stem=stem)
 
     return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
 
@@ -108,8 +133,20 @@ def cmd_explain(args) -> int:
         print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
               "image, in order", file=sys.stderr)
         return 2
-    model, params = load_model(args.model)
+    try:
+        model, params = load_model(args.model, args.model_name)
+    except ValueError as e:  # the checkpoint formats' errors (CheckpointMismatchError, ...) say what to do
+        print(f"error: {model_error_text(e)}", file=sys.stderr)
+        return 2
     cfg = model.config
+    from predmaps.core import layer_index
+
+    try:
+        for layer in args.layers:
+            layer_index(layer, cfg.depth)
+    except ValueError as e:
+        print(f"error: --layers: {e}", file=sys.stderr)
+        return 2
     if args.labels is not None:
         bad = [c for row in args.labels for c in row if not 0 <= c < cfg.num_classes]
         if bad:
@@ -263,6 +300,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
+    p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--classes", type=_parse_classes, default="top", help="top, topK, all, or indices like 281,285")
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout)")

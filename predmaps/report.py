@@ -614,15 +614,16 @@ class ReportWriter:
 
 
 def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int], *, cmap: str = "jet",
-               alpha: float = 0.5, shared_scale: bool = False) -> None:
+               alpha: float = 0.5, shared_scale: bool = False, stem: str | None = None) -> None:
     """Stand-alone PNG overlays at the model's input size: `{stem}_{method}_{layer}_{class}.png` per
     requested class and layer (layer named as the paper: L, L-1, ...; `{stem}_{method}_{class}.png`
-    for methods without a layer), and `{stem}_{method}_grid.png` (layers x classes)."""
+    for methods without a layer), and `{stem}_{method}_grid.png` (layers x classes). `stem`: the
+    image's file stem unless given (`PngNames` keeps stems unique over a run)."""
     from predmaps import core, viz
     from predmaps.explain import get_method
 
     uses_layer = get_method(method).uses_layer
-    stem = Path(r.name).stem
+    stem = stem or Path(r.name).stem or "image"
     tiles, titles = [], []
     for layer in (layers if uses_layer else layers[:1]):  # a method without a layer has one map per class
         key = (method, core.layer_index(layer, cfg.depth) if uses_layer else None)
@@ -637,6 +638,23 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
             titles.append(f"{cfg.class_name(c)} {tag}".rstrip())
     viz.grid(tiles, titles, columns=len(r.classes), cell=max(128, r.image.shape[0])).save(
         out / f"{stem}_{method}_grid.png")
+
+
+class PngNames:
+    """File stems for `write_pngs`, unique over one run: a second `cat.jpg` (from another folder,
+    or `cat.png`) gets `cat-2`, so its overlays do not overwrite the first one's."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        base = Path(name).stem or "image"
+        stem, k = base, 1
+        while stem in self.used:
+            k += 1
+            stem = f"{base}-{k}"
+        self.used.add(stem)
+        return stem
 
 
 def write_report(model, params, batches: Iterable[Batch], out_dir, options: ReportOptions | None = None, *,

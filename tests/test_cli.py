@@ -86,6 +86,56 @@ def test_explain_errors(tiny_checkpoint, tmp_path, capsys):
     assert "--labels takes one class index per image" in capsys.readouterr().err
 
 
+def test_explain_model_errors_are_one_line_and_model_name_reaches_the_loader(tiny_checkpoint, tmp_path, capsys):
+    """A weights file the loader cannot use is an `error:` line with exit 2, not a traceback; a bare
+    state dict that does not say its architecture points at --model-name, which reaches convert.load."""
+    from safetensors.numpy import save_file
+
+    import convert
+
+    good = tmp_path / "g.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    _, params = jaxvit.load(tiny_checkpoint)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in convert.export_state_dict(params).items()}, str(bare))
+    args = ["explain", str(good), "--model", str(bare), "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "(on the command line: --model-name NAME)" in err
+    assert cli.main(args + ["--model-name", "vit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint does not match vit_tiny_patch16_224" in err and "Traceback" not in err
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(bare.read_bytes()[:100])
+    assert cli.main(["explain", str(good), "--model", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_explain_gives_overlays_of_images_with_the_same_stem_their_own_names(tiny_checkpoint, tmp_path, capsys):
+    paths = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png", tmp_path / "cat.jpg"]
+    for i, p in enumerate(paths):
+        p.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 90, 200 - 40 * i)).save(p)
+    out = tmp_path / "out"
+    assert cli.main(["explain", *map(str, paths), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "its overlays are cat-2_*.png" in err and "its overlays are cat-3_*.png" in err
+    assert sorted(p.name for p in out.glob("*_grid.png")) == ["cat-2_predicatt_grid.png", "cat-3_predicatt_grid.png",
+                                                               "cat_predicatt_grid.png"]
+
+
+def test_explain_rejects_empty_and_out_of_range_layers_for_every_method(tiny_checkpoint, tmp_path, capsys):
+    good = tmp_path / "g.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    with pytest.raises(SystemExit):
+        cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--layers", ","])
+    assert "--layers takes comma-separated integers" in capsys.readouterr().err
+    # rollout has no prediction layer, but a layer the model does not have is still a mistake to report
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--method", "rollout", "--layers", "50",
+                     "--out", str(tmp_path)]) == 2
+    assert "--layers: layer 50 out of range" in capsys.readouterr().err
+
+
 def test_overlay_keeps_size_and_puts_heat_on_the_hot_cell():
     image = np.full((64, 96, 3), 128, np.uint8)
     token_map = np.zeros((4, 6), np.float32)
