@@ -37,7 +37,10 @@ def _parse_option(text: str):
 
 
 def _common(p: argparse.ArgumentParser, data_help: str) -> None:
+    from predmaps.cli import MODEL_NAME_HELP
+
     p.add_argument("--model", required=True, help="timm name (with its pretrained tag), checkpoint file or directory")
+    p.add_argument("--model-name", help=MODEL_NAME_HELP)
     # Defaults of the options that shape computed maps are filled in by _cmd_eval, so that giving one
     # together with --maps (where it would be ignored) is an error.
     p.add_argument("--method", help="explanation method (default predicatt)")
@@ -139,8 +142,31 @@ def cmd_eval(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from predmaps.cli import model_error_text
+
+        print(f"error: {model_error_text(e)}", file=sys.stderr)
         return 2
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Fail now if `path` cannot be written (its folder is created, as the writers do)."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existed = out.exists()
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path") from None
+
+
+def _check_outputs(args, flags) -> None:
+    """The output files of a run, checked before hours of computing rather than after."""
+    for flag in flags:
+        if getattr(args, flag, None):
+            _check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
 
 
 def _check_maps_options(args, test: str) -> None:
@@ -178,6 +204,7 @@ def _cmd_eval(args, ev) -> int:
     if test == "segmentation" and args.data is None:
         raise ValueError("eval segmentation needs --data gtsegs_ijcv.mat (the masks), also with --maps")
     _check_maps_options(args, test)
+    _check_outputs(args, ("json", "save_maps"))
     # Check the data before loading a model (which may download).
     images = seg = None
     if test == "perturbation" and args.maps is None:
@@ -187,7 +214,7 @@ def _cmd_eval(args, ev) -> int:
         seg = ev.ImageNetSegmentation(args.data)
     maps_reader = ev.CheferResults(args.maps) if (args.maps and test == "perturbation") else None
 
-    model, params = load_model(args.model)
+    model, params = load_model(args.model, args.model_name)
     cfg = model.config
     options = dict(args.options)
     if args.normalization == "model":
@@ -229,6 +256,11 @@ def _cmd_eval(args, ev) -> int:
             _method_text(args.method, res.info.get("layer"), cfg.depth) + ", maps for the predicted class")
         print(f"segmentation test: {cfg.name or args.model}, {what}, {res.n} images")
     print(res.table())
+    unreadable = res.info.get("unreadable") or []
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable image(s), not counted in the {res.n} above"
+              + (" (listed in the JSON)" if args.json else "") + f"; the first: {unreadable[0]['error']}",
+              file=sys.stderr)
     rate = res.info.get("images_per_second")
     if rate:
         print(f"{res.info['seconds']:.1f} s ({rate:.1f} img/s after the first batch, which took "
@@ -250,6 +282,7 @@ def _cmd_digits(args) -> int:
         raise ValueError(f"--scenes must be positive; got {args.scenes}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive; got {args.batch_size}")
+    _check_outputs(args, ("json", "markdown"))
     if args.method == "all":
         if args.options or args.layer != -1:
             raise ValueError("--layer and --option apply to a single --method, not to 'all'")

@@ -367,6 +367,32 @@ def test_perturbation_end_to_end_matches_plain_loop(tiny, tree, tmp_path):
         assert ev.score_maps(model, params, r, None, None, batch_size=4).correct == res.correct
 
 
+def test_perturbation_skips_an_unreadable_image_and_scores_the_rest(tiny, tree, tmp_path, capsys):
+    """One corrupt file among the images: the test goes on, counts only the readable ones (the
+    same counts as without the file), and lists it; skip_unreadable=False stops at it instead."""
+    import shutil
+
+    model, params, ckpt = tiny
+    bad_tree = tmp_path / "val"
+    shutil.copytree(tree, bad_tree)
+    wnid = sorted(p.name for p in bad_tree.iterdir())[1]
+    (bad_tree / wnid / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    images = ev.imagenet_val(bad_tree)
+    assert len(images) == 10
+    res = ev.perturbation_test(model, params, images, batch_size=4)
+    clean = ev.perturbation_test(model, params, ev.imagenet_val(tree), batch_size=4)
+    assert res.n == 9 and res.correct == clean.correct
+    assert [u["path"] for u in res.info["unreadable"]] == [str(bad_tree / wnid / "zz_truncated.png")]
+    with pytest.raises(preprocess.ImageLoadError, match="zz_truncated.png"):
+        ev.perturbation_test(model, params, images, batch_size=4, skip_unreadable=False)
+    out = tmp_path / "p.json"
+    assert _run_cli(["eval", "perturbation", "--model", str(ckpt), "--data", str(bad_tree), "--batch-size", "4",
+                     "--json", str(out), "--quiet"]) == 0
+    assert "skipped 1 unreadable image(s), not counted in the 9 above (listed in the JSON)" in capsys.readouterr().err
+    js = json.loads(out.read_text())
+    assert js["n_images"] == 9 and len(js["unreadable"]) == 1
+
+
 def test_segmentation_end_to_end(tiny, seg_file):
     model, params, _ = tiny
     path, images, masks, _ = seg_file
@@ -585,6 +611,12 @@ def test_cli_errors(tiny, tmp_path, capsys):
     rc = _run_cli(["eval", "segmentation", "--model", str(ckpt), "--data", str(tmp_path / "x.mat"),
                    "--maps", str(tmp_path / "none.hdf5"), "--layer", "-2", "--quiet"])
     assert rc == 2 and "--layer would be ignored" in capsys.readouterr().err
+    # An output file that cannot be written: an error before the test runs, not after.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    rc = _run_cli(["eval", "perturbation", "--model", str(ckpt), "--data", str(tmp_path / "nope"),
+                   "--json", str(blocker / "p.json"), "--quiet"])
+    assert rc == 2 and f"--json {blocker / 'p.json'} cannot be written" in capsys.readouterr().err
     # A results.hdf5 whose labels lie outside the model's classes: an error before any image is scored.
     rng = np.random.default_rng(0)
     bad = ev.write_chefer_hdf5(tmp_path / "bad_labels.hdf5", rng.random((2, 224, 224)).astype(np.float32),

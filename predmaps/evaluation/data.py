@@ -367,15 +367,29 @@ def stack_padded(rows: Sequence[dict], batch_size: int) -> tuple[dict, np.ndarra
     return out, valid
 
 
-def iter_image_list(images: ImageList, transform: Callable, batch_size: int, *,
-                    workers: int | None = None) -> Iterable[tuple[int, dict, np.ndarray]]:
-    """(start, {"unit": (B, H, W, 3) float32, "labels": (B,) int32}, valid) for an `ImageList`."""
+def iter_image_list(images: ImageList, transform: Callable, batch_size: int, *, workers: int | None = None,
+                    unreadable: list | None = None) -> Iterable[tuple[int, dict, np.ndarray]]:
+    """(start, {"unit": (B, H, W, 3) float32, "labels": (B,) int32}, valid) for an `ImageList`.
+
+    An image that cannot be read or decoded (`jaxvit.preprocess.ImageLoadError`) is left out of its
+    batch and appended to `unreadable` as {"path", "error"}, so one bad file among 50,000 does not
+    end the run; with `unreadable` None it raises instead. A batch left empty is not yielded."""
     from jaxvit import preprocess
 
     def load(i):
-        return {"unit": np.asarray(transform(preprocess.load_image(images.paths[i])), np.float32),
-                "labels": np.int32(images.labels[i])}
+        try:
+            image = preprocess.load_image(images.paths[i])
+        except preprocess.ImageLoadError as e:
+            if unreadable is None:
+                raise
+            return {"path": str(images.paths[i]), "error": str(e)}
+        return {"unit": np.asarray(transform(image), np.float32), "labels": np.int32(images.labels[i])}
 
     for start, rows in prefetch_batches(len(images), batch_size, load, workers=workers):
-        batch, valid = stack_padded(rows, batch_size)
-        yield start, batch, valid
+        bad = [r for r in rows if "error" in r]
+        if bad:
+            unreadable.extend(bad)
+            rows = [r for r in rows if "error" not in r]
+        if rows:
+            batch, valid = stack_padded(rows, batch_size)
+            yield start, batch, valid

@@ -186,6 +186,7 @@ def _run(step_fn: Callable, batches: Iterable, n: int, *, modes, steps, progress
     t0 = time.perf_counter()
     t_first = None
     prev, prev_n = None, 0
+    valid = np.zeros(0, bool)  # no batch at all when every image was unreadable
     try:
         for start, batch, valid in batches:
             counts, extra = step_fn(counts, batch, valid)
@@ -237,12 +238,14 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
                       target: str = "pred", modes=metrics.MODES, steps=metrics.STEPS, batch_size: int = 32,
                       image_size=(224, 224), transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
                       method_options: dict | None = None, workers: int | None = None, progress: bool = False,
-                      save_maps=None) -> PerturbationResult:
+                      save_maps=None, skip_unreadable: bool = True) -> PerturbationResult:
     """The perturbation test of `method` on `images` (an `ImageList`, see `data.imagenet_val`).
 
     Maps are for the predicted class (target "pred") or the ground truth ("gt"); accuracy is
     always against the ground truth. `save_maps`: a path to write the maps, images and labels
-    as Chefer's results.hdf5 (so the torch code can score them).
+    as Chefer's results.hdf5 (so the torch code can score them). `skip_unreadable`: an image
+    that cannot be decoded is left out (`n` counts the scored images) and listed in
+    `info["unreadable"]`; False: it ends the test with `ImageLoadError`.
 
     Memory: each batch runs the model on batch_size x len(modes) x len(steps) images at once
     (640 for the default 32 x 2 x 10); lower `batch_size` if that does not fit.
@@ -270,10 +273,15 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
             writer.append(np.asarray(maps)[:b], batch["unit"][:b], batch["labels"][:b])
 
     tf = unit_transform(transform, size, model.config)
-    batches = iter_image_list(images, tf, batch_size, workers=workers)
+    unreadable = [] if skip_unreadable else None
+    batches = iter_image_list(images, tf, batch_size, workers=workers, unreadable=unreadable)
     try:
         counts, timing = _run(step_fn, batches, len(images), modes=modes, steps=steps, progress=progress,
                               on_batch=on_batch)
+        n = len(images) - len(unreadable or ())
+        if n == 0:
+            raise ValueError(f"none of the {len(images)} images could be read; the first error: "
+                             f"{unreadable[0]['error']}")
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -282,8 +290,8 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
         writer.close()
     info = {"method": method, "layer": spec.layer, "method_options": dict(spec.options), "target": target,
             "transform": transform, "normalization": {"mean": list(mean), "std": list(std)},
-            "batch_size": batch_size, "maps_source": "computed", **timing}
-    return PerturbationResult(len(images), dict(zip(modes, counts)), steps, size, info)
+            "batch_size": batch_size, "maps_source": "computed", "unreadable": unreadable or [], **timing}
+    return PerturbationResult(n, dict(zip(modes, counts)), steps, size, info)
 
 
 def perturbation_test_arrays(model, params, unit, labels, *, method: str = "predicatt", layer: int = -1,
