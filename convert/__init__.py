@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvit
-from convert.sources import HubUnavailableError, read_source
+from convert.sources import HubUnavailableError, is_file_name, read_source
 from convert.timm_vit import (CheckpointMismatchError, UnsupportedModelError, adapt_config, config_from_timm_module,
                               infer_config, params_from_state_dict, resize_params, resolve_config,
                               state_dict_from_params)
-from jaxvit.config import ViTConfig
+from jaxvit.config import UnknownModelError, ViTConfig
 
-__all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnsupportedModelError", "export_state_dict", "load",
-           "load_config", "save_timm"]
+__all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
+           "export_state_dict", "load", "load_config", "save_timm"]
 
 
 def _is_torch_module(obj) -> bool:
@@ -89,10 +89,12 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     file (no torch needed) or `.pth`/`.bin` file (torch); a directory holding `model.safetensors`
     (and timm's `config.json`) or a jaxvit checkpoint; or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`,
     `timm/...`, `hf-hub:timm/...`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE honoured).
-    `model_name`: the timm name the weights belong to, when the source does not say.
+    `model_name`: the timm name the weights belong to, when the source does not say. A name that is
+    no known architecture raises `UnknownModelError` (a KeyError) before any hub access.
     `dtype`: compute dtype of the module (params stay float32). `img_size`: resample the stored
     position embeddings to this size now, as timm does when a model is built for another size
-    (inputs of any multiple of the patch size work either way).
+    (inputs of any multiple of the patch size work either way); it must be a multiple of the patch
+    size. `num_heads`: the head count of a state dict without a name (shapes do not tell it).
 
     Strict: every tensor is consumed and every parameter filled, else `CheckpointMismatchError`.
     """
@@ -110,11 +112,16 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
         return jaxvit.ViT(config, dtype=dtype, attention=attention), jax.tree_util.tree_map(jnp.asarray, params)
     else:
         hf_hub_id = None
-        if isinstance(source, str) and not Path(source).exists() and "/" not in source:
+        if isinstance(source, str) and "/" not in source and not Path(source).exists() and not is_file_name(source):
             model_name = model_name or source.removeprefix("hf-hub:")
             try:
                 hf_hub_id = resolve_config(model_name).hf_hub_id
-            except KeyError:
+            except KeyError as unknown:
+                # An unknown architecture has no hub repo to try: say so now (UnknownModelError), not
+                # as a hub/cache failure after the hub's retries. A known architecture with a tag we
+                # lack, or any hf-hub: repo, is still looked up on the hub as before.
+                if not source.startswith("hf-hub:") and not _is_known_architecture(model_name):
+                    raise unknown from None
                 hf_hub_id = None
         state_dict, hub_config, _ = read_source(source, hf_hub_id=hf_hub_id)
         config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads)
@@ -124,6 +131,16 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),
                                     params)
     return jaxvit.ViT(config, dtype=dtype, attention=attention), params
+
+
+def _is_known_architecture(name: str) -> bool:
+    """Whether `name`'s architecture resolves (timm, else the bundled table); a non-ViT timm
+    architecture raises UnsupportedModelError."""
+    try:
+        resolve_config(name.partition(".")[0])
+    except KeyError:
+        return False
+    return True
 
 
 def _is_jaxvit_checkpoint(path: Path) -> bool:

@@ -40,10 +40,16 @@ def main(argv=None) -> int:
     cfg = model.config
     print(f"{cfg.name or 'model'}: {cfg.depth} blocks x {cfg.num_heads} heads, width {cfg.embed_dim}, "
           f"{cfg.img_size[0]}x{cfg.img_size[1]} / {cfg.patch_size}, {cfg.num_classes} classes, {n / 1e6:.1f}M params")
-    if args.out:
-        print(f"wrote {jaxvit.save(args.out, cfg, params)}")
-    if args.to_timm:
-        print(f"wrote {convert.save_timm(params, cfg, args.to_timm)}")
+    for out, what, save in ((args.out, "the jaxvit checkpoint", jaxvit.save),
+                            (args.to_timm, "the timm weights", lambda d, c, p: convert.save_timm(p, c, d))):
+        if not out:
+            continue
+        try:
+            print(f"wrote {save(out, cfg, params)}")
+        except OSError as e:  # an unwritable or non-directory path: the OS says which, we say where
+            print(f"error: cannot write {what} to {out}: {e.strerror or e}. Choose a writable directory.",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

@@ -66,6 +66,13 @@ def read_json(path: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def is_file_name(name: str) -> bool:
+    """Whether a path that does not exist names a checkpoint file (by a separator or a weight file's
+    suffix) rather than a hub model: it is then reported missing, never looked up on the hub."""
+    return (os.sep in name and not name.startswith(("hf-hub:", "timm/"))
+            or Path(name).suffix in (".safetensors",) + TORCH_SUFFIXES)
+
+
 def hub_repo_id(name: str, hf_hub_id: str | None = None) -> str:
     """'hf-hub:timm/x', 'timm/x' or a timm name (with its pretrained cfg's hub id) -> repo id."""
     if name.startswith("hf-hub:"):
@@ -140,7 +147,7 @@ def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str,
             raise ValueError(f"checkpoint file {path} is empty")
         return read_file(path), read_json(path.parent / "config.json"), str(path)
     name = str(source)
-    if os.sep in name and not name.startswith(("hf-hub:", "timm/")) or path.suffix in (".safetensors",) + TORCH_SUFFIXES:
+    if is_file_name(name):
         raise FileNotFoundError(f"checkpoint file {name} does not exist")
     repo_id = hub_repo_id(name, hf_hub_id)
     weights, config = download(repo_id, model_name=repo_id.split("/")[-1])

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxvit import labels
 from jaxvit.checkpoint import param_shapes
-from jaxvit.config import ViTConfig, get_config
+from jaxvit.config import UnknownModelError, ViTConfig, get_config, unknown_model_error
 from jaxvit.posemb import grid_from_length, resample_abs_pos_embed
 
 
@@ -211,9 +211,29 @@ def adapt_config(config: ViTConfig, state_dict: Mapping[str, np.ndarray]) -> ViT
     return config.replace(**changes) if changes else config
 
 
+def check_img_size(img_size, patch_size: int) -> tuple[int, int]:
+    """`img_size` as (height, width), refused unless both are positive multiples of the patch size:
+    the patch grid (and the position embeddings resampled to it) must cover the image exactly."""
+    try:
+        h, w = (int(s) for s in img_size)
+        ok = (h, w) == tuple(img_size) and h > 0 and w > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"img_size must be (height, width), two positive integers; got {img_size!r}")
+    if h % patch_size or w % patch_size:
+        lower = (max(h // patch_size, 1) * patch_size, max(w // patch_size, 1) * patch_size)
+        upper = (-(-h // patch_size) * patch_size, -(-w // patch_size) * patch_size)
+        raise ValueError(f"img_size {(h, w)} is not a multiple of the patch size {patch_size}: "
+                         f"use e.g. {lower} or {upper}")
+    return h, w
+
+
 def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) -> tuple[dict, ViTConfig]:
-    """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does."""
-    img_size = tuple(img_size)
+    """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does.
+
+    `img_size` must be positive multiples of the patch size (else ValueError)."""
+    img_size = check_img_size(img_size, config.patch_size)
     new = config.replace(img_size=img_size)
     if img_size == tuple(config.img_size) or not config.pos_embed:
         return params, new
@@ -234,16 +254,24 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
             "this state dict is not a timm VisionTransformer (no patch_embed.proj.weight / blocks.0.attn.qkv.weight)")
     d, c_in, p, _ = sd["patch_embed.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    width = sd["blocks.0.attn.qkv.weight"].shape[0] // 3  # heads x head_dim
     if "blocks.0.attn.q_norm.weight" in sd:
-        num_heads = sd["blocks.0.attn.qkv.weight"].shape[0] // 3 // sd["blocks.0.attn.q_norm.weight"].shape[0]
+        num_heads = width // sd["blocks.0.attn.q_norm.weight"].shape[0]
     if num_heads is None:
         raise ValueError("the number of attention heads cannot be read from tensor shapes: pass model_name "
                          "(a timm name such as 'vit_small_patch16_224') or num_heads")
+    # Checked here: a head count that does not split the width would only surface as wrong qkv shapes.
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    if width % num_heads:
+        what = f"embed_dim {d}" if width == d else f"the attention width {width} (qkv rows / 3)"
+        raise ValueError(f"{what} is not divisible by num_heads {num_heads}: pass the model's head count, or "
+                         "model_name (a timm name such as 'vit_small_patch16_224')")
     fc_norm = "fc_norm.weight" in sd
     distilled = "dist_token" in sd
     cfg = ViTConfig(
         patch_size=int(p), in_chans=int(c_in), embed_dim=int(d), depth=depth, num_heads=int(num_heads),
-        head_dim=(sd["blocks.0.attn.qkv.weight"].shape[0] // 3 // num_heads),
+        head_dim=width // num_heads,
         mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
         qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
         scale_attn_norm="blocks.0.attn.norm.weight" in sd, scale_mlp_norm="blocks.0.mlp.norm.weight" in sd,
@@ -402,16 +430,13 @@ def timm_config(name: str, **overrides) -> ViTConfig:
 
     arch = name.partition(".")[0]
     if not timm.is_model(arch):
-        import difflib
-
-        close = difflib.get_close_matches(arch, timm.list_models(module=["vision_transformer", "deit"]), n=5)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise KeyError(f"unknown model name {name!r}: timm {timm.__version__} has no architecture {arch!r}.{hint}")
+        raise unknown_model_error(name, f"timm {timm.__version__} has no architecture {arch!r}",
+                                  timm.list_models(module=["vision_transformer", "deit"]))
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
-    except RuntimeError as e:
-        raise KeyError(f"unknown model name {name!r}: {e}") from None
+    except RuntimeError as e:  # an unknown pretrained tag of a known architecture
+        raise UnknownModelError(f"unknown model name {name!r}: {e}") from None
     cfg = config_from_timm_module(model)  # named arch.tag from the resolved pretrained cfg
     return cfg.replace(**overrides) if overrides else cfg
 

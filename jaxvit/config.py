@@ -20,6 +20,30 @@ ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max")
 
 
+class UnknownModelError(KeyError, ValueError):
+    """A model name that is no known timm ViT architecture or pretrained tag.
+
+    A KeyError (a failed look-up, what `get_config` always raised) and a ValueError (bad input);
+    printed without KeyError's quotes, so a CLI can show the message as it is.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def unknown_model_error(name: str, why: str, candidates=()) -> UnknownModelError:
+    """The one message for an unknown architecture, from the bundled table or from timm: close
+    matches, where the known names are listed, and how to load a file instead."""
+    arch = name.partition(".")[0]
+    close = difflib.get_close_matches(arch, sorted(set(candidates) | set(_bundled_table()["architectures"])), n=5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return UnknownModelError(
+        f"unknown model name {name!r}: {why}.{hint} Known names: jaxvit.list_models() (the "
+        f"{len(_bundled_table()['architectures'])} timm ViT architectures jaxvit implements, with their pretrained "
+        "tags), or timm.list_models('vit_*') when timm is installed. To load weights from a file instead: "
+        "convert.load('path/to/model.safetensors', model_name='<known name>').")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """Architecture and data settings of a timm `VisionTransformer`.
@@ -169,16 +193,13 @@ def get_config(name: str, **overrides) -> ViTConfig:
 
     Without a tag, the architecture's default tag (timm's first listed) supplies the data
     settings. `overrides` replace fields (e.g. `num_classes=10`, `img_size=(384, 384)`).
-    Raises `KeyError` naming close matches when the name is unknown.
+    Raises `UnknownModelError` (a KeyError) naming close matches when the name is unknown.
     """
     table = _bundled_table()
     arch, _, tag = name.partition(".")
     if arch not in table["architectures"]:
-        close = difflib.get_close_matches(arch, table["architectures"], n=5)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise KeyError(
-            f"unknown model name {name!r}: not a supported timm ViT in jaxvit's bundled table.{hint} "
-            "Pass a checkpoint file, or install timm (pip install 'predmaps[torch]') to resolve any timm ViT.")
+        raise unknown_model_error(name, "not a supported timm ViT in jaxvit's bundled table (install timm, "
+                                        "pip install 'predmaps[torch]', to resolve any timm ViT)")
     arch_cfg = dict(table["architectures"][arch])
     if not tag:
         tag = arch_cfg.pop("default_tag", None) or ""
@@ -189,7 +210,7 @@ def get_config(name: str, **overrides) -> ViTConfig:
     if tag:
         if full not in table["pretrained"]:
             tags = sorted(k.partition(".")[2] for k in table["pretrained"] if k.startswith(arch + "."))
-            raise KeyError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {tags or 'none'}")
+            raise UnknownModelError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {tags or 'none'}")
         data_cfg = dict(table["pretrained"][full])
     merged = {**arch_cfg, **data_cfg, "name": full, **overrides}
     return ViTConfig.from_dict(merged)

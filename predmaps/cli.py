@@ -41,8 +41,8 @@ def model_error_text(e: Exception) -> str:
     """A model-loading error for the command line: the library's advice to pass model_name,
     said as the option that does it."""
     text = str(e)
-    if "pass model_name" in text:
-        text += " (on the command line: --model-name NAME)"
+    if "pass model_name" in text or "model_name=" in text:
+        text += " (on the command line: --model FILE --model-name NAME)"
     return text
 
 

@@ -101,7 +101,7 @@ def test_explain_model_errors_are_one_line_and_model_name_reaches_the_loader(tin
     args = ["explain", str(good), "--model", str(bare), "--out", str(tmp_path / "o")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and "(on the command line: --model-name NAME)" in err
+    assert err.startswith("error: ") and "Traceback" not in err and "(on the command line: --model FILE --model-name NAME)" in err
     assert cli.main(args + ["--model-name", "vit_tiny_patch16_224"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint does not match vit_tiny_patch16_224" in err and "Traceback" not in err

@@ -429,12 +429,13 @@ def empty_hub_run(tmp_path_factory):
 import json
 import convert
 results = {{}}
-for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}', 'timm/{FULL_NAME}'):
+for source in ({FULL_NAME!r}, 'hf-hub:timm/{FULL_NAME}', 'timm/{FULL_NAME}', 'vit_tnyi_patch16_224.{FULL_TAG}'):
     try:
         convert.load(source)
     except Exception as e:
         results[source] = dict(type=type(e).__name__, oserror=isinstance(e, OSError),
-                               hub_unavailable=isinstance(e, convert.HubUnavailableError), msg=str(e))
+                               hub_unavailable=isinstance(e, convert.HubUnavailableError),
+                               unknown=isinstance(e, convert.UnknownModelError), msg=str(e))
     else:
         results[source] = None
 """ + CHECK_NO_TORCH + "print(json.dumps(results))"
@@ -464,6 +465,16 @@ def test_hub_unavailable_hint_is_a_usable_model_name(empty_hub_run, source):
     results, _ = empty_hub_run
     assert results[source]["msg"].endswith(
         f"convert.load('path/to/model.safetensors', model_name='{FULL_NAME}').")
+
+
+def test_unknown_hub_name_without_torch_is_unknown_not_unavailable(empty_hub_run):
+    # Without timm the bundled table decides: a misspelt architecture is an unknown name with close
+    # matches, not a cache miss.
+    err = empty_hub_run[0][f"vit_tnyi_patch16_224.{FULL_TAG}"]
+    assert err is not None and err["unknown"] and not err["hub_unavailable"], err
+    msg = err["msg"]
+    assert msg.startswith(f"unknown model name 'vit_tnyi_patch16_224.{FULL_TAG}': not a supported timm ViT")
+    assert "Close names: vit_tiny_patch16_224" in msg and "jaxvit.list_models()" in msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +535,61 @@ def test_unknown_model_name_convert_load(full_tiny):
     msg = str(e.value)
     assert "vit_bse_patch16_224" in msg
     assert "vit_base_patch16_224" in msg  # a close name
+
+
+def test_unknown_hub_name_is_refused_before_the_hub(monkeypatch):
+    # A name that is no known architecture has no hub repo to try: it fails at once (no download,
+    # so no minute of hub retries) with what is known and how to load a file, while known
+    # architectures, unknown tags of them and any hf-hub: repo still go to the hub as before.
+    tried = []
+
+    def download(repo_id, **kw):
+        tried.append(repo_id)
+        raise convert.HubUnavailableError(f"offline test: {repo_id}")
+
+    monkeypatch.setattr(convert.sources, "download", download)
+    for name, close in (("nosuchmodel_xyz", None), (f"vit_tnyi_patch16_224.{FULL_TAG}", "vit_tiny_patch16_224")):
+        with pytest.raises(convert.UnknownModelError) as e:
+            convert.load(name)
+        assert isinstance(e.value, ValueError) and isinstance(e.value, KeyError)  # KeyError: as get_config raised
+        msg = str(e.value)
+        assert msg.startswith(f"unknown model name '{name}': timm {timm.__version__} has no architecture"), msg
+        assert "jaxvit.list_models()" in msg and "timm.list_models(" in msg
+        assert "convert.load('path/to/model.safetensors', model_name=" in msg
+        assert close is None or f"Close names: {close}" in msg
+    assert tried == []
+    for name, repo in ((FULL_NAME, f"timm/{FULL_NAME}"), (f"{FULL_ARCH}.newer_tag", f"timm/{FULL_ARCH}.newer_tag"),
+                       ("hf-hub:someone/any-repo", "someone/any-repo"), ("hf-hub:no_org_repo", "no_org_repo")):
+        with pytest.raises(convert.HubUnavailableError):
+            convert.load(name)
+        assert tried[-1] == repo
+    with pytest.raises(convert.UnsupportedModelError, match="^resnet50: model class ResNet"):
+        convert.load("resnet50")
+
+
+def test_img_size_must_be_positive_multiples_of_the_patch_size():
+    model = _make("vit_tiny_patch16_224", img_size=64, num_classes=NUM_CLASSES)
+    jmodel, params = convert.load(model)
+    for bad, match in (((100, 100), r"img_size \(100, 100\) is not a multiple of the patch size 16: "
+                                    r"use e.g. \(96, 96\) or \(112, 112\)"),
+                       ((0, 0), r"img_size must be \(height, width\), two positive integers; got \(0, 0\)"),
+                       ((64, -16), "two positive integers"), (64, "two positive integers")):
+        with pytest.raises(ValueError, match=match):  # the library function, for library users too
+            timm_vit.resize_params(params, jmodel.config, bad)
+        with pytest.raises(ValueError, match=match):
+            convert.load(model, img_size=bad)
+    _, resized = convert.load(model, img_size=(96, 48))  # non-square multiples are fine
+    assert resized["pos_embed"].shape == (1, 1 + 6 * 3, 192)
+
+
+def test_num_heads_must_divide_the_width():
+    sd = _numpy_sd(_make("vit_tiny_patch16_224", img_size=64, num_classes=NUM_CLASSES))
+    with pytest.raises(ValueError, match="^embed_dim 192 is not divisible by num_heads 5: ") as e:
+        convert.load(sd, num_heads=5)
+    assert not isinstance(e.value, convert.CheckpointMismatchError)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"num_heads must be a positive integer, got {bad}"):
+            convert.load(sd, num_heads=bad)
 
 
 def test_unsupported_model_refused():
@@ -699,6 +765,32 @@ def test_cli_errors(tmp_path):
     assert proc.stderr.startswith("error:") and str(missing) in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_bad_input_without_traceback(full_tiny, tmp_path, capsys):
+    # In-process: main() returning 2 with one 'error:' line is what the user sees instead of a
+    # traceback (any escaping exception fails the test).
+    from convert.__main__ import main
+
+    src = str(full_tiny["dir"] / "model.safetensors")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [
+        ([src, "--model-name", FULL_ARCH, "--img-size", "100", "100", "--out", str(tmp_path / "o1")],
+         "error: img_size (100, 100) is not a multiple of the patch size 16"),
+        ([src, "--model-name", FULL_ARCH, "--img-size", "0", "0", "--out", str(tmp_path / "o2")],
+         "error: img_size must be (height, width), two positive integers"),
+        (["nosuchmodel_xyz", "--out", str(tmp_path / "o3")], "error: unknown model name 'nosuchmodel_xyz': "),
+        ([src, "--model-name", FULL_ARCH, "--out", str(blocker / "ckpt")],
+         f"error: cannot write the jaxvit checkpoint to {blocker / 'ckpt'}: "),
+        ([src, "--model-name", FULL_ARCH, "--to-timm", str(blocker / "timm")],
+         f"error: cannot write the timm weights to {blocker / 'timm'}: "),
+    ]
+    for argv, want in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(want), (argv, err)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------
