@@ -24,8 +24,9 @@ WordNet id; caffe's `val.txt` and Kaggle's `LOC_val_solution.csv` both read as t
 
 Devices: one `jax.jit`, compiled ahead of time, over a 1-D mesh ("batch") of every device of
 every process: images, labels and a validity mask `NamedSharding(mesh, P("batch"))`, params
-replicated. The global batch is rounded up to a multiple of the device count; a partial batch
-is zero-padded and its padding rows masked out. Several hosts: call `init_distributed()`
+replicated. The global batch is rounded up to a multiple of the device count (`explain_dataset`
+first caps it at what a shard holds: a batch never spans two); a partial batch is zero-padded
+and its padding rows masked out. Several hosts: call `init_distributed()`
 (or `predmaps run --distributed on|auto`) before anything touches JAX; the inputs are cut
 into shards of `shard_size` images, shard j belongs to process j % P, each process feeds its
 slice with `jax.make_array_from_process_local_data` and writes its own shards. All processes
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import glob as _glob
 import hashlib
@@ -64,6 +66,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -74,9 +77,9 @@ from jaxvit.preprocess import ImageLoadError
 from predmaps import results as _results
 from predmaps.results import JobMismatchError
 
-__all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobMismatchError", "ResultBatch", "RunSummary",
-           "decode_throughput", "explain_batches", "explain_dataset", "init_distributed", "model_identity",
-           "open_inputs", "params_fingerprint"]
+__all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobInterrupted", "JobMismatchError",
+           "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches", "explain_dataset",
+           "init_distributed", "model_identity", "open_inputs", "params_fingerprint"]
 
 # torchvision's IMG_EXTENSIONS: what ImageFolder lists.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -987,10 +990,115 @@ def _progress_bar(enabled: bool, total: int | None, pcount: int, initial: int = 
                 dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
 
 
+class OutputWriteError(OSError):
+    """Writing a job's output failed (disk full, read-only, no permission). The message names the
+    file and what to do; shards finished before stay recorded, so a rerun resumes after them."""
+
+    def __init__(self, path: Path, error: OSError, out: Path, kept: int | None = None, action: str = "",
+                 folder: Path | None = None):
+        super().__init__(error.errno, error.strerror or str(error))
+        self.filename, self.kept = str(path), kept or 0
+        reason = error.strerror or str(error)
+        action = action or (f"write to {path}" if path == out else f"write {path}")
+        folder = folder or out
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = new = "free some space (or raise the quota)"
+        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix, new = f"make {folder} writable", f"choose another --out, or make {folder} writable"
+        elif error.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOENT) and not kept:  # not a directory
+            fix = new = "choose another --out"
+        else:
+            fix = new = "fix that"
+        if kept:  # the job resumes only in the same directory
+            self.message = (f"cannot {action}: {reason}. {kept} finished shard(s) are kept in {out}: {fix} and "
+                            "rerun the same command to resume")
+        else:
+            self.message = f"cannot {action}: {reason}: {new}, then rerun the same command"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """A job stopped by Ctrl-C (a KeyboardInterrupt): says what it kept. Every shard finished
+    before is recorded (shards and manifests are written atomically), so a rerun resumes."""
+
+    def __init__(self, out: Path, kept: int, num_shards: int | None):
+        self.out, self.kept, self.num_shards = str(out), kept, num_shards
+        of = f" of {num_shards}" if num_shards is not None else ""
+        if kept:
+            text = f"interrupted: {kept}{of} shard(s) finished are kept in {out}; rerun the same command to resume"
+        else:
+            text = f"interrupted before any{of} shard(s) finished; rerun the same command to run the job"
+        super().__init__(text)
+
+
+def _atomic_write(path: Path, data: bytes, out: Path, kept: int | None = None) -> None:
+    try:
+        _results.atomic_write(path, data)
+    except OSError as e:
+        raise OutputWriteError(path, e, out, kept) from e
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a temporary file in out: a read-only or foreign directory is an error
+    before any work, not after the first shard (the name is one remove_temporaries matches)."""
+    probe = out / f".write-probe.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.open("xb").close()
+    except OSError as e:
+        raise OutputWriteError(out, e, out) from e
+    try:
+        probe.unlink()
+    except OSError:
+        pass
+
+
+def _manifest_parts(out: Path) -> list[Path]:
+    """Every manifest file of out (manifest.json and each process's manifest-pP.json)."""
+    try:
+        return sorted(p for p in out.iterdir() if _results._PART_RE.match(p.name))
+    except OSError:
+        return []
+
+
+def _read_manifest_file(path: Path, out: Path) -> dict:
+    """One manifest file, checked, or an error that names it and says what to do. A damaged file
+    is never skipped: it may be the only record of finished shards, and read_results refuses it."""
+    try:
+        data = _results._load_json(path)
+        shards = data.get("shards") if isinstance(data, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(r, dict) and {"id", "file", "bytes"} <= r.keys()
+                                                   for r in shards):
+            raise ValueError(f"unreadable manifest {path}: not a predmaps manifest (no list of shard records)")
+    except ValueError as e:
+        main = out / _results.MANIFEST
+        if path == main:
+            raise ValueError(f"{e}\nIt describes the job and records the shards process 0 finished: restore it, "
+                             f"or delete it and rerun the same command to start the job again (every shard is "
+                             "recomputed).") from None
+        try:  # what deleting it would keep: the shards manifest.json lists (consolidated at a job's end)
+            header = _results._load_json(main)
+            listed = sum((out / r["file"]).is_file() and (out / r["file"]).stat().st_size == r["bytes"]
+                         for r in header.get("shards", []))
+            total = header.get("num_shards")
+            keeps = (f"{_results.MANIFEST} lists all {total} shard(s) of the job: none is recomputed" if listed == total
+                     else f"{_results.MANIFEST} lists {listed} of the job's {total or '?'} shard(s): they are kept, "
+                          "the others recomputed")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            keeps = f"the shards that {_results.MANIFEST} lists are kept, the others recomputed"
+        raise ValueError(f"{e}\nIt records the shards one process of a multi-process run finished, and results "
+                         f"cannot be read without it: restore it, or delete it and rerun the same command "
+                         f"({keeps}).") from None
+    return data
+
+
 @dataclasses.dataclass
 class RunSummary:
     """How a job went. `images`/`errors`: this run (all processes); `total_*`: the whole job so
-    far (earlier runs included); `skipped_images`: inputs of shards already complete."""
+    far (earlier runs included); `skipped_images`: inputs of shards already complete;
+    `retried_shards`: complete shards with failed inputs recomputed (`retry_failed`);
+    `batch`: the global batch run (capped at what the inputs and shards can fill)."""
 
     out: str
     images: int
@@ -1006,6 +1114,8 @@ class RunSummary:
     devices: int
     processes: int
     errors_file: str
+    batch: int = 0
+    retried_shards: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -1018,13 +1128,17 @@ class RunSummary:
     def __str__(self) -> str:
         lines = [f"{self.images} image(s) explained, {self.errors} error(s) in {self.wall_s:.1f}s "
                  f"({self.images_per_s:.1f} img/s; compile {self.compile_s:.1f}s; waited on input "
-                 f"{self.input_wait_s:.1f}s) on {self.devices} device(s) x {self.processes} process(es)"]
+                 f"{self.input_wait_s:.1f}s) on {self.devices} device(s) x {self.processes} process(es), "
+                 f"batch {self.batch}"]
+        if self.retried_shards:
+            lines.append(f"{self.retried_shards} shard(s) with failed inputs: recomputed")
         if self.skipped_images:
             lines.append(f"{self.skipped_images} input(s) in shards already complete: skipped")
         lines.append(f"job: {self.total_images} image(s), {self.total_errors} error(s), {self.complete_shards}/"
                      f"{self.num_shards} shard(s) in {self.out}" + ("" if self.complete else " (incomplete)"))
-        if self.total_errors:
-            lines.append(f"errors: {self.errors_file}")
+        if self.total_errors:  # finished shards are skipped on rerun: retrying failed inputs is explicit
+            lines.append(f"errors: {self.errors_file} (once those inputs are fixed, rerun with --retry-failed to "
+                         "recompute only their shards)")
         return "\n".join(lines)
 
 
@@ -1038,14 +1152,18 @@ def auto_shard_size(model, combos: list[Combo], map_dtype: str) -> int:
 def explain_dataset(model, params, images, out: str | os.PathLike, spec: ExplainSpec | dict | None = None, *,
                     labels=None, batch_size: int = 64, shard_size: int | None = None, resume: bool | None = None,
                     workers: int | None = None, prefetch: int = 2, devices=None, progress: bool = True,
-                    on_batch: Callable[[ResultBatch], None] | None = None) -> RunSummary:
+                    on_batch: Callable[[ResultBatch], None] | None = None, retry_failed: bool = False) -> RunSummary:
     """Explain every input into shards under `out` (format: `predmaps.results`); returns a summary.
 
     Resumable: run it again and complete shards (those the manifest lists) are skipped, the rest
     done; results equal an uninterrupted run. `out` holding another job (a different model,
     spec, inputs or shard size) raises `JobMismatchError`. resume: None (default) continues a
     matching job or starts one; True requires a job to continue; False requires `out` to hold none.
-    Unreadable inputs are recorded (shard records, `errors.tsv`) and skipped, never raised.
+    Unreadable inputs are recorded (shard records, `errors.tsv`) and skipped, never raised;
+    retry_failed=True recomputes the complete shards holding such inputs (once they are fixed).
+    Writing out failing raises `OutputWriteError`, Ctrl-C `JobInterrupted` (a KeyboardInterrupt):
+    both say how many finished shards are kept; a rerun resumes after them. The batch is capped
+    at what a shard can fill (a batch never spans two shards).
     shard_size: images per shard (default `auto_shard_size`: <= 1024, <= 256 MiB of results).
     on_batch: called with each ResultBatch (e.g. to throttle or observe). Other arguments as
     `explain_batches`. Multi-process: every process calls it alike (after `init_distributed`).
@@ -1061,14 +1179,19 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     shard_size = int(shard_size or auto_shard_size(model, combos, spec.map_dtype))
     if shard_size < 1:
         raise ValueError(f"shard size must be positive; got {shard_size}")
-    engine = _Engine(model, params, spec, combos, batch_size, devices)
-    pidx, pcount = jax.process_index(), engine.nproc
+    pidx, pcount = jax.process_index(), jax.process_count()
     plan = _plan(inputs, shard_size, cfg.num_classes) if inputs.reiterable else None
     if pcount > 1 and plan is None:
         raise ValueError("a multi-process run needs re-iterable inputs (a path source or a sequence), not an iterator")
     _check_labels(plan, inputs, spec, cfg.num_classes)
     if plan is not None and plan.count == 0:
         raise ValueError(f"no inputs: {inputs.source} lists no image (files ending {', '.join(IMAGE_EXTENSIONS)})")
+    # A batch never spans two shards, so no process fills more rows per step than its largest shard
+    # holds: a bigger batch only computes (and holds in memory) padding. _Engine still rounds the
+    # capped batch up to a multiple of the device count.
+    if batch_size >= 1:
+        batch_size = min(batch_size, pcount * min(shard_size, plan.count if plan is not None else shard_size))
+    engine = _Engine(model, params, spec, combos, batch_size, devices)
     num_shards = len(plan.digests) if plan else None
     header = {"format": _results.FORMAT, "version": _results.VERSION,
               "model": model_identity(model, params), "spec": spec.to_dict(model),
@@ -1081,33 +1204,44 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
               "label_names": list(cfg.label_names) if cfg.label_names is not None else None,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": []}
 
-    # Check or create the job, every process alike. Phase 1 only reads, so every process sees
-    # the directory as it was; process 0 writes a new job's manifest in phase 2.
+    # Check or create the job, every process alike. Phase 1 only reads (and probes that out takes a
+    # file), so every process sees the directory as it was; process 0 writes a new job's manifest
+    # in phase 2. Both phases raise on every process alike, whatever the process count.
     main, own = out / _results.MANIFEST, out / _results.manifest_file(pidx)
     existed = False
     with _agreement(pcount) as phase1:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputWriteError(out, e, out, action=f"create {out}",
+                                   folder=Path(e.filename).parent if e.filename else out.parent) from e
+        _check_writable(out)
         existed = main.exists()
         if resume is True and not existed:
             raise FileNotFoundError(f"--resume: {out} holds no job to resume ({_results.MANIFEST} is missing)")
         if resume is False and existed:
             raise FileExistsError(f"{out} already holds a job; choose another output directory")
+        # Every manifest file must read: a damaged one may be the only record of finished shards.
+        parts = {part: _read_manifest_file(part, out)  # manifest.json first: its error matters most
+                 for part in sorted(_manifest_parts(out), key=lambda part: part != main)}
         if existed:
-            _results.check_same_job(_results._load_json(main), header, out)
-        if own.exists() and own != main:
-            _results.check_same_job(_results._load_json(own), header, out)
+            _results.check_same_job(parts[main], header, out)
+        if own in parts and own != main:
+            _results.check_same_job(parts[own], header, out)
     phase1.result()
-    mine_records, complete, todo_steps, skipped = {}, {}, 0, 0
+    mine_records, complete, retry, todo_steps, skipped = {}, {}, set(), 0, 0
     with _agreement(pcount) as phase2:
         if pidx == 0:
             _results.remove_temporaries(out)
             if not existed:
-                _results.atomic_write(main, _results.dumps(header))
+                _atomic_write(main, _results.dumps(header), out)
         if existed:
             complete = _results.read_manifest(out)["shards"]
             if own.exists():
                 mine_records = {int(r["id"]): r for r in _results._load_json(own).get("shards", [])
                                 if int(r["id"]) in complete}
+            if retry_failed:  # complete shards holding failed inputs are done again, whole
+                retry = {sid for sid, rec in complete.items() if rec.get("errors")}
         if plan is not None:
             for sid, rec in complete.items():
                 if sid in plan.digests and rec.get("names_sha256") != plan.digests[sid][2]:
@@ -1115,13 +1249,14 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             for sid, (first, n, _) in plan.digests.items():
                 if sid % pcount != pidx:
                     continue
-                if sid in complete:
+                if sid in complete and sid not in retry:
                     skipped += n
                 else:
                     todo_steps += -(-n // engine.local_batch)
         phase2.share(todo_steps)
     # Every process runs the same number of global steps: the most any process has to do.
-    total_steps = int(phase2.result().max()) if pcount > 1 else None
+    steps = phase2.result()  # on one process too: it re-raises the block's error
+    total_steps = int(steps.max()) if pcount > 1 else None
 
     streamed_skips = [0]
 
@@ -1131,75 +1266,112 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
         if plan is None:  # a stream: no listing was compared up front, so compare this shard's names
             if complete[sh.id].get("names_sha256") != _shard_digest(sh.items):
                 raise JobMismatchError(f"{out}: shard {sh.id} was made from other inputs than this run lists")
-            streamed_skips[0] += len(sh.items)
-        return True
+            if sh.id not in retry:
+                streamed_skips[0] += len(sh.items)
+        return sh.id not in retry
+
+    def kept() -> int:  # shards recorded as finished, for messages
+        return len(complete.keys() | mine_records.keys())
 
     from jaxvit.preprocess import eval_transform_for
 
     stats = _Stats()
     own_header = dict(_results._load_json(out / _results.MANIFEST)) if pidx == 0 else dict(header)
     todo = None if plan is None else sum(n for sid, (_, n, _) in plan.digests.items()
-                                         if sid % pcount == pidx and sid not in complete)
+                                         if sid % pcount == pidx and (sid not in complete or sid in retry))
     bar = _progress_bar(progress and pidx == 0, todo, pcount)
     buf: list[ResultBatch] = []
     streamed_shards: dict[int, tuple[int, int, str]] = {}
+    written: set[int] = set()
 
     def shards_tracked():
         for sh in _process_shards(inputs, shard_size, pidx, pcount, skip, spec.needs_labels and plan is None):
             streamed_shards[sh.id] = (sh.first, len(sh.items), _shard_digest(sh.items))
             yield sh
 
-    try:
-        for b in _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
-                         workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
-                         stats=stats, bar=bar, on_batch=on_batch):
-            buf.append(b)
-            if b.last_in_shard:
-                first, n, digest = streamed_shards.pop(b.shard)
-                rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx)
-                buf = []
-                mine_records[b.shard] = rec
-                own_header["shards"] = [mine_records[k] for k in sorted(mine_records)]
-                _results.atomic_write(own, _results.dumps(own_header))
-    finally:
-        if bar is not None:
-            bar.close()
+    def write(path: Path, data: bytes) -> None:
+        _atomic_write(path, data, out, kept())
 
-    # Consolidate: every process's records into manifest.json (no shared file system needed for
-    # the list itself), errors.tsv; totals over all processes.
-    counters = np.array([stats.images, stats.errors, skipped + streamed_skips[0], round(stats.input_wait_s * 1e3)],
-                        np.int64)
-    if pcount > 1:
-        all_records = _allgather_json([mine_records[k] for k in sorted(mine_records)])
-        counters = _allgather(counters).sum(0)
-    else:
-        all_records = [[mine_records[k] for k in sorted(mine_records)]]
-    everything = dict(complete)
-    for recs in all_records:
-        for r in recs:
-            everything[int(r["id"])] = r
-    if num_shards is None:
-        num_shards = (max(everything) + 1) if everything else 0
-        if streamed_shards:
-            num_shards = max(num_shards, max(streamed_shards) + 1)
-    n_errors = sum(len(r.get("errors", [])) for r in everything.values())
-    if pidx == 0:
-        final = dict(_results._load_json(out / _results.MANIFEST))
-        final["shards"] = [everything[k] for k in sorted(everything)]
-        final["num_shards"] = num_shards
-        final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
-        _results.atomic_write(out / _results.MANIFEST, _results.dumps(final))
-        _results.write_errors_file(out, everything)
+    try:
+        try:
+            for b in _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
+                             workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
+                             stats=stats, bar=bar, on_batch=on_batch):
+                buf.append(b)
+                if b.last_in_shard:
+                    first, n, digest = streamed_shards.pop(b.shard)
+                    rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
+                    buf = []
+                    records = {**mine_records, b.shard: rec}
+                    own_header["shards"] = [records[k] for k in sorted(records)]
+                    write(own, _results.dumps(own_header))
+                    mine_records[b.shard] = rec  # finished once recorded
+                    written.add(b.shard)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        # Consolidate: every process's records into manifest.json (no shared file system needed for
+        # the list itself), errors.tsv; totals over all processes.
+        counters = np.array([stats.images, stats.errors, skipped + streamed_skips[0],
+                             round(stats.input_wait_s * 1e3), len(retry & written)], np.int64)
+        if pcount > 1:
+            all_records = _allgather_json([mine_records[k] for k in sorted(mine_records)])
+            counters = _allgather(counters).sum(0)
+        else:
+            all_records = [[mine_records[k] for k in sorted(mine_records)]]
+        everything = dict(complete)
+        for recs in all_records:
+            for r in recs:
+                everything[int(r["id"])] = r
+        if num_shards is None:
+            num_shards = (max(everything) + 1) if everything else 0
+            if streamed_shards:
+                num_shards = max(num_shards, max(streamed_shards) + 1)
+        n_errors = sum(len(r.get("errors", [])) for r in everything.values())
+        if pidx == 0:
+            final = dict(_results._load_json(out / _results.MANIFEST))
+            final["shards"] = [everything[k] for k in sorted(everything)]
+            final["num_shards"] = num_shards
+            final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
+            write(out / _results.MANIFEST, _results.dumps(final))
+            if retry_failed:
+                _drop_superseded_records(out, everything, write)
+            try:
+                _results.write_errors_file(out, everything)
+            except OSError as e:
+                raise OutputWriteError(out / _results.ERRORS_FILE, e, out, len(everything)) from e
+    except KeyboardInterrupt:  # shards and manifests are written atomically: every recorded one is kept
+        try:  # what a rerun will find (exact even when Ctrl-C fell between a write and the bookkeeping)
+            n = len(_results.read_manifest(out)["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            n = kept()
+        raise JobInterrupted(out, n, num_shards) from None
     return RunSummary(out=str(out), images=int(counters[0]), errors=int(counters[1]), skipped_images=int(counters[2]),
                       total_images=sum(r["images"] for r in everything.values()), total_errors=n_errors,
                       num_shards=num_shards, complete_shards=len(everything), wall_s=time.perf_counter() - t_start,
                       compile_s=stats.compile_s, input_wait_s=counters[3] / 1e3 / pcount,
                       devices=len(engine.devices), processes=pcount,
-                      errors_file=str(out / _results.ERRORS_FILE))
+                      errors_file=str(out / _results.ERRORS_FILE), batch=engine.global_batch,
+                      retried_shards=int(counters[4]))
+
+
+def _drop_superseded_records(out: Path, everything: dict[int, dict], write: Callable[[Path, bytes], None]) -> None:
+    """Remove, from other processes' manifest files, records of shards recomputed since (by another
+    process count): readers take those files' records first, and a stale one of the same size
+    would pass for the new shard."""
+    for part in _manifest_parts(out):
+        if part.name == _results.MANIFEST:
+            continue
+        data = _results._load_json(part)
+        keep = [r for r in data.get("shards", [])
+                if int(r["id"]) not in everything or everything[int(r["id"])].get("sha256") == r.get("sha256")]
+        if len(keep) != len(data.get("shards", [])):
+            write(part, _results.dumps(dict(data, shards=keep)))
 
 
 def _write_shard(out: Path, sid: int, first: int, count: int, digest: str, batches: list[ResultBatch],
-                 combos: list[Combo], pidx: int) -> dict:
+                 combos: list[Combo], pidx: int, write: Callable[[Path, bytes], None] = _results.atomic_write) -> dict:
     def cat(get, dtype, shape=()):
         parts = [get(b) for b in batches]
         parts = [np.asarray(p) for p in parts if len(p)]
@@ -1219,7 +1391,7 @@ def _write_shard(out: Path, sid: int, first: int, count: int, digest: str, batch
     np.savez(bio, **arrays)
     data = bio.getvalue()
     name = _results.shard_file(sid)
-    _results.atomic_write(out / name, data)
+    write(out / name, data)
     errors = [list(e) for b in batches for e in b.errors]
     return {"id": sid, "file": name, "first": first, "count": count, "images": int(arrays["index"].size),
             "errors": errors, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),

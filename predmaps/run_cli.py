@@ -1,12 +1,13 @@
 """`predmaps run`: explain a whole data set into resumable shards (see `predmaps.pipeline`).
 
-    predmaps run --model NAME|PATH --images DIR|GLOB|LIST --out DIR [--method predicatt[,rollout]]
-                 [--layers -1,-2] [--target top|top5|gt[,...]] [--batch-size N] [--dtype bf16]
-                 [--map-dtype float16] [--labels FILE] [--shard-size N] [--resume] [--strict]
+    predmaps run --model NAME|PATH [--model-name NAME] --images DIR|GLOB|LIST --out DIR
+                 [--method predicatt[,rollout]] [--layers -1,-2] [--target top|top5|gt[,...]] [--batch-size N] [--dtype bf16]
+                 [--map-dtype float16] [--labels FILE] [--shard-size N] [--resume] [--retry-failed] [--strict]
 
 `add_run_parser(subparsers)` registers the subcommand on the `predmaps` parser; `main(argv)`
 runs it alone (`python -m predmaps.run_cli ...`). Exit codes: 0 done; 1 `--strict` and some
-input could not be read; 2 the job could not run (bad arguments, another job in --out, ...).
+input could not be read; 2 the job could not run (bad arguments, another job in --out, a full
+disk, ...); 130 interrupted (Ctrl-C). After 2 or 130, finished shards are kept: rerun to resume.
 Several hosts: start the same command on each (SLURM/mpirun/TPU pods are detected), or pass
 --coordinator HOST:PORT --num-processes N --process-id I.
 """
@@ -14,7 +15,9 @@ Several hosts: start the same command on each (SLURM/mpirun/TPU pods are detecte
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 DTYPES = {"f32": "float32", "float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "f16": "float16", "float16": "float16", "fp16": "float16"}
@@ -33,7 +36,10 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
         description="Stream a data set through every device and host; write explanations as resumable "
                     ".npz shards that predmaps.results.read_results(DIR) reads. Running the same command "
                     "again finishes an interrupted job.")
+    from predmaps.cli import MODEL_NAME_HELP
+
     p.add_argument("--model", help="timm name, checkpoint file or directory (default: the embedded model)")
+    p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--images", required=True,
                    help="a directory (recursive; an ImageNet class-folder tree gives labels), a glob (quote "
                         "it), a text file of paths (optionally 'path<TAB>label'), or one image")
@@ -44,8 +50,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                    help="prediction layers of prediction-map methods, e.g. -1,-2 (default -1)")
     p.add_argument("--target", default="top", help="top, topK (e.g. top5), all, gt, or a class index; "
                                                    "comma-separated for several (default top)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, rounded up to a multiple of the "
-                                                                "device count (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, at most what a shard holds, rounded "
+                                                                "up to a multiple of the device count (default 64)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
     p.add_argument("--map-dtype", default="float32", choices=["float32", "float16"],
                    help="stored map dtype (default float32; float16 halves the disk)")
@@ -54,6 +60,9 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")
     p.add_argument("--resume", action="store_true",
                    help="require a job in --out to continue (without it, a matching job is continued anyway)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="recompute the finished shards holding inputs that could not be read (after fixing "
+                        "them); other finished shards are kept")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input could not be read")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
@@ -65,7 +74,33 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt_once(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up (ours, JAX's)
+    raise KeyboardInterrupt
+
+
 def cmd_run(args) -> int:
+    # Ctrl-C anywhere (loading, compiling, running) is one line and exit 130, never a traceback:
+    # shards and manifests are written atomically, so whatever finished is kept.
+    on_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGINT, _interrupt_once) if on_main else None
+    interrupted = False
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:
+        interrupted = True  # the command is over: further Ctrl-Cs stay ignored while the process exits
+        from predmaps.pipeline import JobInterrupted
+
+        text = str(e) if isinstance(e, JobInterrupted) else \
+            f"interrupted: finished shards (if any) are kept in {args.out}; rerun the same command to resume"
+        print(text, file=sys.stderr)
+        return 130
+    finally:
+        if on_main and not interrupted:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args) -> int:
     from predmaps import pipeline
     from predmaps.results import JobMismatchError
 
@@ -77,10 +112,10 @@ def cmd_run(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from predmaps.cli import load_model
+    from predmaps.cli import load_model, model_error_text
 
     try:
-        model, params = load_model(args.model)
+        model, params = load_model(args.model, args.model_name)
         dtype = DTYPES[args.dtype]
         if jnp.dtype(model.dtype) != jnp.dtype(dtype):
             model = model.clone(dtype=jnp.dtype(dtype))
@@ -89,12 +124,12 @@ def cmd_run(args) -> int:
         summary = pipeline.explain_dataset(
             model, params, args.images, args.out, spec, labels=args.labels, batch_size=args.batch_size,
             shard_size=args.shard_size, resume=True if args.resume else None, workers=args.workers,
-            prefetch=args.prefetch, progress=not args.no_progress)
+            prefetch=args.prefetch, progress=not args.no_progress, retry_failed=args.retry_failed)
     except JobMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {model_error_text(e)}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
         print(summary)

@@ -5,9 +5,11 @@ Tiny random ViT (32x32 inputs, 4x4 tokens), tiny images; the multi-device, multi
 kill tests run in subprocesses (XLA device flags and jax.distributed are per process).
 """
 
+import functools
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -131,7 +133,7 @@ def _run_cli_subprocess(args, devices=1, **kw):
 
 def test_eight_devices_equal_one_device(ckpt, image_dir, reference, tmp_path):
     out = tmp_path / "out8"
-    proc = _run_cli_subprocess(["--model", ckpt, "--images", image_dir, "--out", out, *CLI_SPEC, "--batch-size", 6,
+    proc = _run_cli_subprocess(["--model", ckpt, "--images", image_dir, "--out", out, *CLI_SPEC, "--batch-size", 256,
                                 "--shard-size", 10, "--no-progress"], devices=8)
     try:
         stdout, stderr = proc.communicate(timeout=120)
@@ -140,6 +142,9 @@ def test_eight_devices_equal_one_device(ckpt, image_dir, reference, tmp_path):
             proc.kill()
     assert proc.returncode == 0, stderr
     assert "on 8 device(s) x 1 process(es)" in stdout and f"{N_IMAGES} image(s) explained" in stdout
+    # The batch is capped at a shard (10 images: a batch never spans two), then rounded up to a
+    # multiple of the 8 devices; both shards end in a padded, masked batch.
+    assert "batch 16" in stdout
     res, ref = read_results(out), read_results(reference)
     assert res.complete and len(res) == N_IMAGES
     np.testing.assert_array_equal(res.index, np.arange(N_IMAGES))
@@ -242,6 +247,23 @@ def _jpeg_bytes(rng) -> bytes:
     return buf.getvalue()
 
 
+def test_model_name_reaches_the_loader_for_a_bare_weights_file(ckpt, image_dir, tmp_path, capsys):
+    """A bare state dict: without --model-name the error points at the option; with one it is what
+    convert.load says of that architecture (here: not this checkpoint's), one line, exit 2."""
+    from safetensors.numpy import save_file
+
+    import convert
+
+    _, params = jaxvit.load(ckpt)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in convert.export_state_dict(params).items()}, str(bare))
+    args = ["--model", str(bare), "--images", str(image_dir), "--out", str(tmp_path / "o")]
+    assert run_cli.main(args) == 2
+    assert "(on the command line: --model FILE --model-name NAME)" in capsys.readouterr().err
+    assert run_cli.main(args + ["--model-name", "vit_tiny_patch16_224"]) == 2
+    assert "checkpoint does not match vit_tiny_patch16_224" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_recorded_and_skipped(ckpt, tmp_path, capsys):
     d = tmp_path / "in"
     good = _save_images(d, 3, seed=5, nested=False)
@@ -280,6 +302,184 @@ def test_bad_inputs_are_recorded_and_skipped(ckpt, tmp_path, capsys):
     # Without --strict the same job exits 0; nothing is redone.
     assert run_cli.main(args) == 0
     assert "0 image(s) explained" in capsys.readouterr().out
+
+
+def _cli_args(ckpt, images, out, *extra) -> list[str]:
+    return ["--model", str(ckpt), "--images", str(images), "--out", str(out), *CLI_SPEC, "--no-progress",
+            *map(str, extra)]
+
+
+def test_retry_failed_recomputes_only_the_shards_of_failed_inputs(ckpt, tmp_path, capsys):
+    """Finished shards are skipped on rerun, failed inputs included; --retry-failed (said in the
+    summary) recomputes just the shards holding them, once they are fixed."""
+    d = tmp_path / "in"
+    _save_images(d, 5, seed=2, nested=False)  # im00..im04: shards [im00 im01] [im02 im03] [im04]
+    good = (d / "im02.png").read_bytes()
+    (d / "im02.png").write_bytes(good[:60])  # truncated
+    out = tmp_path / "out"
+    args = _cli_args(ckpt, d, out, "--batch-size", 2, "--shard-size", 2)
+    assert run_cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "4 image(s) explained, 1 error(s)" in text and "rerun with --retry-failed" in text
+    (d / "im02.png").write_bytes(good)  # fixed
+    others = {f: (out / f).stat().st_mtime_ns for f in ("shard-000000.npz", "shard-000002.npz")}
+    # As if a two-process run had written shard 1: process 1's manifest records it too.
+    man = json.loads((out / "manifest.json").read_text())
+    (out / "manifest-p1.json").write_text(json.dumps(dict(man, shards=[dict(man["shards"][1], process=1)])))
+    assert run_cli.main(args) == 0  # a plain rerun keeps the job as it is
+    assert "0 image(s) explained" in capsys.readouterr().out and len(read_results(out).errors) == 1
+    assert run_cli.main(args + ["--retry-failed"]) == 0
+    text = capsys.readouterr().out
+    assert "2 image(s) explained, 0 error(s)" in text and "1 shard(s) with failed inputs: recomputed" in text
+    assert "3 input(s) in shards already complete: skipped" in text and "errors:" not in text
+    assert {f: (out / f).stat().st_mtime_ns for f in others} == others  # untouched
+    assert json.loads((out / "manifest-p1.json").read_text())["shards"] == []  # its stale record of shard 1: gone
+    res = read_results(out, verify=True)
+    assert res.complete and sorted(res.names) == [f"im{i:02d}.png" if i % 2 == 0 else f"im{i:02d}.jpg"
+                                                  for i in range(5)]
+    assert res.errors == [] and (out / "errors.tsv").read_text().count("\n") == 1  # the header alone
+
+
+def test_unwritable_out_is_named_not_an_unreadable_manifest(ckpt, image_dir, tmp_path, monkeypatch, capsys):
+    """The set-up phase's errors reach a one-process run: an output directory that takes no file
+    is said as such (it was reported as 'unreadable manifest ... No such file')."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root: permissions do not bind, so the writes fail as they would
+        real = pipeline._results.atomic_write
+
+        def refuse(path, data):
+            if Path(path).parent == ro:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, data)
+
+        monkeypatch.setattr(pipeline._results, "atomic_write", refuse)
+    try:
+        assert run_cli.main(_cli_args(ckpt, image_dir, ro, "--batch-size", 4)) == 2
+    finally:
+        ro.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: cannot write (to )?{re.escape(str(ro))}\S*: Permission denied: choose another "
+                        rf"--out, or make {re.escape(str(ro))} writable, then rerun the same command", err), err
+    assert not list(ro.iterdir())
+
+
+def test_a_damaged_manifest_stops_the_job_and_keeps_every_shard(model, image_dir, tmp_path):
+    """A process's manifest that does not read (here manifest-p1.json, as a two-process job leaves)
+    is an error naming it and what to do, as it is for read_results; a one-process rerun once
+    threw every finished shard away and recomputed them."""
+    m, p = model
+    out = tmp_path / "job"
+    run = functools.partial(explain_dataset, m, p, image_dir, out, SPEC, batch_size=4, shard_size=5,
+                            devices=jax.devices()[:1], progress=False)
+    assert run().complete
+    part = out / "manifest-p1.json"
+    part.write_text('{"format": "predmaps-run", "shar')  # cut short
+    shards = {f.name: f.stat().st_mtime_ns for f in out.glob("shard-*.npz")}
+    with pytest.raises(ValueError, match=r"unreadable manifest .*manifest-p1\.json: (.|\n)*restore it, or delete it "
+                                         r"and rerun the same command \(manifest\.json lists all 3 shard\(s\)"):
+        run()
+    with pytest.raises(ValueError, match="unreadable manifest .*manifest-p1.json"):
+        read_results(out)  # the job and the reader agree
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("shard-*.npz")} == shards  # nothing redone
+    part.unlink()  # what the message says to do
+    s = run()
+    assert (s.images, s.skipped_images, s.complete) == (0, N_IMAGES, True)
+    assert len(read_results(out)) == N_IMAGES
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"manifest\.json: not a predmaps manifest(.|\n)*restore it, or delete it"):
+        run()
+
+
+def test_a_full_disk_names_the_file_and_the_rerun_resumes(ckpt, image_dir, reference, tmp_path, monkeypatch,
+                                                          capsys):
+    out = tmp_path / "full"
+    real = pipeline._results.atomic_write
+
+    def no_space(path, data):
+        if Path(path).name == "shard-000002.npz":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(pipeline._results, "atomic_write", no_space)
+    args = _cli_args(ckpt, image_dir, out, "--batch-size", 4, "--shard-size", 3)
+    assert run_cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot write {out / 'shard-000002.npz'}: No space left on device. 2 finished shard(s) "
+                   f"are kept in {out}: free some space (or raise the quota) and rerun the same command to resume")
+    monkeypatch.setattr(pipeline._results, "atomic_write", real)  # space freed
+    assert run_cli.main(args) == 0
+    assert "6 input(s) in shards already complete: skipped" in capsys.readouterr().out
+    res = read_results(out)
+    assert res.complete
+    _assert_same(res, read_results(reference))
+
+
+def test_batch_is_capped_at_what_a_shard_holds(model, image_dir, tmp_path, monkeypatch):
+    """A batch never spans two shards: rows past the inputs or a shard are padding, computed and
+    held for nothing (5 images at batch 256 took 5x the time and 3x the memory of batch 5).
+    Several devices: see test_eight_devices_equal_one_device (capped, then a multiple of 8)."""
+    m, p = model
+    one = jax.devices()[:1]
+    compiled_for = []
+
+    class Engine(pipeline._Engine):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            compiled_for.append(self.global_batch)
+
+    monkeypatch.setattr(pipeline, "_Engine", Engine)
+    five = [str(image_dir / n) for n in ("im00.png", "im02.png", "im03.jpg", "im04.png", "im06.png")]
+    s = explain_dataset(m, p, five, tmp_path / "a", SPEC, batch_size=256, devices=one, progress=False)
+    assert compiled_for == [5] and (s.batch, s.images) == (5, 5) and "batch 5" in str(s)
+    s = explain_dataset(m, p, five, tmp_path / "b", SPEC, batch_size=256, shard_size=2, devices=one, progress=False)
+    assert compiled_for[-1] == 2 and (s.batch, s.images, s.num_shards) == (2, 5, 3)
+    s = explain_dataset(m, p, five, tmp_path / "c", SPEC, batch_size=3, devices=one, progress=False)
+    assert compiled_for[-1] == 3 and s.batch == 3  # smaller batches are kept
+    a, b = read_results(tmp_path / "a"), read_results(tmp_path / "c")
+    _assert_same(a, b)
+
+
+_INTERRUPTED_CLI = """
+import functools, sys, time
+from predmaps import pipeline, run_cli
+pipeline.explain_dataset = functools.partial(pipeline.explain_dataset, on_batch=lambda b: time.sleep(0.4))
+sys.exit(run_cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_says_what_is_kept_in_one_line(ckpt, image_dir, reference, tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_CLI,
+                             *_cli_args(ckpt, image_dir, out, "--batch-size", 2, "--shard-size", 2)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # impatient: again, while it cleans up
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len(json.loads((out / "manifest.json").read_text())["shards"])
+    assert proc.returncode == 130 and stdout == "", stderr[-3000:]
+    assert stderr == (f"interrupted: {done} of 7 shard(s) finished are kept in {out}; rerun the same command to "
+                      "resume\n")
+    assert 2 <= done < 7
+    assert run_cli.main(_cli_args(ckpt, image_dir, out, "--batch-size", 2, "--shard-size", 2)) == 0
+    res = read_results(out)
+    assert res.complete
+    _assert_same(res, read_results(reference))
 
 
 def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, reference, tmp_path):
