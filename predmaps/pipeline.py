@@ -1176,7 +1176,8 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     combos = spec.combos(model)
     cfg = model.config
     out = Path(out)
-    shard_size = int(shard_size or auto_shard_size(model, combos, spec.map_dtype))
+    # 0 is a mistake to report, not a request for the automatic size (None is)
+    shard_size = int(shard_size if shard_size is not None else auto_shard_size(model, combos, spec.map_dtype))
     if shard_size < 1:
         raise ValueError(f"shard size must be positive; got {shard_size}")
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -1210,6 +1211,8 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     main, own = out / _results.MANIFEST, out / _results.manifest_file(pidx)
     existed = False
     with _agreement(pcount) as phase1:
+        if resume is True and not main.exists():  # before mkdir: a refused --resume leaves no empty folder
+            raise FileNotFoundError(f"--resume: {out} holds no job to resume ({_results.MANIFEST} is missing)")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -1217,8 +1220,6 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
                                    folder=Path(e.filename).parent if e.filename else out.parent) from e
         _check_writable(out)
         existed = main.exists()
-        if resume is True and not existed:
-            raise FileNotFoundError(f"--resume: {out} holds no job to resume ({_results.MANIFEST} is missing)")
         if resume is False and existed:
             raise FileExistsError(f"{out} already holds a job; choose another output directory")
         # Every manifest file must read: a damaged one may be the only record of finished shards.

@@ -482,7 +482,7 @@ def test_ctrl_c_says_what_is_kept_in_one_line(ckpt, image_dir, reference, tmp_pa
     _assert_same(res, read_results(reference))
 
 
-def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, reference, tmp_path):
+def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, reference, tmp_path, capsys):
     before = (reference / "manifest.json").read_bytes()
     m, p = model
     with pytest.raises(JobMismatchError, match=r"spec.targets.*\n  existing: .*'top2'.*\n  this run: .*'top'"):
@@ -504,6 +504,11 @@ def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, r
                          "--shard-size", "10", "--no-progress"]) == 2
     assert run_cli.main(["--model", str(ckpt), "--images", str(image_dir), "--out", str(tmp_path / "new"),
                          "--resume", "--no-progress"]) == 2
+    assert not (tmp_path / "new").exists()  # a refused --resume leaves no empty folder behind
+    # --shard-size 0 is an error, not the automatic size (leave the option out for that).
+    assert run_cli.main(["--model", str(ckpt), "--images", str(image_dir), "--out", str(tmp_path / "zero"),
+                         "--shard-size", "0", "--no-progress"]) == 2
+    assert "shard size must be positive; got 0" in capsys.readouterr().err
 
 
 def test_input_layouts_and_ground_truth_targets(model, tmp_path):
