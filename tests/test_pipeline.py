@@ -192,20 +192,25 @@ print("finished")
 """
 
 
+def _wait_for_shards(proc, out, n):
+    """Until the job in `out` has recorded n finished shards; the process must still be running."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= n:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+
 def test_killed_job_resumes_to_the_uninterrupted_result(ckpt, model, image_dir, reference, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_JOB, str(ckpt), str(image_dir), str(out)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        _wait_for_shards(proc, out, 2)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -455,15 +460,7 @@ def test_ctrl_c_says_what_is_kept_in_one_line(ckpt, image_dir, reference, tmp_pa
                              *_cli_args(ckpt, image_dir, out, "--batch-size", 2, "--shard-size", 2)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        _wait_for_shards(proc, out, 2)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # impatient: again, while it cleans up
