@@ -34,16 +34,13 @@ def load_model(spec: str | None, model_name: str | None = None):
 
     if spec is None or spec == DEFAULT_MODEL:
         return convert.load(default_model_path())
-    return convert.load(spec, model_name=model_name)
-
-
-def model_error_text(e: Exception) -> str:
-    """A model-loading error for the command line: the library's advice to pass model_name,
-    said as the option that does it."""
-    text = str(e)
-    if "pass model_name" in text or "model_name=" in text:
-        text += " (on the command line: --model FILE --model-name NAME)"
-    return text
+    try:
+        return convert.load(spec, model_name=model_name)
+    except (ValueError, OSError) as e:
+        text = str(e)
+        if "pass model_name" in text or "model_name=" in text:  # the library's advice, as this CLI's option
+            raise ValueError(f"{text} (on the command line: --model FILE --model-name NAME)") from e
+        raise
 
 
 MODEL_NAME_HELP = ("the timm name of a bare weights file (.safetensors/.pth state dict) that does not say which "
@@ -136,7 +133,7 @@ def cmd_explain(args) -> int:
     try:
         model, params = load_model(args.model, args.model_name)
     except ValueError as e:  # the checkpoint formats' errors (CheckpointMismatchError, ...) say what to do
-        print(f"error: {model_error_text(e)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config
     from predmaps.core import layer_index

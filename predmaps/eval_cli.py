@@ -142,9 +142,7 @@ def cmd_eval(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, OSError) as e:
-        from predmaps.cli import model_error_text
-
-        print(f"error: {model_error_text(e)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1057,7 +1057,7 @@ def _check_writable(out: Path) -> None:
 def _manifest_parts(out: Path) -> list[Path]:
     """Every manifest file of out (manifest.json and each process's manifest-pP.json)."""
     try:
-        return sorted(p for p in out.iterdir() if _results._PART_RE.match(p.name))
+        return _results.manifest_parts(out)
     except OSError:
         return []
 

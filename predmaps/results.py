@@ -152,6 +152,11 @@ def _load_json(path: Path) -> dict:
         raise ValueError(f"unreadable manifest {path}: {e}") from e
 
 
+def manifest_parts(out: Path) -> list[Path]:
+    """Every manifest file of a job directory, sorted: manifest.json and each process's manifest-pP.json."""
+    return sorted(p for p in out.iterdir() if _PART_RE.match(p.name))
+
+
 def read_manifest(out: str | os.PathLike) -> dict:
     """The job header plus `shards`: {shard id: record} from every process's manifest, only
     records whose shard file exists with the recorded size (complete shards)."""
@@ -165,9 +170,7 @@ def read_manifest(out: str | os.PathLike) -> dict:
     if header.get("version", 0) > VERSION:
         raise ValueError(f"{main} was written by a newer predmaps (format version {header['version']})")
     shards: dict[int, dict] = {}
-    for part in sorted(out.iterdir()):
-        if not _PART_RE.match(part.name):
-            continue
+    for part in manifest_parts(out):
         data = header if part == main else _load_json(part)
         if part != main and identity_differences(data, header):
             continue  # a stale part of another job: never mixed in

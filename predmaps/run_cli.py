@@ -112,7 +112,7 @@ def _run(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from predmaps.cli import load_model, model_error_text
+    from predmaps.cli import load_model
 
     try:
         model, params = load_model(args.model, args.model_name)
@@ -129,7 +129,7 @@ def _run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError, TypeError) as e:
-        print(f"error: {model_error_text(e)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
         print(summary)
