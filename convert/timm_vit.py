@@ -256,7 +256,12 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     width = sd["blocks.0.attn.qkv.weight"].shape[0] // 3  # heads x head_dim
     if "blocks.0.attn.q_norm.weight" in sd:
-        num_heads = width // sd["blocks.0.attn.q_norm.weight"].shape[0]
+        # q_norm normalises one head's features, so its length is the head dim.
+        from_norm = width // sd["blocks.0.attn.q_norm.weight"].shape[0]
+        if num_heads is not None and num_heads != from_norm:
+            raise ValueError(f"num_heads {num_heads!r} contradicts the checkpoint: its q_norm weights give "
+                             f"{from_norm} heads (attention width {width}); leave num_heads out for this checkpoint")
+        num_heads = from_norm
     if num_heads is None:
         raise ValueError("the number of attention heads cannot be read from tensor shapes: pass model_name "
                          "(a timm name such as 'vit_small_patch16_224') or num_heads")

@@ -592,6 +592,16 @@ def test_num_heads_must_divide_the_width():
             convert.load(sd, num_heads=bad)
 
 
+
+def test_num_heads_from_q_norm_must_agree():
+    # q_norm's length is the head dim, so a qk_norm checkpoint states its own head count; an explicit
+    # num_heads that disagrees is a mistake to report, not to silently override.
+    sd = _numpy_sd(_make("vit_tiny_patch16_224", img_size=64, num_classes=NUM_CLASSES, qk_norm=True))
+    assert timm_vit.infer_config(sd).num_heads == 3
+    assert timm_vit.infer_config(sd, num_heads=3).num_heads == 3
+    with pytest.raises(ValueError, match="^num_heads 6 contradicts the checkpoint: its q_norm weights give 3 heads"):
+        convert.load(sd, num_heads=6)
+
 def test_unsupported_model_refused():
     siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=1).eval()
     for source, kw in ((siglip, {}), (siglip.state_dict(), dict(model_name="vit_base_patch16_siglip_224"))):
