@@ -68,11 +68,19 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
     elif name is not None:
         try:
             config = resolve_config(name)
-        except KeyError:
+        except KeyError as unknown:
+            # A tag newer than timm / the bundled table. The architecture fixes the shapes, and the
+            # checkpoint's own timm config.json the data settings (applied below); without that file
+            # nothing says how the tag normalises its inputs, so the unknown name stands.
             arch = name.partition(".")[0]
-            if arch == name or model_name is not None:
+            if arch == name:
                 raise
-            config = resolve_config(arch)  # a tag newer than our table: the architecture decides
+            if hub_config is None:
+                raise UnknownModelError(
+                    f"{unknown}. Weights of a tag this table lacks load from a directory that also holds the "
+                    f"tag's timm config.json, or pass the architecture alone (model_name={arch!r}) to use its "
+                    "default tag's data settings") from None
+            config = resolve_config(arch).replace(name=name)
     else:
         config = infer_config(state_dict, num_heads=num_heads)
     settings = _hub_data_settings(hub_config)
@@ -90,7 +98,8 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     (and timm's `config.json`) or a jaxvit checkpoint; or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`,
     `timm/...`, `hf-hub:timm/...`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE honoured).
     `model_name`: the timm name the weights belong to, when the source does not say. A name that is
-    no known architecture raises `UnknownModelError` (a KeyError) before any hub access.
+    no known architecture raises `UnknownModelError` (a KeyError) before any hub access; a tag newer
+    than timm (or the bundled table) loads when the weights come with their timm `config.json`.
     `dtype`: compute dtype of the module (params stay float32). `img_size`: resample the stored
     position embeddings to this size now, as timm does when a model is built for another size
     (inputs of any multiple of the patch size work either way); it must be a multiple of the patch

@@ -420,6 +420,38 @@ def test_hub_offline_cache_with_pytorch_model_bin(hub_run):
     assert line == "BIN: ok"
 
 
+@pytest.mark.parametrize("block_torch", [False, True], ids=["timm", "bundled_table"])
+def test_hub_repo_with_a_tag_newer_than_the_table(full_tiny, tmp_path, block_torch):
+    # timm publishes new tags of old architectures: the architecture fixes the shapes and the repo's
+    # own config.json the data settings, so the repo loads whether or not timm (or the bundled table)
+    # knows the tag. The same name for a bare file has no such config and stays an unknown name.
+    tag = "newer_tag_than_any_table"
+    config = {"architecture": FULL_ARCH, "num_classes": FULL_CLASSES,
+              "pretrained_cfg": {"tag": tag, "input_size": [3, 224, 224], "num_classes": FULL_CLASSES, **HUB_DATA}}
+    d = full_tiny["dir"]
+    _lay_out_hub_repo(tmp_path, f"{FULL_ARCH}.{tag}", {"model.safetensors": d / "model.safetensors"}, config)
+    code = (BLOCK_TORCH if block_torch else "") + SUBPROCESS_HELPERS + f"""
+import convert
+d = {str(d)!r}
+x, ref = np.load(d + '/x.npy'), np.load(d + '/ref.npy')
+for source in ('{FULL_ARCH}.{tag}', 'timm/{FULL_ARCH}.{tag}'):
+    model, params = convert.load(source)
+    assert_close(logits_of(model, params, x), ref)
+    cfg = model.config
+    assert cfg.name == '{FULL_ARCH}.{tag}', cfg.name
+    assert cfg.mean == {tuple(HUB_DATA["mean"])!r} and cfg.crop_pct == {HUB_DATA["crop_pct"]!r}, cfg
+    assert cfg.num_classes == {FULL_CLASSES} and cfg.label_names is None, cfg
+try:
+    convert.load(d + '/model.safetensors', model_name='{FULL_ARCH}.{tag}')
+except convert.UnknownModelError as e:
+    print('FILE:', str(e).splitlines()[0])
+"""
+    proc = _check(_run_python(code, env={"HF_HUB_CACHE": str(tmp_path)}))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FILE:"))
+    assert f"unknown pretrained tag '{tag}' for {FULL_ARCH}" in line or f"unknown model name '{FULL_ARCH}.{tag}'" in line
+    assert line.endswith(f"pass the architecture alone (model_name='{FULL_ARCH}') to use its default tag's "
+                         "data settings"), line
+
 @pytest.fixture(scope="module")
 def empty_hub_run(tmp_path_factory):
     """convert.load of hub names with an EMPTY cache and HF_HUB_OFFLINE=1, in a subprocess with
