@@ -78,7 +78,7 @@ from predmaps import results as _results
 from predmaps.results import JobMismatchError
 
 __all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobInterrupted", "JobMismatchError",
-           "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches", "explain_dataset",
+           "OutputInUseError", "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches", "explain_dataset",
            "init_distributed", "model_identity", "open_inputs", "params_fingerprint"]
 
 # torchvision's IMG_EXTENSIONS: what ImageFolder lists.
@@ -1054,6 +1054,74 @@ def _check_writable(out: Path) -> None:
         pass
 
 
+class OutputInUseError(OSError):
+    """Another job (or another process of this one with the same index) is writing to the same
+    output directory: two writers would remove each other's temporaries and overwrite each
+    other's manifest records."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _OutputLock:
+    """One process's advisory lock on a job directory: `out/.run-pP.lock`, flock-ed while the job
+    runs. The kernel drops a flock when its process exits, however it exits, so a killed job
+    leaves at most an unlocked file behind, never a stale lock. Release unlinks the file; a lock
+    taken on a file unlinked meanwhile is retried on the new one, so two jobs never both hold one."""
+
+    def __init__(self, out: Path, pidx: int):
+        self.path, self.out, self.fd = out / f".run-p{pidx}.lock", out, None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unguarded
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputWriteError(self.path, e, self.out) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise OutputInUseError(f"{self.out} is in use: another predmaps run is writing to it ({holder}). "
+                                       "Wait for that job to end (rerun this command then to resume it), or choose "
+                                       "another --out") from None
+            except OSError as e:  # a file system without flock (some network / FUSE mounts)
+                os.close(fd)
+                import warnings
+
+                warnings.warn(f"cannot lock {self.path} ({e.strerror or e}): nothing stops a second job from "
+                              f"writing to {self.out} at the same time", RuntimeWarning, stacklevel=3)
+                return
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)  # the holder released (and unlinked) it between our open and flock: again
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()  # while still locked: a waiter then sees it is gone and retries
+        except OSError:
+            pass
+        os.close(self.fd)  # closing the descriptor releases the flock
+        self.fd = None
+
+
 def _manifest_parts(out: Path) -> list[Path]:
     """Every manifest file of out (manifest.json and each process's manifest-pP.json)."""
     try:
@@ -1162,7 +1230,8 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     Unreadable inputs are recorded (shard records, `errors.tsv`) and skipped, never raised;
     retry_failed=True recomputes the complete shards holding such inputs (once they are fixed).
     Writing out failing raises `OutputWriteError`, Ctrl-C `JobInterrupted` (a KeyboardInterrupt):
-    both say how many finished shards are kept; a rerun resumes after them. The batch is capped
+    both say how many finished shards are kept; a rerun resumes after them. A job on an `out` that
+    another running job holds raises `OutputInUseError` before touching it. The batch is capped
     at what a shard can fill (a batch never spans two shards).
     shard_size: images per shard (default `auto_shard_size`: <= 1024, <= 256 MiB of results).
     on_batch: called with each ResultBatch (e.g. to throttle or observe). Other arguments as
@@ -1208,153 +1277,158 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     # Check or create the job, every process alike. Phase 1 only reads (and probes that out takes a
     # file), so every process sees the directory as it was; process 0 writes a new job's manifest
     # in phase 2. Both phases raise on every process alike, whatever the process count.
-    main, own = out / _results.MANIFEST, out / _results.manifest_file(pidx)
-    existed = False
-    with _agreement(pcount) as phase1:
-        if resume is True and not main.exists():  # before mkdir: a refused --resume leaves no empty folder
-            raise FileNotFoundError(f"--resume: {out} holds no job to resume ({_results.MANIFEST} is missing)")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputWriteError(out, e, out, action=f"create {out}",
-                                   folder=Path(e.filename).parent if e.filename else out.parent) from e
-        _check_writable(out)
-        existed = main.exists()
-        if resume is False and existed:
-            raise FileExistsError(f"{out} already holds a job; choose another output directory")
-        # Every manifest file must read: a damaged one may be the only record of finished shards.
-        parts = {part: _read_manifest_file(part, out)  # manifest.json first: its error matters most
-                 for part in sorted(_manifest_parts(out), key=lambda part: part != main)}
-        if existed:
-            _results.check_same_job(parts[main], header, out)
-        if own in parts and own != main:
-            _results.check_same_job(parts[own], header, out)
-    phase1.result()
-    mine_records, complete, retry, todo_steps, skipped = {}, {}, set(), 0, 0
-    with _agreement(pcount) as phase2:
-        if pidx == 0:
-            _results.remove_temporaries(out)
-            if not existed:
-                _atomic_write(main, _results.dumps(header), out)
-        if existed:
-            complete = _results.read_manifest(out)["shards"]
-            if own.exists():
-                mine_records = {int(r["id"]): r for r in _results._load_json(own).get("shards", [])
-                                if int(r["id"]) in complete}
-            if retry_failed:  # complete shards holding failed inputs are done again, whole
-                retry = {sid for sid, rec in complete.items() if rec.get("errors")}
-        if plan is not None:
-            for sid, rec in complete.items():
-                if sid in plan.digests and rec.get("names_sha256") != plan.digests[sid][2]:
-                    raise JobMismatchError(f"{out}: shard {sid} was made from other inputs than this run lists")
-            for sid, (first, n, _) in plan.digests.items():
-                if sid % pcount != pidx:
-                    continue
-                if sid in complete and sid not in retry:
-                    skipped += n
-                else:
-                    todo_steps += -(-n // engine.local_batch)
-        phase2.share(todo_steps)
-    # Every process runs the same number of global steps: the most any process has to do.
-    steps = phase2.result()  # on one process too: it re-raises the block's error
-    total_steps = int(steps.max()) if pcount > 1 else None
-
-    streamed_skips = [0]
-
-    def skip(sh: _Shard) -> bool:
-        if sh.id not in complete:
-            return False
-        if plan is None:  # a stream: no listing was compared up front, so compare this shard's names
-            if complete[sh.id].get("names_sha256") != _shard_digest(sh.items):
-                raise JobMismatchError(f"{out}: shard {sh.id} was made from other inputs than this run lists")
-            if sh.id not in retry:
-                streamed_skips[0] += len(sh.items)
-        return sh.id not in retry
-
-    def kept() -> int:  # shards recorded as finished, for messages
-        return len(complete.keys() | mine_records.keys())
-
-    from jaxvit.preprocess import eval_transform_for
-
-    stats = _Stats()
-    own_header = dict(_results._load_json(out / _results.MANIFEST)) if pidx == 0 else dict(header)
-    todo = None if plan is None else sum(n for sid, (_, n, _) in plan.digests.items()
-                                         if sid % pcount == pidx and (sid not in complete or sid in retry))
-    bar = _progress_bar(progress and pidx == 0, todo, pcount)
-    buf: list[ResultBatch] = []
-    streamed_shards: dict[int, tuple[int, int, str]] = {}
-    written: set[int] = set()
-
-    def shards_tracked():
-        for sh in _process_shards(inputs, shard_size, pidx, pcount, skip, spec.needs_labels and plan is None):
-            streamed_shards[sh.id] = (sh.first, len(sh.items), _shard_digest(sh.items))
-            yield sh
-
-    def write(path: Path, data: bytes) -> None:
-        _atomic_write(path, data, out, kept())
-
+    lock = _OutputLock(out, pidx)
     try:
-        try:
-            for b in _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
-                             workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
-                             stats=stats, bar=bar, on_batch=on_batch):
-                buf.append(b)
-                if b.last_in_shard:
-                    first, n, digest = streamed_shards.pop(b.shard)
-                    rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
-                    buf = []
-                    records = {**mine_records, b.shard: rec}
-                    own_header["shards"] = [records[k] for k in sorted(records)]
-                    write(own, _results.dumps(own_header))
-                    mine_records[b.shard] = rec  # finished once recorded
-                    written.add(b.shard)
-        finally:
-            if bar is not None:
-                bar.close()
-
-        # Consolidate: every process's records into manifest.json (no shared file system needed for
-        # the list itself), errors.tsv; totals over all processes.
-        counters = np.array([stats.images, stats.errors, skipped + streamed_skips[0],
-                             round(stats.input_wait_s * 1e3), len(retry & written)], np.int64)
-        if pcount > 1:
-            all_records = _allgather_json([mine_records[k] for k in sorted(mine_records)])
-            counters = _allgather(counters).sum(0)
-        else:
-            all_records = [[mine_records[k] for k in sorted(mine_records)]]
-        everything = dict(complete)
-        for recs in all_records:
-            for r in recs:
-                everything[int(r["id"])] = r
-        if num_shards is None:
-            num_shards = (max(everything) + 1) if everything else 0
-            if streamed_shards:
-                num_shards = max(num_shards, max(streamed_shards) + 1)
-        n_errors = sum(len(r.get("errors", [])) for r in everything.values())
-        if pidx == 0:
-            final = dict(_results._load_json(out / _results.MANIFEST))
-            final["shards"] = [everything[k] for k in sorted(everything)]
-            final["num_shards"] = num_shards
-            final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
-            write(out / _results.MANIFEST, _results.dumps(final))
-            if retry_failed:
-                _drop_superseded_records(out, everything, write)
+        main, own = out / _results.MANIFEST, out / _results.manifest_file(pidx)
+        existed = False
+        with _agreement(pcount) as phase1:
+            if resume is True and not main.exists():  # before mkdir: a refused --resume leaves no empty folder
+                raise FileNotFoundError(f"--resume: {out} holds no job to resume ({_results.MANIFEST} is missing)")
             try:
-                _results.write_errors_file(out, everything)
+                out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise OutputWriteError(out / _results.ERRORS_FILE, e, out, len(everything)) from e
-    except KeyboardInterrupt:  # shards and manifests are written atomically: every recorded one is kept
-        try:  # what a rerun will find (exact even when Ctrl-C fell between a write and the bookkeeping)
-            n = len(_results.read_manifest(out)["shards"])
-        except (OSError, ValueError, KeyError, TypeError):
-            n = kept()
-        raise JobInterrupted(out, n, num_shards) from None
-    return RunSummary(out=str(out), images=int(counters[0]), errors=int(counters[1]), skipped_images=int(counters[2]),
-                      total_images=sum(r["images"] for r in everything.values()), total_errors=n_errors,
-                      num_shards=num_shards, complete_shards=len(everything), wall_s=time.perf_counter() - t_start,
-                      compile_s=stats.compile_s, input_wait_s=counters[3] / 1e3 / pcount,
-                      devices=len(engine.devices), processes=pcount,
-                      errors_file=str(out / _results.ERRORS_FILE), batch=engine.global_batch,
-                      retried_shards=int(counters[4]))
+                raise OutputWriteError(out, e, out, action=f"create {out}",
+                                       folder=Path(e.filename).parent if e.filename else out.parent) from e
+            _check_writable(out)
+            lock.acquire()  # before reading anything: another writer could change it under us
+            existed = main.exists()
+            if resume is False and existed:
+                raise FileExistsError(f"{out} already holds a job; choose another output directory")
+            # Every manifest file must read: a damaged one may be the only record of finished shards.
+            parts = {part: _read_manifest_file(part, out)  # manifest.json first: its error matters most
+                     for part in sorted(_manifest_parts(out), key=lambda part: part != main)}
+            if existed:
+                _results.check_same_job(parts[main], header, out)
+            if own in parts and own != main:
+                _results.check_same_job(parts[own], header, out)
+        phase1.result()
+        mine_records, complete, retry, todo_steps, skipped = {}, {}, set(), 0, 0
+        with _agreement(pcount) as phase2:
+            if pidx == 0:
+                _results.remove_temporaries(out)
+                if not existed:
+                    _atomic_write(main, _results.dumps(header), out)
+            if existed:
+                complete = _results.read_manifest(out)["shards"]
+                if own.exists():
+                    mine_records = {int(r["id"]): r for r in _results._load_json(own).get("shards", [])
+                                    if int(r["id"]) in complete}
+                if retry_failed:  # complete shards holding failed inputs are done again, whole
+                    retry = {sid for sid, rec in complete.items() if rec.get("errors")}
+            if plan is not None:
+                for sid, rec in complete.items():
+                    if sid in plan.digests and rec.get("names_sha256") != plan.digests[sid][2]:
+                        raise JobMismatchError(f"{out}: shard {sid} was made from other inputs than this run lists")
+                for sid, (first, n, _) in plan.digests.items():
+                    if sid % pcount != pidx:
+                        continue
+                    if sid in complete and sid not in retry:
+                        skipped += n
+                    else:
+                        todo_steps += -(-n // engine.local_batch)
+            phase2.share(todo_steps)
+        # Every process runs the same number of global steps: the most any process has to do.
+        steps = phase2.result()  # on one process too: it re-raises the block's error
+        total_steps = int(steps.max()) if pcount > 1 else None
+
+        streamed_skips = [0]
+
+        def skip(sh: _Shard) -> bool:
+            if sh.id not in complete:
+                return False
+            if plan is None:  # a stream: no listing was compared up front, so compare this shard's names
+                if complete[sh.id].get("names_sha256") != _shard_digest(sh.items):
+                    raise JobMismatchError(f"{out}: shard {sh.id} was made from other inputs than this run lists")
+                if sh.id not in retry:
+                    streamed_skips[0] += len(sh.items)
+            return sh.id not in retry
+
+        def kept() -> int:  # shards recorded as finished, for messages
+            return len(complete.keys() | mine_records.keys())
+
+        from jaxvit.preprocess import eval_transform_for
+
+        stats = _Stats()
+        own_header = dict(_results._load_json(out / _results.MANIFEST)) if pidx == 0 else dict(header)
+        todo = None if plan is None else sum(n for sid, (_, n, _) in plan.digests.items()
+                                             if sid % pcount == pidx and (sid not in complete or sid in retry))
+        bar = _progress_bar(progress and pidx == 0, todo, pcount)
+        buf: list[ResultBatch] = []
+        streamed_shards: dict[int, tuple[int, int, str]] = {}
+        written: set[int] = set()
+
+        def shards_tracked():
+            for sh in _process_shards(inputs, shard_size, pidx, pcount, skip, spec.needs_labels and plan is None):
+                streamed_shards[sh.id] = (sh.first, len(sh.items), _shard_digest(sh.items))
+                yield sh
+
+        def write(path: Path, data: bytes) -> None:
+            _atomic_write(path, data, out, kept())
+
+        try:
+            try:
+                for b in _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
+                                 workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
+                                 stats=stats, bar=bar, on_batch=on_batch):
+                    buf.append(b)
+                    if b.last_in_shard:
+                        first, n, digest = streamed_shards.pop(b.shard)
+                        rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
+                        buf = []
+                        records = {**mine_records, b.shard: rec}
+                        own_header["shards"] = [records[k] for k in sorted(records)]
+                        write(own, _results.dumps(own_header))
+                        mine_records[b.shard] = rec  # finished once recorded
+                        written.add(b.shard)
+            finally:
+                if bar is not None:
+                    bar.close()
+
+            # Consolidate: every process's records into manifest.json (no shared file system needed for
+            # the list itself), errors.tsv; totals over all processes.
+            counters = np.array([stats.images, stats.errors, skipped + streamed_skips[0],
+                                 round(stats.input_wait_s * 1e3), len(retry & written)], np.int64)
+            if pcount > 1:
+                all_records = _allgather_json([mine_records[k] for k in sorted(mine_records)])
+                counters = _allgather(counters).sum(0)
+            else:
+                all_records = [[mine_records[k] for k in sorted(mine_records)]]
+            everything = dict(complete)
+            for recs in all_records:
+                for r in recs:
+                    everything[int(r["id"])] = r
+            if num_shards is None:
+                num_shards = (max(everything) + 1) if everything else 0
+                if streamed_shards:
+                    num_shards = max(num_shards, max(streamed_shards) + 1)
+            n_errors = sum(len(r.get("errors", [])) for r in everything.values())
+            if pidx == 0:
+                final = dict(_results._load_json(out / _results.MANIFEST))
+                final["shards"] = [everything[k] for k in sorted(everything)]
+                final["num_shards"] = num_shards
+                final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
+                write(out / _results.MANIFEST, _results.dumps(final))
+                if retry_failed:
+                    _drop_superseded_records(out, everything, write)
+                try:
+                    _results.write_errors_file(out, everything)
+                except OSError as e:
+                    raise OutputWriteError(out / _results.ERRORS_FILE, e, out, len(everything)) from e
+        except KeyboardInterrupt:  # shards and manifests are written atomically: every recorded one is kept
+            try:  # what a rerun will find (exact even when Ctrl-C fell between a write and the bookkeeping)
+                n = len(_results.read_manifest(out)["shards"])
+            except (OSError, ValueError, KeyError, TypeError):
+                n = kept()
+            raise JobInterrupted(out, n, num_shards) from None
+        return RunSummary(out=str(out), images=int(counters[0]), errors=int(counters[1]), skipped_images=int(counters[2]),
+                          total_images=sum(r["images"] for r in everything.values()), total_errors=n_errors,
+                          num_shards=num_shards, complete_shards=len(everything), wall_s=time.perf_counter() - t_start,
+                          compile_s=stats.compile_s, input_wait_s=counters[3] / 1e3 / pcount,
+                          devices=len(engine.devices), processes=pcount,
+                          errors_file=str(out / _results.ERRORS_FILE), batch=engine.global_batch,
+                          retried_shards=int(counters[4]))
+    finally:
+        lock.release()
 
 
 def _drop_superseded_records(out: Path, everything: dict[int, dict], write: Callable[[Path, bytes], None]) -> None:

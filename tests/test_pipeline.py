@@ -508,6 +508,48 @@ def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, r
     assert "shard size must be positive; got 0" in capsys.readouterr().err
 
 
+def test_two_jobs_cannot_write_one_directory_at_once(ckpt, model, image_dir, reference, tmp_path, monkeypatch, capsys):
+    """A job on a directory another running job holds fails at once, naming the holder, and writes
+    nothing (two writers would remove each other's temporaries and overwrite each other's
+    manifest records). The lock lives as long as the job: released on return, dropped by the
+    kernel when a job is killed, so the next run goes ahead."""
+    import fcntl
+
+    m, p = model
+    out = tmp_path / "out"
+    out.mkdir()
+    running = pipeline._OutputLock(out, 0)  # a separate open file: conflicts as another process's would
+    running.acquire()
+    with pytest.raises(pipeline.OutputInUseError) as e:
+        explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=10, progress=False)
+    assert isinstance(e.value, OSError)  # what callers catching write problems already catch
+    assert str(e.value).startswith(f"{out} is in use: another predmaps run is writing to it (pid {os.getpid()} on "
+                                   f"{socket.gethostname()}, since ")
+    assert str(e.value).endswith("or choose another --out")
+    assert run_cli.main(_cli_args(ckpt, image_dir, out, "--batch-size", 4)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is in use: ") and err.count("\n") == 1, err
+    assert sorted(f.name for f in out.iterdir()) == [".run-p0.lock"]  # nothing of the refused jobs
+    running.release()
+    assert not (out / ".run-p0.lock").exists()
+
+    # What a killed job leaves: an unlocked lock file. It does not stop the next run.
+    (out / ".run-p0.lock").write_text("pid 1 on elsewhere, since long ago")
+    s = explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=10, progress=False)
+    assert s.complete and not (out / ".run-p0.lock").exists()  # released (and removed) on return
+    _assert_same(read_results(out), read_results(reference))
+
+    # A file system without flock (some network mounts): the job runs, with a warning that it is unguarded.
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(RuntimeWarning, match=r"cannot lock .*\.run-p0\.lock \(No locks available\): nothing stops "
+                                            "a second job"):
+        s = explain_dataset(m, p, image_dir, tmp_path / "unguarded", SPEC, batch_size=4, shard_size=10,
+                            progress=False)
+    assert s.complete
+
 def test_input_layouts_and_ground_truth_targets(model, tmp_path):
     m, p = model
     wnids = jlabels.imagenet_wnids()
