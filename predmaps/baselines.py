@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvit import ViT
+from predmaps.core import zeros_varying_like
 from predmaps.targets import Targets
 
 # Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit, and on XLA:CPU
@@ -65,7 +66,7 @@ def _attention_vjp(model: ViT, params, images: jax.Array, targets: Targets, bloc
     blocks = tuple(range(depth)) if blocks is None else tuple(b % depth for b in blocks)
     mat = model.clone(attention="materialized")
     init = jax.eval_shape(lambda: mat.apply({"params": params}, images, return_attn=True, mutable=["perturbations"]))
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), init[1]["perturbations"])
+    zeros = jax.tree_util.tree_map(lambda s: zeros_varying_like(s.shape, s.dtype, images), init[1]["perturbations"])
 
     def f(perturbations):
         out = mat.apply({"params": params, "perturbations": perturbations}, images, return_attn=True)

@@ -20,6 +20,20 @@ SIMILARITIES = ("dot", "cosine")
 _NORMALISER_CHUNK = 256
 
 
+def zeros_varying_like(shape, dtype, like: jax.Array) -> jax.Array:
+    """Zeros that vary over the same shard_map mesh axes as `like` (plain zeros elsewhere).
+
+    The gradient methods differentiate with respect to zero perturbations of the attention. Inside
+    a `shard_map`, constant zeros are the same on every device, so their cotangent would be summed
+    over the mesh axis: every device would get the whole mesh's gradients. Marked varying like the
+    images, each device keeps its own."""
+    zeros = jnp.zeros(shape, dtype)
+    aval = jax.typeof(like)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases named the set `vma`
+    axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ()) or ()))
+    return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+
+
 def layer_index(layer: int, depth: int) -> int:
     """Token layer 0..L (negative from the end: -1 = L, the last block's output)."""
     if not -(depth + 1) <= layer <= depth:

@@ -77,6 +77,7 @@ import numpy as np
 
 from jaxvit.model import activation, patchify
 from jaxvit.posemb import resample_abs_pos_embed
+from predmaps.core import zeros_varying_like
 
 __all__ = ["RULES", "attention_relevance", "forward", "full_lrp", "partial_lrp", "relprop", "transattr"]
 
@@ -406,7 +407,8 @@ def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_inp
     grads = None
     if grad_blocks:
         t = _num_tokens(cfg, images)
-        zeros = {i: jnp.zeros((images.shape[0], cfg.num_heads, t, t), _dtype(images)) for i in grad_blocks}
+        zeros = {i: zeros_varying_like((images.shape[0], cfg.num_heads, t, t), _dtype(images), images)
+                 for i in grad_blocks}
         fwd = lambda dl: forward(model, params, images, [dl.get(i) for i in range(cfg.depth)])
         logits, vjp_fn, acts = jax.vjp(fwd, zeros, has_aux=True)
     else:
