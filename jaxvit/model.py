@@ -371,7 +371,9 @@ def cast_params(params, dtype):
     kernel and bias to the compute dtype on every call anyway. Storing them cast saves that
     per-call conversion (at batch 1 in bf16, reading 4 and writing 2 bytes per weight is a
     sizeable part of the call) and halves their device memory. The head stays float32 because
-    predmaps' lean prediction columns add its bias in float32.
+    predmaps' lean prediction columns add its bias in float32. predmaps' LRP methods (transattr,
+    lrp, partial_lrp) are the exception: they recompute the forward in float32 from the stored
+    weights, so give them the uncast params.
     """
     dtype = jnp.dtype(dtype)
 
@@ -520,6 +522,12 @@ class ViT(nn.Module):
 
     def __call__(self, images, *, return_attn: bool = False) -> ViTOutput:
         cfg = self.config
+        images = jnp.asarray(images)
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            # 8-bit pixels would run, and explain nothing: the weights expect normalised floats.
+            raise TypeError(f"images must be normalised floats (B, H, W, C); got dtype {images.dtype}. Use "
+                            "jaxvit.preprocess (load_batch, or pixels / 255 then normalize with the config's "
+                            "mean and std)")
         x = self.embed(images)
         tokens, rows, mats = [x], [], []
         for block in self.blocks:

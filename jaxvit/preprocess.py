@@ -314,7 +314,8 @@ def _unit(arr: np.ndarray) -> np.ndarray:
 def normalize(x, mean: Sequence[float], std: Sequence[float]):
     """(x - mean) / std over the last (channel) axis; numpy in, numpy out, jax in, jax out.
 
-    Float inputs keep their dtype; integer inputs are promoted to float32. The mean and
+    Float inputs keep their dtype; integer inputs are promoted to float32, not scaled: timm's
+    mean and std are for pixels in [0, 1], so divide 8-bit pixels by 255 first. The mean and
     std are cast to that dtype first and the division is a true division, as in
     torchvision's Normalize, so float32 results match it exactly.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvit import ViT
 from jaxvit import kernels as pallas_kernels
@@ -36,6 +37,8 @@ def zeros_varying_like(shape, dtype, like: jax.Array) -> jax.Array:
 
 def layer_index(layer: int, depth: int) -> int:
     """Token layer 0..L (negative from the end: -1 = L, the last block's output)."""
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(f"layer must be an integer (0..{depth}, or -{depth + 1}..-1 from the end); got {layer!r}")
     if not -(depth + 1) <= layer <= depth:
         raise ValueError(f"layer {layer} out of range: this model has layers 0..{depth} "
                          f"(or -{depth + 1}..-1 from the end)")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxvit import ViT
@@ -215,8 +216,7 @@ def explain(model: ViT, params, images, *, method: str = "predicatt", target: An
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config
     images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
-        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
+    _check_images(images, cfg)
     targets = make_targets(target, images.shape[0], cfg.num_classes)
     return _explain_jit(model, method, layer_i, opts, params, images, targets)
 
@@ -238,6 +238,9 @@ def check_request(model: ViT, method: str, layer: int = -1, options: dict | None
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {sorted(m.options) or 'none'}")
     opts = {**m.options, **options}
+    for name, value in options.items():  # a flag given as "no" would read as True
+        if isinstance(m.options[name], bool) and not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
     if "scores" in opts and opts["scores"] not in core.SCORES:
         raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
     if "similarity" in opts and opts["similarity"] not in core.SIMILARITIES:
@@ -248,11 +251,30 @@ def check_request(model: ViT, method: str, layer: int = -1, options: dict | None
 
 def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **options):
     """A pure function (params, images, targets: Targets) -> Explanation, for composing inside
-    the caller's own jit/vmap/shard_map. Build `targets` with `predmaps.make_targets`."""
-    m = get_method(method)
-    layer_i = core.layer_index(layer, model.config.depth) if m.uses_layer else 0
-    opts = tuple(sorted({**m.options, **options}.items()))
-    return lambda params, images, targets: _explain_impl(model, method, layer_i, opts, params, images, targets)
+    the caller's own jit/vmap/shard_map. Build `targets` with `predmaps.make_targets`.
+
+    The request is checked here, as `explain` checks it; each call checks only shapes and types
+    (what tracing knows), not class values."""
+    _, layer_i, opts = check_request(model, method, layer, options)
+    cfg = model.config
+
+    def fn(params, images, targets: Targets) -> Explanation:
+        if not isinstance(targets, Targets):
+            raise TypeError(f"targets must be a predmaps.Targets, from predmaps.make_targets(target, batch, "
+                            f"num_classes); got {type(targets).__name__}")
+        _check_images(images, cfg)
+        b = images.shape[0]
+        if targets.kind == "given" and targets.classes.shape[0] not in (1, b):
+            raise ValueError(f"targets were made for batch {targets.classes.shape[0]}, images have batch {b}: "
+                             f"make_targets(target, {b}, {cfg.num_classes})")
+        return _explain_impl(model, method, layer_i, opts, params, images, targets)
+
+    return fn
+
+
+def _check_images(images, cfg) -> None:
+    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
 
 
 def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False) -> jax.Array:
@@ -273,8 +295,12 @@ def prediction_matrices(model: ViT, params, images, *, layers=None, scores: str 
     """The full Psi for several layers: (B, len(layers), N, C). Materialises B x L x N x C: ask only
     when you need all classes of all layers (e.g. per-layer statistics, figures)."""
     depth = model.config.depth
+    if scores not in core.SCORES:
+        raise ValueError(f"scores must be one of {core.SCORES}; got {scores!r}")
     layers = tuple(range(depth + 1)) if layers is None else tuple(core.layer_index(l, depth) for l in layers)
-    return _prediction_matrices_jit(model, layers, scores, params, jnp.asarray(images))
+    images = jnp.asarray(images)
+    _check_images(images, model.config)
+    return _prediction_matrices_jit(model, layers, scores, params, images)
 
 
 def _prediction_matrices_impl(model, layers, scores, params, images):

@@ -36,6 +36,10 @@ class Targets:
         return jnp.broadcast_to(self.classes, (b, self.classes.shape[-1])).astype(jnp.int32)
 
 
+_FORMS = ("use 'top', 'topK' (e.g. 'top5'), 'all', a class index, a list of class indices, or an array of "
+          "per-example classes (B,) or (B, K)")
+
+
 def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
     """Parse a user's target: "top", "top5", "all", an int, a list of ints (same classes for
     every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth)."""
@@ -50,18 +54,35 @@ def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
             if not 1 <= k <= num_classes:
                 raise ValueError(f"target {target!r}: k must be between 1 and {num_classes}")
             return Targets(kind="topk", k=k)
-        raise ValueError(f"unknown target {target!r}: use 'top', 'topK' (e.g. 'top5'), 'all', a class index, "
-                         "a list of class indices, or an array of per-example classes")
+        raise ValueError(f"unknown target {target!r}: {_FORMS}")
+    if target is None or isinstance(target, (bool, np.bool_, float, np.floating)):
+        raise ValueError(f"unknown target {target!r}: {_FORMS}")
     if isinstance(target, (int, np.integer)):
         arr = np.full((1, 1), int(target))
-    elif isinstance(target, (list, tuple)):
-        arr = np.asarray(target, dtype=np.int64)[None, :]
     else:
-        arr = target
-        if arr.ndim == 1:
-            arr = arr[:, None]
-        if arr.ndim != 2 or arr.shape[0] != batch:
-            raise ValueError(f"per-example targets must have shape (B,) or (B, K) with B={batch}; got {arr.shape}")
+        shared = False
+        if isinstance(target, (list, tuple)):
+            try:
+                arr = np.asarray(target)
+            except ValueError:  # ragged
+                raise ValueError(f"unknown target {target!r}: {_FORMS}") from None
+            shared = arr.ndim == 1  # the same classes for every image
+            if shared:
+                arr = arr[None, :]
+        elif hasattr(target, "ndim") and hasattr(target, "shape"):
+            arr = target
+            shared = arr.ndim == 0  # one class, as an array scalar
+            if shared:
+                arr = arr.reshape(1, 1)
+            elif arr.ndim == 1:  # one class per image
+                arr = arr[:, None]
+        else:
+            raise ValueError(f"unknown target {target!r}: {_FORMS}")
+        if arr.ndim != 2 or (arr.shape[0] != batch and not shared):
+            raise ValueError(f"per-example targets must have shape (B,) or (B, K) with B={batch}; got "
+                             f"{tuple(np.shape(arr))}")
+        if arr.shape[-1] == 0:
+            raise ValueError(f"target {target!r} names no class: {_FORMS}")
     if not isinstance(arr, jax.core.Tracer):
         host = np.asarray(arr)
         if not np.issubdtype(host.dtype, np.integer):

@@ -5,6 +5,8 @@ Parity tolerance: relative error <= 1e-4 in float32 (the issue's bound). Measure
 sides compute the same formulas in a different order; gradients add one more pass.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -438,6 +440,59 @@ def test_errors_name_the_problem(small):
     with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\)"):
         predmaps.explain(model, params, x[0])
 
+
+
+def test_explain_fn_checks_the_request_as_explain_does(small):
+    # explain_fn is the path into the caller's own jit: the same request checks at build time (a
+    # typo in an option used to be accepted, and scores="prob" read as logits on one path and as
+    # probabilities on the other), and shape/type checks at call time with messages, not tracer errors.
+    model, params, x = small
+    for kw, match in ((dict(scores="prob"), r"scores must be one of \('probs', 'logits'\); got 'prob'"),
+                      (dict(simlarity="cosine"), "unknown option.*'simlarity'"),
+                      (dict(lean="no"), "lean must be True or False; got 'no'"),
+                      (dict(layer=1.5), r"layer must be an integer \(0\.\.3, or -4\.\.-1 from the end\); got 1\.5"),
+                      (dict(layer="1"), "layer must be an integer"),
+                      (dict(method="predicat"), "unknown method 'predicat'")):
+        with pytest.raises(ValueError, match=match):
+            predmaps.explain_fn(model, **kw)
+        with pytest.raises(ValueError, match=match):
+            predmaps.explain(model, params, x, **kw)
+    with pytest.raises(ValueError, match=r"scores must be one of"):
+        predmaps.prediction_matrices(model, params, x, scores="prob")
+    fn = predmaps.explain_fn(model)
+    with pytest.raises(TypeError, match="targets must be a predmaps.Targets, from predmaps.make_targets"):
+        fn(params, x, "top")
+    with pytest.raises(ValueError, match=r"targets were made for batch 3, images have batch 4: make_targets\(target, 4, 10\)"):
+        fn(params, x, predmaps.make_targets(np.array([1, 2, 3]), 3, 10))
+    with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\)"):
+        fn(params, x[0], predmaps.make_targets("top", 4, 10))
+
+
+def test_targets_in_every_accepted_form_and_clear_errors_otherwise():
+    make = predmaps.make_targets
+    assert make([[1], [2]], 2, 10).classes.tolist() == [[1], [2]]  # nested lists: per-example (B, K)
+    assert make([1, 2], 2, 10).classes.tolist() == [[1, 2]]  # a flat list: the same classes for every image
+    assert make(jnp.array(4), 2, 10).classes.tolist() == [[4]]  # an array scalar is a class index
+    for bad in (True, None, 1.0, "best", [[1], [2, 3]]):
+        with pytest.raises(ValueError, match=f"unknown target {re.escape(repr(bad))}: use 'top'"):
+            make(bad, 2, 10)
+    for empty in ([], np.zeros((2, 0), np.int64)):
+        with pytest.raises(ValueError, match="names no class"):
+            make(empty, 2, 10)
+    with pytest.raises(ValueError, match="target classes must be integers; got dtype float64"):
+        make([1.5], 2, 10)
+
+
+def test_integer_images_are_refused_not_explained(small):
+    # 8-bit pixels ran through the model and gave confident nonsense.
+    model, params, x = small
+    pixels = np.zeros((1, 32, 32, 3), np.uint8)
+    with pytest.raises(TypeError, match="images must be normalised floats .*got dtype uint8. Use jaxvit.preprocess"):
+        model.apply({"params": params}, pixels)
+    with pytest.raises(TypeError, match="got dtype uint8"):
+        predmaps.explain(model, params, pixels)
+    np.testing.assert_array_equal(model.apply({"params": params}, np.asarray(x)).logits,
+                                  model.apply({"params": params}, x).logits)  # numpy in, as jax
 
 def test_methods_registry_lists_the_papers_methods():
     want = {"predicatt", "prediction_map", "weighted_attention", "mean_attention", "raw_attention", "rollout",
