@@ -211,16 +211,25 @@ def adapt_config(config: ViTConfig, state_dict: Mapping[str, np.ndarray]) -> ViT
     return config.replace(**changes) if changes else config
 
 
+def _as_pair(size):
+    """An int as (size, size) and any sequence as a tuple; anything else unchanged."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return size, size
+    return tuple(size) if isinstance(size, (list, tuple)) else size
+
+
 def check_img_size(img_size, patch_size: int) -> tuple[int, int]:
-    """`img_size` as (height, width), refused unless both are positive multiples of the patch size:
-    the patch grid (and the position embeddings resampled to it) must cover the image exactly."""
+    """`img_size` (an int for a square, as timm takes it, or (height, width)) as (height, width),
+    refused unless both are positive multiples of the patch size: the patch grid (and the position
+    embeddings resampled to it) must cover the image exactly."""
+    size = _as_pair(img_size)
     try:
-        h, w = (int(s) for s in img_size)
-        ok = (h, w) == tuple(img_size) and h > 0 and w > 0
+        h, w = (int(s) for s in size)
+        ok = (h, w) == tuple(size) and h > 0 and w > 0
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"img_size must be (height, width), two positive integers; got {img_size!r}")
+        raise ValueError(f"img_size must be an integer or (height, width), positive integers; got {img_size!r}")
     if h % patch_size or w % patch_size:
         lower = (max(h // patch_size, 1) * patch_size, max(w // patch_size, 1) * patch_size)
         upper = (-(-h // patch_size) * patch_size, -(-w // patch_size) * patch_size)
@@ -232,7 +241,9 @@ def check_img_size(img_size, patch_size: int) -> tuple[int, int]:
 def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) -> tuple[dict, ViTConfig]:
     """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does.
 
-    `img_size` must be positive multiples of the patch size (else ValueError)."""
+    `img_size` must be positive multiples of the patch size (else ValueError), or the config's own."""
+    if _as_pair(img_size) == config.img_size:
+        return params, config  # the native size, even when not a multiple (ViTConfig.patch_grid)
     img_size = check_img_size(img_size, config.patch_size)
     new = config.replace(img_size=img_size)
     if img_size == tuple(config.img_size) or not config.pos_embed:

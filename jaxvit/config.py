@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import numbers
 from importlib import resources
 from typing import Any
 
@@ -42,6 +43,10 @@ def unknown_model_error(name: str, why: str, candidates=()) -> UnknownModelError
         f"{len(_bundled_table()['architectures'])} timm ViT architectures jaxvit implements, with their pretrained "
         "tags), or timm.list_models('vit_*') when timm is installed. To load weights from a file instead: "
         "convert.load('path/to/model.safetensors', model_name='<known name>').")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,20 @@ class ViTConfig:
     hf_hub_id: str | None = None
 
     def __post_init__(self):
+        # timm takes img_size=224 for (224, 224), and JSON gives lists; a config is a static jit
+        # argument, so every field must be hashable.
+        size = self.img_size
+        if _is_int(size):
+            size = (size, size)
+        ok = isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)
+        if not ok:
+            raise ValueError(f"img_size must be a positive integer or (height, width); got {self.img_size!r}")
+        size = (int(size[0]), int(size[1]))
+        object.__setattr__(self, "img_size", size)
+        for key in ("mean", "std", "label_names"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, key, tuple(value))
         if self.act not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.act!r}; jaxvit supports {ACTIVATIONS}")
         if self.global_pool not in GLOBAL_POOLS:
@@ -123,6 +142,22 @@ class ViTConfig:
     def grid_size(self) -> tuple[int, int]:
         """(gh, gw) of the training resolution, the grid of the stored position embeddings."""
         return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(gh, gw) of the patch tokens of an input image `height` x `width`.
+
+        Any multiple of the patch size (position embeddings are resampled to it). The config's own
+        img_size is accepted even when it is not one (SigLIP so400m: 384 / 14): as timm's strided
+        conv does, the last height % p rows and width % p columns are not seen. Other sizes raise
+        ValueError, as timm does with dynamic_img_size.
+        """
+        p = self.patch_size
+        if (height % p or width % p) and (height, width) != self.img_size:
+            lower = (max(height // p, 1) * p, max(width // p, 1) * p)
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p} (nor this "
+                             f"model's img_size {self.img_size[0]}x{self.img_size[1]}): resize or crop to "
+                             f"e.g. {lower[0]}x{lower[1]}")
+        return height // p, width // p
 
     @property
     def num_patches(self) -> int:
@@ -155,10 +190,7 @@ class ViTConfig:
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown ViTConfig fields {unknown}; is this file from a newer jaxvit?")
-        d = dict(d)
-        for key in ("img_size", "mean", "std"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
+        d = dict(d)  # lists become tuples in __post_init__
         names = d.get("label_names")
         if isinstance(names, str):
             from jaxvit import labels
@@ -195,6 +227,11 @@ def get_config(name: str, **overrides) -> ViTConfig:
     settings. `overrides` replace fields (e.g. `num_classes=10`, `img_size=(384, 384)`).
     Raises `UnknownModelError` (a KeyError) naming close matches when the name is unknown.
     """
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    for key in sorted(set(overrides) - fields):
+        close = difflib.get_close_matches(key, sorted(fields), n=3)
+        raise TypeError(f"get_config: {key!r} is not a ViTConfig field"
+                        + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
     table = _bundled_table()
     arch, _, tag = name.partition(".")
     if arch not in table["architectures"]:

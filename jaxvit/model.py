@@ -404,9 +404,10 @@ class ViT(nn.Module):
         float32 compute is the same either way.
       kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
 
-    `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float,
-    H and W multiples of the patch size; another resolution than the config's resamples
-    the position embeddings like timm's dynamic image size. Returns a `ViTOutput`.
+    `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float, at the
+    config's img_size or any multiple of the patch size (`ViTConfig.patch_grid`); another
+    resolution than the config's resamples the position embeddings like timm's dynamic image
+    size. Returns a `ViTOutput`.
     Under `jit`, outputs the caller ignores are removed by XLA's dead-code elimination.
     """
 
@@ -416,9 +417,19 @@ class ViT(nn.Module):
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
 
+    def __post_init__(self):
+        # At construction, so convert.load(..., attention="flash") fails where it is asked.
+        if not isinstance(self.config, ViTConfig):
+            raise TypeError(f"ViT(config=...) takes a jaxvit.ViTConfig; got {type(self.config).__name__}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {self.attention!r}; choose from {ATTENTION_IMPLS}")
+        pallas_parts(self.kernels)  # an unknown name fails here, with the choices
+        if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+            raise ValueError(f"ViT dtype must be a float dtype (float32, bfloat16); got {self.dtype!r}")
+        super().__post_init__()
+
     def setup(self):
         cfg = self.config
-        pallas_parts(self.kernels)  # an unknown name fails here, with the choices
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, self.dtype, name="patch_embed")
         tiny = nn.initializers.normal(1e-6)
@@ -436,6 +447,8 @@ class ViT(nn.Module):
         self.norm = ln("norm") if cfg.final_norm and not cfg.fc_norm else None
         self.fc_norm = ln("fc_norm") if use_fc_norm else None
         if cfg.num_classes > 0:
+            # Zero head as big_vision's head_zeroinit (training starts from uniform logits); converted
+            # checkpoints overwrite it. A fresh init therefore explains nothing until trained.
             dense = lambda name: nn.Dense(cfg.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                                           name=name)
             self.head = dense("head")
@@ -448,12 +461,10 @@ class ViT(nn.Module):
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
             raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last; got shape {images.shape}")
-        hgt, wid = images.shape[1:3]
         p = cfg.patch_size
-        if hgt % p or wid % p:
-            raise ValueError(f"image size {hgt}x{wid} is not a multiple of the patch size {p}")
+        grid = cfg.patch_grid(*images.shape[1:3])
+        images = images[:, :grid[0] * p, :grid[1] * p]
         b = images.shape[0]
-        grid = (hgt // p, wid // p)
         x = self.patch_embed(images)  # (B, N, D) in the compute dtype
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         prefix = [jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix]

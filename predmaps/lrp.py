@@ -159,11 +159,10 @@ def forward(model, params, images, attn_delta=None):
     images = jnp.asarray(images, dt)
     if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
         raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last; got shape {images.shape}")
-    b, hgt, wid, _ = images.shape
+    b = images.shape[0]
     p = cfg.patch_size
-    if hgt % p or wid % p:
-        raise ValueError(f"image size {hgt}x{wid} is not a multiple of the patch size {p}")
-    grid = (hgt // p, wid // p)
+    grid = cfg.patch_grid(*images.shape[1:3])
+    images = images[:, :grid[0] * p, :grid[1] * p]  # as the model: a native size may leave a remainder
     d = cfg.embed_dim
     eps = cfg.norm_eps
 

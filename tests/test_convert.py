@@ -604,14 +604,17 @@ def test_img_size_must_be_positive_multiples_of_the_patch_size():
     jmodel, params = convert.load(model)
     for bad, match in (((100, 100), r"img_size \(100, 100\) is not a multiple of the patch size 16: "
                                     r"use e.g. \(96, 96\) or \(112, 112\)"),
-                       ((0, 0), r"img_size must be \(height, width\), two positive integers; got \(0, 0\)"),
-                       ((64, -16), "two positive integers"), (64, "two positive integers")):
+                       (100, r"img_size \(100, 100\) is not a multiple"),
+                       ((0, 0), r"img_size must be an integer or \(height, width\), positive integers; got \(0, 0\)"),
+                       ((64, -16), "positive integers"), ("64", "positive integers"), (True, "positive integers")):
         with pytest.raises(ValueError, match=match):  # the library function, for library users too
             timm_vit.resize_params(params, jmodel.config, bad)
         with pytest.raises(ValueError, match=match):
             convert.load(model, img_size=bad)
     _, resized = convert.load(model, img_size=(96, 48))  # non-square multiples are fine
     assert resized["pos_embed"].shape == (1, 1 + 6 * 3, 192)
+    square, resized = convert.load(model, img_size=96)  # an int is a square, as timm takes it
+    assert square.config.img_size == (96, 96) and resized["pos_embed"].shape == (1, 1 + 6 * 6, 192)
 
 
 def test_num_heads_must_divide_the_width():
@@ -821,7 +824,7 @@ def test_cli_refuses_bad_input_without_traceback(full_tiny, tmp_path, capsys):
         ([src, "--model-name", FULL_ARCH, "--img-size", "100", "100", "--out", str(tmp_path / "o1")],
          "error: img_size (100, 100) is not a multiple of the patch size 16"),
         ([src, "--model-name", FULL_ARCH, "--img-size", "0", "0", "--out", str(tmp_path / "o2")],
-         "error: img_size must be (height, width), two positive integers"),
+         "error: img_size must be an integer or (height, width), positive integers"),
         (["nosuchmodel_xyz", "--out", str(tmp_path / "o3")], "error: unknown model name 'nosuchmodel_xyz': "),
         ([src, "--model-name", FULL_ARCH, "--out", str(blocker / "ckpt")],
          f"error: cannot write the jaxvit checkpoint to {blocker / 'ckpt'}: "),

@@ -52,6 +52,27 @@ def test_config_json_round_trip_and_validation():
         get_config("vit_base_patch16_224.nope")
 
 
+
+def test_config_fields_are_normalised_and_typos_named():
+    """img_size takes an int as timm does; lists (from JSON or a user) become tuples, so a config
+    stays hashable (it is a static jit argument); a misspelt override names the field."""
+    cfg = ViTConfig(img_size=224, mean=[0.1, 0.2, 0.3], std=[1, 1, 1])
+    assert cfg.img_size == (224, 224) and cfg.mean == (0.1, 0.2, 0.3) and cfg.std == (1, 1, 1)
+    assert ViTConfig(img_size=[64, 32]).img_size == (64, 32) and ViTConfig(img_size=[64, 32]).grid_size == (4, 2)
+    hash(cfg)
+    assert get_config("vit_base_patch16_224", img_size=384).img_size == (384, 384)
+    for bad in (0, (224,), (224, -1), "224", True, (224.0, 224.0)):
+        with pytest.raises(ValueError, match="img_size must be a positive integer or \\(height, width\\); got"):
+            ViTConfig(img_size=bad)
+    with pytest.raises(TypeError, match="get_config: 'deph' is not a ViTConfig field \\(did you mean 'depth'\\?\\)"):
+        get_config("vit_base_patch16_224", deph=2)
+    # The config's own size when it is not a patch multiple (SigLIP so400m 384 / 14), else multiples.
+    so400m = get_config("vit_so400m_patch14_siglip_gap_384")
+    assert so400m.patch_grid(384, 384) == (27, 27) and so400m.patch_grid(392, 378) == (28, 27)
+    with pytest.raises(ValueError, match="image size 380x384 is not a multiple of the patch size 14"):
+        so400m.patch_grid(380, 384)
+
+
 @pytest.fixture(scope="module")
 def small_params():
     return ViT(SMALL).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -63,8 +84,21 @@ def test_input_errors_name_the_problem(small_params):
         model.apply({"params": small_params}, jnp.zeros((1, 3, 32, 32)))
     with pytest.raises(ValueError, match="image size 36x32 is not a multiple of the patch size 8"):
         model.apply({"params": small_params}, jnp.zeros((1, 36, 32, 3)))
-    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-        ViT(SMALL, attention="flash").apply({"params": small_params}, jnp.zeros((1, 32, 32, 3)))
+
+
+
+def test_module_options_are_checked_where_the_module_is_built():
+    """A wrong attention, kernels or dtype fails at ViT(...) (so at convert.load), not at the
+    first apply deep inside a jitted function."""
+    with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; choose from \('fused', "):
+        ViT(SMALL, attention="flash")
+    with pytest.raises(ValueError, match="unknown kernels 'triton'; choose from"):
+        ViT(SMALL, kernels="triton")
+    with pytest.raises(ValueError, match="ViT dtype must be a float dtype"):
+        ViT(SMALL, dtype=jnp.int8)
+    with pytest.raises(TypeError, match="ViT\\(config=...\\) takes a jaxvit.ViTConfig; got dict"):
+        ViT(dataclasses.asdict(SMALL))
+    assert ViT(SMALL).clone(attention="materialized").attention == "materialized"
 
 
 def test_other_resolutions_resample_position_embeddings(small_params):

@@ -103,6 +103,25 @@ def test_position_embedding_resampling_matches_timm():
     _check(model224.apply({"params": params224}, x), ref, True)
 
 
+def test_native_size_that_is_not_a_patch_multiple_matches_timm():
+    """SigLIP so400m is 384 pixels in 14-pixel patches: timm's strided conv sees a 27x27 grid and
+    never the last 6 rows and columns. jaxvit accepts that native size and drops the same pixels
+    (here 60 pixels in 8-pixel patches: a 7x7 grid); other non-multiples stay errors, as in timm."""
+    model = randomize_timm_(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=60,
+                                              patch_size=8))
+    jmodel, params = convert.load(model)
+    assert jmodel.config.img_size == (60, 60) and jmodel.config.patch_grid(60, 60) == (7, 7)
+    images = _images(60, seed=4)
+    images[:, :, 56:] = images[:, :, :, 56:] = 1e3  # pixels neither side may see
+    ref = _reference(model, images)
+    x = images.permute(0, 2, 3, 1).numpy()
+    for attention in ("fused", "materialized"):
+        _check(ViT(jmodel.config, attention=attention).apply({"params": params}, x), ref, True)
+    with pytest.raises(ValueError, match="image size 52x60 is not a multiple of the patch size 8 .nor this "
+                                         "model's img_size 60x60.: resize or crop to e.g. 48x56"):
+        jmodel.apply({"params": params}, x[:, :52])
+
+
 def test_attention_paths_agree_and_full_matrices_match_rows():
     model = randomize_timm_(timm.create_model("vit_small_patch16_224", pretrained=False, depth=3))
     jmodel, params = convert.load(model)

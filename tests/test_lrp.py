@@ -233,11 +233,14 @@ VARIANTS = [
     # Two registers after the class token, position embeddings on the patches only, resampled
     # from the 2x2 grid the model was built for to the 3x3 grid of 48-pixel images.
     ("vit_tiny_patch16_224", {"depth": 1, "reg_tokens": 2, "no_embed_class": True}, 32, 48),
+    # A native size that is no multiple of the patch (SigLIP so400m's 384 / 14): the remainder
+    # pixels are dropped, as by the model; full LRP's pixel maps cover the 56x56 that is seen.
+    ("vit_tiny_patch16_224", {"depth": 1, "patch_size": 8}, 60, 60),
 ]  # one block each: compilation time grows with depth
 
 
 @pytest.mark.parametrize("name,kwargs,size,image_size", VARIANTS,
-                         ids=["distilled-many-options", "registers-no-embed-class-resampled"])
+                         ids=["distilled-many-options", "registers-no-embed-class-resampled", "native-non-multiple"])
 def test_forward_matches_model_and_methods_run(name, kwargs, size, image_size):
     tm = _timm(name, img_size=size, **kwargs)
     model, params = convert.load(tm)
@@ -247,11 +250,13 @@ def test_forward_matches_model_and_methods_run(name, kwargs, size, image_size):
     assert rel_err(maps["forward_logits"], want.logits) <= 1e-5
     for i in range(model.config.depth + 1):
         assert rel_err(maps["forward_tokens"][:, i], want.tokens[:, i]) <= 1e-5, f"tokens {i}"
-    n = (image_size // model.config.patch_size) ** 2
+    p = model.config.patch_size
+    n = (image_size // p) ** 2
     for key in METHODS:
         assert maps[key].shape == (2, 2, n)
         assert np.isfinite(np.asarray(maps[key])).all()
-    assert maps["full_pixels"].shape == (2, 2, image_size, image_size)
+    seen = image_size // p * p
+    assert maps["full_pixels"].shape == (2, 2, seen, seen)
     np.testing.assert_array_equal(maps["classes"], np.argsort(-np.asarray(want.logits), -1)[:, :2])
 
 
