@@ -421,7 +421,9 @@ def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_inp
 
 # Images per pass: the batch runs in sub-batches (lax.map) sized so that one pass's float32
 # activations, relevances and gradients stay near this many bytes. Every image is independent here, so
-# the maps do not depend on it. ViT-B/16 at b256 in one pass planned 110 GiB of temporaries (XLA:CPU)
+# the maps do not depend on it beyond float32 rounding (a GEMM's summation order may change with
+# its row count, so maps of one image computed in batches of different sizes agree to rounding, not
+# bit for bit). ViT-B/16 at b256 in one pass planned 110 GiB of temporaries (XLA:CPU)
 # and ran out of memory on an 80 GB H100; XLA:CPU plans ~0.41 GiB per image at K=1.
 _PASS_BYTES = 8 << 30
 
