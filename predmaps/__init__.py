@@ -13,5 +13,5 @@ from predmaps.explain import (METHODS, Explanation, Method, explain, explain_fn,
 from predmaps.results import iter_results, read_results
 from predmaps.targets import Targets, make_targets
 
-__all__ = ["METHODS", "Explanation", "Method", "Targets", "TextSimilarityMaps", "explain", "explain_fn", "get_method", "iter_results",
-           "make_targets", "prediction_matrices", "read_results", "text_similarity_maps", "upsample"]
+__all__ = ["METHODS", "Explanation", "Method", "Targets", "TextSimilarityMaps", "explain", "explain_fn", "get_method",
+           "iter_results", "make_targets", "prediction_matrices", "read_results", "text_similarity_maps", "upsample"]

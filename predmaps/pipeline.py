@@ -137,9 +137,18 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[str, Path]]:
+class _UnlistedFolder:
+    """The source of a folder that could not be listed: an input error like an unreadable image's,
+    so the job counts it (and --strict fails) instead of silently explaining fewer images."""
+
+    def __init__(self, path: Path, error: OSError):
+        self.reason = f"cannot list the folder {path}: {error.strerror or error}; its images were not explained"
+
+
+def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[str, Path | _UnlistedFolder]]:
     """(relative posix name, path) of every image-extension file under root, sorted per
-    directory, depth first; hidden entries skipped; directory symlinks followed once."""
+    directory, depth first; hidden entries skipped; directory symlinks followed once. A subfolder
+    that cannot be listed comes as ("sub/", _UnlistedFolder); the root itself raises."""
     seen = set() if seen is None else seen
     try:
         real = os.path.realpath(root)
@@ -147,7 +156,10 @@ def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[
             return
         seen.add(real)
         entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError:
+    except OSError as e:
+        if not rel:
+            raise OSError(e.errno, f"cannot list the images folder {root}: {e.strerror or e}") from e
+        yield rel, _UnlistedFolder(root, e)
         return
     for e in entries:
         if e.name.startswith("."):
@@ -200,7 +212,11 @@ def read_label_file(path: str | os.PathLike) -> dict[str, int]:
     caffe's val.txt read as they are). A header line is skipped."""
     path = Path(path)
     out: dict[str, int] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); save the label file as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -232,6 +248,20 @@ def _lookup(label_map: dict[str, int] | None, name: str) -> int:
     return -1
 
 
+def _check_list_file(path: Path) -> None:
+    """A file without an image extension is read as a list of paths; refuse one that holds binary
+    data (an image under another extension, e.g. .gif or .jpe) rather than explain its bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as e:
+        raise OSError(e.errno, f"images {path}: cannot read it: {e.strerror or e}") from e
+    if b"\0" in head:
+        raise ValueError(f"images {path}: not an image with a known extension ({', '.join(IMAGE_EXTENSIONS)}) "
+                         "nor a text list of image paths (it holds binary data): convert or rename it, or put "
+                         "its path in a list file")
+
+
 def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) -> Inputs:
     """Resolve what to explain into `Inputs` (see the module docstring). `labels`: a label file,
     or a {name: class} dict, matched by name, base name or stem."""
@@ -249,19 +279,13 @@ def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) 
             def walk_dir():
                 for name, path in _walk(root):
                     label = folders.get(name.split("/", 1)[0], -1) if folders else _lookup(label_map, name)
-                    yield Item(name, str(path), label)
+                    yield Item(name, path if isinstance(path, _UnlistedFolder) else str(path), label)
 
             return Inputs(walk_dir, s, labelled="class folders (ImageNet WordNet ids)" if folders else how)
-        if _has_magic(s):
-            def walk_glob():
-                for m in sorted(_glob.glob(s, recursive=True)):
-                    if os.path.isfile(m):
-                        yield Item(m, os.path.abspath(m), _lookup(label_map, m))
-
-            return Inputs(walk_glob, s, labelled=how)
-        if p.is_file():
+        if p.is_file():  # before the glob test: an existing "cat [1].png" is that file
             if _is_image_name(p.name):
                 return Inputs(lambda: iter([Item(s, str(p.resolve()), _lookup(label_map, s))]), s, labelled=how)
+            _check_list_file(p)
             base = p.resolve().parent
 
             def walk_list():
@@ -278,6 +302,13 @@ def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) 
                         yield Item(name, str(base / name), _lookup(label_map, name) if label is None else label)
 
             return Inputs(walk_list, s, labelled=how or "list file")
+        if _has_magic(s):
+            def walk_glob():
+                for m in sorted(_glob.glob(s, recursive=True)):
+                    if os.path.isfile(m):
+                        yield Item(m, os.path.abspath(m), _lookup(label_map, m))
+
+            return Inputs(walk_glob, s, labelled=how)
         raise FileNotFoundError(f"images {s!r}: no such directory or file, and not a glob pattern")
 
     def to_item(i: int, x: Any) -> Item:
@@ -730,6 +761,8 @@ def _plan(inputs: Inputs, shard_size: int, num_classes: int) -> _Plan:
         h.update(d.encode())
         count += len(sh.items)
         for it in sh.items:
+            if it.label < 0 and isinstance(it.source, _UnlistedFolder):
+                continue  # an input error of its own (see _decode), not a missing label
             if it.label < 0 and len(unlabelled) < 5:
                 unlabelled.append(it.name)
             elif it.label >= num_classes and len(bad) < 5:  # an error only when 'gt' is asked for
@@ -745,12 +778,14 @@ def _check_labels(plan: _Plan | None, inputs: Inputs, spec: ExplainSpec, num_cla
     if spec.needs_labels and plan.unlabelled:
         raise ValueError(
             f"target 'gt' needs a label for every input; {inputs.source} has none for {plan.unlabelled}"
-            f"{'' if plan.count < 5 else ' ...'}. Labels come from an ImageNet class-folder tree (folders "
+            f"{' (the first 5)' if len(plan.unlabelled) == 5 else ''}. Labels come from an ImageNet class-folder tree (folders "
             "named by WordNet id, e.g. val/n01440764/*.JPEG), a label file (--labels FILE: 'file label' "
             "lines), or 'path<TAB>label' lines of a list file")
 
 
 def _decode(transform, item: Item):
+    if isinstance(item.source, _UnlistedFolder):
+        return None, item.source.reason
     try:
         return np.asarray(transform(item.source), np.float32), None
     except Exception as e:  # any failure of one input is that input's error, never the job's

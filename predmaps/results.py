@@ -42,6 +42,7 @@ import json
 import os
 import re
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -274,17 +275,23 @@ def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != rec["sha256"]:
             raise ValueError(f"{path}: sha256 {digest} differs from the manifest's {rec['sha256']}: corrupt shard")
-    with np.load(path, allow_pickle=False) as z:
-        part = {k: z[k] for k in ("index", "name", "path", "label", "pred", "score")}
-        part["maps"], part["classes"] = {}, {}
-        for c in combos:
-            m = z[f"maps_{c['id']}"]
-            if size is not None or normalize:
-                from predmaps.explain import upsample as _upsample
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            part = {k: z[k] for k in ("index", "name", "path", "label", "pred", "score")}
+            maps = {c["key"]: z[f"maps_{c['id']}"] for c in combos}
+            part["classes"] = {c["key"]: z[f"classes_{c['id']}"] for c in combos}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # A damaged file of the right size passes the resume check (size only): name it and the fix.
+        raise ValueError(f"{path}: unreadable shard ({type(e).__name__}: {e}). Delete it and run the same job "
+                         "again: that redoes only the missing shards") from e
+    part["maps"] = {}
+    for c in combos:
+        m = maps[c["key"]]
+        if size is not None or normalize:
+            from predmaps.explain import upsample as _upsample
 
-                m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize))
-            part["maps"][c["key"]] = m.astype(dtype) if dtype is not None else m
-            part["classes"][c["key"]] = z[f"classes_{c['id']}"]
+            m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize))
+        part["maps"][c["key"]] = m.astype(dtype) if dtype is not None else m
     return part
 
 

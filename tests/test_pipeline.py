@@ -309,6 +309,65 @@ def test_bad_inputs_are_recorded_and_skipped(ckpt, tmp_path, capsys):
     assert "0 image(s) explained" in capsys.readouterr().out
 
 
+def test_an_unlistable_folder_is_an_input_error_not_fewer_images(ckpt, tmp_path, monkeypatch, capsys):
+    """A subfolder that cannot be listed is recorded in errors.tsv (so --strict fails) instead of
+    the job silently explaining fewer images; an unlistable images folder is an error that says so."""
+    d = tmp_path / "in"
+    _save_images(d / "a", 2, seed=1, nested=False)
+    _save_images(d / "b", 2, seed=2, nested=False)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "b":  # as a chmod 000 folder does to a user without CAP_DAC_OVERRIDE
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(pipeline.os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert run_cli.main(_cli_args(ckpt, d, out, "--strict")) == 1
+    assert "2 image(s) explained, 1 error(s)" in capsys.readouterr().out
+    res = read_results(out)
+    assert sorted(res.names) == ["a/im00.png", "a/im01.jpg"]
+    assert [name for _, name, _, _ in res.errors] == ["b/"]
+    assert f"cannot list the folder {(d / 'b').resolve()}: Permission denied" in res.errors[0][3]
+    assert run_cli.main(_cli_args(ckpt, d / "b", tmp_path / "out2")) == 2
+    assert f"cannot list the images folder {(d / 'b').resolve()}: Permission denied" in capsys.readouterr().err
+
+
+def test_odd_names_binary_lists_and_label_encodings_are_named(model, tmp_path):
+    m, p = model
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "cat [1].png")
+    items = list(open_inputs(str(d / "cat [1].png")))  # an existing file, though its name looks like a glob
+    assert [it.name for it in items] == [str(d / "cat [1].png")]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "flat.gif", "PNG")
+    with pytest.raises(ValueError, match=r"flat.gif: not an image with a known extension \(.jpg, .*\) nor a text "
+                                         r"list of image paths \(it holds binary data\)"):
+        open_inputs(d / "flat.gif")
+    (d / "labels.txt").write_bytes("caf\u00e9.png 3\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"labels.txt: not UTF-8 text .*save the label file as UTF-8"):
+        open_inputs(d, labels=d / "labels.txt")
+
+
+def test_a_damaged_shard_is_named_and_a_rerun_redoes_it(model, image_dir, reference, tmp_path):
+    """A shard damaged in place (same size, so resuming takes it as done): reading names the file and
+    the fix; deleting it and rerunning restores the job."""
+    m, p = model
+    out = tmp_path / "out"
+    explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=4, progress=False)
+    shard = out / "shard-000001.npz"
+    raw = bytearray(shard.read_bytes())
+    raw[200:208] = b"\xff" * 8
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{re.escape(str(shard))}: unreadable shard .*Delete it and run the same "
+                                         "job again"):
+        read_results(out)
+    shard.unlink()
+    explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=4, progress=False)
+    _assert_same(read_results(out, verify=True), read_results(reference))
+
+
 def _cli_args(ckpt, images, out, *extra) -> list[str]:
     return ["--model", str(ckpt), "--images", str(images), "--out", str(out), *CLI_SPEC, "--no-progress",
             *map(str, extra)]
