@@ -56,8 +56,7 @@ def text_similarity_maps(model: ViT, params, images, text_embeddings, *, layers=
     depth = cfg.depth
     layers = tuple(range(depth + 1)) if layers is None else tuple(core.layer_index(l, depth) for l in layers)
     images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
-        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
+    core.check_images(images, cfg)
     text = jnp.asarray(text_embeddings)
     if not jnp.issubdtype(text.dtype, jnp.floating):
         raise TypeError(f"text_embeddings must be floats; got dtype {text.dtype}")
@@ -81,16 +80,13 @@ def _unit(x):
 def _text_similarity_jit(model, layers, params, images, text):
     cfg = model.config
     out = model.apply({"params": params}, images)
-    p = cfg.patch_size
-    gh, gw = images.shape[1] // p, images.shape[2] // p
-    text = text.astype(jnp.float32)
-    text = _unit(text)
+    gh, gw = cfg.patch_grid(*images.shape[1:3])
+    text = _unit(text.astype(jnp.float32))
     if text.ndim == 2:
         text = jnp.broadcast_to(text, (images.shape[0],) + text.shape)
     sims = []
     for layer in layers:  # one layer's (B, N, E) embeddings at a time: never B x L x N x E
-        emb = core.token_logits(model, params, core.patch_tokens(model, out.tokens[:, layer]))
-        emb = _unit(emb)
+        emb = _unit(core.token_logits(model, params, core.patch_tokens(model, out.tokens[:, layer])))
         sims.append(jnp.einsum("bke,bne->bkn", text, emb, precision=jax.lax.Precision.HIGHEST))
     sim = jnp.stack(sims, axis=1).reshape(images.shape[0], len(layers), text.shape[1], gh, gw)
     return TextSimilarityMaps(similarity=sim, maps=-sim, layers=layers)

@@ -56,6 +56,12 @@ def check_class_token(model: ViT, method: str) -> None:
                          "no class token; use 'prediction_map' (it works for any ViT)")
 
 
+def check_images(images, cfg) -> None:
+    """Images must be a (B, H, W, C) channels-last batch (the model checks dtype and size)."""
+    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
+
+
 def patch_tokens(model: ViT, tokens: jax.Array) -> jax.Array:
     """(..., T, D) -> (..., N, D): drop the P prefix tokens."""
     return tokens[..., model.config.num_prefix_tokens:, :]

@@ -216,7 +216,7 @@ def explain(model: ViT, params, images, *, method: str = "predicatt", target: An
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config
     images = jnp.asarray(images)
-    _check_images(images, cfg)
+    core.check_images(images, cfg)
     targets = make_targets(target, images.shape[0], cfg.num_classes)
     return _explain_jit(model, method, layer_i, opts, params, images, targets)
 
@@ -262,7 +262,7 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **opti
         if not isinstance(targets, Targets):
             raise TypeError(f"targets must be a predmaps.Targets, from predmaps.make_targets(target, batch, "
                             f"num_classes); got {type(targets).__name__}")
-        _check_images(images, cfg)
+        core.check_images(images, cfg)
         b = images.shape[0]
         if targets.kind == "given" and targets.classes.shape[0] not in (1, b):
             raise ValueError(f"targets were made for batch {targets.classes.shape[0]}, images have batch {b}: "
@@ -270,11 +270,6 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **opti
         return _explain_impl(model, method, layer_i, opts, params, images, targets)
 
     return fn
-
-
-def _check_images(images, cfg) -> None:
-    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
-        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
 
 
 def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False) -> jax.Array:
@@ -299,7 +294,7 @@ def prediction_matrices(model: ViT, params, images, *, layers=None, scores: str 
         raise ValueError(f"scores must be one of {core.SCORES}; got {scores!r}")
     layers = tuple(range(depth + 1)) if layers is None else tuple(core.layer_index(l, depth) for l in layers)
     images = jnp.asarray(images)
-    _check_images(images, model.config)
+    core.check_images(images, model.config)
     return _prediction_matrices_jit(model, layers, scores, params, images)
 
 
