@@ -61,7 +61,8 @@ def text_similarity_maps(model: ViT, params, images, text_embeddings, *, layers=
     if not jnp.issubdtype(text.dtype, jnp.floating):
         raise TypeError(f"text_embeddings must be floats; got dtype {text.dtype}")
     if text.ndim not in (2, 3) or (text.ndim == 3 and text.shape[0] != images.shape[0]):
-        raise ValueError(f"text_embeddings must be (K, E) or (B, K, E) with B={images.shape[0]}; got shape {text.shape}")
+        raise ValueError(f"text_embeddings must be (K, E) or (B, K, E) with B={images.shape[0]}; "
+                         f"got shape {text.shape}")
     if cfg.num_classes == 0 or text.shape[-1] != cfg.num_classes:
         raise ValueError(
             f"text embeddings of size {text.shape[-1]} do not match the image embedding of {cfg.name or 'this model'} "

@@ -59,7 +59,8 @@ def check_class_token(model: ViT, method: str) -> None:
 def check_images(images, cfg) -> None:
     """Images must be a (B, H, W, C) channels-last batch (the model checks dtype and size)."""
     if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
-        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; got shape {images.shape}")
+        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; "
+                         f"got shape {images.shape}")
 
 
 def patch_tokens(model: ViT, tokens: jax.Array) -> jax.Array:

@@ -778,8 +778,8 @@ def _check_labels(plan: _Plan | None, inputs: Inputs, spec: ExplainSpec, num_cla
     if spec.needs_labels and plan.unlabelled:
         raise ValueError(
             f"target 'gt' needs a label for every input; {inputs.source} has none for {plan.unlabelled}"
-            f"{' (the first 5)' if len(plan.unlabelled) == 5 else ''}. Labels come from an ImageNet class-folder tree (folders "
-            "named by WordNet id, e.g. val/n01440764/*.JPEG), a label file (--labels FILE: 'file label' "
+            f"{' (the first 5)' if len(plan.unlabelled) == 5 else ''}. Labels come from an ImageNet class-folder "
+            "tree (folders named by WordNet id, e.g. val/n01440764/*.JPEG), a label file (--labels FILE: 'file label' "
             "lines), or 'path<TAB>label' lines of a list file")
 
 

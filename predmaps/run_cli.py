@@ -53,8 +53,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="global batch, at most what a shard holds, rounded "
                                                                 "up to a multiple of the device count (default 64)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
-    p.add_argument("--map-dtype", default="float32",
-                   choices=["float32", "float16", "f32", "f16", "fp32", "fp16", "half"], help="stored map dtype (default float32; float16 halves the disk)")
+    p.add_argument("--map-dtype", default="float32", choices=sorted(k for k, v in DTYPES.items() if v != "bfloat16"),
+                   help="stored map dtype (default float32; float16 halves the disk)")
     p.add_argument("--shard-size", type=int, help="images per shard (default: up to 1024, 256 MiB of maps)")
     p.add_argument("--workers", type=int, help="decoding threads (default: CPU count)")
     p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")

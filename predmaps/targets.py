@@ -40,6 +40,10 @@ _FORMS = ("use 'top', 'topK' (e.g. 'top5'), 'all', a class index, a list of clas
           "per-example classes (B,) or (B, K)")
 
 
+def _unknown(target) -> ValueError:
+    return ValueError(f"unknown target {target!r}: {_FORMS}")
+
+
 def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
     """Parse a user's target: "top", "top5", "all", an int, a list of ints (same classes for
     every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth)."""
@@ -54,9 +58,9 @@ def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
             if not 1 <= k <= num_classes:
                 raise ValueError(f"target {target!r}: k must be between 1 and {num_classes}")
             return Targets(kind="topk", k=k)
-        raise ValueError(f"unknown target {target!r}: {_FORMS}")
+        raise _unknown(target)
     if target is None or isinstance(target, (bool, np.bool_, float, np.floating)):
-        raise ValueError(f"unknown target {target!r}: {_FORMS}")
+        raise _unknown(target)
     if isinstance(target, (int, np.integer)):
         arr = np.full((1, 1), int(target))
     else:
@@ -65,7 +69,7 @@ def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
             try:
                 arr = np.asarray(target)
             except ValueError:  # ragged
-                raise ValueError(f"unknown target {target!r}: {_FORMS}") from None
+                raise _unknown(target) from None
             shared = arr.ndim == 1  # the same classes for every image
             if shared:
                 arr = arr[None, :]
@@ -77,7 +81,7 @@ def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
             elif arr.ndim == 1:  # one class per image
                 arr = arr[:, None]
         else:
-            raise ValueError(f"unknown target {target!r}: {_FORMS}")
+            raise _unknown(target)
         if arr.ndim != 2 or (arr.shape[0] != batch and not shared):
             raise ValueError(f"per-example targets must have shape (B,) or (B, K) with B={batch}; got "
                              f"{tuple(np.shape(arr))}")
