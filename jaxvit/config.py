@@ -159,6 +159,17 @@ class ViTConfig:
                              f"e.g. {lower[0]}x{lower[1]}")
         return height // p, width // p
 
+    def grid_extent(self, height: int | None = None, width: int | None = None) -> tuple[float, float]:
+        """The fraction of an input's height and width that its patch grid covers, from the top-left.
+
+        (1.0, 1.0) for every patch multiple; for the config's own img_size when it is none, the
+        pixels timm's strided conv sees (SigLIP so400m at 384 / 14: 378 / 384). Default: img_size.
+        Pass it to `predmaps.upsample` / `predmaps.viz.overlay` so maps sit on the pixels they came from.
+        """
+        height, width = (self.img_size if height is None else (height, width if width is not None else height))
+        gh, gw = self.patch_grid(height, width)
+        return gh * self.patch_size / height, gw * self.patch_size / width
+
     @property
     def num_patches(self) -> int:
         gh, gw = self.grid_size

@@ -272,12 +272,26 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **opti
     return fn
 
 
-def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False) -> jax.Array:
+def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False, *, extent=1.0) -> jax.Array:
     """Token maps (..., gh, gw) -> (..., H, W): bilinear with half-pixel centres, equal to torch
     `interpolate(mode="bilinear", align_corners=False)`; optionally min-max normalised per map
-    (a constant map becomes 0, as the evaluation protocol sets the reference's NaN to 0)."""
+    (a constant map becomes 0, as the evaluation protocol sets the reference's NaN to 0).
+
+    extent: the fraction of the image (a float, or (of height, of width)) that the token grid
+    covers from the top-left; the map is resized onto that part and the rest takes the nearest edge
+    value (min and max unchanged). Default all of it; for an input size that is no patch multiple
+    pass `model.config.grid_extent()` (so400m at 384 / 14: its 27 x 27 grid covers 378 px). Maps
+    already at `size` are per pixel and stay as they are.
+    """
+    from predmaps.viz import covered_size
+
     maps = jnp.asarray(maps, jnp.float32)
-    out = jax.image.resize(maps, maps.shape[:-2] + tuple(size), method="linear", antialias=False)
+    size = tuple(size)
+    covered = size if maps.shape[-2:] == size else covered_size(size, extent)  # a per-pixel map stays
+    out = jax.image.resize(maps, maps.shape[:-2] + covered, method="linear", antialias=False)
+    if covered != size:
+        out = jnp.pad(out, [(0, 0)] * (out.ndim - 2) + [(0, size[0] - covered[0]), (0, size[1] - covered[1])],
+                      mode="edge")
     if normalize:
         lo = out.min(axis=(-2, -1), keepdims=True)
         hi = out.max(axis=(-2, -1), keepdims=True)

@@ -1305,7 +1305,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
               "shard_size": shard_size, "num_shards": num_shards,
               "combos": [dict(id=c.id, key=c.key, method=c.method, layer=c.layer, target=c.target, k=c.k)
                          for c in combos],
-              "image_size": list(cfg.img_size), "grid": list(cfg.grid_size),
+              "image_size": list(cfg.img_size), "grid": list(cfg.grid_size), "grid_extent": list(cfg.grid_extent()),
               "label_names": list(cfg.label_names) if cfg.label_names is not None else None,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": []}
 

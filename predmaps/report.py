@@ -115,6 +115,7 @@ class ImageResult:
     labels: np.ndarray | None = None  # (M,)
     stats: dict | None = None  # name -> (L + 1,)
     top_head_block: int = -1
+    extent: tuple[float, float] = (1.0, 1.0)  # of the image the token grid covers (ViTConfig.grid_extent)
 
 
 @dataclasses.dataclass
@@ -247,12 +248,13 @@ def analyse(model, params, batch: Batch, options: ReportOptions, *, start: int =
     probs /= probs.sum(-1, keepdims=True)
     st = res.get("stats")
     images = _as_uint8(batch.images)
+    extent = cfg.grid_extent(x.shape[1], x.shape[2])
     return [ImageResult(
         index=start + i, name=str(batch.names[i]), image=images[i], probs=probs[i], classes=classes[i],
         maps={k: v[i] for k, v in maps.items()}, agnostic={k: v[i] for k, v in agnostic.items()},
         map_class=int(res["map_class"][i]), layer_maps=psi[i], head_weights=res["head_weights"][i],
         head_attention=a_cls[i], labels=None if labels is None else labels[i],
-        stats=None if st is None else {k: v[i] for k, v in st.items()},
+        stats=None if st is None else {k: v[i] for k, v in st.items()}, extent=extent,
         top_head_block=-1 if st is None else int(res["top_head_block"][i])) for i in range(b)]
 
 
@@ -327,17 +329,19 @@ def _pct(p: float) -> str:
 class _Tiles:
     """Overlays of one image at a display size (the base image resized once)."""
 
-    def __init__(self, image: np.ndarray, options: ReportOptions):
+    def __init__(self, r: ImageResult, options: ReportOptions):
         from predmaps import viz
 
         self.o = options
-        self.base = {s: viz.fit(image, s) for s in {options.tile, options.small_tile, options.thumb}}
+        self.extent = r.extent
+        self.base = {s: viz.fit(r.image, s) for s in {options.tile, options.small_tile, options.thumb}}
 
     def __call__(self, m, size: int, scale: tuple[float, float] | None = None):
         from predmaps import viz
 
         lo, hi = scale if scale is not None else (None, None)
-        return viz.overlay(self.base[size], m, cmap=self.o.cmap, alpha=self.o.alpha, vmin=lo, vmax=hi)
+        return viz.overlay(self.base[size], m, cmap=self.o.cmap, alpha=self.o.alpha, vmin=lo, vmax=hi,
+                           extent=self.extent)
 
 
 def _scale(maps: Iterable[np.ndarray], shared: bool):
@@ -380,7 +384,7 @@ def image_page(r: ImageResult, cfg, o: ReportOptions, nav: str) -> str:
     from predmaps import viz
 
     depth = cfg.depth
-    tiles = _Tiles(r.image, o)
+    tiles = _Tiles(r, o)
     k_all = len(r.classes)
     k = min(k_all, o.max_classes)
     label_set = set() if r.labels is None else {int(c) for c in r.labels if c >= 0}
@@ -489,7 +493,7 @@ def image_page(r: ImageResult, cfg, o: ReportOptions, nav: str) -> str:
 
 
 def _index_row(r: ImageResult, cfg, o: ReportOptions, href: str) -> str:
-    tiles = _Tiles(r.image, o)
+    tiles = _Tiles(r, o)
     m = r.maps[("predicatt", cfg.depth)][0]
     top = np.argsort(-r.probs)[:3]
     label_set = set() if r.labels is None else {int(x) for x in r.labels if x >= 0}
@@ -631,7 +635,7 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
         maps = r.maps[key]
         lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
         for j, c in enumerate(r.classes):
-            img = viz.overlay(r.image, maps[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
+            img = viz.overlay(r.image, maps[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, extent=r.extent)
             cname = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.class_name(c))
             img.save(out / (f"{stem}_{method}_{tag}_{cname}.png" if tag else f"{stem}_{method}_{cname}.png"))
             tiles.append(img)

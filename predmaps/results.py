@@ -269,7 +269,8 @@ def _select_keys(combos: list[dict], keys) -> list[dict]:
     return [known[k] for k in keys]
 
 
-def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize: bool, verify: bool) -> dict:
+def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize: bool, verify: bool,
+                extent=1.0) -> dict:
     path = out / rec["file"]
     if verify:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -290,25 +291,33 @@ def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize
         if size is not None or normalize:
             from predmaps.explain import upsample as _upsample
 
-            m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize))
+            m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize, extent=extent))
         part["maps"][c["key"]] = m.astype(dtype) if dtype is not None else m
     return part
 
 
-def _assemble(parts: list[dict], combos: list[dict], errors: list, complete: bool, header: dict) -> Results:
+def _assemble(parts: list[dict], combos: list[dict], errors: list, complete: bool, header: dict,
+              size: tuple[int, int] | None) -> Results:
     def cat(key, dtype):
         return np.concatenate([p[key] for p in parts]) if parts else np.zeros((0,), dtype)
 
     def cat_dict(key, c, dtype):
         if parts:
             return np.concatenate([p[key][c["key"]] for p in parts])
-        return np.zeros((0, c["k"], *header["grid"]), dtype) if key == "maps" else np.zeros((0, c["k"]), dtype)
+        if key == "maps":
+            return np.zeros((0, c["k"], *(size or header["grid"])), dtype)
+        return np.zeros((0, c["k"]), dtype)
 
     return Results(index=cat("index", np.int64), names=cat("name", str), paths=cat("path", str),
                    labels=cat("label", np.int32), pred=cat("pred", np.int32), score=cat("score", np.float32),
                    maps={c["key"]: cat_dict("maps", c, np.float32) for c in combos},
                    classes={c["key"]: cat_dict("classes", c, np.int32) for c in combos},
                    combos=combos, errors=errors, complete=complete, manifest=header)
+
+
+def _extent(header: dict) -> tuple[float, float]:
+    # of the model's input: jobs written before the field was recorded cover it all
+    return tuple(header.get("grid_extent") or (1.0, 1.0))
 
 
 def _size(header: dict, upsample) -> tuple[int, int] | None:
@@ -332,8 +341,8 @@ def iter_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None
     size = _size(header, upsample)
     for sid in sorted(man["shards"]):
         rec = man["shards"][sid]
-        part = _read_shard(out, rec, combos, dtype, size, normalize, verify)
-        yield _assemble([part], combos, [tuple(e) for e in rec.get("errors", [])], False, header)
+        part = _read_shard(out, rec, combos, dtype, size, normalize, verify, _extent(header))
+        yield _assemble([part], combos, [tuple(e) for e in rec.get("errors", [])], False, header, size)
 
 
 def read_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None, normalize: bool = False,
@@ -343,7 +352,9 @@ def read_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None
     keys: which maps to read (combo keys such as "predicatt/L12/top"; default all).
     dtype: convert maps to this dtype (default: as stored, float16 or float32).
     upsample: None (token maps, (gh, gw)), True (the model's input size) or (H, W): bilinear,
-      equal to torch `interpolate(mode="bilinear", align_corners=False)` (`predmaps.upsample`).
+      equal to torch `interpolate(mode="bilinear", align_corners=False)` (`predmaps.upsample`),
+      over the part of the input the token grid covers (all of it unless the model's input size is
+      no patch multiple, as so400m's 384 / 14).
     normalize: min-max normalise each map to [0, 1] (after upsampling).
     verify: check each shard's sha256 against the manifest.
 
@@ -359,11 +370,11 @@ def read_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None
     parts, errors = [], []
     for sid in sorted(man["shards"]):
         rec = man["shards"][sid]
-        parts.append(_read_shard(out, rec, combos, dtype, size, normalize, verify))
+        parts.append(_read_shard(out, rec, combos, dtype, size, normalize, verify, _extent(header)))
         errors += [tuple(e) for e in rec.get("errors", [])]
     n_shards = header.get("num_shards")
     complete = n_shards is not None and len(man["shards"]) == n_shards
-    return _assemble(parts, combos, errors, complete, header)
+    return _assemble(parts, combos, errors, complete, header, size)
 
 
 def _json_default(o: Any):

@@ -42,11 +42,25 @@ def _as_rgb_image(image) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
-def _resize_map(token_map: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(gh, gw) -> (H, W) bilinear with half-pixel centres (torch align_corners=False), numpy only."""
+def covered_size(size: tuple[int, int], extent=1.0) -> tuple[int, int]:
+    """The (h, w) pixels of an output `size` that a token grid covering `extent` of it spans.
+
+    extent: a fraction, or (of height, of width), in (0, 1] (`ViTConfig.grid_extent`)."""
+    eh, ew = (extent, extent) if np.ndim(extent) == 0 else tuple(extent)
+    if not (0 < float(eh) <= 1 and 0 < float(ew) <= 1):
+        raise ValueError(f"extent (the fraction of the image the token grid covers) must be in (0, 1]; got {extent}")
+    return max(1, round(size[0] * float(eh))), max(1, round(size[1] * float(ew)))
+
+
+def _resize_map(token_map: np.ndarray, hw: tuple[int, int], extent=1.0) -> np.ndarray:
+    """(gh, gw) -> (H, W) bilinear with half-pixel centres (torch align_corners=False), numpy only;
+    resized over the `extent` it covers from the top-left, the rest the nearest edge value."""
     m = np.asarray(token_map, np.float32)
-    if m.shape == tuple(hw):
+    if m.shape == tuple(hw):  # already per pixel
         return m
+    ch, cw = covered_size(hw, extent)
+    if (ch, cw) != tuple(hw):
+        return np.pad(_resize_map(m, (ch, cw)), ((0, hw[0] - ch), (0, hw[1] - cw)), mode="edge")
 
     def weights(n_in, n_out):
         x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
@@ -61,12 +75,13 @@ def _resize_map(token_map: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def colorize(token_map, size: tuple[int, int] | None = None, *, cmap: str = "jet", vmin: float | None = None,
-             vmax: float | None = None) -> np.ndarray:
-    """A map (gh, gw) -> (H, W, 3) uint8 colours, bilinearly upsampled to size (H, W) when given,
-    scaled to [vmin, vmax] (default: its own min and max; a constant map shows as the colour of 0)."""
+             vmax: float | None = None, extent=1.0) -> np.ndarray:
+    """A map (gh, gw) -> (H, W, 3) uint8 colours, bilinearly upsampled to size (H, W) when given
+    (over `extent` of it, as `overlay`), scaled to [vmin, vmax] (default: its own min and max; a
+    constant map shows as the colour of 0)."""
     m = np.asarray(token_map, np.float32)
     if size is not None:
-        m = _resize_map(m, size)
+        m = _resize_map(m, size, extent)
     lo = float(np.nanmin(m)) if vmin is None else float(vmin)
     hi = float(np.nanmax(m)) if vmax is None else float(vmax)
     scaled = np.clip((m - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(m)
@@ -74,19 +89,21 @@ def colorize(token_map, size: tuple[int, int] | None = None, *, cmap: str = "jet
 
 
 def overlay(image, token_map, *, cmap: str = "jet", alpha: float = 0.5, vmin: float | None = None,
-            vmax: float | None = None) -> Image.Image:
+            vmax: float | None = None, extent=1.0) -> Image.Image:
     """Blend a heat map over an image; returns an RGB PIL image of the image's size.
 
     image: PIL image, (H, W, 3) uint8, or float in [0, 1]. token_map: (gh, gw) or (H, W),
     upsampled bilinearly (half-pixel centres, as `predmaps.upsample`) to the image. Scaled to
     [vmin, vmax] (default: the map's own min and max; pass shared values to compare maps on one
     scale); a constant map shows as the colour of 0. alpha: the heat map's opacity, 0..1.
+    extent: the fraction of the image the token grid covers from the top-left (default all;
+    `model.config.grid_extent()` for an input size that is no patch multiple, e.g. so400m's 384).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (the heat map's opacity) must be in [0, 1]; got {alpha}")
     img = _as_rgb_image(image)
     w, h = img.size
-    heat = colorize(token_map, (h, w), cmap=cmap, vmin=vmin, vmax=vmax).astype(np.float32)
+    heat = colorize(token_map, (h, w), cmap=cmap, vmin=vmin, vmax=vmax, extent=extent).astype(np.float32)
     out = (1 - alpha) * np.asarray(img, np.float32) + alpha * heat
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
 
@@ -124,12 +141,12 @@ def grid(images: list[Image.Image], titles: list[str] | None = None, columns: in
 
 def overlay_grid(image, maps: Sequence, titles: Sequence[str] | None = None, *, columns: int | None = None,
                  cell: int | None = None, cmap: str = "jet", alpha: float = 0.5,
-                 shared_scale: bool = False) -> Image.Image:
+                 shared_scale: bool = False, extent=1.0) -> Image.Image:
     """Overlays of several maps on one image, tiled: maps (n, gh, gw). shared_scale: one colour scale
-    (the min and max over all maps) instead of each map's own."""
+    (the min and max over all maps) instead of each map's own. extent: as `overlay`."""
     maps = [np.asarray(m, np.float32) for m in maps]
     lo, hi = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)) if shared_scale else (None, None)
-    tiles = [overlay(image, m, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi) for m in maps]
+    tiles = [overlay(image, m, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, extent=extent) for m in maps]
     return grid(tiles, list(titles) if titles is not None else None, columns=columns, cell=cell)
 
 

@@ -669,6 +669,26 @@ def test_reader_options_and_in_memory_inputs(model, reference):
     np.testing.assert_allclose(got, res.maps["predicatt/L2/top2"][:3], rtol=1e-5, atol=1e-7)
 
 
+def test_maps_read_at_input_size_sit_on_the_pixels_the_grid_covers(image_dir, tmp_path):
+    """A model whose own input size is no patch multiple (36 px, 8 px patches: 4 x 4 tokens over
+    32 px, as so400m's 384 / 14) records the covered part; read_results(upsample=True) places the
+    maps there (predmaps.upsample with that extent), the last 4 rows and columns repeat the edge."""
+    import predmaps
+
+    cfg = ViTConfig(name="tiny-36", img_size=(36, 36), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                    num_classes=5, crop_pct=1.0)
+    m = ViT(cfg)
+    explain_dataset(m, random_params(cfg), image_dir, tmp_path / "out", SPEC, batch_size=8, progress=False,
+                    devices=jax.devices()[:1])
+    tokens, up = read_results(tmp_path / "out"), read_results(tmp_path / "out", upsample=True)
+    assert up.manifest["grid_extent"] == [32 / 36, 32 / 36] and up.manifest["grid"] == [4, 4]
+    key = "predicatt/L2/top2"
+    assert tokens.maps[key].shape == (N_IMAGES, 2, 4, 4) and up.maps[key].shape == (N_IMAGES, 2, 36, 36)
+    np.testing.assert_allclose(up.maps[key], predmaps.upsample(tokens.maps[key], (36, 36), extent=32 / 36),
+                               rtol=1e-6)
+    assert (up.maps[key][..., 32:, :] == up.maps[key][..., 31:32, :]).all()
+
+
 def test_a_stream_is_read_a_shard_at_a_time(model, tmp_path):
     m, p = model
     rng = np.random.default_rng(3)

@@ -389,6 +389,36 @@ def test_upsample_matches_torch_interpolate_and_normalises():
     np.testing.assert_array_equal(norm[:, 2], 0.0)  # constant map -> 0, not NaN
 
 
+def test_upsample_puts_the_map_on_the_pixels_its_grid_covers():
+    """For an input size that is no patch multiple (so400m: 384 / 14 -> 27 x 27 patches = 378 px),
+    the map is resized onto the covered top-left pixels (equal to torch interpolate there) and the
+    uncovered remainder repeats the edge, so min-max normalisation is that of the covered part."""
+    torch = pytest.importorskip("torch")
+    from jaxvit import get_config
+
+    so400m = get_config("vit_so400m_patch14_siglip_gap_384")
+    assert so400m.grid_extent() == (378 / 384, 378 / 384)
+    assert so400m.grid_extent(224, 448) == (1.0, 1.0)  # any patch multiple is covered whole
+    maps = np.random.default_rng(1).random((2, 3, 27, 27)).astype(np.float32)
+    got = np.asarray(predmaps.upsample(maps, (384, 384), extent=so400m.grid_extent()))
+    want = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(378, 378), mode="bilinear",
+                                           align_corners=False).numpy()
+    assert got.shape == (2, 3, 384, 384)
+    np.testing.assert_allclose(got[..., :378, :378], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[..., 378:, :378], np.broadcast_to(got[..., 377:378, :378], (2, 3, 6, 378)))
+    np.testing.assert_array_equal(got[..., :, 378:], np.broadcast_to(got[..., :, 377:378], (2, 3, 384, 6)))
+    norm = np.asarray(predmaps.upsample(maps, (384, 384), normalize=True, extent=so400m.grid_extent()))
+    lo, hi = want.min(axis=(-2, -1), keepdims=True), want.max(axis=(-2, -1), keepdims=True)
+    np.testing.assert_allclose(norm[..., :378, :378], (want - lo) / (hi - lo), atol=1e-5)
+    # per height and width; a map already per pixel is left as it is
+    half = np.asarray(predmaps.upsample(maps[0, 0], (40, 60), extent=(0.5, 1.0)))
+    assert (half[20:] == half[19]).all() and not (half[19] == half[18]).all()
+    np.testing.assert_array_equal(predmaps.upsample(maps, (27, 27), extent=0.5), maps)
+    for bad in (0.0, 1.5, (1.0, -0.1)):
+        with pytest.raises(ValueError, match="extent"):
+            predmaps.upsample(maps, (384, 384), extent=bad)
+
+
 def test_layer_statistics(small):
     model, params, x = small
     out = model.apply({"params": params}, x)

@@ -168,6 +168,23 @@ def test_report_without_labels_options_and_errors(tiny, tmp_path):
             report.write_report(model, params, [batch], tmp_path / "bad", report.ReportOptions(**bad))
 
 
+def test_overlays_of_a_size_that_is_no_patch_multiple_cover_the_seen_pixels(tmp_path):
+    """36 px inputs with 8 px patches: the 4 x 4 grid covers the top-left 32 px (as so400m's 384 / 14);
+    the report's results carry that extent and the PNG overlays place the maps there."""
+    cfg = ViTConfig(name="tiny-36", img_size=(36, 36), patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                    mlp_dim=64, num_classes=5, crop_pct=1.0)
+    model, params = ViT(cfg), random_params(cfg)
+    unit = np.random.default_rng(0).uniform(size=(1, 36, 36, 3)).astype(np.float32)
+    opts = report.ReportOptions(target="top2", layers=(-1,), batch_size=1)
+    [r] = report.analyse(model, params, report.Batch(["a.png"], unit, (unit - 0.5) / 0.5), opts)
+    assert r.extent == (32 / 36, 32 / 36)
+    report.write_pngs(r, cfg, tmp_path, "predicatt", [-1])
+    png = np.asarray(Image.open(tmp_path / f"a_predicatt_L_{cfg.class_name(r.classes[0])}.png"))
+    want = viz.overlay(r.image, r.maps[("predicatt", 2)][0], extent=(32 / 36, 32 / 36))
+    np.testing.assert_array_equal(png, np.asarray(want))
+    assert not np.array_equal(png, np.asarray(viz.overlay(r.image, r.maps[("predicatt", 2)][0])))
+
+
 def test_verify_finds_broken_reports(tmp_path):
     good = viz.to_data_uri(Image.new("RGB", (4, 4), "red"))
     (tmp_path / "index.html").write_text(
@@ -259,6 +276,15 @@ def test_overlay_sizes_inputs_scale_and_upsampling():
     assert weak[..., 2].mean() > weak[..., 0].mean() and strong[..., 0].mean() > strong[..., 2].mean()
     with pytest.raises(ValueError, match="opacity"):
         viz.overlay(img, m, alpha=1.5)
+    # extent (the part of the image the grid covers): the same placement as predmaps.upsample's
+    for extent in [(0.8, 0.9), 0.5]:
+        np.testing.assert_allclose(viz._resize_map(m, (70, 90), extent),
+                                   predmaps.upsample(m, (70, 90), extent=extent), atol=1e-5)
+    hot_corner = np.zeros((4, 4), np.float32)
+    hot_corner[-1, -1] = 1.0
+    edge = np.asarray(viz.overlay(np.zeros((40, 40, 3), np.uint8), hot_corner, alpha=1.0, extent=0.5))
+    assert (edge[20:, 20:] == edge[39, 39]).all()  # the hot cell ends at the covered part's corner and extends
+    assert not (edge[15, 15] == edge[39, 39]).all()
     tiled = viz.overlay_grid(img, [m, 2 * m], ["a", "b"], columns=2, cell=16, shared_scale=True)
     assert tiled.size == (2 * 20 + 4, 16 + 14 + 8)
     assert viz.fit(Image.new("RGB", (64, 32)), 160).size == (160, 80)

@@ -64,7 +64,8 @@ def pixel_maps(model, params, spec: ExplainSpec, x, labels, target: str, size):
     else:
         raise ValueError(f"target must be 'pred' or 'gt'; got {target!r}")
     ex = spec.fn(model)(params, x, targets)
-    return upsample(ex.maps[:, 0], size, normalize=True), ex.classes[:, 0]
+    extent = model.config.grid_extent(*size)  # the pixels the grid came from (all, unless no patch multiple)
+    return upsample(ex.maps[:, 0], size, normalize=True, extent=extent), ex.classes[:, 0]
 
 
 def _normalize(unit, mean, std):
