@@ -188,11 +188,24 @@ def _explain_impl(model: ViT, method: str, layer: int, options: tuple, params, i
     res = m.run(model, params, images, targets, layer, **dict(options))
     gh, gw = images.shape[1] // model.config.patch_size, images.shape[2] // model.config.patch_size
 
+    if targets.kind == "given":
+        # Traced classes are not checked on the host: an out-of-range one (a negative index would
+        # wrap, a large one reads past the head) gives NaN outputs for its maps, in every method.
+        classes = res["classes"]
+        valid = (classes >= 0) & (classes < model.config.num_classes)  # (B, K)
+
+        def checked(x):
+            return None if x is None else jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.nan)
+    else:
+        def checked(x):
+            return x
+
     def grid(x):
-        return None if x is None else x.reshape(x.shape[:-1] + (gh, gw)).astype(jnp.float32)
+        return None if x is None else checked(x.reshape(x.shape[:-1] + (gh, gw)).astype(jnp.float32))
 
     return Explanation(maps=grid(res["maps"]), classes=res["classes"], logits=res["logits"],
-                       head_weights=res.get("head_weights"), weighted_attention=grid(res.get("weighted_attention")),
+                       head_weights=checked(res.get("head_weights")),
+                       weighted_attention=grid(res.get("weighted_attention")),
                        prediction_map=grid(res.get("prediction_map")), method=method,
                        layer=layer if m.uses_layer else None)
 
@@ -254,7 +267,8 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **opti
     the caller's own jit/vmap/shard_map. Build `targets` with `predmaps.make_targets`.
 
     The request is checked here, as `explain` checks it; each call checks only shapes and types
-    (what tracing knows), not class values."""
+    (what tracing knows), not class values: a traced class outside 0..C-1 gives NaN maps (and
+    NaN head weights, weighted attention and prediction map) for that class, in every method."""
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config
 

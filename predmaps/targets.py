@@ -46,7 +46,9 @@ def _unknown(target) -> ValueError:
 
 def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
     """Parse a user's target: "top", "top5", "all", an int, a list of ints (same classes for
-    every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth)."""
+    every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth).
+    Concrete classes are range-checked here; traced ones (inside jit) cannot be, and an
+    out-of-range one gives NaN maps (see `explain_fn`)."""
     if isinstance(target, str):
         if target in ("top", "pred", "top1"):
             return Targets(kind="top")

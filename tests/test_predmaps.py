@@ -327,6 +327,24 @@ def test_explain_fn_composes_in_user_jit(small):
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["predicatt", "gradcam", "transattr", "raw_attention"])
+def test_traced_out_of_range_classes_give_nan_maps_the_rest_unchanged(small, method):
+    # Inside a jit the classes cannot be range-checked on the host. A negative class used to wrap
+    # to the last classes and one past C to read garbage (finite for the gradient methods): the
+    # maps of such a class are NaN now, in every method, and the in-range maps are untouched.
+    model, params, x = small
+    x = x[:2]
+    fn = jax.jit(lambda cls: predmaps.explain_fn(model, method=method)(params, x, predmaps.make_targets(cls, 2, 10)))
+    ex = fn(jnp.array([[1, 10], [-1, 2]], jnp.int32))
+    bad = np.array([[False, True], [True, False]])
+    assert np.isnan(np.asarray(ex.maps)[bad]).all() and np.isfinite(np.asarray(ex.maps)[~bad]).all()
+    assert np.asarray(ex.classes).tolist() == [[1, 10], [-1, 2]]  # the request, as given
+    want = fn(jnp.array([[1, 3], [0, 2]], jnp.int32)).maps  # the same program, in-range classes there
+    np.testing.assert_allclose(np.asarray(ex.maps)[~bad], np.asarray(want)[~bad], rtol=1e-6)
+    if ex.head_weights is not None:
+        assert np.isnan(np.asarray(ex.head_weights)[bad]).all() and np.isfinite(np.asarray(ex.head_weights)[~bad]).all()
+
+
 SHARD_MAP_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
