@@ -14,7 +14,8 @@
     summary = explain_dataset(model, params, "imagenet/val", "out/", spec, batch_size=256)
     res = predmaps.results.read_results("out/")
 
-Inputs (`open_inputs`): a directory (recursive, image extensions only, sorted); a glob; a text
+Inputs (`open_inputs`): a directory (recursive, image extensions only, sorted); a glob (image
+extensions only, sorted); a text
 file of paths (one per line, relative to the file's folder, optionally `<TAB>label`); one
 image; or, from Python, a sequence/iterable of paths, `Item`s, `(name, image)` pairs or images
 (PIL / uint8 arrays). ImageNet layouts give labels: a class-folder tree whose folders are
@@ -305,7 +306,7 @@ def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) 
         if _has_magic(s):
             def walk_glob():
                 for m in sorted(_glob.glob(s, recursive=True)):
-                    if os.path.isfile(m):
+                    if _is_image_name(m) and os.path.isfile(m):  # as a folder lists: "dir/*" skips its notes.txt
                         yield Item(m, os.path.abspath(m), _lookup(label_map, m))
 
             return Inputs(walk_glob, s, labelled=how)

@@ -42,7 +42,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--images", required=True,
                    help="a directory (recursive; an ImageNet class-folder tree gives labels), a glob (quote "
-                        "it), a text file of paths (optionally 'path<TAB>label'), or one image")
+                        "it; like a directory, it lists image extensions only), a text file of paths (optionally "
+                        "'path<TAB>label'), or one image")
     p.add_argument("--out", required=True, help="output directory (created; resumed when it holds this job)")
     p.add_argument("--labels", help="label file for flat layouts: 'file label' lines (class index or WordNet id)")
     p.add_argument("--method", default="predicatt", help="method(s), comma-separated (default predicatt)")

@@ -641,6 +641,8 @@ def test_input_layouts_and_ground_truth_targets(model, tmp_path):
     assert [(it.name, it.label) for it in listed] == [(names[2], 4), (names[0], -1)]
     assert listed[0].path == str((flat / names[2]).resolve())
     assert [Path(it.name).name for it in open_inputs(str(flat / "*.jpg"))] == [n for n in names if n.endswith(".jpg")]
+    # A glob lists what a folder lists: images, not the list file beside them.
+    assert [Path(it.name).name for it in open_inputs(str(flat / "*"))] == [it.name for it in open_inputs(flat)]
     # 'gt' without labels is a clear error before anything runs.
     with pytest.raises(ValueError, match="'gt' needs a label for every input"):
         explain_dataset(m, p, flat, tmp_path / "nolabels", ExplainSpec(targets="gt"), progress=False)
