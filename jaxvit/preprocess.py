@@ -156,8 +156,9 @@ def load_image(path_or_file: ImageSource) -> Image.Image:
       to three channels.
     * 32-bit integer 'I' and float 'F' (and the other wide modes): when the image's own
       maximum exceeds 255 the values are scaled by ``255 / max``; otherwise they are taken
-      as 8-bit values. The result is rounded to nearest and clipped to [0, 255] (NaN and
-      inf become 0). A float image in [0, 1] therefore comes out nearly black: scale it
+      as 8-bit values. The result is rounded to nearest (PIL's ``convert`` truncates: a
+      float image in 0..255 can differ from timm's input by one grey level) and clipped to
+      [0, 255] (NaN and inf become 0). A float image in [0, 1] therefore comes out nearly black: scale it
       to [0, 255] yourself first.
 
     PIL's naive ``convert("RGB")`` of those wide modes clips every value above 255 to
@@ -276,7 +277,9 @@ def _resize_keep_ratio(img: Image.Image, target: tuple[int, int], longest: float
     ratio_h = img_h / target[0]
     ratio_w = img_w / target[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-    size = [round(x * 1.0 / ratio) for x in (img_h, img_w)]
+    # At least 1 px: timm's round() gives 0 for a thin strip (4000 x 10 in 'border' mode) and PIL
+    # fails; here the strip becomes one row, padded like any small image.
+    size = [max(1, round(x * 1.0 / ratio)) for x in (img_h, img_w)]
     return _resize(img, (size[0], size[1]), resample)
 
 

@@ -175,6 +175,16 @@ def test_eval_pads_with_zero_and_mean():
     np.testing.assert_allclose(border[0, 0], fill, atol=1e-6)
 
 
+def test_border_mode_takes_a_strip_thinner_than_a_pixel_after_resizing():
+    """4000 x 10 in 'border' mode scales to 224 x 0.56: timm rounds that to 0 and PIL fails (an
+    error on one image of a job). Here it keeps one row, the rest padded with the mean colour."""
+    strip = Image.fromarray(np.full((10, 4000, 3), 30, np.uint8))
+    out = pp.eval_transform(strip, img_size=224, mean=HALF, std=HALF, crop_pct=1.0, crop_mode="border")
+    assert out.shape == (224, 224, 3)
+    rows = np.flatnonzero(np.abs(out - out[0, 0]).max(axis=(1, 2)) > 0.1)
+    assert len(rows) == 1 and np.allclose(out[rows[0]], (30 / 255 - 0.5) / 0.5, atol=0.02)
+
+
 @pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
 @pytest.mark.parametrize("wh,size,crop_pct", [((320, 240), (224, 224), 0.9), ((181, 263), (192, 256), 0.875),
                                               ((97, 150), (224, 224), 1.15)], ids=["wide", "tall-nonsquare", "pad"])
