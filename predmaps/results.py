@@ -140,10 +140,15 @@ def identity_differences(a: dict, b: dict) -> list[str]:
 def check_same_job(existing: dict, wanted: dict, out: Path) -> None:
     diffs = identity_differences(existing, wanted)
     if diffs:
+        hint = ""
+        if all(d.startswith("inputs.") for d in diffs):  # the usual cause: inputs added, removed or renamed
+            hint = ("\nThe inputs' listing changed. A job's shards are fixed by its listing: to redo inputs that "
+                    "failed, fix them in place (same names) and rerun with --retry-failed. Otherwise ")
         raise JobMismatchError(
             f"{out} already holds a different job ({', '.join(diffs)} differ):\n"
-            f"  existing: {describe_identity(existing)}\n  this run: {describe_identity(wanted)}\n"
-            "Results of different jobs are never mixed: choose another --out, or delete that directory.")
+            f"  existing: {describe_identity(existing)}\n  this run: {describe_identity(wanted)}"
+            + (hint or "\nResults of different jobs are never mixed: ")  # either way, then:
+            + "choose another --out, or delete that directory.")
 
 
 def _load_json(path: Path) -> dict:

@@ -552,7 +552,7 @@ def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, r
                         progress=False)
     extra = tmp_path / "more"
     _save_images(extra, N_IMAGES + 1)
-    with pytest.raises(JobMismatchError, match="inputs.count"):
+    with pytest.raises(JobMismatchError, match="inputs.count.*(\n.*){3}fix them in place.*--retry-failed"):
         explain_dataset(m, p, extra, reference, SPEC, batch_size=4, shard_size=10, progress=False)
     assert (reference / "manifest.json").read_bytes() == before  # untouched
     # The CLI says so and exits 2.
