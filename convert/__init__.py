@@ -166,9 +166,16 @@ def export_state_dict(params: Any) -> dict[str, np.ndarray]:
 def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` + timm's `config.json` into `out_dir`, the layout of a timm hub repo:
     `timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=...))` and
-    `convert.load(out_dir)` both read it."""
+    `convert.load(out_dir)` both read it. Params that do not fit the config (or arguments in
+    another order: `jaxvit.save` takes (path, config, params)) are refused before writing."""
     from safetensors.numpy import save_file
 
+    from jaxvit.checkpoint import check_params
+
+    check_params(config, params, "convert.save_timm(params, config, out_dir)")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"convert.save_timm(params, config, out_dir): out_dir must be a directory path; got "
+                        f"{type(out_dir).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(export_state_dict(params), str(out / "model.safetensors"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -27,7 +28,11 @@ def save(path: str | os.PathLike, config: ViTConfig, params: Any) -> Path:
     """Write `config.json` + `params.msgpack` into directory `path` (created); returns it.
 
     Each file is written to a temporary name and renamed, so a crash leaves no half file.
+    Params that do not fit the config (or arguments in another order) are refused before writing.
     """
+    check_params(config, params, "jaxvit.save(path, config, params)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"jaxvit.save(path, config, params): path must be a directory path; got {type(path).__name__}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     host = _to_numpy(params)
@@ -55,7 +60,7 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, attention: str = "fused"
             "`python -m convert SOURCE --out DIR`, or load timm weights directly with `convert.load(SOURCE)`.")
     config = ViTConfig.from_json(cfg_file.read_text())
     params = serialization.msgpack_restore(params_file.read_bytes())
-    _check_shapes(config, params, str(params_file))
+    _check_shapes(config, params, f"params in {params_file}")
     return ViT(config, dtype=dtype, attention=attention), params
 
 
@@ -68,7 +73,20 @@ def param_shapes(config: ViTConfig) -> dict:
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
 
 
-def _check_shapes(config: ViTConfig, params: dict, where: str) -> None:
+def check_params(config: ViTConfig, params: Any, call: str) -> None:
+    """Refuse, before anything is written, what `call` (e.g. "jaxvit.save(path, config, params)")
+    cannot save: a config that is no ViTConfig, params that are no pytree of arrays (arguments in
+    another order: jaxvit.save and convert.save_timm differ), params of another config."""
+    if not isinstance(config, ViTConfig):
+        raise TypeError(f"{call}: config must be a jaxvit.ViTConfig; got {type(config).__name__} (check the "
+                        "argument order)")
+    if not isinstance(params, Mapping):  # a dict, or flax's FrozenDict
+        raise TypeError(f"{call}: params must be the params pytree (a dict of arrays); got {type(params).__name__} "
+                        "(check the argument order)")
+    _check_shapes(config, params, f"{call}: params")
+
+
+def _check_shapes(config: ViTConfig, params: dict, what: str) -> None:
     import jax
 
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
@@ -78,10 +96,12 @@ def _check_shapes(config: ViTConfig, params: dict, where: str) -> None:
     problems += [f"{k}: shape {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have))
                  if tuple(have[k]) != tuple(want[k])]
     if problems:
-        raise ValueError(f"params in {where} do not match their config: " + "; ".join(problems[:20]))
+        raise ValueError(f"{what} do not match the config {config.name!r}: " + "; ".join(problems[:20]))
 
 
 def _to_numpy(tree):
     import jax
 
-    return jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
+    from flax.core import unfreeze
+
+    return jax.tree_util.tree_map(lambda a: np.asarray(a), unfreeze(tree))  # msgpack packs no FrozenDict

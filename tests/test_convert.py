@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import numpy as np
 import pytest
 
@@ -725,9 +726,33 @@ def test_jaxvit_load_params_not_matching_config(small, tmp_path):
     with pytest.raises(ValueError) as e:
         jaxvit.load(out)
     msg = str(e.value)
-    assert "do not match their config" in msg and "params.msgpack" in msg
+    assert "do not match the config" in msg and "params.msgpack" in msg
     assert "missing ['blocks_2']" in msg
     assert "['blocks_0']['mlp']['fc1']['kernel']: shape" in msg
+
+
+def test_saves_refuse_params_of_another_config_and_swapped_arguments(small, tmp_path):
+    # jaxvit.save(path, config, params) and convert.save_timm(params, config, out_dir) order their
+    # arguments differently; a swap, or params of another model, used to fail deep inside (or write
+    # a checkpoint that only failed on load). Nothing is written in either case.
+    model, _, _ = small
+    jmodel, params = convert.load(model)
+    cfg = jmodel.config
+    deeper = dataclasses.replace(cfg, depth=cfg.depth + 1)
+    for save, call in [(lambda: jaxvit.save(tmp_path / "a", deeper, params), "jaxvit.save"),
+                       (lambda: convert.save_timm(params, deeper, tmp_path / "a"), "convert.save_timm")]:
+        with pytest.raises(ValueError, match=rf"{call}\(.*params do not match the config .*missing \['blocks_"):
+            save()
+    with pytest.raises(TypeError, match=r"jaxvit.save\(path, config, params\): params must be .*got PosixPath.*order"):
+        jaxvit.save(params, cfg, tmp_path / "a")
+    with pytest.raises(TypeError, match=r"convert.save_timm\(params, config, out_dir\): params must be .*got PosixPath"):
+        convert.save_timm(tmp_path / "a", cfg, params)
+    with pytest.raises(TypeError, match=r"config must be a jaxvit.ViTConfig; got dict"):
+        convert.save_timm(params, cfg.to_dict(), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    # flax's FrozenDict params save too (msgpack refused them)
+    _, again = jaxvit.load(jaxvit.save(tmp_path / "frozen", cfg, flax.core.freeze(params)))
+    np.testing.assert_array_equal(again["head"]["kernel"], params["head"]["kernel"])
 
 
 # ---------------------------------------------------------------------------------------------
