@@ -158,8 +158,8 @@ def load_image(path_or_file: ImageSource) -> Image.Image:
       maximum exceeds 255 the values are scaled by ``255 / max``; otherwise they are taken
       as 8-bit values. The result is rounded to nearest (PIL's ``convert`` truncates: a
       float image in 0..255 can differ from timm's input by one grey level) and clipped to
-      [0, 255] (NaN and inf become 0). A float image in [0, 1] therefore comes out nearly black: scale it
-      to [0, 255] yourself first.
+      [0, 255] (NaN and inf become 0). A float image in [0, 1] therefore comes out nearly
+      black: scale it to [0, 255] yourself first.
 
     PIL's naive ``convert("RGB")`` of those wide modes clips every value above 255 to
     white; we refuse to do that. EXIF orientation is not applied (neither timm nor

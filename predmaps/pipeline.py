@@ -15,13 +15,13 @@
     res = predmaps.results.read_results("out/")
 
 Inputs (`open_inputs`): a directory (recursive, image extensions only, sorted); a glob (image
-extensions only, sorted); a text
-file of paths (one per line, relative to the file's folder, optionally `<TAB>label`); one
-image; or, from Python, a sequence/iterable of paths, `Item`s, `(name, image)` pairs or images
-(PIL / uint8 arrays). ImageNet layouts give labels: a class-folder tree whose folders are
-WordNet ids (torchvision's ImageFolder layout of `val/`) through `jaxvit.labels.wnid_to_index`,
-or flat files plus a label file (`labels=`: lines `file label`, label a class index or a
-WordNet id; caffe's `val.txt` and Kaggle's `LOC_val_solution.csv` both read as they are).
+extensions only, sorted); a text file of paths (one per line, relative to the file's folder,
+optionally `<TAB>label`); one image; or, from Python, a sequence/iterable of paths, `Item`s, `(name,
+image)` pairs or images (PIL / uint8 arrays). ImageNet layouts give labels: a class-folder tree
+whose folders are WordNet ids (torchvision's ImageFolder layout of `val/`) through
+`jaxvit.labels.wnid_to_index`, or flat files plus a label file (`labels=`: lines `file label`, label
+a class index or a WordNet id; caffe's `val.txt` and Kaggle's `LOC_val_solution.csv` both read as
+they are).
 
 Devices: one `jax.jit`, compiled ahead of time, over a 1-D mesh ("batch") of every device of
 every process: images, labels and a validity mask `NamedSharding(mesh, P("batch"))`, params

@@ -745,7 +745,7 @@ def test_saves_refuse_params_of_another_config_and_swapped_arguments(small, tmp_
             save()
     with pytest.raises(TypeError, match=r"jaxvit.save\(path, config, params\): params must be .*got PosixPath.*order"):
         jaxvit.save(params, cfg, tmp_path / "a")
-    with pytest.raises(TypeError, match=r"convert.save_timm\(params, config, out_dir\): params must be .*got PosixPath"):
+    with pytest.raises(TypeError, match=r"save_timm\(params, config, out_dir\): params must be .*got PosixPath"):
         convert.save_timm(tmp_path / "a", cfg, params)
     with pytest.raises(TypeError, match=r"config must be a jaxvit.ViTConfig; got dict"):
         convert.save_timm(params, cfg.to_dict(), tmp_path / "a")
