@@ -3,9 +3,10 @@
     predmaps eval perturbation --model NAME|PATH --method M [--layer L] [--target pred|gt] --data PATH
                                [--batch-size N] [--limit N] [--json FILE] [--maps results.hdf5]
                                [--save-maps results.hdf5] [--mode both|positive|negative]
+                               [--transform resize|timm] [--image-size N|HxW]
     predmaps eval segmentation --model NAME|PATH --method M [--layer L] --data gtsegs_ijcv.mat
                                [--batch-size N] [--limit N] [--json FILE] [--maps results.hdf5]
-                               [--transform resize|timm]
+                               [--transform resize|timm] [--image-size N|HxW]
     predmaps eval digits [--model NAME|PATH] [--method M|all] [--layer L] [--target pred|gt]
                          [--scenes N] [--seed S] [--batch-size N] [--json FILE] [--markdown FILE]
 
@@ -60,10 +61,24 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    try:
+        size = (int(h), int(w if sep else h))
+    except ValueError:
+        size = (0, 0)
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"--image-size takes N or HxW in pixels (e.g. 224 or 384x384); got {text!r}")
+    return size
+
+
 def _transform_option(p: argparse.ArgumentParser, more: str) -> None:
     p.add_argument("--transform", choices=("resize", "timm"),
-                   help="resize: the protocol's plain 224x224 bilinear resize (default); timm: the model's eval "
-                        f"transform (crop_pct, centre crop, its interpolation){more}")
+                   help="resize: the protocol's plain bilinear resize to --image-size (default); timm: the "
+                        f"model's eval transform at --image-size (crop_pct, centre crop, its interpolation){more}")
+    p.add_argument("--image-size", type=_image_size, metavar="N|HxW",
+                   help="the size images are explained at (default: the model's input size, 224 for the paper's "
+                        "ViT-B/16)")
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -173,7 +188,7 @@ def _check_maps_options(args, test: str) -> None:
     computing = {"--method": args.method, "--layer": args.layer, "--option": args.options or None}
     if test == "perturbation":  # the images and labels come from the results.hdf5 as well
         computing.update({"--target": args.target, "--transform": args.transform, "--save-maps": args.save_maps,
-                          "--data": args.data, "--labels": args.labels})
+                          "--data": args.data, "--labels": args.labels, "--image-size": args.image_size})
     if args.maps is not None:
         given = [flag for flag, value in computing.items() if value is not None]
         if given:
@@ -233,7 +248,8 @@ def _cmd_eval(args, ev) -> int:
                             "whatever produced them")
         else:
             res = ev.perturbation_test(model, params, images, method=args.method, layer=args.layer, target=args.target,
-                                       modes=modes, batch_size=args.batch_size, transform=args.transform, mean=mean,
+                                       modes=modes, batch_size=args.batch_size, transform=args.transform,
+                                       image_size=args.image_size, mean=mean,
                                        std=std, method_options=options, workers=args.workers, progress=progress,
                                        save_maps=args.save_maps)
             res.info.update(layout=images.layout, class_order=images.class_order, save_maps=args.save_maps)
@@ -247,7 +263,8 @@ def _cmd_eval(args, ev) -> int:
         with seg:
             res = ev.segmentation_test(model, params, seg, method=args.method, layer=args.layer,
                                        batch_size=args.batch_size, limit=args.limit, subset=args.subset,
-                                       seed=args.seed, transform=args.transform, mean=mean, std=std,
+                                       seed=args.seed, transform=args.transform, image_size=args.image_size,
+                                       mean=mean, std=std,
                                        method_options=options, maps=args.maps,
                                        workers=args.workers, progress=progress)
         what = ("maps from " + args.maps) if args.maps else (

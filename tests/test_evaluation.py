@@ -6,6 +6,7 @@ the command line.
 """
 
 import argparse
+import dataclasses
 import json
 
 import h5py
@@ -590,6 +591,33 @@ def test_cli_perturbation_and_segmentation(tiny, tree, seg_file, tmp_path, capsy
     rc = _run_cli(["eval", "segmentation", "--model", str(ckpt), "--data", str(seg_file[0]), "--transform", "timm",
                    "--batch-size", "2", "--json", str(out2), "--quiet"])
     assert rc == 0 and json.loads(out2.read_text())["transform"] == "timm"
+
+
+def test_cli_evaluates_at_the_model_input_size_or_the_one_asked(tiny, tree, seg_file, tmp_path, capsys):
+    # The CLI used to run every model at 224 x 224, also with --transform timm: a 64 x 64 model was
+    # explained at 224 through resampled position embeddings (its clean accuracy fell from 95% to 10%).
+    model, params, _ = tiny
+    small = dataclasses.replace(model.config, name="tiny-eval-64", img_size=(64, 64))
+    pos = params["pos_embed"]  # (1, 1 + 7 * 7, D) -> the class token's and 2 x 2 of the patches'
+    ckpt = jaxvit.save(tmp_path / "small", small, {**params, "pos_embed": pos[:, :5]})
+    out = tmp_path / "p.json"
+    common = ["--method", "predicatt", "--mode", "negative", "--data", str(tree), "--batch-size", "4", "--limit", "2",
+              "--json", str(out), "--quiet"]
+    assert _run_cli(["eval", "perturbation", "--model", str(ckpt), *common]) == 0
+    js = json.loads(out.read_text())
+    assert js["image_size"] == [64, 64] and js["removed_pixels"][-1] == round(0.9 * 64 * 64)
+    assert _run_cli(["eval", "perturbation", "--model", str(ckpt), "--image-size", "96x128", "--transform", "timm",
+                     *common]) == 0
+    assert json.loads(out.read_text())["image_size"] == [96, 128]
+    assert _run_cli(["eval", "segmentation", "--model", str(ckpt), "--data", str(seg_file[0]), "--batch-size", "2",
+                     "--limit", "2", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["image_size"] == [64, 64]
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["eval", "perturbation", "--model", str(ckpt), "--image-size", "0x64"])
+    assert e.value.code == 2 and "--image-size takes N or HxW" in capsys.readouterr().err
+    rc = _run_cli(["eval", "perturbation", "--model", str(ckpt), "--maps", str(tmp_path / "none.hdf5"),
+                   "--image-size", "64", "--quiet"])
+    assert rc == 2 and "--image-size would be ignored" in capsys.readouterr().err
 
 
 def test_cli_errors(tiny, tmp_path, capsys):

@@ -220,7 +220,7 @@ def _check_request(model, method, layer, target, modes, steps, image_size, mean,
     modes = _check_modes(modes)
     steps = tuple(float(s) for s in steps)
     spec = check_explainer(model, method, layer, method_options)
-    size = tuple(int(s) for s in image_size)
+    size = tuple(int(s) for s in (model.config.img_size if image_size is None else image_size))
     mean, std = tuple(map(float, mean)), tuple(map(float, std))
     return spec, modes, steps, size, mean, std
 
@@ -237,10 +237,13 @@ def _check_labels(model, labels, source: str = "labels") -> None:
 
 def perturbation_test(model, params, images: ImageList, *, method: str = "predicatt", layer: int = -1,
                       target: str = "pred", modes=metrics.MODES, steps=metrics.STEPS, batch_size: int = 32,
-                      image_size=(224, 224), transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
+                      image_size=None, transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
                       method_options: dict | None = None, workers: int | None = None, progress: bool = False,
                       save_maps=None, skip_unreadable: bool = True) -> PerturbationResult:
     """The perturbation test of `method` on `images` (an `ImageList`, see `data.imagenet_val`).
+
+    image_size: (H, W) the images are resized to (`transform`) and explained at; default the
+    model's input size (224 x 224 for the paper's ViT-B/16, the protocol's size).
 
     Maps are for the predicted class (target "pred") or the ground truth ("gt"); accuracy is
     always against the ground truth. `save_maps`: a path to write the maps, images and labels

@@ -86,8 +86,14 @@ def segmentation_step(model, spec, *, size=(224, 224), mean=PROTOCOL_MEAN, std=P
     return functools.partial(_segmentation_step, static)
 
 
+def _size(image_size, config) -> tuple[int, int]:
+    if image_size is None:
+        image_size = config.img_size if config is not None else (224, 224)
+    return tuple(int(s) for s in image_size)
+
+
 def segmentation_test(model, params, data, *, method: str = "predicatt", layer: int = -1, batch_size: int = 32,
-                      limit: int | None = None, subset: str = "random", seed: int = 0, image_size=(224, 224),
+                      limit: int | None = None, subset: str = "random", seed: int = 0, image_size=None,
                       transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
                       method_options: dict | None = None, maps=None,
                       workers: int | None = None, progress: bool = False) -> SegmentationResult:
@@ -95,16 +101,16 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
     `ImageNetSegmentation`). `maps`: optional precomputed maps, (n, H, W) array or a
     results.hdf5 path, in the .mat file's order (min-max normalised again here; only their
     `vis` is used); then the model is not run. `transform`: "resize" (the protocol) or "timm"
-    (the model's eval transform; each mask goes through the same resize and crop, NEAREST)."""
+    (the model's eval transform; each mask goes through the same resize and crop, NEAREST).
+    image_size: (H, W) of images, masks and maps; default the given maps' size, else the model's
+    input size (224 x 224 for the paper's ViT-B/16, the protocol's size)."""
     from tqdm.auto import tqdm
 
     own = not isinstance(data, ImageNetSegmentation)
     ds = ImageNetSegmentation(data) if own else data
     closers = [ds] if own else []
     try:
-        size = tuple(int(s) for s in image_size)
         config = model.config if model is not None else None
-        image_tf, mask_tf = unit_transform(transform, size, config), mask_transform(transform, size, config)
         given = None
         if maps is not None:
             if isinstance(maps, (str, bytes)) or hasattr(maps, "__fspath__"):
@@ -124,12 +130,17 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
 
                 def given(i):
                     return arr[i]
+            if image_size is None:  # given maps fix the size
+                image_size = given_shape[1:]
+            size = _size(image_size, config)
             if len(given_shape) != 3 or given_shape[0] != len(ds) or given_shape[1:] != size:
                 raise ValueError(f"maps {given_shape} must be (n, H, W) = ({len(ds)}, {size[0]}, {size[1]}), one per "
                                  "image of the .mat file in its order")
             spec = None
         else:
             spec = check_explainer(model, method, layer, method_options)
+            size = _size(image_size, config)
+        image_tf, mask_tf = unit_transform(transform, size, config), mask_transform(transform, size, config)
         idx = subset_indices(len(ds), limit, mode=subset, seed=seed)
         n = len(idx)
         if n == 0:
