@@ -636,7 +636,7 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
         lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
         for j, c in enumerate(r.classes):
             img = viz.overlay(r.image, maps[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, extent=r.extent)
-            cname = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.class_name(c))
+            cname = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.class_name(c))[:_CLASS_BYTES]
             img.save(out / (f"{stem}_{method}_{tag}_{cname}.png" if tag else f"{stem}_{method}_{cname}.png"))
             tiles.append(img)
             titles.append(f"{cfg.class_name(c)} {tag}".rstrip())
@@ -644,15 +644,24 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
         out / f"{stem}_{method}_grid.png")
 
 
+# File names hold at most 255 bytes: stem + method + layer + class name + ".png" stays well under.
+MAX_STEM_BYTES, _CLASS_BYTES = 120, 64
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
+
+
 class PngNames:
     """File stems for `write_pngs`, unique over one run: a second `cat.jpg` (from another folder,
-    or `cat.png`) gets `cat-2`, so its overlays do not overwrite the first one's."""
+    or `cat.png`) gets `cat-2`, so its overlays do not overwrite the first one's. Stems are cut to
+    120 bytes: a legal 250-byte image name would otherwise make overlay names too long to write."""
 
     def __init__(self):
         self.used: set[str] = set()
 
     def __call__(self, name: str) -> str:
-        base = Path(name).stem or "image"
+        base = _clip_utf8(Path(name).stem, MAX_STEM_BYTES) or "image"
         stem, k = base, 1
         while stem in self.used:
             k += 1

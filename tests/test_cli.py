@@ -122,6 +122,19 @@ def test_explain_gives_overlays_of_images_with_the_same_stem_their_own_names(tin
     assert "its overlays are cat-2_*.png" in err and "its overlays are cat-3_*.png" in err
     assert sorted(p.name for p in out.glob("*_grid.png")) == ["cat-2_predicatt_grid.png", "cat-3_predicatt_grid.png",
                                                                "cat_predicatt_grid.png"]
+    # A legal 245-character name made overlay names over the 255-byte limit: the run stopped there
+    # and lost the images after it. The stem is shortened (to 120 bytes, whole UTF-8 characters).
+    long = tmp_path / ("é" * 122 + ".png")  # 244 bytes + ".png"
+    Image.new("RGB", (32, 32), "green").save(long)
+    last = tmp_path / "z_last.png"
+    Image.new("RGB", (32, 32), "blue").save(last)
+    out = tmp_path / "out2"
+    assert cli.main(["explain", str(paths[0]), str(long), str(last), "--model", str(tiny_checkpoint),
+                     "--out", str(out), "--batch-size", "1"]) == 0
+    assert "over 120 bytes, shortened; its overlays are " + "é" * 60 + "_*.png" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*_grid.png")) == ["cat_predicatt_grid.png", "z_last_predicatt_grid.png",
+                                                               "é" * 60 + "_predicatt_grid.png"]
+    assert (out / "report" / "index.html").exists()
 
 
 def test_explain_rejects_empty_and_out_of_range_layers_for_every_method(tiny_checkpoint, tmp_path, capsys):
