@@ -33,6 +33,8 @@ def load_model(spec: str | None, model_name: str | None = None):
     import convert
 
     if spec is None or spec == DEFAULT_MODEL:
+        if model_name:  # it would be ignored: the embedded model says what it is
+            raise ValueError("--model-name names the architecture of a --model weights file; give --model too")
         return convert.load(default_model_path())
     try:
         return convert.load(spec, model_name=model_name)
@@ -75,13 +77,25 @@ def _parse_labels(text: str) -> list[list[int]]:
                                          f"3+7); got {text!r}") from None
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0, e.g. a seed (numpy refuses negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
     return value
 
 
@@ -122,6 +136,18 @@ def _run_report(model, params, batches, out: Path, options, png_layers):
     return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
 
 
+def _make_out(path: str) -> Path:
+    """--out as a created folder, or a ValueError that says why it cannot be one."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
+    return out
+
+
 def cmd_explain(args) -> int:
     import itertools
 
@@ -151,8 +177,11 @@ def cmd_explain(args) -> int:
         if bad:
             print(f"error: label(s) {bad} out of range 0..{cfg.num_classes - 1}", file=sys.stderr)
             return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = _make_out(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     transform = preprocess.eval_transform_for(cfg)
     size = max(1, min(args.batch_size, len(args.images)))
     errors = []
@@ -200,10 +229,17 @@ def cmd_explain(args) -> int:
 def cmd_demo(args) -> int:
     from PIL import Image
 
-    from predmaps import digits, report
+    from predmaps import digits, report, viz
 
+    try:  # before anything is written
+        viz.check_cmap(args.cmap)
+        if not 0 <= args.alpha <= 1:
+            raise ValueError(f"--alpha (the heat map's opacity) must be in [0, 1]; got {args.alpha}")
+        out = _make_out(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model, params = load_model(None)
-    out = Path(args.out)
     (out / "scenes").mkdir(parents=True, exist_ok=True)
     images, labels, _ = digits.two_digit_scenes(args.n, split="test", seed=args.seed)
     names = [f"scene{i}_digits_{a}_{b}.png" for i, (a, b) in enumerate(labels)]
@@ -315,17 +351,17 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
     p.add_argument("--shared-scale", action="store_true",
                    help="one colour scale per method for all maps of an image (default: each map its own min-max)")
-    p.add_argument("--top-k", type=_positive, default=5, help="predictions listed in the report")
-    p.add_argument("--heads", type=_positive, default=4, help="most and least contributing heads shown per class")
-    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--top-k", type=positive_int, default=5, help="predictions listed in the report")
+    p.add_argument("--heads", type=positive_int, default=4, help="most and least contributing heads shown per class")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline); "
                        "writes the HTML report and prints its path")
     p.add_argument("--out", default="predmaps-demo")
-    p.add_argument("--n", type=_positive, default=4, help="number of scenes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=4, help="number of scenes")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
     p.set_defaults(fn=cmd_demo)

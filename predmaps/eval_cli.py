@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from predmaps.cli import MODEL_NAME_HELP, nonnegative_int, positive_int
+
 
 def _parse_option(text: str):
     key, sep, value = text.partition("=")
@@ -38,8 +40,6 @@ def _parse_option(text: str):
 
 
 def _common(p: argparse.ArgumentParser, data_help: str) -> None:
-    from predmaps.cli import MODEL_NAME_HELP
-
     p.add_argument("--model", required=True, help="timm name (with its pretrained tag), checkpoint file or directory")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
     # Defaults of the options that shape computed maps are filled in by _cmd_eval, so that giving one
@@ -55,8 +55,8 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--limit", type=int, help="evaluate only this many images (a deterministic subset)")
     p.add_argument("--subset", choices=("random", "first"), default="random",
                    help="with --limit: a seeded random subset kept in data order (default) or the first N")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --subset random draw (default 0)")
-    p.add_argument("--workers", type=int, help="image loading threads (default: up to 8)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the --subset random draw (default 0)")
+    p.add_argument("--workers", type=positive_int, help="image loading threads (default: up to 8)")
     p.add_argument("--json", help="write every number to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -114,6 +114,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         description="Segmentation, perturbation and class-specificity tests on scenes of the "
                                     "held-out UCI test digits (predmaps.evaluation.digit_scenes).")
     pd.add_argument("--model", help="a 10-class digits ViT (default: the one predmaps ships)")
+    pd.add_argument("--model-name", help=MODEL_NAME_HELP)
     pd.add_argument("--method", default="all",
                     help="a method, or 'all' (default): every method at layer L plus predicatt and "
                          "prediction_map at L-1")
@@ -123,7 +124,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     pd.add_argument("--target", choices=("pred", "gt"), default="pred",
                     help="perturbation maps for the predicted (default) or the true class")
     pd.add_argument("--scenes", type=int, default=1000, help="one-digit and two-digit scenes each (default 1000)")
-    pd.add_argument("--seed", type=int, default=2024, help="scene seed (default 2024, the published table's)")
+    pd.add_argument("--seed", type=nonnegative_int, default=2024,
+                    help="scene seed (default 2024, the published table's)")
     pd.add_argument("--batch-size", type=int, default=100)
     pd.add_argument("--json", help="write every number to this JSON file")
     pd.add_argument("--markdown", help="write the table (with the command and the run's details) to this file")
@@ -305,11 +307,13 @@ def _cmd_digits(args) -> int:
     else:
         rows = [(args.method, args.layer)]
     if args.model is None:
+        if args.model_name:
+            raise ValueError("--model-name names the architecture of a --model weights file; give --model too")
         model, params = digits.load_model()
     else:
         from predmaps.cli import load_model
 
-        model, params = load_model(args.model)
+        model, params = load_model(args.model, args.model_name)
     t0 = time.perf_counter()
     res = digit_scenes.run_benchmark(model, params, rows=rows, scenes=args.scenes, seed=args.seed,
                                      batch_size=args.batch_size, target=args.target,

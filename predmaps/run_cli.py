@@ -31,13 +31,13 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    from predmaps.cli import MODEL_NAME_HELP, positive_int
+
     p = subparsers.add_parser(
         "run", help="explain a whole data set into resumable shards on every device and host",
         description="Stream a data set through every device and host; write explanations as resumable "
                     ".npz shards that predmaps.results.read_results(DIR) reads. Running the same command "
                     "again finishes an interrupted job.")
-    from predmaps.cli import MODEL_NAME_HELP
-
     p.add_argument("--model", help="timm name, checkpoint file or directory (default: the embedded model)")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--images", required=True,
@@ -57,7 +57,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--map-dtype", default="float32", choices=sorted(k for k, v in DTYPES.items() if v != "bfloat16"),
                    help="stored map dtype (default float32; float16 halves the disk)")
     p.add_argument("--shard-size", type=int, help="images per shard (default: up to 1024, 256 MiB of maps)")
-    p.add_argument("--workers", type=int, help="decoding threads (default: CPU count)")
+    p.add_argument("--workers", type=positive_int, help="decoding threads (default: CPU count)")
     p.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")
     p.add_argument("--resume", action="store_true",
                    help="require a job in --out to continue (without it, a matching job is continued anyway)")

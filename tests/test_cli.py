@@ -149,6 +149,35 @@ def test_explain_rejects_empty_and_out_of_range_layers_for_every_method(tiny_che
     assert "--layers: layer 50 out of range" in capsys.readouterr().err
 
 
+def test_option_values_that_would_fail_late_or_be_ignored_are_refused_up_front(tmp_path, capsys):
+    # Found by a CLI audit: a negative seed ended 'demo' in a numpy traceback; --workers -3 named no
+    # option; --model-name without --model was silently ignored; an --out that is a file gave
+    # "[Errno 17] File exists"; a bad --cmap failed only after the demo had written its scenes.
+    for argv, message in [
+        (["demo", "--seed", "-5"], "argument --seed: expected an integer >= 0; got '-5'"),
+        (["eval", "digits", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+        (["eval", "perturbation", "--model", "m", "--workers", "-3"], "argument --workers: expected a positive"),
+        (["run", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"],
+         "argument --workers: expected a positive integer"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    for argv, message in [
+        (["explain", str(image), "--model-name", "vit_base_patch16_224", "--out", str(tmp_path / "o")],
+         "--model-name names the architecture of a --model weights file; give --model too"),
+        (["explain", str(image), "--out", str(image)], f"--out {image} is a file; give a folder"),
+        (["demo", "--cmap", "nosuch", "--out", str(tmp_path / "demo")], "unknown colour map 'nosuch'"),
+        (["demo", "--alpha", "2", "--out", str(tmp_path / "demo")], "--alpha (the heat map's opacity) must be in"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, argv
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "o").exists()
+
+
 def test_overlay_keeps_size_and_puts_heat_on_the_hot_cell():
     image = np.full((64, 96, 3), 128, np.uint8)
     token_map = np.zeros((4, 6), np.float32)

@@ -193,6 +193,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     (["--scenes", "0"], "--scenes must be positive"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "all", "--layer", "-2"], "single --method"),
+    (["--model-name", "vit_tiny_patch16_224"], "--model-name names the architecture of a --model weights file"),
 ])
 def test_cli_refuses_bad_requests(argv, message, capsys):
     from predmaps.cli import main
