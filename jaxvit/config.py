@@ -235,7 +235,8 @@ def get_config(name: str, **overrides) -> ViTConfig:
     """Config of a timm model name, e.g. `vit_base_patch16_224.orig_in21k_ft_in1k`.
 
     Without a tag, the architecture's default tag (timm's first listed) supplies the data
-    settings. `overrides` replace fields (e.g. `num_classes=10`, `img_size=(384, 384)`).
+    settings. `overrides` replace fields (e.g. `num_classes=10`, `img_size=(384, 384)`); a
+    `num_classes` that differs from the tag's drops its label names unless `label_names` is given.
     Raises `UnknownModelError` (a KeyError) naming close matches when the name is unknown.
     """
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
@@ -261,4 +262,12 @@ def get_config(name: str, **overrides) -> ViTConfig:
             raise UnknownModelError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {tags or 'none'}")
         data_cfg = dict(table["pretrained"][full])
     merged = {**arch_cfg, **data_cfg, "name": full, **overrides}
+    if "num_classes" in overrides and "label_names" not in overrides:  # a new head: the tag's names do not apply
+        names = merged.get("label_names")
+        if isinstance(names, str):  # a named set, e.g. "imagenet-1k"
+            from jaxvit import labels
+
+            names = labels.named_label_set(names)
+        if names is not None and len(names) != merged["num_classes"]:
+            merged["label_names"] = None
     return ViTConfig.from_dict(merged)

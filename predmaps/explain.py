@@ -1,7 +1,8 @@
 """One interface for every method: `explain(model, params, images, method=..., target=..., layer=...)`.
 
 The whole explanation (the forward, target resolution, the method) is one jitted function of
-(params, images, targets), compiled once per (model, method, layer, options, batch shape).
+(params, images, targets), compiled once per (model, method, layer, options, target form and K,
+batch shape): given classes are traced, so new classes of the same K reuse the executable.
 Default path: fused attention with the exact class-token row and only the requested classes'
 columns of the prediction matrix; B x L x N x C is never built unless asked for.
 """
@@ -223,8 +224,9 @@ def explain(model: ViT, params, images, *, method: str = "predicatt", target: An
     options: the method's own (see `METHODS[name].options`), e.g. similarity="cosine",
       scores="logits", lean=False (materialise the full prediction matrix), start_layer=0.
 
-    Jitted: compiles once per (model, method, layer, options, batch shape). Inside your own
-    `jit`, call `explain_fn` instead (no host-side checks).
+    Jitted: compiles once per (model, method, layer, options, target form (top, topK, all,
+    given) and K, batch shape). Inside your own `jit`, call `explain_fn` instead (no host-side
+    checks).
     """
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config

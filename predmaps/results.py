@@ -226,7 +226,8 @@ class Results:
       classes: {combo key: (N, K) int32} the class of each map.
       combos: the manifest's combos, each {key, method, layer, target, k}.
       errors: [(index, name, path, reason)] of the inputs that could not be read (complete shards).
-      complete: every shard of the job is present.
+      complete: every shard of the job is present (`read_results`; the one-shard parts that
+        `iter_results` yields say False).
       manifest: the job's header (model identity, spec, inputs, ...).
     """
 
@@ -296,7 +297,8 @@ def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize
         if size is not None or normalize:
             from predmaps.explain import upsample as _upsample
 
-            m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize, extent=extent))
+            # as stored (float16 stays float16) unless a dtype is asked for
+            m = np.asarray(_upsample(m, size or m.shape[-2:], normalize=normalize, extent=extent)).astype(m.dtype)
         part["maps"][c["key"]] = m.astype(dtype) if dtype is not None else m
     return part
 

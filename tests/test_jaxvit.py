@@ -61,6 +61,11 @@ def test_config_fields_are_normalised_and_typos_named():
     assert ViTConfig(img_size=[64, 32]).img_size == (64, 32) and ViTConfig(img_size=[64, 32]).grid_size == (4, 2)
     hash(cfg)
     assert get_config("vit_base_patch16_224", img_size=384).img_size == (384, 384)
+    # A new head (the docstring's own example): the tag's 1000 ImageNet names no longer apply.
+    ten = get_config("vit_base_patch16_224", num_classes=10)
+    assert ten.num_classes == 10 and ten.label_names is None
+    assert get_config("vit_base_patch16_224", num_classes=1000).class_name(281) == "tabby cat"
+    assert get_config("vit_base_patch16_224", num_classes=2, label_names=("no", "yes")).class_name(1) == "yes"
     for bad in (0, (224,), (224, -1), "224", True, (224.0, 224.0)):
         with pytest.raises(ValueError, match="img_size must be a positive integer or \\(height, width\\); got"):
             ViTConfig(img_size=bad)

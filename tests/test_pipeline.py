@@ -5,6 +5,7 @@ Tiny random ViT (32x32 inputs, 4x4 tokens), tiny images; the multi-device, multi
 kill tests run in subprocesses (XLA device flags and jax.distributed are per process).
 """
 
+import dataclasses
 import functools
 import io
 import json
@@ -680,14 +681,16 @@ def test_maps_read_at_input_size_sit_on_the_pixels_the_grid_covers(image_dir, tm
     cfg = ViTConfig(name="tiny-36", img_size=(36, 36), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                     num_classes=5, crop_pct=1.0)
     m = ViT(cfg)
-    explain_dataset(m, random_params(cfg), image_dir, tmp_path / "out", SPEC, batch_size=8, progress=False,
+    spec = dataclasses.replace(SPEC, map_dtype="float16")
+    explain_dataset(m, random_params(cfg), image_dir, tmp_path / "out", spec, batch_size=8, progress=False,
                     devices=jax.devices()[:1])
     tokens, up = read_results(tmp_path / "out"), read_results(tmp_path / "out", upsample=True)
     assert up.manifest["grid_extent"] == [32 / 36, 32 / 36] and up.manifest["grid"] == [4, 4]
     key = "predicatt/L2/top2"
     assert tokens.maps[key].shape == (N_IMAGES, 2, 4, 4) and up.maps[key].shape == (N_IMAGES, 2, 36, 36)
-    np.testing.assert_allclose(up.maps[key], predmaps.upsample(tokens.maps[key], (36, 36), extent=32 / 36),
-                               rtol=1e-6)
+    assert up.maps[key].dtype == np.float16  # as stored, upsampled or not
+    want = np.asarray(predmaps.upsample(tokens.maps[key], (36, 36), extent=32 / 36)).astype(np.float16)
+    np.testing.assert_array_equal(up.maps[key], want)
     assert (up.maps[key][..., 32:, :] == up.maps[key][..., 31:32, :]).all()
 
 
