@@ -607,7 +607,7 @@ def _parse_list(text: str | None, aliases: dict, known: list[str], what: str) ->
             continue
         key = aliases.get(item.lower(), item)
         if key not in known:
-            raise SystemExit(f"unknown {what} {item!r}; choose from {', '.join(known)}")
+            raise ValueError(f"unknown {what} {item!r}; choose from {', '.join(known)}")
         out.append(key)
     return out
 
@@ -1365,43 +1365,222 @@ def merge_results(results: list[dict]) -> dict:
     return merged
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+# -- argument types: a bad value stops the parse with exit status 2 and a one-line message (argparse's way)
+
+
+def _names_arg(known, aliases: dict, what: str):
+    """type= for a comma list of names (aliases allowed): the list of known names, at least one."""
+    known = list(known)
+
+    def parse(text: str) -> list[str]:
+        try:
+            names = _parse_list(text, aliases, known, what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not names:
+            raise argparse.ArgumentTypeError(f"give at least one {what}, comma-separated, from {', '.join(known)}")
+        return names
+
+    parse.__name__ = what
+    return parse
+
+
+def _batch_arg(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"takes comma-separated positive batch sizes like 1,8; got {text!r}")
+    return sizes
+
+
+def _count_arg(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"takes {kind}; got {text!r}")
+        return n
+
+    parse.__name__ = "count"
+    return parse
+
+
+def _float(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return None if v != v else v  # NaN
+
+
+def _seconds_arg(unit: str):
+    def parse(text: str) -> float:
+        v = _float(text)
+        if v is None or v < 0:
+            raise argparse.ArgumentTypeError(f"takes a number of {unit} >= 0; got {text!r}")
+        return v
+
+    parse.__name__ = unit
+    return parse
+
+
+def _deadline_arg(text: str) -> float:
+    """Seconds; zero or negative means start no case (a session script's remaining time can run out)."""
+    v = _float(text)
+    if v is None:
+        raise argparse.ArgumentTypeError(f"takes a number of seconds like 600; got {text!r}")
+    return v
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not -(2 ** 63) <= v < 2 ** 64:  # torch.manual_seed's range
+        raise argparse.ArgumentTypeError(f"takes an integer (torch.manual_seed's range, e.g. 0); got {text!r}")
+    return v
+
+
+def _tiles_arg(text: str) -> str:
+    if not text.strip():
+        return text
+    from jaxvit.kernels import Tiles
+
+    try:
+        Tiles.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _memory_check_arg(text: str) -> str:
+    if text not in ("all", "none", ""):
+        try:
+            _parse_list(text, METHOD_ALIASES, METHODS, "method")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}, or all, or none") from None
+    return text
+
+
+def _out_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("takes a folder path; got an empty one")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder; give a folder for results.json and "
+                                         "results.md")
+    return text
+
+
+def _label_arg(text: str) -> str:
+    if text.strip() in ("", ".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"takes a folder name without path separators, e.g. cpu-2core; got {text!r}")
+    return text
+
+
+def _os_reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+RESULT_KEYS = {"environment": dict, "records": list, "memory_mode": str}
+ENV_KEYS = ("device", "date", "command", "jax_backend")
+RECORD_KEYS = ("model", "dtype", "method", "impl", "batch")
+
+
+def _results_problem(result) -> str | None:
+    """Why `result` is not a results.json that `python -m bench` wrote; None if it renders."""
+    if not isinstance(result, dict):
+        return f"holds a JSON {type(result).__name__}, not an object"
+    for key, kind in RESULT_KEYS.items():
+        if not isinstance(result.get(key), kind):
+            return f"has no {key!r} {kind.__name__}"
+    missing = [k for k in ENV_KEYS if k not in result["environment"]]
+    if missing:
+        return f"its environment lacks {', '.join(map(repr, missing))}"
+    for rec in result["records"]:
+        if not isinstance(rec, dict) or not all(k in rec for k in RECORD_KEYS):
+            return f"a record lacks one of {', '.join(RECORD_KEYS)}"
+    if not isinstance(result.get("notes", []), list):
+        return "its 'notes' is not a list"
+    try:
+        render_markdown(result)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return f"does not render ({_err(e)})"
+    return None
+
+
+def _results_arg(text: str) -> tuple[Path, dict]:
+    """type= for --render and --merge: (path, the results it holds), read and checked at parse time."""
+    path = Path(text)
+    try:
+        result = json.loads(path.read_text())
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {_os_reason(e)}; give the results.json a run wrote") \
+            from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise argparse.ArgumentTypeError(f"{text} is not JSON ({str(e).splitlines()[0][:120]}); give the "
+                                         "results.json a run wrote") from None
+    problem = _results_problem(result)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text} is not a results.json of python -m bench: {problem}")
+    return path, result
+
+
+USAGE = ("python -m bench [--tiny] [--models M,...] [--methods M,...] [--batch N,...] [--dtypes D,...] [options]\n"
+         "       python -m bench --render RESULTS_JSON [--note TEXT]\n"
+         "       python -m bench --merge RESULTS_JSON [RESULTS_JSON ...] --out DIR [--note TEXT]\n"
+         "(python -m bench --help lists every option)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0], usage=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default: GPU all but tiny, CPU vit_s16,vit_b16)")
-    p.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all)")
-    p.add_argument("--batch", help="comma list of batch sizes (default: GPU 1 and 256, 128 for ViT-L; CPU 1,8)")
-    p.add_argument("--dtypes", help="comma list of fp32, bf16 (default: GPU fp32,bf16; CPU fp32)")
-    p.add_argument("--impls", default="torch,jax", help="comma list of torch, jax (default both)")
-    p.add_argument("--repeats", type=int, help="timed calls at batch 1 (default 20)")
-    p.add_argument("--large-repeats", type=int, help="timed calls at larger batches (default GPU 20, CPU 10)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (default 2)")
+    p.add_argument("--models", type=_names_arg(MODELS, MODEL_ALIASES, "model"),
+                   help=f"comma list of {', '.join(MODELS)} (default: GPU all but tiny, CPU vit_s16,vit_b16)")
+    p.add_argument("--methods", type=_names_arg(METHODS, METHOD_ALIASES, "method"),
+                   help=f"comma list of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--batch", type=_batch_arg,
+                   help="comma list of batch sizes (default: GPU 1 and 256, 128 for ViT-L; CPU 1,8)")
+    p.add_argument("--dtypes", type=_names_arg(["fp32", "bf16"], {}, "dtype"),
+                   help="comma list of fp32, bf16 (default: GPU fp32,bf16; CPU fp32)")
+    p.add_argument("--impls", type=_names_arg(["torch", "jax"], {}, "impl"), default="torch,jax",
+                   help="comma list of torch, jax (default both)")
+    p.add_argument("--repeats", type=_count_arg(1), help="timed calls at batch 1 (default 20)")
+    p.add_argument("--large-repeats", type=_count_arg(1), help="timed calls at larger batches (default GPU 20, CPU 10)")
+    p.add_argument("--warmup", type=_count_arg(0), help="untimed calls first (default 2)")
     p.add_argument("--fp32-precision", choices=("highest", "tf32"), default="highest",
                    help="fp32 matmuls: 'highest' = true fp32 in both (default); 'tf32' = JAX default precision and "
                         "torch TF32 allowed (parity tolerance 1e-2)")
     p.add_argument("--memory", choices=("auto", "device", "rss", "off"), default="auto",
                    help="memory overhead: device (GPU stats; JAX in subprocesses), rss (CPU RSS growth), off")
-    p.add_argument("--out", help="output folder (default bench/results/<device-slug>)")
-    p.add_argument("--device-label", help="the device slug of the default output folder, e.g. cpu-2core")
+    p.add_argument("--out", type=_out_arg, help="output folder (default bench/results/<device-slug>)")
+    p.add_argument("--device-label", type=_label_arg,
+                   help="the device slug of the default output folder, e.g. cpu-2core")
     p.add_argument("--note", action="append", default=[], help="a line for the results file (load, context)")
-    p.add_argument("--wait-quiet", type=float, metavar="CORES",
+    p.add_argument("--wait-quiet", type=_seconds_arg("cores"), metavar="CORES",
                    help="shared machine: before each case wait until other processes use at most CORES cores "
                         "(Linux /proc/stat), and measure a case again (3 tries) when they used more during it")
-    p.add_argument("--wait-quiet-max", type=float, default=1800, help="longest wait per case, s (default 1800)")
+    p.add_argument("--wait-quiet-max", type=_seconds_arg("seconds"), default=1800,
+                   help="longest wait per case, s (default 1800)")
     p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
                    help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
                         "or keep fp32 params cast on every call")
     p.add_argument("--kernels", choices=KERNEL_IMPLS, default="xla",
                    help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or jaxvit.kernels' "
                         "Pallas kernels (LayerNorm, fc1+GELU, the prediction-map normaliser: all, or one of them)")
-    p.add_argument("--kernel-tiles", default="",
+    p.add_argument("--kernel-tiles", type=_tiles_arg, default="",
                    help="tiles of those kernels, jaxvit.kernels.Tiles text, e.g. 'layer_norm=8,4;dense=128,256,64,8,3;"
                         "head=128,128,64,4,4' "
                         "(default: the library's)")
-    p.add_argument("--memory-check", default=HEADLINE,
+    p.add_argument("--memory-check", type=_memory_check_arg, default=HEADLINE,
                    help="GPU: comma list of methods whose JAX memory is measured in a fresh subprocess (default "
                         f"{HEADLINE}; 'all'; 'none'); other JAX rows report XLA's static plan (temp + outputs)")
-    p.add_argument("--deadline", type=float, metavar="S",
+    p.add_argument("--deadline", type=_deadline_arg, metavar="S",
                    help="stop starting new cases after S seconds (the results so far are written after every case)")
     p.add_argument("--no-interleaved", dest="interleaved", action="store_false",
                    help="skip timing the target rows (torch forward, torch PredicAtt_L, JAX PredicAtt_L, JAX "
@@ -1409,79 +1588,92 @@ def parse_args(argv=None):
     p.add_argument("--no-bounds", dest="bounds", action="store_false",
                    help="skip the bounds (bench/bounds.py: matmul rate, the model's GEMMs alone, compute floor) "
                         "measured after each model's cases")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed_arg, default=0, help="weight seed (default 0)")
     p.add_argument("--tiny", action="store_true",
                    help="CI smoke run: ViT-Ti depth 2 at 64x64, batch 2, fp32, one repeat")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--render", metavar="RESULTS_JSON",
-                   help="only re-write results.md beside RESULTS_JSON from it (adding any --note lines)")
-    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                   help="combine the records of several runs on one device (e.g. the invocations of one GPU "
-                        "session) into --out/results.{json,md}; the first file's environment heads it")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--render", type=_results_arg, metavar="RESULTS_JSON",
+                      help="only re-write results.md beside RESULTS_JSON from it (adding any --note lines)")
+    mode.add_argument("--merge", type=_results_arg, nargs="+", metavar="RESULTS_JSON",
+                      help="combine the records of several runs on one device (e.g. the invocations of one GPU "
+                           "session) into --out/results.{json,md}; the first file's environment heads it")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.memory_child:
         res = memory_child(json.loads(args.memory_child))
         print("MEMCHILD " + json.dumps(res), flush=True)
         return 0
     if args.render:
-        path = Path(args.render)
-        result = json.loads(path.read_text())
+        path, result = args.render
         result["notes"] = list(dict.fromkeys(result.get("notes", []) + args.note))
-        path.write_text(json.dumps(result, indent=1, default=float))
         md = render_markdown(result)
-        (path.parent / "results.md").write_text(md)
+        try:
+            path.write_text(json.dumps(result, indent=1, default=float))
+            (path.parent / "results.md").write_text(md)
+        except OSError as e:
+            parser.error(f"--render: cannot write beside {path}: {_os_reason(e)}; render a copy in a writable folder")
         print(md)
         return 0
 
     if args.merge:
         if not args.out:
-            raise SystemExit("--merge needs --out DIR")
-        result = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+            parser.error("--merge needs --out DIR: the folder to write the merged results.{json,md} to")
+        devices = {}
+        for path, r in args.merge:
+            devices.setdefault(r["environment"]["device"], []).append(str(path))
+        if len(devices) != 1:
+            parser.error("--merge takes runs on one device; got " + "; ".join(
+                f"{d!r} ({', '.join(files)})" for d, files in sorted(devices.items())))
+        try:
+            result = merge_results([r for _, r in args.merge])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            parser.error(f"--merge: these files do not combine ({_err(e)}); pass results.json files written by "
+                         "python -m bench")
         result["notes"] = list(dict.fromkeys(result["notes"] + args.note))
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
-        (out / "results.md").write_text(render_markdown(result))
-        print(render_markdown(result))
-        return 0
-
-    if args.kernel_tiles:
-        from jaxvit.kernels import Tiles
-
+        md = render_markdown(result)
         try:
-            Tiles.parse(args.kernel_tiles)
-        except ValueError as e:
-            raise SystemExit(f"--kernel-tiles: {e}") from None
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+            (out / "results.md").write_text(md)
+        except OSError as e:
+            parser.error(f"--out {out}: cannot write the merged results: {_os_reason(e)}; choose a writable folder")
+        print(md)
+        return 0
 
     import jax
     import torch
 
     gpu = jax.default_backend() == "gpu"
+    if args.memory == "device" and not gpu:
+        parser.error(f"--memory device reads GPU memory statistics; JAX runs on {jax.default_backend()} here: "
+                     "use --memory rss (or auto)")
     if args.tiny:
-        models = _parse_list(args.models, MODEL_ALIASES, list(MODELS), "model") or ["tiny"]
-        batch_list = [int(b) for b in (args.batch or "2").split(",")]
-        dtypes = (args.dtypes or "fp32").split(",")
+        models = args.models or ["tiny"]
+        batch_list = args.batch or [2]
+        dtypes = args.dtypes or ["fp32"]
         args.repeats = args.repeats or 1
         args.large_repeats = args.large_repeats or 1
         args.warmup = 1 if args.warmup is None else args.warmup
     else:
-        models = _parse_list(args.models, MODEL_ALIASES, list(MODELS), "model") or (
-            ["vit_s16", "vit_b16", "vit_l16"] if gpu else ["vit_s16", "vit_b16"])
-        batch_list = [int(b) for b in args.batch.split(",")] if args.batch else None
-        dtypes = (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")
+        models = args.models or (["vit_s16", "vit_b16", "vit_l16"] if gpu else ["vit_s16", "vit_b16"])
+        batch_list = args.batch
+        dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
         args.repeats = args.repeats or 20
         args.large_repeats = args.large_repeats or (20 if gpu else 10)
         args.warmup = 2 if args.warmup is None else args.warmup
-    for d in dtypes:
-        if d not in ("fp32", "bf16"):
-            raise SystemExit(f"unknown dtype {d!r}; choose fp32, bf16")
-    methods = _parse_list(args.methods, METHOD_ALIASES, METHODS, "method") or list(METHODS)
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    methods = args.methods or list(METHODS)
+    impls = args.impls
 
     def batches_for(mkey):
         if batch_list:
@@ -1493,7 +1685,10 @@ def main(argv=None) -> int:
     load_start = _loadavg()
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else REPO / "bench" / "results" / (args.device_label or device_slug(env))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {out}: cannot create the output folder: {_os_reason(e)}; choose a writable folder")
     mem_mode = {"device": "GPU: torch max_memory_allocated - memory_allocated before; JAX peak_bytes_in_use - "
                           "bytes_in_use before, second call after compiling (as torch's, after warm-up; where its peak stays under "
                           "the first call's, a third call over a balloon that lifts bytes in use to that peak, which reads exactly) "

@@ -363,3 +363,109 @@ def test_probe_scanned_forward_equals_the_unrolled_one():
             logits[name] = np.asarray(fn(params, x)["logits"])
     assert logits["forward"].shape == (3, cfg.num_classes)
     np.testing.assert_allclose(logits["forward_scan"], logits["forward"], rtol=1e-6, atol=1e-6)
+
+
+# -- bad input: a one-line error naming the problem, exit status 2 (argparse's), no traceback; no benchmark runs
+
+
+def _results(device="test cpu"):
+    """The smallest results.json that `python -m bench` renders and merges."""
+    env = {"device": device, "date": "2024-01-01T00:00:00+00:00", "command": "python -m bench --tiny",
+           "jax_backend": "cpu", "jax_device_kind": "cpu", "torch_device": "cpu",
+           "versions": {k: "0" for k in ("python", "jax", "jaxlib", "flax", "torch", "timm", "numpy")},
+           "threads": {"torch_num_threads": 1, "XLA_FLAGS": ""},
+           "precision": {k: "x" for k in ("jax_fp32_matmul", "torch_fp32", "jax_bf16", "torch_bf16")},
+           "weights": "w", "inputs": "i", "targets": "t", "timing": "t"}
+    return {"environment": env, "memory_mode": "not measured", "records": [], "notes": [], "target_checks": []}
+
+
+def _bench_fails(argv, capsys) -> str:
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("python -m bench: error:")]
+    return line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--batch", "x"], "argument --batch: takes comma-separated positive batch sizes like 1,8; got 'x'"),
+    (["--batch", "0,8"], "positive batch sizes"),
+    (["--models", "vit_h14"], "unknown model 'vit_h14'; choose from vit_s16"),
+    (["--models", ","], "give at least one model"),
+    (["--methods", "lrp"], "unknown method 'lrp'; choose from forward"),
+    (["--dtypes", "fp16"], "unknown dtype 'fp16'; choose from fp32, bf16"),
+    (["--impls", "cuda"], "unknown impl 'cuda'; choose from torch, jax"),
+    (["--repeats", "0"], "argument --repeats: takes a positive integer; got '0'"),
+    (["--large-repeats", "many"], "argument --large-repeats: takes a positive integer"),
+    (["--warmup", "-1"], "argument --warmup: takes an integer >= 0"),
+    (["--fp32-precision", "fp64"], "argument --fp32-precision: invalid choice"),
+    (["--memory", "vram"], "argument --memory: invalid choice"),
+    (["--device-label", "../x"], "argument --device-label: takes a folder name without path separators"),
+    (["--wait-quiet", "nan"], "argument --wait-quiet: takes a number of cores >= 0"),
+    (["--wait-quiet-max", "-5"], "argument --wait-quiet-max: takes a number of seconds >= 0"),
+    (["--bf16-weights", "fp8"], "argument --bf16-weights: invalid choice"),
+    (["--kernels", "cuda"], "argument --kernels: invalid choice"),
+    (["--kernel-tiles", "dense=a"], "argument --kernel-tiles: kernel tiles 'dense=a': dense takes up to"),
+    (["--memory-check", "lrp"], "unknown method 'lrp'; choose from forward"),
+    (["--deadline", "soon"], "argument --deadline: takes a number of seconds"),
+    (["--seed", "1.5"], "argument --seed: takes an integer"),
+    (["--render", "/nonexistent/results.json"], "cannot read /nonexistent/results.json: No such file or directory"),
+    (["--merge", "/nonexistent/results.json", "--out", "/nonexistent/m"], "argument --merge: cannot read"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_arguments_fail_at_parse_time(argv, message, capsys):
+    assert message in _bench_fails(argv, capsys)
+
+
+def test_bad_results_files_are_named(tmp_path, capsys):
+    """--render and --merge read their files at parse time: missing, unreadable, not JSON or not a
+    results.json each stop the run with the file's name; --merge needs --out and runs of one device."""
+    files = {"broken.json": "{", "list.json": "[1, 2]", "shape.json": '{"environment": {}}',
+             "binary.json": b"\xff\xfe\x00"}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert "broken.json is not JSON" in _bench_fails(["--render", str(tmp_path / "broken.json")], capsys)
+    assert "binary.json is not JSON" in _bench_fails(["--render", str(tmp_path / "binary.json")], capsys)
+    assert "list.json is not a results.json of python -m bench: holds a JSON list" in _bench_fails(
+        ["--render", str(tmp_path / "list.json")], capsys)
+    assert "shape.json is not a results.json of python -m bench: has no 'records' list" in _bench_fails(
+        ["--merge", str(tmp_path / "shape.json"), "--out", str(tmp_path / "m")], capsys)
+    assert f"cannot read {tmp_path}: Is a directory" in _bench_fails(["--render", str(tmp_path)], capsys)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_results("card A")))
+    b.write_text(json.dumps(_results("card B")))
+    assert "--merge needs --out DIR" in _bench_fails(["--merge", str(a)], capsys)
+    line = _bench_fails(["--merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert "--merge takes runs on one device" in line and str(b) in line
+    assert "not allowed with argument" in _bench_fails(["--render", str(a), "--merge", str(b)], capsys)
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a folder" in _bench_fails(["--merge", str(a), "--out", str(tmp_path / "file")], capsys)
+    assert not (tmp_path / "m").exists()
+
+
+def test_render_and_merge_of_good_files_still_work(tmp_path, capsys):
+    from bench.run import main
+
+    a = tmp_path / "a" / "results.json"
+    a.parent.mkdir()
+    a.write_text(json.dumps(_results()))
+    assert main(["--render", str(a), "--note", "re-rendered"]) == 0
+    assert json.loads(a.read_text())["notes"] == ["re-rendered"]
+    assert "re-rendered" in (tmp_path / "a" / "results.md").read_text()
+    assert main(["--merge", str(a), str(a), "--out", str(tmp_path / "m")]) == 0
+    assert "# predmaps benchmark: test cpu" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_device_memory_needs_a_gpu(tmp_path, capsys):
+    """--memory device on a CPU backend would label GPU statistics it cannot read: refused before any case."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU backend reads device memory")
+    line = _bench_fails(["--memory", "device", "--out", str(tmp_path / "o")], capsys)
+    assert "--memory device reads GPU memory statistics" in line and "--memory rss" in line
+    assert not (tmp_path / "o").exists()
