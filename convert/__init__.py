@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvit
-from convert.sources import HubUnavailableError, is_file_name, read_source
+from convert.sources import WEIGHT_FILES, HubUnavailableError, is_file_name, read_source
 from convert.timm_vit import (CheckpointMismatchError, UnsupportedModelError, adapt_config, config_from_timm_module,
                               infer_config, params_from_state_dict, resize_params, resolve_config,
                               state_dict_from_params)
@@ -107,6 +107,9 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
 
     Strict: every tensor is consumed and every parameter filled, else `CheckpointMismatchError`.
     """
+    refusal = _model_name_refusal(source, model_name)
+    if refusal:
+        raise ValueError(refusal)
     if _is_torch_module(source):
         config = config_from_timm_module(source, name=model_name)
         state_dict = {k: v for k, v in source.state_dict().items()}
@@ -121,7 +124,7 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
         return jaxvit.ViT(config, dtype=dtype, attention=attention), jax.tree_util.tree_map(jnp.asarray, params)
     else:
         hf_hub_id = None
-        if isinstance(source, str) and "/" not in source and not Path(source).exists() and not is_file_name(source):
+        if _is_hub_model_name(source):
             model_name = model_name or source.removeprefix("hf-hub:")
             try:
                 hf_hub_id = resolve_config(model_name).hf_hub_id
@@ -152,10 +155,42 @@ def _is_known_architecture(name: str) -> bool:
     return True
 
 
+def _is_hub_model_name(source: Any) -> bool:
+    """A timm model name (no repo path, no existing or file-like path): looked up on the hub."""
+    return isinstance(source, str) and "/" not in source and not Path(source).exists() and not is_file_name(source)
+
+
 def _is_jaxvit_checkpoint(path: Path) -> bool:
+    """A jaxvit checkpoint folder or its params.msgpack. A folder whose config.json is timm's beside
+    timm weights is a timm export (one written into a jaxvit checkpoint's folder), read as such."""
     if path.is_dir():
-        return (path / jaxvit.checkpoint.PARAMS_FILE).exists()
+        if not (path / jaxvit.checkpoint.PARAMS_FILE).exists():
+            return False
+        if not any((path / f).exists() for f in WEIGHT_FILES):
+            return True
+        try:
+            stored = json.loads((path / jaxvit.checkpoint.CONFIG_FILE).read_text())
+        except (OSError, ValueError):  # jaxvit.load says what is wrong with it
+            return True
+        return not jaxvit.checkpoint.is_timm_config(stored)
     return path.suffix == ".msgpack" and path.exists()
+
+
+def _model_name_refusal(source: Any, model_name: str | None, option: str = "model_name") -> str | None:
+    """Why `model_name` (spelled `option`) cannot apply to `source`, or None. It names the weights
+    of a state dict, a .safetensors/.pth file, or a folder or hub repo without timm's config.json
+    (and overrides that config); a jaxvit checkpoint's own config ignores it, and a timm name as the
+    source is the model's name already (another one would fetch that model's weights instead)."""
+    if model_name is None:
+        return None
+    if isinstance(source, (str, os.PathLike)) and _is_jaxvit_checkpoint(Path(source)):
+        what = f"{source} is a jaxvit checkpoint, whose config.json names its model"
+    elif _is_hub_model_name(source) and model_name != source.removeprefix("hf-hub:"):
+        what = f"the source {source!r} is a model name already"
+    else:
+        return None
+    return (f"{option} only applies to a bare weights file (.safetensors/.pth, a state dict, or a folder or hub "
+            f"repo without timm's config.json); {what}: leave {option} out")
 
 
 def export_state_dict(params: Any) -> dict[str, np.ndarray]:
@@ -165,9 +200,10 @@ def export_state_dict(params: Any) -> dict[str, np.ndarray]:
 
 def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` + timm's `config.json` into `out_dir`, the layout of a timm hub repo:
-    `timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=...))` and
-    `convert.load(out_dir)` both read it. Params that do not fit the config (or arguments in
-    another order: `jaxvit.save` takes (path, config, params)) are refused before writing."""
+    `timm.create_model("local-dir:" + out_dir, pretrained=True)` (built at the stored size and shape,
+    from config.json's `model_args`) and `convert.load(out_dir)` both read it. Params that do not fit
+    the config (or arguments in another order: `jaxvit.save` takes (path, config, params)) are refused
+    before writing."""
     from safetensors.numpy import save_file
 
     from jaxvit.checkpoint import check_params
@@ -185,6 +221,7 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
         "num_classes": config.num_classes,
         "num_features": config.embed_dim,
         "global_pool": config.global_pool,
+        "model_args": _timm_model_args(config),
         "pretrained_cfg": {
             "tag": tag or None, "input_size": [config.in_chans, *config.img_size],
             "interpolation": config.interpolation, "crop_pct": config.crop_pct, "crop_mode": config.crop_mode,
@@ -194,3 +231,30 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
     }
     (out / "config.json").write_text(json.dumps(hub_config, indent=1))
     return out
+
+
+# ViTConfig fields that are timm VisionTransformer arguments of the same name and meaning.
+_TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+              "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "reg_tokens",
+              "no_embed_class", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix")
+
+
+def _timm_model_args(config: ViTConfig) -> dict:
+    """The `timm.create_model` arguments that rebuild `config` from its architecture: what timm reads as
+    config.json's `model_args`. Always the size and classes (timm would build its default ones and
+    resample the position embeddings), and whatever else differs from the architecture's default."""
+    try:
+        default = resolve_config(config.name.partition(".")[0]) if config.name else None
+    except (KeyError, ValueError):  # no timm architecture: timm cannot build it by name anyway
+        default = None
+    args = {"img_size": list(config.img_size), "num_classes": config.num_classes}
+    for field in _TIMM_ARGS:
+        value = getattr(config, field)
+        if field not in args and (default is None or getattr(default, field) != value):
+            args[field] = value
+    ratio = config.mlp_dim / config.embed_dim
+    # timm's Block builds int(dim * mlp_ratio) features; a ratio that does not give them back is left out.
+    exact = int(config.embed_dim * ratio) == config.mlp_dim
+    if exact and (default is None or ratio != default.mlp_dim / default.embed_dim):
+        args["mlp_ratio"] = ratio
+    return args

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -26,10 +27,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.out and not args.to_timm:
         parser.error("say where to write: --out DIR (jaxvit) and/or --to-timm DIR (timm safetensors)")
+    # Both write a config.json: timm's over jaxvit's leaves a checkpoint that does not load, and
+    # jaxvit's over timm's an export that timm cannot build.
+    if args.out and args.to_timm and Path(args.out).resolve() == Path(args.to_timm).resolve():
+        parser.error(f"--out and --to-timm are the same folder ({args.out}); both write a config.json: give "
+                     "each its own folder")
 
     import convert
     import jaxvit
 
+    clash = _config_clash(args.out, args.to_timm)
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
+    refusal = convert._model_name_refusal(args.source, args.model_name, "--model-name")
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         model, params = convert.load(args.source, model_name=args.model_name,
                                      img_size=tuple(args.img_size) if args.img_size else None)
@@ -51,6 +65,27 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     return 0
+
+
+def _config_clash(out: str | None, to_timm: str | None) -> str | None:
+    """Why writing there would replace the other format's config.json, or None."""
+    import json
+
+    import convert
+    from jaxvit.checkpoint import CONFIG_FILE, is_timm_config
+
+    if to_timm and convert._is_jaxvit_checkpoint(Path(to_timm)):
+        return (f"--to-timm {to_timm} holds a jaxvit checkpoint, whose config.json the timm export would replace: "
+                "choose another folder")
+    if out and (Path(out) / CONFIG_FILE).is_file():
+        try:
+            timm_export = is_timm_config(json.loads((Path(out) / CONFIG_FILE).read_text()))
+        except (OSError, ValueError):  # not a config either format reads: replacing it is fine
+            timm_export = False
+        if timm_export:
+            return (f"--out {out} holds a timm export, whose config.json the jaxvit checkpoint would replace: "
+                    "choose another folder")
+    return None
 
 
 if __name__ == "__main__":

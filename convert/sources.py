@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +43,20 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {e}") from None
+        # torch's weights-only refusals come as several lines with terminal escapes, advising
+        # weights_only=False: the one fact they carry is kept, the advice is ours.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # a pickled class (a whole nn.Module, a training script's objects): its code would run
+            raise ValueError(f"{path} is not a plain state dict: it holds a pickled {found.group(1)}, which "
+                             "convert.load does not unpickle (that could run arbitrary code). If you trust the file, "
+                             "load it in Python and save only its weights with torch.save(model.state_dict(), "
+                             "'weights.pth'), or pass the nn.Module itself to convert.load") from None
+        detail = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.S)
+        detail = " ".join((detail.group(1) if detail else text).split())
+        raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {detail}): the file is "
+                         "damaged or not made by torch.save; re-create it with torch.save(model.state_dict(), "
+                         "path)") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return clean_state_dict(obj)
@@ -85,13 +99,12 @@ def hub_repo_id(name: str, hf_hub_id: str | None = None) -> str:
 def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict | None]:
     """Fetch (or find in the cache) a timm hub repo's weights and config.json.
 
-    Honours huggingface_hub's cache (HF_HUB_CACHE / HF_HOME) and HF_HUB_OFFLINE=1.
+    Honours huggingface_hub's cache (HF_HUB_CACHE / HF_HOME) and HF_HUB_OFFLINE=1. A hub that does
+    not answer fails at once (or is served from the cache) instead of after huggingface_hub's retries.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError)
-
-    from huggingface_hub import constants
 
     def unavailable(filename: str) -> HubUnavailableError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
@@ -101,13 +114,21 @@ def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict
             f"a local file instead: convert.load('path/to/model.safetensors', model_name="
             f"'{model_name or repo_id.split('/')[-1]}').")
 
+    # hf_hub_download retries a request that gets no answer 5 times (about 25 s, more on timeouts) for
+    # every file not in the cache, and offers no argument or setting to retry less. So one request
+    # without retries first: if the hub does not answer it, every file comes from the cache alone.
+    cache_only = bool(constants.HF_HUB_OFFLINE) or not _hub_answers(hf_hub_url(repo_id, WEIGHT_FILES[0]))
     cache_misses = []
 
     def fetch(filename: str) -> str | None:
         """The file's local path; None when the repo (or the cache, offline) lacks this file."""
+        nonlocal cache_only
         try:
-            return hf_hub_download(repo_id, filename)
+            return hf_hub_download(repo_id, filename, local_files_only=cache_only)
         except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # subclass of EntryNotFoundError: first
+            # Not cached, and the hub is off limits or did not answer (after its retries): asking it
+            # for the next file would fail the same way, slowly. The cache may still hold that one.
+            cache_only = True
             cache_misses.append(filename)
             return None
         except EntryNotFoundError:
@@ -127,6 +148,25 @@ def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict
         raise FileNotFoundError(f"hub repository {repo_id} has none of {WEIGHT_FILES}")
     config_path = fetch("config.json")
     return weights, (read_json(Path(config_path)) if config_path else None)
+
+
+def _hub_answers(url: str) -> bool:
+    """Whether the hub answers a request for `url` at all (any HTTP status), asked once, without retries.
+
+    False only for the HTTP client's own errors (refused connection, unknown host, timeout, proxy,
+    TLS); anything else is left to hf_hub_download to handle as it always does."""
+    from huggingface_hub import constants, get_hf_file_metadata
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)  # documented: no retries by default
+    except HfHubHTTPError:  # 404, 401, 5xx...: an answer
+        return True
+    except Exception as e:
+        # httpx2 (huggingface_hub 2), httpx (1.x) or requests (0.x): their errors are no HTTP answer.
+        client = type(e).__module__.partition(".")[0]
+        return not (isinstance(e, OSError) or client in ("httpx2", "httpx", "httpcore", "requests", "urllib3"))
+    return True
 
 
 def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str, np.ndarray], dict | None, str]:

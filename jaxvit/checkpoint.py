@@ -8,6 +8,7 @@ readable JSON, so the pair is self-describing.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,10 +59,35 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, attention: str = "fused"
         raise FileNotFoundError(
             f"not a jaxvit checkpoint: missing {', '.join(missing)}. Write one with "
             "`python -m convert SOURCE --out DIR`, or load timm weights directly with `convert.load(SOURCE)`.")
-    config = ViTConfig.from_json(cfg_file.read_text())
-    params = serialization.msgpack_restore(params_file.read_bytes())
+    redo = f"re-create the checkpoint with `python -m convert SOURCE --out {path}`"
+    try:
+        stored = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is damaged (not valid JSON: {e}): {redo}") from None
+    if is_timm_config(stored):
+        # A timm export (`python -m convert --to-timm`) written over, or into, a jaxvit checkpoint.
+        raise ValueError(f"{cfg_file} is timm's config.json of a timm export, not a jaxvit config: load the folder "
+                         f"with convert.load({str(path)!r}), or {redo}")
+    if not isinstance(stored, dict):
+        raise ValueError(f"{cfg_file} holds a JSON {type(stored).__name__}, not a jaxvit config: {redo}")
+    try:
+        config = ViTConfig.from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    try:
+        params = serialization.msgpack_restore(params_file.read_bytes())
+    except ValueError as e:  # msgpack's errors for truncated or foreign bytes
+        raise ValueError(f"{params_file} is damaged ({e}; e.g. an interrupted copy): {redo}") from None
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{params_file} holds a {type(params).__name__}, not jaxvit params: {redo}")
     _check_shapes(config, params, f"params in {params_file}")
     return ViT(config, dtype=dtype, attention=attention), params
+
+
+def is_timm_config(stored: Any) -> bool:
+    """Whether a parsed config.json is timm's (a hub repo's, or `convert.save_timm`'s) rather than jaxvit's."""
+    # Keys of timm's layout that no ViTConfig has (num_classes and global_pool are in both).
+    return isinstance(stored, Mapping) and bool({"architecture", "pretrained_cfg"} & set(stored))
 
 
 def param_shapes(config: ViTConfig) -> dict:

@@ -36,6 +36,9 @@ def load_model(spec: str | None, model_name: str | None = None):
         if model_name:  # it would be ignored: the embedded model says what it is
             raise ValueError("--model-name names the architecture of a --model weights file; give --model too")
         return convert.load(default_model_path())
+    refusal = convert._model_name_refusal(spec, model_name, "--model-name")  # in this CLI's words
+    if refusal:
+        raise ValueError(refusal)
     try:
         return convert.load(spec, model_name=model_name)
     except (ValueError, OSError) as e:

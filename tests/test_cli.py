@@ -149,7 +149,7 @@ def test_explain_rejects_empty_and_out_of_range_layers_for_every_method(tiny_che
     assert "--layers: layer 50 out of range" in capsys.readouterr().err
 
 
-def test_option_values_that_would_fail_late_or_be_ignored_are_refused_up_front(tmp_path, capsys):
+def test_option_values_that_would_fail_late_or_be_ignored_are_refused_up_front(tiny_checkpoint, tmp_path, capsys):
     # Found by a CLI audit: a negative seed ended 'demo' in a numpy traceback; --workers -3 named no
     # option; --model-name without --model was silently ignored; an --out that is a file gave
     # "[Errno 17] File exists"; a bad --cmap failed only after the demo had written its scenes.
@@ -168,6 +168,9 @@ def test_option_values_that_would_fail_late_or_be_ignored_are_refused_up_front(t
     for argv, message in [
         (["explain", str(image), "--model-name", "vit_base_patch16_224", "--out", str(tmp_path / "o")],
          "--model-name names the architecture of a --model weights file; give --model too"),
+        (["explain", str(image), "--model", str(tiny_checkpoint), "--model-name", "vit_base_patch16_224",
+          "--out", str(tmp_path / "o")], "is a jaxvit checkpoint, whose config.json names its model: leave "
+                                         "--model-name out"),
         (["explain", str(image), "--out", str(image)], f"--out {image} is a file; give a folder"),
         (["demo", "--cmap", "nosuch", "--out", str(tmp_path / "demo")], "unknown colour map 'nosuch'"),
         (["demo", "--alpha", "2", "--out", str(tmp_path / "demo")], "--alpha (the heat map's opacity) must be in"),

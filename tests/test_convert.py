@@ -268,6 +268,22 @@ def test_save_timm_round_trip(small, tmp_path):
     assert hub_cfg["pretrained_cfg"]["mean"] == list(jmodel.config.mean)
 
 
+def test_save_timm_export_is_rebuilt_by_timm_at_its_own_size_and_shape(small, tmp_path):
+    # timm builds a local-dir export from config.json's architecture and `model_args`: without them it
+    # built the architecture's default (224x224, 12 blocks...) and resampled the position embeddings.
+    model, x, _ = small
+    jmodel, params = convert.load(model)
+    out = convert.save_timm(params, jmodel.config, tmp_path / "timm_out")
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert tuple(rebuilt.patch_embed.img_size) == tuple(model.patch_embed.img_size)
+    assert rebuilt.pos_embed.shape == model.pos_embed.shape and len(rebuilt.blocks) == len(model.blocks)
+    np.testing.assert_allclose(_timm_logits(rebuilt, x), _timm_logits(model, x), rtol=0, atol=1e-5)
+    # convert.load still reads the export back as it was.
+    again, again_params = convert.load(out)
+    assert again.config == jmodel.config
+    _assert_trees_equal(params, again_params)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Files: .safetensors without torch, .pth through torch.
 
@@ -449,7 +465,8 @@ except convert.UnknownModelError as e:
 """
     proc = _check(_run_python(code, env={"HF_HUB_CACHE": str(tmp_path)}))
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FILE:"))
-    assert f"unknown pretrained tag '{tag}' for {FULL_ARCH}" in line or f"unknown model name '{FULL_ARCH}.{tag}'" in line
+    assert (f"unknown pretrained tag '{tag}' for {FULL_ARCH}" in line
+            or f"unknown model name '{FULL_ARCH}.{tag}'" in line)
     assert line.endswith(f"pass the architecture alone (model_name='{FULL_ARCH}') to use its default tag's "
                          "data settings"), line
 
@@ -508,6 +525,47 @@ def test_unknown_hub_name_without_torch_is_unknown_not_unavailable(empty_hub_run
     msg = err["msg"]
     assert msg.startswith(f"unknown model name 'vit_tnyi_patch16_224.{FULL_TAG}': not a supported timm ViT")
     assert "Close names: vit_tiny_patch16_224" in msg and "jaxvit.list_models()" in msg
+
+
+def test_unreachable_hub_fails_at_once_or_serves_the_cache(full_tiny, tmp_path):
+    # huggingface_hub retries an unanswered request 5 times (about 25 s) per file missing from its
+    # cache; convert.load asked for model.safetensors and then pytorch_model.bin that way (~55 s and
+    # 22 log lines). The hub here is a closed local port, HF_HUB_OFFLINE unset: the error comes at once,
+    # and a file the cache does hold (only pytorch_model.bin, no .no_exist marker) still loads.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: connections are refused
+    bin_name = f"{FULL_ARCH}.{BIN_TAG}"
+    config = {"architecture": FULL_ARCH, "num_classes": FULL_CLASSES,
+              "pretrained_cfg": {"tag": BIN_TAG, "input_size": [3, 224, 224], "num_classes": FULL_CLASSES}}
+    _lay_out_hub_repo(tmp_path, bin_name, {"pytorch_model.bin": full_tiny["dir"] / "model.pth"}, config)
+    code = f"""
+import json, time
+import convert
+from convert.timm_vit import resolve_config
+resolve_config({FULL_ARCH!r})  # timm's first import is not the hub's time
+results = {{}}
+for source in ({FULL_NAME!r}, 'timm/{bin_name}'):
+    start = time.perf_counter()
+    try:
+        model, _ = convert.load(source)
+        outcome = model.config.name
+    except convert.HubUnavailableError as e:
+        outcome = str(e)
+    results[source] = dict(outcome=outcome, seconds=time.perf_counter() - start)
+print(json.dumps(results))
+"""
+    proc = _check(_run_python(code, env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+                                         "HF_HUB_CACHE": str(tmp_path)}))
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    missing = results[FULL_NAME]
+    assert missing["outcome"].startswith(f"cannot load timm/{FULL_NAME}/model.safetensors: the hub cannot be "
+                                         "reached and it is not in the local cache"), missing
+    assert results[f"timm/{bin_name}"]["outcome"] == bin_name, results
+    assert all(r["seconds"] < 10 for r in results.values()), results  # the retries alone sleep 23 s
+    assert "Retry" not in proc.stderr, proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,6 +765,57 @@ def test_state_dict_without_model_name(full_tiny):
         convert.load({"fc.weight": np.zeros((3, 3), np.float32)})
 
 
+def test_damaged_checkpoints_name_the_file_and_the_fix(full_tiny, tmp_path):
+    # Each used to surface only its parser's words ("Expecting property name ...", "Unpack failed:
+    # incomplete input", or torch's 7 lines with terminal escapes advising weights_only=False).
+    model = full_tiny["model"]
+    jmodel, params = convert.load(model)
+    good = jaxvit.save(tmp_path / "good", jmodel.config, params)
+    redo = "re-create the checkpoint with `python -m convert SOURCE --out "
+    cases = {"broken_config": ("config.json", b"{\n"), "list_config": ("config.json", b"[1, 2]"),
+             "truncated_params": ("params.msgpack", (good / "params.msgpack").read_bytes()[:1000])}
+    for name, (filename, data) in cases.items():
+        ckpt = tmp_path / name
+        jaxvit.save(ckpt, jmodel.config, params)
+        (ckpt / filename).write_bytes(data)
+        for load in (jaxvit.load, convert.load):
+            with pytest.raises(ValueError) as e:
+                load(ckpt)
+            msg = str(e.value)
+            assert msg.startswith(f"{ckpt / filename} ") and msg.endswith(redo + f"{ckpt}`"), (name, msg)
+
+    # A pickled whole module, or any pickled object, is refused unread (its code does not run), with
+    # the two ways out.
+    marker = tmp_path / "unpickled"
+
+    class RunsCode:
+        def __reduce__(self):
+            return marker.touch, ()
+
+    pickled = {"module": (model, f"{type(model).__module__}.{type(model).__name__}"),
+               "code": ({"pos_embed": RunsCode()}, "getattr")}
+    for name, (obj, global_name) in pickled.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(obj, str(path))
+        with pytest.raises(ValueError) as e:
+            convert.load(path, model_name=FULL_ARCH)
+        msg = str(e.value)
+        assert msg.startswith(f"{path} is not a plain state dict: it holds a pickled {global_name}, "), msg
+        assert "torch.save(model.state_dict(), 'weights.pth')" in msg and "pass the nn.Module itself" in msg
+        assert "\n" not in msg and "\x1b" not in msg and "weights_only" not in msg
+    assert not marker.exists()
+    # Bytes that are no pickle at all: torch's fact, one line, and the fix.
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a zip or pickle")
+    with pytest.raises(ValueError) as e:
+        convert.load(garbage, model_name=FULL_ARCH)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read {garbage} as a torch checkpoint (UnpicklingError: ")  # "Unsupported operand"
+    assert msg.endswith("): the file is damaged or not made by torch.save; re-create it with "
+                        "torch.save(model.state_dict(), path)")
+    assert "\n" not in msg and "weights_only" not in msg
+
+
 def test_jaxvit_load_of_directory_without_files(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         jaxvit.load(tmp_path)
@@ -782,6 +891,22 @@ def test_jaxvit_save_load_round_trip(small, tmp_path):
     again, aparams = convert.load(out)
     assert again.config == jmodel.config
     _assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), jax.tree_util.tree_map(np.asarray, aparams))
+
+
+def test_jaxvit_load_of_a_timm_export_points_at_convert_load(full_tiny, tmp_path):
+    # A timm export written into a jaxvit checkpoint's folder replaces its config.json; jaxvit.load
+    # said "unknown ViTConfig fields ['architecture', ...]; is this file from a newer jaxvit?".
+    jmodel, params = convert.load(full_tiny["model"])
+    both = tmp_path / "both"
+    jaxvit.save(both, jmodel.config, params)
+    convert.save_timm(params, jmodel.config, both)
+    with pytest.raises(ValueError) as e:
+        jaxvit.load(both)
+    assert str(e.value).startswith(f"{both / 'config.json'} is timm's config.json of a timm export, not a jaxvit "
+                                   f"config: load the folder with convert.load('{both}')")
+    again, again_params = convert.load(both)  # read as the timm export it holds
+    assert again.config == jmodel.config
+    _assert_trees_equal(params, again_params)
 
 
 def test_config_json_round_trip():
@@ -861,6 +986,59 @@ def test_cli_refuses_bad_input_without_traceback(full_tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(want), (argv, err)
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_cli_refuses_to_write_one_format_over_the_other(full_tiny, tmp_path, capsys):
+    # --out and --to-timm both write a config.json: into one folder, timm's replaced jaxvit's (exit 0,
+    # and a checkpoint that no longer loaded). Refused before anything is read or written.
+    from convert.__main__ import main
+
+    src = str(full_tiny["dir"] / "model.safetensors")
+    same = tmp_path / "same"
+    with pytest.raises(SystemExit) as e:
+        main([src, "--model-name", FULL_ARCH, "--out", str(same), "--to-timm", str(same) + "/"])
+    assert e.value.code == 2
+    assert "error: --out and --to-timm are the same folder" in capsys.readouterr().err
+    assert not same.exists()
+
+    # Nor, in separate runs, into a folder that holds the other format.
+    ckpt, export = tmp_path / "ckpt", tmp_path / "export"
+    assert main([src, "--model-name", FULL_ARCH, "--out", str(ckpt), "--to-timm", str(export)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (*ckpt.iterdir(), *export.iterdir())}
+    for argv, want in (([str(ckpt), "--to-timm", str(ckpt)], f"error: --to-timm {ckpt} holds a jaxvit checkpoint"),
+                       ([str(ckpt), "--out", str(export)], f"error: --out {export} holds a timm export")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(want) and err.rstrip().endswith("choose another folder"), err
+    assert before == {p: p.read_bytes() for p in (*ckpt.iterdir(), *export.iterdir())}
+    # Rewriting a folder in its own format stays allowed.
+    assert main([str(ckpt), "--out", str(ckpt), "--to-timm", str(export)]) == 0
+
+
+def test_model_name_is_refused_where_the_source_names_its_model(full_tiny, tmp_path, capsys):
+    # A jaxvit checkpoint's config.json ignored model_name silently; for a timm name as the source,
+    # model_name replaced it (another model's hub repo was fetched). Bare weights still take it.
+    from convert.__main__ import main
+
+    jmodel, params = convert.load(full_tiny["model"])
+    ckpt = jaxvit.save(tmp_path / "ckpt", jmodel.config, params)
+    for source in (ckpt, ckpt / "params.msgpack", FULL_NAME):
+        with pytest.raises(ValueError) as e:
+            convert.load(source, model_name="vit_base_patch16_224")
+        assert str(e.value).startswith("model_name only applies to a bare weights file (.safetensors/.pth, a state "
+                                       "dict, or a folder or hub repo without timm's config.json); "), e.value
+        assert str(e.value).endswith(": leave model_name out")
+        assert main([str(source), "--model-name", "vit_base_patch16_224", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --model-name only applies to a bare weights file"), err
+        assert "leave --model-name out" in err
+    assert not (tmp_path / "o").exists()
+    # The name itself is no contradiction: it goes on to the hub (offline here, with an empty cache).
+    with pytest.raises(convert.HubUnavailableError):
+        convert.load(FULL_NAME, model_name=FULL_NAME)
+    model, _ = convert.load(full_tiny["dir"] / "model.safetensors", model_name=FULL_ARCH)
+    assert model.config.name == FULL_NAME
 
 
 # ---------------------------------------------------------------------------------------------
