@@ -41,6 +41,7 @@ Forward rows compare logits the same way.
 from __future__ import annotations
 
 from jaxvit.model import KERNEL_IMPLS
+from predmaps.cli import int_at_least
 from predmaps.machine import cpu_name
 
 import argparse
@@ -1395,21 +1396,6 @@ def _batch_arg(text: str) -> list[int]:
     return sizes
 
 
-def _count_arg(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = None
-        if n is None or n < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise argparse.ArgumentTypeError(f"takes {kind}; got {text!r}")
-        return n
-
-    parse.__name__ = "count"
-    return parse
-
-
 def _float(text: str) -> float | None:
     try:
         v = float(text)
@@ -1550,9 +1536,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of fp32, bf16 (default: GPU fp32,bf16; CPU fp32)")
     p.add_argument("--impls", type=_names_arg(["torch", "jax"], {}, "impl"), default="torch,jax",
                    help="comma list of torch, jax (default both)")
-    p.add_argument("--repeats", type=_count_arg(1), help="timed calls at batch 1 (default 20)")
-    p.add_argument("--large-repeats", type=_count_arg(1), help="timed calls at larger batches (default GPU 20, CPU 10)")
-    p.add_argument("--warmup", type=_count_arg(0), help="untimed calls first (default 2)")
+    p.add_argument("--repeats", type=int_at_least(1), help="timed calls at batch 1 (default 20)")
+    p.add_argument("--large-repeats", type=int_at_least(1), help="timed calls at larger batches (default GPU 20, CPU 10)")
+    p.add_argument("--warmup", type=int_at_least(0), help="untimed calls first (default 2)")
     p.add_argument("--fp32-precision", choices=("highest", "tf32"), default="highest",
                    help="fp32 matmuls: 'highest' = true fp32 in both (default); 'tf32' = JAX default precision and "
                         "torch TF32 allowed (parity tolerance 1e-2)")

@@ -80,26 +80,24 @@ def _parse_labels(text: str) -> list[list[int]]:
                                          f"3+7); got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {kind}; got {text!r}")
+        return value
+
+    parse.__name__ = "int"  # argparse's message for a failing type names it
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0, e.g. a seed (numpy refuses negative ones)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
-    return value
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)  # e.g. a seed: numpy refuses negative ones
 
 
 def _label_array(rows: list[list[int]]) -> np.ndarray:
