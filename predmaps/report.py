@@ -617,12 +617,17 @@ class ReportWriter:
         return path
 
 
+MAX_GRID_TILES = 100
+
+
 def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int], *, cmap: str = "jet",
                alpha: float = 0.5, shared_scale: bool = False, stem: str | None = None) -> None:
     """Stand-alone PNG overlays at the model's input size: `{stem}_{method}_{layer}_{class}.png` per
     requested class and layer (layer named as the paper: L, L-1, ...; `{stem}_{method}_{class}.png`
-    for methods without a layer), and `{stem}_{method}_grid.png` (layers x classes). `stem`: the
-    image's file stem unless given (`PngNames` keeps stems unique over a run)."""
+    for methods without a layer), and `{stem}_{method}_grid.png` (layers x classes, at most 10
+    classes a row; only up to 100 overlays: all 1000 ImageNet classes would make a 65 MB image,
+    the single PNGs are the way to look at those). `stem`: the image's file stem unless given
+    (`PngNames` keeps stems unique over a run)."""
     from predmaps import core, viz
     from predmaps.explain import get_method
 
@@ -640,8 +645,9 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
             img.save(out / (f"{stem}_{method}_{tag}_{cname}.png" if tag else f"{stem}_{method}_{cname}.png"))
             tiles.append(img)
             titles.append(f"{cfg.class_name(c)} {tag}".rstrip())
-    viz.grid(tiles, titles, columns=len(r.classes), cell=max(128, r.image.shape[0])).save(
-        out / f"{stem}_{method}_grid.png")
+    if len(tiles) <= MAX_GRID_TILES:
+        viz.grid(tiles, titles, columns=min(len(r.classes), 10), cell=max(128, r.image.shape[0])).save(
+            out / f"{stem}_{method}_grid.png")
 
 
 # File names hold at most 255 bytes: stem + method + layer + class name + ".png" stays well under.

@@ -185,6 +185,23 @@ def test_overlays_of_a_size_that_is_no_patch_multiple_cover_the_seen_pixels(tmp_
     assert not np.array_equal(png, np.asarray(viz.overlay(r.image, r.maps[("predicatt", 2)][0])))
 
 
+def test_png_grids_wrap_at_ten_classes_and_are_skipped_past_a_hundred_overlays(tmp_path):
+    # --classes all on an ImageNet model wrote one 1000-tile-wide grid PNG of 65 MB (CLI audit).
+    cfg = ViTConfig(name="tiny-64", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                    num_classes=64, crop_pct=1.0)
+    model, params = ViT(cfg), random_params(cfg)
+    unit = np.random.default_rng(0).uniform(size=(1, 32, 32, 3)).astype(np.float32)
+    for k, layers, grid in [(12, [-1], True), (51, [-1, -2], False)]:
+        opts = report.ReportOptions(target=f"top{k}", layers=tuple(layers), batch_size=1)
+        [r] = report.analyse(model, params, report.Batch([f"k{k}.png"], unit, (unit - 0.5) / 0.5), opts)
+        report.write_pngs(r, cfg, tmp_path, "predicatt", layers)
+        assert len(list(tmp_path.glob(f"k{k}_predicatt_L*.png"))) == k * len(layers)
+        assert (tmp_path / f"k{k}_predicatt_grid.png").exists() == grid
+    tile = Image.new("RGB", (32, 32))
+    want = viz.grid([tile] * 12, ["x"] * 12, columns=10, cell=128).size  # two rows of at most ten
+    assert Image.open(tmp_path / "k12_predicatt_grid.png").size == want
+
+
 def test_verify_finds_broken_reports(tmp_path):
     good = viz.to_data_uri(Image.new("RGB", (4, 4), "red"))
     (tmp_path / "index.html").write_text(
