@@ -99,7 +99,8 @@ def _einsum(eq, a, b):
 # ----------------------------------------------------------------------------- checks
 
 
-def _check(model, rule: str):
+def _check(model, rule: str | None = None):
+    """What LRP's explicit forward and relevance rules need of the model (and the rule, when given)."""
     cfg = model.config
     if not cfg.class_token:
         raise ValueError(
@@ -111,7 +112,7 @@ def _check(model, rule: str):
                          f"this model pools with global_pool={cfg.global_pool!r}")
     if cfg.num_classes <= 0:
         raise ValueError("LRP baselines need a classifier head (num_classes > 0)")
-    if rule not in RULES:
+    if rule is not None and rule not in RULES:
         raise ValueError(f"unknown LRP rule {rule!r}; choose from {RULES}")
 
 
@@ -153,6 +154,7 @@ def forward(model, params, images, attn_delta=None):
     `tokens` the last block's output, `blocks[i]["x"]` block i's input, `blocks[i]["attn"]` its
     attention probabilities (B, H, T, T), and so on.
     """
+    _check(model)  # it reads the class token out: a pooled model's logits would be silently wrong
     cfg = model.config
     dt = _dtype(images)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), params)

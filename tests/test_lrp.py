@@ -398,6 +398,12 @@ def test_refuses_models_without_class_token(tiny):
     for fn in (lrp.transattr, lrp.full_lrp, lrp.partial_lrp, lrp.attention_relevance):
         with pytest.raises(ValueError, match="class token"):
             fn(no_cls, params, x, targets)
+    # The explicit forward too: it reads token 0 out, so a pooled model's logits came out wrong
+    # (0.9 relative) without an error.
+    with pytest.raises(ValueError, match="class token"):
+        lrp.forward(no_cls, params, x)
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        lrp.forward(ViT(model.config.replace(global_pool="avg")), params, x)
     with pytest.raises(ValueError, match="start_layer"):
         lrp.transattr(model, params, x, targets, 2)
     with pytest.raises(ValueError, match="rule"):
