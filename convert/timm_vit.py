@@ -419,9 +419,30 @@ def config_from_timm_module(model, name: str | None = None) -> ViTConfig:
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     cfg.update(_data_settings(pcfg, cfg["num_classes"]))
     tag = pcfg.get("tag")
+    if tag and not _shaped_like(arch, cfg):
+        # timm keeps the default tag's pretrained_cfg on a module built with other shapes (depth=2, a
+        # random test model): its weights cannot be that tag's, so the name and hub id do not say so.
+        tag = None
+        cfg.pop("hf_hub_id", None)
     if name is None and tag:
         cfg["name"] = f"{arch}.{tag}"
     return ViTConfig(**cfg)
+
+
+# The fields that fix a ViT's weight shapes (apart from the head and the position grid, which
+# timm's pretrained loading adapts: num_classes, img_size).
+_WEIGHT_SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim", "class_token",
+                        "reg_tokens")
+
+
+def _shaped_like(arch: str, cfg: dict) -> bool:
+    """Whether `cfg` has the weight shapes of timm's `arch` as the bundled table knows it (True when
+    it does not know it: nothing to say otherwise)."""
+    try:
+        default = get_config(arch)
+    except KeyError:
+        return True
+    return all(getattr(default, f) == cfg[f] for f in _WEIGHT_SHAPE_FIELDS)
 
 
 def _data_settings(pcfg: Mapping, num_classes: int) -> dict:

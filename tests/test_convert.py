@@ -229,6 +229,15 @@ def test_export_round_trip_is_exact(small):
     _assert_close_to_timm(_jax_logits(jmodel, params, x), _timm_logits(model, x))
 
 
+def test_a_reshaped_module_is_not_named_after_the_pretrained_tag(full_tiny):
+    # timm keeps the default tag's pretrained_cfg (name, hub id) on any module of the architecture;
+    # a depth-2 random one cannot hold that tag's weights, so its config does not claim them.
+    reshaped, _ = convert.load(_make(FULL_ARCH, depth=2, img_size=FULL_SIZE, num_classes=FULL_CLASSES))
+    assert reshaped.config.name == FULL_ARCH and reshaped.config.hf_hub_id is None
+    full = full_tiny["model"]  # the architecture's shapes at another size and head: the tag's weights fit
+    assert convert.load(full)[0].config.name == FULL_NAME
+
+
 def test_state_dict_source_matches_module_source(small):
     # A plain state dict (torch tensors, and numpy arrays) with an explicit config path gives the
     # same params as the module itself.
