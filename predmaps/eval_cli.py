@@ -292,7 +292,6 @@ def _cmd_digits(args) -> int:
     import shlex
     import time
 
-    from predmaps import digits
     from predmaps.evaluation import digit_scenes
 
     if args.scenes < 1:
@@ -306,14 +305,9 @@ def _cmd_digits(args) -> int:
         rows = None
     else:
         rows = [(args.method, args.layer)]
-    if args.model is None:
-        if args.model_name:
-            raise ValueError("--model-name names the architecture of a --model weights file; give --model too")
-        model, params = digits.load_model()
-    else:
-        from predmaps.cli import load_model
+    from predmaps.cli import load_model
 
-        model, params = load_model(args.model, args.model_name)
+    model, params = load_model(args.model, args.model_name)  # None: the embedded digits ViT
     t0 = time.perf_counter()
     res = digit_scenes.run_benchmark(model, params, rows=rows, scenes=args.scenes, seed=args.seed,
                                      batch_size=args.batch_size, target=args.target,
