@@ -287,6 +287,14 @@ def _timm_geometry(config) -> dict:
             "crop_pct": getattr(config, "crop_pct", 0.9), "crop_mode": getattr(config, "crop_mode", "center")}
 
 
+def eval_size(image_size, config=None) -> tuple[int, int]:
+    """The (H, W) a test runs at: `image_size`, else the model's input size (the protocol's 224 x 224
+    for the paper's ViT-B/16), else 224 x 224."""
+    if image_size is None:
+        image_size = config.img_size if config is not None else (224, 224)
+    return tuple(int(s) for s in image_size)
+
+
 def unit_transform(kind: str = "resize", size=(224, 224), config=None) -> Callable:
     """image -> float32 (H, W, 3) in [0, 1], before normalisation.
 

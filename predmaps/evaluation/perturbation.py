@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from predmaps.evaluation import metrics
-from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, ImageList, iter_image_list, stack_padded, \
-    unit_transform
+from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, ImageList, eval_size, iter_image_list, \
+    stack_padded, unit_transform
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def _check_request(model, method, layer, target, modes, steps, image_size, mean,
     modes = _check_modes(modes)
     steps = tuple(float(s) for s in steps)
     spec = check_explainer(model, method, layer, method_options)
-    size = tuple(int(s) for s in (model.config.img_size if image_size is None else image_size))
+    size = eval_size(image_size, model.config)
     mean, std = tuple(map(float, mean)), tuple(map(float, std))
     return spec, modes, steps, size, mean, std
 

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from predmaps.evaluation import metrics
-from predmaps.evaluation.data import (PROTOCOL_MEAN, PROTOCOL_STD, mask_transform, prefetch_batches, stack_padded,
-                                      subset_indices, unit_transform)
+from predmaps.evaluation.data import (PROTOCOL_MEAN, PROTOCOL_STD, eval_size, mask_transform, prefetch_batches,
+                                      stack_padded, subset_indices, unit_transform)
 from predmaps.evaluation.files import ImageNetSegmentation
 from predmaps.evaluation.perturbation import _normalize, check_explainer, pixel_maps
 
@@ -86,12 +86,6 @@ def segmentation_step(model, spec, *, size=(224, 224), mean=PROTOCOL_MEAN, std=P
     return functools.partial(_segmentation_step, static)
 
 
-def _size(image_size, config) -> tuple[int, int]:
-    if image_size is None:
-        image_size = config.img_size if config is not None else (224, 224)
-    return tuple(int(s) for s in image_size)
-
-
 def segmentation_test(model, params, data, *, method: str = "predicatt", layer: int = -1, batch_size: int = 32,
                       limit: int | None = None, subset: str = "random", seed: int = 0, image_size=None,
                       transform: str = "resize", mean=PROTOCOL_MEAN, std=PROTOCOL_STD,
@@ -132,14 +126,14 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
                     return arr[i]
             if image_size is None:  # given maps fix the size
                 image_size = given_shape[1:]
-            size = _size(image_size, config)
+            size = eval_size(image_size, config)
             if len(given_shape) != 3 or given_shape[0] != len(ds) or given_shape[1:] != size:
                 raise ValueError(f"maps {given_shape} must be (n, H, W) = ({len(ds)}, {size[0]}, {size[1]}), one per "
                                  "image of the .mat file in its order")
             spec = None
         else:
             spec = check_explainer(model, method, layer, method_options)
-            size = _size(image_size, config)
+            size = eval_size(image_size, config)
         image_tf, mask_tf = unit_transform(transform, size, config), mask_transform(transform, size, config)
         idx = subset_indices(len(ds), limit, mode=subset, seed=seed)
         n = len(idx)
