@@ -1404,7 +1404,8 @@ def _float(text: str) -> float | None:
     return None if v != v else v  # NaN
 
 
-def _seconds_arg(unit: str):
+def _nonnegative_arg(unit: str):
+    """type= for a number >= 0 of `unit` (cores, seconds)."""
     def parse(text: str) -> float:
         v = _float(text)
         if v is None or v < 0:
@@ -1548,10 +1549,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-label", type=_label_arg,
                    help="the device slug of the default output folder, e.g. cpu-2core")
     p.add_argument("--note", action="append", default=[], help="a line for the results file (load, context)")
-    p.add_argument("--wait-quiet", type=_seconds_arg("cores"), metavar="CORES",
+    p.add_argument("--wait-quiet", type=_nonnegative_arg("cores"), metavar="CORES",
                    help="shared machine: before each case wait until other processes use at most CORES cores "
                         "(Linux /proc/stat), and measure a case again (3 tries) when they used more during it")
-    p.add_argument("--wait-quiet-max", type=_seconds_arg("seconds"), default=1800,
+    p.add_argument("--wait-quiet-max", type=_nonnegative_arg("seconds"), default=1800,
                    help="longest wait per case, s (default 1800)")
     p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
                    help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
@@ -1586,10 +1587,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "session) into --out/results.{json,md}; the first file's environment heads it")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     return p
-
-
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
