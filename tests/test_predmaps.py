@@ -327,6 +327,40 @@ def test_explain_fn_composes_in_user_jit(small):
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-6)
 
 
+def test_explain_fn_composes_with_vmap_and_grad(small):
+    """Research pipelines vmap the pure function over an extra axis and differentiate through it
+    (an explanation loss): vmap equals explaining each slice, and the gradient of PredicAtt maps
+    with respect to the images and the params agrees with a central finite difference. Tolerance
+    0.5% of the derivative: float32 differences at step 1e-2 measured 2e-5 and 4e-5 relative;
+    rounding alone reaches 0.2% at step 1e-3."""
+    model, params, x = small
+    fn = predmaps.explain_fn(model, method="predicatt")
+    targets = predmaps.make_targets([1, 7], x.shape[0], 10)
+    xs = jnp.stack([x, x[::-1]])
+    got = jax.vmap(lambda im: fn(params, im, targets))(xs)
+    assert got.maps.shape == (2, 4, 2, 4, 4)
+    for i in range(2):
+        np.testing.assert_allclose(got.maps[i], fn(params, xs[i], targets).maps, rtol=1e-5, atol=1e-7)
+
+    weights = jax.random.normal(jax.random.key(5), (4, 2, 4, 4))
+
+    def loss(p, im):
+        return (fn(p, im, targets).maps * weights).sum()
+
+    g_par, g_img = jax.grad(loss, argnums=(0, 1))(params, x)
+    v_img = jax.random.normal(jax.random.key(6), x.shape)
+    v_par = jax.tree.map(lambda l: 0.1 * jax.random.normal(jax.random.key(7), l.shape), params)
+    eps = 1e-2
+    fd_img = (loss(params, x + eps * v_img) - loss(params, x - eps * v_img)) / (2 * eps)
+    plus = jax.tree.map(lambda p, v: p + eps * v, params, v_par)
+    minus = jax.tree.map(lambda p, v: p - eps * v, params, v_par)
+    fd_par = (loss(plus, x) - loss(minus, x)) / (2 * eps)
+    ad_img = jnp.vdot(g_img, v_img)
+    ad_par = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(g_par), jax.tree.leaves(v_par)))
+    assert abs(float(ad_img)) > 1e-6 and abs(float(ad_par)) > 1e-6
+    assert abs(float(ad_img - fd_img)) <= 5e-3 * abs(float(fd_img))
+    assert abs(float(ad_par - fd_par)) <= 5e-3 * abs(float(fd_par))
+
 @pytest.mark.parametrize("method", ["predicatt", "gradcam", "transattr", "raw_attention"])
 def test_traced_out_of_range_classes_give_nan_maps_the_rest_unchanged(small, method):
     # Inside a jit the classes cannot be range-checked on the host. A negative class used to wrap
