@@ -633,8 +633,6 @@ class Runner:
         mode = args.memory
         if mode == "auto":
             mode = "device" if self.gpu else ("rss" if rss_supported() else "off")
-        if mode == "rss" and not rss_supported():
-            mode = "off"
         self.mem_mode = mode
         self.cache_dir = None
         if mode == "device" and self.gpu:
@@ -1593,7 +1591,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.memory_child:
-        res = memory_child(json.loads(args.memory_child))
+        try:
+            spec = json.loads(args.memory_child)
+        except ValueError as e:  # internal: written by run_memory_child, never by hand
+            parser.error(f"--_memory-child takes the JSON case spec run_memory_child writes ({e})")
+        res = memory_child(spec)
         print("MEMCHILD " + json.dumps(res), flush=True)
         return 0
     if args.render:
@@ -1641,6 +1643,9 @@ def main(argv=None) -> int:
     if args.memory == "device" and not gpu:
         parser.error(f"--memory device reads GPU memory statistics; JAX runs on {jax.default_backend()} here: "
                      "use --memory rss (or auto)")
+    if args.memory == "rss" and not rss_supported():
+        parser.error("--memory rss resets and reads this process's peak resident set (/proc/self/clear_refs, "
+                     "VmHWM), which this system does not allow: use --memory off (auto falls back to off)")
     if args.tiny:
         models = args.models or ["tiny"]
         batch_list = args.batch or [2]

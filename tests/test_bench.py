@@ -469,3 +469,15 @@ def test_device_memory_needs_a_gpu(tmp_path, capsys):
     line = _bench_fails(["--memory", "device", "--out", str(tmp_path / "o")], capsys)
     assert "--memory device reads GPU memory statistics" in line and "--memory rss" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_rss_memory_where_it_cannot_be_read_is_refused(tmp_path, capsys, monkeypatch):
+    """--memory rss where /proc does not let the process reset its peak resident set was silently
+    'not measured'; asked for by name it is refused before any case (auto still falls back to off)."""
+    from bench import run
+
+    monkeypatch.setattr(run, "rss_supported", lambda: False)
+    line = _bench_fails(["--memory", "rss", "--out", str(tmp_path / "o")], capsys)
+    assert "--memory rss resets and reads this process's peak resident set" in line and "--memory off" in line
+    assert not (tmp_path / "o").exists()
+    assert "--_memory-child takes the JSON case spec" in _bench_fails(["--_memory-child", "{"], capsys)
