@@ -873,7 +873,8 @@ class Runner:
         if self.on_record is not None:
             self.on_record()
         gem = {k: v.get("total_ms") for k, v in res["gemms"].items()}
-        _log(f"  {mkey} {dtype} b{batch} bounds: peak {res['peak_tflops']} TFLOP/s, floor {res['floor_ms']} ms, "
+        _log(f"  {mkey} {dtype} b{batch} bounds: best rate {res['peak_tflops']} TFLOP/s ({res['peak_source']}), "
+             f"floor {res['floor_ms']} ms, "
              f"dense GEMMs alone {gem} ms ({time.perf_counter() - t0:.0f} s)")
         return res
 
@@ -1287,7 +1288,8 @@ def render_bounds(bounds: list[dict], idx) -> list[str]:
            "the sync adds the host's dispatch and wait to every GEMM, which overstates JAX's on GPU)")
     lines = ["## What bounds it (bench/bounds.py)", "",
              "Measured in this run after each model's cases. Matmul rate: an n x n x n matmul, each library's "
-             "median; the compute floor is the headline's FLOPs at the better of the two rates. Dense GEMMs alone: "
+             "median; the compute floor is the headline's FLOPs at the best rate measured (either matmul, or any of the "
+             "model's GEMMs below where one ran faster; the source is in results.json). Dense GEMMs alone: "
              f"the model's patch embedding and qkv / proj / fc1 / fc2 (with bias) at the benchmark's shapes, {how}, "
              "summed over one call.", "",
              "| model | dtype | batch | headline GFLOP per call | matmul rate JAX / torch (TFLOP/s) | compute floor "
@@ -1312,6 +1314,11 @@ def render_bounds(bounds: list[dict], idx) -> list[str]:
             f"{ms(floor)}{ceiling} | "
             f"{ms((b['gemms'].get('jax') or {}).get('total_ms'))} / {ms((b['gemms'].get('torch') or {}).get('total_ms'))} | "
             f"{ms(jh)} | {ms(tf)} |")
+    faster = [f"- {b.get('model_label', b['model'])} {b['dtype']} b{b['batch']}: the floor's rate is {b['peak_source']}'s, "
+              f"{b['peak_tflops']:.3g} TFLOP/s, faster than either matmul" for b in bounds
+              if b.get("peak_source") and "matmul" not in b["peak_source"]]
+    if faster:
+        lines += [""] + faster
     errs = [f"{b['model']} {b['dtype']} {what} {impl}: {v['error']}" for b in bounds for what in ("peak", "gemms")
             for impl, v in b[what].items() if "error" in v]
     if errs:
