@@ -451,31 +451,68 @@ def profile_summary(fn, args, calls, trace_dir, top=400):
                          "kernel": v[2]} for k, v in ranked]}
 
 
+def _variants_arg(text: str) -> str:
+    """type= for a comma list of variant names (may be empty): the text itself, its names checked."""
+    unknown = [v for v in text.split(",") if v.strip() and v.strip() not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    return ",".join(v.strip() for v in text.split(",") if v.strip())
+
+
+def _batches_arg(text: str) -> str:
+    from bench.run import _batch_arg
+
+    return ",".join(map(str, _batch_arg(text)))  # re-passed as text to the flag sets' subprocesses
+
+
+def _probe_tiles_arg(text: str) -> str:
+    from bench.run import _tiles_arg
+
+    return text if text == "auto" else _tiles_arg(text)
+
+
+def _json_out_arg(text: str) -> str:
+    """The results file is first written after a measurement, minutes in: a path that cannot take it is
+    refused before anything runs."""
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"takes a JSON file path; got {'a folder, ' if text.strip() else ''}{text!r}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {path.parent}; choose a writable folder")
+    return text
+
+
 def main(argv=None) -> int:
+    from bench.run import _deadline_arg
+    from predmaps.cli import int_at_least
+
     p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_b16", choices=list(MODEL_NAMES))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--batches", default="256,1")
-    p.add_argument("--b1-variants", default="headline,headline_materialized",
+    p.add_argument("--variants", type=_variants_arg, default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--batches", type=_batches_arg, default="256,1")
+    p.add_argument("--b1-variants", type=_variants_arg, default="headline,headline_materialized",
                    help="variants also timed at batch 1 (latency)")
     p.add_argument("--floors", action="store_true", help="also time the matmul, GEMM and attention floors")
     p.add_argument("--xla-flags-sets", default="",
                    help="';'-separated XLA_FLAGS values, each re-running --flag-set-variants in a subprocess; "
                         "a flag named there replaces the same flag in XLA_FLAGS (the CLI defaults included)")
-    p.add_argument("--flag-set-variants", default="headline",
+    p.add_argument("--flag-set-variants", type=_variants_arg, default="headline",
                    help="variants timed under each --xla-flags-sets entry (at --batches; batch 1: headline only)")
-    p.add_argument("--matmul-n", type=int, default=8192, help="size of the square matmul of the ceiling")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--deadline", type=float, default=1e9, help="start nothing new after S seconds")
-    p.add_argument("--kernel-tiles", default="auto",
+    p.add_argument("--matmul-n", type=int_at_least(1), default=8192, help="size of the square matmul of the ceiling")
+    p.add_argument("--repeats", type=int_at_least(1), default=20)
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
+    p.add_argument("--deadline", type=_deadline_arg, default=1e9, help="start nothing new after S seconds")
+    p.add_argument("--kernel-tiles", type=_probe_tiles_arg, default="auto",
                    help="tiles of the headline_pallas* variants: 'auto' (the fastest correct ones of the kernels "
                         "stage, run first when such a variant is asked for) or jaxvit.kernels.Tiles text")
     p.add_argument("--profile", action="store_true",
                    help="trace --profile-variant at the largest batch and summarise device time by XLA op")
     p.add_argument("--profile-variant", default="headline", choices=VARIANTS)
-    p.add_argument("--out", required=True, help="JSON file, rewritten after every measurement")
+    p.add_argument("--out", type=_json_out_arg, required=True, help="JSON file, rewritten after every measurement")
     args = p.parse_args(argv)
 
     from bench.bounds import jax_dense_gemms, jax_matmul_peak
@@ -493,9 +530,6 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     b1_variants = [v for v in args.b1_variants.split(",") if v]
     flag_set_variants = [v for v in args.flag_set_variants.split(",") if v]
-    for v in variants + b1_variants + flag_set_variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "model": args.model, "dtype": args.dtype,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}, "floors": {},

@@ -497,3 +497,38 @@ def test_rss_memory_where_it_cannot_be_read_is_refused(tmp_path, capsys, monkeyp
     assert "--memory rss resets and reads this process's peak resident set" in line and "--memory off" in line
     assert not (tmp_path / "o").exists()
     assert "--_memory-child takes the JSON case spec" in _bench_fails(["--_memory-child", "{"], capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "256,x"], "argument --batches: takes comma-separated positive batch sizes"),
+    (["--variants", "headline,warp"], "argument --variants: unknown variant 'warp'; choose from headline"),
+    (["--b1-variants", "nope"], "argument --b1-variants: unknown variant 'nope'"),
+    (["--flag-set-variants", "nope"], "argument --flag-set-variants: unknown variant 'nope'"),
+    (["--repeats", "0"], "argument --repeats: expected a positive integer; got '0'"),
+    (["--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["--matmul-n", "big"], "argument --matmul-n: expected a positive integer"),
+    (["--deadline", "soon"], "argument --deadline: takes a number of seconds"),
+    (["--kernel-tiles", "dense=a"], "argument --kernel-tiles: kernel tiles 'dense=a'"),
+    (["--model", "vit_h14"], "argument --model: invalid choice"),
+])
+def test_gpu_probe_bad_arguments_fail_at_parse_time(argv, message, tmp_path, capsys):
+    """The GPU probe runs inside a device session's few minutes: a bad option stops it at once with
+    the option named (unknown variants used to stop it after JAX started; a bad batch list, repeats
+    of 0 or an unwritable --out crashed it with a traceback, the last after its first measurement)."""
+    from bench.gpu_probe import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert message in err, err
+
+
+def test_gpu_probe_out_must_be_a_writable_file_path(tmp_path, capsys):
+    from bench.gpu_probe import main
+
+    for out, message in ((tmp_path, "takes a JSON file path; got a folder"),
+                         (tmp_path / "missing" / "p.json", "missing is not a folder; create it first")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(out)])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
