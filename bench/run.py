@@ -1075,7 +1075,8 @@ def per_round_spread(jax_row: dict, versus_row: dict | None, batch: int, target:
         values = [v / t for v, t in zip(versus_row["times_ms"], jt)]
     else:
         return None
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    # quantiles() needs two values; one round is its own median and quartiles
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {"rounds": len(values), "median": median, "q1": q1, "q3": q3, "min": min(values), "max": max(values),
             "rounds_met": sum(v >= target for v in values)}
 
