@@ -572,3 +572,21 @@ def test_gpu_probe_out_must_be_a_writable_file_path(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["--out", str(out)])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_profile_summary_reads_xla_ops_on_a_cpu_backend(tmp_path):
+    """A CPU trace has no device plane (the summary was empty there): the host threads' events that carry
+    an XLA op are summed instead, and Python and thread-pool bookkeeping are left out."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.gpu_probe import profile_summary
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the device plane is read on accelerators")
+    fn = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+    res = profile_summary(fn, (jnp.ones((256, 256)),), 2, str(tmp_path / "trace"))
+    assert "error" not in res and "/host:CPU" in res["planes"]
+    assert res["lines"] and all(k.startswith("/host:CPU | ") for k in res["lines"])
+    assert res["top_ops"] and sum(v["ms_per_call"] for v in res["by_kind"].values()) > 0
+    assert not any("Pjit" in o["op"] or "Threadpool" in o["op"] for o in res["top_ops"]), res["top_ops"]
