@@ -461,10 +461,11 @@ def profile_summary(fn, args, calls, trace_dir, top=400):
 
 def _variants_arg(text: str) -> str:
     """type= for a comma list of variant names (may be empty): the text itself, its names checked."""
-    unknown = [v for v in text.split(",") if v.strip() and v.strip() not in VARIANTS]
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    return ",".join(v.strip() for v in text.split(",") if v.strip())
+    return ",".join(names)
 
 
 def _batches_arg(text: str) -> str:
@@ -483,8 +484,10 @@ def _json_out_arg(text: str) -> str:
     """The results file is first written after a measurement, minutes in: a path that cannot take it is
     refused before anything runs."""
     path = Path(text)
-    if not text.strip() or path.is_dir():
-        raise argparse.ArgumentTypeError(f"takes a JSON file path; got {'a folder, ' if text.strip() else ''}{text!r}")
+    if not text.strip():
+        raise argparse.ArgumentTypeError("takes a JSON file path; got an empty one")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"takes a JSON file path; got a folder, {text!r}")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.parent} is not a folder; create it first")
     if not os.access(path.parent, os.W_OK):
