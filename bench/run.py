@@ -1148,6 +1148,24 @@ def target_checks(records, gpu: bool, bounds: list[dict] | None = None,
     return checks
 
 
+def add_missing_spreads(result: dict) -> list[str]:
+    """Results written before `per_round_spread` existed keep their stored target checks (`--render`
+    re-renders, it does not re-judge), but their interleaved timings are stored: give each such check
+    its round-by-round spread from them. Returns the checks that got one."""
+    checks = result.get("target_checks") or []
+    if all("per_round" in c for c in checks):
+        return []
+    gpu = result["environment"].get("jax_backend") == "gpu"
+    fresh = {c["what"]: c.get("per_round")
+             for c in target_checks(result["records"], gpu, result.get("bounds"), result.get("interleaved"))}
+    added = []
+    for c in checks:
+        if "per_round" not in c and fresh.get(c["what"]):
+            c["per_round"] = fresh[c["what"]]
+            added.append(c["what"])
+    return added
+
+
 def render_markdown(result: dict) -> str:
     env, records = result["environment"], result["records"]
     idx = _index(records)
@@ -1317,10 +1335,12 @@ def render_bounds(bounds: list[dict], idx) -> list[str]:
     how = ("each timed alone in bursts of back-to-back calls with one sync (as many as one call of the model "
            "makes, at least 8)" if burst else "each call timed alone and synced (this run predates the bursts: "
            "the sync adds the host's dispatch and wait to every GEMM, which overstates JAX's on GPU)")
+    floor_rate = ("the best rate measured (either matmul, or any of the model's GEMMs below where one ran faster; "
+                  "the source is in results.json)" if all("peak_source" in b for b in bounds) else
+                  "the better of the two matmul rates (this run predates taking the model's own GEMMs into the floor)")
     lines = ["## What bounds it (bench/bounds.py)", "",
              "Measured in this run after each model's cases. Matmul rate: an n x n x n matmul, each library's "
-             "median; the compute floor is the headline's FLOPs at the best rate measured (either matmul, or any of the "
-             "model's GEMMs below where one ran faster; the source is in results.json). Dense GEMMs alone: "
+             f"median; the compute floor is the headline's FLOPs at {floor_rate}. Dense GEMMs alone: "
              f"the model's patch embedding and qkv / proj / fc1 / fc2 (with bias) at the benchmark's shapes, {how}, "
              "summed over one call.", "",
              "| model | dtype | batch | headline GFLOP per call | matmul rate JAX / torch (TFLOP/s) | compute floor "
@@ -1639,6 +1659,7 @@ def main(argv=None) -> int:
     if args.render:
         path, result = args.render
         result["notes"] = list(dict.fromkeys(result.get("notes", []) + args.note))
+        add_missing_spreads(result)
         md = render_markdown(result)
         try:
             path.write_text(json.dumps(result, indent=1, default=float))

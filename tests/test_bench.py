@@ -104,10 +104,18 @@ def test_merge_keeps_every_row_once_and_refuses_other_devices(tiny_run, tmp_path
 
 def test_run_measures_its_bounds(tiny_run):
     """Each model's large batch gets its bounds in the same run: both libraries' matmul rate and dense
-    GEMMs alone, and the compute floor: the headline's FLOPs at the better of the two rates."""
+    GEMMs alone, and the compute floor: the headline's FLOPs at the fastest of those rates. Its table
+    says which rate the floor took, and a run stored before the model's GEMMs counted says so too."""
+    from bench.run import render_markdown
+
     out, _ = tiny_run
     res = json.loads((out / "results.json").read_text())
-    assert "## What bounds it" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "## What bounds it" in md and "FLOPs at the best rate measured (either matmul, or any" in md
+    older = json.loads(json.dumps(res))
+    for b in older["bounds"]:
+        del b["peak_source"]
+    assert "FLOPs at the better of the two matmul rates (this run predates" in render_markdown(older)
     (b,) = res["bounds"]
     assert (b["model"], b["dtype"], b["batch"]) == ("tiny", "fp32", 2)
     for impl in ("jax", "torch"):
@@ -310,6 +318,42 @@ def test_target_checks_say_how_the_rounds_spread():
     res = _results()
     res["target_checks"] = [check]
     assert "[round by round: median 1.25, middle half 1.20-1.30, 3 of 5 rounds meet it]" in render_markdown(res)
+
+
+def test_render_gives_stored_checks_their_spread_and_keeps_their_verdicts(tmp_path, capsys):
+    """--render of a results.json written before the spread existed: each interleaved check gets its
+    round-by-round spread from the stored timings; its stored value, verdict and bound stay as written,
+    and a check from separate cases gets none."""
+    from bench.run import main
+
+    def row(method, impl, times):
+        return {"impl": impl, "method": method, "median_ms": statistics.median(times), "repeats": len(times),
+                "throughput": 8 / statistics.median(times) * 1e3, "times_ms": times}
+
+    res = _results()
+    res["records"] = [{"model": m, "dtype": "fp32", "method": "predicatt_L", "impl": i, "batch": 8,
+                       "median_ms": 400.0, "throughput": 20.0} for m in ("vit_s16", "vit_b16") for i in ("torch", "jax")]
+    res["interleaved"] = [{"model": "vit_s16", "dtype": "fp32", "batch": 8, "rounds": 4,
+                           "rows": [row("predicatt_L", "torch", [500.0, 520, 480, 600]),
+                                    row("predicatt_L", "jax", [400.0, 400, 400, 400])]}]
+    what_s = "ViT-S/16 fp32 b8: JAX PredicAtt_L / torch PredicAtt_L throughput >= 1.25x"
+    what_b = "ViT-B/16 fp32 b8: JAX PredicAtt_L / torch PredicAtt_L throughput >= 1.25x"
+    res["target_checks"] = [  # as an older run stored them: no per_round, its own bound text
+        {"what": what_s, "value": 1.27, "target": 1.25, "met": True, "source": "interleaved timing",
+         "needed_ms": 406.0, "bound": "as stored"},
+        {"what": what_b, "value": 1.0, "target": 1.25, "met": False, "source": "separate cases"}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    assert main(["--render", str(path)]) == 0
+    stored = {c["what"]: c for c in json.loads(path.read_text())["target_checks"]}
+    s, b = stored[what_s], stored[what_b]
+    assert (s["value"], s["met"], s["bound"]) == (1.27, True, "as stored")
+    assert s["per_round"]["rounds"] == 4 and s["per_round"]["rounds_met"] == 3  # 1.25 1.3 1.2 1.5
+    assert s["per_round"]["median"] == pytest.approx(1.275)
+    assert b.get("per_round") is None
+    md = (tmp_path / "results.md").read_text()
+    assert "**1.27** -> MET [interleaved timing] [round by round: median 1.27" in md and "3 of 4 rounds" in md
+    assert md.count("round by round") == 1
 
 
 def test_probe_flag_sets_replace_the_cli_defaults():
