@@ -1659,7 +1659,10 @@ def main(argv=None) -> int:
     if args.render:
         path, result = args.render
         result["notes"] = list(dict.fromkeys(result.get("notes", []) + args.note))
-        add_missing_spreads(result)
+        added = add_missing_spreads(result)
+        if added:
+            print(f"round-by-round spread added to {len(added)} stored target check(s) from their interleaved times",
+                  file=sys.stderr)
         md = render_markdown(result)
         try:
             path.write_text(json.dumps(result, indent=1, default=float))

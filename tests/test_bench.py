@@ -345,6 +345,7 @@ def test_render_gives_stored_checks_their_spread_and_keeps_their_verdicts(tmp_pa
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
     assert main(["--render", str(path)]) == 0
+    assert "round-by-round spread added to 1 stored target check(s)" in capsys.readouterr().err
     stored = {c["what"]: c for c in json.loads(path.read_text())["target_checks"]}
     s, b = stored[what_s], stored[what_b]
     assert (s["value"], s["met"], s["bound"]) == (1.27, True, "as stored")
