@@ -201,7 +201,8 @@ def export_state_dict(params: Any) -> dict[str, np.ndarray]:
 def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` + timm's `config.json` into `out_dir`, the layout of a timm hub repo:
     `timm.create_model("local-dir:" + out_dir, pretrained=True)` (built at the stored size and shape,
-    from config.json's `model_args`) and `convert.load(out_dir)` both read it. Params that do not fit
+    from config.json's `model_args`; a network with no timm name, like the digit ViT, under a stock timm
+    architecture that those arguments turn into it) and `convert.load(out_dir)` both read it. Params that do not fit
     the config (or arguments in another order: `jaxvit.save` takes (path, config, params)) are refused
     before writing."""
     from safetensors.numpy import save_file
@@ -215,13 +216,14 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(export_state_dict(params), str(out / "model.safetensors"))
-    arch, _, tag = config.name.partition(".")
+    arch, model_args = _timm_architecture(config)
+    tag = config.name.partition(".")[2] if arch == config.name.partition(".")[0] else ""
     hub_config = {
-        "architecture": arch or "vit",
+        "architecture": arch,
         "num_classes": config.num_classes,
         "num_features": config.embed_dim,
         "global_pool": config.global_pool,
-        "model_args": _timm_model_args(config),
+        "model_args": model_args,
         "pretrained_cfg": {
             "tag": tag or None, "input_size": [config.in_chans, *config.img_size],
             "interpolation": config.interpolation, "crop_pct": config.crop_pct, "crop_mode": config.crop_mode,
@@ -239,19 +241,58 @@ _TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool"
               "no_embed_class", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix")
 
 
-def _timm_model_args(config: ViTConfig) -> dict:
-    """The `timm.create_model` arguments that rebuild `config` from its architecture: what timm reads as
-    config.json's `model_args`. Always the size and classes (timm would build its default ones and
-    resample the position embeddings), and whatever else differs from the architecture's default."""
+# Stock timm architectures that can stand in for a model of jaxvit's own (no timm name, e.g. the digit
+# ViT): with every size argument given, they differ only in what model_args cannot say (patch bias,
+# LayerNorm eps, the distillation token).
+_STAND_INS = ("vit_base_patch16_224", "vit_base_patch16_clip_224", "deit_base_distilled_patch16_224")
+# What a ViTConfig says beyond the network itself.
+_DATA_FIELDS = {"name", "mean", "std", "interpolation", "crop_pct", "crop_mode", "label_names", "hf_hub_id"}
+
+
+def _timm_architecture(config: ViTConfig) -> tuple[str, dict]:
+    """The architecture and `model_args` that config.json gives timm to rebuild `config`: its own
+    architecture where timm (or the bundled table) knows it; for a model with no timm name, the first
+    stand-in that timm, given the arguments, builds into the same network (checked on the meta device,
+    so only where timm is installed). Failing both, the config's own name: timm cannot rebuild that
+    export by name, `convert.load` still can."""
+    own = config.name.partition(".")[0]
+    if own:
+        try:
+            return own, _timm_model_args(config, resolve_config(own))
+        except (KeyError, ValueError):  # no timm architecture of that name
+            pass
     try:
-        default = resolve_config(config.name.partition(".")[0]) if config.name else None
-    except (KeyError, ValueError):  # no timm architecture: timm cannot build it by name anyway
-        default = None
+        import timm
+        import torch
+    except ImportError:
+        return own or "vit", _timm_model_args(config, None)
+    network = {k: v for k, v in config.to_dict().items() if k not in _DATA_FIELDS}
+    for arch in _STAND_INS:
+        args = _timm_model_args(config, resolve_config(arch))
+        try:
+            with torch.device("meta"):
+                built = config_from_timm_module(timm.create_model(arch, pretrained=False, **args), name=arch)
+        except (TypeError, ValueError, KeyError, RuntimeError, AssertionError):  # arguments it cannot take
+            continue
+        if {k: v for k, v in built.to_dict().items() if k not in _DATA_FIELDS} == network:
+            return arch, args
+    return own or "vit", _timm_model_args(config, None)
+
+
+def _timm_model_args(config: ViTConfig, default: ViTConfig | None) -> dict:
+    """The `timm.create_model` arguments that rebuild `config` from an architecture whose config is
+    `default` (None: no timm architecture, every argument): what timm reads as config.json's
+    `model_args`. Always the size and classes (timm would build its default ones and resample the
+    position embeddings), and whatever else differs from the architecture's default."""
     args = {"img_size": list(config.img_size), "num_classes": config.num_classes}
     for field in _TIMM_ARGS:
         value = getattr(config, field)
         if field not in args and (default is None or getattr(default, field) != value):
             args[field] = value
+    if default is None or config.act != default.act:
+        args["act_layer"] = config.act  # jaxvit's names are timm's get_act_layer names
+    if config.layer_scale != (default.layer_scale if default else False):
+        args["init_values"] = 1e-5 if config.layer_scale else None  # any value: the stored gammas replace it
     ratio = config.mlp_dim / config.embed_dim
     # timm's Block builds int(dim * mlp_ratio) features; a ratio that does not give them back is left out.
     exact = int(config.embed_dim * ratio) == config.mlp_dim

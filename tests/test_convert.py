@@ -293,6 +293,49 @@ def test_save_timm_export_is_rebuilt_by_timm_at_its_own_size_and_shape(small, tm
     _assert_trees_equal(params, again_params)
 
 
+# A network of jaxvit's own (the digit ViT is one) has no timm name: a stock architecture stands in.
+OWN_NETWORKS = {
+    "plain": dict(),
+    "clip_like": dict(pre_norm=True, patch_bias=False, act="quick_gelu", norm_eps=1e-5),
+    "distilled": dict(distilled=True),
+    "layer_scale_tanh": dict(layer_scale=True, act="gelu_tanh"),
+    "avg_registers": dict(class_token=False, global_pool="avg", fc_norm=True, reg_tokens=2),
+}
+
+
+@pytest.mark.parametrize("key", list(OWN_NETWORKS))
+def test_export_of_a_network_without_timm_name_is_rebuilt_by_timm(key, tmp_path):
+    """save_timm of a model with no timm architecture name writes a stand-in architecture and the
+    arguments that make it this network, so timm's local-dir loading rebuilds it (it would not know the
+    name); convert.load still reads the export back as it was. Logits within 1e-5: two float32
+    implementations of the same network."""
+    cfg = jaxvit.ViTConfig(name="mine.trained", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                           mlp_dim=64, num_classes=5, **OWN_NETWORKS[key])
+    params = jaxvit.ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.tree.map(lambda leaf: 0.2 * jax.random.normal(jax.random.key(1), leaf.shape), params)
+    out = convert.save_timm(params, cfg, tmp_path / "export")
+    hub_cfg = json.loads((out / "config.json").read_text())
+    assert hub_cfg["architecture"] != "mine" and hub_cfg["pretrained_cfg"]["tag"] is None
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    want = np.asarray(jaxvit.ViT(cfg).apply({"params": params}, jnp.asarray(x)).logits)
+    np.testing.assert_allclose(_timm_logits(rebuilt, x.transpose(0, 3, 1, 2).copy()), want, rtol=0, atol=1e-5)
+    again, again_params = convert.load(out)
+    assert again.config == cfg
+    _assert_trees_equal(params, again_params)
+
+
+def test_export_of_a_network_timm_cannot_build_keeps_its_own_name(tmp_path):
+    """A head width other than embed_dim / num_heads has no timm VisionTransformer argument: no
+    architecture stands in, the export keeps the config's name, and convert.load reads it back."""
+    cfg = jaxvit.ViTConfig(name="mine", img_size=(32, 32), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                           head_dim=8, mlp_dim=64, num_classes=5)
+    params = jaxvit.ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    out = convert.save_timm(params, cfg, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["architecture"] == "mine"
+    assert convert.load(out)[0].config == cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Files: .safetensors without torch, .pth through torch.
 
