@@ -952,13 +952,19 @@ def _default_workers() -> int:
 
 
 def _process_shards(inputs: Inputs, shard_size: int, pidx: int, pcount: int, skip: Callable[[_Shard], bool],
-                    needs_labels: bool = False):
+                    label_classes: int | None = None):
+    """This process's shards. `label_classes`: the model's class count where inputs that were not
+    planned (a one-pass stream) need a valid label each ('gt'); each shard is checked as it comes, as
+    `_check_labels` checks a planned listing (a label past the classes would explain no class: NaN maps)."""
     for sh in _shards(inputs, shard_size):
         if sh.id % pcount == pidx and not skip(sh):
-            if needs_labels:
+            if label_classes is not None:
                 missing = [it.name for it in sh.items if it.label < 0]
                 if missing:
                     raise ValueError(f"target 'gt' needs a label for every input; none for {missing[:5]}")
+                bad = [(it.name, it.label) for it in sh.items if it.label >= label_classes]
+                if bad:
+                    raise ValueError(f"labels out of range for a {label_classes}-class model: {bad[:5]}")
             yield sh
 
 
@@ -1006,8 +1012,8 @@ def explain_batches(model, params, images, spec: ExplainSpec | dict | None = Non
         stats = _Stats()
         bar = _progress_bar(progress and pidx == 0, plan.count if plan else None, pcount)
         try:
-            yield from _stream(engine, combos, _process_shards(inputs, chunk, pidx, pcount, lambda sh: False,
-                                                                spec.needs_labels and plan is None),
+            unplanned = cfg.num_classes if spec.needs_labels and plan is None else None
+            yield from _stream(engine, combos, _process_shards(inputs, chunk, pidx, pcount, lambda sh: False, unplanned),
                                transform=transform, workers=workers or _default_workers(), prefetch=prefetch,
                                total_steps=total_steps, stats=stats, bar=bar)
         finally:
@@ -1394,7 +1400,8 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
         written: set[int] = set()
 
         def shards_tracked():
-            for sh in _process_shards(inputs, shard_size, pidx, pcount, skip, spec.needs_labels and plan is None):
+            unplanned = cfg.num_classes if spec.needs_labels and plan is None else None
+            for sh in _process_shards(inputs, shard_size, pidx, pcount, skip, unplanned):
                 streamed_shards[sh.id] = (sh.first, len(sh.items), _shard_digest(sh.items))
                 yield sh
 

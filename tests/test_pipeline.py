@@ -651,6 +651,25 @@ def test_input_layouts_and_ground_truth_targets(model, tmp_path):
         ExplainSpec(methods="predicatt,nope").combos(m)
 
 
+@pytest.mark.parametrize("kind", ["list", "generator"])
+def test_gt_labels_past_the_classes_are_refused_from_a_stream_too(model, tmp_path, kind):
+    """A 'gt' label past the model's classes explains no class (NaN maps). A listing is checked before
+    anything runs; a one-pass stream (a generator), which cannot be listed first, is checked shard by
+    shard as it comes, with the same error, in both entry points."""
+    m, p = model
+    rng = np.random.default_rng(0)
+    items = [(f"m{i}", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), label)
+             for i, label in enumerate([1, m.config.num_classes + 2, 0])]
+    source = (lambda: iter(items)) if kind == "generator" else (lambda: items)
+    spec = ExplainSpec("predicatt", "-1", "gt")
+    bad = f"labels out of range for a {m.config.num_classes}-class model: \\[\\('m1', {m.config.num_classes + 2}\\)\\]"
+    with pytest.raises(ValueError, match=bad):
+        explain_dataset(m, p, source(), tmp_path / "job", spec, batch_size=4, progress=False,
+                        devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=bad):
+        list(explain_batches(m, p, source(), spec, batch_size=4, devices=jax.devices()[:1]))
+
+
 def test_reader_options_and_in_memory_inputs(model, reference):
     res = read_results(reference)
     assert res.manifest["spec"]["layers"] == [1, 2] and len(res.combos) == 2
