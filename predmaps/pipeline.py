@@ -80,7 +80,7 @@ from predmaps.results import JobMismatchError
 
 __all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobInterrupted", "JobMismatchError",
            "OutputInUseError", "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches", "explain_dataset",
-           "init_distributed", "model_identity", "open_inputs", "params_fingerprint"]
+           "OtherProcessError", "init_distributed", "model_identity", "open_inputs", "params_fingerprint"]
 
 # torchvision's IMG_EXTENSIONS: what ImageFolder lists.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -552,6 +552,10 @@ def _allgather_json(obj) -> list:
             for row, n in zip(_allgather(padded), sizes)]
 
 
+class OtherProcessError(RuntimeError):
+    """Another process of a multi-process job failed where this one did not (its own message says why)."""
+
+
 class _agreement:
     """`with _agreement(P) as a: ...; a.share(x)` then `a.result()`: every process learns whether
     any failed inside the block (one collective), so all raise together instead of some waiting
@@ -580,8 +584,8 @@ class _agreement:
         if self.error is not None:
             raise self.error
         if flags[:, 0].any():
-            raise RuntimeError(f"process(es) {np.nonzero(flags[:, 0])[0].tolist()} could not start this job "
-                               "(see their messages)")
+            raise OtherProcessError(f"process(es) {np.nonzero(flags[:, 0])[0].tolist()} could not start this job "
+                                    "(see their messages)")
         return flags[:, 1]
 
 

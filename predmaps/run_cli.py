@@ -129,7 +129,7 @@ def _run(args) -> int:
     except JobMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except (ValueError, OSError, KeyError, TypeError, pipeline.OtherProcessError) as e:  # the refusing one exits 2 too
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

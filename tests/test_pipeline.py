@@ -158,21 +158,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_path):
-    out = tmp_path / "out2p"
+def _run_two_processes(args) -> list[tuple[int, str, str]]:
+    """`predmaps run ARGS` as two processes of one job, two CPU devices each: (status, stdout, stderr)."""
     port = _free_port()
-    procs = [_run_cli_subprocess(["--model", ckpt, "--images", image_dir, "--out", out, *CLI_SPEC, "--batch-size", 4,
-                                  "--shard-size", 3, "--no-progress", "--coordinator", f"127.0.0.1:{port}",
-                                  "--num-processes", 2, "--process-id", i], devices=2) for i in range(2)]
+    procs = [_run_cli_subprocess([*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                                  "--process-id", i], devices=2) for i in range(2)]
     try:
         outs = [p.communicate(timeout=150) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "on 4 device(s) x 2 process(es)" in outs[0][0]
+    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_path):
+    """Each process explains and records its own shards; and where one process refuses to start (its
+    own record belongs to another job), every process stops with one line and status 2."""
+    out = tmp_path / "out2p"
+    args = ["--model", ckpt, "--images", image_dir, "--out", out, *CLI_SPEC, "--batch-size", 4, "--shard-size", 3,
+            "--no-progress"]
+    ran = _run_two_processes(args)
+    for rc, _, err in ran:
+        assert rc == 0, err[-3000:]
+    assert "on 4 device(s) x 2 process(es)" in ran[0][1]
     man = json.loads((out / "manifest.json").read_text())
     assert [r["id"] for r in man["shards"]] == [0, 1, 2, 3, 4] and man["num_shards"] == 5
     assert {r["id"]: r["process"] for r in man["shards"]} == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}
@@ -180,6 +189,16 @@ def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_pa
     res = read_results(out)
     assert res.complete and len(res) == N_IMAGES  # every image exactly once
     _assert_same(res, read_results(reference))
+
+    # Another job into that folder with manifest.json gone: only process 1 has a record (manifest-p1.json,
+    # of the first job) to refuse it by. Process 0 used to end in a RuntimeError traceback, status 1.
+    (out / "manifest.json").unlink()
+    other = [a if a != "top2" else "top" for a in args]
+    (rc0, _, err0), (rc1, _, err1) = _run_two_processes(other)
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert "already holds a different job" in err1 and "Traceback" not in err0 + err1
+    assert [ln for ln in err0.splitlines() if ln.startswith("error:")] == [
+        "error: process(es) [1] could not start this job (see their messages)"]
 
 
 _KILLED_JOB = """
