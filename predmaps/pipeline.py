@@ -1356,9 +1356,9 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
                     _atomic_write(main, _results.dumps(header), out)
             if existed:
                 complete = _results.read_manifest(out)["shards"]
-                if own.exists():
+                if own.exists():  # the records of this part that describe the files (a later run's may)
                     mine_records = {int(r["id"]): r for r in _results._load_json(own).get("shards", [])
-                                    if int(r["id"]) in complete}
+                                    if complete.get(int(r["id"])) == r}
                 if retry_failed:  # complete shards holding failed inputs are done again, whole
                     retry = {sid for sid, rec in complete.items() if rec.get("errors")}
             if plan is not None:

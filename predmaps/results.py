@@ -37,6 +37,7 @@ shard renamed into place just before a crash but never recorded, is never read.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -183,11 +184,26 @@ def read_manifest(out: str | os.PathLike) -> dict:
         for rec in data.get("shards", []):
             f = out / rec["file"]
             try:
-                if f.stat().st_size == rec["bytes"]:
-                    shards.setdefault(int(rec["id"]), rec)
+                if f.stat().st_size != rec["bytes"]:
+                    continue
             except OSError:
-                pass
+                continue
+            # Several files may record one shard: a part of a process that a later run (with fewer
+            # processes, or --retry-failed interrupted before its clean-up) did not rewrite still holds
+            # the old record, whose size can match the new file. The newest record describes the file;
+            # at equal times the first file's (a process's own part, written before manifest.json).
+            sid = int(rec["id"])
+            if sid not in shards or _written(rec) > _written(shards[sid]):
+                shards[sid] = rec
     return dict(header, shards=shards)
+
+
+def _written(rec: dict) -> float:
+    """When a shard record was written (its `written` stamp, in seconds); -inf where it has none."""
+    try:
+        return datetime.datetime.strptime(rec["written"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (KeyError, TypeError, ValueError):
+        return float("-inf")
 
 
 def shard_names_digest(names: list[str], labels: list[int]) -> str:

@@ -190,6 +190,17 @@ def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_pa
     assert res.complete and len(res) == N_IMAGES  # every image exactly once
     _assert_same(res, read_results(reference))
 
+    # Process 1's shard deleted, then redone by a one-process run: manifest-p1.json keeps the old record,
+    # of the same size. The new record describes the file; a later two-process run (process 1 rewrites
+    # its part) must not put the old one back into manifest.json.
+    (out / "shard-000001.npz").unlink()
+    proc = _run_cli_subprocess(args)
+    assert proc.communicate(timeout=150) and proc.returncode == 0
+    assert read_results(out, verify=True).complete
+    for rc, _, err in _run_two_processes(args):
+        assert rc == 0, err[-3000:]
+    _assert_same(read_results(out, verify=True), read_results(reference))
+
     # Another job into that folder with manifest.json gone: only process 1 has a record (manifest-p1.json,
     # of the first job) to refuse it by. Process 0 used to end in a RuntimeError traceback, status 1.
     (out / "manifest.json").unlink()
@@ -199,6 +210,28 @@ def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_pa
     assert "already holds a different job" in err1 and "Traceback" not in err0 + err1
     assert [ln for ln in err0.splitlines() if ln.startswith("error:")] == [
         "error: process(es) [1] could not start this job (see their messages)"]
+
+
+def test_the_newest_record_of_a_shard_describes_its_file(reference, tmp_path):
+    """Two manifest files may record one shard: a part left by a process that a later run (fewer
+    processes) did not rewrite keeps the old record, whose size can match the shard written since
+    (npz files differ in zip timestamps only). The reader takes the newest record, wherever it is:
+    a stale part's record used to win over manifest.json's and fail verification."""
+    import shutil
+
+    out = tmp_path / "job"
+    shutil.copytree(reference, out)
+    main = json.loads((out / "manifest.json").read_text())
+    rec = main["shards"][1]
+    stale = dict(rec, sha256="0" * 64, written="2001-01-01T00:00:00+0000")  # same size, another file's hash
+    (out / "manifest-p1.json").write_text(json.dumps(dict(main, shards=[stale])))
+    assert read_results(out, verify=True).complete
+    # The other way round (a --retry-failed run interrupted before manifest.json took the new record):
+    # the part's newer record describes the file, manifest.json's older one does not.
+    (out / "manifest-p1.json").write_text(json.dumps(dict(main, shards=[dict(rec, written="2999-01-01T00:00:00+0000")])))
+    main["shards"][1] = stale
+    (out / "manifest.json").write_text(json.dumps(main))
+    assert read_results(out, verify=True).complete
 
 
 _KILLED_JOB = """
