@@ -143,7 +143,10 @@ class _UnlistedFolder:
     so the job counts it (and --strict fails) instead of silently explaining fewer images."""
 
     def __init__(self, path: Path, error: OSError):
-        self.reason = f"cannot list the folder {path}: {error.strerror or error}; its images were not explained"
+        # Its images, once listed, change the job's listing, which --retry-failed keeps fixed: say so here.
+        self.reason = (f"cannot list the folder {path}: {error.strerror or error}; its images were not explained. "
+                       "Once it can be listed they are inputs this job did not list, which --retry-failed cannot "
+                       "add: run the job again into a new --out")
 
 
 def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[str, Path | _UnlistedFolder]]:

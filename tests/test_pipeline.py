@@ -383,6 +383,17 @@ def test_an_unlistable_folder_is_an_input_error_not_fewer_images(ckpt, tmp_path,
     assert sorted(res.names) == ["a/im00.png", "a/im01.jpg"]
     assert [name for _, name, _, _ in res.errors] == ["b/"]
     assert f"cannot list the folder {(d / 'b').resolve()}: Permission denied" in res.errors[0][3]
+    assert "run the job again into a new --out" in res.errors[0][3]
+    capsys.readouterr()
+    # Listable again: its images are new inputs, which --retry-failed cannot add to this job (refused,
+    # nothing changed); a new --out explains them all.
+    monkeypatch.setattr(pipeline.os, "scandir", real_scandir)
+    assert run_cli.main(_cli_args(ckpt, d, out, "--retry-failed")) == 2
+    assert "already holds a different job (inputs.count, inputs.sha256 differ)" in capsys.readouterr().err
+    assert sorted(read_results(out).names) == ["a/im00.png", "a/im01.jpg"]
+    assert run_cli.main(_cli_args(ckpt, d, tmp_path / "again")) == 0
+    assert len(read_results(tmp_path / "again")) == 4
+    monkeypatch.setattr(pipeline.os, "scandir", scandir)
     assert run_cli.main(_cli_args(ckpt, d / "b", tmp_path / "out2")) == 2
     assert f"cannot list the images folder {(d / 'b').resolve()}: Permission denied" in capsys.readouterr().err
 
