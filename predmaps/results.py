@@ -143,8 +143,9 @@ def check_same_job(existing: dict, wanted: dict, out: Path) -> None:
     if diffs:
         hint = ""
         if all(d.startswith("inputs.") for d in diffs):  # the usual cause: inputs added, removed or renamed
-            hint = ("\nThe inputs' listing changed. A job's shards are fixed by its listing: to redo inputs that "
-                    "failed, fix them in place (same names) and rerun with --retry-failed. Otherwise ")
+            hint = ("\nThe inputs' listing (their names, or their labels) changed. A job's shards are fixed by its "
+                    "listing: to redo inputs that failed, fix them in place (same names and labels) and rerun with "
+                    "--retry-failed. Otherwise ")
         raise JobMismatchError(
             f"{out} already holds a different job ({', '.join(diffs)} differ):\n"
             f"  existing: {describe_identity(existing)}\n  this run: {describe_identity(wanted)}"

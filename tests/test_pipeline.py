@@ -618,6 +618,10 @@ def test_another_job_in_the_same_directory_is_an_error(ckpt, model, image_dir, r
     _save_images(extra, N_IMAGES + 1)
     with pytest.raises(JobMismatchError, match="inputs.count.*(\n.*){3}fix them in place.*--retry-failed"):
         explain_dataset(m, p, extra, reference, SPEC, batch_size=4, shard_size=10, progress=False)
+    # The same names under other labels: the listing changed too, and the message says labels count.
+    relabelled = [(it.name, it.path, (it.label + 1) % m.config.num_classes) for it in open_inputs(image_dir)]
+    with pytest.raises(JobMismatchError, match=r"inputs.sha256 differ[\s\S]*\(their names, or their labels\) changed"):
+        explain_dataset(m, p, relabelled, reference, SPEC, batch_size=4, shard_size=10, progress=False)
     assert (reference / "manifest.json").read_bytes() == before  # untouched
     # The CLI says so and exits 2.
     assert run_cli.main(["--model", str(ckpt), "--images", str(image_dir), "--out", str(reference), "--target", "top",
