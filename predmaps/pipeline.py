@@ -220,10 +220,12 @@ def read_label_file(path: str | os.PathLike) -> dict[str, int]:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e}); save the label file as UTF-8") from None
+    first = True  # the first line with content may be a header
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        is_first, first = first, False
         fields = line.split(",", 1) if "," in line else line.split(None, 1)
         if len(fields) < 2:
             if re.fullmatch(r"\d+", line):
@@ -234,7 +236,7 @@ def read_label_file(path: str | os.PathLike) -> dict[str, int]:
             raise ValueError(f"{path}:{n}: expected 'file label', got {line!r}")
         label = _parse_label(fields[1].split()[0] if fields[1].split() else "")
         if label is None:
-            if n == 1 or not out:  # a header such as "ImageId,PredictionString"
+            if is_first:  # a header such as "ImageId,PredictionString"
                 continue
             raise ValueError(f"{path}:{n}: cannot read a class index or WordNet id in {line!r}")
         out[fields[0].strip()] = label

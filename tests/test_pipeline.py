@@ -700,6 +700,10 @@ def test_input_layouts_and_ground_truth_targets(model, tmp_path):
     (tmp_path / "loc.csv").write_text("ImageId,PredictionString\n" + "".join(
         f"{Path(n).stem},{wnids[3 - i]} 1 2 3 4 {wnids[3 - i]} 5 6 7 8\n" for i, n in enumerate(names)))
     assert [it.label for it in open_inputs(flat, labels=tmp_path / "loc.csv")] == [3, 2, 1]
+    # Only the first line may be a header: an unreadable label after it is an error, not a skipped line.
+    (tmp_path / "bad.csv").write_text("# labels\nImageId,Label\n" + f"{names[0]},cat\n{names[1]},1\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: cannot read a class index or WordNet id in"):
+        open_inputs(flat, labels=tmp_path / "bad.csv")
     (tmp_path / "gt.txt").write_text("65\n970\n")
     with pytest.raises(ValueError, match="ambiguous"):
         open_inputs(flat, labels=tmp_path / "gt.txt")
