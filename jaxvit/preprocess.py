@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -193,9 +194,12 @@ def load_image(path_or_file: ImageSource) -> Image.Image:
         if path.is_dir():
             raise ImageLoadError(f"cannot read image {desc}: is a directory, not a file")
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except OSError as e:
             raise ImageLoadError(f"cannot read image {desc}: {e}") from e
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait for a writer: a batch job would hang
+            raise ImageLoadError(f"cannot read image {desc}: not a regular file (a FIFO, socket or device)")
+        size = st.st_size
         if size == 0:
             raise ImageLoadError(f"cannot read image {desc}: file is empty (zero bytes)")
         img = _open_and_decode(path, desc)

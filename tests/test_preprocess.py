@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -410,6 +411,14 @@ def test_error_zero_byte_file(tmp_path):
         pp.load_image(io.BytesIO())
     with pytest.raises(ImageLoadError, match="zero bytes"):
         pp.load_image(b"")
+
+
+def test_error_not_a_regular_file(tmp_path):
+    """A FIFO named like an image is refused at once: opening it would wait for a writer forever."""
+    p = tmp_path / "pipe.jpg"
+    os.mkfifo(p)
+    with pytest.raises(ImageLoadError, match=r"pipe\.jpg.*not a regular file"):
+        pp.load_image(p)
 
 
 def test_error_not_an_image(tmp_path):
