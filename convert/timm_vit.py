@@ -325,7 +325,7 @@ def config_from_timm_module(model, name: str | None = None) -> ViTConfig:
     Works on modules built on the meta device (no weights needed).
     """
     import torch.nn as tnn
-    from timm.layers import LayerScale, Mlp
+    from timm.layers import LayerNorm as TimmLayerNorm, LayerNormFp32, LayerScale, Mlp
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -361,9 +361,10 @@ def config_from_timm_module(model, name: str | None = None) -> ViTConfig:
     if type(mlp) is not Mlp:
         refuse(f"MLP {type(mlp).__name__} (e.g. SwiGLU / GLU)")
     norms = [blk.norm1, blk.norm2, model.norm, model.fc_norm, model.norm_pre, attn.q_norm, attn.norm, mlp.norm]
+    # Exact classes: subclasses of nn.LayerNorm such as timm's LayerNormAct add an activation after it.
+    plain = (tnn.Identity, tnn.LayerNorm, TimmLayerNorm, LayerNormFp32)
     for n in norms:
-        if not isinstance(n, (tnn.Identity, tnn.LayerNorm)) or (isinstance(n, tnn.LayerNorm)
-                                                                and not n.elementwise_affine):
+        if type(n) not in plain or (isinstance(n, tnn.LayerNorm) and not n.elementwise_affine):
             refuse(f"normalisation layer {type(n).__name__}")
     act = type(mlp.act).__name__
     if act == "GELU":

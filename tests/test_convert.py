@@ -748,6 +748,7 @@ def test_num_heads_from_q_norm_must_agree():
     with pytest.raises(ValueError, match="^num_heads 6 contradicts the checkpoint: its q_norm weights give 3 heads"):
         convert.load(sd, num_heads=6)
 
+
 def test_unsupported_model_refused():
     siglip = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=1).eval()
     for source, kw in ((siglip, {}), (siglip.state_dict(), dict(model_name="vit_base_patch16_siglip_224"))):
@@ -760,6 +761,17 @@ def test_unsupported_model_refused():
     rope = timm.create_model("vit_base_patch16_rope_224", pretrained=False, depth=1).eval()
     with pytest.raises(convert.UnsupportedModelError, match=r"^vit_base_patch16_rope_224: model class Eva"):
         convert.load(rope)
+
+    # LayerNormAct is an nn.LayerNorm subclass that adds an activation (ReLU): loading it as a plain
+    # LayerNorm gave logits 2.7x off. Refused; timm's own plain LayerNorm classes still load.
+    from timm.layers import LayerNorm, LayerNormAct, LayerNormFp32
+    from timm.models.vision_transformer import VisionTransformer
+
+    small = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=NUM_CLASSES)
+    with pytest.raises(convert.UnsupportedModelError, match="normalisation layer LayerNormAct is not supported"):
+        convert.load(VisionTransformer(norm_layer=LayerNormAct, **small))
+    for norm in (LayerNorm, LayerNormFp32):
+        convert.load(VisionTransformer(norm_layer=norm, **small))
 
 
 def test_missing_file(tmp_path):
