@@ -21,9 +21,9 @@ import numpy as np
 
 import jaxvit
 from convert.sources import WEIGHT_FILES, HubUnavailableError, is_file_name, read_source
-from convert.timm_vit import (CheckpointMismatchError, UnsupportedModelError, adapt_config, config_from_timm_module,
-                              infer_config, params_from_state_dict, resize_params, resolve_config,
-                              state_dict_from_params)
+from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
+                              config_from_timm_module, infer_config, params_from_state_dict, resize_params,
+                              resolve_config, state_dict_from_params)
 from jaxvit.config import UnknownModelError, ViTConfig
 
 __all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
@@ -63,11 +63,17 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
     table), else the checkpoint's timm config.json, else the tensor shapes; then corrected by
     what the checkpoint holds (classes, registers, stored grid)."""
     name = model_name or _hub_model_name(hub_config)
+    # timm's save_for_hf records the create_model arguments a model was built with (an activation,
+    # pooling or input size other than its architecture's): part of the model, as timm's local-dir
+    # loading reads them. A model_name given by the caller replaces that config.json, arguments too.
+    model_args = (hub_config or {}).get("model_args") if model_name is None else None
+    if model_args is not None and not isinstance(model_args, dict):
+        raise ValueError(f"{source}: config.json's model_args is not a mapping of timm.create_model arguments")
     if model_name is None and hub_config and "jaxvit_config" in hub_config:  # written by save_timm
         config = ViTConfig.from_dict(hub_config["jaxvit_config"])
     elif name is not None:
         try:
-            config = resolve_config(name)
+            config = resolve_config(name, model_args=model_args)
         except KeyError as unknown:
             # A tag newer than timm / the bundled table. The architecture fixes the shapes, and the
             # checkpoint's own timm config.json the data settings (applied below); without that file
@@ -80,7 +86,7 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
                     f"{unknown}. Weights of a tag this table lacks load from a directory that also holds the "
                     f"tag's timm config.json, or pass the architecture alone (model_name={arch!r}) to use its "
                     "default tag's data settings") from None
-            config = resolve_config(arch).replace(name=name)
+            config = resolve_config(arch, model_args=model_args).replace(name=name)
     else:
         config = infer_config(state_dict, num_heads=num_heads)
     settings = _hub_data_settings(hub_config)
@@ -235,10 +241,6 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
     return out
 
 
-# ViTConfig fields that are timm VisionTransformer arguments of the same name and meaning.
-_TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
-              "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "reg_tokens",
-              "no_embed_class", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix")
 
 
 # Stock timm architectures that can stand in for a model of jaxvit's own (no timm name, e.g. the digit
@@ -285,7 +287,7 @@ def _timm_model_args(config: ViTConfig, default: ViTConfig | None) -> dict:
     `model_args`. Always the size and classes (timm would build its default ones and resample the
     position embeddings), and whatever else differs from the architecture's default."""
     args = {"img_size": list(config.img_size), "num_classes": config.num_classes}
-    for field in _TIMM_ARGS:
+    for field in TIMM_ARGS:
         value = getattr(config, field)
         if field not in args and (default is None or getattr(default, field) != value):
             args[field] = value

@@ -461,8 +461,9 @@ def _data_settings(pcfg: Mapping, num_classes: int) -> dict:
     return out
 
 
-def timm_config(name: str, **overrides) -> ViTConfig:
-    """Config of a timm model name through an installed timm (meta device: no weights, no download)."""
+def timm_config(name: str, *, model_args: Mapping[str, Any] | None = None, **overrides) -> ViTConfig:
+    """Config of a timm model name through an installed timm (meta device: no weights, no download),
+    built with `timm.create_model`'s keyword arguments `model_args` where given."""
     import timm
     import torch
 
@@ -475,15 +476,44 @@ def timm_config(name: str, **overrides) -> ViTConfig:
             model = timm.create_model(name, pretrained=False)
     except RuntimeError as e:  # an unknown pretrained tag of a known architecture
         raise UnknownModelError(f"unknown model name {name!r}: {e}") from None
+    if model_args:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **model_args)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            raise ValueError(f"config.json's model_args {dict(model_args)} do not build {name} in timm "
+                             f"{timm.__version__}: {e}") from None
     cfg = config_from_timm_module(model)  # named arch.tag from the resolved pretrained cfg
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def resolve_config(name: str, **overrides) -> ViTConfig:
-    """timm's own definition when timm is installed, else jaxvit's bundled table."""
+# ViTConfig fields that are timm VisionTransformer arguments of the same name and meaning.
+TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+             "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "reg_tokens",
+             "no_embed_class", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix")
+
+
+def resolve_config(name: str, *, model_args: Mapping[str, Any] | None = None, **overrides) -> ViTConfig:
+    """timm's own definition when timm is installed, else jaxvit's bundled table. `model_args`: the
+    `timm.create_model` arguments a checkpoint's config.json records (timm's `save_for_hf` writes them:
+    an activation, pooling or input size other than the architecture's); without timm only the input
+    size and classes are read, anything else is refused rather than ignored."""
     try:
         import timm  # noqa: F401
         import torch  # noqa: F401
     except ImportError:
-        return get_config(name, **overrides)
-    return timm_config(name, **overrides)
+        cfg = get_config(name, **overrides)
+        changes, other = {}, []
+        for key, value in (model_args or {}).items():
+            if key == "img_size":
+                changes["img_size"] = check_img_size(value, cfg.patch_size)
+            elif key == "num_classes":
+                changes["num_classes"] = int(value)
+            elif not ((key == "act_layer" and value == cfg.act)
+                      or (key in TIMM_ARGS and value == getattr(cfg, key))):
+                other.append(key)  # a value other than the architecture's: what it builds is timm's to say
+        if other:
+            raise ValueError(f"config.json's model_args change {sorted(other)} of {name}; install timm to read "
+                             "this checkpoint (pip install 'predmaps[torch]')")
+        return get_config(name, **{**overrides, **changes}) if changes else cfg  # labels follow the classes
+    return timm_config(name, model_args=model_args, **overrides)

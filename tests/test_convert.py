@@ -293,6 +293,56 @@ def test_save_timm_export_is_rebuilt_by_timm_at_its_own_size_and_shape(small, tm
     _assert_trees_equal(params, again_params)
 
 
+def _timm_export(model, arch: str, model_args: dict, out: pathlib.Path) -> pathlib.Path:
+    """A folder as timm's save_for_hf lays it out: model.safetensors and config.json with model_args."""
+    out.mkdir(parents=True)
+    safetensors_torch.save_file(model.state_dict(), str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({
+        "architecture": arch, "num_classes": model.num_classes, "global_pool": model.global_pool,
+        "model_args": model_args, "pretrained_cfg": {"tag": None, "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    return out
+
+
+@pytest.mark.parametrize("arch, model_args", [
+    ("vit_tiny_patch16_224", dict(act_layer="quick_gelu", img_size=[32, 32])),
+    ("vit_tiny_patch16_224", dict(img_size=[64, 32])),  # 4x2 grid: no square to infer from the rows
+    ("vit_little_patch16_reg4_gap_256", dict(global_pool="max", img_size=[32, 32])),
+])
+def test_timm_export_with_model_args_loads_as_timm_builds_it(arch, model_args, tmp_path):
+    """timm's save_for_hf records the create_model arguments in config.json's model_args, and timm's
+    local-dir loading applies them. convert.load used to drop those that change no tensor shape
+    (activation 6e-3 off, pooling 0.39) and misread a non-square grid. Logits within 1e-5."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, depth=2, num_classes=NUM_CLASSES, **model_args).eval()
+    out = _timm_export(model, arch, dict(model_args, depth=2, num_classes=NUM_CLASSES, in_chans=3), tmp_path / "export")
+    jmodel, params = convert.load(out)
+    assert jmodel.config.img_size == tuple(model_args["img_size"])
+    x = np.random.default_rng(0).normal(size=(2, 3, *model_args["img_size"])).astype(np.float32)
+    got = np.asarray(jmodel.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits)
+    np.testing.assert_allclose(got, _timm_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_model_args_without_timm_read_the_size_and_refuse_the_rest(tmp_path):
+    """Without timm, config.json's model_args give the input size and classes (and may repeat the
+    architecture's own values); an argument that changes the model needs timm to say what it builds,
+    and is refused rather than ignored."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=(64, 32))
+    size = _timm_export(model, "vit_tiny_patch16_224", dict(img_size=[64, 32], num_classes=NUM_CLASSES, in_chans=3,
+                                                            global_pool="token"), tmp_path / "size")
+    act = _timm_export(model, "vit_tiny_patch16_224", dict(act_layer="quick_gelu"), tmp_path / "act")
+    _check(_run_python(BLOCK_TORCH + f"""
+import convert
+model, params = convert.load({str(size)!r})
+assert model.config.img_size == (64, 32), model.config.img_size
+try:
+    convert.load({str(act)!r})
+except ValueError as e:
+    assert "model_args change ['act_layer'] of vit_tiny_patch16_224; install timm" in str(e), e
+else:
+    raise AssertionError("an activation from model_args was ignored")
+"""))
+
+
 # A network of jaxvit's own (the digit ViT is one) has no timm name: a stock architecture stands in.
 OWN_NETWORKS = {
     "plain": dict(),
