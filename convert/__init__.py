@@ -291,6 +291,10 @@ def _timm_model_args(config: ViTConfig, default: ViTConfig | None) -> dict:
         value = getattr(config, field)
         if field not in args and (default is None or getattr(default, field) != value):
             args[field] = value
+    if "global_pool" in args:  # timm derives fc_norm from the pooling when it is not given
+        args["fc_norm"] = config.fc_norm
+    if default is None or config.pos_embed != default.pos_embed:
+        args["pos_embed"] = "learn" if config.pos_embed else "none"
     if default is None or config.act != default.act:
         args["act_layer"] = config.act  # jaxvit's names are timm's get_act_layer names
     if config.layer_scale != (default.layer_scale if default else False):

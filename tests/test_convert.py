@@ -375,6 +375,20 @@ def test_export_of_a_network_without_timm_name_is_rebuilt_by_timm(key, tmp_path)
     _assert_trees_equal(params, again_params)
 
 
+@pytest.mark.parametrize("kw", [dict(pos_embed="none"), dict(global_pool="avg", fc_norm=False)])
+def test_export_carries_what_timm_would_otherwise_default(kw, tmp_path):
+    """No position embeddings, or average pooling without fc_norm (timm turns fc_norm on for average
+    pooling when the argument is absent): model_args say so, so timm rebuilds the export (it failed
+    on missing keys before)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=5, **kw)
+    jmodel, params = convert.load(model.eval())
+    out = convert.save_timm(params, jmodel.config, tmp_path / "export")
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_timm_logits(rebuilt, x), _timm_logits(model, x), rtol=0, atol=1e-6)
+
+
 def test_export_of_a_network_timm_cannot_build_keeps_its_own_name(tmp_path):
     """A head width other than embed_dim / num_heads has no timm VisionTransformer argument: no
     architecture stands in, the export keeps the config's name, and convert.load reads it back."""
