@@ -206,9 +206,20 @@ def adapt_config(config: ViTConfig, state_dict: Mapping[str, np.ndarray]) -> ViT
         prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
         n = int(state_dict["pos_embed"].shape[1]) - prefix
         if n != cfg.num_patches and n > 0:
-            gh, gw = grid_from_length(n)
+            gh, gw = _stored_grid(n)
             changes["img_size"] = (gh * cfg.patch_size, gw * cfg.patch_size)
     return config.replace(**changes) if changes else config
+
+
+def _stored_grid(rows: int) -> tuple[int, int]:
+    """The patch grid of a checkpoint's position rows where nothing says its input size: square."""
+    try:
+        return grid_from_length(rows)
+    except ValueError:
+        raise ValueError(
+            f"the checkpoint's {rows} position rows are no square grid and nothing says its input size: pass the "
+            "timm module itself (timm.create_model(name, img_size=(H, W)) with the weights loaded), or load the "
+            "folder timm's save_for_hf writes (config.json's model_args give img_size)") from None
 
 
 def _as_pair(size):
@@ -306,7 +317,7 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
         # prefix tokens have position rows (no_embed_class=False) or not.
         n, prefix = sd["pos_embed"].shape[1], cfg.num_prefix_tokens
         no_embed_class = prefix > 0 and not _is_square(n - prefix) and _is_square(n)
-        gh, gw = grid_from_length(n if no_embed_class else n - prefix)
+        gh, gw = _stored_grid(n if no_embed_class else n - prefix)
         cfg = cfg.replace(img_size=(gh * p, gw * p), no_embed_class=no_embed_class)
     return cfg
 

@@ -322,6 +322,15 @@ def test_timm_export_with_model_args_loads_as_timm_builds_it(arch, model_args, t
     np.testing.assert_allclose(got, _timm_logits(model, x), rtol=0, atol=1e-5)
 
 
+def test_a_non_square_grid_without_a_size_says_how_to_give_one():
+    """A bare state dict of a non-square model (8x4 position rows) has no square grid to infer: the
+    error says which sources carry the size, and the module itself loads."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=(128, 64))
+    with pytest.raises(ValueError, match="32 position rows are no square grid .* pass the timm module itself"):
+        convert.load(model.state_dict(), model_name="vit_tiny_patch16_224")
+    assert convert.load(model)[0].config.img_size == (128, 64)
+
+
 def test_model_args_without_timm_read_the_size_and_refuse_the_rest(tmp_path):
     """Without timm, config.json's model_args give the input size and classes (and may repeat the
     architecture's own values); an argument that changes the model needs timm to say what it builds,
