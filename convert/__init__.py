@@ -23,7 +23,7 @@ import jaxvit
 from convert.sources import WEIGHT_FILES, HubUnavailableError, is_file_name, read_source
 from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
                               config_from_timm_module, infer_config, params_from_state_dict, resize_params,
-                              resolve_config, state_dict_from_params)
+                              resolve_config, state_dict_from_params, timm_config)
 from jaxvit.config import UnknownModelError, ViTConfig
 
 __all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
@@ -263,18 +263,14 @@ def _timm_architecture(config: ViTConfig) -> tuple[str, dict]:
             return own, _timm_model_args(config, resolve_config(own))
         except (KeyError, ValueError):  # no timm architecture of that name
             pass
-    try:
-        import timm
-        import torch
-    except ImportError:
-        return own or "vit", _timm_model_args(config, None)
     network = {k: v for k, v in config.to_dict().items() if k not in _DATA_FIELDS}
     for arch in _STAND_INS:
-        args = _timm_model_args(config, resolve_config(arch))
         try:
-            with torch.device("meta"):
-                built = config_from_timm_module(timm.create_model(arch, pretrained=False, **args), name=arch)
-        except (TypeError, ValueError, KeyError, RuntimeError, AssertionError):  # arguments it cannot take
+            args = _timm_model_args(config, timm_config(arch))
+            built = timm_config(arch, model_args=args)
+        except ImportError:  # no timm to check a stand-in with
+            break
+        except ValueError:  # arguments it cannot take, or a network jaxvit refuses
             continue
         if {k: v for k, v in built.to_dict().items() if k not in _DATA_FIELDS} == network:
             return arch, args
