@@ -55,6 +55,7 @@ device loop waited on decoding 0.0-0.3 s of 6-8 s wall (<5%): decoding stays ahe
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -630,7 +631,7 @@ def _step_fn(model, combos: tuple, options: tuple, map_dtype: str, mesh):
             return Targets(kind="top")
         return Targets(kind="topk", k=c.k)
 
-    def step(params, images, labels, mask):
+    def step(params, images, labels, mask, stop):
         out, logits = {}, None
         for c in combos:
             ex = fns[(c.method, c.layer)](params, images, targets_for(c, labels))
@@ -641,10 +642,13 @@ def _step_fn(model, combos: tuple, options: tuple, map_dtype: str, mesh):
         pred = jnp.argmax(probs, axis=-1)
         out["pred"] = pred.astype(jnp.int32)
         out["score"] = jnp.take_along_axis(probs, pred[:, None], axis=1)[:, 0]
+        out["stop"] = stop  # replicated: every process learns, at the same step, which processes stop
         return out
 
     data, rep = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(rep, data, data, data), out_shardings=data)
+    outs = {"pred": data, "score": data, "stop": rep,
+            **{f"{kind}_{c.id}": data for c in combos for kind in ("maps", "classes")}}
+    return jax.jit(step, in_shardings=(rep, data, data, data, data), out_shardings=outs)
 
 
 class _Engine:
@@ -691,7 +695,7 @@ class _Engine:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=self.data)
 
         self._lowered = lambda: jitted.lower(self.params, sds((gb, *self.image_shape), jnp.float32),
-                                             sds((gb,), jnp.int32), sds((gb,), jnp.bool_))
+                                             sds((gb,), jnp.int32), sds((gb,), jnp.bool_), sds((gb,), jnp.int32))
         self.compiled = None
         self.compile_s = 0.0
 
@@ -700,27 +704,35 @@ class _Engine:
         self.compiled = self._lowered().compile()
         self.compile_s = time.perf_counter() - t0
 
-    def dispatch(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray):
-        """Start one step on this process's rows (local batch); returns the (async) global outputs."""
+    def dispatch(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, stop: int = 0):
+        """Start one step on this process's rows (local batch); returns the (async) global outputs.
+        stop: 0, or this process's index + 1 to tell every process that it stops (`stopped`)."""
         import jax
 
         if self.compiled is None:
             self.compile()
         gb = self.global_batch
         put = lambda x: jax.make_array_from_process_local_data(self.data, x, (gb, *x.shape[1:]))  # noqa: E731
-        return self.compiled(self.params, put(images), put(labels), put(mask))
+        return self.compiled(self.params, put(images), put(labels), put(mask),
+                             put(np.full((self.local_batch,), stop, np.int32)))
 
     def fetch(self, out) -> dict[str, np.ndarray]:
         """This process's rows of a step's outputs, as numpy (blocks until the step is done)."""
         import jax
 
+        rows = {k: v for k, v in out.items() if k != "stop"}
         if self.nproc == 1:
-            return {k: np.asarray(v) for k, v in out.items()}
+            return {k: np.asarray(v) for k, v in rows.items()}
         from jax.experimental import multihost_utils
         from jax.sharding import PartitionSpec as P
 
-        local = multihost_utils.global_array_to_host_local_array(out, self.mesh, P("batch"))
+        local = multihost_utils.global_array_to_host_local_array(rows, self.mesh, P("batch"))
         return {k: np.asarray(v) for k, v in local.items()}
+
+    @staticmethod
+    def stopped(out) -> list[int]:
+        """The processes that flagged a step as their last (blocks until the step is done)."""
+        return sorted(int(v) - 1 for v in set(np.asarray(out["stop"]).tolist()) if v)
 
 
 # --------------------------------------------------------------------------------------
@@ -893,7 +905,14 @@ class _Stats:
 def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, transform, workers: int,
             prefetch: int, total_steps: int | None, stats: _Stats, bar=None, on_batch=None) -> Iterator[ResultBatch]:
     """Run this process's shards through the engine; yield one ResultBatch per batch. With
-    `total_steps` (multi-process), pad with masked steps up to it so every process runs alike."""
+    `total_steps` (multi-process), pad with masked steps up to it so every process runs alike.
+
+    Multi-process, one step is in flight while the previous one is finished. A process that stops
+    early (an error here or in the consumer, Ctrl-C, or the consumer closing this generator) flags
+    its next steps as its last (`_stop_together`); every process reads each step's flags as it
+    finishes it, so all see the first flagged step together, finish the one step in flight after it
+    and end there: none is left waiting in a step another never runs. The others then raise
+    OtherProcessError, after yielding their finished batches."""
     lb = engine.local_batch
     pre = _Prefetcher(shards, transform, workers, window=lb * max(1, prefetch))
     pre.start()  # decoding starts before (and during) compilation
@@ -902,16 +921,25 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
     stats.compile_s = engine.compile_s
     blank = (np.zeros((lb, *engine.image_shape), np.float32), np.zeros((lb,), np.int32), np.zeros((lb,), bool))
 
-    def batches():
+    def steps():  # (images, labels, mask, (shard, rows, last)), then padding steps: (..., None)
         rows = []
         for sh, j, item, arr, reason in pre:
             rows.append((sh.first + j, item, arr, reason))
             last = j == len(sh.items) - 1
             if len(rows) == lb or last:  # a batch never spans two shards
-                yield sh, rows, last
+                images, labels, mask = (np.zeros_like(a) for a in blank)
+                for i, (_, it, a, _) in enumerate(rows):
+                    if a is not None:
+                        images[i], labels[i], mask[i] = a, max(it.label, 0), True
+                yield images, labels, mask, (sh, rows, last)
                 rows = []
+        while total_steps is not None and stats.steps < total_steps:
+            yield (*blank, None)  # an idle process's share of a global step
 
-    def finish(out, sh, rows, last):
+    def finish(out, meta) -> ResultBatch | None:
+        if meta is None:
+            return None
+        sh, rows, last = meta
         host = engine.fetch(out)
         ok = [i for i, r in enumerate(rows) if r[2] is not None]
         sel = np.asarray(ok, np.int64)
@@ -933,27 +961,58 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
             on_batch(b)
         return b
 
-    pending = None
+    inflight: deque = deque()  # dispatched, not finished: (outputs, meta); the older one is finished next
+    stopped: list[int] = []  # the processes that flagged the last step finished
     try:
-        for sh, rows, last in batches():
-            images, labels, mask = (np.zeros_like(a) for a in blank)
-            for i, (_, item, arr, _) in enumerate(rows):
-                if arr is not None:
-                    images[i], labels[i], mask[i] = arr, max(item.label, 0), True
-            out = engine.dispatch(images, labels, mask)
+        for images, labels, mask, meta in steps():
+            inflight.append((engine.dispatch(images, labels, mask), meta))
             stats.steps += 1
-            if pending is not None:
-                yield finish(*pending)
-            pending = (out, sh, rows, last)
-        if pending is not None:
-            yield finish(*pending)
-            pending = None
-        while total_steps is not None and stats.steps < total_steps:
-            engine.dispatch(*blank)  # an idle process's share of a global step
-            stats.steps += 1
+            if len(inflight) == 2:
+                out, meta = inflight.popleft()
+                if total_steps is not None:
+                    stopped = engine.stopped(out)
+                b = finish(out, meta)
+                if b is not None:
+                    yield b
+                if stopped:
+                    break
+        while inflight:  # the last step; after a stop, the one every process has in flight
+            out, meta = inflight.popleft()
+            if total_steps is not None and not stopped:
+                stopped = engine.stopped(out)
+            b = finish(out, meta)
+            if b is not None:
+                yield b
+        if stopped:
+            raise OtherProcessError(f"process(es) {stopped} stopped during the run (see their messages)")
+    except BaseException:
+        if total_steps is not None and not stopped:
+            _stop_together(engine, inflight, blank, total_steps, stats)
+        raise
     finally:
         pre.close()
         stats.input_wait_s = pre.wait_s
+
+
+def _stop_together(engine: _Engine, inflight: deque, blank: tuple, total_steps: int, stats: _Stats) -> None:
+    """This process stops early: run blank steps flagged as its last, keeping one in flight as every
+    process does, until a flagged step finishes; then finish the one in flight after it. Every
+    process has then run the same steps (see `_stream`)."""
+    import jax
+
+    me = jax.process_index() + 1
+    while True:
+        while len(inflight) < 2 and stats.steps < total_steps:
+            inflight.append((engine.dispatch(*blank, stop=me), None))
+            stats.steps += 1
+        if not inflight:
+            return
+        out, _ = inflight.popleft()
+        if engine.stopped(out):
+            for out, _ in inflight:
+                engine.stopped(out)  # waits for it
+            inflight.clear()
+            return
 
 
 def _default_workers() -> int:
@@ -993,7 +1052,10 @@ def explain_batches(model, params, images, spec: ExplainSpec | dict | None = Non
     devices: a subset of devices (single process); default every device of every process.
     Unreadable inputs are reported in each batch's `errors`, never raised.
     In a multi-process job each process gets its own slice (chunks of 16 local batches, round
-    robin); the inputs must then be re-iterable (a path source or a sequence).
+    robin); the inputs must then be re-iterable (a path source or a sequence). A process that ends
+    its loop early must close the generator (`with contextlib.closing(explain_batches(...)) as it:`):
+    the others then stop at the same step with `OtherProcessError` instead of waiting for it (or
+    finish, where it stopped in the last step).
     """
     import jax
 
@@ -1286,7 +1348,9 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     at what a shard can fill (a batch never spans two shards).
     shard_size: images per shard (default `auto_shard_size`: <= 1024, <= 256 MiB of results).
     on_batch: called with each ResultBatch (e.g. to throttle or observe). Other arguments as
-    `explain_batches`. Multi-process: every process calls it alike (after `init_distributed`).
+    `explain_batches`. Multi-process: every process calls it alike (after `init_distributed`); one
+    process failing mid-run raises its error there and `OtherProcessError` in the others, which stop
+    at the same step, all keeping their finished shards.
     """
     import jax
 
@@ -1418,20 +1482,27 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             _atomic_write(path, data, out, kept())
 
         try:
+            stopped_by: BaseException | None = None  # multi-process: what ended this process's loop early
             try:
-                for b in _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
+                stream = _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
                                  workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
-                                 stats=stats, bar=bar, on_batch=on_batch):
-                    buf.append(b)
-                    if b.last_in_shard:
-                        first, n, digest = streamed_shards.pop(b.shard)
-                        rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
-                        buf = []
-                        records = {**mine_records, b.shard: rec}
-                        own_header["shards"] = [records[k] for k in sorted(records)]
-                        write(own, _results.dumps(own_header))
-                        mine_records[b.shard] = rec  # finished once recorded
-                        written.add(b.shard)
+                                 stats=stats, bar=bar, on_batch=on_batch)
+                with contextlib.closing(stream):  # closed at once on an error here, so peers stop with it
+                    for b in stream:
+                        buf.append(b)
+                        if b.last_in_shard:
+                            first, n, digest = streamed_shards.pop(b.shard)
+                            rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
+                            buf = []
+                            records = {**mine_records, b.shard: rec}
+                            own_header["shards"] = [records[k] for k in sorted(records)]
+                            write(own, _results.dumps(own_header))
+                            mine_records[b.shard] = rec  # finished once recorded
+                            written.add(b.shard)
+            except (Exception, KeyboardInterrupt) as e:
+                if pcount == 1:
+                    raise
+                stopped_by = e  # every process (stopped together, see _stream) still gathers the records
             finally:
                 if bar is not None:
                     bar.close()
@@ -1439,10 +1510,12 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             # Consolidate: every process's records into manifest.json (no shared file system needed for
             # the list itself), errors.tsv; totals over all processes.
             counters = np.array([stats.images, stats.errors, skipped + streamed_skips[0],
-                                 round(stats.input_wait_s * 1e3), len(retry & written)], np.int64)
+                                 round(stats.input_wait_s * 1e3), len(retry & written),
+                                 stopped_by is not None and not isinstance(stopped_by, OtherProcessError)], np.int64)
             if pcount > 1:
                 all_records = _allgather_json([mine_records[k] for k in sorted(mine_records)])
-                counters = _allgather(counters).sum(0)
+                gathered = _allgather(counters)
+                failed, counters = np.nonzero(gathered[:, 5])[0].tolist(), gathered.sum(0)
             else:
                 all_records = [[mine_records[k] for k in sorted(mine_records)]]
             everything = dict(complete)
@@ -1455,17 +1528,27 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
                     num_shards = max(num_shards, max(streamed_shards) + 1)
             n_errors = sum(len(r.get("errors", [])) for r in everything.values())
             if pidx == 0:
-                final = dict(_results._load_json(out / _results.MANIFEST))
-                final["shards"] = [everything[k] for k in sorted(everything)]
-                final["num_shards"] = num_shards
-                final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
-                write(out / _results.MANIFEST, _results.dumps(final))
-                if retry_failed:
-                    _drop_superseded_records(out, everything, write)
                 try:
-                    _results.write_errors_file(out, everything)
-                except OSError as e:
-                    raise OutputWriteError(out / _results.ERRORS_FILE, e, out, len(everything)) from e
+                    final = dict(_results._load_json(out / _results.MANIFEST))
+                    final["shards"] = [everything[k] for k in sorted(everything)]
+                    final["num_shards"] = num_shards
+                    final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
+                    write(out / _results.MANIFEST, _results.dumps(final))
+                    if retry_failed:
+                        _drop_superseded_records(out, everything, write)
+                    try:
+                        _results.write_errors_file(out, everything)
+                    except OSError as e:
+                        raise OutputWriteError(out / _results.ERRORS_FILE, e, out, len(everything)) from e
+                except (OSError, ValueError):
+                    if stopped_by is None:  # else this process's own error (raised below) is the one to tell
+                        raise
+            if stopped_by is not None and not isinstance(stopped_by, OtherProcessError):
+                raise stopped_by
+            if pcount > 1 and failed:  # also where it stopped in the last step, which the others ran to the end
+                raise OtherProcessError(f"process(es) {failed} stopped during the run (see their messages); "
+                                        f"{len(everything)} finished shard(s) are kept in {out}: rerun the same "
+                                        "command to resume") from None
         except KeyboardInterrupt:  # shards and manifests are written atomically: every recorded one is kept
             try:  # what a rerun will find (exact even when Ctrl-C fell between a write and the bookkeeping)
                 n = len(_results.read_manifest(out)["shards"])

@@ -212,6 +212,40 @@ def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_pa
         "error: process(es) [1] could not start this job (see their messages)"]
 
 
+def test_a_process_failing_mid_run_stops_every_process(ckpt, image_dir, reference, tmp_path):
+    """A process that fails during the run (here: a shard file it cannot write) flags its next steps
+    as its last, so the others stop with it, each with one line and status 2, keeping every finished
+    shard: both used to wait in a step the failed one never ran until jax.distributed's shutdown
+    barrier timed out (5 minutes) and aborted them. A rerun resumes."""
+    args = [*CLI_SPEC, "--model", ckpt, "--images", image_dir, "--batch-size", 4, "--no-progress"]
+    # One image per shard, one shard per step: process 0 runs shards 0, 2, .., 12, process 1 shards 1, .., 11.
+    # Process 1 fails on writing its first shard (step 0), once step 1 is in flight: it flags steps 2 and 3,
+    # and process 0, having seen step 2's flag, ends after step 3, the one in flight (shards 0, 2, 4, 6).
+    mid = tmp_path / "mid"
+    (mid / "shard-000001.npz").mkdir(parents=True)
+    (rc0, _, err0), (rc1, _, err1) = _run_two_processes([*args, "--shard-size", 1, "--out", mid])
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert "Traceback" not in err0 + err1
+    assert "error: cannot write" in err1 and "shard-000001.npz" in err1
+    errors0 = [ln for ln in err0.splitlines() if ln.startswith("error:")]
+    assert len(errors0) == 1 and errors0[0].startswith("error: process(es) [1] stopped during the run"), err0[-2000:]
+    assert sorted(int(r["id"]) for r in json.loads((mid / "manifest.json").read_text())["shards"]) == [0, 2, 4, 6]
+
+    # Process 0 fails in the last step, which process 1 (idle by then) runs to the end: it learns it
+    # when the processes gather their records, and stops too. Shards of 3: process 0 (shards 0, 2, 4)
+    # runs 5 steps, process 1 (shards 1, 3) 4 and one idle.
+    args += ["--shard-size", 3]
+    last = tmp_path / "last"
+    (last / "shard-000004.npz").mkdir(parents=True)
+    (rc0, _, err0), (rc1, _, err1) = _run_two_processes([*args, "--out", last])
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert "shard-000004.npz" in err0 and "error: process(es) [0] stopped during the run" in err1
+    (last / "shard-000004.npz").rmdir()
+    for rc, _, err in _run_two_processes([*args, "--out", last]):
+        assert rc == 0, err[-3000:]
+    _assert_same(read_results(last, verify=True), read_results(reference))
+
+
 def test_the_newest_record_of_a_shard_describes_its_file(reference, tmp_path):
     """Two manifest files may record one shard: a part left by a process that a later run (fewer
     processes) did not rewrite keeps the old record, whose size can match the shard written since
