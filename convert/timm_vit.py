@@ -249,8 +249,26 @@ def check_img_size(img_size, patch_size: int) -> tuple[int, int]:
     return h, w
 
 
+# timm's `_create_vision_transformer` gives these families' checkpoint filter plain bilinear
+# resampling (their pretrained weights resize better so); every other ViT gets antialiased bicubic.
+_RADIO_ALIGN_CORNERS = ("base_patch16_radio_v3", "huge_patch16_radio_v3")
+
+
+def checkpoint_resampling(name: str) -> dict:
+    """How timm's checkpoint filter resamples the position embeddings of architecture `name`:
+    keyword arguments of `jaxvit.posemb.resample_abs_pos_embed`."""
+    arch = name.partition(".")[0]
+    if "flexi" in arch:
+        return dict(interpolation="bilinear", antialias=False)
+    if "radio" in arch:
+        return dict(interpolation="bilinear", antialias=False,
+                    align_corners=any(n in arch for n in _RADIO_ALIGN_CORNERS))
+    return dict(interpolation="bicubic", antialias=True)
+
+
 def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) -> tuple[dict, ViTConfig]:
-    """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does.
+    """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does
+    (`checkpoint_resampling` of the config's name).
 
     `img_size` must be positive multiples of the patch size (else ValueError), or the config's own."""
     if _as_pair(img_size) == config.img_size:
@@ -260,7 +278,8 @@ def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) ->
     if img_size == tuple(config.img_size) or not config.pos_embed:
         return params, new
     prefix = 0 if config.no_embed_class else config.num_prefix_tokens
-    pe = resample_abs_pos_embed(params["pos_embed"], new.grid_size, config.grid_size, prefix)
+    pe = resample_abs_pos_embed(params["pos_embed"], new.grid_size, config.grid_size, prefix,
+                                **checkpoint_resampling(config.name))
     params = dict(params, pos_embed=np.asarray(pe))
     return params, new
 

@@ -4,9 +4,10 @@ timm resizes the patch rows of a position embedding with
 `F.interpolate(..., mode="bicubic", antialias=True, align_corners=False)` and leaves the
 prefix rows (class, register, distillation tokens) untouched. torch's antialiased bicubic is
 Pillow's separable filter: Keys cubic with a = -0.5, support widened by the scale when
-shrinking, weights normalised over the taps that fall inside the input. The grids are static
-shapes, so we build the two 1-D weight matrices in numpy and apply them as one einsum: exact,
-jittable, and free when the grid does not change.
+shrinking, weights normalised over the taps that fall inside the input. The checkpoint filters
+of FlexiViT and RADIO use plain bilinear instead (no antialias; RADIO v3 base/huge with
+`align_corners=True`). The grids are static shapes, so we build the two 1-D weight matrices in
+numpy and apply them as one einsum: exact, jittable, and free when the grid does not change.
 """
 
 from __future__ import annotations
@@ -33,14 +34,32 @@ _FILTERS = {"bicubic": (_cubic, 2.0), "bilinear": (_triangle, 1.0)}
 
 
 @functools.lru_cache(maxsize=64)
-def resample_matrix(in_size: int, out_size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """(out_size, in_size) float64 weights of torch's antialiased 1-D resampling."""
+def resample_matrix(in_size: int, out_size: int, interpolation: str = "bicubic", antialias: bool = True,
+                    align_corners: bool = False) -> np.ndarray:
+    """(out_size, in_size) float64 weights of torch's 1-D resampling (`F.interpolate`): antialiased
+    bicubic or bilinear, or plain bilinear (`antialias=False`, either `align_corners`)."""
     if interpolation not in _FILTERS:
         raise ValueError(f"unsupported position-embedding interpolation {interpolation!r}; "
                          f"choose one of {sorted(_FILTERS)}")
+    if not antialias and interpolation != "bilinear":
+        raise ValueError(f"{interpolation} without antialias is not supported (timm's checkpoint filters use it "
+                         "with antialias, and plain bilinear)")
+    if align_corners and antialias:
+        raise ValueError("align_corners is for plain bilinear (antialias=False)")
+    if align_corners:  # source position i * (in - 1) / (out - 1): the corner pixels' centres coincide
+        w = np.zeros((out_size, in_size))
+        src = np.arange(out_size) * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
+        lo = np.minimum(np.floor(src).astype(int), in_size - 1)
+        hi = np.minimum(lo + 1, in_size - 1)
+        frac = src - lo
+        np.add.at(w, (np.arange(out_size), lo), 1.0 - frac)
+        np.add.at(w, (np.arange(out_size), hi), frac)
+        return w
     kernel, support = _FILTERS[interpolation]
     scale = in_size / out_size
-    filter_scale = max(scale, 1.0)  # widen the kernel only when shrinking
+    # Antialiasing widens the kernel when shrinking. Without it the same taps and normalisation are
+    # torch's plain bilinear: its edge clamping is the renormalisation over the taps inside.
+    filter_scale = max(scale, 1.0) if antialias else 1.0
     support = support * filter_scale
     w = np.zeros((out_size, in_size))
     for i in range(out_size):
@@ -57,10 +76,12 @@ def resample_matrix(in_size: int, out_size: int, interpolation: str = "bicubic")
 
 
 def resample_abs_pos_embed(posemb, new_grid: tuple[int, int], old_grid: tuple[int, int],
-                           num_prefix_tokens: int, interpolation: str = "bicubic"):
+                           num_prefix_tokens: int, interpolation: str = "bicubic", antialias: bool = True,
+                           align_corners: bool = False):
     """Resample (1, P + gh*gw, D) position embeddings to a new (gh', gw') grid.
 
     The first `num_prefix_tokens` rows are kept as they are. Computed in float32 like timm.
+    interpolation, antialias, align_corners: as timm's (see `resample_matrix`).
     """
     new_grid, old_grid = tuple(new_grid), tuple(old_grid)
     if new_grid == old_grid:
@@ -71,8 +92,9 @@ def resample_abs_pos_embed(posemb, new_grid: tuple[int, int], old_grid: tuple[in
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     dtype = grid.dtype
     grid = grid.astype(jnp.float32).reshape(old_grid[0], old_grid[1], -1)
-    wh = jnp.asarray(resample_matrix(old_grid[0], new_grid[0], interpolation), jnp.float32)
-    ww = jnp.asarray(resample_matrix(old_grid[1], new_grid[1], interpolation), jnp.float32)
+    mode = (interpolation, antialias, align_corners)
+    wh = jnp.asarray(resample_matrix(old_grid[0], new_grid[0], *mode), jnp.float32)
+    ww = jnp.asarray(resample_matrix(old_grid[1], new_grid[1], *mode), jnp.float32)
     # Separable like torch (rows, then columns); HIGHEST keeps TF32 out of it on GPU.
     grid = jnp.einsum("hH,Hwd->hwd", wh, jnp.einsum("wW,HWd->Hwd", ww, grid,
                                                    precision="highest"), precision="highest")

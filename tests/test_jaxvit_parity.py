@@ -103,6 +103,22 @@ def test_position_embedding_resampling_matches_timm():
     _check(model224.apply({"params": params224}, x), ref, True)
 
 
+@pytest.mark.parametrize("arch,size", [("flexivit_small", 128), ("vit_base_patch16_radio_v3", 160),
+                                       ("vit_large_patch16_radio_v3", 160)])
+def test_families_with_their_own_resampling_match_timm(arch, size, tmp_path):
+    """timm loads FlexiViT and RADIO weights at another size with plain bilinear resampling (RADIO v3
+    base and huge with align_corners), not the antialiased bicubic of other ViTs; with that, these
+    embeddings were 0.1-0.2 off (relative). The reference is timm's own loading of a weights file at
+    `size`. Tolerance 1e-5: float32 rounding of a separable resample (1e-6 measured)."""
+    src = randomize_timm_(timm.create_model(arch, pretrained=False, depth=1))
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    ref = timm.create_model(arch, pretrained=True, depth=1, img_size=size,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")))
+    model, params = convert.load(src, img_size=size)
+    assert model.config.img_size == (size, size)
+    assert rel_err(params["pos_embed"], ref.pos_embed.detach().numpy()) <= TOL
+
+
 def test_native_size_that_is_not_a_patch_multiple_matches_timm():
     """SigLIP so400m is 384 pixels in 14-pixel patches: timm's strided conv sees a 27x27 grid and
     never the last 6 rows and columns. jaxvit accepts that native size and drops the same pixels
