@@ -2,7 +2,7 @@
 
 Definitions: ../shared/method.md, "Baselines". All functions take the full attention
 matrices or class-token rows from one jaxvit forward; gradient methods take d logit_c / dA
-from one vjp for all K classes (vmapped cotangents): `gradient_maps` reduces each class's
+from one vjp for all K classes (cotangents in chunks of classes): `gradient_maps` reduces each class's
 gradients to its map inside the class loop, `attention_and_grads` returns them all.
 """
 
@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxvit import ViT
-from predmaps.core import zeros_varying_like
+from predmaps.core import BATCHED_VJP_OK, zeros_varying_like
 from predmaps.targets import Targets
 
-# Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit, and on XLA:CPU
-# (jax 0.10) one vmap over >= ~96 cotangents of this vjp miscompiles (15% error against per-class
-# calls, tests/test_predmaps.py::test_matches_torch_version).
+# Classes in chunks: K x B x L x H x T x T gradients of all 1000 classes would not fit; and in
+# jax < 0.11 a vjp vmapped over classes miscompiles (core.BATCHED_VJP_OK): one class per pass there.
 _CLASS_CHUNK = 32  # classes per backward pass of gradient methods, at most
 _CHUNK_GRAD_BYTES = 1 << 31  # and at most this many bytes of one chunk's attention gradients
 
@@ -27,6 +26,8 @@ _CHUNK_GRAD_BYTES = 1 << 31  # and at most this many bytes of one chunk's attent
 def _class_chunk(attn: jax.Array, num_blocks: int) -> int:
     """Classes per backward pass: 32, fewer where their gradients (num_blocks x attn's B x H x T x T
     each) would pass 2 GiB, e.g. ViT-B/16 at batch 64 with every block: 1."""
+    if not BATCHED_VJP_OK:
+        return 1
     b, _, h, t, _ = attn.shape
     per_class = b * num_blocks * h * t * t * jnp.dtype(attn.dtype).itemsize
     return max(1, min(_CLASS_CHUNK, _CHUNK_GRAD_BYTES // per_class))

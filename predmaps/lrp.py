@@ -77,7 +77,7 @@ import numpy as np
 
 from jaxvit.model import activation, patchify
 from jaxvit.posemb import resample_abs_pos_embed
-from predmaps.core import zeros_varying_like
+from predmaps.core import BATCHED_VJP_OK, zeros_varying_like
 
 __all__ = ["RULES", "attention_relevance", "forward", "full_lrp", "partial_lrp", "relprop", "transattr"]
 
@@ -417,7 +417,9 @@ def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_inp
     classes, onehots = _one_hots(logits, targets)
     rel = jax.vmap(lambda r: relprop(model, params, acts, r, rule=rule, alpha=alpha, to_input=to_input))(onehots)
     if grad_blocks:
-        grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(onehots)  # {block: (K, B, H, T, T)}
+        grads_for = lambda ct: vjp_fn(ct)[0]  # noqa: E731
+        # {block: (K, B, H, T, T)}; class by class where a batched vjp miscompiles (core.BATCHED_VJP_OK)
+        grads = jax.vmap(grads_for)(onehots) if BATCHED_VJP_OK else jax.lax.map(grads_for, onehots)
     return logits, classes, rel, grads
 
 

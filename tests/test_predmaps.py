@@ -274,14 +274,40 @@ def test_gradient_maps_per_class_chunk_equal_all_gradients_at_once(small, monkey
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
-def test_gradient_class_chunk_bounds_one_chunks_gradients():
+@pytest.mark.parametrize("method", ["gradcam", "generic_attention", "transattr"])
+def test_gradient_methods_explain_many_classes_as_one_class_at_a_time(method):
+    """Several target classes in one call give each class's maps as a call for that class alone.
+    jax 0.10's XLA miscompiled the class-batched backward pass once the activations grew (here 16
+    images x 4 classes of 65 tokens: 0.2-0.54 relative; ViT-S/16 at 8 x 4); the earlier tests' batches
+    were too small to show it. Tolerance: float32 rounding (2.5e-7 measured)."""
+    cfg = ViTConfig(name="test-vit-65", img_size=(64, 64), patch_size=8, embed_dim=192, depth=2, num_heads=3,
+                    mlp_dim=768, num_classes=16)
+    model = ViT(cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_unflatten(tree, [
+        (rng.standard_normal(l.shape) * (l.shape[0] ** -0.5 if len(l.shape) == 2 else 0.3)).astype(np.float32)
+        for l in leaves])
+    x = jnp.asarray(rng.standard_normal((16, 64, 64, 3)), jnp.float32)
+    together = predmaps.explain(model, params, x, method=method, target=[0, 1, 2, 3]).maps
+    alone = jnp.concatenate([predmaps.explain(model, params, x, method=method, target=c).maps for c in range(4)], 1)
+    assert rel_err(together, alone) <= 1e-5
+
+
+def test_gradient_class_chunk_bounds_one_chunks_gradients(monkeypatch):
     """Classes per backward pass: 32 where they fit, fewer where one chunk's attention gradients
-    would pass 2 GiB, never 0 (a ViT-B/16 batch of 64 with every block: 1.4 GiB per class)."""
+    would pass 2 GiB, never 0 (a ViT-B/16 batch of 64 with every block: 1.4 GiB per class); one
+    where a vjp vmapped over classes miscompiles (jax < 0.11)."""
+    from predmaps import baselines
     from predmaps.baselines import _class_chunk
 
     def attn(b, layers, heads, t=197):
         return jax.ShapeDtypeStruct((b, layers, heads, t, t), jnp.float32)
 
+    monkeypatch.setattr(baselines, "BATCHED_VJP_OK", False)
+    assert _class_chunk(attn(2, 3, 4, 17), 3) == 1
+    monkeypatch.setattr(baselines, "BATCHED_VJP_OK", True)
     assert _class_chunk(attn(2, 3, 4, 17), 3) == 32
     assert _class_chunk(attn(8, 12, 6), 12) == 24  # ViT-S/16 b8: 89 MB per class
     assert _class_chunk(attn(8, 12, 6), 1) == 32  # GradCAM: the last block only
