@@ -240,7 +240,8 @@ def check_request(model: ViT, method: str, layer: int = -1, options: dict | None
     """The host-side checks of an explanation request: (Method, layer index, sorted options tuple).
 
     Raises ValueError naming the problem: unknown method or option, bad option value, layer out of
-    range, no classifier head, an attention method on a model without a class token.
+    range, no classifier head, an attention method on a model without a class token, GradCAM on a
+    model whose head does not read the class token.
     """
     m = get_method(method)
     cfg = model.config
@@ -248,6 +249,10 @@ def check_request(model: ViT, method: str, layer: int = -1, options: dict | None
         raise ValueError("this model has no classifier head (num_classes=0): prediction maps need one")
     if m.needs_class_token:
         core.check_class_token(model, method)
+    if method == "gradcam" and cfg.global_pool != "token":
+        raise ValueError(f"gradcam weights heads by the gradient at the last block's class-token row, which a head "
+                         f"pooling with global_pool={cfg.global_pool!r} never reads: every map would be 0. Use "
+                         "generic_attention or prediction_map")
     options = dict(options or {})
     unknown = sorted(set(options) - set(m.options))
     if unknown:

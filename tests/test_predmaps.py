@@ -529,6 +529,20 @@ def test_no_class_token_model(small):
             predmaps.explain(model, params, x, method=method)
 
 
+def test_gradcam_refuses_a_class_token_its_head_does_not_read(small):
+    """A class token with an average-pooling head (EVA, BEiT-3): the last block's class-token row
+    never reaches the logits, so its gradient, GradCAM's head weights, is exactly 0 and every map
+    was a constant; refused like the LRP methods. The attention methods still run."""
+    cfg = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10,
+                    global_pool="avg", fc_norm=True)
+    model = ViT(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    x = small[2]
+    with pytest.raises(ValueError, match="gradcam .* global_pool='avg' never reads: every map would be 0"):
+        predmaps.explain(model, params, x, method="gradcam")
+    assert predmaps.explain(model, params, x, method="generic_attention").maps.shape == (4, 1, 4, 4)
+
+
 def test_errors_name_the_problem(small):
     model, params, x = small
     with pytest.raises(ValueError, match=r"layer 4 out of range: this model has layers 0\.\.3"):
