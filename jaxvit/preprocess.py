@@ -257,11 +257,21 @@ def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+# Pixels of one resize's output. The shorter side goes to ~256 before the crop, so a thin strip
+# becomes huge (1 x 8000 -> 248 x 1,984,000: 4.9 GB of peak memory for a 224 x 224 input; a
+# 1 x 100000 strip needs ~25 GB). 2^24 allows aspect ratios up to ~270:1 at 224.
+MAX_RESIZE_PIXELS = 1 << 24
+
+
 def _resize(img: Image.Image, hw: tuple[int, int], resample: Image.Resampling) -> Image.Image:
     """torchvision F.resize on PIL with an explicit (h, w): no-op when already that size."""
     h, w = hw
     if (img.height, img.width) == (h, w):
         return img
+    if h * w > MAX_RESIZE_PIXELS:
+        raise ImageLoadError(f"a {img.width}x{img.height} image would be resized to {w}x{h} before the crop "
+                             f"({h * w / 1e6:.0f}M pixels, over the limit of {MAX_RESIZE_PIXELS / 1e6:.1f}M): its "
+                             "aspect ratio is too extreme for this transform; crop it first")
     return img.resize((w, h), resample)
 
 
@@ -395,8 +405,14 @@ def eval_transform(
     Unlike timm, an unknown `crop_mode` raises ValueError instead of silently falling
     back to 'center'. See the module docstring for the exact steps.
     """
-    arr = eval_geometry(_as_rgb(image), img_size=img_size, resample=pil_interpolation(interpolation),
-                        crop_pct=crop_pct, crop_mode=crop_mode, fill=[round(255 * v) for v in mean])
+    img = _as_rgb(image)
+    try:
+        arr = eval_geometry(img, img_size=img_size, resample=pil_interpolation(interpolation),
+                            crop_pct=crop_pct, crop_mode=crop_mode, fill=[round(255 * v) for v in mean])
+    except ImageLoadError as e:
+        if isinstance(image, Image.Image):
+            raise
+        raise ImageLoadError(f"cannot use image {_describe(image)}: {e}") from None
     return normalize(_unit(arr), mean, std)
 
 

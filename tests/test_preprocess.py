@@ -186,6 +186,17 @@ def test_border_mode_takes_a_strip_thinner_than_a_pixel_after_resizing():
     assert len(rows) == 1 and np.allclose(out[rows[0]], (30 / 255 - 0.5) / 0.5, atol=0.02)
 
 
+def test_a_strip_too_thin_to_resize_is_refused_as_an_image_error(tmp_path):
+    """The shorter side goes to 248 before a 224 crop, so a 1 x 8000 strip would become 248 x
+    1,984,000 pixels (4.9 GB of peak memory; 1 x 100000 ~25 GB): refused as that image's error, naming
+    it, before any allocation. 200:1 still resizes as timm does (the limit allows ~270:1)."""
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.full((1, 8000, 3), 30, np.uint8)).save(path)
+    with pytest.raises(ImageLoadError, match=r"strip\.png.*8000x1 image would be resized to 1984000x248 .*crop it first"):
+        pp.eval_transform(path, mean=HALF, std=HALF)
+    assert pp.eval_transform(Image.new("RGB", (2000, 10)), mean=HALF, std=HALF).shape == (224, 224, 3)
+
+
 @pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
 @pytest.mark.parametrize("wh,size,crop_pct", [((320, 240), (224, 224), 0.9), ((181, 263), (192, 256), 0.875),
                                               ((97, 150), (224, 224), 1.15)], ids=["wide", "tall-nonsquare", "pad"])
