@@ -345,6 +345,41 @@ def test_scores_from_hdf5_equal_in_memory_and_independent_of_batch_size(tiny, tm
     assert mem.clean_accuracy == mem.correct["positive"][0] / n
 
 
+def test_chefer_images_outside_unit_range_are_refused(tiny, tmp_path):
+    """A results.hdf5 whose 'image' holds 0..255 or mean/std-normalised values (not [0, 1]) is
+    refused with a DataLayoutError naming the file and the range found, by batch and by take,
+    rather than scored at a wrong clean accuracy; [0, 1] within 1e-6 (float32 rounding) is read."""
+    model, params, _ = tiny
+    rng = np.random.default_rng(2)
+    unit = rng.random((3, 3, 224, 224)).astype(np.float32)  # as stored: (n, 3, H, W)
+    unit[0, 0, 0, 0], unit[1, 0, 0, 0] = 0.0, 1.0
+    unit[2, 0, 0, 0] = 1 + 5e-7  # an ulp-scale overshoot is kept
+
+    def write(name, image):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["vis"] = rng.random((3, 1, 224, 224)).astype(np.float32)
+            f["image"] = image
+            f["target"] = np.array([0, 1, 2], np.int32)
+        return tmp_path / name
+
+    with ev.CheferResults(write("ok.hdf5", unit)) as r:
+        np.testing.assert_array_equal(r.batch(0, 3)["unit"], unit.transpose(0, 2, 3, 1))
+    for name, image, lo, hi in (("u255.hdf5", unit * 255, "0", "255"), ("norm.hdf5", unit * 2 - 1, "-1", "1")):
+        path = write(name, image)
+        with ev.CheferResults(path) as r:
+            with pytest.raises(ev.DataLayoutError, match=rf"{name}: 'image' among entries 0\.\.2 holds values in "
+                                                         rf"\[{lo}, {hi}[.0-9]*\]; .*\[0, 1\]"):
+                ev.score_maps(model, params, r, None, None, batch_size=3)
+            with pytest.raises(ev.DataLayoutError, match=rf"entries 1\.\.2 holds values"):
+                r.take([1, 2])
+    rest = unit.copy()
+    rest[1:] *= 255  # refused in the batch holding it, not sooner
+    with ev.CheferResults(write("late.hdf5", rest)) as r:
+        assert r.batch(0, 1)["unit"].shape == (1, 224, 224, 3)
+        with pytest.raises(ev.DataLayoutError, match="entries 1..2"):
+            r.batch(1, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # End to end on the tiny model
 

@@ -31,6 +31,9 @@ SEGMENTATION_LAYOUT = (
 CHEFER_LAYOUT = (
     "expected a results.hdf5 map file as written by Chefer et al.'s generate_visualizations.py: datasets "
     "'vis' (n,1,H,W) float32 maps, 'image' (n,3,H,W) float32 in [0,1] and 'target' (n,) int32 labels")
+# How far 'image' may leave [0, 1]: float32 rounding in a writer's resize or colour conversion; a
+# 0..255 or mean/std-normalised image is off by far more.
+UNIT_TOLERANCE = 1e-6
 
 
 def _h5py():
@@ -219,10 +222,20 @@ class CheferResults:
         """(b, H, W) float32 maps only."""
         return np.asarray(self._f["vis"][start:stop, 0], np.float32)
 
+    def _unit(self, image, first: int, last: int) -> np.ndarray:
+        """(b, 3, H, W) as read -> (b, H, W, 3), refused unless in [0, 1]: 0..255 or already
+        normalised images would be scored without complaint, at a wrong clean accuracy."""
+        image = np.asarray(image, np.float32)
+        if image.size:
+            lo, hi = float(image.min()), float(image.max())
+            if not (lo >= -UNIT_TOLERANCE and hi <= 1 + UNIT_TOLERANCE):  # NaN fails too
+                raise DataLayoutError(f"{self.path}: 'image' among entries {first}..{last} holds values in [{lo:g}, {hi:g}]; "
+                                      f"images must be unnormalised pixel / 255 in [0, 1]; {CHEFER_LAYOUT}")
+        return np.ascontiguousarray(image.transpose(0, 2, 3, 1))
+
     def batch(self, start: int, stop: int) -> dict:
-        image = np.asarray(self._f["image"][start:stop], np.float32)
         return {"maps": self.maps(start, stop),
-                "unit": np.ascontiguousarray(image.transpose(0, 2, 3, 1)),
+                "unit": self._unit(self._f["image"][start:stop], start, stop - 1),
                 "labels": np.asarray(self._f["target"][start:stop]).astype(np.int32)}
 
     def take(self, indices) -> dict:
@@ -233,7 +246,7 @@ class CheferResults:
         if not idx:
             return self.batch(0, 0)
         return {"maps": np.asarray(self._f["vis"][idx, 0], np.float32),
-                "unit": np.ascontiguousarray(np.asarray(self._f["image"][idx], np.float32).transpose(0, 2, 3, 1)),
+                "unit": self._unit(self._f["image"][idx], idx[0], idx[-1]),
                 "labels": np.asarray(self._f["target"][idx]).astype(np.int32)}
 
     def read(self) -> dict:
