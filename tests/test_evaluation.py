@@ -304,6 +304,24 @@ def test_mat_reader_on_built_file(seg_file, tmp_path):
         assert len(ds) == 5
 
 
+def test_mask_of_another_shape_than_its_image_is_refused(tiny, seg_file, tmp_path):
+    """A mask whose (H, W) differs from its image's (here transposed) raises a DataLayoutError
+    naming the entry and both shapes, from the reader and from the segmentation test, instead of
+    being resized on its own and scored against the wrong pixels; the other entries still read."""
+    model, params, _ = tiny
+    _, images, masks, _ = seg_file
+    bad = list(masks)
+    bad[1] = masks[1].T.copy()  # 43 x 55 image, 55 x 43 mask
+    path = ev.write_segmentation_mat(tmp_path / "transposed.mat", images, bad)
+    with ev.ImageNetSegmentation(path) as ds:
+        np.testing.assert_array_equal(ds.mask(0), masks[0])
+        with pytest.raises(ev.DataLayoutError, match=r"transposed.mat: entry 1: mask is 55x43 \(H x W\) but its "
+                                                     r"image 43x55"):
+            ds.mask(1)
+    with pytest.raises(ev.DataLayoutError, match="entry 1: mask is 55x43"):
+        ev.segmentation_test(model, params, path, batch_size=2)
+
+
 def test_chefer_hdf5_roundtrip_layout(tmp_path):
     rng = np.random.default_rng(0)
     maps = rng.random((3, 224, 224)).astype(np.float32)

@@ -127,6 +127,14 @@ class ImageNetSegmentation:
         arr = np.asarray(self._deref(cell[0, 0], "/value/gt cell", i)[()])
         if arr.ndim != 2:
             raise DataLayoutError(f"{self.path}: mask {i} has shape {arr.shape}; {SEGMENTATION_LAYOUT}")
+        # Each is resized to the evaluation size on its own, so a transposed or foreign mask would
+        # be scored against the wrong pixels; only the image's stored shape is read, not its data.
+        stored = self._deref(self._img[i], "/value/img", i).shape  # (C, W, H) or grey (W, H)
+        image_hw, mask_hw = tuple(stored[::-1][:2]), arr.shape[::-1]
+        if len(stored) in (2, 3) and mask_hw != image_hw:
+            raise DataLayoutError(f"{self.path}: entry {i}: mask is {mask_hw[0]}x{mask_hw[1]} (H x W) but its image "
+                                  f"{image_hw[0]}x{image_hw[1]}; the mask must cover the image pixel for pixel; "
+                                  f"{SEGMENTATION_LAYOUT}")
         return np.ascontiguousarray((arr.T != 0).astype(np.uint8))
 
     def wnid(self, i: int) -> str | None:
