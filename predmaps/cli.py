@@ -125,11 +125,8 @@ def _run_report(model, params, batches, out: Path, options, png_layers):
     names = report.PngNames()
 
     def pngs(r):
-        stem = names(r.name)
-        if stem != Path(r.name).stem:
-            long = len(Path(r.name).stem.encode("utf-8", "surrogateescape")) > report.MAX_STEM_BYTES
-            why = f"a file stem over {report.MAX_STEM_BYTES} bytes, shortened" if long else \
-                "the file stem of an earlier image"
+        stem, why = names.stem_and_note(r.name)
+        if why:
             print(f"note: {r.name} has {why}; its overlays are {stem}_*.png", file=sys.stderr)
         report.write_pngs(r, model.config, out, options.method, png_layers, cmap=options.cmap, alpha=options.alpha,
                           shared_scale=options.shared_scale, stem=stem)

@@ -102,7 +102,7 @@ class ImageResult:
     """Everything a page shows for one image (numpy, host side)."""
 
     index: int
-    name: str
+    name: str  # `display_name` of the Batch's name: valid UTF-8, for pages, stdout and file names
     image: np.ndarray  # (H, W, 3) uint8
     probs: np.ndarray  # (C,)
     classes: np.ndarray  # (K,)
@@ -212,6 +212,13 @@ def _as_uint8(images) -> np.ndarray:
     return a if a.dtype == np.uint8 else (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def display_name(name) -> str:
+    """A name as it can be shown and written: a file name that is not valid UTF-8 (os.fsdecode
+    gives its stray bytes as lone surrogates, e.g. b'caf\\xe9.jpg' -> 'caf\\udce9.jpg') with U+FFFD
+    for each such byte. Writing the raw name into a UTF-8 page or stdout raises."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def analyse(model, params, batch: Batch, options: ReportOptions, *, start: int = 0) -> list[ImageResult]:
     """Compute everything the pages show for one batch: one compiled call, the batch padded to
     `options.batch_size` so that a run compiles once."""
@@ -250,7 +257,7 @@ def analyse(model, params, batch: Batch, options: ReportOptions, *, start: int =
     images = _as_uint8(batch.images)
     extent = cfg.grid_extent(x.shape[1], x.shape[2])
     return [ImageResult(
-        index=start + i, name=str(batch.names[i]), image=images[i], probs=probs[i], classes=classes[i],
+        index=start + i, name=display_name(batch.names[i]), image=images[i], probs=probs[i], classes=classes[i],
         maps={k: v[i] for k, v in maps.items()}, agnostic={k: v[i] for k, v in agnostic.items()},
         map_class=int(res["map_class"][i]), layer_maps=psi[i], head_weights=res["head_weights"][i],
         head_attention=a_cls[i], labels=None if labels is None else labels[i],
@@ -655,7 +662,7 @@ MAX_STEM_BYTES, _CLASS_BYTES = 120, 64
 
 
 def _clip_utf8(text: str, limit: int) -> str:
-    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
+    return display_name(text).encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 class PngNames:
@@ -667,13 +674,23 @@ class PngNames:
         self.used: set[str] = set()
 
     def __call__(self, name: str) -> str:
-        base = _clip_utf8(Path(name).stem, MAX_STEM_BYTES) or "image"
+        return self.stem_and_note(name)[0]
+
+    def stem_and_note(self, name: str) -> tuple[str, str | None]:
+        """The stem, and why it is not the name's own stem (None when it is)."""
+        own = display_name(Path(name).stem)
+        base = _clip_utf8(own, MAX_STEM_BYTES) or "image"
         stem, k = base, 1
         while stem in self.used:
             k += 1
             stem = f"{base}-{k}"
         self.used.add(stem)
-        return stem
+        why = []
+        if base != own and own:
+            why.append(f"a file stem over {MAX_STEM_BYTES} bytes, shortened")
+        if k > 1:
+            why.append("the file stem of an earlier image")
+        return stem, " and ".join(why) or None
 
 
 def write_report(model, params, batches: Iterable[Batch], out_dir, options: ReportOptions | None = None, *,

@@ -247,3 +247,28 @@ def test_xla_flag_defaults_are_added_unless_the_user_set_them():
 
     env = {"PREDMAPS_XLA_DEFAULTS": "off"}
     assert configure_xla_flags(env) == [] and "XLA_FLAGS" not in env
+
+
+def test_explain_shows_a_name_that_is_not_utf8_with_replacement_characters(tiny_checkpoint, tmp_path, capsys):
+    """A file name that is not valid UTF-8 (b'caf\\xe9.png' on Linux) is explained like any other: its
+    page, the index and stdout show it with U+FFFD, its overlays are named after that, and there is no
+    note about a stem collision that did not happen. It used to end the run writing the page."""
+    import os
+
+    raw = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"
+    try:
+        Image.new("RGB", (32, 32), "red").save(os.fsdecode(raw))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take a file name that is not UTF-8")
+    other = tmp_path / "other.png"
+    Image.new("RGB", (32, 32), "blue").save(other)
+    out = tmp_path / "out"
+    assert cli.main(["explain", os.fsdecode(raw), str(other), "--model", str(tiny_checkpoint), "--out", str(out),
+                     "--batch-size", "1"]) == 0
+    text = capsys.readouterr()
+    assert "caf\ufffd.png: " in text.out and "note:" not in text.err
+    assert report.verify(out / "report" / "index.html") == []
+    assert "caf\ufffd.png" in (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert "caf\ufffd.png" in (out / "report" / "0000_caf.html").read_text(encoding="utf-8")
+    assert sorted(p.name for p in out.glob("*_grid.png")) == ["caf\ufffd_predicatt_grid.png",
+                                                               "other_predicatt_grid.png"]
