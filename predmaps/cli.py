@@ -117,12 +117,15 @@ def _report_options(args, **overrides):
     return report.ReportOptions(**fields)
 
 
-def _run_report(model, params, batches, out: Path, options, png_layers):
+def _run_report(model, params, batches, out: Path, options, png_layers, progress: dict | None = None):
     """The explain flow shared by `explain` and `demo`: the HTML report under out/report, and the
-    stand-alone PNG overlays of the requested method and layers in out/."""
+    stand-alone PNG overlays of the requested method and layers in out/. progress["report"]: the
+    report folder, once the report is begun."""
     from predmaps import report
 
     names = report.PngNames()
+    if progress is not None:
+        progress["report"] = out / "report"
 
     def pngs(r):
         stem, why = names.stem_and_note(r.name)
@@ -147,6 +150,31 @@ def _make_out(path: str) -> Path:
 
 
 def cmd_explain(args) -> int:
+    import signal
+    import threading
+
+    from predmaps.run_cli import _interrupt_once
+
+    # Ctrl-C anywhere is one line and exit 130, as in `predmaps run`, never a traceback; once the
+    # report is begun, write_report has written an index of the pages finished before it re-raises.
+    on_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGINT, _interrupt_once) if on_main else None
+    progress = {}
+    try:
+        return _explain(args, progress)
+    except KeyboardInterrupt:
+        if "report" in progress:
+            print(f"interrupted: the pages finished are kept, listed in {progress['report'] / 'index.html'} "
+                  "(marked incomplete)", file=sys.stderr)
+        else:
+            print("interrupted before any image was explained", file=sys.stderr)
+        return 130
+    finally:
+        if on_main and signal.getsignal(signal.SIGINT) is _interrupt_once:  # no Ctrl-C came: restore
+            signal.signal(signal.SIGINT, previous)
+
+
+def _explain(args, progress: dict) -> int:
     import itertools
 
     from jaxvit import preprocess
@@ -213,7 +241,7 @@ def cmd_explain(args) -> int:
         return 2
     options = _report_options(args, batch_size=size, model_name=args.model or DEFAULT_MODEL)
     try:
-        rep = _run_report(model, params, itertools.chain([first], it), out, options, args.layers)
+        rep = _run_report(model, params, itertools.chain([first], it), out, options, args.layers, progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -585,12 +585,16 @@ class ReportWriter:
             self.index_pages.append(path)
         self.rows = []
 
-    def finish(self) -> Path:
+    def finish(self, stopped: str | None = None) -> Path:
+        """Write the index. stopped: why the run ended before its last image (said on the index)."""
         self._flush_pending(None)
         if self.rows or self.first_rows is None:
             self._flush_rows(more=False)
         n_pages = 1 + len(self.index_pages)
         parts = []
+        if stopped:
+            parts.append(f"<section><h2>Incomplete</h2><p>This run {html.escape(stopped)} after {self.count} "
+                         "image(s): the report holds only those.</p></section>")
         if self.stats:
             from predmaps import viz
 
@@ -712,16 +716,25 @@ def write_report(model, params, batches: Iterable[Batch], out_dir, options: Repo
     writer = ReportWriter(out_dir, cfg, o)
     lines = []
     start = 0
-    for batch in batches:
-        if not len(batch.names):
-            continue
-        for r in analyse(model, params, batch, o, start=start):
-            top = np.argsort(-r.probs)[:5]
-            lines.append(f"{r.name}: " + ", ".join(f"{cfg.class_name(c)} {r.probs[c]:.3f}" for c in top))
-            writer.add(r)
-            if on_result is not None:
-                on_result(r)
-        start += len(batch.names)
+    try:
+        for batch in batches:
+            if not len(batch.names):
+                continue
+            for r in analyse(model, params, batch, o, start=start):
+                top = np.argsort(-r.probs)[:5]
+                lines.append(f"{r.name}: " + ", ".join(f"{cfg.class_name(c)} {r.probs[c]:.3f}" for c in top))
+                writer.add(r)
+                if on_result is not None:
+                    on_result(r)
+            start += len(batch.names)
+    except BaseException as e:  # Ctrl-C included: the pages already written stay reachable from an index
+        why = "was interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"stopped on an error ({type(e).__name__}: {e})"
+        try:
+            writer.finish(stopped=why)
+        except Exception:  # noqa: BLE001 - e.g. the disk that failed the run; the first error is the one to report
+            pass
+        raise
     index = writer.finish()
     return Report(index=index, pages=writer.pages, index_pages=[index] + writer.index_pages, lines=lines,
                   seconds=time.perf_counter() - t0)

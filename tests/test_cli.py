@@ -272,3 +272,31 @@ def test_explain_shows_a_name_that_is_not_utf8_with_replacement_characters(tiny_
     assert "caf\ufffd.png" in (out / "report" / "0000_caf.html").read_text(encoding="utf-8")
     assert sorted(p.name for p in out.glob("*_grid.png")) == ["caf\ufffd_predicatt_grid.png",
                                                                "other_predicatt_grid.png"]
+
+
+def test_explain_interrupted_keeps_an_index_says_so_in_one_line_and_exits_130(tiny_checkpoint, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Ctrl-C mid-run (here: while the second image's overlays are written) ends `explain` with one
+    line naming what was kept, exit 130 as `predmaps run`, and an index of the finished pages."""
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for p in paths:
+        Image.new("RGB", (32, 32), "red").save(p)
+    real = report.write_pngs
+
+    def write_pngs(r, *args, **kwargs):
+        if r.index == 1:
+            raise KeyboardInterrupt
+        return real(r, *args, **kwargs)
+
+    monkeypatch.setattr(report, "write_pngs", write_pngs)
+    out = tmp_path / "out"
+    try:
+        rc = cli.main(["explain", *map(str, paths), "--model", str(tiny_checkpoint), "--out", str(out),
+                       "--batch-size", "1"])
+    except KeyboardInterrupt:  # uncaught, it would end the pytest session
+        pytest.fail("Ctrl-C escaped `predmaps explain` as a traceback")
+    assert rc == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("interrupted: ") and str(out / "report" / "index.html") in err
+    index = (out / "report" / "index.html").read_text()
+    assert "0000_a.html" in index and "was interrupted" in index

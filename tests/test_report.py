@@ -313,3 +313,23 @@ def test_plots_render():
     assert viz.head_weight_map(np.random.default_rng(0).uniform(size=(6, 4)), mark=[(0, 1)]).size[1] > 100
     assert viz.histogram([1, 0, 3], xlabel="block").size[0] > 100
     assert viz.cmap_css_gradient("jet").startswith("linear-gradient(to right, rgb(0,0,128) 0%")
+
+
+def test_a_run_stopped_midway_still_writes_the_index_of_its_pages(tiny, tmp_path):
+    """Ctrl-C (or any error) after the first batch: the exception reaches the caller, and index.html
+    lists the pages already written and says the run is incomplete."""
+    model, params = tiny
+    unit = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    opts = report.ReportOptions(target="top2", layers=(-1,), batch_size=2)
+
+    def batches(error):
+        yield report.Batch(["a.png", "b.png"], unit, (unit - 0.5) / 0.5)
+        raise error
+
+    for error, said in [(KeyboardInterrupt(), "was interrupted"), (RuntimeError("disk on fire"), "disk on fire")]:
+        out = tmp_path / type(error).__name__
+        with pytest.raises(type(error)):
+            report.write_report(model, params, batches(error), out, opts)
+        index = (out / "index.html").read_text()
+        assert report.verify(out / "index.html") == []
+        assert "0000_a.html" in index and "0001_b.html" in index and "Incomplete" in index and said in index
