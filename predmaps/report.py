@@ -645,11 +645,13 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
     uses_layer = get_method(method).uses_layer
     stem = stem or Path(r.name).stem or "image"
     tiles, titles = [], []
-    for layer in (layers if uses_layer else layers[:1]):  # a method without a layer has one map per class
-        key = (method, core.layer_index(layer, cfg.depth) if uses_layer else None)
+    keys = [(method, core.layer_index(layer, cfg.depth) if uses_layer else None)
+            for layer in (layers if uses_layer else layers[:1])]  # a method without a layer has one map per class
+    # --shared-scale: one scale for the method over all its layers and classes, as on the pages
+    lo, hi = _scale([r.maps[key] for key in keys], True) if shared_scale else (None, None)
+    for key in keys:
         tag = core.layer_name(key[1], cfg.depth) if uses_layer else ""
         maps = r.maps[key]
-        lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
         for j, c in enumerate(r.classes):
             img = viz.overlay(r.image, maps[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, extent=r.extent)
             cname = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.class_name(c))[:_CLASS_BYTES]

@@ -333,3 +333,19 @@ def test_a_run_stopped_midway_still_writes_the_index_of_its_pages(tiny, tmp_path
         index = (out / "index.html").read_text()
         assert report.verify(out / "index.html") == []
         assert "0000_a.html" in index and "0001_b.html" in index and "Incomplete" in index and said in index
+
+
+def test_shared_scale_pngs_use_one_scale_over_the_methods_layers_and_classes(tmp_path):
+    """--shared-scale PNGs: a value of 1 where another layer of the method reaches 100 is drawn cold,
+    as on the report's pages (they were scaled per layer: both layers' peaks came out red)."""
+    cfg = ViTConfig(name="tiny-test", img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                    mlp_dim=64, num_classes=5, crop_pct=1.0)
+    last, before = np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), np.float32)
+    last[:, 0, 0], before[:, 0, 0] = 1.0, 100.0
+    r = report.ImageResult(index=0, name="x.png", image=np.full((32, 32, 3), 128, np.uint8), probs=np.full(5, 0.2),
+                           classes=np.array([3, 1]), maps={("predicatt", 2): last, ("predicatt", 1): before},
+                           agnostic={}, map_class=3, layer_maps=None, head_weights=None, head_attention=None)
+    report.write_pngs(r, cfg, tmp_path, "predicatt", [-1, -2], shared_scale=True, alpha=1.0)
+    for tag, m in [("L", last), ("L-1", before)]:
+        png = np.asarray(Image.open(tmp_path / f"x_predicatt_{tag}_{cfg.class_name(3)}.png"))
+        np.testing.assert_array_equal(png, np.asarray(viz.overlay(r.image, m[0], alpha=1.0, vmin=0, vmax=100)))
