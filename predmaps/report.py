@@ -352,10 +352,9 @@ class _Tiles:
 
 
 def _scale(maps: Iterable[np.ndarray], shared: bool):
-    if not shared:
-        return None
-    arrs = [np.asarray(m, np.float32) for m in maps]
-    return min(float(a.min()) for a in arrs), max(float(a.max()) for a in arrs)
+    from predmaps import viz
+
+    return viz.finite_range(maps) if shared else None
 
 
 def _class_label(cfg, c: int) -> str:

@@ -74,18 +74,44 @@ def _resize_map(token_map: np.ndarray, hw: tuple[int, int], extent=1.0) -> np.nd
     return rows[:, c0] * (1 - fc) + rows[:, c1] * fc
 
 
+NAN_RGB = (128, 128, 128)  # NaN values: mid grey, not a colour of the scale
+
+
+def finite_range(maps) -> tuple[float | None, float | None]:
+    """(min, max) over the finite values of all maps; (None, None) when there are none (each map
+    then falls back to its own scale). NaN and inf never enter a shared scale, whatever the order."""
+    lo, hi = np.inf, -np.inf
+    for m in maps:
+        a = np.asarray(m, np.float32)
+        a = a[np.isfinite(a)]
+        if a.size:
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    return (lo, hi) if lo <= hi else (None, None)
+
+
+def _is_constant(lo: float, hi: float) -> bool:
+    # A range within float rounding of one value is noise: stretched over the colour map, a constant
+    # map one ulp off (0.3 and nextafter(0.3)) showed as the map's full low-to-high contrast.
+    return not hi - lo > 1e-6 * max(abs(lo), abs(hi))
+
+
 def colorize(token_map, size: tuple[int, int] | None = None, *, cmap: str = "jet", vmin: float | None = None,
              vmax: float | None = None, extent=1.0) -> np.ndarray:
     """A map (gh, gw) -> (H, W, 3) uint8 colours, bilinearly upsampled to size (H, W) when given
-    (over `extent` of it, as `overlay`), scaled to [vmin, vmax] (default: its own min and max; a
-    constant map shows as the colour of 0)."""
+    (over `extent` of it, as `overlay`), scaled to [vmin, vmax] (default: the min and max of its
+    finite values; +-inf take the ends of the scale). A map constant to within float rounding
+    shows as the colour of 0; NaN shows as mid grey (`NAN_RGB`)."""
     m = np.asarray(token_map, np.float32)
     if size is not None:
         m = _resize_map(m, size, extent)
-    lo = float(np.nanmin(m)) if vmin is None else float(vmin)
-    hi = float(np.nanmax(m)) if vmax is None else float(vmax)
-    scaled = np.clip((m - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(m)
-    return (_colormap(cmap)(np.nan_to_num(scaled))[..., :3] * 255 + 0.5).astype(np.uint8)
+    own_lo, own_hi = finite_range([m]) if vmin is None or vmax is None else (None, None)
+    lo = float(vmin) if vmin is not None else 0.0 if own_lo is None else own_lo
+    hi = float(vmax) if vmax is not None else lo if own_hi is None else own_hi
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf go through as NaN, 0 or 1
+        scaled = (m > hi).astype(np.float32) if _is_constant(lo, hi) else np.clip((m - lo) / (hi - lo), 0, 1)
+    rgb = (_colormap(cmap)(np.nan_to_num(scaled))[..., :3] * 255 + 0.5).astype(np.uint8)
+    rgb[np.isnan(m)] = NAN_RGB
+    return rgb
 
 
 def overlay(image, token_map, *, cmap: str = "jet", alpha: float = 0.5, vmin: float | None = None,
@@ -94,8 +120,8 @@ def overlay(image, token_map, *, cmap: str = "jet", alpha: float = 0.5, vmin: fl
 
     image: PIL image, (H, W, 3) uint8, or float in [0, 1]. token_map: (gh, gw) or (H, W),
     upsampled bilinearly (half-pixel centres, as `predmaps.upsample`) to the image. Scaled to
-    [vmin, vmax] (default: the map's own min and max; pass shared values to compare maps on one
-    scale); a constant map shows as the colour of 0. alpha: the heat map's opacity, 0..1.
+    [vmin, vmax] (default: the map's own finite min and max; pass shared values, e.g. from
+    `finite_range`, to compare maps on one scale); colours as `colorize`. alpha: the heat map's opacity, 0..1.
     extent: the fraction of the image the token grid covers from the top-left (default all;
     `model.config.grid_extent()` for an input size that is no patch multiple, e.g. so400m's 384).
     """
@@ -145,7 +171,7 @@ def overlay_grid(image, maps: Sequence, titles: Sequence[str] | None = None, *, 
     """Overlays of several maps on one image, tiled: maps (n, gh, gw). shared_scale: one colour scale
     (the min and max over all maps) instead of each map's own. extent: as `overlay`."""
     maps = [np.asarray(m, np.float32) for m in maps]
-    lo, hi = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)) if shared_scale else (None, None)
+    lo, hi = finite_range(maps) if shared_scale else (None, None)
     tiles = [overlay(image, m, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, extent=extent) for m in maps]
     return grid(tiles, list(titles) if titles is not None else None, columns=columns, cell=cell)
 

@@ -349,3 +349,37 @@ def test_shared_scale_pngs_use_one_scale_over_the_methods_layers_and_classes(tmp
     for tag, m in [("L", last), ("L-1", before)]:
         png = np.asarray(Image.open(tmp_path / f"x_predicatt_{tag}_{cfg.class_name(3)}.png"))
         np.testing.assert_array_equal(png, np.asarray(viz.overlay(r.image, m[0], alpha=1.0, vmin=0, vmax=100)))
+
+
+def test_colour_scale_uses_finite_values_greys_nan_and_draws_near_constant_maps_flat():
+    """Colours: the scale spans the finite values only (+inf drawn at the top, NaN mid grey, not the
+    lowest colour), a map constant to within float rounding is one colour, an all-NaN map warns
+    nothing, and a shared scale ignores NaN whichever map comes first."""
+    import warnings
+
+    m = np.arange(16, dtype=np.float32).reshape(4, 4)
+    nan, inf = m.copy(), m.copy()
+    nan[0, 0], inf[0, 0] = np.nan, np.inf
+    cells = np.ones((4, 4), bool)
+    cells[0, 0] = False
+    want = viz.colorize(m, vmin=1, vmax=15)
+    got = viz.colorize(nan)
+    np.testing.assert_array_equal(got[cells], want[cells])
+    assert tuple(got[0, 0]) == viz.NAN_RGB
+    got = viz.colorize(inf)
+    np.testing.assert_array_equal(got[cells], want[cells])
+    np.testing.assert_array_equal(got[0, 0], viz.colorize(m)[3, 3])  # the top colour
+    flat = np.full((4, 4), 0.3, np.float32)
+    flat[1, 1] = np.nextafter(np.float32(0.3), np.float32(1))
+    assert len(np.unique(viz.colorize(flat).reshape(-1, 3), axis=0)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (viz.colorize(np.full((4, 4), np.nan, np.float32)) == viz.NAN_RGB).all()
+    assert viz.finite_range([nan, m]) == viz.finite_range([m, nan]) == (0.0, 15.0)
+    img = np.full((32, 32, 3), 128, np.uint8)
+    for maps in ([m, nan], [nan, m]):
+        tiles = viz.overlay_grid(img, maps, shared_scale=True, columns=2)
+        alone = viz.overlay_grid(img, [m], shared_scale=False)
+        clean = 0 if maps[0] is m else 1
+        x = 4 + clean * 36
+        np.testing.assert_array_equal(np.asarray(tiles)[4:36, x:x + 32], np.asarray(alone)[4:36, 4:36])
