@@ -188,6 +188,8 @@ def load_image(path_or_file: ImageSource) -> Image.Image:
         path_or_file = io.BytesIO(bytes(path_or_file))
 
     if isinstance(path_or_file, (str, os.PathLike)):
+        if not os.fspath(path_or_file):  # Path("") is the current directory
+            raise ImageLoadError(f"cannot read image {desc}: the path is empty")
         path = Path(path_or_file)
         if not path.exists():
             raise ImageLoadError(f"cannot read image {desc}: file not found")

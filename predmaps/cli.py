@@ -107,6 +107,20 @@ def _label_array(rows: list[list[int]]) -> np.ndarray:
     return np.asarray([r + [-1] * (m - len(r)) for r in rows], np.int64)
 
 
+def join_negative_layers(argv: list[str]) -> list[str]:
+    """argv with "--layers -1,-2" as "--layers=-1,-2" (argparse takes -1,-2 for an option). A new
+    list, every other argument kept as it is, the empty string included."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--layers" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--layers={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def _report_options(args, **overrides):
     from predmaps import report
 
@@ -139,6 +153,8 @@ def _run_report(model, params, batches, out: Path, options, png_layers, progress
 
 def _make_out(path: str) -> Path:
     """--out as a created folder, or a ValueError that says why it cannot be one."""
+    if not path:  # Path("") would be the current directory
+        raise ValueError("--out is empty; give a folder (created when missing)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
@@ -398,11 +414,7 @@ def main(argv=None) -> int:
     add_eval_parser(sub)
     add_run_parser(sub)
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i in range(len(argv) - 1):  # "--layers -1,-2": argparse would take -1,-2 for an option
-        if argv[i] == "--layers" and argv[i + 1].startswith("-"):
-            argv[i:i + 2] = [f"--layers={argv[i + 1]}", ""]
-    args = parser.parse_args([a for a in argv if a != ""])
+    args = parser.parse_args(join_negative_layers(list(sys.argv[1:] if argv is None else argv)))
     configure_xla_flags()
     configure_compile_cache()
     try:

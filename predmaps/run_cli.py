@@ -106,6 +106,9 @@ def _run(args) -> int:
     from predmaps import pipeline
     from predmaps.results import JobMismatchError
 
+    if not args.out:  # Path("") would put the job in the current directory
+        print("error: --out is empty; give a folder (created when missing)", file=sys.stderr)
+        return 2
     try:
         pipeline.init_distributed(args.distributed, args.coordinator, args.num_processes, args.process_id)
     except (ValueError, RuntimeError) as e:
@@ -144,10 +147,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "run":
         argv.insert(0, "run")
-    for i in range(len(argv) - 1):  # "--layers -1,-2": argparse would read -1,-2 as an option
-        if argv[i] == "--layers" and argv[i + 1].startswith("-"):
-            argv[i:i + 2] = [f"--layers={argv[i + 1]}", ""]
-    args = parser.parse_args([a for a in argv if a != ""])
+    from predmaps.cli import join_negative_layers
+
+    args = parser.parse_args(join_negative_layers(argv))
     return args.fn(args)
 
 

@@ -300,3 +300,21 @@ def test_explain_interrupted_keeps_an_index_says_so_in_one_line_and_exits_130(ti
     assert err.count("\n") == 0 and err.startswith("interrupted: ") and str(out / "report" / "index.html") in err
     index = (out / "report" / "index.html").read_text()
     assert "0000_a.html" in index and "was interrupted" in index
+
+
+def test_empty_arguments_are_kept_and_refused_as_what_they_are(tiny_checkpoint, tmp_path, capsys):
+    """An empty argument is not dropped: an empty image path is that image's read error and an empty
+    --out is refused (it would have been the current folder); --layers -1,-2 still parses."""
+    good = tmp_path / "g.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    assert cli.join_negative_layers(["explain", "", "--layers", "-1,-2", "--out", ""]) == \
+        ["explain", "", "--layers=-1,-2", "--out", ""]
+    out = tmp_path / "out"
+    assert cli.main(["explain", "", str(good), "--model", str(tiny_checkpoint), "--layers", "-1,-2",
+                     "--out", str(out), "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped: cannot read image '': the path is empty" in err
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--out", ""]) == 2
+    assert capsys.readouterr().err == "error: --out is empty; give a folder (created when missing)\n"
+    assert cli.main(["run", "--images", str(good), "--out", ""]) == 2
+    assert "error: --out is empty" in capsys.readouterr().err
