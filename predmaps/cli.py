@@ -151,17 +151,40 @@ def _run_report(model, params, batches, out: Path, options, png_layers, progress
     return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
 
 
-def _make_out(path: str) -> Path:
-    """--out as a created folder, or a ValueError that says why it cannot be one."""
+def _check_out(path: str) -> Path:
+    """--out as a folder that is missing or writable, or a ValueError that says why it cannot be one;
+    creates nothing (cheap: for before the model loads)."""
     if not path:  # Path("") would be the current directory
         raise ValueError("--out is empty; give a folder (created when missing)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
+    if out.is_dir():
+        _probe_writable(out)
+    return out
+
+
+def _probe_writable(out: Path) -> None:
+    # A file made and removed: os.access misses read-only mounts and ACLs, and a read-only --out
+    # otherwise failed after the model load and the first batch with a bare "[Errno 13]".
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".predmaps-write-probe-")
+    except OSError as e:
+        raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _make_out(path: str) -> Path:
+    """--out as a created, writable folder, or a ValueError that says why it cannot be one."""
+    out = _check_out(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
+    _probe_writable(out)
     return out
 
 
@@ -199,6 +222,11 @@ def _explain(args, progress: dict) -> int:
     if args.labels is not None and len(args.labels) != len(args.images):
         print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
               "image, in order", file=sys.stderr)
+        return 2
+    try:  # before the model loads (seconds, or a download)
+        _check_out(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         model, params = load_model(args.model, args.model_name)

@@ -318,3 +318,38 @@ def test_empty_arguments_are_kept_and_refused_as_what_they_are(tiny_checkpoint, 
     assert capsys.readouterr().err == "error: --out is empty; give a folder (created when missing)\n"
     assert cli.main(["run", "--images", str(good), "--out", ""]) == 2
     assert "error: --out is empty" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A read-only --out is one line naming it, before the model is loaded (it failed after the first
+    batch with a bare '[Errno 13] Permission denied'). As root a mode-0555 folder is still writable:
+    then /sys (sysfs refuses new files to everyone) stands in, or the test is skipped."""
+    import os
+    from pathlib import Path
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    def refuses_writes(folder):
+        try:
+            (Path(folder) / ".probe").touch()
+        except OSError:
+            return True
+        (Path(folder) / ".probe").unlink()
+        return False
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if not refuses_writes(ro):
+        if not (os.path.isdir("/sys") and refuses_writes("/sys")):
+            pytest.skip("running as root without a folder that refuses writes: a read-only --out cannot be made")
+        ro = "/sys"
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    for command in (["explain", str(image)], ["demo"]):
+        assert cli.main([*command, "--out", str(ro)]) == 2, command
+        err = capsys.readouterr().err
+        assert err == f"error: cannot write to {ro}: Permission denied; choose another --out\n", command
