@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -63,7 +64,7 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def _parse_classes(text: str):
-    if text == "all" or text.startswith("top"):
+    if text == "all" or re.fullmatch(r"top\d*", text):
         return text
     try:
         return [int(x) for x in text.split(",")]
@@ -151,6 +152,37 @@ def _run_report(model, params, batches, out: Path, options, png_layers, progress
     return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
 
 
+def _check_view_options(args) -> None:
+    """The options that need no model, checked before it loads; ValueError naming the option."""
+    from predmaps import viz
+    from predmaps.explain import get_method
+
+    if hasattr(args, "method"):
+        try:
+            get_method(args.method)
+        except ValueError as e:
+            raise ValueError(f"--method: {e}") from None
+    try:
+        viz.check_cmap(args.cmap)
+    except ValueError as e:
+        raise ValueError(f"--cmap: {e}") from None
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha (the heat map's opacity) must be in [0, 1]; got {args.alpha}")
+
+
+def _check_class_options(args, num_classes: int) -> None:
+    """--classes and --map-class against the model's classes; ValueError naming the option."""
+    model = f"a {num_classes}-class model (0..{num_classes - 1})"
+    if isinstance(args.classes, str) and args.classes[3:].isdigit() and not 1 <= int(args.classes[3:]) <= num_classes:
+        raise ValueError(f"--classes {args.classes}: K must be 1..{num_classes} for {model}")
+    if isinstance(args.classes, list):
+        bad = [c for c in args.classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"--classes {','.join(map(str, bad))} out of range for {model}")
+    if args.map_class is not None and not 0 <= args.map_class < num_classes:
+        raise ValueError(f"--map-class {args.map_class} out of range for {model}")
+
+
 def _check_out(path: str) -> Path:
     """--out as a folder that is missing or writable, or a ValueError that says why it cannot be one;
     creates nothing (cheap: for before the model loads)."""
@@ -224,6 +256,7 @@ def _explain(args, progress: dict) -> int:
               "image, in order", file=sys.stderr)
         return 2
     try:  # before the model loads (seconds, or a download)
+        _check_view_options(args)
         _check_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -248,6 +281,7 @@ def _explain(args, progress: dict) -> int:
             print(f"error: label(s) {bad} out of range 0..{cfg.num_classes - 1}", file=sys.stderr)
             return 2
     try:
+        _check_class_options(args, cfg.num_classes)
         out = _make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -299,12 +333,10 @@ def _explain(args, progress: dict) -> int:
 def cmd_demo(args) -> int:
     from PIL import Image
 
-    from predmaps import digits, report, viz
+    from predmaps import digits, report
 
     try:  # before anything is written
-        viz.check_cmap(args.cmap)
-        if not 0 <= args.alpha <= 1:
-            raise ValueError(f"--alpha (the heat map's opacity) must be in [0, 1]; got {args.alpha}")
+        _check_view_options(args)
         out = _make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

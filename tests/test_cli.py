@@ -353,3 +353,31 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_model_loads(
         assert cli.main([*command, "--out", str(ro)]) == 2, command
         err = capsys.readouterr().err
         assert err == f"error: cannot write to {ro}: Permission denied; choose another --out\n", command
+
+
+def test_explain_refuses_bad_option_values_by_name_before_the_model_loads_or_out_is_made(tiny_checkpoint, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """--method, --cmap and --alpha are refused before the model loads; --classes and --map-class,
+    which need its class count, before --out is created. Each message names the option (they were
+    checked inside the report, after the model load and the folder: 'opacity must be in [0, 1]')."""
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    out = tmp_path / "out"
+    base = ["explain", str(image), "--model", str(tiny_checkpoint), "--out", str(out)]
+    real_load = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for extra, message in [(["--method", "nope"], "error: --method: unknown method 'nope'"),
+                           (["--cmap", "nope"], "error: --cmap: unknown colour map 'nope'"),
+                           (["--alpha", "1.5"], "error: --alpha (the heat map's opacity) must be in [0, 1]; got 1.5")]:
+        assert cli.main(base + extra) == 2, extra
+        assert capsys.readouterr().err.startswith(message), extra
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--classes", "topx"])
+    assert "--classes takes top, topK, all or indices" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "load_model", real_load)
+    for extra, message in [(["--classes", "top9"], "error: --classes top9: K must be 1..5 for a 5-class model (0..4)"),
+                           (["--classes", "1,7"], "error: --classes 7 out of range for a 5-class model (0..4)"),
+                           (["--map-class", "99"], "error: --map-class 99 out of range for a 5-class model (0..4)")]:
+        assert cli.main(base + extra) == 2, extra
+        assert capsys.readouterr().err == message + "\n", extra
+    assert not out.exists()
