@@ -47,6 +47,7 @@ __all__ = [
     "load_image",
     "eval_transform",
     "eval_transform_for",
+    "eval_resize_size",
     "resize_transform",
     "to_unit",
     "normalize",
@@ -277,26 +278,23 @@ def _resize(img: Image.Image, hw: tuple[int, int], resample: Image.Resampling) -
     return img.resize((w, h), resample)
 
 
-def _resize_shorter(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """torchvision Resize(int): shorter side -> size, longer -> int(size * long / short)."""
-    w, h = img.size
+def _shorter_side_size(hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """torchvision Resize(int)'s (h, w): shorter side -> size, longer -> int(size * long / short)."""
+    h, w = hw
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return _resize(img, (new_h, new_w), resample)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
-def _resize_keep_ratio(img: Image.Image, target: tuple[int, int], longest: float,
-                       resample: Image.Resampling) -> Image.Image:
-    """timm ResizeKeepRatio (no randomness)."""
-    img_h, img_w = img.height, img.width
+def _keep_ratio_size(hw: tuple[int, int], target: tuple[int, int], longest: float) -> tuple[int, int]:
+    """timm ResizeKeepRatio's (h, w) (no randomness)."""
+    img_h, img_w = hw
     ratio_h = img_h / target[0]
     ratio_w = img_w / target[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
     # At least 1 px: timm's round() gives 0 for a thin strip (4000 x 10 in 'border' mode) and PIL
     # fails; here the strip becomes one row, padded like any small image.
-    size = [max(1, round(x * 1.0 / ratio)) for x in (img_h, img_w)]
-    return _resize(img, (size[0], size[1]), resample)
+    return max(1, round(img_h * 1.0 / ratio)), max(1, round(img_w * 1.0 / ratio))
 
 
 def _center_crop_or_pad(arr: np.ndarray, crop: tuple[int, int], fill: Sequence[int] | int = 0) -> np.ndarray:
@@ -368,6 +366,20 @@ def eval_geometry(
     (segmentation masks: `resample=NEAREST`, `fill=0`) through exactly the same geometry.
     `fill`: what 'border' mode pads with.
     """
+    img = _resize(img, eval_resize_size((img.height, img.width), img_size=img_size, crop_pct=crop_pct,
+                                        crop_mode=crop_mode), resample)
+    return _center_crop_or_pad(np.asarray(img), _pair(img_size, "img_size"), fill if crop_mode == "border" else 0)
+
+
+def eval_resize_size(
+    hw: tuple[int, int],
+    *,
+    img_size: int | Sequence[int] = (224, 224),
+    crop_pct: float | None = 0.9,
+    crop_mode: str | None = "center",
+) -> tuple[int, int]:
+    """The (h, w) an (h, w) image is resized to by `eval_geometry`, before its centre crop (or
+    pad) to img_size: what part of the image the model sees, without resizing it."""
     out_h, out_w = _pair(img_size, "img_size")
     crop_pct = crop_pct or DEFAULT_CROP_PCT
     if crop_pct < 0:
@@ -377,14 +389,12 @@ def eval_geometry(
         raise ValueError(f"unknown crop_mode {crop_mode!r}; valid modes are {list(CROP_MODES)}")
     scale = (math.floor(out_h / crop_pct), math.floor(out_w / crop_pct))
     if crop_mode == "squash":
-        img = _resize(img, scale, resample)
-    elif crop_mode == "border":
-        img = _resize_keep_ratio(img, scale, 1.0, resample)
-    elif scale[0] == scale[1]:
-        img = _resize_shorter(img, scale[0], resample)
-    else:
-        img = _resize_keep_ratio(img, scale, 0.0, resample)
-    return _center_crop_or_pad(np.asarray(img), (out_h, out_w), fill if crop_mode == "border" else 0)
+        return scale
+    if crop_mode == "border":
+        return _keep_ratio_size(hw, scale, 1.0)
+    if scale[0] == scale[1]:
+        return _shorter_side_size(hw, scale[0])
+    return _keep_ratio_size(hw, scale, 0.0)
 
 
 def eval_transform(

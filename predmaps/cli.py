@@ -294,18 +294,20 @@ def _explain(args, progress: dict) -> int:
     def make(buf):
         x = np.stack([b[1] for b in buf])
         labels = None if args.labels is None else _label_array([b[2] for b in buf])
-        return report.Batch(names=[b[0] for b in buf], images=np.clip(x * std + mean, 0, 1), inputs=x, labels=labels)
+        return report.Batch(names=[b[0] for b in buf], images=np.clip(x * std + mean, 0, 1), inputs=x, labels=labels,
+                            captions=[report.input_caption(*b[3], cfg) for b in buf])
 
     def batches():  # read lazily, one batch at a time: a run over many images stays bounded in memory
         buf = []
         for i, path in enumerate(args.images):
             try:
-                x = transform(preprocess.load_image(path))
+                image = preprocess.load_image(path)
+                x = transform(image)
             except preprocess.ImageLoadError as e:
                 errors.append(str(e))
                 print(f"skipped: {e}", file=sys.stderr)
                 continue
-            buf.append((path, x, None if args.labels is None else args.labels[i]))
+            buf.append((path, x, None if args.labels is None else args.labels[i], image.size))
             if len(buf) == size:
                 yield make(buf)
                 buf = []

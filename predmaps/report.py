@@ -51,13 +51,15 @@ class Batch:
     """Images to report on. images: what to show, (b, H, W, 3) uint8 or float in [0, 1], the model's
     input before normalisation; inputs: the normalised model input (b, H, W, 3); labels: ground
     truth, (b,) or (b, M) int (M labels per image, -1 for none); targets: (b, K) classes to
-    explain per image, overriding `ReportOptions.target`."""
+    explain per image, overriding `ReportOptions.target`; captions: what each input is, shown under it
+    (`input_caption`; default "model input")."""
 
     names: Sequence[str]
     images: np.ndarray
     inputs: np.ndarray
     labels: np.ndarray | None = None
     targets: np.ndarray | None = None
+    captions: Sequence[str] | None = None
 
 
 @dataclasses.dataclass
@@ -116,6 +118,7 @@ class ImageResult:
     stats: dict | None = None  # name -> (L + 1,)
     top_head_block: int = -1
     extent: tuple[float, float] = (1.0, 1.0)  # of the image the token grid covers (ViTConfig.grid_extent)
+    caption: str = "model input"  # what `image` is (`input_caption`)
 
 
 @dataclasses.dataclass
@@ -262,7 +265,43 @@ def analyse(model, params, batch: Batch, options: ReportOptions, *, start: int =
         map_class=int(res["map_class"][i]), layer_maps=psi[i], head_weights=res["head_weights"][i],
         head_attention=a_cls[i], labels=None if labels is None else labels[i],
         stats=None if st is None else {k: v[i] for k, v in st.items()}, extent=extent,
-        top_head_block=-1 if st is None else int(res["top_head_block"][i])) for i in range(b)]
+        top_head_block=-1 if st is None else int(res["top_head_block"][i]),
+        caption="model input" if batch.captions is None else batch.captions[i]) for i in range(b)]
+
+
+def input_caption(width: int, height: int, cfg) -> str:
+    """What part of a width x height image the model input (and so every overlay) shows, after the
+    config's eval transform (`jaxvit.preprocess.eval_transform_for`), e.g. "model input: centre
+    crop 224×224 of the 773×170 image resized to 1127×248, 20% of its width shown (crop_pct 0.9,
+    bicubic)"."""
+    from jaxvit import preprocess
+
+    crop_pct = getattr(cfg, "crop_pct", 0.9) or preprocess.DEFAULT_CROP_PCT  # as eval_transform_for
+    mode = getattr(cfg, "crop_mode", "center") or "center"
+    interpolation = getattr(cfg, "interpolation", "bicubic")
+    ch, cw = (cfg.img_size, cfg.img_size) if np.ndim(cfg.img_size) == 0 else tuple(cfg.img_size)
+    rh, rw = preprocess.eval_resize_size((height, width), img_size=(ch, cw), crop_pct=crop_pct, crop_mode=mode)
+    image = f"the {width}×{height} image"
+    if mode == "squash":
+        image += f" squashed to {rw}×{rh} (aspect ratio not kept)"
+    elif (rw, rh) != (width, height):
+        image += f" resized to {rw}×{rh}"
+    cropped, padded = rw > cw or rh > ch, rw < cw or rh < ch
+    fill = "the mean colour" if mode == "border" else "black"  # as eval_geometry pads
+    if padded and cropped:
+        text = f"{image}, cut to its centre {min(cw, rw)}×{min(ch, rh)} and padded to {cw}×{ch} with {fill}"
+    elif padded:
+        text = f"{image}, padded to {cw}×{ch} with {fill}"
+    elif cropped:
+        text = f"centre crop {cw}×{ch} of {image}"
+    else:
+        text = image
+    shown = [(f"{100 * c / r:.0f}%", side) for c, r, side in [(cw, rw, "width"), (ch, rh, "height")] if r > c]
+    if len(shown) == 2 and shown[0][0] == shown[1][0]:
+        text += f", {shown[0][0]} of each side shown"
+    elif shown:
+        text += ", " + " and ".join(f"{pct} of its {side}" for pct, side in shown) + " shown"
+    return f"model input: {text} (crop_pct {crop_pct:g}, {interpolation})"
 
 
 # ---- HTML ----
@@ -406,7 +445,7 @@ def image_page(r: ImageResult, cfg, o: ReportOptions, nav: str) -> str:
     gt = ("" if not label_set else
           "<p class='note'>ground truth: " + ", ".join(_class_label(cfg, c) for c in sorted(label_set)) + "</p>")
     parts.append(
-        f"<section><h2>Prediction</h2><div class='flex'>{_fig(tiles.base[o.tile], 'model input', 'input')}"
+        f"<section><h2>Prediction</h2><div class='flex'>{_fig(tiles.base[o.tile], html.escape(r.caption), 'input')}"
         f"<div><table class='preds'><tr><th>#</th><th>class</th><th>p</th><th></th></tr>{rows}</table>{gt}"
         f"</div></div></section>")
 

@@ -51,6 +51,8 @@ def test_explain_writes_overlays_and_skips_bad_files(tiny_checkpoint, tmp_path, 
     assert "magma" in page and "opacity 0.7" in page and "one scale per method" in page and "c = cat" in page
     assert re.search(r"ground truth: bee <span class='note'>\(1\)</span>, cat <span class='note'>\(2\)</span>", page)
     assert "Per-layer statistics" in page
+    # the 50x40 image goes to 40x32 and is cropped to the model's 32x32: the overlays cover only that
+    assert "model input: centre crop 32×32 of the 50×40 image resized to 40×32, 80% of its width shown" in page
     assert not list((out / "report").glob("*bad*"))
     pngs = sorted(p.name for p in out.glob("good_predicatt_L*.png"))
     assert len(pngs) == 6  # 3 classes x 2 layers

@@ -383,3 +383,22 @@ def test_colour_scale_uses_finite_values_greys_nan_and_draws_near_constant_maps_
         clean = 0 if maps[0] is m else 1
         x = 4 + clean * 36
         np.testing.assert_array_equal(np.asarray(tiles)[4:36, x:x + 32], np.asarray(alone)[4:36, 4:36])
+
+
+def test_the_input_caption_says_which_part_of_the_image_the_model_and_overlays_see():
+    """The input's caption gives the eval transform's real geometry (the overlays cover only that):
+    a centre crop of the resized image with the share of each side shown, a squash, or a border
+    pad with the mean colour, with crop_pct and the filter."""
+    import dataclasses
+
+    cfg = ViTConfig(name="t", img_size=(224, 224), patch_size=16, embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
+                    num_classes=5, crop_pct=0.9)
+    assert report.input_caption(773, 170, cfg) == (
+        "model input: centre crop 224×224 of the 773×170 image resized to 1127×248, 20% of its width and 90% of its "
+        f"height shown (crop_pct 0.9, {cfg.interpolation})")
+    squash = report.input_caption(773, 170, dataclasses.replace(cfg, crop_mode="squash"))
+    assert "773×170 image squashed to 248×248 (aspect ratio not kept), 90% of each side shown" in squash
+    border = report.input_caption(773, 170, dataclasses.replace(cfg, crop_mode="border"))
+    assert "resized to 248×55, cut to its centre 224×55 and padded to 224×224 with the mean colour" in border
+    assert report.input_caption(224, 224, dataclasses.replace(cfg, crop_pct=1.0)).startswith(
+        "model input: the 224×224 image (crop_pct 1,")
