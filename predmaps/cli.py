@@ -221,18 +221,23 @@ def _make_out(path: str) -> Path:
 
 
 def cmd_explain(args) -> int:
+    return _interruptible(_explain, args)
+
+
+def _interruptible(command, args) -> int:
+    """command(args, progress) with Ctrl-C anywhere as one line and exit 130, as in `predmaps run`,
+    never a traceback; once the report is begun, write_report has written an index of the pages
+    finished before it re-raises."""
     import signal
     import threading
 
     from predmaps.run_cli import _interrupt_once
 
-    # Ctrl-C anywhere is one line and exit 130, as in `predmaps run`, never a traceback; once the
-    # report is begun, write_report has written an index of the pages finished before it re-raises.
     on_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGINT, _interrupt_once) if on_main else None
     progress = {}
     try:
-        return _explain(args, progress)
+        return command(args, progress)
     except KeyboardInterrupt:
         if "report" in progress:
             print(f"interrupted: the pages finished are kept, listed in {progress['report'] / 'index.html'} "
@@ -333,6 +338,10 @@ def _explain(args, progress: dict) -> int:
 
 
 def cmd_demo(args) -> int:
+    return _interruptible(_demo, args)
+
+
+def _demo(args, progress: dict) -> int:
     from PIL import Image
 
     from predmaps import digits, report
@@ -358,7 +367,7 @@ def cmd_demo(args) -> int:
         title="predmaps demo: two-digit scenes", model_name=f"{DEFAULT_MODEL} (embedded)",
         label_note="top-1 prediction is one of the scene's two digits")
     try:
-        rep = _run_report(model, params, batches, out, options, [-1, -2])
+        rep = _run_report(model, params, batches, out, options, [-1, -2], progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -278,8 +278,8 @@ def test_explain_shows_a_name_that_is_not_utf8_with_replacement_characters(tiny_
 
 def test_explain_interrupted_keeps_an_index_says_so_in_one_line_and_exits_130(tiny_checkpoint, tmp_path, capsys,
                                                                               monkeypatch):
-    """Ctrl-C mid-run (here: while the second image's overlays are written) ends `explain` with one
-    line naming what was kept, exit 130 as `predmaps run`, and an index of the finished pages."""
+    """Ctrl-C mid-run (here: while the second image's overlays are written) ends `explain` and `demo`
+    with one line naming what was kept, exit 130 as `predmaps run`, and an index of the finished pages."""
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for p in paths:
         Image.new("RGB", (32, 32), "red").save(p)
@@ -302,6 +302,14 @@ def test_explain_interrupted_keeps_an_index_says_so_in_one_line_and_exits_130(ti
     assert err.count("\n") == 0 and err.startswith("interrupted: ") and str(out / "report" / "index.html") in err
     index = (out / "report" / "index.html").read_text()
     assert "0000_a.html" in index and "was interrupted" in index
+    # `predmaps demo` alike (it used to end in a traceback)
+    try:
+        rc = cli.main(["demo", "--out", str(tmp_path / "demo"), "--n", "2"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped `predmaps demo` as a traceback")
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err.count("\n") == 0 and err.startswith("interrupted: ")
+    assert "was interrupted" in (tmp_path / "demo" / "report" / "index.html").read_text()
 
 
 def test_empty_arguments_are_kept_and_refused_as_what_they_are(tiny_checkpoint, tmp_path, capsys):
