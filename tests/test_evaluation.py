@@ -366,7 +366,8 @@ def test_scores_from_hdf5_equal_in_memory_and_independent_of_batch_size(tiny, tm
 def test_chefer_images_outside_unit_range_are_refused(tiny, tmp_path):
     """A results.hdf5 whose 'image' holds 0..255 or mean/std-normalised values (not [0, 1]) is
     refused with a DataLayoutError naming the file and the range found, by batch and by take,
-    rather than scored at a wrong clean accuracy; [0, 1] within 1e-6 (float32 rounding) is read."""
+    rather than scored at a wrong clean accuracy; [0, 1] within 1e-6 (float32 rounding) is read.
+    Arrays given to score_maps or CheferWriter are refused alike."""
     model, params, _ = tiny
     rng = np.random.default_rng(2)
     unit = rng.random((3, 3, 224, 224)).astype(np.float32)  # as stored: (n, 3, H, W)
@@ -396,6 +397,16 @@ def test_chefer_images_outside_unit_range_are_refused(tiny, tmp_path):
         assert r.batch(0, 1)["unit"].shape == (1, 224, 224, 3)
         with pytest.raises(ev.DataLayoutError, match="entries 1..2"):
             r.batch(1, 3)
+    # Arrays too: scored directly, or written for other tools
+    hwc = (unit * 255).transpose(0, 2, 3, 1)
+    with pytest.raises(ev.DataLayoutError, match=r"score_maps: unit holds values in \[0, 255"):
+        ev.score_maps(model, params, hwc, hwc[..., 0], np.array([0, 1, 2]), batch_size=3)
+    writer = ev.CheferWriter(tmp_path / "w.hdf5")
+    try:
+        with pytest.raises(ev.DataLayoutError, match=r"append to .*w\.hdf5: unit holds values in \[0, 255"):
+            writer.append(hwc[..., 0], hwc, np.array([0, 1, 2]))
+    finally:
+        writer.abort()
 
 
 # --------------------------------------------------------------------------------------------

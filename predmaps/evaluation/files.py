@@ -231,14 +231,9 @@ class CheferResults:
         return np.asarray(self._f["vis"][start:stop, 0], np.float32)
 
     def _unit(self, image, first: int, last: int) -> np.ndarray:
-        """(b, 3, H, W) as read -> (b, H, W, 3), refused unless in [0, 1]: 0..255 or already
-        normalised images would be scored without complaint, at a wrong clean accuracy."""
+        """(b, 3, H, W) as read -> (b, H, W, 3), refused unless in [0, 1]."""
         image = np.asarray(image, np.float32)
-        if image.size:
-            lo, hi = float(image.min()), float(image.max())
-            if not (lo >= -UNIT_TOLERANCE and hi <= 1 + UNIT_TOLERANCE):  # NaN fails too
-                raise DataLayoutError(f"{self.path}: 'image' among entries {first}..{last} holds values in [{lo:g}, {hi:g}]; "
-                                      f"images must be unnormalised pixel / 255 in [0, 1]; {CHEFER_LAYOUT}")
+        check_unit_range(image, f"{self.path}: 'image' among entries {first}..{last}", CHEFER_LAYOUT)
         return np.ascontiguousarray(image.transpose(0, 2, 3, 1))
 
     def batch(self, start: int, stop: int) -> dict:
@@ -276,6 +271,16 @@ def read_chefer_hdf5(path) -> dict:
         return r.read()
 
 
+def check_unit_range(image: np.ndarray, what: str, layout: str = "") -> None:
+    """Refuse images outside [0, 1] (NaN included): 0..255 or already normalised images would be
+    scored without complaint, at a wrong clean accuracy, and written so for other tools."""
+    if image.size:
+        lo, hi = float(image.min()), float(image.max())
+        if not (lo >= -UNIT_TOLERANCE and hi <= 1 + UNIT_TOLERANCE):  # NaN fails too
+            raise DataLayoutError(f"{what} holds values in [{lo:g}, {hi:g}]; images must be unnormalised "
+                                  f"pixel / 255 in [0, 1]" + (f"; {layout}" if layout else ""))
+
+
 class CheferWriter:
     """Append maps to a results.hdf5 in Chefer's layout (resizable gzip datasets, as the
     reference writes them). `append(maps (b, H, W), unit (b, H, W, 3) in [0, 1], labels (b,))`."""
@@ -306,6 +311,7 @@ class CheferWriter:
                 or labels.shape != (b,):
             raise ValueError(f"append takes maps (b, H, W), unit (b, H, W, 3), labels (b,) with (H, W) = "
                              f"{self._vis.shape[2:]}; got {maps.shape}, {unit.shape}, {labels.shape}")
+        check_unit_range(unit, f"append to {self.path}: unit")
         n = self._vis.shape[0]
         for ds in (self._vis, self._image, self._target):
             ds.resize(n + b, axis=0)

@@ -339,7 +339,7 @@ def score_maps(model, params, unit, maps, labels, *, modes=metrics.MODES, steps=
     as they are: only their order matters; NaN counts as 0), labels (n,) ground truth.
     Arrays, or a `files.CheferResults` (pass it as `unit`, with maps = labels = None), read
     batch by batch; `indices` (increasing) restricts a `CheferResults` to those entries."""
-    from predmaps.evaluation.files import CheferResults
+    from predmaps.evaluation.files import CheferResults, check_unit_range
 
     if isinstance(unit, CheferResults):
         source = unit
@@ -363,6 +363,7 @@ def score_maps(model, params, unit, maps, labels, *, modes=metrics.MODES, steps=
         if unit.ndim != 4 or unit.shape[-1] != 3 or maps.shape != unit.shape[:3] or labels.shape != (n,):
             raise ValueError(f"score_maps takes unit (n, H, W, 3), maps (n, H, W), labels (n,); got {unit.shape}, "
                              f"{maps.shape}, {labels.shape}")
+        check_unit_range(unit, "score_maps: unit")
         size = unit.shape[1:3]
         _check_labels(model, labels)
 
