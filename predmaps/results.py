@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import numbers
 import os
 import re
 import uuid
@@ -268,10 +269,14 @@ class Results:
         """The combo key for (method, layer, target); None means 'the only one'. Negative layers
         count from the end, as in `explain`."""
         depth = self.manifest["model"].get("depth")
-        if layer is not None and layer < 0 and depth is not None:
-            layer = layer % (depth + 1)
+        index = layer
+        if layer is not None and depth is not None:
+            if not -(depth + 1) <= layer <= depth:  # a bare modulo would wrap -6 to a 4-block model's L
+                raise KeyError(f"layer {layer} out of range: this model has layers 0..{depth} "
+                               f"(or -{depth + 1}..-1 from the end)")
+            index = layer % (depth + 1)
         hits = [c for c in self.combos if (method is None or c["method"] == method)
-                and (layer is None or c["layer"] == layer) and (target is None or c["target"] == target)]
+                and (index is None or c["layer"] == index) and (target is None or c["target"] == target)]
         if len(hits) != 1:
             raise KeyError(f"{len(hits)} maps match method={method!r} layer={layer!r} target={target!r}; "
                            f"this job has {[c['key'] for c in self.combos]}")
@@ -298,7 +303,8 @@ def _read_shard(out: Path, rec: dict, combos: list[dict], dtype, size, normalize
     if verify:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != rec["sha256"]:
-            raise ValueError(f"{path}: sha256 {digest} differs from the manifest's {rec['sha256']}: corrupt shard")
+            raise ValueError(f"{path}: sha256 {digest} differs from the manifest's {rec['sha256']}: corrupt shard. "
+                             "Delete it and run the same job again: that redoes only the missing shards")
     try:
         with np.load(path, allow_pickle=False) as z:
             part = {k: z[k] for k in ("index", "name", "path", "label", "pred", "score")}
@@ -349,9 +355,16 @@ def _size(header: dict, upsample) -> tuple[int, int] | None:
         return None
     if upsample is True:
         return tuple(header["image_size"])
-    if isinstance(upsample, int):
-        return (upsample, upsample)
-    return tuple(upsample)
+    size = (upsample, upsample) if isinstance(upsample, numbers.Integral) else upsample
+    try:
+        ok = len(size) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+                                    for v in size)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"upsample must be True (the model's input size), a size or (height, width) of positive "
+                         f"integers; got {upsample!r}")
+    return int(size[0]), int(size[1])
 
 
 def iter_results(out: str | os.PathLike, *, keys=None, dtype=None, upsample=None, normalize: bool = False,

@@ -450,7 +450,7 @@ def test_odd_names_binary_lists_and_label_encodings_are_named(model, tmp_path):
 
 def test_a_damaged_shard_is_named_and_a_rerun_redoes_it(model, image_dir, reference, tmp_path):
     """A shard damaged in place (same size, so resuming takes it as done): reading names the file and
-    the fix; deleting it and rerunning restores the job."""
+    the fix, with verify=True too; deleting it and rerunning restores the job."""
     m, p = model
     out = tmp_path / "out"
     explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=4, progress=False)
@@ -461,6 +461,8 @@ def test_a_damaged_shard_is_named_and_a_rerun_redoes_it(model, image_dir, refere
     with pytest.raises(ValueError, match=f"{re.escape(str(shard))}: unreadable shard .*Delete it and run the same "
                                          "job again"):
         read_results(out)
+    with pytest.raises(ValueError, match=f"{re.escape(str(shard))}: sha256 .* corrupt shard. Delete it and run"):
+        read_results(out, verify=True)
     shard.unlink()
     explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=4, progress=False)
     _assert_same(read_results(out, verify=True), read_results(reference))
@@ -780,6 +782,14 @@ def test_reader_options_and_in_memory_inputs(model, reference):
     assert res.manifest["spec"]["layers"] == [1, 2] and len(res.combos) == 2
     assert res.map("predicatt", layer=-1).shape == (N_IMAGES, 2, 4, 4)
     assert res.key(layer=1) == "predicatt/L1/top2"
+    # A depth-2 model has layers 0..2 (-3..-1): -4 used to wrap round to layer 2 (and -5 named layer 1)
+    for bad in (-4, -5, 3):
+        with pytest.raises(KeyError, match=f"layer {bad} out of range: this model has layers 0..2"):
+            res.key(layer=bad)
+    assert read_results(reference, upsample=np.int64(8)).maps["predicatt/L2/top2"].shape == (N_IMAGES, 2, 8, 8)
+    for bad in (0, -3, (64,), "64", 2.5, True + 0.5):
+        with pytest.raises(ValueError, match="upsample must be True .* positive integers; got"):
+            read_results(reference, upsample=bad)
     up = read_results(reference, keys="predicatt/L2/top2", upsample=True, normalize=True, dtype=np.float16)
     assert list(up.maps) == ["predicatt/L2/top2"] and up.maps["predicatt/L2/top2"].shape == (N_IMAGES, 2, 32, 32)
     assert up.maps["predicatt/L2/top2"].dtype == np.float16
