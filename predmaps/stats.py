@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxvit import ViT
@@ -78,12 +79,23 @@ def _layer_stats(model: ViT, params, images, labels) -> LayerStats:
 
 def layer_statistics(model: ViT, params, images, labels) -> LayerStats:
     """Statistics for images (B, H, W, 3) with ground-truth labels (B,) int."""
+    images = jnp.asarray(images)
+    core.check_images(images, model.config)
+    num_classes = model.config.num_classes
+    if num_classes <= 0:
+        raise ValueError("per-layer statistics need a classifier head (num_classes > 0)")
+    if not isinstance(labels, jax.core.Tracer):  # concrete: checked, as a shifted label set scores 0 silently
+        host = np.asarray(labels)
+        if host.dtype.kind not in "iu":
+            raise ValueError(f"labels must be integer class indices; got dtype {host.dtype}")
+        bad = sorted({int(v) for v in host.ravel() if not 0 <= v < num_classes})
+        if bad:
+            raise ValueError(f"labels out of range: {bad[:5]}; the model has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},); got {labels.shape}")
-    if model.config.num_classes <= 0:
-        raise ValueError("per-layer statistics need a classifier head (num_classes > 0)")
-    return _layer_stats(model, params, jnp.asarray(images), labels)
+    return _layer_stats(model, params, images, labels)
 
 
 def top_head_histogram(top_head_block: jax.Array, depth: int) -> jax.Array:

@@ -514,6 +514,15 @@ def test_layer_statistics(small):
     np.testing.assert_array_equal(s.top_head_block, alpha.argmax(-1) // 4)
     hist = stats.top_head_histogram(s.top_head_block, 3)
     assert int(hist.sum()) == 4
+    # Concrete labels are checked: a shifted label set (1-based, -1 for none) scored 0 without a word,
+    # float labels were truncated; images as a list of arrays are taken as a batch.
+    for bad, match in ((labels + 10, r"labels out of range: \[1\d\]; the model has 10 classes"),
+                       (np.full(4, -1), r"labels out of range: \[-1\]"),
+                       (labels + 0.7, "labels must be integer class indices; got dtype float64")):
+        with pytest.raises(ValueError, match=match):
+            stats.layer_statistics(model, params, x, bad)
+    listed = stats.layer_statistics(model, params, list(np.asarray(x)), labels)
+    np.testing.assert_array_equal(listed.cls_accuracy, s.cls_accuracy)
 
 
 def test_no_class_token_model(small):
