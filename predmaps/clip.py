@@ -50,11 +50,10 @@ def text_similarity_maps(model: ViT, params, images, text_embeddings, *, layers=
       model, params: a CLIP image tower whose head is the image projection (num_classes = E).
       images: (B, H, W, C) normalised with the tower's mean and std (`jaxvit.preprocess`).
       text_embeddings: (K, E) for every image, or (B, K, E) per image; any scale (normalised here).
-      layers: token layers (0..L, negative from the end); None: all L + 1.
+      layers: a token layer or layers (0..L, negative from the end); None: all L + 1.
     """
     cfg = model.config
-    depth = cfg.depth
-    layers = tuple(range(depth + 1)) if layers is None else tuple(core.layer_index(l, depth) for l in layers)
+    layers = core.layer_indices(layers, cfg.depth)
     images = jnp.asarray(images)
     core.check_images(images, cfg)
     text = jnp.asarray(text_embeddings)

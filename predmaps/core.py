@@ -52,6 +52,18 @@ def layer_index(layer: int, depth: int) -> int:
     return layer % (depth + 1)
 
 
+def layer_indices(layers, depth: int) -> tuple[int, ...]:
+    """`layers` as token layer indices: None for all L + 1, one layer, or a non-empty sequence."""
+    if layers is None:
+        return tuple(range(depth + 1))
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, (bool, np.bool_)):
+        layers = (layers,)
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError(f"layers is empty; give token layers (0..{depth}, negative from the end), or None for all")
+    return tuple(layer_index(layer, depth) for layer in layers)
+
+
 def layer_name(index: int, depth: int) -> str:
     """The paper's name of token layer `index` (0..L): "L", "L-1", ..., "L-{depth}" (the embeddings)."""
     return "L" if index == depth else f"L-{depth - index}"

@@ -323,11 +323,11 @@ def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False, *,
 
 def prediction_matrices(model: ViT, params, images, *, layers=None, scores: str = "probs") -> jax.Array:
     """The full Psi for several layers: (B, len(layers), N, C). Materialises B x L x N x C: ask only
-    when you need all classes of all layers (e.g. per-layer statistics, figures)."""
-    depth = model.config.depth
+    when you need all classes of all layers (e.g. per-layer statistics, figures). layers: a token
+    layer or layers (0..L, negative from the end); None: all L + 1."""
     if scores not in core.SCORES:
         raise ValueError(f"scores must be one of {core.SCORES}; got {scores!r}")
-    layers = tuple(range(depth + 1)) if layers is None else tuple(core.layer_index(l, depth) for l in layers)
+    layers = core.layer_indices(layers, model.config.depth)
     images = jnp.asarray(images)
     core.check_images(images, model.config)
     return _prediction_matrices_jit(model, layers, scores, params, images)

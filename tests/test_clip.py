@@ -92,3 +92,10 @@ def test_wrong_text_embeddings_are_named(tower):
         predmaps.text_similarity_maps(jmodel, params, x, np.ones((2, EMBED), np.int32))
     with pytest.raises(ValueError, match="layer 3 out of range"):
         predmaps.text_similarity_maps(jmodel, params, x, np.ones((2, EMBED), np.float32), layers=[3])
+    # one layer as an int (it failed as 'not iterable'); none at all is named (it failed in jnp.stack)
+    assert predmaps.text_similarity_maps(jmodel, params, x, np.ones((2, EMBED), np.float32), layers=-1).layers == (2,)
+    with pytest.raises(ValueError, match="layers is empty"):
+        predmaps.text_similarity_maps(jmodel, params, x, np.ones((2, EMBED), np.float32), layers=[])
+    with pytest.raises(ValueError, match="layers is empty"):
+        predmaps.prediction_matrices(jmodel, params, x, layers=())
+    assert predmaps.prediction_matrices(jmodel, params, x, layers=0).shape == (2, 1, 16, EMBED)
