@@ -235,9 +235,12 @@ def render_one_digit(n: int, split: str, seed: int, size: int = 64, *, difficult
     rng = _rng(seed, split, 1)
     labels = rng.integers(0, 10, n)
     digits, digit_index = _sample_digits(rng, labels, split)
-    d = np.broadcast_to(np.asarray(difficulty, np.float32), (n,))
-    if ((d < 0) | (d > 1)).any():
-        raise ValueError("difficulty must lie in [0, 1]")
+    d = np.asarray(difficulty, np.float32)
+    if d.shape not in ((), (n,)):
+        raise ValueError(f"difficulty must be a number or one per scene, shape ({n},); got shape {d.shape}")
+    d = np.broadcast_to(d, (n,))
+    if not ((d >= 0) & (d <= 1)).all():  # NaN fails too: it rendered scenes with no digit
+        raise ValueError(f"difficulty must lie in [0, 1]; got {np.unique(d[~((d >= 0) & (d <= 1))])[:5].tolist()}")
     bg, dark = _backgrounds(rng, n, size, d)
     colour = _digit_colours(rng, dark)
     lo, hi = _SIDE_RANGE

@@ -99,8 +99,9 @@ def _decay_mask(params):
 
 
 def curriculum_difficulty(n: int, seed: int, step: int, curriculum: int) -> np.ndarray:
-    """Per-scene difficulty of one step: ramps from 0 at step 0 to 1 (the test distribution) for
-    every scene at 1.25 x `curriculum` steps, with a spread of +-0.25 around the ramp meanwhile."""
+    """Per-scene difficulty of one step: a ramp from 0 at step 0 with a spread of +-0.25 around it,
+    clipped to [0, 1]; the ramp reaches 1 (the test distribution) at 0.8 x `curriculum` steps and
+    every scene is at 1 from `curriculum` steps on."""
     if curriculum <= 0:
         return np.ones(n, np.float32)
     ramp = 1.25 * step / curriculum
@@ -231,7 +232,8 @@ def _curriculum_text(steps: int) -> str:
     if steps <= 0:
         return "none: every scene from the full distribution"
     return (f"scene difficulty ramps from 0 (centred 32 px digit, no warp, untextured background) to 1 (the full "
-            f"scene distribution) over the first {steps} steps, reached by every scene at step {int(1.25 * steps)}")
+            f"scene distribution) over the first {steps} steps, with a spread of +-0.25 around the ramp; every "
+            f"scene is at 1 from step {steps} on")
 
 
 def _write_record(out: Path, r: dict) -> None:

@@ -75,6 +75,17 @@ def test_one_digit_shapes_dtypes_and_determinism():
     assert empty[0].shape == (0, 64, 64, 3) and empty[1].shape == (0,)
 
 
+def test_difficulty_outside_zero_one_is_refused():
+    """A difficulty of NaN passed the [0, 1] check and rendered scenes with no digit in them; one of
+    the wrong length failed as a bare broadcast error."""
+    for bad in (np.nan, -0.1, 1.5, [0.5, np.nan, 0.2]):
+        with pytest.raises(ValueError, match=r"difficulty must lie in \[0, 1\]; got \[(nan|-0\.1|1\.5)"):
+            digits.one_digit_scenes(3, "test", seed=0, difficulty=bad)
+    with pytest.raises(ValueError, match=r"difficulty must be a number or one per scene, shape \(3,\); got shape \(2,\)"):
+        digits.one_digit_scenes(3, "test", seed=0, difficulty=[0.1, 0.2])
+    assert digits.one_digit_scenes(3, "test", seed=0, difficulty=[0.0, 0.5, 1.0])[2].any(axis=(1, 2)).all()
+
+
 def test_one_digit_masks_are_the_digit_pixels():
     r = digits.render_one_digit(64, "test", seed=11)
     images, masks, alpha, bg, colour = r["images"], r["masks"], r["alpha"], r["background"], r["colour"]
