@@ -58,7 +58,12 @@ def _median(times: list[float]) -> float:
     return statistics.median(times)
 
 
-def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int) -> dict:
+def _jax_precision(dtype: str, fp32_precision: str):
+    # as the benchmark's rows run: fp32 at "highest" (true fp32) unless --fp32-precision tf32
+    return "highest" if dtype == "fp32" and fp32_precision == "highest" else None
+
+
+def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int, fp32_precision: str = "highest") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -67,7 +72,8 @@ def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int) -> dict:
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     a = jax.random.normal(jax.random.key(3), (n, n), jdt)
     b = jax.random.normal(jax.random.key(4), (n, n), jdt)
-    fn = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest" if dtype == "fp32" else None))
+    prec = _jax_precision(dtype, fp32_precision)
+    fn = jax.jit(lambda x, y: jnp.dot(x, y, precision=prec))
     _, times = time_calls(lambda: fn(a, b), jax.block_until_ready, warmup, repeats)
     med = _median(times)
     return {"n": n, "ms": med * 1e3, "tflops": 2 * n ** 3 / med / 1e12}
@@ -88,8 +94,8 @@ def torch_matmul_peak(dtype: str, n: int, device, sync, warmup: int, repeats: in
     return {"n": n, "ms": med * 1e3, "tflops": 2 * n ** 3 / med / 1e12}
 
 
-def jax_dense_gemms(cfg, batch: int, dtype: str, warmup: int, repeats: int) -> dict:
-    """Each dense layer's x @ W + b alone (fp32: precision highest, as the benchmark runs it);
+def jax_dense_gemms(cfg, batch: int, dtype: str, warmup: int, repeats: int, fp32_precision: str = "highest") -> dict:
+    """Each dense layer's x @ W + b alone (fp32 at the benchmark's precision, "highest" by default);
     'total_ms' = the sum over one call of the model."""
     import jax
     import jax.numpy as jnp
@@ -97,7 +103,7 @@ def jax_dense_gemms(cfg, batch: int, dtype: str, warmup: int, repeats: int) -> d
     from bench.run import time_calls
 
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
-    prec = "highest" if dtype == "fp32" else None
+    prec = _jax_precision(dtype, fp32_precision)
     fn = jax.jit(lambda a, b, c: jnp.dot(a, b, precision=prec) + c)
     out, total = {}, 0.0
     for i, (name, (m, k, n, times_per_call)) in enumerate(_gemm_shapes(cfg, batch).items()):
@@ -142,16 +148,18 @@ def torch_dense_gemms(cfg, batch: int, dtype: str, device, sync, warmup: int, re
 
 
 def measure(cfg, batch: int, dtype: str, *, gpu: bool, torch_device, torch_sync, warmup: int, repeats: int,
-            peak_n: int | None = None, impls=("torch", "jax")) -> dict:
+            peak_n: int | None = None, impls=("torch", "jax"), fp32_precision: str = "highest") -> dict:
     """The bounds of one (model, dtype, batch); see the module docstring. Failures are recorded per
-    part, so a missing torch or an out-of-memory peak matmul leaves the rest."""
+    part, so a missing torch or an out-of-memory peak matmul leaves the rest. fp32_precision: the
+    benchmark's (JAX's GEMMs run at it; torch's follow the TF32 switch the benchmark set)."""
     n = peak_n or PEAK_N["gpu" if gpu else "cpu"]
     flops = headline_flops(cfg, batch)
-    res = {"batch": batch, "dtype": dtype, "flops": flops, "peak": {}, "gemms": {}}
+    res = {"batch": batch, "dtype": dtype, "flops": flops, "peak": {}, "gemms": {},
+           "fp32_precision": fp32_precision if dtype == "fp32" else None}
     parts = []
     if "jax" in impls:
-        parts += [("peak", "jax", lambda: jax_matmul_peak(dtype, n, warmup, repeats)),
-                  ("gemms", "jax", lambda: jax_dense_gemms(cfg, batch, dtype, warmup, repeats))]
+        parts += [("peak", "jax", lambda: jax_matmul_peak(dtype, n, warmup, repeats, fp32_precision)),
+                  ("gemms", "jax", lambda: jax_dense_gemms(cfg, batch, dtype, warmup, repeats, fp32_precision))]
     if "torch" in impls:
         parts += [("peak", "torch", lambda: torch_matmul_peak(dtype, n, torch_device, torch_sync, warmup, repeats)),
                   ("gemms", "torch", lambda: torch_dense_gemms(cfg, batch, dtype, torch_device, torch_sync, warmup,
@@ -182,14 +190,20 @@ def best_rate(res: dict, n: int) -> tuple[float | None, str | None]:
     return rates[source], source
 
 
-def verdict(needed_ms: float, bound: dict | None, jax_ms: float | None = None) -> str | None:
+def verdict(needed_ms: float, bound: dict | None, jax_ms: float | None = None, prediction_layers: int = 2) -> str | None:
     """Where a target that needs `needed_ms` per call stands against the measured bounds; `jax_ms` is
-    JAX's time for that call now, to say how much of it lies outside the GEMMs."""
+    JAX's time for that call now, to say how much of it lies outside the GEMMs. prediction_layers:
+    the call's prediction matrices (the bound's floor counts the headline's 2; PredicAtt_L has 1)."""
     if not bound or bound.get("floor_ms") is None:
         return None
     floor = bound["floor_ms"]
+    flops = bound.get("flops") or {}
+    if prediction_layers != 2 and flops.get("total"):
+        total = flops["total"] - flops["prediction_matrices"] * (2 - prediction_layers) / 2
+        floor *= total / flops["total"]
     jg = (bound["gemms"].get("jax") or {}).get("total_ms")
-    text = (f"needs <= {needed_ms:.4g} ms per b{bound['batch']} call, i.e. every FLOP of the headline at "
+    what = "the headline" if prediction_layers == 2 else "the call"
+    text = (f"needs <= {needed_ms:.4g} ms per b{bound['batch']} call, i.e. every FLOP of {what} at "
             f"{floor / needed_ms:.0%} of the best matmul rate measured here (compute floor {floor:.4g} ms)")
     if jg is not None:
         text += f"; JAX's dense GEMMs alone take {jg:.4g} ms"

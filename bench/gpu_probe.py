@@ -535,6 +535,8 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    if args.dtype == "fp32":  # true fp32 everywhere, as the benchmark's default and the floors use
+        jax.config.update("jax_default_matmul_precision", "highest")
     cfg = config_for(args.model)
     size = cfg.img_size[0]
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -543,6 +545,8 @@ def main(argv=None) -> int:
     flag_set_variants = [v for v in args.flag_set_variants.split(",") if v]
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "model": args.model, "dtype": args.dtype,
+           "fp32_matmul_precision": "highest" if args.dtype == "fp32" else None,
+           "warmup": args.warmup, "repeats": args.repeats,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}, "floors": {},
            "flag_sets": {}}
     out_path = Path(args.out)
@@ -616,7 +620,7 @@ def main(argv=None) -> int:
         env = dict(os.environ, XLA_FLAGS=merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags))
         cmd = [sys.executable, "-m", "bench.gpu_probe", "--model", args.model, "--dtype", args.dtype,
                "--variants", args.flag_set_variants, "--b1-variants", "headline", "--batches", args.batches,
-               "--repeats", str(args.repeats), "--out", str(sub)]
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--out", str(sub)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True,

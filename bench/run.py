@@ -683,9 +683,9 @@ class Runner:
             return "CPU RSS growth during the call (approximate)"
         if impl == "torch":
             return "torch.cuda max_memory_allocated - memory_allocated before"
-        if method in self.memory_check:
-            return "JAX peak_bytes_in_use - bytes_in_use before (fresh subprocess)"
-        return "JAX: XLA's static allocation plan of the executable (temp + outputs)"
+        if method in self.memory_check:  # set when the subprocess's reading replaces the static plan
+            return MEASURED_JAX_MEMORY
+        return STATIC_JAX_MEMORY
 
     def reference(self, tmodel, mkey, method, batch, xt):
         import torch
@@ -754,8 +754,11 @@ class Runner:
     def jax_case(self, jmodel, jparams, tmodel, mkey, method, dtype, batch, xj, xt, repeats):
         import jax
 
+        label = self._mem_label("jax", method)
+        # The static plan until the memory check's subprocess replaces it: a run stopped by --deadline
+        # (or killed) before that check must not show the plan as a measured peak.
         base = dict(model=mkey, model_label=MODELS[mkey][3], method=method, impl="jax", dtype=dtype, batch=batch,
-                    memory_kind=self._mem_label("jax", method))
+                    memory_kind=STATIC_JAX_MEMORY if label == MEASURED_JAX_MEMORY else label)
         self.foreign.interval()
         try:
             compiled, csecs, static = jax_compile(jmodel, jparams, xj, method, dtype, self.args.fp32_precision)
@@ -867,7 +870,8 @@ class Runner:
         self.foreign.interval()
         res = bounds.measure(cfg, batch, dtype, gpu=self.gpu, torch_device=self.tdev, torch_sync=self.sync_t,
                              warmup=self.args.warmup, repeats=self.args.large_repeats,
-                             peak_n=256 if self.args.tiny else None, impls=impls)
+                             peak_n=256 if self.args.tiny else None, impls=impls,
+                             fp32_precision=self.args.fp32_precision)
         res.update(model=mkey, model_label=MODELS[mkey][3], other_processes_cores=self.foreign.interval())
         self.bounds = _replace_case(self.bounds, res)
         if self.on_record is not None:
@@ -977,6 +981,7 @@ class Runner:
                                 m = res.get(str(rec["batch"]), {})
                                 rec["memory_bytes"] = m.get("overhead")
                                 rec["memory_detail"] = m
+                                rec["memory_kind"] = MEASURED_JAX_MEMORY
                         if self.on_record is not None:
                             self.on_record()
                         _log(f"  {mkey} {dtype} {method}: JAX memory {_mem_brief(res)}")
@@ -1012,13 +1017,18 @@ def _fmt_mib(v):
     return "n/a" if v is None else f"{v / MiB:,.0f}" if v >= 10 * MiB else f"{v / MiB:.1f}"
 
 
+STATIC_JAX_MEMORY = "JAX: XLA's static allocation plan of the executable (temp + outputs)"
+MEASURED_JAX_MEMORY = "JAX peak_bytes_in_use - bytes_in_use before (fresh subprocess)"
+
+
 def _mem_cell(idx, *key):
     """Memory overhead in MiB; '*' marks XLA's static plan rather than a measured peak, '≤' a
     measured reading that is only an upper bound (the device's peak did not rise during the call)."""
     r = idx.get(key)
     v = None if r is None or r.get("error") else r.get("memory_bytes")
     detail = (r or {}).get("memory_detail") or {}
-    static = v is not None and "static" in (r.get("memory_kind") or "") and not detail
+    # no subprocess reading: the static plan, whatever the label (older runs labelled it measured up front)
+    static = v is not None and r.get("memory_kind") in (STATIC_JAX_MEMORY, MEASURED_JAX_MEMORY) and not detail
     bound = v is not None and detail.get("exact") is False
     return ("≤" if bound else "") + _fmt_mib(v) + ("*" if static else "")
 
@@ -1106,7 +1116,8 @@ def target_checks(records, gpu: bool, bounds: list[dict] | None = None,
             c["per_round"] = per_round_spread(jrow, vrow, batch, target)
             c["needed_ms"] = batch / needed_tput * 1e3
             c["bound"] = verdict(c["needed_ms"], bidx.get((mkey, dtype, batch)),
-                                 _get(idx, mkey, dtype, method, "jax", batch))
+                                 _get(idx, mkey, dtype, method, "jax", batch),
+                                 prediction_layers=1 if method == "predicatt_L" else 2)
         checks.append(c)
 
     if not gpu:

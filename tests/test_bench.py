@@ -168,6 +168,30 @@ def test_bound_verdicts():
     ok = verdict(200.0, bound, jax_ms=230.0)
     assert "leaves 50 ms" in ok and "JAX spends 80 ms there now" in ok
     assert verdict(200.0, None) is None
+    # PredicAtt_L computes one prediction matrix of the headline's two: its floor counts one (it was
+    # judged against the headline's, e.g. 1.6% high for ViT-S/16)
+    flops = {"total": 1000.0, "prediction_matrices": 100.0}
+    one = verdict(90.0, dict(bound, flops=flops), prediction_layers=1)
+    assert "every FLOP of the call at 106% of the best matmul rate measured here (compute floor 95 ms)" in one
+
+
+def test_bounds_gemms_run_at_the_benchmarks_fp32_precision(monkeypatch):
+    """With --fp32-precision tf32 the rows' JAX GEMMs run at default precision: the bounds' GEMMs must
+    too (they were always 'highest'), and say which they ran at."""
+    import jax.numpy as jnp
+
+    from bench import bounds
+    from jaxvit import ViTConfig
+
+    seen = []
+    real_dot = jnp.dot
+    monkeypatch.setattr(jnp, "dot", lambda a, b, precision=None: seen.append(precision) or real_dot(a, b))
+    cfg = ViTConfig(img_size=(32, 32), patch_size=16, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=5)
+    for precision, want in (("highest", "highest"), ("tf32", None)):
+        seen.clear()
+        res = bounds.measure(cfg, 2, "fp32", gpu=False, torch_device=None, torch_sync=None, warmup=0, repeats=1,
+                             peak_n=32, impls=("jax",), fp32_precision=precision)
+        assert res["fp32_precision"] == precision and seen and set(seen) == {want}
 
 
 def test_target_checks_carry_their_bound():
@@ -443,6 +467,9 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     assert entry["XLA_FLAGS"].split().count("--xla_gpu_enable_triton_gemm=true") == 1
     assert "--xla_gpu_enable_triton_gemm=false" not in entry["XLA_FLAGS"]
     assert entry["headline_ln_twopass_b2"]["median_ms"] > 0 and entry["headline_b1"]["median_ms"] > 0
+    # the flag set's run warms up as the parent does (it used to take its own default, 3)
+    child = json.loads((tmp_path / "probe_flags0.json").read_text())
+    assert (child["warmup"], child["repeats"]) == (1, 2) and res["fp32_matmul_precision"] is None
 
 
 def test_probe_scanned_forward_equals_the_unrolled_one():
@@ -635,3 +662,19 @@ def test_profile_summary_reads_xla_ops_on_a_cpu_backend(tmp_path):
     assert res["lines"] and all(k.startswith("/host:CPU | ") for k in res["lines"])
     assert res["top_ops"] and sum(v["ms_per_call"] for v in res["by_kind"].values()) > 0
     assert not any("Pjit" in o["op"] or "Threadpool" in o["op"] for o in res["top_ops"]), res["top_ops"]
+
+
+def test_jax_memory_without_the_subprocess_reading_is_marked_static():
+    """A JAX row's memory is XLA's static plan until the memory check's subprocess measures it; a
+    run stopped before that check (--deadline, or killed) used to show the plan under the measured
+    label, unmarked. It now carries the static label, and renders with '*' whatever the label."""
+    from bench import run
+
+    key = ("vit_b16", "jax", "bf16", "predicatt_L", 256)
+    plan = {"memory_bytes": 123 << 20, "memory_kind": run.MEASURED_JAX_MEMORY}
+    assert run._mem_cell({key: plan}, *key) == "123*"
+    assert run._mem_cell({key: dict(plan, memory_kind=run.STATIC_JAX_MEMORY)}, *key) == "123*"
+    measured = dict(plan, memory_detail={"overhead": 123 << 20, "exact": True})
+    assert run._mem_cell({key: measured}, *key) == "123"
+    torch_row = {"memory_bytes": 123 << 20, "memory_kind": "torch.cuda max_memory_allocated - memory_allocated before"}
+    assert run._mem_cell({key: torch_row}, *key) == "123"
