@@ -211,7 +211,9 @@ def _probe_writable(out: Path) -> None:
 
 def _make_out(path: str) -> Path:
     """--out as a created, writable folder, or a ValueError that says why it cannot be one."""
-    out = _check_out(path)
+    out = _check_out(path)  # an existing folder is probed there
+    if out.is_dir():
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
