@@ -962,25 +962,27 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
         return b
 
     inflight: deque = deque()  # dispatched, not finished: (outputs, meta); the older one is finished next
-    stopped: list[int] = []  # the processes that flagged the last step finished
+    stopped: list[int] = []  # the processes that flagged the first flagged step finished
+
+    def finish_oldest() -> ResultBatch | None:
+        nonlocal stopped
+        out, meta = inflight.popleft()
+        if total_steps is not None and not stopped:
+            stopped = engine.stopped(out)
+        return finish(out, meta)
+
     try:
         for images, labels, mask, meta in steps():
             inflight.append((engine.dispatch(images, labels, mask), meta))
             stats.steps += 1
             if len(inflight) == 2:
-                out, meta = inflight.popleft()
-                if total_steps is not None:
-                    stopped = engine.stopped(out)
-                b = finish(out, meta)
+                b = finish_oldest()
                 if b is not None:
                     yield b
                 if stopped:
                     break
         while inflight:  # the last step; after a stop, the one every process has in flight
-            out, meta = inflight.popleft()
-            if total_steps is not None and not stopped:
-                stopped = engine.stopped(out)
-            b = finish(out, meta)
+            b = finish_oldest()
             if b is not None:
                 yield b
         if stopped:
