@@ -562,6 +562,10 @@ class OtherProcessError(RuntimeError):
     """Another process of a multi-process job failed where this one did not (its own message says why)."""
 
 
+class StepCompileError(RuntimeError):
+    """XLA could not compile the explanation step (most often: too little device memory for the batch)."""
+
+
 class _agreement:
     """`with _agreement(P) as a: ...; a.share(x)` then `a.result()`: every process learns whether
     any failed inside the block (one collective), so all raise together instead of some waiting
@@ -700,8 +704,16 @@ class _Engine:
         self.compile_s = 0.0
 
     def compile(self):
+        import jax
+
         t0 = time.perf_counter()
-        self.compiled = self._lowered().compile()
+        try:
+            self.compiled = self._lowered().compile()
+        except jax.errors.JaxRuntimeError as e:
+            hint = ("; a smaller batch size (--batch-size) needs less device memory"
+                    if "RESOURCE_EXHAUSTED" in str(e) else "")
+            raise StepCompileError(f"compiling the explanation step for a global batch of {self.global_batch} "
+                                   f"failed: {e}{hint}") from e
         self.compile_s = time.perf_counter() - t0
 
     def dispatch(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, stop: int = 0):
@@ -916,8 +928,11 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
     lb = engine.local_batch
     pre = _Prefetcher(shards, transform, workers, window=lb * max(1, prefetch))
     pre.start()  # decoding starts before (and during) compilation
-    if engine.compiled is None:
-        engine.compile()
+    try:
+        _compile_together(engine, multi=total_steps is not None)
+    except BaseException:
+        pre.close()
+        raise
     stats.compile_s = engine.compile_s
     blank = (np.zeros((lb, *engine.image_shape), np.float32), np.zeros((lb,), np.int32), np.zeros((lb,), bool))
 
@@ -994,6 +1009,22 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
     finally:
         pre.close()
         stats.input_wait_s = pre.wait_s
+
+
+def _compile_together(engine: _Engine, multi: bool) -> None:
+    """Compile the step. Multi-process, every process then learns whether all did (one collective):
+    a process whose compilation failed (too little memory on its host, say) would otherwise leave the
+    others waiting in a first step it never runs. It raises its own error, the others OtherProcessError."""
+    if engine.compiled is not None:
+        return
+    if not multi:
+        engine.compile()
+        return
+    import jax
+
+    with _agreement(jax.process_count()) as compiled:
+        engine.compile()
+    compiled.result()
 
 
 def _stop_together(engine: _Engine, inflight: deque, blank: tuple, total_steps: int, stats: _Stats) -> None:

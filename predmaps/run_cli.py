@@ -9,7 +9,7 @@ runs it alone (`python -m predmaps.run_cli ...`). Exit codes: 0 done; 1 `--stric
 input could not be read; 2 the job could not run (bad arguments, another job in --out, a full
 disk, ...); 130 interrupted (Ctrl-C). After 2 or 130, finished shards are kept: rerun to resume.
 Several hosts: start the same command on each (SLURM/mpirun/TPU pods are detected), or pass
---coordinator HOST:PORT --num-processes N --process-id I. If one process fails mid-run, the
+--coordinator HOST:PORT --num-processes N --process-id I. If one process fails (compiling or mid-run), the
 others stop with it (status 2, naming it) and every finished shard is kept.
 """
 
@@ -133,7 +133,8 @@ def _run(args) -> int:
     except JobMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, KeyError, TypeError, pipeline.OtherProcessError) as e:  # the refusing one exits 2 too
+    except (ValueError, OSError, KeyError, TypeError, pipeline.OtherProcessError,  # the refusing one exits 2 too
+            pipeline.StepCompileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

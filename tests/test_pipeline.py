@@ -122,8 +122,10 @@ def _env(devices: int = 1) -> dict:
     return env
 
 
-def _run_cli_subprocess(args, devices=1, **kw):
-    return subprocess.Popen([sys.executable, "-m", "predmaps.run_cli", *map(str, args)], env=_env(devices),
+def _run_cli_subprocess(args, devices=1, script=None, **kw):
+    """`predmaps run ARGS` in a subprocess; `script`: Python source run instead, with ARGS as sys.argv[1:]."""
+    cmd = ["-c", script] if script else ["-m", "predmaps.run_cli"]
+    return subprocess.Popen([sys.executable, *cmd, *map(str, args)], env=_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
 
@@ -158,11 +160,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(args) -> list[tuple[int, str, str]]:
+def _run_two_processes(args, script=None) -> list[tuple[int, str, str]]:
     """`predmaps run ARGS` as two processes of one job, two CPU devices each: (status, stdout, stderr)."""
     port = _free_port()
     procs = [_run_cli_subprocess([*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
-                                  "--process-id", i], devices=2) for i in range(2)]
+                                  "--process-id", i], devices=2, script=script) for i in range(2)]
     try:
         outs = [p.communicate(timeout=150) for p in procs]
     finally:
@@ -244,6 +246,46 @@ def test_a_process_failing_mid_run_stops_every_process(ckpt, image_dir, referenc
     for rc, _, err in _run_two_processes([*args, "--out", last]):
         assert rc == 0, err[-3000:]
     _assert_same(read_results(last, verify=True), read_results(reference))
+
+
+# `predmaps run` where process 1's XLA compilation of the step runs out of memory, as on a host with
+# less device memory than the others.
+_COMPILE_FAILS_ON_PROCESS_1 = """
+import sys
+import jax
+from predmaps import pipeline, run_cli
+
+class Lowered:
+    def compile(self):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 52.22GiB.")
+
+init = pipeline._Engine.__init__
+def patched(self, *args, **kw):
+    init(self, *args, **kw)
+    if jax.process_index() == 1:
+        self._lowered = Lowered
+pipeline._Engine.__init__ = patched
+sys.exit(run_cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_process_failing_to_compile_stops_every_process(ckpt, image_dir, tmp_path):
+    """A process whose compilation of the step fails says so in one line (with what to do about an
+    out-of-memory compile) and the others stop with it, status 2 each. The failed one used to exit with
+    a traceback and the others wait in a first step it never ran: here, on CPU, until Gloo's 30 s
+    key-value timeout ended them with a traceback too."""
+    out = tmp_path / "out"
+    args = [*CLI_SPEC, "--model", ckpt, "--images", image_dir, "--batch-size", 4, "--no-progress", "--out", out]
+    (rc0, _, err0), (rc1, _, err1) = _run_two_processes(args, script=_COMPILE_FAILS_ON_PROCESS_1)
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert "Traceback" not in err0 + err1
+    assert [ln for ln in err1.splitlines() if ln.startswith("error:")] == [
+        "error: compiling the explanation step for a global batch of 4 failed: RESOURCE_EXHAUSTED: Out of memory "
+        "while trying to allocate 52.22GiB.; a smaller batch size (--batch-size) needs less device memory"]
+    errors0 = [ln for ln in err0.splitlines() if ln.startswith("error:")]
+    assert len(errors0) == 1 and errors0[0].startswith(
+        "error: process(es) [1] stopped during the run (see their messages); 0 finished shard(s) are kept"), err0[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["shards"] == []
 
 
 def test_the_newest_record_of_a_shard_describes_its_file(reference, tmp_path):
