@@ -171,7 +171,7 @@ def test_vit_kernels_option_same_params_same_outputs():
     xla = ViT(SMALL, dtype=jnp.bfloat16)
     params = _model_params(xla, images)
     want = xla.apply({"params": params}, images)
-    for impl in ("pallas", "pallas_layernorm", "pallas_mlp", "pallas_head"):
+    for impl in ("pallas", "pallas_layernorm", "pallas_mlp", "pallas_head", "pallas_layernorm_head"):
         model = xla.clone(kernels=impl, kernel_tiles=SMALL_TILES)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
         assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
@@ -195,6 +195,7 @@ def test_vit_kernels_option_lowers_each_layer_norm_and_fc1_to_triton():
     assert count("pallas_mlp", jnp.bfloat16) == depth
     assert count("pallas", jnp.bfloat16) == 3 * depth + 1
     assert count("pallas_head", jnp.bfloat16) == 0  # the head kernel is predmaps', below
+    assert count("pallas_layernorm_head", jnp.bfloat16) == 2 * depth + 1
     assert count("pallas", jnp.float32) == 0  # float32 compute keeps XLA's kernels
 
 
@@ -208,7 +209,8 @@ def test_headline_lowers_the_prediction_map_normaliser_to_triton():
     # per explanation with every kernel: the forward's (3 per block, the final norm), then the final norm
     # again on the layer's patch tokens (the head's input) and the normaliser
     every = 3 * SMALL.depth + 1 + 1 + 1
-    for impl, calls in (("xla", 0), ("pallas_head", 2), ("pallas", 2 * every)):
+    norms_and_head = 2 * SMALL.depth + 1 + 1 + 1  # the same without the fc1 kernels
+    for impl, calls in (("xla", 0), ("pallas_head", 2), ("pallas", 2 * every), ("pallas_layernorm_head", 2 * norms_and_head)):
         model = ViT(SMALL, dtype=jnp.bfloat16, kernels=impl, kernel_tiles=SMALL_TILES)
         assert _triton_calls(_cuda_lowering(jax_function(model, HEADLINE), params, images)) == calls, impl
 
