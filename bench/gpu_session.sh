@@ -6,6 +6,9 @@
 #                                     # ViT-L/16 rows, the other methods
 #   FLAG_SETS="--a=1;--b=1" bash bench/gpu_session.sh retime   # the headline with the Pallas kernels and under
 #                                     # each set, then the bf16 b256 rows and bounds (with the fastest if it won by 2%)
+#   bash bench/gpu_session.sh followup  # what the first H200 session left (bench/NOTES.md): Pallas LayerNorm and
+#                                     # normaliser together, at b256 and b1, the bf16 rows with the winner, then the
+#                                     # other methods at b256 (TransAttr's LRP sub-batches first)
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
@@ -41,7 +44,7 @@ retime_rows() {
     "$@" "${kargs[@]}"
   )
 }
-PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp,headline_pallas_head
+PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp,headline_pallas_head,headline_pallas_layernorm_head
 # the jaxvit.kernels tiles the probe tuned ('' for the library's)
 probe_tiles() {
   $PY -c "import json, sys; print(json.load(open(sys.argv[1])).get('kernels', {}).get('tiles', ''))" "$OUT/probe.json" 2>>"$log"
@@ -101,7 +104,26 @@ case "$1" in
          --out "$OUT/bench_b16_retime" ${BENCH_ARGS:-})
     if [ -n "$(best_flags)$(best_kern)" ]; then retime_rows "${cmd[@]}"; else "${cmd[@]}"; fi 2>&1 | tee -a "$log"
     ;;
-  *) echo "usage: bench/gpu_session.sh final|retime" >&2; exit 2 ;;
+  followup)
+    # the two kernels that each paid alone on the H200 (2026-12-04), together, and their cost at b1; the
+    # every-fusion-through-Triton flag set beside them (it won there, lost on the H100)
+    timeout $(( $(left) - 300 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 330 )) \
+      --variants headline,headline_pallas_layernorm,headline_pallas_head,headline_pallas_layernorm_head \
+      --b1-variants headline,headline_pallas_layernorm,headline_pallas_layernorm_head --flag-set-variants headline \
+      "--xla-flags-sets=--xla_gpu_experimental_all_fusions_with_triton=true" \
+      --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT"/probe_flags*.json
+    retime_rows timeout $(( $(left) - 200 )) $PY -m bench --models vit_b16 --dtypes bf16 \
+      --methods forward,predicatt_L,predicatt_L+L-1 --memory-check predicatt_L+L-1 --no-bounds \
+      --deadline $(( $(left) - 230 )) --out "$OUT/bench_b16_tuned" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT/bench_b16_tuned/results.md"
+    # the other methods at the large batch, which the H200's 'final' ran out of time for
+    timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --batch 256 --memory-check none \
+      --methods transattr,prediction_map,raw_attention,rollout,gradcam,generic_attention \
+      --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT/bench_b16_methods/results.md"
+    ;;
+  *) echo "usage: bench/gpu_session.sh final|retime|followup" >&2; exit 2 ;;
 esac
 echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
 rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary
