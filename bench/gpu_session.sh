@@ -44,6 +44,21 @@ retime_rows() {
     "$@" "${kargs[@]}"
   )
 }
+# the table's bf16 rows again, with memory, under a probe winner (if any); arg: seconds kept back for later stages
+tuned_rows() {
+  retime_rows timeout $(( $(left) - $1 )) $PY -m bench --models vit_b16 --dtypes bf16 \
+    --methods forward,predicatt_L,predicatt_L+L-1 --memory-check predicatt_L+L-1 --no-bounds \
+    --deadline $(( $(left) - $1 - 40 )) --out "$OUT/bench_b16_tuned" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+  rm -f "$OUT/bench_b16_tuned/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
+}
+# the other methods, TransAttr first (its LRP sub-batches have not finished a large batch on a GPU), to the
+# end of the budget; args: more bench arguments
+other_methods() {
+  timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --memory-check none \
+    --methods transattr,prediction_map,raw_attention,rollout,gradcam,generic_attention \
+    --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" "$@" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+  rm -f "$OUT/bench_b16_methods/results.md"
+}
 PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp,headline_pallas_head,headline_pallas_layernorm_head
 # the jaxvit.kernels tiles the probe tuned ('' for the library's)
 probe_tiles() {
@@ -79,17 +94,11 @@ case "$1" in
     rm -rf "$OUT"/*_trace "$OUT"/probe_flags*.json  # the flag runs are inside probe.json too
     # a flag set or Pallas kernels that beat the default headline by 2% in the probe: the table's bf16 rows
     # again with them, torch beside, so a new default would rest on the benchmark's own target rows
-    retime_rows timeout $(( $(left) - 50 )) $PY -m bench --models vit_b16 --dtypes bf16 \
-      --methods forward,predicatt_L,predicatt_L+L-1 --memory-check predicatt_L+L-1 --no-bounds \
-      --deadline $(( $(left) - 90 )) --out "$OUT/bench_b16_tuned" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    rm -f "$OUT/bench_b16_tuned/results.md"
+    tuned_rows 50
     timeout $(( $(left) - 50 )) $PY -m bench --models vit_s16,vit_l16 --dtypes bf16 --memory-check none \
       --methods forward,predicatt_L,predicatt_L+L-1 --deadline $(( $(left) - 80 )) --out "$OUT/bench_s16_l16" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT/bench_s16_l16/results.md"  # at most 8 files come back; `python -m bench --render` rebuilds it
-    timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --memory-check none \
-      --methods transattr,prediction_map,raw_attention,rollout,gradcam,generic_attention \
-      --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    rm -f "$OUT/bench_b16_methods/results.md"
+    other_methods
     ;;
   retime)
     # a short follow-up call: the headline with the Pallas kernels and under each of FLAG_SETS (';'-separated
@@ -113,15 +122,8 @@ case "$1" in
       "--xla-flags-sets=--xla_gpu_experimental_all_fusions_with_triton=true" \
       --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     rm -f "$OUT"/probe_flags*.json
-    retime_rows timeout $(( $(left) - 200 )) $PY -m bench --models vit_b16 --dtypes bf16 \
-      --methods forward,predicatt_L,predicatt_L+L-1 --memory-check predicatt_L+L-1 --no-bounds \
-      --deadline $(( $(left) - 230 )) --out "$OUT/bench_b16_tuned" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    rm -f "$OUT/bench_b16_tuned/results.md"
-    # the other methods at the large batch, which the H200's 'final' ran out of time for
-    timeout $(( $(left) - 5 )) $PY -m bench --models vit_b16 --dtypes bf16 --batch 256 --memory-check none \
-      --methods transattr,prediction_map,raw_attention,rollout,gradcam,generic_attention \
-      --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
-    rm -f "$OUT/bench_b16_methods/results.md"
+    tuned_rows 200
+    other_methods --batch 256  # the large batch, which the H200's 'final' ran out of time for
     ;;
   *) echo "usage: bench/gpu_session.sh final|retime|followup" >&2; exit 2 ;;
 esac

@@ -929,7 +929,7 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
     pre = _Prefetcher(shards, transform, workers, window=lb * max(1, prefetch))
     pre.start()  # decoding starts before (and during) compilation
     try:
-        _compile_together(engine, multi=total_steps is not None)
+        _compile_together(engine)
     except BaseException:
         pre.close()
         raise
@@ -1011,20 +1011,14 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
         stats.input_wait_s = pre.wait_s
 
 
-def _compile_together(engine: _Engine, multi: bool) -> None:
+def _compile_together(engine: _Engine) -> None:
     """Compile the step. Multi-process, every process then learns whether all did (one collective):
     a process whose compilation failed (too little memory on its host, say) would otherwise leave the
     others waiting in a first step it never runs. It raises its own error, the others OtherProcessError."""
-    if engine.compiled is not None:
-        return
-    if not multi:
-        engine.compile()
-        return
-    import jax
-
-    with _agreement(jax.process_count()) as compiled:
-        engine.compile()
-    compiled.result()
+    if engine.compiled is None:
+        with _agreement(engine.nproc) as compiled:
+            engine.compile()
+        compiled.result()
 
 
 def _stop_together(engine: _Engine, inflight: deque, blank: tuple, total_steps: int, stats: _Stats) -> None:
