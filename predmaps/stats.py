@@ -102,3 +102,62 @@ def top_head_histogram(top_head_block: jax.Array, depth: int) -> jax.Array:
     """Counts per block (depth,) of `LayerStats.top_head_block` (entries of -1 ignored)."""
     blocks = jnp.asarray(top_head_block)
     return jnp.bincount(jnp.where(blocks >= 0, blocks, depth), length=depth + 1)[:depth]
+
+
+# A patch "on the object" has at least this share of its pixels in the object's mask; a
+# "background" patch has none. Patches in between (the object's rim) are left out of both.
+ON_OBJECT_SHARE = 0.25
+
+
+def patch_cover(masks, patch: int) -> np.ndarray:
+    """Share of each patch's pixels inside the mask: masks (B, H, W) bool -> (B, gh * gw) float32,
+    patches in row-major order (the order of the patch tokens)."""
+    m = np.asarray(masks, np.float32)
+    b, h, w = m.shape
+    gh, gw = h // patch, w // patch
+    m = m[:, :gh * patch, :gw * patch].reshape(b, gh, patch, gw, patch)
+    return m.mean((2, 4)).reshape(b, gh * gw)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _patch_hits(model: ViT, params, images, labels):
+    """Per layer l = 0..L and patch: is the label nu(x_i^(l))'s top class, and its probability.
+    Two (B, L + 1, N) float32 arrays."""
+    out = model.apply({"params": params}, images)
+    hits, probs = [], []
+    for layer in range(model.config.depth + 1):
+        z = core.token_logits(model, params, core.patch_tokens(model, out.tokens[:, layer]))  # (B, N, C)
+        hits.append((jnp.argmax(z, -1) == labels[:, None]).astype(jnp.float32))
+        probs.append(jnp.take_along_axis(jax.nn.softmax(z, -1), labels[:, None, None], -1)[..., 0])
+    return jnp.stack(hits, 1), jnp.stack(probs, 1)
+
+
+def patch_locality(model: ViT, params, images, labels, masks, *, batch: int = 200,
+                   on_object: float = ON_OBJECT_SHARE) -> dict[str, np.ndarray]:
+    """Does a patch token predict the object's class where the object is, and not elsewhere?
+
+    images (B, H, W, 3) normalised, one object each; labels (B,); masks (B, H, W) bool, the object's
+    pixels. Per layer l = 0..L (arrays of L + 1): `on_accuracy` / `background_accuracy`, the share
+    of patch tokens whose top class under the head is the label, over the patches with at least
+    `on_object` of their pixels on the object / with none; `on_prob` / `background_prob`, the
+    label's mean softmax probability there; `gap` = on_accuracy - background_accuracy (a pretrained
+    ViT's last layers: large; a token that carries only the scene's label: 0). Also the patch counts.
+    """
+    labels = np.asarray(labels)
+    cover = patch_cover(masks, model.config.patch_size)
+    if cover.shape[1] != model.config.num_patches:
+        raise ValueError(f"masks of shape {np.shape(masks)} do not tile into the model's "
+                         f"{model.config.num_patches} patches")
+    hits, probs = [], []
+    for i in range(0, len(labels), batch):
+        h, p = _patch_hits(model, params, jnp.asarray(images[i:i + batch]), jnp.asarray(labels[i:i + batch], jnp.int32))
+        hits.append(np.asarray(h))
+        probs.append(np.asarray(p))
+    hits, probs = np.concatenate(hits), np.concatenate(probs)  # (B, L + 1, N)
+    on, bg = cover >= on_object, cover == 0
+    mean = lambda a, sel: (a * sel[:, None]).sum((0, 2)) / max(int(sel.sum()), 1)
+    res = dict(on_accuracy=mean(hits, on), background_accuracy=mean(hits, bg),
+               on_prob=mean(probs, on), background_prob=mean(probs, bg),
+               on_patches=int(on.sum()), background_patches=int(bg.sum()))
+    res["gap"] = res["on_accuracy"] - res["background_accuracy"]
+    return res

@@ -32,7 +32,7 @@ import optax
 
 from jaxvit.config import ViTConfig
 from jaxvit.model import ViT
-from predmaps import digits
+from predmaps import digits, stats
 
 MODEL_NAME = "vit_digits_patch8_64"
 EVAL_SEED = 2024  # the seed of the reported test scenes
@@ -109,18 +109,67 @@ def curriculum_difficulty(n: int, seed: int, step: int, curriculum: int) -> np.n
     return np.clip(ramp + 0.5 * (u - 0.5), 0, 1).astype(np.float32)
 
 
-def _train_batch(n: int, seed: int, step: int, two_digit_frac: float, size: int, curriculum: int = 0):
-    """Normalised images and soft targets (n, 10) for one step; deterministic in (seed, step)."""
+def _train_batch(n: int, seed: int, step: int, two_digit_frac: float, size: int, curriculum: int = 0,
+                 *, patch: int = 8, multilabel: bool = False, cutmix: float = 0.0):
+    """One step's normalised images (n, S, S, 3), scene targets (n, 10) and per-patch targets
+    (n, N, 10); deterministic in (seed, step).
+
+    Scene targets: one-hot for one digit; two digits: 0.5 each (softmax) or 1 each (`multilabel`).
+    Patch targets (for token labelling): each patch's share of digit pixels on that digit's class,
+    the rest spread uniformly over the classes (a patch of background carries no class).
+    `cutmix`: the share of scenes that get a patch-aligned box from the next scene of the batch
+    pasted in (CutMix); their scene targets mix by the box's area, their patch targets follow the box."""
     n2 = int(round(n * two_digit_frac)) if step >= curriculum else 0  # two-digit scenes after the curriculum
     step_seed = seed * 1_000_003 + step
     diff = curriculum_difficulty(n - n2, seed, step, curriculum)
-    images, labels, _ = digits.one_digit_scenes(n - n2, "train", step_seed, size, difficulty=diff)
-    targets = np.eye(10, dtype=np.float32)[labels]
+    eye = np.eye(10, dtype=np.float32)
+    images, labels, masks = digits.one_digit_scenes(n - n2, "train", step_seed, size, difficulty=diff)
+    targets = eye[labels]
+    cover = stats.patch_cover(masks, patch)  # (n, N)
+    dense = cover[..., None] * eye[labels][:, None] + (1 - cover)[..., None] * 0.1
     if n2:
-        im2, lab2, _ = digits.two_digit_scenes(n2, "train", step_seed, size)
-        t2 = 0.5 * (np.eye(10, dtype=np.float32)[lab2[:, 0]] + np.eye(10, dtype=np.float32)[lab2[:, 1]])
-        images, targets = np.concatenate([images, im2]), np.concatenate([targets, t2])
-    return digits.normalize(images), targets
+        im2, lab2, m2 = digits.two_digit_scenes(n2, "train", step_seed, size)
+        weight = 1.0 if multilabel else 0.5
+        t2 = weight * (eye[lab2[:, 0]] + eye[lab2[:, 1]])
+        c2 = np.stack([stats.patch_cover(m2[:, j], patch) for j in range(2)], -1)  # (n2, N, 2)
+        d2 = (c2[..., :1] * eye[lab2[:, 0]][:, None] + c2[..., 1:] * eye[lab2[:, 1]][:, None]
+              + (1 - c2.sum(-1, keepdims=True)) * 0.1)
+        images, targets, dense = np.concatenate([images, im2]), np.concatenate([targets, t2]), np.concatenate([dense, d2])
+    x = digits.normalize(images)
+    if cutmix > 0:
+        x, targets, dense = _cutmix(x, targets, dense, cutmix, np.random.default_rng([seed, step, 11]), patch)
+    return x, targets, dense
+
+
+def _cutmix(x, targets, dense, share, rng, patch):
+    """CutMix (Yun et al., 2019) on a patch grid: a box of a random area (uniform in (0, 1)) from
+    the next scene of the batch replaces the same box of `share` of the scenes."""
+    n, size = x.shape[0], x.shape[1]
+    g = size // patch
+    x0, t0, d0 = x, targets, dense.reshape(n, g, g, -1)
+    x, targets, dense = x0.copy(), t0.copy(), d0.copy()
+    src = np.roll(np.arange(n), -1)
+    for i in np.flatnonzero(rng.random(n) < share):
+        side = np.sqrt(rng.random())
+        h, w = max(1, int(round(side * g))), max(1, int(round(side * g)))
+        top, left = rng.integers(0, g - h + 1), rng.integers(0, g - w + 1)
+        j = src[i]
+        x[i, top * patch:(top + h) * patch, left * patch:(left + w) * patch] = \
+            x0[j, top * patch:(top + h) * patch, left * patch:(left + w) * patch]
+        dense[i, top:top + h, left:left + w] = d0[j, top:top + h, left:left + w]
+        a = h * w / (g * g)
+        targets[i] = (1 - a) * t0[i] + a * t0[j]
+    return x, targets, dense.reshape(n, g * g, -1)
+
+
+def _train_forward(module: ViT, images, keep=None):
+    """(logits, last block's tokens) of `module`; keep (depth, B): per-scene factors of each block's
+    residual update (stochastic depth), None for all 1."""
+    x = module.embed(images)
+    for i, block in enumerate(module.blocks):
+        y, _, _ = block(x, want_cls=False, want_full=False)
+        x = y if keep is None else x + keep[i][:, None, None] * (y - x)
+    return module.head_logits(x)[1], x
 
 
 def evaluate(model, params, n: int = EVAL_SCENES, split: str = "test", seed: int = EVAL_SEED,
@@ -141,12 +190,17 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
           warmup: int = 100, weight_decay: float = 0.05, label_smoothing: float = 0.1, clip: float = 1.0,
           embed_dim: int = 128, depth: int = 6, num_heads: int = 4, two_digit_frac: float = 0.0, curriculum: int = 300,
           eval_scenes: int = EVAL_SCENES, log_every: int = 50, command: str | None = None,
-          init: str | os.PathLike | None = None) -> dict:
+          init: str | os.PathLike | None = None, token_label: float = 0.0, multilabel: bool = False,
+          cutmix: float = 0.0, drop_path: float = 0.0) -> dict:
     """Train, evaluate, save with `convert.save_timm` and write TRAINING.md; returns the record.
 
     `init`: a checkpoint directory (this script's output) to continue from, with a fresh optimiser
     state and schedule (a warm restart); its architecture replaces embed_dim/depth/num_heads and its
-    TRAINING.md is kept in the new record as the earlier stage."""
+    TRAINING.md is kept in the new record as the earlier stage.
+
+    The recipes of the locality study (docs/digit-locality.md): `token_label` (weight of the
+    token-labelling loss, `_train_batch`'s patch targets), `multilabel` (sigmoid loss), `cutmix`
+    (share of CutMix scenes), `drop_path` (stochastic depth's largest rate)."""
     import convert
 
     t_start = time.time()
@@ -172,12 +226,27 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
                      optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay, mask=_decay_mask(params)))
     opt_state = tx.init(params)
 
+    rates = np.linspace(0.0, drop_path, depth) if depth > 1 else np.full(depth, drop_path)  # timm's linear rule
+
     @jax.jit
-    def train_step(params, opt_state, x, targets):
+    def train_step(params, opt_state, x, targets, dense, key):
+        # Stochastic depth (Huang et al., 2016): each block's residual update is dropped per scene,
+        # kept ones scaled by 1 / keep, the drop rate growing linearly with depth up to `drop_path`.
+        keep = 1.0 - jnp.asarray(rates, jnp.float32)
+        mask = jax.random.bernoulli(key, keep[:, None], (depth, x.shape[0])) / keep[:, None]
+
         def loss_fn(p):
-            logits = model.apply({"params": p}, x).logits
-            smooth = optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
-            return optax.softmax_cross_entropy(logits, smooth).mean(), logits
+            logits, last = model.apply({"params": p}, x, mask if drop_path > 0 else None, method=_train_forward)
+            if multilabel:  # sigmoid per class, as ImageNet-21k pre-training
+                smooth = targets * (1 - label_smoothing) + 0.5 * label_smoothing
+                loss = optax.sigmoid_binary_cross_entropy(logits, smooth).sum(-1).mean()
+            else:
+                smooth = optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+                loss = optax.softmax_cross_entropy(logits, smooth).mean()
+            if token_label > 0:  # token labelling: the head on every last-layer patch token
+                z = model.apply({"params": p}, last[:, config.num_prefix_tokens:], method=ViT.classify)
+                loss = loss + token_label * optax.softmax_cross_entropy(z, dense).mean()
+            return loss, logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -186,12 +255,16 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
 
     print(f"{MODEL_NAME}: {n_params:,} parameters, embed_dim={embed_dim} depth={depth} heads={num_heads}, "
           f"batch {batch}, {steps} steps, seed {seed}, jax {jax.__version__} on {jax.default_backend()}", flush=True)
-    x, t = _train_batch(batch, seed, 0, two_digit_frac, size, curriculum)
+    batch_args = dict(patch=config.patch_size, multilabel=multilabel, cutmix=cutmix)
+    x, t, dense = _train_batch(batch, seed, 0, two_digit_frac, size, curriculum, **batch_args)
+    drop_key = jax.random.key(seed + 17)
     window_loss, window_acc, window_t, window_n = [], [], time.time(), 0
     for step in range(steps):
-        params, opt_state, loss, acc = train_step(params, opt_state, x, t)  # dispatched asynchronously
+        params, opt_state, loss, acc = train_step(params, opt_state, x, t, dense,
+                                                  jax.random.fold_in(drop_key, step))  # dispatched asynchronously
         if step + 1 < steps:
-            x, t = _train_batch(batch, seed, step + 1, two_digit_frac, size, curriculum)  # overlaps the step
+            x, t, dense = _train_batch(batch, seed, step + 1, two_digit_frac, size, curriculum,
+                                       **batch_args)  # overlaps the step
         window_loss.append(loss)
         window_acc.append(acc)
         window_n += batch
@@ -220,6 +293,7 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
         command=command or "python -m predmaps.train_digits " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         seed=seed, steps=steps, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay,
         label_smoothing=label_smoothing, clip=clip, two_digit_frac=two_digit_frac, curriculum=curriculum, n_params=n_params,
+        token_label=token_label, multilabel=multilabel, cutmix=cutmix, drop_path=drop_path,
         train_time_s=train_time, wall_time_s=wall, test_acc=test_acc, train_acc=train_acc, two_digit_top2=two_acc,
         eval_scenes=eval_scenes, config=config, init=None if init is None else str(init), earlier=earlier)
     _write_record(out, record)
@@ -234,6 +308,18 @@ def _curriculum_text(steps: int) -> str:
     return (f"scene difficulty ramps from 0 (centred 32 px digit, no warp, untextured background) to 1 (the full "
             f"scene distribution) over the first {steps} steps, with a spread of +-0.25 around the ramp; every "
             f"scene is at 1 from step {steps} on")
+
+
+def _recipe_text(r: dict) -> str:
+    parts = ["sigmoid loss per class" if r.get("multilabel") else "softmax cross-entropy"]
+    if r.get("token_label"):
+        parts.append(f"token labelling, weight {r['token_label']} (the head on every last-layer patch token, "
+                     "towards the class of the digit it covers, uniform on background)")
+    if r.get("cutmix"):
+        parts.append(f"CutMix on {r['cutmix']:.0%} of the scenes (patch-aligned boxes)")
+    if r.get("drop_path"):
+        parts.append(f"stochastic depth up to {r['drop_path']}")
+    return "; ".join(parts)
 
 
 def _write_record(out: Path, r: dict) -> None:
@@ -265,7 +351,8 @@ patch 8 (an 8x8 grid of patch tokens), class token, token pooling, 10 classes "0
 | initial weights | {'jax-style random init (Xavier-uniform block kernels)' if r.get('init') is None else '`' + r['init'] + '` (the earlier stage below), with a fresh optimiser state and schedule'} |
 | steps x batch | {r['steps']} x {r['batch']} = {r['steps'] * r['batch']:,} scenes, each drawn fresh from the 1,438 train digits |
 | curriculum | {_curriculum_text(r['curriculum'])} |
-| two-digit share of each batch (after the curriculum, 50/50 targets) | {r['two_digit_frac']} |
+| two-digit share of each batch (after the curriculum; targets 0.5 each, or 1 each with the sigmoid loss) | {r['two_digit_frac']} |
+| recipe | {_recipe_text(r)} |
 | optimiser | AdamW, peak lr {r['lr']}, {r['warmup']} warm-up steps then cosine decay to {r['lr'] * 0.01:g}, weight decay {r['weight_decay']} (matrices only), grad-norm clip {r['clip']}, label smoothing {r['label_smoothing']} |
 | training time | {r['train_time_s']:.0f} s |
 | wall time (training + evaluation + saving) | {r['wall_time_s']:.0f} s |
@@ -315,6 +402,12 @@ def main(argv=None) -> int:
                     help="share of each batch that is two-digit scenes with 50/50 targets")
     ap.add_argument("--curriculum", type=int, default=300,
                     help="steps over which the scene difficulty ramps up from easy (0: off)")
+    ap.add_argument("--token-label", type=float, default=0.0,
+                    help="weight of token labelling: the head on every last-layer patch token, trained towards "
+                         "the class of the digit it covers (uniform on background); 0: off")
+    ap.add_argument("--multilabel", action="store_true", help="sigmoid loss per class (two digits: both 1)")
+    ap.add_argument("--cutmix", type=float, default=0.0, help="share of scenes given a CutMix box (0: off)")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth: the deepest block's drop rate")
     ap.add_argument("--eval-scenes", type=int, default=EVAL_SCENES)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", default=None,
@@ -323,7 +416,7 @@ def main(argv=None) -> int:
     train(a.out, steps=a.steps, seed=a.seed, batch=a.batch, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
           label_smoothing=a.label_smoothing, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.heads,
           two_digit_frac=a.two_digit_frac, curriculum=a.curriculum, eval_scenes=a.eval_scenes, log_every=a.log_every,
-          init=a.init)
+          init=a.init, token_label=a.token_label, multilabel=a.multilabel, cutmix=a.cutmix, drop_path=a.drop_path)
     return 0
 
 

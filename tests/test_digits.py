@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import convert  # noqa: E402
+import jaxvit  # noqa: E402
 from predmaps import digits, train_digits  # noqa: E402
 
 ASSET = digits.ASSET_DIR
@@ -161,6 +162,87 @@ def test_train_smoke(tmp_path):
     model, params = convert.load(tmp_path)
     assert model.config == train_digits.make_config(32, 1, 2)
     assert "test accuracy" in (tmp_path / "TRAINING.md").read_text().lower()
+
+
+def test_train_batch_patch_targets_follow_the_digits_and_cutmix_moves_them():
+    """Token-labelling targets: a patch's share of digit pixels goes to the digit's class, the rest is
+    uniform; CutMix pastes the same box into the image, the patch targets and (by area) the scene target."""
+    x, t, dense = train_digits._train_batch(16, 3, 5, 0.25, 64)
+    assert x.shape == (16, 64, 64, 3) and t.shape == (16, 10) and dense.shape == (16, 64, 10)
+    np.testing.assert_allclose(dense.sum(-1), 1, atol=1e-6)
+    np.testing.assert_allclose(t[:12].sum(-1), 1)
+    np.testing.assert_allclose(t[12:].max(-1), 0.5)
+    # against the masks, by hand, for the first one-digit scene
+    _, labels, masks = digits.one_digit_scenes(12, "train", 3 * 1_000_003 + 5, 64, difficulty=1.0)
+    cover = masks[0].reshape(8, 8, 8, 8).mean((1, 3)).reshape(64)
+    np.testing.assert_allclose(dense[0, :, labels[0]], cover + 0.1 * (1 - cover), atol=1e-6)
+    assert np.isclose(dense[0][cover == 0], 0.1).all()
+    _, t_ml, _ = train_digits._train_batch(16, 3, 5, 0.25, 64, multilabel=True)
+    np.testing.assert_allclose(t_ml[12:].sum(-1), 2)
+    xm, tm, dm = train_digits._train_batch(16, 3, 5, 0.25, 64, cutmix=1.0)
+    changed = [i for i in range(16) if not np.array_equal(xm[i], x[i])]
+    assert len(changed) >= 12  # every scene got a box (a box can copy an identical scene only by chance)
+    i = changed[0]
+    j = (i + 1) % 16
+    same = np.all(xm[i] == x[j], axis=-1)  # the pasted pixels are scene j's
+    rows, cols = np.where(same.reshape(8, 8, 8, 8).all((1, 3)))
+    assert len(rows) > 0
+    np.testing.assert_allclose(dm[i].reshape(8, 8, 10)[rows, cols], dense[j].reshape(8, 8, 10)[rows, cols])
+    np.testing.assert_allclose(tm[i].sum(), 1, atol=1e-6)
+
+
+def test_train_smoke_with_every_recipe(tmp_path):
+    """Token labelling, the sigmoid loss, CutMix and stochastic depth together: finite losses, a
+    loadable checkpoint, and the recipe written in TRAINING.md."""
+    rec = train_digits.train(tmp_path, steps=2, batch=8, warmup=1, embed_dim=32, depth=2, num_heads=2,
+                             two_digit_frac=0.25, eval_scenes=8, log_every=1, command="test", token_label=1.0,
+                             multilabel=True, cutmix=0.5, drop_path=0.2)
+    assert rec["token_label"] == 1.0 and rec["multilabel"] and rec["drop_path"] == 0.2
+    text = (tmp_path / "TRAINING.md").read_text()
+    assert "token labelling, weight 1.0" in text and "sigmoid loss" in text and "CutMix on 50%" in text
+    assert "stochastic depth up to 0.2" in text
+    convert.load(tmp_path)
+
+
+def test_stochastic_depth_drops_whole_blocks_and_is_the_model_without_it():
+    """`_train_forward` with every block kept is the model's forward; a dropped block passes its input."""
+    cfg = train_digits.make_config(32, 2, 2)
+    model = jaxvit.ViT(cfg, attention="materialized")
+    x = jnp.asarray(digits.normalize(digits.one_digit_scenes(2, "test", 0)[0]))
+    params = train_digits.jax_init(model.init(jax.random.key(0), x)["params"], jax.random.key(1))
+    params["head"]["kernel"] = 0.1 * jnp.ones_like(params["head"]["kernel"]).at[0].set(1.0)
+    logits, last = model.apply({"params": params}, x, method=train_digits._train_forward)
+    out = model.apply({"params": params}, x)
+    np.testing.assert_allclose(logits, out.logits, atol=1e-6)
+    np.testing.assert_allclose(last, out.tokens[:, -1], atol=1e-6)
+    keep = jnp.asarray([[1.0, 1.0], [0.0, 0.0]])  # block 1 dropped for both scenes
+    _, last = model.apply({"params": params}, x, keep, method=train_digits._train_forward)
+    np.testing.assert_allclose(last, out.tokens[:, 1], atol=1e-6)
+
+
+def test_patch_locality_counts_patches_on_the_digit_and_on_background():
+    """stats.patch_locality against a hand count: the head applied (numpy) to every patch token."""
+    from predmaps import stats
+
+    cfg = train_digits.make_config(32, 2, 2)
+    model = jaxvit.ViT(cfg)
+    images, labels, masks = digits.one_digit_scenes(6, "test", 4)
+    x = digits.normalize(images)
+    params = train_digits.jax_init(model.init(jax.random.key(0), x[:1])["params"], jax.random.key(1))
+    params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
+    res = stats.patch_locality(model, params, x, labels, masks, batch=4)
+    tokens = np.asarray(model.apply({"params": params}, x).tokens, np.float64)[:, :, 1:]  # (B, L+1, N, D)
+    mu, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
+    n = np.asarray(params["norm"]["scale"]) * (tokens - mu) / np.sqrt(var + cfg.norm_eps) + np.asarray(params["norm"]["bias"])
+    z = n @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])  # (B, L+1, N, C)
+    hit = z.argmax(-1) == labels[:, None, None]
+    cover = masks.reshape(6, 8, 8, 8, 8).mean((2, 4)).reshape(6, 64)
+    on, bg = cover >= 0.25, cover == 0
+    for layer in range(3):
+        assert np.isclose(res["on_accuracy"][layer], hit[:, layer][on].mean(), atol=1e-6)
+        assert np.isclose(res["background_accuracy"][layer], hit[:, layer][bg].mean(), atol=1e-6)
+    assert res["on_patches"] == on.sum() and res["background_patches"] == bg.sum()
+    assert np.isclose(res["gap"][-1], res["on_accuracy"][-1] - res["background_accuracy"][-1])
 
 
 # ---------------------------------------------------------------- the shipped model
