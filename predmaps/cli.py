@@ -343,11 +343,28 @@ def cmd_demo(args) -> int:
     return _interruptible(_demo, args)
 
 
+def demo_photos() -> list[Path]:
+    """The bundled real photos of `predmaps demo --model` (CC0 / public domain: assets/photos/LICENSE.md)."""
+    folder = Path(str(resources.files("predmaps").joinpath("assets", "photos")))
+    return sorted(folder.glob("*.jpg"))
+
+
+# What `predmaps demo` says about the real-photo demo it did not run (offline, no model given).
+REAL_PHOTOS_HINT = ("to see the maps on real photos with a real ViT: predmaps demo --model "
+                    "vit_base_patch16_224.augreg2_in21k_ft_in1k (a hub name, or a local checkpoint)")
+
+
 def _demo(args, progress: dict) -> int:
     from PIL import Image
 
     from predmaps import digits, report
 
+    if args.model is not None:  # real photos, the model's own top classes
+        ns = argparse.Namespace(
+            images=[str(p) for p in demo_photos()], model=args.model, model_name=args.model_name, labels=None,
+            classes="top3", method="predicatt", layers=[-1, -2], map_class=None, cmap=args.cmap, alpha=args.alpha,
+            shared_scale=False, top_k=5, heads=4, batch_size=8, strict=True, out=args.out)
+        return _explain(ns, progress)
     try:  # before anything is written
         _check_view_options(args)
         out = _make_out(args.out)
@@ -367,7 +384,7 @@ def _demo(args, progress: dict) -> int:
     options = report.ReportOptions(
         target=None, method="predicatt", layers=(-1, -2), cmap=args.cmap, alpha=args.alpha, batch_size=size,
         title="predmaps demo: two-digit scenes", model_name=f"{DEFAULT_MODEL} (embedded)",
-        label_note="top-1 prediction is one of the scene's two digits")
+        label_note="top-1 prediction is one of the scene's two digits", trust_note=digits.trust_note())
     try:
         rep = _run_report(model, params, batches, out, options, [-1, -2], progress)
     except ValueError as e:
@@ -378,6 +395,7 @@ def _demo(args, progress: dict) -> int:
           f"attention and rollout; prediction maps at every layer, heads ranked by alpha~, per-layer statistics "
           f"({rep.seconds:.1f}s). Scenes and PNG overlays in {out.resolve()}")
     print(f"report: {rep.index.resolve()}")
+    print(REAL_PHOTOS_HINT)
     return 0
 
 
@@ -475,6 +493,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline); "
                        "writes the HTML report and prints its path")
     p.add_argument("--out", default="predmaps-demo")
+    p.add_argument("--model", help="explain three bundled real photos (a cat, a coffee cup, a rocket launch) "
+                   "with this ImageNet ViT instead: timm name (with its pretrained tag), checkpoint file or "
+                   "directory; default: the embedded digit-scenes model on generated scenes")
+    p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--n", type=positive_int, default=4, help="number of scenes")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")

@@ -344,6 +344,28 @@ def scene_accuracy(model, params, x, labels, batch: int = 250) -> float:
     return float(np.concatenate(hits).mean())
 
 
+MEASURED_FILE = "measured.json"  # beside a digits model: what the locality study measured of it
+
+
+def trust_note(path: str | Path | None = None) -> str:
+    """One line on how far the digits model at `path` (default: the shipped one) can be trusted, from the
+    `measured.json` that `python -m predmaps.evaluation.digit_locality --measured` writes beside it;
+    '' when there is none."""
+    import json
+
+    f = Path(path or ASSET_DIR) / MEASURED_FILE
+    if not f.is_file():
+        return ""
+    m = json.loads(f.read_text())
+    layers = ", ".join(f"{i}: {100 * a:.0f}% / {100 * b:.0f}%"
+                       for i, (a, b) in enumerate(zip(m["patch_accuracy_on_digit"], m["patch_accuracy_background"])))
+    return (f"How far to trust these maps: on {m['two_digit_scenes']} held-out two-digit scenes, this model's "
+            f"PredicAtt_L puts more of its mass on the digit of the class it explains than on the other digit in "
+            f"{100 * m['predicatt_L_own_beats_other']:.1f}% of cases (50% is a class-agnostic map); its patch tokens "
+            f"predict the digit's class through the head on the digit / on background, by layer, {layers} "
+            f"(docs/digit-locality.md).")
+
+
 def load_model(path: str | Path | None = None, **kwargs):
     """(jaxvit module, params) of the digit-scene ViT shipped with predmaps (or one at `path`)."""
     import convert

@@ -97,6 +97,7 @@ class ReportOptions:
     title: str = "predmaps report"
     model_name: str = ""
     label_note: str = "top-1 prediction equals the label"
+    trust_note: str = ""  # the model's measured locality and class specificity, shown first (`digits.trust_note`)
 
 
 @dataclasses.dataclass
@@ -552,7 +553,8 @@ def _index_row(r: ImageResult, cfg, o: ReportOptions, href: str) -> str:
     else:
         gt = "–"
     return (f"<tr><td>{r.index + 1}</td><td>{_img(tiles.base[o.thumb], 'input')}</td>"
-            f"<td>{_img(tiles(m, o.thumb), 'PredicAtt_L')}</td>"
+            f"<td>{_img(tiles(m, o.thumb), 'PredicAtt_L')}<br><span class='note'>c = "
+            f"{html.escape(cfg.class_name(int(r.classes[0])))}</span></td>"
             f"<td><a href='{html.escape(href)}'>{html.escape(r.name)}</a></td>"
             f"<td>{explained}</td><td>{preds}</td><td>{gt}</td></tr>")
 
@@ -560,6 +562,18 @@ def _index_row(r: ImageResult, cfg, o: ReportOptions, href: str) -> str:
 def _index_table(rows: list[str]) -> str:
     return ("<table class='index'><tr><th>#</th><th>input</th><th>PredicAtt<sub>L</sub></th><th>image</th>"
             "<th>explained classes</th><th>top-3 predictions</th><th>ground truth</th></tr>" + "".join(rows) + "</table>")
+
+
+def _reading_guide(o: ReportOptions) -> str:
+    """The index's first section: what to look for, and how far this model's maps can be trusted."""
+    trust = o.trust_note or ("How far to trust these maps: not measured for this model (predmaps eval digits "
+                             "measures a digits model's class specificity); the per-layer statistics below show how "
+                             "often its patch tokens predict the label through the head on these images.")
+    return ("<section><h2>What to look for</h2><p>Each map is one class's evidence: where in the image the "
+            "model sees that class (colour scale: low to high). A class-specific map (PredicAtt, the prediction "
+            "map Ψ) should move to a different object when the class changes; raw attention and rollout show the "
+            "same map for every class. The thumbnail below shows PredicAtt<sub>L</sub> of the class named under "
+            f"it.</p><p class='note'>{html.escape(trust)}</p></section>")
 
 
 def _index_name(page: int) -> str:
@@ -629,7 +643,7 @@ class ReportWriter:
         if self.rows or self.first_rows is None:
             self._flush_rows(more=False)
         n_pages = 1 + len(self.index_pages)
-        parts = []
+        parts = [_reading_guide(self.o)]
         if stopped:
             parts.append(f"<section><h2>Incomplete</h2><p>This run {html.escape(stopped)} after {self.count} "
                          "image(s): the report holds only those.</p></section>")

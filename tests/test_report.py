@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jaxvit
 import predmaps
 from jaxvit import ViT, ViTConfig
 from jaxvit.checkpoint import param_shapes
@@ -263,6 +264,51 @@ def test_demo_runs_offline_and_writes_the_report(demo):
     assert "ground truth: " in text and "Per-layer statistics" in text
     assert f"c = {a}" in text  # the prediction map of the first digit at every layer
     assert "Top-1 accuracy of the model" in index.read_text() and "/2)" in index.read_text()
+    # the first screen says what to look for and how far the embedded model was measured to be trustworthy
+    first = index.read_text()
+    assert first.index("What to look for") < first.index("Per-layer statistics")
+    assert "How far to trust these maps: on 1000 held-out two-digit scenes" in first
+    assert re.search(r"PredicAtt_L puts more of its mass on the digit of the class it explains than on the other "
+                     r"digit in \d+\.\d% of cases", first)
+    assert f"<span class='note'>c = {a}</span>" in first  # the thumbnail names the class it shows
+
+
+def test_demo_names_the_real_photo_demo_it_did_not_run(demo):
+    assert cli.REAL_PHOTOS_HINT in demo[1]
+
+
+def test_demo_with_a_model_explains_the_bundled_photos_with_imagenet_names(tmp_path, capsys):
+    """`predmaps demo --model CKPT`: the three bundled photos, offline, with a timm-format checkpoint
+    (random weights of a 2-block vit_tiny_patch16_224, as `convert.save_timm` writes a timm export)."""
+    import dataclasses
+
+    import convert
+    from jaxvit.checkpoint import param_shapes
+
+    cfg = dataclasses.replace(jaxvit.get_config("vit_tiny_patch16_224"), depth=2)
+    assert cfg.num_classes == 1000 and cfg.label_names[281] == "tabby cat"
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(np.float32),
+                                    param_shapes(cfg))
+    ckpt = convert.save_timm(params, cfg, tmp_path / "ckpt")
+    photos = cli.demo_photos()
+    assert [p.name for p in photos] == ["cat.jpg", "coffee.jpg", "rocket.jpg"]
+    assert (photos[0].parent / "LICENSE.md").is_file()
+    out = tmp_path / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        rc = cli.main(["demo", "--model", str(ckpt), "--out", str(out)])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    index = out / "report" / "index.html"
+    assert report.verify(index) == []
+    pages = sorted((out / "report").glob("0*.html"))
+    assert [p.name.split("_", 1)[1] for p in pages] == ["cat.html", "coffee.html", "rocket.html"]
+    page = pages[0].read_text()
+    assert any(f"c = {n}" in page for n in cfg.label_names), "the report names no ImageNet class"
+    assert len(list(out.glob("cat_predicatt_L*.png"))) == 6  # the top 3 classes x layers L, L-1
+    assert cli.REAL_PHOTOS_HINT not in text.out
+    assert "How far to trust these maps: not measured for this model" in index.read_text()
 
 
 @needs_chromium
