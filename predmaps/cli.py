@@ -149,7 +149,10 @@ def _run_report(model, params, batches, out: Path, options, png_layers, progress
         report.write_pngs(r, model.config, out, options.method, png_layers, cmap=options.cmap, alpha=options.alpha,
                           shared_scale=options.shared_scale, stem=stem)
 
-    return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
+    from jaxvit import safe_write
+
+    folder = safe_write.make_dir(out / "report", own=True)  # a symlinked report/ is refused, never written into
+    return report.write_report(model, params, batches, folder, options, on_result=pngs)
 
 
 def _check_view_options(args) -> None:
@@ -209,16 +212,42 @@ def _probe_writable(out: Path) -> None:
     os.unlink(probe)
 
 
+# explain/demo mark the folders they write: they overwrite their own overlays and report on a rerun, never a
+# user's files in a folder predmaps did not make.
+OUT_MARKER = ".predmaps-out"
+
+
 def _make_out(path: str) -> Path:
-    """--out as a created, writable folder, or a ValueError that says why it cannot be one."""
+    """--out as a created, writable folder that explain/demo own (empty, or marked by an earlier run),
+    or a ValueError that says why it cannot be one."""
+    from jaxvit import safe_write
+
     out = _check_out(path)  # an existing folder is probed there
-    if out.is_dir():
-        return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
-    _probe_writable(out)
+    if not out.is_dir():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
+        _probe_writable(out)
+    marker = out / OUT_MARKER
+    if os.path.islink(marker) or (os.path.lexists(marker) and not marker.is_file()):
+        raise ValueError(f"--out {out}: {marker} is not the marker file predmaps writes (a symlink or folder); "
+                         "choose another --out")
+    if not marker.is_file():
+        try:
+            held = sorted(e.name for e in os.scandir(out))
+        except OSError as e:
+            raise ValueError(f"cannot list --out {out}: {e.strerror or e}; choose another --out") from None
+        if held:
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise ValueError(f"--out {out} is not empty ({shown}) and was not made by predmaps explain/demo: they "
+                             "write only into a new or empty folder (or one they made), so nothing of yours is "
+                             "overwritten. Choose another --out")
+        try:
+            safe_write.write_text(marker, "predmaps explain/demo output folder: reruns may overwrite its overlays "
+                                          "and report/\n")
+        except OSError as e:
+            raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
     return out
 
 
@@ -346,6 +375,7 @@ def cmd_demo(args) -> int:
 def _demo(args, progress: dict) -> int:
     from PIL import Image
 
+    from jaxvit import safe_write
     from predmaps import digits, report
 
     try:  # before anything is written
@@ -355,11 +385,15 @@ def _demo(args, progress: dict) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, params = load_model(None)
-    (out / "scenes").mkdir(parents=True, exist_ok=True)
+    try:
+        scenes = safe_write.make_dir(out / "scenes", own=True)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     images, labels, _ = digits.two_digit_scenes(args.n, split="test", seed=args.seed)
     names = [f"scene{i}_digits_{a}_{b}.png" for i, (a, b) in enumerate(labels)]
     for name, img in zip(names, images):
-        Image.fromarray(img).save(out / "scenes" / name)
+        report.save_png(Image.fromarray(img), scenes / name)
     size = min(8, args.n)
     batches = [report.Batch(names=names[i:i + size], images=images[i:i + size],
                             inputs=digits.normalize(images[i:i + size]), labels=labels[i:i + size],

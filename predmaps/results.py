@@ -43,12 +43,13 @@ import json
 import numbers
 import os
 import re
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from jaxvit import safe_write
 
 FORMAT = "predmaps-run"
 VERSION = 1
@@ -69,36 +70,15 @@ class JobMismatchError(ValueError):
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory, fsync, rename:
-    readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Write `data` to `path` through a new temporary file in the same directory, fsync, rename:
+    readers see the old file or the whole new one, never a part; a symlink at `path` is replaced,
+    never written through (`jaxvit.safe_write`)."""
+    safe_write.write_bytes(path, data)
 
 
 def remove_temporaries(out: Path) -> int:
-    """Delete temporary files a killed job left behind; returns how many."""
-    n = 0
-    for p in out.glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
+    """Delete temporary files a killed job left behind (predmaps's own names only); returns how many."""
+    return safe_write.remove_temporaries(out)
 
 
 def shard_file(shard_id: int) -> str:

@@ -45,7 +45,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                    help="a directory (recursive; an ImageNet class-folder tree gives labels), a glob (quote "
                         "it; like a directory, it lists image extensions only), a text file of paths (optionally "
                         "'path<TAB>label'), or one image")
-    p.add_argument("--out", required=True, help="output directory (created; resumed when it holds this job)")
+    p.add_argument("--out", required=True, help="output directory: new or empty (created), or holding this job "
+                                                "(resumed); a folder holding other files is refused")
     p.add_argument("--labels", help="label file for flat layouts: 'file label' lines (class index or WordNet id)")
     p.add_argument("--method", default="predicatt", help="method(s), comma-separated (default predicatt)")
     p.add_argument("--layers", type=_parse_layers, default=[-1],
@@ -65,6 +66,11 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="recompute the finished shards holding inputs that could not be read (after fixing "
                         "them); other finished shards are kept")
+    p.add_argument("--verify-inputs", action="store_true",
+                   help="record each input's content hash (sha256) as it is decoded, and before skipping a "
+                        "finished shard compare its inputs' content with what was explained (where recorded), "
+                        "instead of their size and modification time; either way a shard whose input changed "
+                        "(or whose file no longer matches the manifest's sha256) is recomputed, not skipped")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input could not be read")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
@@ -129,7 +135,8 @@ def _run(args) -> int:
         summary = pipeline.explain_dataset(
             model, params, args.images, args.out, spec, labels=args.labels, batch_size=args.batch_size,
             shard_size=args.shard_size, resume=True if args.resume else None, workers=args.workers,
-            prefetch=args.prefetch, progress=not args.no_progress, retry_failed=args.retry_failed)
+            prefetch=args.prefetch, progress=not args.no_progress, retry_failed=args.retry_failed,
+            verify_inputs=args.verify_inputs)
     except JobMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from PIL import Image
 
 import convert
 import jaxvit
+from jaxvit import safe_write
 from jaxvit import ViT, ViTConfig, labels as jlabels
 from predmaps import pipeline, run_cli
 from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
@@ -350,7 +351,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(ckpt, model, image_dir, 
     assert 2 <= len(done) < num_shards
     # What a crash can leave: a temporary file, and a shard renamed into place but never recorded.
     missing = max(set(range(num_shards)) - done)
-    (out / ".shard-000000.npz.tmp-1-dead").write_bytes(b"PK\x03\x04 half a zip")
+    (out / safe_write.temp_name("shard-000000.npz")).write_bytes(b"PK\x03\x04 half a zip")
     (out / f"shard-{missing:06d}.npz").write_bytes(b"PK\x03\x04 half a zip")
 
     ref = read_results(reference)
@@ -364,7 +365,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(ckpt, model, image_dir, 
     res = read_results(out, verify=True)
     assert res.complete
     _assert_same(res, ref)
-    assert not list(out.glob(".*.tmp-*"))
+    assert not list(out.glob(safe_write.TEMP_PREFIX + "*"))
     # Running the finished job again does nothing.
     s = explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=2, progress=False)
     assert (s.images, s.skipped_images, s.total_images) == (0, N_IMAGES, N_IMAGES)
@@ -593,7 +594,7 @@ def test_a_damaged_manifest_stops_the_job_and_keeps_every_shard(model, image_dir
     s = run()
     assert (s.images, s.skipped_images, s.complete) == (0, N_IMAGES, True)
     assert len(read_results(out)) == N_IMAGES
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text('{"format": "predmaps-run"}')  # predmaps's, with its shard list lost
     with pytest.raises(ValueError, match=r"manifest\.json: not a predmaps manifest(.|\n)*restore it, or delete it"):
         run()
 
@@ -913,7 +914,7 @@ def test_decoding_runs_ahead_on_threads_within_its_window():
                                transform, workers=3, window=5)
     pre.start()
     got = []
-    for sh, j, item, arr, reason in pre:
+    for sh, j, item, arr, reason, _ident in pre:
         with lock:
             live[0] -= 1
         got.append((sh.id, sh.first + j, None if arr is None else int(arr[0, 0, 0]), reason))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvit import safe_write
 from predmaps.evaluation.data import DataLayoutError
 
 SEGMENTATION_LAYOUT = (
@@ -291,7 +292,8 @@ class CheferWriter:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         h, w = image_size
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = self.path.with_name(safe_write.temp_name(self.path.name))
+        os.close(safe_write.create_new(self._tmp))  # a new file of ours, never an existing path or a symlink
         self._f = h5py.File(self._tmp, "w")
         self._vis = self._f.create_dataset("vis", (0, 1, h, w), maxshape=(None, 1, h, w), dtype=np.float32,
                                            compression="gzip", chunks=(1, 1, h, w))
