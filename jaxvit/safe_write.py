@@ -13,6 +13,8 @@ truncate its target, and a dangling one must not create a file outside the folde
 - Temporary names all start with `TEMP_PREFIX`; `remove_temporaries` deletes only those (and
   the exact names older versions made), never another program's `.*.tmp-*`.
 
+`read_regular`: a small file read with a size cap, regular files only (label files).
+
 Lowest layer on purpose: jaxvit.save, convert's --to-timm export and predmaps all use it.
 """
 
@@ -141,3 +143,24 @@ def remove_temporaries(folder: str | os.PathLike) -> int:
                 except FileNotFoundError:
                     pass
     return n
+
+
+def read_regular(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; ValueError naming it otherwise. A FIFO
+    would wait forever for a writer and /dev/zero never ends: both are refused before any read."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {path}: cannot read it: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{what} {path} is not a regular file (a FIFO, device or socket): give a text file")
+        if st.st_size > limit:
+            raise ValueError(f"{what} {path} is {st.st_size:,} bytes, over the {limit:,} a {what} may hold: "
+                             "is it the right file?")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while read
+        raise ValueError(f"{what} {path} is over the {limit:,} bytes a {what} may hold: is it the right file?")
+    return data

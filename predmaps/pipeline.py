@@ -76,7 +76,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from jaxvit import safe_write
-from jaxvit.preprocess import ImageLoadError
+from jaxvit.preprocess import DECODE_BUDGET, ImageLoadError
 from predmaps import results as _results
 from predmaps.results import JobMismatchError
 
@@ -87,7 +87,9 @@ __all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobInterrupted"
 # torchvision's IMG_EXTENSIONS: what ImageFolder lists.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _WNID = re.compile(r"^n\d{8}$")
-_SHARD_BUDGET_BYTES = 256 << 20  # results buffered per shard, for the automatic shard size
+_SHARD_BUDGET_BYTES = 256 << 20
+# ImageNet's 1.28M training labels take ~60 MB as 'path label' lines: a file past this is not a label file
+LABEL_FILE_LIMIT = 256 << 20  # results buffered per shard, for the automatic shard size
 
 
 # --------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def read_label_file(path: str | os.PathLike) -> dict[str, int]:
     path = Path(path)
     out: dict[str, int] = {}
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = safe_write.read_regular(path, LABEL_FILE_LIMIT, "label file").decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e}); save the label file as UTF-8") from None
     first = True  # the first line with content may be a header
@@ -827,7 +829,8 @@ def _decode(transform, item: Item, identify: int = 0):
         return None, item.source.reason, None
     try:
         st = os.stat(item.source) if identify and item.path else None  # before reading: a later edit shows
-        arr = np.asarray(transform(item.source), np.float32)
+        with DECODE_BUDGET.claim():  # the pool's workers share one pixel budget
+            arr = np.asarray(transform(item.source), np.float32)
         ident = (st.st_size, st.st_mtime_ns, _file_sha256(item.path) if identify > 1 else None) \
             if st is not None else None
         return arr, None, ident
