@@ -1222,16 +1222,16 @@ def _check_owned(out: Path, pidx: int) -> None:
     """A job writes only into a folder it owns: one holding a predmaps manifest (this job's, checked
     later), or one holding nothing but what predmaps makes before its manifest (lock files,
     temporaries). Anything else is a user's folder: refused, nothing in it touched."""
-    for name in (_results.MANIFEST, _results.manifest_file(pidx)):
-        path = out / name
-        if os.path.lexists(path):
-            _check_predmaps_manifest(path, out)
-            return
     try:
-        foreign = sorted(e.name for e in os.scandir(out)
-                         if not (_LOCK_RE.match(e.name) or safe_write.is_own_temporary(e.name)))
+        names = [e.name for e in os.scandir(out)]
     except OSError as e:
         raise OutputWriteError(out, e, out, action=f"list {out}") from e
+    parts = sorted(n for n in names if _results._PART_RE.match(n))  # any process's manifest marks a job
+    for name in parts:
+        _check_predmaps_manifest(out / name, out)
+    if parts:
+        return
+    foreign = sorted(n for n in names if not (_LOCK_RE.match(n) or safe_write.is_own_temporary(n)))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(f"{out} is not empty ({shown}) and holds no predmaps job: predmaps run writes only "
@@ -1246,6 +1246,8 @@ def _check_predmaps_manifest(path: Path, out: Path) -> None:
                "is. Choose another --out (a new or empty folder)")
     if not path.is_file() or path.is_symlink():
         raise FileExistsError(f"{not_job} ({path.name} is {'a symlink' if path.is_symlink() else 'no regular file'})")
+    if path.stat().st_size > 1 << 30:  # no job's manifest is that large: not read
+        raise FileExistsError(not_job)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError):
@@ -1341,6 +1343,7 @@ def _read_manifest_file(path: Path, out: Path) -> dict:
         if not isinstance(shards, list) or not all(isinstance(r, dict) and {"id", "file", "bytes"} <= r.keys()
                                                    for r in shards):
             raise ValueError(f"unreadable manifest {path}: not a predmaps manifest (no list of shard records)")
+        _results.check_manifest_fields(data, path)
     except ValueError as e:
         main = out / _results.MANIFEST
         if path == main:

@@ -7,7 +7,8 @@
 `add_run_parser(subparsers)` registers the subcommand on the `predmaps` parser; `main(argv)`
 runs it alone (`python -m predmaps.run_cli ...`). Exit codes: 0 done; 1 `--strict` and some
 input could not be read; 2 the job could not run (bad arguments, another job in --out, a full
-disk, ...); 130 interrupted (Ctrl-C). After 2 or 130, finished shards are kept: rerun to resume.
+disk, ...); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). After 2, 130 or 143, finished shards are
+kept: rerun to resume.
 Several hosts: start the same command on each (SLURM/mpirun/TPU pods are detected), or pass
 --coordinator HOST:PORT --num-processes N --process-id I. If one process fails (compiling or mid-run), the
 others stop with it (status 2, naming it) and every finished shard is kept.
@@ -82,30 +83,51 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+_received: list[int] = []  # the signal that stopped the command: its exit status is 128 + it (130, 143)
+
+
 def _interrupt_once(signum, frame):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up (ours, JAX's)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signum)
     raise KeyboardInterrupt
 
 
+def catch_signals() -> dict:
+    """SIGINT and SIGTERM as KeyboardInterrupt (the same one-line message, exit 130 / 143); returns the
+    handlers to restore (empty off the main thread, where handlers cannot be set)."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def exit_status() -> int:
+    """128 + the signal that interrupted the command (SIGTERM: 143), 130 for a KeyboardInterrupt otherwise."""
+    return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        if signal.getsignal(sig) is _interrupt_once:  # not once a signal came: it stays ignored while exiting
+            signal.signal(sig, handler)
+
+
 def cmd_run(args) -> int:
-    # Ctrl-C anywhere (loading, compiling, running) is one line and exit 130, never a traceback:
-    # shards and manifests are written atomically, so whatever finished is kept.
-    on_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGINT, _interrupt_once) if on_main else None
-    interrupted = False
+    # Ctrl-C or SIGTERM anywhere (loading, compiling, running) is one line and exit 130 / 143, never a
+    # traceback: shards and manifests are written atomically, so whatever finished is kept.
+    previous = catch_signals()
     try:
         return _run(args)
     except KeyboardInterrupt as e:
-        interrupted = True  # the command is over: further Ctrl-Cs stay ignored while the process exits
         from predmaps.pipeline import JobInterrupted
 
         text = str(e) if isinstance(e, JobInterrupted) else \
             f"interrupted: finished shards (if any) are kept in {args.out}; rerun the same command to resume"
         print(text, file=sys.stderr)
-        return 130
+        return exit_status()
     finally:
-        if on_main and not interrupted:
-            signal.signal(signal.SIGINT, previous)
+        restore_signals(previous)
 
 
 def _run(args) -> int:

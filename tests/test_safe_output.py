@@ -288,3 +288,72 @@ def test_explain_owns_its_out_and_never_writes_through_a_symlinked_report(ckpt, 
     err = capsys.readouterr().err
     assert "is not empty (im00_predicatt_grid.png) and was not made by predmaps explain/demo" in err
     assert _tree(user) == before
+
+
+# --------------------------------------------------------------------------------------
+# Crafted manifests, errors.tsv, explain's skip messages
+# --------------------------------------------------------------------------------------
+
+
+def test_crafted_manifest_fields_are_named_and_shard_files_stay_inside_out(model, tmp_path):
+    images = _images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    _run(model, images, out)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shard.npz").write_bytes((out / "shard-000000.npz").read_bytes())
+    good = json.loads((out / "manifest.json").read_text())
+
+    def crafted(change):
+        data = json.loads(json.dumps(good))
+        change(data)
+        (out / "manifest.json").write_text(json.dumps(data))
+
+    size = (other / "shard.npz").stat().st_size
+    crafted(lambda d: d["shards"][0].update(file="../other/shard.npz", bytes=size))
+    with pytest.raises(ValueError, match=r"manifest\.json: field shards\[0\]\.file is str '\.\./other/shard\.npz', not "
+                                         r"a shard file name \(shard-NNNNNN\.npz, in the job folder itself\)"):
+        read_results(out)
+    with pytest.raises(ValueError, match=r"manifest\.json: field shards\[0\]\.file"):
+        _run(model, images, out)  # the job refuses it too, reading nothing from outside
+    for change, field in ((lambda d: d["shards"][0].update(bytes="12"), r"shards\[0\]\.bytes is str '12', not an integer"),
+                          (lambda d: d.update(version="1"), r"version is str '1', not an integer"),
+                          (lambda d: d["shards"][1].update(id=None), r"shards\[1\]\.id is NoneType"),
+                          (lambda d: d.update(combos={"a": 1}), r"combos is dict")):
+        crafted(change)
+        with pytest.raises(ValueError, match=rf"{str(out / 'manifest.json')}: field {field}"):
+            read_results(out)
+    crafted(lambda d: None)
+    assert len(read_results(out, verify=True)) == 3
+
+
+def test_errors_tsv_escapes_bytes_that_are_not_utf8(model, tmp_path):
+    images = _images(tmp_path / "in", 2)
+    raw = os.fsencode(str(images)) + b"/caf\xe9.png"
+    try:
+        with open(raw, "wb") as f:
+            f.write(b"not a png")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take a file name that is not UTF-8")
+    out = tmp_path / "out"
+    assert _run(model, images, out).errors == 1
+    text = (out / "errors.tsv").read_bytes().decode("utf-8")  # valid UTF-8: no raw \xe9 byte
+    assert "caf\\xe9.png" in text and "\udce9" not in text
+
+
+def test_explain_skip_messages_name_the_file(ckpt, tmp_path, capsys, monkeypatch):
+    from jaxvit import preprocess
+
+    good = _images(tmp_path / "in", 1) / "im00.png"
+    real = preprocess.eval_transform_for
+
+    def failing_transform(cfg):  # the transform's own errors name a PIL image, not the file
+        def transform(image):
+            raise preprocess.ImageLoadError("cannot use image <PIL image mode=RGB size=(36, 32)>: crafted")
+        return transform
+
+    monkeypatch.setattr(preprocess, "eval_transform_for", failing_transform)
+    assert cli.main(["explain", str(good), "--model", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"skipped: {good}: cannot use image <PIL image" in err
+    monkeypatch.setattr(preprocess, "eval_transform_for", real)
