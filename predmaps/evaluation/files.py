@@ -198,7 +198,20 @@ def write_segmentation_mat(path, images, masks, wnids=None, targets=None) -> Pat
     h5py = _h5py()
     path = Path(path)
     n = len(images)
-    with h5py.File(path, "w") as f:
+    tmp = path.with_name(safe_write.temp_name(path.name))
+    os.close(safe_write.create_new(tmp))  # written under a new name of ours, then renamed onto path
+    try:
+        _write_segmentation_layout(h5py.File(tmp, "w"), images, masks, wnids, targets, n)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_segmentation_layout(file, images, masks, wnids, targets, n) -> None:
+    h5py = _h5py()
+    with file as f:
         refs = f.create_group("#refs#")
         img_refs = np.empty((n, 1), dtype=h5py.ref_dtype)
         gt_refs = np.empty((n, 1), dtype=h5py.ref_dtype)
@@ -219,7 +232,6 @@ def write_segmentation_mat(path, images, masks, wnids=None, targets=None) -> Pat
         value.create_dataset("gt", data=gt_refs)
         value.create_dataset("id", data=id_refs)
         value.create_dataset("target", data=tgt_refs)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
