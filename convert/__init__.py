@@ -211,7 +211,9 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
     architecture that those arguments turn into it) and `convert.load(out_dir)` both read it. Params that do not fit
     the config (or arguments in another order: `jaxvit.save` takes (path, config, params)) are refused
     before writing."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as to_safetensors
+
+    from jaxvit import safe_write
 
     from jaxvit.checkpoint import check_params
 
@@ -219,9 +221,8 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"convert.save_timm(params, config, out_dir): out_dir must be a directory path; got "
                         f"{type(out_dir).__name__}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(export_state_dict(params), str(out / "model.safetensors"))
+    out = safe_write.make_dir(out_dir)  # files renamed into place: a planted symlink is replaced, never written through
+    safe_write.write_bytes(out / "model.safetensors", to_safetensors(export_state_dict(params)))
     arch, model_args = _timm_architecture(config)
     tag = config.name.partition(".")[2] if arch == config.name.partition(".")[0] else ""
     hub_config = {
@@ -237,7 +238,7 @@ def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Pat
         },
         "jaxvit_config": config.to_dict(),
     }
-    (out / "config.json").write_text(json.dumps(hub_config, indent=1))
+    safe_write.write_text(out / "config.json", json.dumps(hub_config, indent=1), durable=True)
     return out
 
 

@@ -81,7 +81,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
     table = build_table()
-    args.out.write_text(json.dumps(table, indent=0, sort_keys=True) + "\n")
+    from jaxvit import safe_write
+
+    safe_write.write_text(args.out, json.dumps(table, indent=0, sort_keys=True) + "\n")
     print(f"{len(table['architectures'])} architectures, {len(table['pretrained'])} pretrained tags "
           f"(timm {table['timm_version']}; {table['num_skipped']} other timm models skipped) -> {args.out}")
 

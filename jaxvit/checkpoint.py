@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from jaxvit import safe_write
 from jaxvit.config import ViTConfig
 from jaxvit.model import ViT
 
@@ -34,13 +35,10 @@ def save(path: str | os.PathLike, config: ViTConfig, params: Any) -> Path:
     check_params(config, params, "jaxvit.save(path, config, params)")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"jaxvit.save(path, config, params): path must be a directory path; got {type(path).__name__}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = safe_write.make_dir(path)
     host = _to_numpy(params)
     for name, data in ((CONFIG_FILE, config.to_json().encode()), (PARAMS_FILE, serialization.msgpack_serialize(host))):
-        tmp = path / (name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path / name)
+        safe_write.write_bytes(path / name, data)  # renamed into place: never through a planted symlink
     return path
 
 

@@ -27,10 +27,12 @@ and centre crops/pads with the mean colour ``round(255 * mean)``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -120,6 +122,50 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class PixelBudget:
+    """At most `limit` decoded pixels held at once by the threads decoding inside `claim()`: a pool of
+    workers decoding crafted 13000x13000 PNGs (0.5 MB each, 500 MB decoded) waits its turn instead of
+    holding one each. An image over the whole budget runs alone. Images decode as usual outside a claim."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = int(limit), 0, 0
+        self._cv = threading.Condition()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def claim(self):
+        """Pixels decoded on this thread inside the block count against the budget until it ends."""
+        outer = getattr(self._local, "held", None)
+        self._local.held = [0]
+        try:
+            yield self
+        finally:
+            held, self._local.held = self._local.held[0], outer
+            if held:
+                with self._cv:
+                    self.used -= held
+                    self._cv.notify_all()
+
+    def take(self, pixels: int) -> None:
+        """Wait until `pixels` (at most the budget, less what this claim holds) are free and hold them."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            return
+        n = min(int(pixels), self.limit - held[0])  # never waits on itself
+        if n <= 0:
+            return
+        with self._cv:
+            self._cv.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        held[0] += n
+
+
+# Shared by every decoding pool of the process (predmaps run, eval): ~64 MP, ~190 MB of RGB, about
+# 300 ImageNet-sized images at once, so it only ever binds on huge images.
+DECODE_BUDGET = PixelBudget(64_000_000)
+
+
 def _open_and_decode(source: Any, desc: str) -> Image.Image:
     try:
         img = Image.open(source)
@@ -129,6 +175,7 @@ def _open_and_decode(source: Any, desc: str) -> Image.Image:
         raise ImageLoadError(f"cannot read image {desc}: refused as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"cannot read image {desc}: {e}") from e
+    DECODE_BUDGET.take(img.size[0] * img.size[1])  # the header's size, before the pixels are decoded
     try:
         img.load()  # force a full decode: truncated or corrupt data fails here
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:

@@ -149,7 +149,10 @@ def _run_report(model, params, batches, out: Path, options, png_layers, progress
         report.write_pngs(r, model.config, out, options.method, png_layers, cmap=options.cmap, alpha=options.alpha,
                           shared_scale=options.shared_scale, stem=stem)
 
-    return report.write_report(model, params, batches, out / "report", options, on_result=pngs)
+    from jaxvit import safe_write
+
+    folder = safe_write.make_dir(out / "report", own=True)  # a symlinked report/ is refused, never written into
+    return report.write_report(model, params, batches, folder, options, on_result=pngs)
 
 
 def _check_view_options(args) -> None:
@@ -184,8 +187,8 @@ def _check_class_options(args, num_classes: int) -> None:
 
 
 def _check_out(path: str) -> Path:
-    """--out as a folder that is missing or writable, or a ValueError that says why it cannot be one;
-    creates nothing (cheap: for before the model loads)."""
+    """--out as a folder that is missing, or writable and explain/demo's own (see `_check_owned`), or a
+    ValueError that says why it cannot be one; creates nothing (cheap: for before the model loads)."""
     if not path:  # Path("") would be the current directory
         raise ValueError("--out is empty; give a folder (created when missing)")
     out = Path(path)
@@ -193,6 +196,7 @@ def _check_out(path: str) -> Path:
         raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
     if out.is_dir():
         _probe_writable(out)
+        _check_owned(out)
     return out
 
 
@@ -202,23 +206,57 @@ def _probe_writable(out: Path) -> None:
     import tempfile
 
     try:
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".predmaps-write-probe-")
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".predmaps-tmp-write-probe-")
     except OSError as e:
         raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
     os.close(fd)
     os.unlink(probe)
 
 
-def _make_out(path: str) -> Path:
-    """--out as a created, writable folder, or a ValueError that says why it cannot be one."""
-    out = _check_out(path)  # an existing folder is probed there
-    if out.is_dir():
-        return out
+# explain/demo mark the folders they write: they overwrite their own overlays and report on a rerun, never a
+# user's files in a folder predmaps did not make.
+OUT_MARKER = ".predmaps-out"
+
+
+def _check_owned(out: Path) -> bool:
+    """Whether the existing folder out carries explain/demo's marker; False for an empty folder; a
+    ValueError for any other (a user's files, or a marker that is a symlink)."""
+    marker = out / OUT_MARKER
+    if os.path.islink(marker) or (os.path.lexists(marker) and not marker.is_file()):
+        raise ValueError(f"--out {out}: {marker} is not the marker file predmaps writes (a symlink or folder); "
+                         "choose another --out")
+    if marker.is_file():
+        return True
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        held = sorted(e.name for e in os.scandir(out))
     except OSError as e:
-        raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
-    _probe_writable(out)
+        raise ValueError(f"cannot list --out {out}: {e.strerror or e}; choose another --out") from None
+    if held:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}) and was not made by predmaps explain/demo: they "
+                         "write only into a new or empty folder (or one they made), so nothing of yours is "
+                         "overwritten. Choose another --out")
+    return False
+
+
+def _make_out(path: str) -> Path:
+    """--out as a created, writable folder that explain/demo own (empty, or marked by an earlier run),
+    or a ValueError that says why it cannot be one."""
+    from jaxvit import safe_write
+
+    out = _check_out(path)  # an existing folder is probed and checked there
+    if not out.is_dir():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
+        _probe_writable(out)
+    if not _check_owned(out):
+        try:
+            safe_write.write_text(out / OUT_MARKER, "predmaps explain/demo output folder: reruns may overwrite "
+                                                    "its overlays and report/\n")
+        except OSError as e:
+            raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
     return out
 
 
@@ -230,13 +268,9 @@ def _interruptible(command, args) -> int:
     """command(args, progress) with Ctrl-C anywhere as one line and exit 130, as in `predmaps run`,
     never a traceback; once the report is begun, write_report has written an index of the pages
     finished before it re-raises."""
-    import signal
-    import threading
+    from predmaps.run_cli import catch_signals, exit_status, restore_signals
 
-    from predmaps.run_cli import _interrupt_once
-
-    on_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGINT, _interrupt_once) if on_main else None
+    previous = catch_signals()  # Ctrl-C and SIGTERM alike
     progress = {}
     try:
         return command(args, progress)
@@ -246,10 +280,9 @@ def _interruptible(command, args) -> int:
                   "(marked incomplete)", file=sys.stderr)
         else:
             print("interrupted before any image was explained", file=sys.stderr)
-        return 130
+        return exit_status()
     finally:
-        if on_main and signal.getsignal(signal.SIGINT) is _interrupt_once:  # no Ctrl-C came: restore
-            signal.signal(signal.SIGINT, previous)
+        restore_signals(previous)
 
 
 def _explain(args, progress: dict) -> int:
@@ -311,8 +344,9 @@ def _explain(args, progress: dict) -> int:
                 image = preprocess.load_image(path)
                 x = transform(image)
             except preprocess.ImageLoadError as e:
-                errors.append(str(e))
-                print(f"skipped: {e}", file=sys.stderr)
+                reason = str(e) if str(path) in str(e) else f"{path}: {e}"  # a transform's error names no file
+                errors.append(reason)
+                print(f"skipped: {reason}", file=sys.stderr)
                 continue
             buf.append((path, x, None if args.labels is None else args.labels[i], image.size))
             if len(buf) == size:
@@ -357,6 +391,7 @@ REAL_PHOTOS_HINT = ("to see the maps on real photos with a real ViT: predmaps de
 def _demo(args, progress: dict) -> int:
     from PIL import Image
 
+    from jaxvit import safe_write
     from predmaps import digits, report
 
     if args.model is not None:  # real photos, the model's own top classes
@@ -372,11 +407,15 @@ def _demo(args, progress: dict) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, params = load_model(None)
-    (out / "scenes").mkdir(parents=True, exist_ok=True)
+    try:
+        scenes = safe_write.make_dir(out / "scenes", own=True)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     images, labels, _ = digits.two_digit_scenes(args.n, split="test", seed=args.seed)
     names = [f"scene{i}_digits_{a}_{b}.png" for i, (a, b) in enumerate(labels)]
     for name, img in zip(names, images):
-        Image.fromarray(img).save(out / "scenes" / name)
+        report.save_png(Image.fromarray(img), scenes / name)
     size = min(8, args.n)
     batches = [report.Batch(names=names[i:i + size], images=images[i:i + size],
                             inputs=digits.normalize(images[i:i + size]), labels=labels[i:i + size],

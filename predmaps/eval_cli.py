@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from jaxvit import safe_write
 from predmaps.cli import MODEL_NAME_HELP, nonnegative_int, positive_int
 
 
@@ -147,7 +149,7 @@ def _write_json(path: str, payload: dict) -> None:
     out = Path(path)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    safe_write.write_text(out, json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def cmd_eval(args) -> int:
@@ -166,13 +168,13 @@ def cmd_eval(args) -> int:
 def _check_writable(path: str, flag: str) -> None:
     """Fail now if `path` cannot be written (its folder is created, as the writers do)."""
     out = Path(path)
-    try:
+    try:  # the writers rename a new file onto the name: what must be writable is the folder
         out.parent.mkdir(parents=True, exist_ok=True)
-        existed = out.exists()
-        with open(out, "a"):
-            pass
-        if not existed:
-            out.unlink()
+        if out.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        probe = out.parent / safe_write.temp_name("probe")
+        os.close(safe_write.create_new(probe))
+        probe.unlink()
     except OSError as e:
         raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path") from None
 
@@ -360,7 +362,7 @@ on {jax.default_backend()}, float32, batch {args.batch_size}; {seconds:.0f} s fo
 """
         out = Path(args.markdown)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        safe_write.write_text(out, text)
         print(f"table: {args.markdown}")
     return 0
 

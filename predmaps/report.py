@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from jaxvit import safe_write
+
 AGNOSTIC = ("raw_attention", "rollout")  # class-agnostic baselines shown beside every class
 METHOD_TITLES = {
     "predicatt": "PredicAtt", "prediction_map": "Ψ", "weighted_attention": "Ã", "mean_attention": "Mean attention",
@@ -585,8 +587,7 @@ class ReportWriter:
     one pending page, one index page of rows, and per-image statistics curves (a few floats)."""
 
     def __init__(self, out_dir, cfg, options: ReportOptions):
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = safe_write.make_dir(out_dir)  # a symlinked report/ would put the pages where it points
         self.cfg, self.o = cfg, options
         self.pending: tuple[ImageResult, str, str] | None = None  # result, file name, previous file name
         self.rows: list[str] = []
@@ -605,7 +606,7 @@ class ReportWriter:
         nav = _nav([("↑ index", _index_name(r.index // self.o.per_index_page)), ("← previous", prev),
                     ("next →", next_name)])
         path = self.out / name
-        path.write_text(image_page(r, self.cfg, self.o, nav), encoding="utf-8")
+        safe_write.write_text(path, image_page(r, self.cfg, self.o, nav))
         self.pages.append(path)
         self.pending = None
 
@@ -632,8 +633,8 @@ class ReportWriter:
                         ("next →", _index_name(page + 1) if more else None)])
             header = f"<h1>{html.escape(self.o.title)} · index page {page + 1}</h1>{_meta(self.cfg, self.o)}{nav}"
             path = self.out / _index_name(page)
-            path.write_text(_page(f"{self.o.title} · index page {page + 1}", header,
-                                  f"<section>{_index_table(self.rows)}</section>"), encoding="utf-8")
+            safe_write.write_text(path, _page(f"{self.o.title} · index page {page + 1}", header,
+                                              f"<section>{_index_table(self.rows)}</section>"))
             self.index_pages.append(path)
         self.rows = []
 
@@ -676,7 +677,7 @@ class ReportWriter:
         header = (f"<h1>{html.escape(self.o.title)}</h1>{_meta(self.cfg, self.o)}"
                   + (_nav([("next index page →", _index_name(1))]) if n_pages > 1 else ""))
         path = self.out / "index.html"
-        path.write_text(_page(self.o.title, header, "\n".join(parts)), encoding="utf-8")
+        safe_write.write_text(path, _page(self.o.title, header, "\n".join(parts)))
         return path
 
 
@@ -707,12 +708,19 @@ def write_pngs(r: ImageResult, cfg, out: Path, method: str, layers: Sequence[int
         for j, c in enumerate(r.classes):
             img = viz.overlay(r.image, maps[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi, extent=r.extent)
             cname = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.class_name(c))[:_CLASS_BYTES]
-            img.save(out / (f"{stem}_{method}_{tag}_{cname}.png" if tag else f"{stem}_{method}_{cname}.png"))
+            save_png(img, out / (f"{stem}_{method}_{tag}_{cname}.png" if tag else f"{stem}_{method}_{cname}.png"))
             tiles.append(img)
             titles.append(f"{cfg.class_name(c)} {tag}".rstrip())
     if len(tiles) <= MAX_GRID_TILES:
-        viz.grid(tiles, titles, columns=min(len(r.classes), 10), cell=max(128, r.image.shape[0])).save(
-            out / f"{stem}_{method}_grid.png")
+        save_png(viz.grid(tiles, titles, columns=min(len(r.classes), 10), cell=max(128, r.image.shape[0])),
+                 out / f"{stem}_{method}_grid.png")
+
+
+def save_png(image, path: Path) -> None:
+    """A PNG (PIL's default compression) written through `jaxvit.safe_write`: never through a symlink."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    safe_write.write_bytes(path, buf.getvalue(), durable=False)
 
 
 # File names hold at most 255 bytes: stem + method + layer + class name + ".png" stays well under.

@@ -43,12 +43,13 @@ import json
 import numbers
 import os
 import re
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from jaxvit import safe_write
 
 FORMAT = "predmaps-run"
 VERSION = 1
@@ -69,36 +70,15 @@ class JobMismatchError(ValueError):
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory, fsync, rename:
-    readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Write `data` to `path` through a new temporary file in the same directory, fsync, rename:
+    readers see the old file or the whole new one, never a part; a symlink at `path` is replaced,
+    never written through (`jaxvit.safe_write`)."""
+    safe_write.write_bytes(path, data)
 
 
 def remove_temporaries(out: Path) -> int:
-    """Delete temporary files a killed job left behind; returns how many."""
-    n = 0
-    for p in out.glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
+    """Delete temporary files a killed job left behind (predmaps's own names only); returns how many."""
+    return safe_write.remove_temporaries(out)
 
 
 def shard_file(shard_id: int) -> str:
@@ -161,6 +141,48 @@ def _load_json(path: Path) -> dict:
         raise ValueError(f"unreadable manifest {path}: {e}") from e
 
 
+_SHARD_FILE_RE = re.compile(r"^shard-\d{6}\.npz$")
+
+
+def check_manifest_fields(data: Any, path: Path) -> None:
+    """The types of the fields readers use, or a ValueError naming the file and the field: a crafted
+    manifest gets a message, not a TypeError from deep inside; a shard "file" must be a shard name in
+    the job folder itself ("../other/shard.npz" would read from outside it)."""
+    def bad(field, want, value):
+        raise ValueError(f"{path}: field {field} is {type(value).__name__} {str(value)[:60]!r}, not {want}: not a "
+                         "manifest predmaps wrote (or a damaged one)")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(data, dict):
+        bad("(top level)", "an object", data)
+    for key, want, ok in (("version", "an integer", is_int), ("num_shards", "an integer", is_int),
+                          ("shard_size", "an integer", is_int), ("combos", "a list", lambda v: isinstance(v, list)),
+                          ("grid", "a list", lambda v: isinstance(v, list)),
+                          ("image_size", "a list", lambda v: isinstance(v, list)),
+                          ("model", "an object", lambda v: isinstance(v, dict)),
+                          ("shards", "a list", lambda v: isinstance(v, list))):
+        if data.get(key) is not None and not ok(data[key]):
+            bad(key, want, data[key])
+    for j, c in enumerate(data.get("combos") or []):
+        if not isinstance(c, dict) or not is_int(c.get("id")) or not isinstance(c.get("key"), str) \
+                or not is_int(c.get("k")):
+            bad(f"combos[{j}]", "an object with integer id and k and a string key", c)
+    for j, r in enumerate(data.get("shards") or []):
+        if not isinstance(r, dict):
+            bad(f"shards[{j}]", "an object", r)
+        for key, want, ok in (("id", "an integer >= 0", lambda v: is_int(v) and v >= 0),
+                              ("file", "a shard file name (shard-NNNNNN.npz, in the job folder itself)",
+                               lambda v: isinstance(v, str) and bool(_SHARD_FILE_RE.match(v))),
+                              ("bytes", "an integer", is_int), ("images", "an integer", is_int),
+                              ("sha256", "a string", lambda v: isinstance(v, str)),
+                              ("errors", "a list of [index, name, path, reason]",
+                               lambda v: isinstance(v, list) and all(isinstance(e, list) and len(e) == 4 for e in v))):
+            if key in r and not ok(r[key]):
+                bad(f"shards[{j}].{key}", want, r[key])
+
+
 def manifest_parts(out: Path) -> list[Path]:
     """Every manifest file of a job directory, sorted: manifest.json and each process's manifest-pP.json."""
     return sorted(p for p in out.iterdir() if _PART_RE.match(p.name))
@@ -174,13 +196,16 @@ def read_manifest(out: str | os.PathLike) -> dict:
     if not main.exists():
         raise FileNotFoundError(f"{out} holds no predmaps results: {MANIFEST} is missing")
     header = _load_json(main)
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{main} is not a predmaps run manifest")
+    check_manifest_fields(header, main)
     if header.get("version", 0) > VERSION:
         raise ValueError(f"{main} was written by a newer predmaps (format version {header['version']})")
     shards: dict[int, dict] = {}
     for part in manifest_parts(out):
         data = header if part == main else _load_json(part)
+        if part != main:
+            check_manifest_fields(data, part)
         if part != main and identity_differences(data, header):
             continue  # a stale part of another job: never mixed in
         for rec in data.get("shards", []):
@@ -220,11 +245,15 @@ def write_errors_file(out: Path, shards: dict[int, dict]) -> int:
     rows = sorted((e for rec in shards.values() for e in rec.get("errors", [])), key=lambda e: e[0])
 
     def clean(s):
-        return str(s).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+        s = str(s).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+        try:  # a file name's non-UTF-8 bytes (surrogate-escaped) as \xNN text: errors.tsv stays valid UTF-8
+            return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
     text = "index\tname\tpath\treason\n" + "".join(
         f"{i}\t{clean(n)}\t{clean(p)}\t{clean(r)}\n" for i, n, p, r in rows)
-    atomic_write(out / ERRORS_FILE, text.encode("utf-8", "surrogateescape"))
+    atomic_write(out / ERRORS_FILE, text.encode("utf-8"))
     return len(rows)
 
 

@@ -7,7 +7,8 @@
 `add_run_parser(subparsers)` registers the subcommand on the `predmaps` parser; `main(argv)`
 runs it alone (`python -m predmaps.run_cli ...`). Exit codes: 0 done; 1 `--strict` and some
 input could not be read; 2 the job could not run (bad arguments, another job in --out, a full
-disk, ...); 130 interrupted (Ctrl-C). After 2 or 130, finished shards are kept: rerun to resume.
+disk, ...); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). After 2, 130 or 143, finished shards are
+kept: rerun to resume.
 Several hosts: start the same command on each (SLURM/mpirun/TPU pods are detected), or pass
 --coordinator HOST:PORT --num-processes N --process-id I. If one process fails (compiling or mid-run), the
 others stop with it (status 2, naming it) and every finished shard is kept.
@@ -45,7 +46,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                    help="a directory (recursive; an ImageNet class-folder tree gives labels), a glob (quote "
                         "it; like a directory, it lists image extensions only), a text file of paths (optionally "
                         "'path<TAB>label'), or one image")
-    p.add_argument("--out", required=True, help="output directory (created; resumed when it holds this job)")
+    p.add_argument("--out", required=True, help="output directory: new or empty (created), or holding this job "
+                                                "(resumed); a folder holding other files is refused")
     p.add_argument("--labels", help="label file for flat layouts: 'file label' lines (class index or WordNet id)")
     p.add_argument("--method", default="predicatt", help="method(s), comma-separated (default predicatt)")
     p.add_argument("--layers", type=_parse_layers, default=[-1],
@@ -65,6 +67,11 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="recompute the finished shards holding inputs that could not be read (after fixing "
                         "them); other finished shards are kept")
+    p.add_argument("--verify-inputs", action="store_true",
+                   help="record each input's content hash (sha256) as it is decoded, and before skipping a "
+                        "finished shard compare its inputs' content with what was explained (where recorded), "
+                        "instead of their size and modification time; either way a shard whose input changed "
+                        "(or whose file no longer matches the manifest's sha256) is recomputed, not skipped")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input could not be read")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
@@ -76,30 +83,51 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+_received: list[int] = []  # the signal that stopped the command: its exit status is 128 + it (130, 143)
+
+
 def _interrupt_once(signum, frame):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up (ours, JAX's)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signum)
     raise KeyboardInterrupt
 
 
+def catch_signals() -> dict:
+    """SIGINT and SIGTERM as KeyboardInterrupt (the same one-line message, exit 130 / 143); returns the
+    handlers to restore (empty off the main thread, where handlers cannot be set)."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def exit_status() -> int:
+    """128 + the signal that interrupted the command (SIGTERM: 143), 130 for a KeyboardInterrupt otherwise."""
+    return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        if signal.getsignal(sig) is _interrupt_once:  # not once a signal came: it stays ignored while exiting
+            signal.signal(sig, handler)
+
+
 def cmd_run(args) -> int:
-    # Ctrl-C anywhere (loading, compiling, running) is one line and exit 130, never a traceback:
-    # shards and manifests are written atomically, so whatever finished is kept.
-    on_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGINT, _interrupt_once) if on_main else None
-    interrupted = False
+    # Ctrl-C or SIGTERM anywhere (loading, compiling, running) is one line and exit 130 / 143, never a
+    # traceback: shards and manifests are written atomically, so whatever finished is kept.
+    previous = catch_signals()
     try:
         return _run(args)
     except KeyboardInterrupt as e:
-        interrupted = True  # the command is over: further Ctrl-Cs stay ignored while the process exits
         from predmaps.pipeline import JobInterrupted
 
         text = str(e) if isinstance(e, JobInterrupted) else \
             f"interrupted: finished shards (if any) are kept in {args.out}; rerun the same command to resume"
         print(text, file=sys.stderr)
-        return 130
+        return exit_status()
     finally:
-        if on_main and not interrupted:
-            signal.signal(signal.SIGINT, previous)
+        restore_signals(previous)
 
 
 def _run(args) -> int:
@@ -129,7 +157,8 @@ def _run(args) -> int:
         summary = pipeline.explain_dataset(
             model, params, args.images, args.out, spec, labels=args.labels, batch_size=args.batch_size,
             shard_size=args.shard_size, resume=True if args.resume else None, workers=args.workers,
-            prefetch=args.prefetch, progress=not args.no_progress, retry_failed=args.retry_failed)
+            prefetch=args.prefetch, progress=not args.no_progress, retry_failed=args.retry_failed,
+            verify_inputs=args.verify_inputs)
     except JobMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

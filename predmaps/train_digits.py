@@ -382,7 +382,9 @@ Test accuracy: **{r['test_acc']:.4f}** ({r['eval_scenes']} one-digit scenes of t
         # The earlier stage's record, its headings pushed one level down.
         earlier = "\n".join(("#" + line) if line.startswith("#") else line for line in r["earlier"].splitlines())
         text += "\n## Earlier stage (the initial weights of this run)\n\n" + earlier.split("\n", 1)[1].lstrip("\n") + "\n"
-    (out / "TRAINING.md").write_text(text)
+    from jaxvit import safe_write
+
+    safe_write.write_text(out / "TRAINING.md", text)
 
 
 def main(argv=None) -> int:

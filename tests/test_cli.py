@@ -67,21 +67,21 @@ def test_explain_errors(tiny_checkpoint, tmp_path, capsys):
     good = tmp_path / "g.png"
     Image.new("RGB", (32, 32), "red").save(good)
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--layers", "7", "--out",
-                     str(tmp_path)]) == 2
+                     str(tmp_path / "o")]) == 2
     assert "layer 7 out of range" in capsys.readouterr().err
     assert cli.main(["explain", str(tmp_path / "missing.png"), "--model", str(tiny_checkpoint), "--out",
-                     str(tmp_path)]) == 2
+                     str(tmp_path / "o")]) == 2
     assert "no readable image" in capsys.readouterr().err
-    assert cli.main(["explain", str(good), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert cli.main(["explain", str(good), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--labels", "1,2", "--out",
-                     str(tmp_path)]) == 2
+                     str(tmp_path / "o")]) == 2
     assert "2 label(s) for 1 image(s)" in capsys.readouterr().err
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--labels", "9", "--out",
-                     str(tmp_path)]) == 2
+                     str(tmp_path / "o")]) == 2
     assert "label(s) [9] out of range 0..4" in capsys.readouterr().err
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--cmap", "nope", "--out",
-                     str(tmp_path)]) == 2
+                     str(tmp_path / "o")]) == 2
     assert "unknown colour map" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["explain", str(good), "--labels", "x"])
@@ -147,7 +147,7 @@ def test_explain_rejects_empty_and_out_of_range_layers_for_every_method(tiny_che
     assert "--layers takes comma-separated integers" in capsys.readouterr().err
     # rollout has no prediction layer, but a layer the model does not have is still a mistake to report
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--method", "rollout", "--layers", "50",
-                     "--out", str(tmp_path)]) == 2
+                     "--out", str(tmp_path / "o")]) == 2
     assert "--layers: layer 50 out of range" in capsys.readouterr().err
 
 

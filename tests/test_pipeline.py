@@ -27,6 +27,7 @@ from PIL import Image
 
 import convert
 import jaxvit
+from jaxvit import safe_write
 from jaxvit import ViT, ViTConfig, labels as jlabels
 from predmaps import pipeline, run_cli
 from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
@@ -214,7 +215,18 @@ def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_pa
         "error: process(es) [1] could not start this job (see their messages)"]
 
 
-def test_a_process_failing_mid_run_stops_every_process(ckpt, image_dir, reference, tmp_path):
+def _job_without_shards(model, image_dir, folder, shard_size):
+    """The job's own folder before any shard is written (its manifest, no shards): predmaps run writes
+    into no other, so a folder it cannot write a shard into is made from one."""
+    explain_dataset(*model, image_dir, folder, SPEC, batch_size=4, shard_size=shard_size, devices=jax.devices()[:1],
+                    progress=False)
+    for f in folder.glob("shard-*.npz"):
+        f.unlink()
+    header = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(header, shards=[], totals=None)))
+
+
+def test_a_process_failing_mid_run_stops_every_process(ckpt, model, image_dir, reference, tmp_path):
     """A process that fails during the run (here: a shard file it cannot write) flags its next steps
     as its last, so the others stop with it, each with one line and status 2, keeping every finished
     shard: both used to wait in a step the failed one never ran until jax.distributed's shutdown
@@ -224,7 +236,8 @@ def test_a_process_failing_mid_run_stops_every_process(ckpt, image_dir, referenc
     # Process 1 fails on writing its first shard (step 0), once step 1 is in flight: it flags steps 2 and 3,
     # and process 0, having seen step 2's flag, ends after step 3, the one in flight (shards 0, 2, 4, 6).
     mid = tmp_path / "mid"
-    (mid / "shard-000001.npz").mkdir(parents=True)
+    _job_without_shards(model, image_dir, mid, 1)
+    (mid / "shard-000001.npz").mkdir()
     (rc0, _, err0), (rc1, _, err1) = _run_two_processes([*args, "--shard-size", 1, "--out", mid])
     assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
     assert "Traceback" not in err0 + err1
@@ -238,7 +251,8 @@ def test_a_process_failing_mid_run_stops_every_process(ckpt, image_dir, referenc
     # runs 5 steps, process 1 (shards 1, 3) 4 and one idle.
     args += ["--shard-size", 3]
     last = tmp_path / "last"
-    (last / "shard-000004.npz").mkdir(parents=True)
+    _job_without_shards(model, image_dir, last, 3)
+    (last / "shard-000004.npz").mkdir()
     (rc0, _, err0), (rc1, _, err1) = _run_two_processes([*args, "--out", last])
     assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
     assert "shard-000004.npz" in err0 and "error: process(es) [0] stopped during the run" in err1
@@ -350,7 +364,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(ckpt, model, image_dir, 
     assert 2 <= len(done) < num_shards
     # What a crash can leave: a temporary file, and a shard renamed into place but never recorded.
     missing = max(set(range(num_shards)) - done)
-    (out / ".shard-000000.npz.tmp-1-dead").write_bytes(b"PK\x03\x04 half a zip")
+    (out / safe_write.temp_name("shard-000000.npz")).write_bytes(b"PK\x03\x04 half a zip")
     (out / f"shard-{missing:06d}.npz").write_bytes(b"PK\x03\x04 half a zip")
 
     ref = read_results(reference)
@@ -364,7 +378,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(ckpt, model, image_dir, 
     res = read_results(out, verify=True)
     assert res.complete
     _assert_same(res, ref)
-    assert not list(out.glob(".*.tmp-*"))
+    assert not list(out.glob(safe_write.TEMP_PREFIX + "*"))
     # Running the finished job again does nothing.
     s = explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=2, progress=False)
     assert (s.images, s.skipped_images, s.total_images) == (0, N_IMAGES, N_IMAGES)
@@ -593,7 +607,7 @@ def test_a_damaged_manifest_stops_the_job_and_keeps_every_shard(model, image_dir
     s = run()
     assert (s.images, s.skipped_images, s.complete) == (0, N_IMAGES, True)
     assert len(read_results(out)) == N_IMAGES
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text('{"format": "predmaps-run"}')  # predmaps's, with its shard list lost
     with pytest.raises(ValueError, match=r"manifest\.json: not a predmaps manifest(.|\n)*restore it, or delete it"):
         run()
 
@@ -655,22 +669,24 @@ sys.exit(run_cli.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_says_what_is_kept_in_one_line(ckpt, image_dir, reference, tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_says_what_is_kept_in_one_line(ckpt, image_dir, reference, tmp_path, sig, status):
+    """Ctrl-C, and SIGTERM (what a scheduler sends) alike: one line saying what is kept, exit 128 + signal."""
     out = tmp_path / "int"
     proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_CLI,
                              *_cli_args(ckpt, image_dir, out, "--batch-size", 2, "--shard-size", 2)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_shards(proc, out, 2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # impatient: again, while it cleans up
+        proc.send_signal(sig)  # impatient: again, while it cleans up
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     done = len(json.loads((out / "manifest.json").read_text())["shards"])
-    assert proc.returncode == 130 and stdout == "", stderr[-3000:]
+    assert proc.returncode == status and stdout == "", stderr[-3000:]
     assert stderr == (f"interrupted: {done} of 7 shard(s) finished are kept in {out}; rerun the same command to "
                       "resume\n")
     assert 2 <= done < 7
@@ -913,7 +929,7 @@ def test_decoding_runs_ahead_on_threads_within_its_window():
                                transform, workers=3, window=5)
     pre.start()
     got = []
-    for sh, j, item, arr, reason in pre:
+    for sh, j, item, arr, reason, _ident in pre:
         with lock:
             live[0] -= 1
         got.append((sh.id, sh.first + j, None if arr is None else int(arr[0, 0, 0]), reason))

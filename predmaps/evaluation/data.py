@@ -213,9 +213,16 @@ def _devkit_ids_to_wnids(meta: Path) -> dict[int, str]:
 
 def _read_label_file(label_file: Path) -> tuple[dict[str, int], bool]:
     """{file name or stem: label}, and whether the keys are full names (else stems)."""
-    if not label_file.is_file():
+    if not label_file.exists():  # a FIFO or device exists: read_regular refuses it, naming what it is
         raise DataLayoutError(f"label file {label_file} not found; {IMAGENET_LAYOUTS}")
-    lines = [ln.strip() for ln in label_file.read_text().splitlines()]
+    from jaxvit import safe_write
+    from predmaps.pipeline import LABEL_FILE_LIMIT
+
+    try:
+        text = safe_write.read_regular(label_file, LABEL_FILE_LIMIT, "label file").decode("utf-8-sig")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataLayoutError(f"{e}; {IMAGENET_LAYOUTS}") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise DataLayoutError(f"label file {label_file} is empty; {IMAGENET_LAYOUTS}")
@@ -351,7 +358,7 @@ def prefetch_batches(n: int, batch_size: int, load: Callable[[int], dict], *, wo
         def submit():
             s = next(it, None)
             if s is not None:
-                pending.append((s, [pool.submit(load, i) for i in range(s, min(s + batch_size, n))]))
+                pending.append((s, [pool.submit(_within_budget, load, i) for i in range(s, min(s + batch_size, n))]))
 
         for _ in range(ahead + 1):
             submit()
@@ -359,6 +366,14 @@ def prefetch_batches(n: int, batch_size: int, load: Callable[[int], dict], *, wo
             s, futs = pending.pop(0)
             submit()
             yield s, [f.result() for f in futs]
+
+
+def _within_budget(load: Callable[[int], dict], i: int) -> dict:
+    """load(i) with what it decodes counted against the process's pixel budget (`jaxvit.preprocess.DECODE_BUDGET`)."""
+    from jaxvit.preprocess import DECODE_BUDGET
+
+    with DECODE_BUDGET.claim():
+        return load(i)
 
 
 def stack_padded(rows: Sequence[dict], batch_size: int) -> tuple[dict, np.ndarray]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvit import safe_write
 from predmaps.evaluation.data import DataLayoutError
 
 SEGMENTATION_LAYOUT = (
@@ -31,6 +32,9 @@ SEGMENTATION_LAYOUT = (
 CHEFER_LAYOUT = (
     "expected a results.hdf5 map file as written by Chefer et al.'s generate_visualizations.py: datasets "
     "'vis' (n,1,H,W) float32 maps, 'image' (n,3,H,W) float32 in [0,1] and 'target' (n,) int32 labels")
+# Declared sizes past these are refused before any data is read: a crafted file of a few KB can declare
+# a 3x60000x60000 image (10 GiB). ImageNet-Segmentation's images are at most a few megapixels.
+MAX_PIXELS = 64_000_000
 # How far 'image' may leave [0, 1]: float32 rounding in a writer's resize or colour conversion; a
 # 0..255 or mean/std-normalised image is off by far more.
 UNIT_TOLERANCE = 1e-6
@@ -102,9 +106,38 @@ class ImageNetSegmentation:
             raise DataLayoutError(f"{self.path}: {what} {i} is a null reference; {SEGMENTATION_LAYOUT}")
         return self._f[ref]
 
+    def _dataset(self, ref, what, i, ndims=(2, 3)):
+        """The dataset a reference points to, its declared shape checked before anything is read."""
+        h5py = _h5py()
+        ds = self._deref(ref, what, i)
+        if not isinstance(ds, h5py.Dataset):
+            raise DataLayoutError(f"{self.path}: {what} {i} references an HDF5 {type(ds).__name__.lower()}, not an "
+                                  f"array; {SEGMENTATION_LAYOUT}")
+        shape = tuple(int(v) for v in ds.shape or ())
+        if len(shape) not in ndims:
+            raise DataLayoutError(f"{self.path}: {what} {i} has shape {shape}; {SEGMENTATION_LAYOUT}")
+        hw = shape[-2:] if len(shape) == 3 else shape
+        if min(shape) == 0:
+            raise DataLayoutError(f"{self.path}: {what} {i} is empty (shape {shape}); {SEGMENTATION_LAYOUT}")
+        if hw[0] * hw[1] > MAX_PIXELS or (len(shape) == 3 and shape[0] > 4):
+            raise DataLayoutError(f"{self.path}: {what} {i} declares shape {shape}, past {MAX_PIXELS:,} pixels "
+                                  f"or 4 channels: refused before reading; {SEGMENTATION_LAYOUT}")
+        if ds.dtype.kind not in "biuf":
+            raise DataLayoutError(f"{self.path}: {what} {i} holds {ds.dtype}, not numbers; {SEGMENTATION_LAYOUT}")
+        from jaxvit.preprocess import DECODE_BUDGET
+
+        DECODE_BUDGET.take(hw[0] * hw[1])  # within a decoding pool's claim: counted against its pixel budget
+        return ds
+
     def image(self, i: int) -> np.ndarray:
         """uint8 (H, W, 3): the stored (C, W, H) array transposed (2, 1, 0); grey images repeated."""
-        arr = np.asarray(self._deref(self._img[i], "/value/img", i)[()])
+        arr = np.asarray(self._dataset(self._img[i], "/value/img", i)[()])
+        if arr.dtype != np.uint8:  # a float 300.7 must not wrap to uint8's 44
+            bad = (~np.isfinite(arr) | (arr < 0) | (arr > 255) | (arr != np.round(arr))).ravel()
+            if bad.any():
+                raise DataLayoutError(f"{self.path}: image {i} holds {arr.dtype} values that are not whole numbers "
+                                      f"in 0..255 (e.g. {arr.ravel()[np.argmax(bad)]:g}): refused, not wrapped to "
+                                      f"uint8; {SEGMENTATION_LAYOUT}")
         if arr.ndim == 2:  # a grey image stored (W, H)
             arr = arr.T[..., None]
         elif arr.ndim == 3:
@@ -124,9 +157,12 @@ class ImageNetSegmentation:
         if not isinstance(cell, h5py.Dataset) or cell.dtype != h5py.ref_dtype or cell.ndim != 2:
             raise DataLayoutError(f"{self.path}: /value/gt entry {i} must reference a cell (an array of "
                                   f"references); {SEGMENTATION_LAYOUT}")
-        arr = np.asarray(self._deref(cell[0, 0], "/value/gt cell", i)[()])
-        if arr.ndim != 2:
-            raise DataLayoutError(f"{self.path}: mask {i} has shape {arr.shape}; {SEGMENTATION_LAYOUT}")
+        if cell.size == 0:
+            raise DataLayoutError(f"{self.path}: /value/gt entry {i} is an empty cell (no mask); {SEGMENTATION_LAYOUT}")
+        arr = np.asarray(self._dataset(cell[0, 0], "/value/gt cell", i, ndims=(2,))[()])
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):  # NaN != 0 would count as foreground
+            raise DataLayoutError(f"{self.path}: mask {i} holds NaN or infinite values; masks are 0/1; "
+                                  f"{SEGMENTATION_LAYOUT}")
         # Each is resized to the evaluation size on its own, so a transposed or foreign mask would
         # be scored against the wrong pixels; only the image's stored shape is read, not its data.
         stored = self._deref(self._img[i], "/value/img", i).shape  # (C, W, H) or grey (W, H)
@@ -162,7 +198,20 @@ def write_segmentation_mat(path, images, masks, wnids=None, targets=None) -> Pat
     h5py = _h5py()
     path = Path(path)
     n = len(images)
-    with h5py.File(path, "w") as f:
+    tmp = path.with_name(safe_write.temp_name(path.name))
+    os.close(safe_write.create_new(tmp))  # written under a new name of ours, then renamed onto path
+    try:
+        _write_segmentation_layout(h5py.File(tmp, "w"), images, masks, wnids, targets, n)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_segmentation_layout(file, images, masks, wnids, targets, n) -> None:
+    h5py = _h5py()
+    with file as f:
         refs = f.create_group("#refs#")
         img_refs = np.empty((n, 1), dtype=h5py.ref_dtype)
         gt_refs = np.empty((n, 1), dtype=h5py.ref_dtype)
@@ -183,7 +232,6 @@ def write_segmentation_mat(path, images, masks, wnids=None, targets=None) -> Pat
         value.create_dataset("gt", data=gt_refs)
         value.create_dataset("id", data=id_refs)
         value.create_dataset("target", data=tgt_refs)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +257,18 @@ class CheferResults:
             if missing:
                 raise DataLayoutError(f"{self.path}: missing dataset(s) {', '.join(missing)}; {CHEFER_LAYOUT}")
             vis, image, target = self._f["vis"], self._f["image"], self._f["target"]
+            kinds = {k: d for k, d in (("vis", vis), ("image", image), ("target", target))
+                     if not isinstance(d, h5py.Dataset) or not d.shape}
+            if kinds:
+                raise DataLayoutError(f"{self.path}: " + ", ".join(
+                    f"'{k}' is {'an HDF5 group' if not isinstance(d, h5py.Dataset) else 'a scalar'}"
+                    for k, d in kinds.items()) + f", not an array; {CHEFER_LAYOUT}")
+            if any(d.dtype.kind not in "biuf" for d in (vis, image, target)):
+                raise DataLayoutError(f"{self.path}: dtypes vis {vis.dtype}, image {image.dtype}, target "
+                                      f"{target.dtype} are not all numbers; {CHEFER_LAYOUT}")
             n = vis.shape[0]
+            if vis.ndim == 4 and 0 in vis.shape[2:]:
+                raise DataLayoutError(f"{self.path}: 'vis' maps are {vis.shape[2]}x{vis.shape[3]}: empty; {CHEFER_LAYOUT}")
             if (vis.ndim != 4 or vis.shape[1] != 1 or image.ndim != 4 or image.shape[1] != 3
                     or image.shape[0] != n or target.shape != (n,) or vis.shape[2:] != image.shape[2:]):
                 raise DataLayoutError(f"{self.path}: shapes vis {vis.shape}, image {image.shape}, target "
@@ -222,13 +281,30 @@ class CheferResults:
     def __len__(self) -> int:
         return int(self._f["vis"].shape[0])
 
+    def _targets(self, sel) -> np.ndarray:
+        t = np.asarray(self._f["target"][sel])
+        if t.dtype.kind == "f" and (not np.all(np.isfinite(t)) or np.any(t != np.round(t))):
+            bad = int(np.argmax(~np.isfinite(t) | (t != np.round(t))))
+            raise DataLayoutError(f"{self.path}: 'target' holds {t[bad]} (not a class index); {CHEFER_LAYOUT}")
+        return t
+
     def labels(self) -> np.ndarray:
         """(n,) int64: every entry's ground-truth class ('target')."""
-        return np.asarray(self._f["target"][:]).astype(np.int64)
+        return self._targets(slice(None)).astype(np.int64)
 
     def maps(self, start: int, stop: int) -> np.ndarray:
         """(b, H, W) float32 maps only."""
-        return np.asarray(self._f["vis"][start:stop, 0], np.float32)
+        return self._finite(np.asarray(self._f["vis"][start:stop, 0], np.float32), start)
+
+    def _finite(self, maps: np.ndarray, first: int, indices=None) -> np.ndarray:
+        """Refuse maps holding NaN or inf: an all-NaN map would be scored (as AUC 0) as if it were one."""
+        bad = ~np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
+        if bad.any():
+            j = int(np.argmax(bad))
+            k = indices[j] if indices is not None else first + j
+            raise DataLayoutError(f"{self.path}: 'vis' entry {k} holds NaN or infinite values: not a map to score; "
+                                  f"{CHEFER_LAYOUT}")
+        return maps
 
     def _unit(self, image, first: int, last: int) -> np.ndarray:
         """(b, 3, H, W) as read -> (b, H, W, 3), refused unless in [0, 1]."""
@@ -239,7 +315,7 @@ class CheferResults:
     def batch(self, start: int, stop: int) -> dict:
         return {"maps": self.maps(start, stop),
                 "unit": self._unit(self._f["image"][start:stop], start, stop - 1),
-                "labels": np.asarray(self._f["target"][start:stop]).astype(np.int32)}
+                "labels": self._targets(slice(start, stop)).astype(np.int32)}
 
     def take(self, indices) -> dict:
         """Like `batch` for increasing indices."""
@@ -248,9 +324,9 @@ class CheferResults:
             raise ValueError("take needs strictly increasing indices")
         if not idx:
             return self.batch(0, 0)
-        return {"maps": np.asarray(self._f["vis"][idx, 0], np.float32),
+        return {"maps": self._finite(np.asarray(self._f["vis"][idx, 0], np.float32), 0, idx),
                 "unit": self._unit(self._f["image"][idx], idx[0], idx[-1]),
-                "labels": np.asarray(self._f["target"][idx]).astype(np.int32)}
+                "labels": self._targets(idx).astype(np.int32)}
 
     def read(self) -> dict:
         return self.batch(0, len(self))
@@ -291,7 +367,8 @@ class CheferWriter:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         h, w = image_size
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = self.path.with_name(safe_write.temp_name(self.path.name))
+        os.close(safe_write.create_new(self._tmp))  # a new file of ours, never an existing path or a symlink
         self._f = h5py.File(self._tmp, "w")
         self._vis = self._f.create_dataset("vis", (0, 1, h, w), maxshape=(None, 1, h, w), dtype=np.float32,
                                            compression="gzip", chunks=(1, 1, h, w))
