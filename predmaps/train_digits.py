@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from jaxvit.config import ViTConfig
+from jaxvit import safe_write
 from jaxvit.model import ViT
 from predmaps import digits, stats
 
@@ -382,8 +383,6 @@ Test accuracy: **{r['test_acc']:.4f}** ({r['eval_scenes']} one-digit scenes of t
         # The earlier stage's record, its headings pushed one level down.
         earlier = "\n".join(("#" + line) if line.startswith("#") else line for line in r["earlier"].splitlines())
         text += "\n## Earlier stage (the initial weights of this run)\n\n" + earlier.split("\n", 1)[1].lstrip("\n") + "\n"
-    from jaxvit import safe_write
-
     safe_write.write_text(out / "TRAINING.md", text)
 
 

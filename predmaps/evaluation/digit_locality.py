@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxvit import safe_write
 from predmaps import digits, stats
 from predmaps.evaluation import digit_scenes
 
@@ -125,7 +126,7 @@ def write_measured(path: str | Path, *, scenes: int = 400, two_digit_scenes: int
     spec = digit_scenes.class_specificity(model, params, im2.astype(np.float32) / 255.0, lab2, m2,
                                           batch_size=batch_size)
     out = Path(path) / digits.MEASURED_FILE
-    out.write_text(json.dumps({
+    safe_write.write_text(out, json.dumps({
         "patch_accuracy_on_digit": [round(float(v), 4) for v in loc["on_accuracy"]],
         "patch_accuracy_background": [round(float(v), 4) for v in loc["background_accuracy"]],
         "one_digit_scenes": scenes, "one_digit_seed": LOCALITY_SEED,
@@ -179,9 +180,9 @@ def main(argv=None) -> int:
                 "machine": f"{jax.device_count()}-device {jax.default_backend()} ({cpu_name()}, {platform.machine()})",
                 "jax": jax.__version__, "scenes": a.scenes, "bench_scenes": a.bench_scenes}
         if a.json:
-            Path(a.json).write_text(json.dumps({"info": info, "models": list(done.values())}, indent=1) + "\n")
+            safe_write.write_text(a.json, json.dumps({"info": info, "models": list(done.values())}, indent=1) + "\n")
     if a.markdown:
-        Path(a.markdown).write_text(markdown(list(done.values()), info) + "\n")
+        safe_write.write_text(a.markdown, markdown(list(done.values()), info) + "\n")
     return 0
 
 
