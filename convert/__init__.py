@@ -79,16 +79,15 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
         # A model_name given by the caller replaces the checkpoint's config.json, arguments too (not
         # its data settings).
         used = hub_config if model_name is None else None
-        name = model_name or _hub_model_name(used)
         # timm's save_for_hf records the create_model arguments a model was built with (an activation,
         # pooling or input size other than its architecture's): part of the model, as timm's local-dir
         # loading reads them; checked against the allow-list before anything is built.
         model_args = (used or {}).get("model_args")
         if model_args is not None:
             check_model_args(model_args)
-        if used and "jaxvit_config" in used:  # written by save_timm
+        if used and "jaxvit_config" in used:  # written by save_timm; its architecture is not resolved
             config = ViTConfig.from_dict(used["jaxvit_config"])
-        elif name is not None:
+        elif (name := model_name or _hub_model_name(used)) is not None:
             config = _named_config(name, model_args, hub_config)
         else:
             config = None

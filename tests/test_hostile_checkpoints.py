@@ -277,3 +277,13 @@ def test_keyword_arguments_get_the_same_check(key, value, want):
         jaxvit.ViTConfig(**dict(kw, **{key: value}))
     with pytest.raises(jaxvit.config.ConfigError):
         jaxvit.get_config(ARCH, **{key: value})
+
+
+def test_an_export_under_its_own_unresolvable_name_still_loads(tmp_path):
+    """The name check applies only to a name that is resolved: save_timm's export of a network timm
+    cannot build keeps the config's own name (any string), and its jaxvit_config says what it is."""
+    cfg = jaxvit.ViTConfig(name="my net/v2", img_size=(32, 32), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                           head_dim=8, mlp_dim=64, num_classes=5)
+    out = convert.save_timm(_params(cfg), cfg, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["architecture"] == "my net/v2"
+    assert convert.load(out)[0].config == cfg
