@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, i
 from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
                               check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
                               resize_params, resolve_config, state_dict_from_params, timm_config)
-from jaxvit.config import ConfigError, UnknownModelError, ViTConfig
+from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
 
 __all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
            "export_state_dict", "load", "load_config", "save_timm"]
@@ -42,10 +43,13 @@ def _hub_data_settings(hub_config: dict | None) -> dict:
     out: dict[str, Any] = {}
     for key in ("mean", "std"):
         if pcfg.get(key) is not None:  # ViTConfig checks the values: finite numbers, std positive
-            out[key] = tuple(pcfg[key]) if isinstance(pcfg[key], list) else pcfg[key]
-    for key in ("interpolation", "crop_mode", "crop_pct"):
+            value = pcfg[key]
+            out[key] = tuple(float(x) if is_real(x) else x for x in value) if isinstance(value, list) else value
+    for key in ("interpolation", "crop_mode"):
         if pcfg.get(key):
             out[key] = pcfg[key]
+    if pcfg.get("crop_pct"):
+        out["crop_pct"] = float(pcfg["crop_pct"]) if is_real(pcfg["crop_pct"]) else pcfg["crop_pct"]
     return out
 
 
@@ -73,7 +77,7 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
     from `config_file`, named in errors) is data: its fields are checked (ConfigError naming the
     file and the field), and its `model_args` are refused beyond `timm_vit.MODEL_ARGS`."""
     where = config_file or f"{source}'s config.json"
-    try:
+    with _naming(where):
         if hub_config is not None and not isinstance(hub_config, dict):
             raise ConfigError(f"a timm config.json is a JSON object; got a {type(hub_config).__name__}")
         # A model_name given by the caller replaces the checkpoint's config.json, arguments too (not
@@ -92,18 +96,23 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
         else:
             config = None
         settings = _hub_data_settings(hub_config)
-        if settings and config is not None:
+    if config is None:
+        with _naming(source):  # sizes read from the tensors
+            config = infer_config(state_dict, num_heads=num_heads)
+    if settings:
+        with _naming(where):
             config = config.replace(**settings)
+    with _naming(source):
+        return adapt_config(config, state_dict)
+
+
+@contextlib.contextmanager
+def _naming(where: Any):
+    """ConfigErrors raised inside say where the config came from."""
+    try:
+        yield
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    try:
-        if config is None:
-            config = infer_config(state_dict, num_heads=num_heads)
-            if settings:
-                config = config.replace(**settings)
-        return adapt_config(config, state_dict)
-    except ConfigError as e:  # sizes read from the tensors
-        raise ConfigError(f"{source}: {e}") from None
 
 
 def _named_config(name: str, model_args: dict | None, hub_config: dict | None) -> ViTConfig:

@@ -287,3 +287,14 @@ def test_an_export_under_its_own_unresolvable_name_still_loads(tmp_path):
     out = convert.save_timm(_params(cfg), cfg, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["architecture"] == "my net/v2"
     assert convert.load(out)[0].config == cfg
+
+
+def test_pretrained_cfg_data_settings_are_checked_and_named(tmp_path):
+    """config.json's normalisation reaches the eval transform: a zero std would divide by zero."""
+    folder = _timm_folder(tmp_path / "ckpt", ARGS)
+    stored = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(stored, pretrained_cfg={"tag": None, "std": [0, 1, "x"]})))
+    with pytest.raises(ValueError) as e:
+        convert.load(folder)
+    assert str(e.value) == (f"{folder / 'config.json'}: std must be a list of positive numbers, one per channel; "
+                            "got (0.0, 1.0, 'x') (tuple)")
