@@ -77,7 +77,7 @@ def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
     from `config_file`, named in errors) is data: its fields are checked (ConfigError naming the
     file and the field), and its `model_args` are refused beyond `timm_vit.MODEL_ARGS`."""
     where = config_file or f"{source}'s config.json"
-    with _naming(where):
+    with _naming(where) if hub_config is not None else contextlib.nullcontext():  # no file to blame without one
         if hub_config is not None and not isinstance(hub_config, dict):
             raise ConfigError(f"a timm config.json is a JSON object; got a {type(hub_config).__name__}")
         # A model_name given by the caller replaces the checkpoint's config.json, arguments too (not
