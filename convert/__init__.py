@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvit
-from convert.sources import WEIGHT_FILES, HubUnavailableError, is_file_name, read_source
+from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source
 from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
-                              config_from_timm_module, infer_config, params_from_state_dict, resize_params,
-                              resolve_config, state_dict_from_params, timm_config)
-from jaxvit.config import UnknownModelError, ViTConfig
+                              check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
+                              resize_params, resolve_config, state_dict_from_params, timm_config)
+from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
 
 __all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
            "export_state_dict", "load", "load_config", "save_timm"]
@@ -40,59 +42,95 @@ def _hub_data_settings(hub_config: dict | None) -> dict:
     pcfg = hub_config["pretrained_cfg"]
     out: dict[str, Any] = {}
     for key in ("mean", "std"):
-        if pcfg.get(key) is not None:
-            out[key] = tuple(float(x) for x in pcfg[key])
+        if pcfg.get(key) is not None:  # ViTConfig checks the values: finite numbers, std positive
+            value = pcfg[key]
+            out[key] = tuple(float(x) if is_real(x) else x for x in value) if isinstance(value, list) else value
     for key in ("interpolation", "crop_mode"):
         if pcfg.get(key):
             out[key] = pcfg[key]
     if pcfg.get("crop_pct"):
-        out["crop_pct"] = float(pcfg["crop_pct"])
+        out["crop_pct"] = float(pcfg["crop_pct"]) if is_real(pcfg["crop_pct"]) else pcfg["crop_pct"]
     return out
+
+
+# A timm model name: architecture, optionally .tag (letters, digits, '_' and '-'); no path, no hub prefix.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?")
 
 
 def _hub_model_name(hub_config: dict | None) -> str | None:
     if not hub_config or "architecture" not in hub_config:
         return None
     tag = (hub_config.get("pretrained_cfg") or {}).get("tag")
-    return f"{hub_config['architecture']}.{tag}" if tag else hub_config["architecture"]
+    name = f"{hub_config['architecture']}.{tag}" if tag else hub_config["architecture"]
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"architecture {name!r} is no timm model name (letters, digits and '_', then "
+                          "optionally '.tag')")
+    return name
 
 
 def load_config(source: Any, state_dict: dict, *, model_name: str | None = None,
-                hub_config: dict | None = None, num_heads: int | None = None) -> ViTConfig:
+                hub_config: dict | None = None, num_heads: int | None = None,
+                config_file: str | None = None) -> ViTConfig:
     """The config for a state dict: from the model name (timm when installed, else the bundled
     table), else the checkpoint's timm config.json, else the tensor shapes; then corrected by
-    what the checkpoint holds (classes, registers, stored grid)."""
-    name = model_name or _hub_model_name(hub_config)
-    # timm's save_for_hf records the create_model arguments a model was built with (an activation,
-    # pooling or input size other than its architecture's): part of the model, as timm's local-dir
-    # loading reads them. A model_name given by the caller replaces that config.json, arguments too.
-    model_args = (hub_config or {}).get("model_args") if model_name is None else None
-    if model_args is not None and not isinstance(model_args, dict):
-        raise ValueError(f"{source}: config.json's model_args is not a mapping of timm.create_model arguments")
-    if model_name is None and hub_config and "jaxvit_config" in hub_config:  # written by save_timm
-        config = ViTConfig.from_dict(hub_config["jaxvit_config"])
-    elif name is not None:
-        try:
-            config = resolve_config(name, model_args=model_args)
-        except KeyError as unknown:
-            # A tag newer than timm / the bundled table. The architecture fixes the shapes, and the
-            # checkpoint's own timm config.json the data settings (applied below); without that file
-            # nothing says how the tag normalises its inputs, so the unknown name stands.
-            arch = name.partition(".")[0]
-            if arch == name:
-                raise
-            if hub_config is None:
-                raise UnknownModelError(
-                    f"{unknown}. Weights of a tag this table lacks load from a directory that also holds the "
-                    f"tag's timm config.json, or pass the architecture alone (model_name={arch!r}) to use its "
-                    "default tag's data settings") from None
-            config = resolve_config(arch, model_args=model_args).replace(name=name)
-    else:
-        config = infer_config(state_dict, num_heads=num_heads)
-    settings = _hub_data_settings(hub_config)
+    what the checkpoint holds (classes, registers, stored grid). A config.json (`hub_config`, read
+    from `config_file`, named in errors) is data: its fields are checked (ConfigError naming the
+    file and the field), and its `model_args` are refused beyond `timm_vit.MODEL_ARGS`."""
+    where = config_file or f"{source}'s config.json"
+    with _naming(where) if hub_config is not None else contextlib.nullcontext():  # no file to blame without one
+        if hub_config is not None and not isinstance(hub_config, dict):
+            raise ConfigError(f"a timm config.json is a JSON object; got a {type(hub_config).__name__}")
+        # A model_name given by the caller replaces the checkpoint's config.json, arguments too (not
+        # its data settings).
+        used = hub_config if model_name is None else None
+        # timm's save_for_hf records the create_model arguments a model was built with (an activation,
+        # pooling or input size other than its architecture's): part of the model, as timm's local-dir
+        # loading reads them; checked against the allow-list before anything is built.
+        model_args = (used or {}).get("model_args")
+        if model_args is not None:
+            check_model_args(model_args)
+        if used and "jaxvit_config" in used:  # written by save_timm; its architecture is not resolved
+            config = ViTConfig.from_dict(used["jaxvit_config"])
+        elif (name := model_name or _hub_model_name(used)) is not None:
+            config = _named_config(name, model_args, hub_config)
+        else:
+            config = None
+        settings = _hub_data_settings(hub_config)
+    if config is None:
+        with _naming(source):  # sizes read from the tensors
+            config = infer_config(state_dict, num_heads=num_heads)
     if settings:
-        config = config.replace(**settings)
-    return adapt_config(config, state_dict)
+        with _naming(where):
+            config = config.replace(**settings)
+    with _naming(source):
+        return adapt_config(config, state_dict)
+
+
+@contextlib.contextmanager
+def _naming(where: Any):
+    """ConfigErrors raised inside say where the config came from."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _named_config(name: str, model_args: dict | None, hub_config: dict | None) -> ViTConfig:
+    try:
+        return resolve_config(name, model_args=model_args)
+    except KeyError as unknown:
+        # A tag newer than timm / the bundled table. The architecture fixes the shapes, and the
+        # checkpoint's own timm config.json the data settings (applied below); without that file
+        # nothing says how the tag normalises its inputs, so the unknown name stands.
+        arch = name.partition(".")[0]
+        if arch == name:
+            raise
+        if hub_config is None:
+            raise UnknownModelError(
+                f"{unknown}. Weights of a tag this table lacks load from a directory that also holds the "
+                f"tag's timm config.json, or pass the architecture alone (model_name={arch!r}) to use its "
+                "default tag's data settings") from None
+        return resolve_config(arch, model_args=model_args).replace(name=name)
 
 
 def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, attention: str = "fused",
@@ -141,8 +179,9 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
                 if not source.startswith("hf-hub:") and not _is_known_architecture(model_name):
                     raise unknown from None
                 hf_hub_id = None
-        state_dict, hub_config, _ = read_source(source, hf_hub_id=hf_hub_id)
-        config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads)
+        state_dict, hub_config, where = read_source(source, hf_hub_id=hf_hub_id)
+        config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads,
+                             config_file=config_file_of(where))
     params = params_from_state_dict(state_dict, config)
     if img_size is not None:
         params, config = resize_params(params, config, img_size)
@@ -163,7 +202,8 @@ def _is_known_architecture(name: str) -> bool:
 
 def _is_hub_model_name(source: Any) -> bool:
     """A timm model name (no repo path, no existing or file-like path): looked up on the hub."""
-    return isinstance(source, str) and "/" not in source and not Path(source).exists() and not is_file_name(source)
+    return (isinstance(source, str) and "/" not in source and not os.path.lexists(source)  # a broken link is a file
+            and not is_file_name(source))
 
 
 def _is_jaxvit_checkpoint(path: Path) -> bool:

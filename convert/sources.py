@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,25 +42,97 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ImportError(f"reading {path} needs torch (pip install 'predmaps[torch]'); "
                           "a .safetensors file converts without it") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols it did not write: our message says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         # torch's weights-only refusals come as several lines with terminal escapes, advising
-        # weights_only=False: the one fact they carry is kept, the advice is ours.
+        # weights_only=False; their wording changes between releases. So the file itself says
+        # whether it holds code: the callables its pickle names, read without unpickling anything.
+        code = [name for name in pickle_globals(path) if not _is_tensor_global(name)]
+        if code:
+            names = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
+            raise ValueError(f"{path} contains code: its pickle references {names}, beyond tensors (a pickled model "
+                             "or object, or a crafted file), so convert.load refuses it and runs nothing from it. If "
+                             "you made it, save only the weights: torch.save(model.state_dict(), 'weights.pth'), or "
+                             "pass the nn.Module itself to convert.load") from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if found:  # a pickled class (a whole nn.Module, a training script's objects): its code would run
-            raise ValueError(f"{path} is not a plain state dict: it holds a pickled {found.group(1)}, which "
-                             "convert.load does not unpickle (that could run arbitrary code). If you trust the file, "
-                             "load it in Python and save only its weights with torch.save(model.state_dict(), "
-                             "'weights.pth'), or pass the nn.Module itself to convert.load") from None
         detail = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.S)
         detail = " ".join((detail.group(1) if detail else text).split())
+        if "weights_only" in detail:  # torch's advice, never ours
+            detail = "not a weights-only pickle"
         raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {detail}): the file is "
                          "damaged or not made by torch.save; re-create it with torch.save(model.state_dict(), "
                          "path)") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return clean_state_dict(obj)
+
+
+def _is_tensor_global(name: str) -> bool:
+    """Whether a pickle global is one torch.save writes for tensors and state dicts (no other code)."""
+    module, _, attr = name.rpartition(".")
+    if module == "torch._utils":
+        return attr.startswith("_rebuild_")
+    if module == "torch":
+        return attr.endswith("Storage") or attr in ("Size", "device") or attr in _TORCH_DTYPES
+    return name == "collections.OrderedDict"
+
+
+_TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+_STRING_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING")
+_PUT_OPS = ("PUT", "BINPUT", "LONG_BINPUT")
+_GET_OPS = ("GET", "BINGET", "LONG_BINGET")
+
+
+def pickle_globals(path: str | os.PathLike, *, max_ops: int = 1_000_000) -> list[str]:
+    """The callables (module.name) a torch file's pickles import, in order, read with pickletools'
+    opcode parser: nothing is unpickled or run. A zip (torch.save's format) is read at its data.pkl;
+    any other file as the legacy format's pickles, one after another. Stops at what it cannot parse."""
+    import zipfile
+
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not members:
+                    return found
+                stream = archive.open(members[0])
+                _scan_pickles(stream, found, max_ops)
+        else:
+            with open(path, "rb") as stream:
+                _scan_pickles(stream, found, max_ops)
+    except Exception:  # a damaged file: what was found so far is what it names
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _scan_pickles(stream, found: list[str], max_ops: int) -> None:
+    import pickletools
+
+    ops = 0
+    for _ in range(16):  # the legacy format writes a few pickles in a row
+        strings: list[str] = []  # recent string pushes: STACK_GLOBAL's module and name
+        memo: dict[int, str] = {}
+        for op, arg, _ in pickletools.genops(stream):
+            ops += 1
+            if ops > max_ops:
+                return
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                found.append(".".join(str(arg).split(" ", 1)))
+            elif name == "STACK_GLOBAL":
+                found.append(".".join(strings[-2:]) if len(strings) >= 2 else "a callable")
+            elif name in _STRING_OPS:
+                strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
+            elif name in _PUT_OPS and strings:
+                memo[arg] = strings[-1]
+            elif name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif name in _GET_OPS and arg in memo:
+                strings.append(memo[arg])
+            strings = strings[-2:]
 
 
 def read_file(path: Path) -> dict[str, np.ndarray]:
@@ -169,6 +242,13 @@ def _hub_answers(url: str) -> bool:
     return True
 
 
+def config_file_of(where: str) -> str:
+    """The config.json that `read_source` read beside the weights it describes as `where`, for messages."""
+    if where.startswith("hub:"):
+        return f"config.json of hub repository {where[len('hub:'):]}"
+    return str(Path(where).parent / "config.json")
+
+
 def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str, np.ndarray], dict | None, str]:
     """(state dict, timm config.json or None, a description) for a path, a hub name or a state dict."""
     if isinstance(source, Mapping):
@@ -186,6 +266,9 @@ def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str,
         if path.stat().st_size == 0:
             raise ValueError(f"checkpoint file {path} is empty")
         return read_file(path), read_json(path.parent / "config.json"), str(path)
+    if path.is_symlink():  # a link to nothing: the user meant a file, never a hub model of that name
+        raise FileNotFoundError(f"{path} is a broken symbolic link: it points to {os.readlink(path)}, which does not "
+                                "exist")
     name = str(source)
     if is_file_name(name):
         raise FileNotFoundError(f"checkpoint file {name} does not exist")

@@ -21,7 +21,8 @@ import numpy as np
 
 from jaxvit import labels
 from jaxvit.checkpoint import param_shapes
-from jaxvit.config import UnknownModelError, ViTConfig, get_config, unknown_model_error
+from jaxvit.config import (ACTIVATIONS, GLOBAL_POOLS, IMG_SIZE_LIMIT, INT_LIMITS, ConfigError, UnknownModelError,
+                           ViTConfig, check_int, get_config, is_real, unknown_model_error)
 from jaxvit.posemb import grid_from_length, resample_abs_pos_embed
 
 
@@ -494,6 +495,8 @@ def _data_settings(pcfg: Mapping, num_classes: int) -> dict:
 def timm_config(name: str, *, model_args: Mapping[str, Any] | None = None, **overrides) -> ViTConfig:
     """Config of a timm model name through an installed timm (meta device: no weights, no download),
     built with `timm.create_model`'s keyword arguments `model_args` where given."""
+    if model_args is not None:
+        check_model_args(model_args)
     import timm
     import torch
 
@@ -517,6 +520,58 @@ def timm_config(name: str, *, model_args: Mapping[str, Any] | None = None, **ove
     return cfg.replace(**overrides) if overrides else cfg
 
 
+# The timm.create_model arguments a checkpoint's config.json (`model_args`) may give: VisionTransformer's
+# architecture arguments that jaxvit implements (what save_timm writes), dynamic_img_size (jaxvit takes
+# any patch multiple anyway) and the training-only dropout rates (identities in eval). Nothing else reaches
+# timm: create_model's checkpoint_path, pretrained, pretrained_cfg(_overlay) or cache_dir read files or
+# weights, and the layer arguments (norm_layer, block_fn, embed_layer, ...) choose code.
+_INT_ARGS = ("patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "reg_tokens")
+_BOOL_ARGS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "no_embed_class",
+              "pre_norm", "final_norm", "pool_include_prefix", "dynamic_img_size")
+_CHOICE_ARGS = {"global_pool": GLOBAL_POOLS, "act_layer": ACTIVATIONS, "pos_embed": ("learn", "none")}
+_RATE_ARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+MODEL_ARGS = ("img_size", "mlp_ratio", "init_values", "fc_norm") + _INT_ARGS + _BOOL_ARGS + tuple(_CHOICE_ARGS) \
+    + _RATE_ARGS
+
+
+def check_model_args(model_args: Any) -> None:
+    """Refuse, before timm builds anything, `model_args` beyond the allow-list MODEL_ARGS or of the wrong
+    type or range (ConfigError naming the argument): a checkpoint's configuration is data, never a way
+    to make timm load a file, fetch weights or build a million blocks."""
+    if not isinstance(model_args, Mapping):
+        raise ConfigError(f"model_args must be a mapping of timm.create_model arguments; got a "
+                          f"{type(model_args).__name__}")
+    for key, value in model_args.items():
+        if key not in MODEL_ARGS:
+            raise ConfigError(f"model_args {key!r} is refused: a checkpoint may give only these timm.create_model "
+                              f"arguments: {', '.join(sorted(MODEL_ARGS))}")
+        what = f"model_args {key}"
+        if key in _INT_ARGS:
+            check_int(what, value, *INT_LIMITS[key])
+        elif key == "img_size":
+            pair = value if isinstance(value, (list, tuple)) and len(value) == 2 else (value, value)
+            try:
+                for side in pair:
+                    check_int(what, side, 1, IMG_SIZE_LIMIT)
+            except ConfigError:
+                raise ConfigError(f"{what} must be an integer or [height, width], each from 1 to {IMG_SIZE_LIMIT}; "
+                                  f"got {value!r}") from None
+        elif key in _BOOL_ARGS or key == "fc_norm":
+            if not (isinstance(value, bool) or (key == "fc_norm" and value is None)):
+                raise ConfigError(f"{what} must be true or false; got {value!r}")
+        elif key in _CHOICE_ARGS:
+            if not isinstance(value, str) or value not in _CHOICE_ARGS[key]:
+                raise ConfigError(f"{what} must be one of {', '.join(_CHOICE_ARGS[key])}; got {value!r}")
+        elif key == "mlp_ratio":
+            if not is_real(value) or not 0 < value <= 64:
+                raise ConfigError(f"{what} must be a number in (0, 64]; got {value!r}")
+        elif key == "init_values":
+            if value is not None and not is_real(value):
+                raise ConfigError(f"{what} must be a finite number or null; got {value!r}")
+        elif not is_real(value) or not 0 <= value < 1:  # a dropout rate
+            raise ConfigError(f"{what} must be a number in [0, 1); got {value!r}")
+
+
 # ViTConfig fields that are timm VisionTransformer arguments of the same name and meaning.
 TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
              "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "class_token", "reg_tokens",
@@ -527,7 +582,10 @@ def resolve_config(name: str, *, model_args: Mapping[str, Any] | None = None, **
     """timm's own definition when timm is installed, else jaxvit's bundled table. `model_args`: the
     `timm.create_model` arguments a checkpoint's config.json records (timm's `save_for_hf` writes them:
     an activation, pooling or input size other than the architecture's); without timm only the input
-    size and classes are read, anything else is refused rather than ignored."""
+    size and classes are read, anything else is refused rather than ignored. Either way only the
+    arguments of `check_model_args`' allow-list are accepted, checked before anything is built."""
+    if model_args is not None:
+        check_model_args(model_args)
     try:
         import timm  # noqa: F401
         import torch  # noqa: F401

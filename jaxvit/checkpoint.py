@@ -24,6 +24,8 @@ from jaxvit.model import ViT
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
+# What params.msgpack may hold: jaxvit writes float32; the others are what a converted tree may carry.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float64))
 
 
 def save(path: str | os.PathLike, config: ViTConfig, params: Any) -> Path:
@@ -72,12 +74,15 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, attention: str = "fused"
         config = ViTConfig.from_dict(stored)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
+    import msgpack
+
     try:
         params = serialization.msgpack_restore(params_file.read_bytes())
-    except ValueError as e:  # msgpack's errors for truncated or foreign bytes
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # truncated or foreign bytes, a bad dtype name
         raise ValueError(f"{params_file} is damaged ({e}; e.g. an interrupted copy): {redo}") from None
     if not isinstance(params, Mapping):
         raise ValueError(f"{params_file} holds a {type(params).__name__}, not jaxvit params: {redo}")
+    _check_dtypes(params, params_file, redo)
     _check_shapes(config, params, f"params in {params_file}")
     return ViT(config, dtype=dtype, attention=attention), params
 
@@ -108,6 +113,18 @@ def check_params(config: ViTConfig, params: Any, call: str) -> None:
         raise TypeError(f"{call}: params must be the params pytree (a dict of arrays); got {type(params).__name__} "
                         "(check the argument order)")
     _check_shapes(config, params, f"{call}: params")
+
+
+def _check_dtypes(params: Mapping, params_file: Path, redo: str) -> None:
+    """Refuse leaves that are no floating-point array (strings, objects, integers, scalars): params are numbers."""
+    import jax
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if not isinstance(leaf, np.ndarray) or dtype not in FLOAT_DTYPES:
+            what = f"an array of dtype {dtype}" if isinstance(leaf, np.ndarray) else f"a {type(leaf).__name__}"
+            raise ValueError(f"{params_file} holds {what} at {jax.tree_util.keystr(path)}: jaxvit params are "
+                             f"floating-point arrays ({', '.join(map(str, FLOAT_DTYPES))}); {redo}")
 
 
 def _check_shapes(config: ViTConfig, params: dict, what: str) -> None:

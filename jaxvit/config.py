@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import numbers
 from importlib import resources
 from typing import Any
@@ -47,6 +48,91 @@ def unknown_model_error(name: str, why: str, candidates=()) -> UnknownModelError
 
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+class ConfigError(ValueError):
+    """A ViTConfig field of the wrong type or out of range (the loaders add the file it came from)."""
+
+
+# Inclusive integer ranges of the architecture fields: 4x to 60x beyond every timm ViT (the largest in
+# jaxvit's table: 48 blocks, width 1664, 896 px, 115,217 classes), yet small enough that a crafted
+# config cannot make model construction run for minutes (depth=1000000 did).
+INT_LIMITS = {
+    "patch_size": (1, 1024), "in_chans": (1, 64), "embed_dim": (1, 16384), "depth": (1, 256),
+    "num_heads": (1, 1024), "head_dim": (1, 4096), "mlp_dim": (1, 131072), "reg_tokens": (0, 256),
+    "num_classes": (0, 1 << 20),
+}
+IMG_SIZE_LIMIT = 8192  # pixels per side
+MAX_PATCHES = 1 << 16  # patch tokens at the config's own img_size (timm's largest: 64 x 64)
+BOOL_FIELDS = ("qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "patch_bias", "layer_scale",
+               "class_token", "distilled", "no_embed_class", "pos_embed", "pre_norm", "final_norm", "fc_norm",
+               "pool_include_prefix")
+
+
+def is_real(x) -> bool:
+    """A finite number (a bool is none)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _got(value) -> str:
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def check_int(field: str, value, lo: int, hi: int) -> None:
+    """Refuse `value` unless it is an integer (a bool is not) in lo..hi, naming `field`."""
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ConfigError(f"{field} must be an integer from {lo} to {hi}; {_got(value)}")
+
+
+def check_fields(cfg: "ViTConfig") -> None:
+    """Every field's type and range, and the sizes that must agree, before anything uses them: the one
+    check of a config from any source (a checkpoint's config.json, timm's model_args, keyword arguments)."""
+    for field, (lo, hi) in INT_LIMITS.items():
+        value = getattr(cfg, field)
+        if not (field == "head_dim" and value is None):
+            check_int(field, value, lo, hi)
+    size = cfg.img_size
+    pair = (size, size) if _is_int(size) else size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(_is_int(s) and 1 <= s <= IMG_SIZE_LIMIT for s in pair)):
+        raise ConfigError(f"img_size must be a positive integer or (height, width); {_got(size)}: each side from 1 "
+                          f"to {IMG_SIZE_LIMIT}")
+    if cfg.patch_size > min(pair):
+        raise ConfigError(f"patch_size {cfg.patch_size} is larger than img_size {tuple(pair)}")
+    patches = (pair[0] // cfg.patch_size) * (pair[1] // cfg.patch_size)
+    if patches > MAX_PATCHES:
+        raise ConfigError(f"img_size {tuple(pair)} / patch_size {cfg.patch_size} gives {patches} patch tokens; "
+                          f"at most {MAX_PATCHES}")
+    if cfg.head_dim is None and cfg.embed_dim % cfg.num_heads:
+        raise ConfigError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads} (give head_dim "
+                          "for heads of another width)")
+    for field in BOOL_FIELDS:
+        value = getattr(cfg, field)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{field} must be true or false; {_got(value)}")
+    if cfg.act not in ACTIVATIONS:
+        raise ConfigError(f"unsupported activation {cfg.act!r}; jaxvit supports {ACTIVATIONS}")
+    if not isinstance(cfg.global_pool, str) or cfg.global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"unsupported global_pool {cfg.global_pool!r}; jaxvit supports {GLOBAL_POOLS} "
+                          "(attention-pool heads 'map'/'prr' are not implemented)")
+    if not is_real(cfg.norm_eps) or not 0 < cfg.norm_eps <= 1:
+        raise ConfigError(f"norm_eps must be a number in (0, 1]; {_got(cfg.norm_eps)}")
+    for field in ("mean", "std"):
+        value = getattr(cfg, field)
+        if not (isinstance(value, (tuple, list)) and 1 <= len(value) <= INT_LIMITS["in_chans"][1]
+                and all(is_real(v) and (field == "mean" or v > 0) for v in value)):
+            what = "positive numbers" if field == "std" else "finite numbers"
+            raise ConfigError(f"{field} must be a list of {what}, one per channel; {_got(value)}")
+    if not is_real(cfg.crop_pct) or not 0 < cfg.crop_pct <= 16:
+        raise ConfigError(f"crop_pct must be a number in (0, 16]; {_got(cfg.crop_pct)}")
+    for field in ("name", "interpolation", "crop_mode"):
+        if not isinstance(getattr(cfg, field), str):
+            raise ConfigError(f"{field} must be a string; {_got(getattr(cfg, field))}")
+    if cfg.hf_hub_id is not None and not isinstance(cfg.hf_hub_id, str):
+        raise ConfigError(f"hf_hub_id must be a string or null; {_got(cfg.hf_hub_id)}")
+    names = cfg.label_names
+    if names is not None and not (isinstance(names, (tuple, list)) and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"label_names must be a list of strings (one per class) or null; {_got(names)[:80]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,35 +185,23 @@ class ViTConfig:
     hf_hub_id: str | None = None
 
     def __post_init__(self):
+        # Checked before anything is derived or allocated: a config may come from a crafted file.
+        check_fields(self)
         # timm takes img_size=224 for (224, 224), and JSON gives lists; a config is a static jit
         # argument, so every field must be hashable.
-        size = self.img_size
-        if _is_int(size):
-            size = (size, size)
-        ok = isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)
-        if not ok:
-            raise ValueError(f"img_size must be a positive integer or (height, width); got {self.img_size!r}")
-        size = (int(size[0]), int(size[1]))
-        object.__setattr__(self, "img_size", size)
+        size = (self.img_size, self.img_size) if _is_int(self.img_size) else self.img_size
+        object.__setattr__(self, "img_size", (int(size[0]), int(size[1])))
         for key in ("mean", "std", "label_names"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, key, tuple(value))
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"unsupported activation {self.act!r}; jaxvit supports {ACTIVATIONS}")
-        if self.global_pool not in GLOBAL_POOLS:
-            raise ValueError(
-                f"unsupported global_pool {self.global_pool!r}; jaxvit supports {GLOBAL_POOLS} "
-                "(attention-pool heads 'map'/'prr' are not implemented)")
         if self.global_pool == "token" and not self.class_token:
-            raise ValueError("global_pool='token' needs a class token")
+            raise ConfigError("global_pool='token' needs a class token")
         if self.distilled and (not self.class_token or self.global_pool != "token"):
-            raise ValueError("a distilled (DeiT) model reads the class and distillation tokens: "
-                             "it needs class_token=True and global_pool='token'")
-        if self.head_dim is None and self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError("a distilled (DeiT) model reads the class and distillation tokens: "
+                              "it needs class_token=True and global_pool='token'")
         if self.label_names is not None and len(self.label_names) != self.num_classes:
-            raise ValueError(f"{len(self.label_names)} label names for {self.num_classes} classes")
+            raise ConfigError(f"{len(self.label_names)} label names for {self.num_classes} classes")
 
     @property
     def dim_head(self) -> int:
@@ -197,18 +271,21 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a ViTConfig is a JSON object of fields; got a {type(d).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown ViTConfig fields {unknown}; is this file from a newer jaxvit?")
+            raise ConfigError(f"unknown ViTConfig fields {unknown}; is this file from a newer jaxvit?")
         d = dict(d)  # lists become tuples in __post_init__
         names = d.get("label_names")
         if isinstance(names, str):
             from jaxvit import labels
 
-            d["label_names"] = labels.named_label_set(names)
-        elif names is not None:
-            d["label_names"] = tuple(names)
+            try:
+                d["label_names"] = labels.named_label_set(names)
+            except KeyError as e:
+                raise ConfigError(f"label_names: {e.args[0]}") from None
         return cls(**d)
 
     def to_json(self) -> str:

@@ -921,8 +921,8 @@ def test_damaged_checkpoints_name_the_file_and_the_fix(full_tiny, tmp_path):
             msg = str(e.value)
             assert msg.startswith(f"{ckpt / filename} ") and msg.endswith(redo + f"{ckpt}`"), (name, msg)
 
-    # A pickled whole module, or any pickled object, is refused unread (its code does not run), with
-    # the two ways out.
+    # A pickled whole module, or any pickled object, is refused unread as code (its code does not run),
+    # with the two ways out.
     marker = tmp_path / "unpickled"
 
     class RunsCode:
@@ -930,14 +930,14 @@ def test_damaged_checkpoints_name_the_file_and_the_fix(full_tiny, tmp_path):
             return marker.touch, ()
 
     pickled = {"module": (model, f"{type(model).__module__}.{type(model).__name__}"),
-               "code": ({"pos_embed": RunsCode()}, "getattr")}
+               "code": ({"pos_embed": RunsCode()}, "__builtin__.getattr")}
     for name, (obj, global_name) in pickled.items():
         path = tmp_path / f"{name}.pth"
         torch.save(obj, str(path))
         with pytest.raises(ValueError) as e:
             convert.load(path, model_name=FULL_ARCH)
         msg = str(e.value)
-        assert msg.startswith(f"{path} is not a plain state dict: it holds a pickled {global_name}, "), msg
+        assert msg.startswith(f"{path} contains code: its pickle references {global_name}, "), msg
         assert "torch.save(model.state_dict(), 'weights.pth')" in msg and "pass the nn.Module itself" in msg
         assert "\n" not in msg and "\x1b" not in msg and "weights_only" not in msg
     assert not marker.exists()
