@@ -88,7 +88,7 @@ def markdown(models: list[dict], info: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         loc, b = m["locality"], m["benchmark"]
-        last = m["depth"] - 1
+        last = m["depth"]  # the benchmark's 0-based prediction layer of L
         pa, psi = _row(b, "predicatt", last), _row(b, "prediction_map", last)
         lines.append(
             f"| {m['name']} | {m['recipe']} | {m['depth']} x {m['embed_dim']} | {m['params']:,} | "
@@ -160,7 +160,11 @@ def main(argv=None) -> int:
         print(write_measured(a.measured, scenes=a.scenes, batch_size=a.batch_size).read_text())
         return 0
     if not a.models:
-        ap.error("give NAME=DIR checkpoints (or --measured DIR)")
+        if not (a.json and a.markdown and Path(a.json).is_file()):
+            ap.error("give NAME=DIR checkpoints (or --measured DIR, or --json and --markdown to render a study)")
+        study = json.loads(Path(a.json).read_text())
+        safe_write.write_text(a.markdown, markdown(study["models"], study["info"]) + "\n")
+        return 0
     pairs = []
     for spec in a.models:
         name, sep, path = spec.partition("=")
