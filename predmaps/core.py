@@ -28,6 +28,18 @@ _NORMALISER_CHUNK = 256
 BATCHED_VJP_OK = jax.__version_info__ >= (0, 11)
 
 
+def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` marked varying over the same shard_map mesh axes as `like` (`x` itself elsewhere).
+
+    Inside a `shard_map`, an array made from constants is the same on every device; one that must
+    hold per-device values (a scan carry that data enters, a perturbation whose cotangent is the
+    device's own) has to be marked varying like the data, or tracing rejects or sums it."""
+    aval = jax.typeof(like)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases named the set `vma`
+    axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ()) or ()))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
 def zeros_varying_like(shape, dtype, like: jax.Array) -> jax.Array:
     """Zeros that vary over the same shard_map mesh axes as `like` (plain zeros elsewhere).
 
@@ -35,11 +47,7 @@ def zeros_varying_like(shape, dtype, like: jax.Array) -> jax.Array:
     a `shard_map`, constant zeros are the same on every device, so their cotangent would be summed
     over the mesh axis: every device would get the whole mesh's gradients. Marked varying like the
     images, each device keeps its own."""
-    zeros = jnp.zeros(shape, dtype)
-    aval = jax.typeof(like)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases named the set `vma`
-    axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ()) or ()))
-    return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+    return varying_like(jnp.zeros(shape, dtype), like)
 
 
 def layer_index(layer: int, depth: int) -> int:
@@ -166,7 +174,8 @@ def _logsumexp_chunked(x, w, b):
         z = jnp.einsum("bnd,dc->bnc", x, wc.astype(x.dtype), preferred_element_type=jnp.float32) + bc
         return jnp.logaddexp(carry, jax.nn.logsumexp(z, axis=-1)), None
 
-    init = jnp.full(x.shape[:2], -jnp.inf, jnp.float32)
+    # The carry takes x's per-device values: under shard_map it must start varying like x.
+    init = varying_like(jnp.full(x.shape[:2], -jnp.inf, jnp.float32), x)
     return jax.lax.scan(step, init, (wp, bp))[0]
 
 
