@@ -90,6 +90,24 @@ def check_images(images, cfg) -> None:
                          f"got shape {images.shape}")
 
 
+def check_pixel_range(images, cfg) -> None:
+    """Refuse concrete float images that hold 0..255 pixels, not normalised ones (uint8 the model refuses).
+
+    One max over the batch on the host, skipped under tracing: normalised pixels lie within
+    max(mean, 1 - mean) / std of 0 (2.6 for ImageNet's statistics), 0..255 ones reach far past ten times that."""
+    if isinstance(images, jax.core.Tracer) or not getattr(images, "is_fully_addressable", True):
+        return
+    arr = images if isinstance(images, jax.Array) else np.asarray(images)
+    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
+        return
+    bound = max(max(m, 1 - m) / s for m, s in zip(cfg.mean, cfg.std))
+    top = float(jnp.max(jnp.abs(arr)) if isinstance(arr, jax.Array) else np.max(np.abs(arr)))
+    if np.isfinite(top) and top > 10 * bound:
+        raise ValueError(f"images reach {top:g}, and normalised pixels lie within +-{bound:.2f} for this model: they "
+                         "look like 0..255 pixels. Divide by 255 and normalise with the config's mean and std "
+                         "(jaxvit.preprocess.normalize, or load_batch)")
+
+
 def patch_tokens(model: ViT, tokens: jax.Array) -> jax.Array:
     """(..., T, D) -> (..., N, D): drop the P prefix tokens."""
     return tokens[..., model.config.num_prefix_tokens:, :]

@@ -640,3 +640,37 @@ def test_methods_registry_lists_the_papers_methods():
     want = {"predicatt", "prediction_map", "weighted_attention", "mean_attention", "raw_attention", "rollout",
             "gradcam", "generic_attention", "transattr", "lrp", "partial_lrp"}
     assert want <= set(predmaps.METHODS)
+
+
+def test_float_pixels_in_0_255_are_refused_normalised_ones_pass(small):
+    # uint8 is refused by the model; float32 0..255 pixels ran and explained nothing. The check is
+    # one host-side max: normalised pixels of this config (mean 0.5, std 0.5) lie within +-1.
+    model, params, x = small
+    pixels = np.asarray(np.clip(np.asarray(x) * 0.5 + 0.5, 0, 1) * 255, np.float32)
+    for images in (pixels, jnp.asarray(pixels)):
+        with pytest.raises(ValueError, match=r"look like 0\.\.255 pixels"):
+            predmaps.explain(model, params, images)
+    predmaps.explain(model, params, pixels / 127.5 - 1)  # the same pixels, normalised
+    # under the caller's jit the images are traced: nothing to check, nothing refused
+    fn = predmaps.explain_fn(model)
+    jax.jit(lambda p, im: fn(p, im, predmaps.make_targets("top", im.shape[0], 10)).maps)(params, pixels)
+
+
+def test_a_layer_for_a_method_without_one_is_refused(small):
+    model, params, x = small
+    for method in ("rollout", "gradcam", "raw_attention"):
+        with pytest.raises(ValueError, match=f"method '{method}' takes no layer.*leave layer out"):
+            predmaps.explain(model, params, x, method=method, layer=1)
+        with pytest.raises(ValueError, match="takes no layer"):
+            predmaps.explain_fn(model, method=method, layer=-2)
+    # the default (-1) and None pass for every method
+    a = predmaps.explain(model, params, x, method="rollout").maps
+    np.testing.assert_array_equal(predmaps.explain(model, params, x, method="rollout", layer=None).maps, a)
+
+
+def test_upsample_takes_an_int_for_a_square():
+    maps = np.random.default_rng(2).random((2, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(predmaps.upsample(maps, 32), predmaps.upsample(maps, (32, 32)))
+    for bad in (0, (32,), (32, 0), 2.5, True):
+        with pytest.raises(ValueError, match="size must be a positive int"):
+            predmaps.upsample(maps, bad)
