@@ -66,6 +66,22 @@ class ViTOutput:
     attn_cls: jax.Array | None
     attn: jax.Array | None = None
 
+    def __repr__(self) -> str:
+        return fields_repr(self)
+
+
+def fields_repr(obj) -> str:
+    """A dataclass of arrays as its arrays' dtypes and shapes, e.g. `ViTOutput(logits=float32[2,10], ...)`:
+    the default repr printed every value of every array."""
+    import dataclasses
+
+    def one(v):
+        if hasattr(v, "shape") and hasattr(v, "dtype"):
+            return f"{v.dtype}[{','.join(map(str, v.shape))}]"
+        return repr(v)
+
+    return f"{type(obj).__name__}({', '.join(f'{f.name}={one(getattr(obj, f.name))}' for f in dataclasses.fields(obj))})"
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with float32 statistics; output in the compute dtype.

@@ -18,6 +18,7 @@ import numpy as np
 from flax import struct
 
 from jaxvit import ViT
+from jaxvit.model import fields_repr
 from predmaps import baselines, core, lrp
 from predmaps.targets import Targets, make_targets
 
@@ -44,6 +45,9 @@ class Explanation:
     prediction_map: jax.Array | None = None
     method: str = struct.field(pytree_node=False, default="")
     layer: int | None = struct.field(pytree_node=False, default=None)
+
+    def __repr__(self) -> str:
+        return fields_repr(self)
 
 
 @dataclasses.dataclass(frozen=True)
