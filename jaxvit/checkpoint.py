@@ -25,7 +25,7 @@ CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
 
 
-def save(path: str | os.PathLike, config: ViTConfig, params: Any) -> Path:
+def save(path: str | os.PathLike, config: ViTConfig, params: Mapping[str, Any]) -> Path:
     """Write `config.json` + `params.msgpack` into directory `path` (created); returns it.
 
     Each file is written to a temporary name and renamed, so a crash leaves no half file.

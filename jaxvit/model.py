@@ -12,7 +12,7 @@ dh^-0.5 before q k^T, softmax and LayerNorm statistics in float32 whatever the c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, TypeAlias
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,9 @@ from flax import struct
 from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
+
+# The params pytree: nested dicts of arrays named like timm's tensors, as `model.init(...)["params"]`.
+Params: TypeAlias = Mapping[str, Any]
 
 ATTENTION_IMPLS = ("fused", "materialized")
 PALLAS_PARTS = ("layernorm", "mlp", "head")
@@ -380,7 +383,7 @@ class Block(nn.Module):
         return x + y, attn_cls, attn
 
 
-def cast_params(params, dtype):
+def cast_params(params: Params, dtype) -> Params:
     """The params with every block's Dense kernel and bias (qkv, proj, fc1, fc2: ~99% of a ViT's
     weights) stored in `dtype`, the rest (embeddings, LayerNorms, head) as they were.
 

@@ -10,6 +10,7 @@ columns of the prediction matrix; B x L x N x C is never built unless asked for.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -17,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxvit import ViT
+from jaxvit import Params, ViT
 from jaxvit.model import fields_repr
 from predmaps import baselines, core, lrp
-from predmaps.targets import Targets, make_targets
+from predmaps.targets import Target, Targets, make_targets
 
 
 @struct.dataclass
@@ -218,8 +219,8 @@ def _explain_impl(model: ViT, method: str, layer: int, options: tuple, params, i
 _explain_jit = jax.jit(_explain_impl, static_argnums=(0, 1, 2, 3))
 
 
-def explain(model: ViT, params, images, *, method: str = "predicatt", target: Any = "top", layer: int = -1,
-            **options) -> Explanation:
+def explain(model: ViT, params: Params, images: jax.Array | np.ndarray, *, method: str = "predicatt",
+            target: Target = "top", layer: int | None = -1, **options) -> Explanation:
     """Explain a batch: images (B, H, W, 3) normalised float -> `Explanation` with maps (B, K, gh, gw).
 
     target: "top" (predicted class), "topK" (e.g. "top5"), "all", a class index, a list of
@@ -280,7 +281,8 @@ def check_request(model: ViT, method: str, layer: int | None = -1, options: dict
     return m, layer_i, tuple(sorted(opts.items()))
 
 
-def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **options):
+def explain_fn(model: ViT, *, method: str = "predicatt", layer: int | None = -1,
+               **options) -> Callable[[Params, jax.Array, Targets], Explanation]:
     """A pure function (params, images, targets: Targets) -> Explanation, for composing inside
     the caller's own jit/vmap/shard_map. Build `targets` with `predmaps.make_targets`.
 
@@ -293,7 +295,7 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **opti
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config
 
-    def fn(params, images, targets: Targets) -> Explanation:
+    def fn(params: Params, images: jax.Array, targets: Targets) -> Explanation:
         if not isinstance(targets, Targets):
             raise TypeError(f"targets must be a predmaps.Targets, from predmaps.make_targets(target, batch, "
                             f"num_classes); got {type(targets).__name__}")
@@ -340,7 +342,8 @@ def upsample(maps: jax.Array, size: int | tuple[int, int], normalize: bool = Fal
     return out
 
 
-def prediction_matrices(model: ViT, params, images, *, layers=None, scores: str = "probs") -> jax.Array:
+def prediction_matrices(model: ViT, params: Params, images: jax.Array | np.ndarray, *,
+                        layers: int | Sequence[int] | None = None, scores: str = "probs") -> jax.Array:
     """The full Psi for several layers: (B, len(layers), N, C). Materialises B x L x N x C: ask only
     when you need all classes of all layers (e.g. per-layer statistics, figures). layers: a token
     layer or layers (0..L, negative from the end); None: all L + 1."""

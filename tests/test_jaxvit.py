@@ -214,3 +214,21 @@ def test_reprs_are_short_config_fields_outputs_shapes():
     assert repr(ex) == ("Explanation(maps=float32[2,3,4,4], classes=int32[2,3], logits=float32[2,10], "
                         "head_weights=float32[2,3,2,2], weighted_attention=float32[2,3,4,4], "
                         "prediction_map=float32[2,3,4,4], method='predicatt', layer=2)")
+
+
+def test_packages_ship_py_typed_and_the_public_types():
+    # PEP 561: a type checker reads the packages' annotations only if py.typed is installed with them.
+    import tomllib
+    import typing
+    from pathlib import Path
+
+    import jaxvit
+    import predmaps
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package in ("jaxvit", "predmaps", "convert"):
+        assert "py.typed" in data[package] and (root / package / "py.typed").is_file(), package
+    hints = typing.get_type_hints(predmaps.explain)
+    assert hints["params"] is jaxvit.Params and hints["target"] == predmaps.Target
+    assert str in typing.get_args(predmaps.Target) and int in typing.get_args(predmaps.Target)
