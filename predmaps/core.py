@@ -95,13 +95,16 @@ def check_pixel_range(images, cfg) -> None:
 
     One max over the batch on the host, skipped under tracing: normalised pixels lie within
     max(mean, 1 - mean) / std of 0 (2.6 for ImageNet's statistics), 0..255 ones reach far past ten times that."""
-    if isinstance(images, jax.core.Tracer) or not getattr(images, "is_fully_addressable", True):
+    if isinstance(images, getattr(jax.core, "Tracer", ())) or not getattr(images, "is_fully_addressable", True):
         return
     arr = images if isinstance(images, jax.Array) else np.asarray(images)
     if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
         return
     bound = max(max(m, 1 - m) / s for m, s in zip(cfg.mean, cfg.std))
-    top = float(jnp.max(jnp.abs(arr)) if isinstance(arr, jax.Array) else np.max(np.abs(arr)))
+    try:
+        top = float(jnp.max(jnp.abs(arr)) if isinstance(arr, jax.Array) else np.max(np.abs(arr)))
+    except jax.errors.ConcretizationTypeError:  # traced after all (explain called inside the caller's jit)
+        return
     if np.isfinite(top) and top > 10 * bound:
         raise ValueError(f"images reach {top:g}, and normalised pixels lie within +-{bound:.2f} for this model: they "
                          "look like 0..255 pixels. Divide by 255 and normalise with the config's mean and std "

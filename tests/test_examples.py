@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def test_quickstart_explains_and_draws(tmp_path):
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["scene0.png", "scene0_heat.png", "scene1.png"]
 
 
+@pytest.mark.slow
 def test_compose_agrees_under_vmap_sharded_jit_and_shard_map():
     out = _run("compose.py", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     lines = [ln for ln in out.splitlines() if "max relative difference" in ln]

@@ -174,6 +174,7 @@ def _run_two_processes(args, script=None) -> list[tuple[int, str, str]]:
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
+@pytest.mark.slow
 def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_path):
     """Each process explains and records its own shards; and where one process refuses to start (its
     own record belongs to another job), every process stops with one line and status 2."""
@@ -214,6 +215,7 @@ def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_pa
         "error: process(es) [1] could not start this job (see their messages)"]
 
 
+@pytest.mark.slow
 def test_a_process_failing_mid_run_stops_every_process(ckpt, image_dir, reference, tmp_path):
     """A process that fails during the run (here: a shard file it cannot write) flags its next steps
     as its last, so the others stop with it, each with one line and status 2, keeping every finished

@@ -441,6 +441,7 @@ for num_classes in map(int, sys.argv[1:]):
 """
 
 
+@pytest.mark.slow
 def test_explain_fn_under_shard_map_equals_the_unsharded_maps():
     # Every method on 8 simulated devices at 1000 classes (four normaliser chunks, the last padded),
     # and the prediction-map methods at 512 too (two whole chunks), equal to the unsharded call: the
@@ -674,3 +675,9 @@ def test_upsample_takes_an_int_for_a_square():
     for bad in (0, (32,), (32, 0), 2.5, True):
         with pytest.raises(ValueError, match="size must be a positive int"):
             predmaps.upsample(maps, bad)
+
+
+def test_explain_inside_jit_skips_the_pixel_check(small):
+    model, params, x = small
+    got = jax.jit(lambda p, im: predmaps.explain(model, p, im).maps)(params, x)
+    np.testing.assert_allclose(got, predmaps.explain(model, params, x).maps, rtol=1e-6)
