@@ -134,7 +134,7 @@ def _named_config(name: str, model_args: dict | None, hub_config: dict | None) -
 
 
 def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, attention: str = "fused",
-         img_size: tuple[int, int] | None = None, num_heads: int | None = None) -> tuple[jaxvit.ViT, dict]:
+         img_size: tuple[int, int] | None = None, num_heads: int | None = None) -> tuple[jaxvit.ViT, jaxvit.Params]:
     """Load timm ViT weights as (jaxvit module, params pytree).
 
     `source`: a timm `nn.Module`; a state dict (torch tensors or numpy arrays); a `.safetensors`
@@ -239,12 +239,12 @@ def _model_name_refusal(source: Any, model_name: str | None, option: str = "mode
             f"repo without timm's config.json); {what}: leave {option} out")
 
 
-def export_state_dict(params: Any) -> dict[str, np.ndarray]:
+def export_state_dict(params: jaxvit.Params) -> dict[str, np.ndarray]:
     """jaxvit params -> timm state dict (numpy, timm names and layouts). Exact inverse of `load`."""
     return state_dict_from_params(jax.tree_util.tree_map(np.asarray, params))
 
 
-def save_timm(params: Any, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
+def save_timm(params: jaxvit.Params, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` + timm's `config.json` into `out_dir`, the layout of a timm hub repo:
     `timm.create_model("local-dir:" + out_dir, pretrained=True)` (built at the stored size and shape,
     from config.json's `model_args`; a network with no timm name, like the digit ViT, under a stock timm

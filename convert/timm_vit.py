@@ -579,29 +579,44 @@ TIMM_ARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool",
 
 
 def resolve_config(name: str, *, model_args: Mapping[str, Any] | None = None, **overrides) -> ViTConfig:
-    """timm's own definition when timm is installed, else jaxvit's bundled table. `model_args`: the
-    `timm.create_model` arguments a checkpoint's config.json records (timm's `save_for_hf` writes them:
-    an activation, pooling or input size other than the architecture's); without timm only the input
-    size and classes are read, anything else is refused rather than ignored. Either way only the
-    arguments of `check_model_args`' allow-list are accepted, checked before anything is built."""
+    """jaxvit's bundled table (generated from timm, checked against it in the tests) where it has the
+    name; timm's own definition, imported only then, for a name the table lacks or `model_args` beyond
+    the input size and classes. `model_args`: the `timm.create_model` arguments a checkpoint's
+    config.json records (timm's `save_for_hf` writes them: an activation, pooling or input size other
+    than the architecture's); without timm, what it would have to decide is refused, not ignored.
+    Either way only the arguments of `check_model_args`' allow-list are accepted, checked before
+    anything is built. Importing timm and torch costs seconds, which every safetensors load of a known
+    name paid."""
     if model_args is not None:
         check_model_args(model_args)
     try:
-        import timm  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
         cfg = get_config(name, **overrides)
-        changes, other = {}, []
-        for key, value in (model_args or {}).items():
-            if key == "img_size":
-                changes["img_size"] = check_img_size(value, cfg.patch_size)
-            elif key == "num_classes":
-                changes["num_classes"] = int(value)
-            elif not ((key == "act_layer" and value == cfg.act)
-                      or (key in TIMM_ARGS and value == getattr(cfg, key))):
-                other.append(key)  # a value other than the architecture's: what it builds is timm's to say
-        if other:
-            raise ValueError(f"config.json's model_args change {sorted(other)} of {name}; install timm to read "
-                             "this checkpoint (pip install 'predmaps[torch]')")
-        return get_config(name, **{**overrides, **changes}) if changes else cfg  # labels follow the classes
-    return timm_config(name, model_args=model_args, **overrides)
+    except KeyError:
+        if not _timm_installed():
+            raise
+        return timm_config(name, model_args=model_args, **overrides)
+    changes, other = {}, []
+    for key, value in (model_args or {}).items():
+        if key == "img_size":
+            changes["img_size"] = check_img_size(value, cfg.patch_size)
+        elif key == "num_classes":
+            changes["num_classes"] = int(value)
+        elif not ((key == "act_layer" and value == cfg.act)
+                  or (key in TIMM_ARGS and value == getattr(cfg, key))):
+            other.append(key)  # a value other than the architecture's: what it builds is timm's to say
+    if other:
+        if _timm_installed():
+            return timm_config(name, model_args=model_args, **overrides)
+        raise ValueError(f"config.json's model_args change {sorted(other)} of {name}; install timm to read "
+                         "this checkpoint (pip install 'predmaps[torch]')")
+    return get_config(name, **{**overrides, **changes}) if changes else cfg  # labels follow the classes
+
+
+def _timm_installed() -> bool:
+    """Whether timm (and torch) can be imported, asked without importing them."""
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("timm", "torch"))
+    except (ImportError, ValueError):  # an import hook refusing them; a module without a spec
+        return False

@@ -28,7 +28,7 @@ PARAMS_FILE = "params.msgpack"
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float64))
 
 
-def save(path: str | os.PathLike, config: ViTConfig, params: Any) -> Path:
+def save(path: str | os.PathLike, config: ViTConfig, params: Mapping[str, Any]) -> Path:
     """Write `config.json` + `params.msgpack` into directory `path` (created); returns it.
 
     Each file is written to a temporary name and renamed, so a crash leaves no half file.

@@ -254,6 +254,21 @@ class ViTConfig:
             return str(int(index))
         return self.label_names[int(index)]
 
+    def __repr__(self) -> str:
+        # The fields that differ from the defaults; label names as their count and first few (a model's
+        # repr, and so print(model), listed all 1000 ImageNet names).
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and value == f.default:
+                continue
+            if f.name == "label_names":
+                head = ", ".join(map(repr, value[:3]))
+                parts.append(f"label_names=<{len(value)} names: {head}{', ...' if len(value) > 3 else ''}>")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"ViTConfig({', '.join(parts)})"
+
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
 

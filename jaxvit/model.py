@@ -12,7 +12,7 @@ dh^-0.5 before q k^T, softmax and LayerNorm statistics in float32 whatever the c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, TypeAlias
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,9 @@ from flax import struct
 from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
+
+# The params pytree: nested dicts of arrays named like timm's tensors, as `model.init(...)["params"]`.
+Params: TypeAlias = Mapping[str, Any]
 
 ATTENTION_IMPLS = ("fused", "materialized")
 PALLAS_PARTS = ("layernorm", "mlp", "head")
@@ -65,6 +68,22 @@ class ViTOutput:
     tokens: jax.Array
     attn_cls: jax.Array | None
     attn: jax.Array | None = None
+
+    def __repr__(self) -> str:
+        return fields_repr(self)
+
+
+def fields_repr(obj) -> str:
+    """A dataclass of arrays as its arrays' dtypes and shapes, e.g. `ViTOutput(logits=float32[2,10], ...)`:
+    the default repr printed every value of every array."""
+    import dataclasses
+
+    def one(v):
+        if hasattr(v, "shape") and hasattr(v, "dtype"):
+            return f"{v.dtype}[{','.join(map(str, v.shape))}]"
+        return repr(v)
+
+    return f"{type(obj).__name__}({', '.join(f'{f.name}={one(getattr(obj, f.name))}' for f in dataclasses.fields(obj))})"
 
 
 class LayerNorm(nn.Module):
@@ -364,7 +383,7 @@ class Block(nn.Module):
         return x + y, attn_cls, attn
 
 
-def cast_params(params, dtype):
+def cast_params(params: Params, dtype) -> Params:
     """The params with every block's Dense kernel and bias (qkv, proj, fc1, fc2: ~99% of a ViT's
     weights) stored in `dtype`, the rest (embeddings, LayerNorms, head) as they were.
 

@@ -50,6 +50,8 @@ __all__ = [
     "eval_transform",
     "eval_transform_for",
     "eval_resize_size",
+    "eval_crop_box",
+    "eval_settings",
     "resize_transform",
     "to_unit",
     "normalize",
@@ -344,6 +346,15 @@ def _keep_ratio_size(hw: tuple[int, int], target: tuple[int, int], longest: floa
     return max(1, round(img_h * 1.0 / ratio)), max(1, round(img_w * 1.0 / ratio))
 
 
+def _crop_origin(hw: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of `_center_crop_or_pad`'s window in the (h, w) image's pixels, negative where it pads."""
+    out = []
+    for n, c in zip(hw, crop):
+        before = (c - n) // 2 if c > n else 0
+        out.append(int(round((max(n, c) - c) / 2.0)) - before)
+    return out[0], out[1]
+
+
 def _center_crop_or_pad(arr: np.ndarray, crop: tuple[int, int], fill: Sequence[int] | int = 0) -> np.ndarray:
     """torchvision center_crop / timm center_crop_or_pad on an (H, W[, C]) uint8 array."""
     crop_h, crop_w = crop
@@ -444,6 +455,29 @@ def eval_resize_size(
     return _keep_ratio_size(hw, scale, 0.0)
 
 
+def eval_crop_box(
+    hw: tuple[int, int],
+    *,
+    img_size: int | Sequence[int] = (224, 224),
+    crop_pct: float | None = 0.9,
+    crop_mode: str | None = "center",
+) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom), in an (h, w) image's own pixels, of what `eval_geometry` turns into
+    the model input: the centre crop mapped back through the resize. Past the image's edges where the
+    transform pads it; the whole image for 'squash'. A map over the model input lies on this box."""
+    crop = _pair(img_size, "img_size")
+    rh, rw = eval_resize_size(hw, img_size=crop, crop_pct=crop_pct, crop_mode=crop_mode)
+    (top, left), (sy, sx) = _crop_origin((rh, rw), crop), (hw[0] / rh, hw[1] / rw)
+    return left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy
+
+
+def eval_settings(config: Any) -> dict[str, Any]:
+    """The eval transform's settings of a config, duck-typed: img_size, interpolation, crop_pct and
+    crop_mode (the last three default to 'bicubic', 0.9 and 'center' when absent)."""
+    return dict(img_size=_pair(config.img_size, "img_size"), interpolation=getattr(config, "interpolation", "bicubic"),
+                crop_pct=getattr(config, "crop_pct", 0.9), crop_mode=getattr(config, "crop_mode", "center"))
+
+
 def eval_transform(
     image: ImageSource,
     *,
@@ -481,12 +515,11 @@ def eval_transform_for(config: Any) -> Callable[[ImageSource], np.ndarray]:
     Duck-typed: reads `img_size`, `mean`, `std`, `interpolation`, `crop_pct` and
     `crop_mode` (the last three default to 'bicubic', 0.9 and 'center' when absent).
     """
-    img_size = _pair(config.img_size, "img_size")
+    settings = eval_settings(config)
+    img_size, interpolation, crop_pct, crop_mode = (settings[k] for k in ("img_size", "interpolation", "crop_pct",
+                                                                         "crop_mode"))
     mean = tuple(float(v) for v in config.mean)
     std = tuple(float(v) for v in config.std)
-    interpolation = getattr(config, "interpolation", "bicubic")
-    crop_pct = getattr(config, "crop_pct", 0.9)
-    crop_mode = getattr(config, "crop_mode", "center")
     pil_interpolation(interpolation)  # fail early on a bad name
     if (crop_mode or "center") not in CROP_MODES:
         raise ValueError(f"unknown crop_mode {crop_mode!r}; valid modes are {list(CROP_MODES)}")

@@ -11,7 +11,7 @@ from predmaps.clip import TextSimilarityMaps, text_similarity_maps
 from predmaps.explain import (METHODS, Explanation, Method, explain, explain_fn, get_method, prediction_matrices,
                               upsample)
 from predmaps.results import iter_results, read_results
-from predmaps.targets import Targets, make_targets
+from predmaps.targets import Target, Targets, make_targets
 
-__all__ = ["METHODS", "Explanation", "Method", "Targets", "TextSimilarityMaps", "explain", "explain_fn", "get_method",
+__all__ = ["METHODS", "Explanation", "Method", "Target", "Targets", "TextSimilarityMaps", "explain", "explain_fn", "get_method",
            "iter_results", "make_targets", "prediction_matrices", "read_results", "text_similarity_maps", "upsample"]

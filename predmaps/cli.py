@@ -406,6 +406,7 @@ def _demo(args, progress: dict) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"demo: writing scenes, PNG overlays and an HTML report to {out.resolve()}", flush=True)
     model, params = load_model(None)
     try:
         scenes = safe_write.make_dir(out / "scenes", own=True)
@@ -498,6 +499,34 @@ def configure_compile_cache(setting: str | None = None) -> str | None:
     return str(path)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the help says it already, or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and default is not None and default is not False
+                and default is not argparse.SUPPRESS and not (isinstance(default, list) and not default)):
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            text += f" (default: {shown})"
+        return text
+
+
+def use_formatter(parser: argparse.ArgumentParser) -> None:
+    """`HelpFormatter` for `parser` and every subcommand under it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                use_formatter(sub)
+
+
+def methods_help() -> str:
+    from predmaps.explain import METHODS
+
+    return "one of " + ", ".join(METHODS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="predmaps", description="Prediction maps and PredicAtt for ViTs, in JAX",
                                      epilog=f"Compiled executables are cached in {default_compile_cache()} "
@@ -507,37 +536,42 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
-    p.add_argument("--classes", type=_parse_classes, default="top", help="top, topK, all, or indices like 281,285")
+    p.add_argument("--classes", type=_parse_classes, default="top", help="top, topK (e.g. top5), all, or class indices like 281,285")
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
-                   "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout)")
-    p.add_argument("--layers", type=_parse_layers, default=[-1], help="prediction layers, e.g. -1,-2")
+                   "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
+                   + methods_help())
+    p.add_argument("--layers", type=_parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
     p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index per image, e.g. 3,7 "
                    "(3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
     p.add_argument("--map-class", type=int, help="the class whose prediction map the report shows at every layer "
                    "(default: each image's first explained class)")
-    p.add_argument("--out", default="predmaps-out")
+    p.add_argument("--out", default="predmaps-out", help="output folder (created): PNG overlays, report/index.html")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
     p.add_argument("--shared-scale", action="store_true",
                    help="one colour scale per method for all maps of an image (default: each map its own min-max)")
     p.add_argument("--top-k", type=positive_int, default=5, help="predictions listed in the report")
     p.add_argument("--heads", type=positive_int, default=4, help="most and least contributing heads shown per class")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline); "
-                       "writes the HTML report and prints its path")
-    p.add_argument("--out", default="predmaps-demo")
+                       "writes the HTML report and prints its path",
+                       description="Explains generated two-digit scenes with the embedded digit ViT, offline, and "
+                                   "writes the scenes, PNG overlays and an HTML report into --out (predmaps-demo/ "
+                                   "in the current directory unless given); with --model, three bundled real "
+                                   "photos explained by that ImageNet ViT instead.")
+    p.add_argument("--out", default="predmaps-demo", help="output folder (created; relative to the current directory)")
     p.add_argument("--model", help="explain three bundled real photos (a cat, a coffee cup, a rocket launch) "
                    "with this ImageNet ViT instead: timm name (with its pretrained tag), checkpoint file or "
-                   "directory; default: the embedded digit-scenes model on generated scenes")
+                   "directory (default: the embedded digit-scenes model on generated scenes)")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--n", type=positive_int, default=4, help="number of scenes")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="scene seed")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
     p.set_defaults(fn=cmd_demo)
@@ -547,6 +581,7 @@ def main(argv=None) -> int:
 
     add_eval_parser(sub)
     add_run_parser(sub)
+    use_formatter(parser)
 
     args = parser.parse_args(join_negative_layers(list(sys.argv[1:] if argv is None else argv)))
     configure_xla_flags()

@@ -18,12 +18,13 @@ The text embeddings come from the caller (CLIP's text tower, e.g. open_clip's
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxvit import ViT
+from jaxvit import Params, ViT
 from predmaps import core
 
 
@@ -43,7 +44,8 @@ class TextSimilarityMaps:
     layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
 
-def text_similarity_maps(model: ViT, params, images, text_embeddings, *, layers=None) -> TextSimilarityMaps:
+def text_similarity_maps(model: ViT, params: Params, images, text_embeddings, *,
+                         layers: int | Sequence[int] | None = None) -> TextSimilarityMaps:
     """Cosine similarity of each text embedding with every patch token's image embedding, per layer.
 
     Args:

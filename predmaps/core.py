@@ -28,6 +28,18 @@ _NORMALISER_CHUNK = 256
 BATCHED_VJP_OK = jax.__version_info__ >= (0, 11)
 
 
+def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` marked varying over the same shard_map mesh axes as `like` (`x` itself elsewhere).
+
+    Inside a `shard_map`, an array made from constants is the same on every device; one that must
+    hold per-device values (a scan carry that data enters, a perturbation whose cotangent is the
+    device's own) has to be marked varying like the data, or tracing rejects or sums it."""
+    aval = jax.typeof(like)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases named the set `vma`
+    axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ()) or ()))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
 def zeros_varying_like(shape, dtype, like: jax.Array) -> jax.Array:
     """Zeros that vary over the same shard_map mesh axes as `like` (plain zeros elsewhere).
 
@@ -35,11 +47,7 @@ def zeros_varying_like(shape, dtype, like: jax.Array) -> jax.Array:
     a `shard_map`, constant zeros are the same on every device, so their cotangent would be summed
     over the mesh axis: every device would get the whole mesh's gradients. Marked varying like the
     images, each device keeps its own."""
-    zeros = jnp.zeros(shape, dtype)
-    aval = jax.typeof(like)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases named the set `vma`
-    axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ()) or ()))
-    return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+    return varying_like(jnp.zeros(shape, dtype), like)
 
 
 def layer_index(layer: int, depth: int) -> int:
@@ -80,6 +88,27 @@ def check_images(images, cfg) -> None:
     if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
         raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last, normalised; "
                          f"got shape {images.shape}")
+
+
+def check_pixel_range(images, cfg) -> None:
+    """Refuse concrete float images that hold 0..255 pixels, not normalised ones (uint8 the model refuses).
+
+    One max over the batch on the host, skipped under tracing: normalised pixels lie within
+    max(mean, 1 - mean) / std of 0 (2.6 for ImageNet's statistics), 0..255 ones reach far past ten times that."""
+    if isinstance(images, getattr(jax.core, "Tracer", ())) or not getattr(images, "is_fully_addressable", True):
+        return
+    arr = images if isinstance(images, jax.Array) else np.asarray(images)
+    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
+        return
+    bound = max(max(m, 1 - m) / s for m, s in zip(cfg.mean, cfg.std))
+    try:
+        top = float(jnp.max(jnp.abs(arr)) if isinstance(arr, jax.Array) else np.max(np.abs(arr)))
+    except jax.errors.ConcretizationTypeError:  # traced after all (explain called inside the caller's jit)
+        return
+    if np.isfinite(top) and top > 10 * bound:
+        raise ValueError(f"images reach {top:g}, and normalised pixels lie within +-{bound:.2f} for this model: they "
+                         "look like 0..255 pixels. Divide by 255 and normalise with the config's mean and std "
+                         "(jaxvit.preprocess.normalize, or load_batch)")
 
 
 def patch_tokens(model: ViT, tokens: jax.Array) -> jax.Array:
@@ -166,7 +195,8 @@ def _logsumexp_chunked(x, w, b):
         z = jnp.einsum("bnd,dc->bnc", x, wc.astype(x.dtype), preferred_element_type=jnp.float32) + bc
         return jnp.logaddexp(carry, jax.nn.logsumexp(z, axis=-1)), None
 
-    init = jnp.full(x.shape[:2], -jnp.inf, jnp.float32)
+    # The carry takes x's per-device values: under shard_map it must start varying like x.
+    init = varying_like(jnp.full(x.shape[:2], -jnp.inf, jnp.float32), x)
     return jax.lax.scan(step, init, (wp, bp))[0]
 
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from jaxvit import safe_write
-from predmaps.cli import MODEL_NAME_HELP, nonnegative_int, positive_int
+from predmaps.cli import MODEL_NAME_HELP, methods_help, nonnegative_int, positive_int
 
 
 def _parse_option(text: str):
@@ -46,14 +46,14 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
     # Defaults of the options that shape computed maps are filled in by _cmd_eval, so that giving one
     # together with --maps (where it would be ignored) is an error.
-    p.add_argument("--method", help="explanation method (default predicatt)")
+    p.add_argument("--method", help="explanation method, " + methods_help() + " (default predicatt)")
     p.add_argument("--layer", type=int, help="prediction layer of prediction-map methods (default -1 = L)")
     p.add_argument("--option", dest="options", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option similarity=cosine (repeatable)")
     p.add_argument("--data", help=data_help)
     p.add_argument("--maps",
                    help="score precomputed maps from a results.hdf5 (Chefer's layout) instead of computing them")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--limit", type=int, help="evaluate only this many images (a deterministic subset)")
     p.add_argument("--subset", choices=("random", "first"), default="random",
                    help="with --limit: a seeded random subset kept in data order (default) or the first N")
@@ -86,7 +86,10 @@ def _transform_option(p: argparse.ArgumentParser, more: str) -> None:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval perturbation|segmentation` on `subparsers` (from `add_subparsers`)."""
     p = subparsers.add_parser("eval", help="the perturbation and segmentation tests (Chefer et al. 2021b protocol)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description="The paper's evaluation: perturbation (ImageNet validation) and "
+                                          "segmentation (ImageNet-Segmentation) tests after Chefer et al. 2021b, "
+                                          "and the offline digit-scenes benchmark. `predmaps eval TEST --help` "
+                                          "lists each test's options.")
     sub = p.add_subparsers(dest="eval_test", required=True)
 
     pp = sub.add_parser("perturbation", help="positive / negative perturbation AUC on ImageNet validation")
@@ -94,7 +97,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     pp.add_argument("--target", choices=("pred", "gt"),
                     help="maps for the predicted class (Pred.) or the ground truth (Target); accuracy is always "
                          "against the ground truth (default pred)")
-    pp.add_argument("--mode", choices=("both", "positive", "negative"), default="both")
+    pp.add_argument("--mode", choices=("both", "positive", "negative"), default="both",
+                    help="which perturbation test: removing the most relevant pixels first (positive), the least "
+                         "(negative), or both")
     pp.add_argument("--labels", help="label file of a flat image folder (see the layouts in the error message)")
     pp.add_argument("--class-order", choices=("imagenet", "sorted"), default="imagenet",
                     help="class folders: ImageNet-1k wnids in synset order (default), or any names numbered by "
@@ -118,8 +123,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     pd.add_argument("--model", help="a 10-class digits ViT (default: the one predmaps ships)")
     pd.add_argument("--model-name", help=MODEL_NAME_HELP)
     pd.add_argument("--method", default="all",
-                    help="a method, or 'all' (default): every method at layer L plus predicatt and "
-                         "prediction_map at L-1")
+                    help="a method (" + methods_help() + "), or 'all' (default): every method at layer L plus "
+                         "predicatt and prediction_map at L-1")
     pd.add_argument("--layer", type=int, default=-1, help="prediction layer for a single --method (default -1 = L)")
     pd.add_argument("--option", dest="options", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
                     help="a method option for a single --method (repeatable)")
@@ -128,7 +133,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     pd.add_argument("--scenes", type=int, default=1000, help="one-digit and two-digit scenes each (default 1000)")
     pd.add_argument("--seed", type=nonnegative_int, default=2024,
                     help="scene seed (default 2024, the published table's)")
-    pd.add_argument("--batch-size", type=int, default=100)
+    pd.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
     pd.add_argument("--json", help="write every number to this JSON file")
     pd.add_argument("--markdown", help="write the table (with the command and the run's details) to this file")
     pd.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,6 +10,7 @@ columns of the prediction matrix; B x L x N x C is never built unless asked for.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxvit import ViT
+from jaxvit import Params, ViT
+from jaxvit.model import fields_repr
 from predmaps import baselines, core, lrp
-from predmaps.targets import Targets, make_targets
+from predmaps.targets import Target, Targets, make_targets
 
 
 @struct.dataclass
@@ -44,6 +46,9 @@ class Explanation:
     prediction_map: jax.Array | None = None
     method: str = struct.field(pytree_node=False, default="")
     layer: int | None = struct.field(pytree_node=False, default=None)
+
+    def __repr__(self) -> str:
+        return fields_repr(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,13 +219,15 @@ def _explain_impl(model: ViT, method: str, layer: int, options: tuple, params, i
 _explain_jit = jax.jit(_explain_impl, static_argnums=(0, 1, 2, 3))
 
 
-def explain(model: ViT, params, images, *, method: str = "predicatt", target: Any = "top", layer: int = -1,
-            **options) -> Explanation:
+def explain(model: ViT, params: Params, images: jax.Array | np.ndarray, *, method: str = "predicatt",
+            target: Target = "top", layer: int | None = -1, **options) -> Explanation:
     """Explain a batch: images (B, H, W, 3) normalised float -> `Explanation` with maps (B, K, gh, gw).
 
     target: "top" (predicted class), "topK" (e.g. "top5"), "all", a class index, a list of
       class indices (same for every image), or an int array (B,) / (B, K) of per-example classes.
-    layer: the prediction layer i of prediction-map methods, 0..L, negative from the end.
+    layer: the prediction layer i of prediction-map methods, 0..L, negative from the end; a method
+      without one (see `METHODS[name].uses_layer`) refuses any layer but the default.
+    images: concrete float images reaching past 10x the normalised range (0..255 pixels) are refused.
     options: the method's own (see `METHODS[name].options`), e.g. similarity="cosine",
       scores="logits", lean=False (materialise the full prediction matrix), start_layer=0.
 
@@ -230,17 +237,18 @@ def explain(model: ViT, params, images, *, method: str = "predicatt", target: An
     """
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config
+    core.check_pixel_range(images, cfg)
     images = jnp.asarray(images)
     core.check_images(images, cfg)
     targets = make_targets(target, images.shape[0], cfg.num_classes)
     return _explain_jit(model, method, layer_i, opts, params, images, targets)
 
 
-def check_request(model: ViT, method: str, layer: int = -1, options: dict | None = None):
+def check_request(model: ViT, method: str, layer: int | None = -1, options: dict | None = None):
     """The host-side checks of an explanation request: (Method, layer index, sorted options tuple).
 
     Raises ValueError naming the problem: unknown method or option, bad option value, layer out of
-    range, no classifier head, an attention method on a model without a class token, GradCAM on a
+    range, a layer for a method that has none (None and the default -1 pass for every method), no classifier head, an attention method on a model without a class token, GradCAM on a
     model whose head does not read the class token.
     """
     m = get_method(method)
@@ -265,21 +273,29 @@ def check_request(model: ViT, method: str, layer: int = -1, options: dict | None
         raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
     if "similarity" in opts and opts["similarity"] not in core.SIMILARITIES:
         raise ValueError(f"similarity must be one of {core.SIMILARITIES}; got {opts['similarity']!r}")
-    layer_i = core.layer_index(layer, cfg.depth) if m.uses_layer else 0
+    if not m.uses_layer and layer not in (None, -1):
+        raise ValueError(f"method {method!r} takes no layer (it reads the attention of every block it needs); got "
+                         f"layer={layer!r}: leave layer out. The methods with a prediction layer: "
+                         f"{', '.join(n for n, x in METHODS.items() if x.uses_layer)}")
+    layer_i = core.layer_index(-1 if layer is None else layer, cfg.depth) if m.uses_layer else 0
     return m, layer_i, tuple(sorted(opts.items()))
 
 
-def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **options):
+def explain_fn(model: ViT, *, method: str = "predicatt", layer: int | None = -1,
+               **options) -> Callable[[Params, jax.Array, Targets], Explanation]:
     """A pure function (params, images, targets: Targets) -> Explanation, for composing inside
     the caller's own jit/vmap/shard_map. Build `targets` with `predmaps.make_targets`.
 
     The request is checked here, as `explain` checks it; each call checks only shapes and types
     (what tracing knows), not class values: a traced class outside 0..C-1 gives NaN maps (and
-    NaN head weights, weighted attention and prediction map) for that class, in every method."""
+    NaN head weights, weighted attention and prediction map) for that class, in every method. To
+    catch one, check classes on the host before the call (`make_targets` refuses concrete ones out
+    of range) or test `jnp.isnan(ex.maps).any()` after it: an in-graph check would need the caller's
+    whole function under `jax.experimental.checkify`, and NaN already marks exactly the bad maps."""
     _, layer_i, opts = check_request(model, method, layer, options)
     cfg = model.config
 
-    def fn(params, images, targets: Targets) -> Explanation:
+    def fn(params: Params, images: jax.Array, targets: Targets) -> Explanation:
         if not isinstance(targets, Targets):
             raise TypeError(f"targets must be a predmaps.Targets, from predmaps.make_targets(target, batch, "
                             f"num_classes); got {type(targets).__name__}")
@@ -293,10 +309,11 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int = -1, **opti
     return fn
 
 
-def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False, *, extent=1.0) -> jax.Array:
+def upsample(maps: jax.Array, size: int | tuple[int, int], normalize: bool = False, *, extent=1.0) -> jax.Array:
     """Token maps (..., gh, gw) -> (..., H, W): bilinear with half-pixel centres, equal to torch
     `interpolate(mode="bilinear", align_corners=False)`; optionally min-max normalised per map
-    (a constant map becomes 0, as the evaluation protocol sets the reference's NaN to 0).
+    (a constant map becomes 0, as the evaluation protocol sets the reference's NaN to 0). size: (H, W), or
+    an int for a square.
 
     extent: the fraction of the image (a float, or (of height, of width)) that the token grid
     covers from the top-left; the map is resized onto that part and the rest takes the nearest edge
@@ -307,7 +324,11 @@ def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False, *,
     from predmaps.viz import covered_size
 
     maps = jnp.asarray(maps, jnp.float32)
-    size = tuple(size)
+    size = (size, size) if isinstance(size, (int, np.integer)) else tuple(np.atleast_1d(np.asarray(size, object)))
+    if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+                                 for v in size):
+        raise ValueError(f"size must be a positive int (a square) or (height, width); got {size!r}")
+    size = (int(size[0]), int(size[1]))
     covered = size if maps.shape[-2:] == size else covered_size(size, extent)  # a per-pixel map stays
     out = jax.image.resize(maps, maps.shape[:-2] + covered, method="linear", antialias=False)
     if covered != size:
@@ -321,7 +342,8 @@ def upsample(maps: jax.Array, size: tuple[int, int], normalize: bool = False, *,
     return out
 
 
-def prediction_matrices(model: ViT, params, images, *, layers=None, scores: str = "probs") -> jax.Array:
+def prediction_matrices(model: ViT, params: Params, images: jax.Array | np.ndarray, *,
+                        layers: int | Sequence[int] | None = None, scores: str = "probs") -> jax.Array:
     """The full Psi for several layers: (B, len(layers), N, C). Materialises B x L x N x C: ask only
     when you need all classes of all layers (e.g. per-layer statistics, figures). layers: a token
     layer or layers (0..L, negative from the end); None: all L + 1."""

@@ -77,7 +77,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from jaxvit import safe_write
-from jaxvit.preprocess import DECODE_BUDGET, ImageLoadError
+from jaxvit.preprocess import DECODE_BUDGET, ImageLoadError, eval_settings
 from predmaps import results as _results
 from predmaps.results import JobMismatchError
 
@@ -1497,6 +1497,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
               "combos": [dict(id=c.id, key=c.key, method=c.method, layer=c.layer, target=c.target, k=c.k)
                          for c in combos],
               "image_size": list(cfg.img_size), "grid": list(cfg.grid_size), "grid_extent": list(cfg.grid_extent()),
+              "eval_transform": eval_settings(cfg),  # where each map lies on its photo (Results.crop_boxes)
               "label_names": list(cfg.label_names) if cfg.label_names is not None else None,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": []}
 

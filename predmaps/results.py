@@ -314,6 +314,29 @@ class Results:
     def map(self, method: str | None = None, layer: int | None = None, target: str | None = None) -> np.ndarray:
         return self.maps[self.key(method, layer, target)]
 
+    def crop_boxes(self, config=None) -> np.ndarray:
+        """(N, 4) float64 (left, top, right, bottom) of each input's model view, in its own pixels: the
+        centre crop of the model's eval transform (`jaxvit.preprocess.eval_crop_box`), read from
+        `paths` (image headers only). `predmaps.viz.show(path, map, config)` draws a map there.
+        config: the model's config; needed only for jobs written before the manifest recorded the
+        transform."""
+        from PIL import Image
+
+        from jaxvit import preprocess
+
+        settings = self.manifest.get("eval_transform")
+        if config is not None:
+            settings = preprocess.eval_settings(config)
+        if settings is None:
+            raise ValueError("this job's manifest predates the eval transform it records: pass the model's "
+                             "config, crop_boxes(model.config)")
+        boxes = np.zeros((len(self.paths), 4))
+        for i, path in enumerate(self.paths):
+            with Image.open(path) as img:  # reads the header: the size, not the pixels
+                boxes[i] = preprocess.eval_crop_box((img.height, img.width), img_size=settings["img_size"],
+                                                    crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"])
+        return boxes
+
 
 def _select_keys(combos: list[dict], keys) -> list[dict]:
     if keys is None:

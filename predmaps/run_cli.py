@@ -33,7 +33,7 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    from predmaps.cli import MODEL_NAME_HELP, positive_int
+    from predmaps.cli import MODEL_NAME_HELP, methods_help, positive_int
 
     p = subparsers.add_parser(
         "run", help="explain a whole data set into resumable shards on every device and host",
@@ -49,7 +49,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: new or empty (created), or holding this job "
                                                 "(resumed); a folder holding other files is refused")
     p.add_argument("--labels", help="label file for flat layouts: 'file label' lines (class index or WordNet id)")
-    p.add_argument("--method", default="predicatt", help="method(s), comma-separated (default predicatt)")
+    p.add_argument("--method", default="predicatt", help="method(s), comma-separated, of " + methods_help()[7:] + " (default predicatt)")
     p.add_argument("--layers", type=_parse_layers, default=[-1],
                    help="prediction layers of prediction-map methods, e.g. -1,-2 (default -1)")
     p.add_argument("--target", default="top", help="top, topK (e.g. top5), all, gt, or a class index; "

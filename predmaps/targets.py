@@ -8,7 +8,8 @@ class array of kind "given" is traced.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import TypeAlias, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,9 @@ class Targets:
         return jnp.broadcast_to(self.classes, (b, self.classes.shape[-1])).astype(jnp.int32)
 
 
+# What `explain`'s target takes: "top", "topK", "all", a class, a list of classes, or per-example classes.
+Target: TypeAlias = Union[str, int, Sequence[int], np.ndarray, jax.Array]
+
 _FORMS = ("use 'top', 'topK' (e.g. 'top5'), 'all', a class index, a list of class indices, or an array of "
           "per-example classes (B,) or (B, K)")
 
@@ -44,7 +48,7 @@ def _unknown(target) -> ValueError:
     return ValueError(f"unknown target {target!r}: {_FORMS}")
 
 
-def make_targets(target: Any, batch: int, num_classes: int) -> Targets:
+def make_targets(target: Target, batch: int, num_classes: int) -> Targets:
     """Parse a user's target: "top", "top5", "all", an int, a list of ints (same classes for
     every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth).
     Concrete classes are range-checked here; traced ones (inside jit) cannot be, and an

@@ -2,6 +2,7 @@
 
     from predmaps import viz
     img = viz.overlay(image, ex.maps[0, 0], cmap="inferno", alpha=0.6)     # PIL image, the input's size
+    img = viz.show("cat.jpg", ex.maps[0, 0], model.config)   # on the part of the photo the model saw
     viz.grid([img, ...], titles=[...], columns=4).save("grid.png")
     viz.to_data_uri(img)                                                  # "data:image/png;base64,..."
 """
@@ -132,6 +133,27 @@ def overlay(image, token_map, *, cmap: str = "jet", alpha: float = 0.5, vmin: fl
     heat = colorize(token_map, (h, w), cmap=cmap, vmin=vmin, vmax=vmax, extent=extent).astype(np.float32)
     out = (1 - alpha) * np.asarray(img, np.float32) + alpha * heat
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+def show(image, token_map, config, *, cmap: str = "jet", alpha: float = 0.5, vmin: float | None = None,
+         vmax: float | None = None) -> Image.Image:
+    """A map over the photo it explains: the part of `image` that the config's eval transform (resize,
+    centre crop: `jaxvit.preprocess.eval_transform_for`) made the model input, at the photo's own
+    resolution, with the map blended over it as `overlay` does. `overlay` on the whole photo would
+    stretch the map over pixels the model never saw.
+
+    image: a path or anything `jaxvit.preprocess.load_image` takes (as given to the model, before the
+    transform). token_map: (gh, gw), e.g. `ex.maps[i, k]` or `read_results(...).map()[i, k]`.
+    config: the model's `ViTConfig` (`model.config`). Where the transform pads (crop_mode 'border',
+    a small image), the padding shows black."""
+    from jaxvit import preprocess
+
+    img = preprocess.load_image(image) if not isinstance(image, (Image.Image, np.ndarray)) else _as_rgb_image(image)
+    settings = preprocess.eval_settings(config)
+    box = preprocess.eval_crop_box((img.height, img.width), img_size=settings["img_size"],
+                                   crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"])
+    seen = img.crop(tuple(round(v) for v in box))
+    return overlay(seen, token_map, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, extent=config.grid_extent())
 
 
 def fit(image, size: int, resample=Image.BICUBIC) -> Image.Image:

@@ -436,6 +436,7 @@ def test_best_kernels_needs_a_margin_at_the_largest_batch():
     assert best_kernels({"variants": {}}) is None
 
 
+@pytest.mark.slow
 def test_probe_times_variants_under_a_flag_set(tmp_path):
     """`python -m bench.gpu_probe` on CPU: the variants, then each flag set's variants in a subprocess
     whose XLA_FLAGS carry the set instead of the CLI default it overrides."""

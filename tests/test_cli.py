@@ -391,3 +391,21 @@ def test_explain_refuses_bad_option_values_by_name_before_the_model_loads_or_out
         assert cli.main(base + extra) == 2, extra
         assert capsys.readouterr().err == message + "\n", extra
     assert not out.exists()
+
+
+def test_help_shows_defaults_and_methods_and_no_internal_docstring(capsys):
+    def help_of(*command):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*command, "--help"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+    text = help_of("explain")
+    for shown in ("top5), all, or class indices like 281,285 (default: top)", "(default: -1)",
+                  "report/index.html (default: predmaps-out)", "one of predicatt, prediction_map,", "(default: 8)"):
+        assert shown in text, shown
+    assert "(default: predmaps-demo)" in help_of("demo") and "scene seed (default: 0)" in help_of("demo")
+    text = help_of("eval")
+    assert "add_eval_parser" not in text and "predmaps eval TEST --help" in text
+    assert "one of predicatt," in help_of("eval", "perturbation") and "(default: both)" in help_of("eval", "perturbation")
+    assert "comma-separated, of predicatt," in help_of("run")

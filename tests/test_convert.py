@@ -451,6 +451,23 @@ else:
     assert proc.stdout.strip().endswith("ok")
 
 
+def test_safetensors_of_a_known_name_does_not_import_torch(full_tiny):
+    # timm and torch installed, not blocked: a name the bundled table holds resolves from the table,
+    # and importing timm and torch (seconds) is left to the sources that need them. The config equals
+    # timm's own (the table is generated from timm, and test_bundled_table_matches_timm checks it).
+    d = full_tiny["dir"]
+    code = f"""
+import sys
+import convert
+model, params = convert.load({str(d / "model.safetensors")!r}, model_name={FULL_NAME!r})
+import json
+print(json.dumps(model.config.to_dict()))
+""" + CHECK_NO_TORCH
+    proc = _check(_run_python(code))
+    from_table = jaxvit.ViTConfig.from_dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert from_table == convert.load(full_tiny["model"])[0].config.replace(name=FULL_NAME)
+
+
 def test_pth_file_through_torch(full_tiny, tmp_path):
     d, x, ref = full_tiny["dir"], full_tiny["x"], full_tiny["ref"]
     model, params = convert.load(d / "model.pth", model_name=FULL_ARCH)

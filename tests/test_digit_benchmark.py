@@ -92,6 +92,7 @@ def test_array_entry_points_equal_the_protocol_runners(shipped, scenes, tmp_path
 
 # ---------------------------------------------------------------- the small table
 
+@pytest.mark.slow
 @needs_asset
 def test_table_covers_every_method_with_finite_numbers(table):
     rows = {(r.method, r.layer) for r in table.rows}
@@ -107,6 +108,7 @@ def test_table_covers_every_method_with_finite_numbers(table):
     json.dumps(table.to_dict())  # serialisable as written by --json
 
 
+@pytest.mark.slow
 @needs_asset
 def test_class_agnostic_methods_sit_exactly_at_chance(table):
     agnostic = [r for r in table.rows if not r.class_specific]
@@ -116,6 +118,7 @@ def test_class_agnostic_methods_sit_exactly_at_chance(table):
         assert abs(r.specificity.mean_share - 0.5) < 1e-12, r.method
 
 
+@pytest.mark.slow
 @needs_asset
 def test_rerun_is_deterministic(shipped, scenes, table):
     model, params = shipped
@@ -156,6 +159,7 @@ GOLDEN_TOL = {("lrp", None): {"seg": 0.3},
               **{(m, None): {"spec": 0.02} for m in ("gradcam", "generic_attention", "transattr")}}
 
 
+@pytest.mark.slow
 @needs_asset
 def test_golden_values_of_the_shipped_checkpoint(table):
     got = {(r.method, r.layer): r for r in table.rows}

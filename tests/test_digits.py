@@ -153,6 +153,7 @@ def test_normalize():
 
 # ---------------------------------------------------------------- training script
 
+@pytest.mark.slow
 def test_train_smoke(tmp_path):
     """Two steps of a tiny model: the script runs end to end and writes a loadable checkpoint."""
     rec = train_digits.train(tmp_path, steps=2, batch=8, warmup=1, embed_dim=32, depth=1, num_heads=2,

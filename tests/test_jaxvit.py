@@ -192,3 +192,43 @@ def test_half_precision_layer_norm_matches_the_two_pass_form_to_bf16_rounding():
     assert bool(jnp.all(jnp.abs(got.astype(jnp.float32) - two_pass) <= step))
     got32 = LayerNorm(1e-6, jnp.float32).apply({"params": params}, x32)
     np.testing.assert_array_equal(np.asarray(got32), np.asarray(two_pass))
+
+
+def test_reprs_are_short_config_fields_outputs_shapes():
+    # print(model) listed all 1000 label names; an output's repr printed every value of its arrays.
+    cfg = get_config("vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    text = repr(cfg)
+    assert len(text) < 400 and "<1000 names: 'tench', 'goldfish', 'great white shark', ...>" in text, text
+    assert "name='vit_base_patch16_224.augreg2_in21k_ft_in1k'" in text
+    assert "embed_dim=32, depth=2" in repr(SMALL) and "embed_dim" not in text  # the fields not at their default
+    assert "'tabby cat'" not in repr(ViT(cfg))
+    assert repr(ViTConfig()) == "ViTConfig(name='')"
+    model = ViT(SMALL)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    out = model.apply({"params": params}, jnp.ones((2, 32, 32, 3)))
+    assert repr(out) == ("ViTOutput(logits=float32[2,10], pre_logits=float32[2,32], tokens=float32[2,3,17,32], "
+                         "attn_cls=float32[2,2,2,17], attn=None)")
+    import predmaps
+
+    ex = predmaps.explain(model, params, jnp.ones((2, 32, 32, 3)), target="top3")
+    assert repr(ex) == ("Explanation(maps=float32[2,3,4,4], classes=int32[2,3], logits=float32[2,10], "
+                        "head_weights=float32[2,3,2,2], weighted_attention=float32[2,3,4,4], "
+                        "prediction_map=float32[2,3,4,4], method='predicatt', layer=2)")
+
+
+def test_packages_ship_py_typed_and_the_public_types():
+    # PEP 561: a type checker reads the packages' annotations only if py.typed is installed with them.
+    import tomllib
+    import typing
+    from pathlib import Path
+
+    import jaxvit
+    import predmaps
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package in ("jaxvit", "predmaps", "convert"):
+        assert "py.typed" in data[package] and (root / package / "py.typed").is_file(), package
+    hints = typing.get_type_hints(predmaps.explain)
+    assert hints["params"] is jaxvit.Params and hints["target"] == predmaps.Target
+    assert str in typing.get_args(predmaps.Target) and int in typing.get_args(predmaps.Target)

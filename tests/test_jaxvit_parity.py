@@ -68,8 +68,13 @@ def _images(size, seed=0):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name,kwargs,size", CASES, ids=[f"{c[0]}{'-' + '-'.join(map(str, c[1].values())) if c[1] else ''}"
-                                                         for c in CASES])
+# The two largest (ViT-L/16, ViT-B/16 at 384) take most of the file's time: left out by -m "not slow".
+SLOW_CASES = ("vit_large_patch16_224", "vit_base_patch16_384")
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    pytest.param(*c, id=f"{c[0]}{'-' + '-'.join(map(str, c[1].values())) if c[1] else ''}",
+                 marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES])
 def test_matches_timm_both_attention_paths(name, kwargs, size):
     model = randomize_timm_(timm.create_model(name, pretrained=False, **kwargs))
     jmodel, params = convert.load(model)

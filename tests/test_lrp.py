@@ -180,6 +180,7 @@ def _ours(maps, method):
 CLASSES = np.array([[3, 7, 1], [0, 5, 9], [8, 2, 4]])  # 3 images x 3 classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["ours", "orig"])
 def test_matches_chefer_float64(chefer, tiny, rule):
     """Every method, both of Chefer's rule sets (ViT_LRP = 'ours', ViT_orig_LRP = 'orig'), three
@@ -349,6 +350,7 @@ def test_batch_and_k_targets_equal_single_calls(tiny):
                 assert rel_err(many[key][i, k], singles[i][k][key][0, 0]) <= 1e-9, (key, i, k)
 
 
+@pytest.mark.slow
 def test_large_batches_run_in_sub_batches_with_the_same_maps(tiny, monkeypatch):
     """A batch larger than one pass's memory budget runs as sub-batches under lax.map (here 5 images in
     3 passes of 2, the last padded): every output equals one-image calls (float64, 1e-9), with

@@ -175,6 +175,7 @@ def _run_two_processes(args, script=None) -> list[tuple[int, str, str]]:
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
+@pytest.mark.slow
 def test_two_processes_write_their_own_shards(ckpt, image_dir, reference, tmp_path):
     """Each process explains and records its own shards; and where one process refuses to start (its
     own record belongs to another job), every process stops with one line and status 2."""
@@ -226,6 +227,7 @@ def _job_without_shards(model, image_dir, folder, shard_size):
     (folder / "manifest.json").write_text(json.dumps(dict(header, shards=[], totals=None)))
 
 
+@pytest.mark.slow
 def test_a_process_failing_mid_run_stops_every_process(ckpt, model, image_dir, reference, tmp_path):
     """A process that fails during the run (here: a shard file it cannot write) flags its next steps
     as its last, so the others stop with it, each with one line and status 2, keeping every finished
@@ -971,3 +973,26 @@ def test_half_precision_jobs_hold_block_weights_in_that_dtype(model):
     assert engine.params["head"]["kernel"].dtype == jnp.float32 and engine.params["pos_embed"].dtype == jnp.float32
     assert _Engine(m, p, SPEC, SPEC.combos(m), 4, jax.devices()[:1]).params["blocks_0"]["attn"]["qkv"][
         "kernel"].dtype == jnp.float32
+
+
+def test_results_give_each_photo_its_crop_box_and_show_draws_the_map_there(reference, model):
+    # The manifest records the eval transform: each input's box is the centre crop the model saw,
+    # read from the image's own size; viz.show draws a map on that part of the photo, not all of it.
+    from jaxvit import preprocess
+    from predmaps import viz
+
+    res = read_results(reference)
+    boxes = res.crop_boxes()
+    cfg = model[0].config
+    assert boxes.shape == (len(res), 4)
+    for path, box in zip(res.paths, boxes):
+        with Image.open(path) as img:
+            want = preprocess.eval_crop_box((img.height, img.width), img_size=cfg.img_size, crop_pct=cfg.crop_pct)
+        np.testing.assert_array_equal(box, want)
+    np.testing.assert_array_equal(res.crop_boxes(cfg), boxes)  # a config given says the same
+    shown = viz.show(res.paths[0], res.map(layer=-1)[0, 0], cfg)
+    left, top, right, bottom = (round(v) for v in boxes[0])
+    assert shown.size == (right - left, bottom - top)
+    old = dataclasses.replace(res, manifest={k: v for k, v in res.manifest.items() if k != "eval_transform"})
+    with pytest.raises(ValueError, match=r"pass the model's config, crop_boxes\(model.config\)"):
+        old.crop_boxes()

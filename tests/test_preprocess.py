@@ -464,3 +464,34 @@ def test_error_bad_options():
         pp.eval_transform(img, mean=HALF, std=HALF, crop_mode="centre")
     with pytest.raises(ImageLoadError, match="uint8"):
         pp.load_image(np.zeros((4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("hw, kw", [((300, 400), dict(crop_pct=0.875)), ((300, 400), dict(crop_pct=1.0)),
+                                    ((100, 300), dict(crop_pct=1.0, crop_mode="border")),
+                                    ((300, 200), dict(crop_pct=0.9, crop_mode="squash"))])
+def test_eval_crop_box_is_where_the_model_input_lies_on_the_image(hw, kw):
+    # Each pixel holds its own coordinates (red: 0.5 per column, green: 0.5 per row); the model input
+    # that eval_geometry makes must hold, at each of its pixels, the coordinates the box maps it to.
+    h, w = hw
+    rows, cols = np.mgrid[0:h, 0:w]
+    arr = np.stack([cols * 0.5, rows * 0.5, np.zeros_like(rows)], -1).round().astype(np.uint8)
+    got = pp.eval_geometry(Image.fromarray(arr), img_size=224, **kw).astype(np.float64)
+    left, top, right, bottom = pp.eval_crop_box(hw, img_size=224, **kw)
+    x = left + (np.arange(224) + 0.5) * (right - left) / 224 - 0.5  # pixel centres, in pixel indices
+    y = top + (np.arange(224) + 0.5) * (bottom - top) / 224 - 0.5
+    inside_x, inside_y = (x > 2) & (x < w - 3), (y > 2) & (y < h - 3)  # away from the edges' clamping
+    assert inside_x.sum() > 100 and inside_y.sum() > 50
+    np.testing.assert_allclose(got[inside_y][:, inside_x, 0], np.broadcast_to(x[inside_x] * 0.5, (inside_y.sum(),
+                                                                                                inside_x.sum())), atol=1)
+    np.testing.assert_allclose(got[inside_y][:, inside_x, 1],
+                               np.broadcast_to((y[inside_y] * 0.5)[:, None], (inside_y.sum(), inside_x.sum())), atol=1)
+
+
+def test_eval_crop_box_by_hand():
+    # 400 x 300 at crop_pct 0.875: shorter side 300 -> 256, width int(256 * 400 / 300) = 341; the crop
+    # starts at round(117 / 2) = 58 (half to even) and round(32 / 2) = 16; back through the resize.
+    box = pp.eval_crop_box((300, 400), img_size=224, crop_pct=0.875)
+    np.testing.assert_allclose(box, (58 * 400 / 341, 16 * 300 / 256, 282 * 400 / 341, 240 * 300 / 256))
+    # 'border' pads a 3:1 image top and bottom: the box reaches past them
+    left, top, right, bottom = pp.eval_crop_box((100, 300), img_size=224, crop_pct=1.0, crop_mode="border")
+    assert (left, right) == (0, 300) and top < 0 and bottom > 100

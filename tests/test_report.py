@@ -256,6 +256,8 @@ def test_demo_runs_offline_and_writes_the_report(demo):
     assert rc == 0, stdout
     index = out / "report" / "index.html"
     assert f"report: {index.resolve()}" in stdout
+    # where it writes, said before anything is computed
+    assert stdout.splitlines()[0] == f"demo: writing scenes, PNG overlays and an HTML report to {out.resolve()}"
     assert report.verify(index) == []
     pages = sorted((out / "report").glob("0*.html"))
     assert len(pages) == 2 and len(list((out / "scenes").glob("*.png"))) == 2
