@@ -150,24 +150,34 @@ def _layernorm(x, eps=1e-6):
     return (x - m) / np.sqrt(v + eps)
 
 
-def test_hand_computed_predicatt():
-    model, params = _hand_model()
-    images = np.zeros((1, 2, 2, 3), np.float32)
-    ex = predmaps.explain(model, params, images, target=[0, 2])
-
-    # By hand, in numpy: tokens are e_t at every layer.
+def _hand_attention_and_psi(params):
+    """In numpy: every block's attention (L, H, T, T) and Psi (N, C), from the hand-set weights
+    (tokens are e_t at every layer, so LN(e_t) feeds every block)."""
     tokens = np.eye(6)[:5]
     z = _layernorm(tokens) @ params["head"]["kernel"]  # nu(x_t), (5, 3)
     psi = np.exp(z[1:]) / np.exp(z[1:]).sum(-1, keepdims=True)  # (4 patches, 3 classes)
-    a_cls = np.zeros((2, 2, 5))  # (L, H, T)
+    attn = np.zeros((2, 2, 5, 5))  # (L, H, T, T)
     for i in range(2):
         qkv = _layernorm(tokens) @ params[f"blocks_{i}"]["attn"]["qkv"]["kernel"]
         for h in range(2):
-            q = qkv[0, 3 * h:3 * h + 3]
+            q = qkv[:, 3 * h:3 * h + 3]
             k = qkv[:, 6 + 3 * h:6 + 3 * h + 3]
-            logits = k @ q / np.sqrt(3)
-            a_cls[i, h] = np.exp(logits) / np.exp(logits).sum()
-    a_patch = a_cls[:, :, 1:]  # (L, H, N)
+            logits = q @ k.T / np.sqrt(3)
+            attn[i, h] = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return attn, psi
+
+
+def test_hand_computed_predicatt():
+    """PredicAtt, and its two factors as methods of their own (weighted_attention = A~(c),
+    prediction_map = Psi(c)), against numpy on the hand-set model."""
+    model, params = _hand_model()
+    images = np.zeros((1, 2, 2, 3), np.float32)
+    ex = predmaps.explain(model, params, images, target=[0, 2])
+    weighted = predmaps.explain(model, params, images, method="weighted_attention", target=[0, 2])
+    pm = predmaps.explain(model, params, images, method="prediction_map", target=[0, 2])
+
+    attn, psi = _hand_attention_and_psi(params)
+    a_patch = attn[:, :, 0, 1:]  # class-token row, patch columns: (L, H, N)
     for j, c in enumerate([0, 2]):
         alpha = (a_patch * psi[:, c]).sum(-1)  # (L, H)
         alpha_t = np.exp(alpha) / np.exp(alpha).sum()
@@ -175,7 +185,31 @@ def test_hand_computed_predicatt():
         np.testing.assert_allclose(ex.head_weights[0, j], alpha_t, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(ex.prediction_map[0, j]).ravel(), psi[:, c], rtol=1e-5)
         np.testing.assert_allclose(np.asarray(ex.maps[0, j]).ravel(), a_tilde * psi[:, c], rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(weighted.maps[0, j]).ravel(), a_tilde, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(pm.maps[0, j]).ravel(), psi[:, c], rtol=1e-5)
     assert ex.maps.shape == (1, 2, 2, 2)
+    # The head weights matter here: the uniform mean of the heads differs from A~ by far more than 1e-5.
+    assert np.abs(a_patch.mean((0, 1)) - np.asarray(weighted.maps[0, 0]).ravel()).max() > 1e-2
+
+
+def test_hand_computed_class_agnostic_attention_maps():
+    """mean_attention (mean over all L*H heads of the class-token row), raw_attention (last block's
+    head mean) and rollout (Chefer's: per block head mean + I, rows normalised, later blocks on the
+    left, from start_layer) against numpy on the hand-set model."""
+    model, params = _hand_model()
+    images = np.zeros((1, 2, 2, 3), np.float32)
+    attn, _ = _hand_attention_and_psi(params)
+    aug = attn.mean(1) + np.eye(5)  # (L, T, T)
+    aug = aug / aug.sum(-1, keepdims=True)
+    want = {"mean_attention": attn[:, :, 0, 1:].mean((0, 1)), "raw_attention": attn[1, :, 0, 1:].mean(0),
+            ("rollout", 0): (aug[1] @ aug[0])[0, 1:], ("rollout", 1): aug[1][0, 1:]}
+    for key, w in want.items():
+        method, options = (key[0], {"start_layer": key[1]}) if isinstance(key, tuple) else (key, {})
+        got = predmaps.explain(model, params, images, method=method, **options).maps
+        np.testing.assert_allclose(np.asarray(got[0, 0]).ravel(), w, rtol=1e-5, err_msg=str(key))
+    # The four maps differ from one another by more than the tolerance (each check tells them apart).
+    values = list(want.values())
+    assert min(np.abs(a - b).max() for i, a in enumerate(values) for b in values[i + 1:]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------
