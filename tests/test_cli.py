@@ -3,6 +3,7 @@ labels; errors; viz helpers. (`predmaps demo` is tested with the reports, in tes
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -391,3 +392,11 @@ def test_explain_refuses_bad_option_values_by_name_before_the_model_loads_or_out
         assert cli.main(base + extra) == 2, extra
         assert capsys.readouterr().err == message + "\n", extra
     assert not out.exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run ends with exactly the README's test command (skip reasons shown with -rs)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.endswith("-m pytest -q -rs"))
+    assert (root / ".ci" / "run").read_text().strip().splitlines()[-1] == command
