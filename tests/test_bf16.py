@@ -16,11 +16,12 @@ from conftest import rel_err
 from jaxvit import ViTConfig
 from test_pipeline import random_params
 
-# Measured here (jax 0.10.2, CPU): bf16 vs float32 maps differ by 0.4-1.0% relative (GradCAM the most) (bf16 keeps 8
-# significant bits, 0.4% per rounding); 3% leaves room for other XLA versions and stays well below
-# the distance between any two of the methods compared (asserted).
+# Measured here (jax 0.10.2, CPU): bf16 vs float32 maps differ by 0.4-1.0% relative, GradCAM the most
+# (bf16 keeps 8 significant bits, 0.4% per rounding); 3% leaves room for other XLA versions and stays
+# well below the distance between any two of the maps compared (asserted).
 BF16_TOL = 3e-2
-METHODS = ("predicatt", "weighted_attention", "rollout", "gradcam")
+# The attention path (PredicAtt with its factors A~ and Psi) and the gradient path (GradCAM).
+METHODS = ("predicatt", "gradcam")
 TARGET = [[0, 3], [1, 2], [4, 0]]  # fixed classes: a bf16 top class may differ from float32's
 
 
@@ -36,7 +37,9 @@ def loaded(tmp_path_factory):
 
 
 def _maps(model, params, x, method):
-    return np.asarray(predmaps.explain(model, params, x, method=method, target=TARGET).maps, np.float32)
+    ex = predmaps.explain(model, params, x, method=method, target=TARGET)
+    parts = [ex.maps] + ([ex.weighted_attention, ex.prediction_map] if method == "predicatt" else [])
+    return [np.asarray(a, np.float32) for a in parts]
 
 
 def test_bf16_maps_agree_with_float32(loaded):
@@ -49,13 +52,12 @@ def test_bf16_maps_agree_with_float32(loaded):
     assert rel_err(out.logits, f32.apply({"params": params}, x).logits) <= BF16_TOL
     want = {m: _maps(f32, params, x, m) for m in METHODS}
     for m in METHODS:
-        got = _maps(bf16, params, x, m)
-        assert rel_err(got, want[m]) > 1e-4, m  # bf16 did compute in bf16
-        assert rel_err(got, want[m]) <= BF16_TOL, m
-    for a in METHODS:
-        for b in METHODS:
-            if a < b:
-                assert rel_err(want[a], want[b]) > 3 * BF16_TOL, (a, b)
+        for i, (got, ref) in enumerate(zip(_maps(bf16, params, x, m), want[m])):
+            assert rel_err(got, ref) > 1e-4, (m, i)  # bf16 did compute in bf16
+            assert rel_err(got, ref) <= BF16_TOL, (m, i)
+    # Every two of the maps compared lie further apart than the tolerance.
+    maps = want["predicatt"] + want["gradcam"]
+    assert min(rel_err(a, b) for i, a in enumerate(maps) for b in maps[i + 1:]) > 3 * BF16_TOL
 
 
 @functools.partial(jax.jit, static_argnums=0)
