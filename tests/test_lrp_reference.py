@@ -51,6 +51,9 @@ def test_fixture_names_its_source_and_model(reference):
     assert len(str(ref["chefer_commit"])) == 40, "the fixture must record the upstream commit it ran"
     assert model.config.depth == 2 and model.config.num_heads == 3 and model.config.patch_size == 8
     assert FIXTURE.stat().st_size < 1_000_000
+    # The two rule sets' maps lie 0.79-0.98 apart here, so the 1e-9 below tells them apart.
+    for key in ("grad_s0", "grad_s1", "full", "last_layer"):
+        assert rel_err(ref[f"ours/{key}"], ref[f"orig/{key}"]) > 0.5, key
 
 
 @pytest.mark.parametrize("rule", ["ours", "orig"])
