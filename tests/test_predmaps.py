@@ -16,6 +16,7 @@ from conftest import randomize_timm_, rel_err
 
 import predmaps
 from jaxvit import ViT, ViTConfig
+from jaxvit.checkpoint import param_shapes
 from predmaps import core, stats
 
 PARITY_TOL = 1e-4
@@ -225,13 +226,14 @@ def small():
     cfg = ViTConfig(name="test-vit", img_size=(32, 32), patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_dim=64,
                     num_classes=10)
     model = ViT(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    # Re-draw every leaf at unit fan-in scale: flax's zero head would make every class equal.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [jax.random.normal(k, l.shape) * (l.shape[0] ** -0.5 if l.ndim == 2 else 0.3) for k, l in zip(keys, leaves)]
+    # Every leaf drawn at unit fan-in scale (flax's zero head would make every class equal), in numpy
+    # from the shapes alone: model.init and an eager op per leaf took 30-50 s on the loaded 2-core machine.
+    rng = np.random.default_rng(1)
+    leaves, tree = jax.tree_util.tree_flatten(param_shapes(cfg))
+    leaves = [jnp.asarray(rng.standard_normal(l.shape, np.float32) * (l.shape[0] ** -0.5 if len(l.shape) == 2 else 0.3))
+              for l in leaves]
     params = jax.tree_util.tree_unflatten(tree, leaves)
-    x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+    x = jnp.asarray(rng.standard_normal((4, 32, 32, 3), np.float32))
     return model, params, x
 
 
@@ -452,6 +454,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 jax.config.update("jax_enable_x64", True)
 import predmaps
 from jaxvit import ViT, ViTConfig
+from jaxvit.checkpoint import param_shapes
 
 cfg = ViTConfig(name="test-vit", img_size=(32, 32), patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_dim=64,
                 num_classes=10)
