@@ -12,6 +12,7 @@ dh^-0.5 before q k^T, softmax and LayerNorm statistics in float32 whatever the c
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, TypeAlias
 
 import flax.linen as nn
@@ -198,9 +199,21 @@ def _fused_attention(q, k, v, scale, dtype):
     if _cudnn_attention(dtype):
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except Exception:  # cuDNN absent or this shape unsupported: the path below is exact too
-            pass
+        except Exception as e:  # cuDNN absent or this shape unsupported: the path below is exact too
+            _warn_cudnn_fallback(e)
     return _heads_first_attention(q, k, v, scale, dtype)
+
+
+_CUDNN_FALLBACKS_WARNED: set = set()
+
+
+def _warn_cudnn_fallback(e: Exception) -> None:
+    """Says once per kind of failure that attention left cuDNN: exact, but slower, unseen otherwise."""
+    what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if what not in _CUDNN_FALLBACKS_WARNED:
+        _CUDNN_FALLBACKS_WARNED.add(what)
+        warnings.warn(f"jaxvit: cuDNN fused attention failed ({what}); using jaxvit's own attention kernel "
+                      "(the same maps, slower)", RuntimeWarning, stacklevel=2)
 
 
 def _heads_first_attention(q, k, v, scale, dtype):

@@ -16,6 +16,18 @@ os.environ["PREDMAPS_COMPILE_CACHE"] = "off"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Under CI (the CI variable set, as .ci/run does) a missing [torch] extra stops the run: the
+    parity tests would otherwise skip, and a failed install would pass as green."""
+    if os.environ.get("CI"):
+        try:
+            import timm  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise pytest.UsageError(f"CI is set but the [torch] extra is not importable ({e}); install it with "
+                                    "pip install -e '.[torch,test]' (parity tests would skip, not fail)") from None
+
+
 # Re-draws every weight of a timm model at unit fan-in scale, in place. timm's own init is nearly
 # degenerate for testing (zero or tiny heads, LayerScale 1e-5, near-uniform attention): differences
 # between implementations could hide in it. The benchmark draws its parity inputs the same way.

@@ -3,6 +3,7 @@ labels; errors; viz helpers. (`predmaps demo` is tested with the reports, in tes
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -409,3 +410,11 @@ def test_help_shows_defaults_and_methods_and_no_internal_docstring(capsys):
     assert "add_eval_parser" not in text and "predmaps eval TEST --help" in text
     assert "one of predicatt," in help_of("eval", "perturbation") and "(default: both)" in help_of("eval", "perturbation")
     assert "comma-separated, of predicatt," in help_of("run")
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run ends with exactly the README's test command (skip reasons shown with -rs)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.endswith("-m pytest -q -rs"))
+    assert (root / ".ci" / "run").read_text().strip().splitlines()[-1] == command

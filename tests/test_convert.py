@@ -1228,6 +1228,32 @@ def test_bundled_table_matches_timm(name):
         assert table.name == live.name or name in (table.name, live.name)
 
 
+def test_every_bundled_entry_matches_timm():
+    """All of the table (135 architectures, every pretrained tag) against the installed timm: each
+    architecture's fields as timm builds it (meta device: no weights, no forward), each tag's data
+    settings as timm's pretrained config lists them. A difference names the entries; regenerate the
+    table with `python -m convert.registry` when timm changed them."""
+    from timm.models import get_pretrained_cfg
+
+    table = json.loads((ROOT / "jaxvit" / "data" / "timm_vit_configs.json").read_text())
+    assert len(table["architectures"]) == 135
+    wrong = {}
+    for arch in table["architectures"]:
+        ours, theirs = dataclasses.asdict(jaxvit.get_config(arch)), dataclasses.asdict(timm_vit.timm_config(arch))
+        diff = {k: (ours[k], theirs[k]) for k in ours if k != "name" and ours[k] != theirs[k]}
+        if diff:
+            wrong[arch] = diff
+    for tag in table["pretrained"]:
+        ours, p = jaxvit.get_config(tag), get_pretrained_cfg(tag).to_dict()
+        want = dict(mean=tuple(p["mean"]), std=tuple(p["std"]), interpolation=p["interpolation"],
+                    crop_pct=p["crop_pct"], crop_mode=p["crop_mode"], num_classes=p["num_classes"],
+                    img_size=tuple(p["input_size"][1:]), hf_hub_id=p.get("hf_hub_id") or None)  # '' = none
+        diff = {k: (getattr(ours, k), v) for k, v in want.items() if getattr(ours, k) != v}
+        if diff:
+            wrong[tag] = diff
+    assert not wrong, f"bundled table differs from timm {timm.__version__}: {wrong}"
+
+
 # act and norm_eps leave no trace in tensor shapes; everything else of the architecture does.
 NOT_IN_SHAPES = ("act", "norm_eps")
 

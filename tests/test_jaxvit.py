@@ -146,6 +146,7 @@ def test_cast_params_changes_no_output_bit_and_only_block_dense_leaves(small_par
         np.testing.assert_array_equal(np.asarray(getattr(a, name), np.float32), np.asarray(getattr(b, name), np.float32))
 
 
+@pytest.mark.filterwarnings("ignore:jaxvit. cuDNN fused attention failed:RuntimeWarning")  # forced on CPU
 def test_separate_qkv_gemms_compute_the_same_attention(small_params, monkeypatch):
     """On GPU in half precision q, k, v come from one GEMM per kernel slice (no slice copies before
     cuDNN). Forced here on CPU (cuDNN then falls back to the exact kernel): two more dots per
@@ -167,6 +168,35 @@ def test_separate_qkv_gemms_compute_the_same_attention(small_params, monkeypatch
         for name in ("logits", "tokens", "attn_cls"):
             a, b = np.asarray(getattr(one, name), np.float32), np.asarray(getattr(three, name), np.float32)
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(a), (dtype, name)
+
+
+def test_cudnn_attention_fallback_warns_once_naming_the_failure(small_params, monkeypatch):
+    """Where cuDNN attention is tried (GPU, half precision) and fails, the exact kernel runs and one
+    warning names the exception, however often the model is traced; on CPU nothing is tried or said."""
+    import warnings
+
+    import jaxvit.model as jm
+
+    def failing(*a, **k):
+        raise RuntimeError("cuDNN is not available\nsecond line")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", failing)
+    monkeypatch.setattr(jm, "_CUDNN_FALLBACKS_WARNED", set())
+    x = jax.random.normal(jax.random.key(4), (1, 32, 32, 3))
+    model = ViT(SMALL, dtype=jnp.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = model.apply({"params": small_params}, x)  # CPU: cuDNN is never tried
+        assert not [w for w in caught if "cuDNN" in str(w.message)]
+        monkeypatch.setattr(jm, "_cudnn_attention", lambda dt: True)  # as on a GPU
+        outs = [model.apply({"params": small_params}, jnp.concatenate([x] * batch))
+                for batch in (1, 2)]  # two traces, SMALL.depth blocks each: one warning
+    caught = [w for w in caught if "cuDNN" in str(w.message)]
+    assert [str(w.message) for w in caught] == [
+        "jaxvit: cuDNN fused attention failed (RuntimeError: cuDNN is not available); using jaxvit's own "
+        "attention kernel (the same maps, slower)"]
+    assert caught[0].category is RuntimeWarning
+    np.testing.assert_array_equal(np.asarray(outs[0].logits, np.float32), np.asarray(quiet.logits, np.float32))
 
 
 def test_half_precision_layer_norm_matches_the_two_pass_form_to_bf16_rounding():

@@ -1,9 +1,10 @@
 """LRP baselines (predmaps.lrp): parity with Chefer et al.'s own code, forward parity with
 jaxvit, conservation, batching, targets, jit.
 
-The parity test imports Chefer's `baselines/ViT/ViT_LRP.py`, `ViT_orig_LRP.py` and
+The live parity test imports Chefer's `baselines/ViT/ViT_LRP.py`, `ViT_orig_LRP.py` and
 `ViT_explanation_generator.py` (hila-chefer/Transformer-Explainability) at test time from a
-local mirror (nothing of it is copied into this repository) and skips when no mirror is there.
+local mirror (tests/chefer_code.py; nothing of it is copied into this repository) and skips when no
+mirror is there; tests/test_lrp_reference.py compares with maps stored from that code in every run.
 Set CHEFER_REPO to a checkout or a bare git directory of that repository to point elsewhere.
 Both sides run in float64 there, so the comparison is exact up to rounding (~1e-12): any
 difference of rule, order or normalisation shows as 1e-2 or worse (e.g. a missing halving of
@@ -15,19 +16,14 @@ Compilation dominates the run time: methods are compiled together (`_all`) and s
 """
 
 import functools
-import importlib
-import os
-import shutil
 import subprocess
-import sys
-import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import chefer_code
 from conftest import randomize_timm_, rel_err
 
 torch = pytest.importorskip("torch")
@@ -80,92 +76,22 @@ METHODS = ("transattr", "full", "partial")
 
 # ----------------------------------------------------------------------------- Chefer's code
 
-_CHEFER_FILES = ["modules/__init__.py", "modules/layers_ours.py", "modules/layers_lrp.py",
-                 "baselines/ViT/ViT_LRP.py", "baselines/ViT/ViT_orig_LRP.py", "baselines/ViT/helpers.py",
-                 "baselines/ViT/weight_init.py", "baselines/ViT/layer_helpers.py",
-                 "baselines/ViT/ViT_explanation_generator.py"]
-_MIRROR_NAME = Path(".mirror") / "hila-chefer+Transformer-Explainability" / "repo"
-# Beside the checkout (a developer's workplace), or the workplace's fixed mirror folder (CI clones
-# the project elsewhere); the first that exists.
-_MIRROR = next((p for p in (Path(__file__).resolve().parents[2] / _MIRROR_NAME, Path("/work") / _MIRROR_NAME)
-                if p.exists()), Path(__file__).resolve().parents[2] / _MIRROR_NAME)
-
-
-def _read_chefer_file(repo: Path, rel: str) -> bytes:
-    if (repo / rel).is_file():  # a checkout
-        return (repo / rel).read_bytes()
-    return subprocess.run(["git", "--git-dir", str(repo), "show", f"HEAD:{rel}"], check=True,
-                          capture_output=True).stdout  # a bare mirror
-
-
-def _einops_stand_in():
-    """`einops.rearrange` for the four patterns Chefer's ViT uses (einops is not a dependency)."""
-
-    def rearrange(x, pattern, **kw):
-        if pattern == "b n (qkv h d) -> qkv b h n d":
-            return x.reshape(x.shape[0], x.shape[1], kw["qkv"], kw["h"], -1).permute(2, 0, 3, 1, 4)
-        if pattern == "b h n d -> b n (h d)":
-            b, h, n, d = x.shape
-            return x.permute(0, 2, 1, 3).reshape(b, n, h * d)
-        if pattern == "b n (h d) -> b h n d":
-            return x.reshape(x.shape[0], x.shape[1], kw["h"], -1).permute(0, 2, 1, 3)
-        if pattern == "qkv b h n d -> b n (qkv h d)":
-            x = torch.stack(list(x))
-            q, b, h, n, d = x.shape
-            return x.permute(1, 3, 0, 2, 4).reshape(b, n, q * h * d)
-        raise NotImplementedError(pattern)
-
-    module = types.ModuleType("einops")
-    module.rearrange = rearrange
-    return module
-
-
 @pytest.fixture(scope="module")
 def chefer(tmp_path_factory, torch_one_thread):
-    repo = Path(os.environ.get("CHEFER_REPO", _MIRROR))
-    if not repo.exists() or (not (repo / _CHEFER_FILES[3]).is_file() and shutil.which("git") is None):
-        pytest.skip(f"Chefer's Transformer-Explainability not found at {repo} (set CHEFER_REPO)")
-    dest = tmp_path_factory.mktemp("chefer")
+    repo = chefer_code.default_repo()
+    if not repo.exists():
+        pytest.skip(f"Chefer's Transformer-Explainability not found at {repo} (set CHEFER_REPO); "
+                    "tests/test_lrp_reference.py compares with its stored maps")
     try:
-        for rel in _CHEFER_FILES:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes(_read_chefer_file(repo, rel))
+        return chefer_code.load(repo, tmp_path_factory.mktemp("chefer"))
     except (subprocess.CalledProcessError, OSError) as e:
         pytest.skip(f"cannot read Chefer's code from {repo}: {e}")
-    for pkg in ("baselines", "baselines/ViT"):
-        (dest / pkg / "__init__.py").touch()
-    names = ["baselines.ViT.ViT_LRP", "baselines.ViT.ViT_orig_LRP", "baselines.ViT.ViT_explanation_generator"]
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in ("modules", "baselines", "einops")}
-    try:
-        importlib.import_module("einops")
-    except ImportError:
-        sys.modules["einops"] = _einops_stand_in()
-    sys.path.insert(0, str(dest))
-    try:
-        mods = {n.rsplit(".", 1)[1]: importlib.import_module(n) for n in names}
-    finally:
-        sys.path.remove(str(dest))
-        for k in [k for k in sys.modules if k.split(".")[0] in ("modules", "baselines", "einops")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-    return mods
 
 
 def _chefer_model(module, tm, dtype):
-    m = module.VisionTransformer(img_size=SIZE, patch_size=16, embed_dim=tm.embed_dim, depth=len(tm.blocks),
-                                 num_heads=tm.blocks[0].attn.num_heads, mlp_ratio=4, qkv_bias=True,
-                                 num_classes=NUM_CLASSES)
-    m.load_state_dict(tm.state_dict(), strict=True)  # timm's names are Chefer's names
-    m.norm.eps = 1e-6  # Chefer builds the final norm with torch's default 1e-5; timm (and we) use 1e-6
-    return m.to(dtype).eval()
-
-
-def _chefer_maps(chefer, model, image, cls, method, **kw):
-    """One image (1, 3, H, W), one class, through Chefer's `LRP.generate_LRP` (CUDA calls made no-ops)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-        out = chefer["ViT_explanation_generator"].LRP(model).generate_LRP(image, index=cls, method=method, **kw)
-    return out.detach().double().numpy().reshape(-1)
+    return chefer_code.build_model(module, tm.state_dict(), img_size=SIZE, patch_size=16, embed_dim=tm.embed_dim,
+                                   depth=len(tm.blocks), num_heads=tm.blocks[0].attn.num_heads,
+                                   num_classes=NUM_CLASSES, dtype=dtype)
 
 
 def _ours(maps, method):
@@ -199,12 +125,12 @@ def test_matches_chefer_float64(chefer, tiny, rule):
         ours = _ours(by_start[start], method)
         for i in range(3):
             for j in range(3):
-                want = _chefer_maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), method, start_layer=start)
+                want = chefer_code.maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), method, start_layer=start)
                 assert rel_err(ours[i, j], want) <= 1e-9, (method, start, i, j)
     if rule == "orig":
         for i in range(3):
             for j in range(3):
-                want = _chefer_maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), "last_layer", is_ablation=True)
+                want = chefer_code.maps(chefer, ref_model, x[i:i + 1], int(CLASSES[i, j]), "last_layer", is_ablation=True)
                 assert rel_err(ablation[i, j], want) <= 1e-9, ("last_layer ablation", i, j)
 
 
@@ -219,7 +145,7 @@ def test_matches_chefer_float32(chefer, tiny):
     want_cls = int(np.argmax(tm(x).detach().numpy()))
     maps = _all(model, params, _nhwc(x), make_targets([want_cls], 1, NUM_CLASSES), 1)
     for rule, method, start in [("ours", "grad", 1), ("orig", "full", 0), ("orig", "last_layer", 0)]:
-        want = _chefer_maps(chefer, refs[rule], x, None, method, start_layer=start)
+        want = chefer_code.maps(chefer, refs[rule], x, None, method, start_layer=start)
         assert rel_err(_ours(maps, method)[0, 0], want) <= 5e-3, (rule, method)
 
 

@@ -168,6 +168,19 @@ def test_shapes_all_targets(model_and_images, name):
             torch.testing.assert_close(res["classes"], targets.reshape(B, -1))
 
 
+def _psi_by_hand(model, tokens):
+    """Psi (N, C) in numpy from the model's weights, independent of bench/torch_reference.py: the
+    final LayerNorm per token, the head (a distilled DeiT: the mean of its two heads), softmax."""
+    w = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    assert "fc_norm.weight" not in w  # every model here reads its head off the final norm
+    m, v = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
+    t = (tokens - m) / np.sqrt(v + model.norm.eps) * w["norm.weight"] + w["norm.bias"]
+    heads = ["head"] + (["head_dist"] if "head_dist.weight" in w else [])
+    z = sum(t @ w[f"{h}.weight"].T + w[f"{h}.bias"] for h in heads) / len(heads)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
 def test_predicatt_outputs(model_and_images):
     model, images = model_and_images
     B, C, L, H, T, P, N = _dims(model, images)
@@ -183,10 +196,9 @@ def test_predicatt_outputs(model_and_images):
     res = tr.predicatt(model, images, "all")
     with torch.no_grad():
         out = tr.forward_with_internals(model, images)
-        psi = tr.prediction_matrix(model, out["tokens"][-1])
     b, c = 1, 3
     a_cls = np.stack([a[b, :, 0, P:].numpy() for a in out["attn"]])  # (L, H, N)
-    p = psi[b, :, c].numpy()
+    p = _psi_by_hand(model, out["tokens"][-1][b, P:].double().numpy())[:, c]
     s = (a_cls @ p).reshape(-1)
     alpha = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     w = (alpha[:, None] * a_cls.reshape(L * H, N)).sum(0)
