@@ -332,7 +332,7 @@ def _write_record(out: Path, r: dict) -> None:
 
     text = f"""# {cfg.name}
 
-A {r['n_params']:,}-parameter timm `VisionTransformer` trained {'from scratch' if r.get('init') is None else 'in two stages'} on digit scenes
+A {r['n_params']:,}-parameter timm `VisionTransformer` trained {'from scratch' if r.get('init') is None else 'in stages (the earlier ones below)'} on digit scenes
 (`predmaps.digits`: the UCI handwritten digits shipped in scikit-learn, on random textured
 backgrounds) by `predmaps/train_digits.py`. Input 64x64 RGB, normalised with mean = std = 0.5;
 patch 8 (an 8x8 grid of patch tokens), class token, token pooling, 10 classes "0".."9".

@@ -270,11 +270,29 @@ def test_shipped_config(shipped):
 @needs_asset
 def test_shipped_accuracy(shipped):
     model, params = shipped
-    # Golden value of the committed checkpoint (TRAINING.md: 0.980 on 1000 test scenes). The scenes
+    # Golden value of the committed checkpoint (TRAINING.md: 0.976 on 1000 test scenes). The scenes
     # are seeded and the forward deterministic on CPU; 0.01 leaves room for another XLA build
     # flipping a borderline scene or two (1 scene = 0.0033).
     acc = train_digits.evaluate(model, params, n=300, split="test", seed=train_digits.EVAL_SEED, batch=150)
-    assert abs(acc - 0.9733) <= 0.01, acc
+    assert abs(acc - 0.9667) <= 0.01, acc
+
+
+@needs_asset
+def test_shipped_patch_tokens_are_local_and_its_measurements_are_current(shipped):
+    """The embedded model's premise (issue 30): its last-layer patch tokens predict the digit's class
+    on the digit far more often than on background; and the measured.json the report quotes is what
+    this checkpoint measures (recomputed here on fewer scenes, so the numbers agree within sampling)."""
+    from predmaps import stats
+
+    model, params = shipped
+    images, labels, masks = digits.one_digit_scenes(100, "test", 7)
+    loc = stats.patch_locality(model, params, digits.normalize(images), labels, masks)
+    assert loc["gap"][-1] >= 0.25, loc["gap"]  # issue 30's bar; the old model's was -0.04
+    measured = json.loads((ASSET / digits.MEASURED_FILE).read_text())
+    assert measured["one_digit_seed"] == 7 and measured["two_digit_scenes"] == 1000
+    np.testing.assert_allclose(loc["on_accuracy"], measured["patch_accuracy_on_digit"], atol=0.06)
+    np.testing.assert_allclose(loc["background_accuracy"], measured["patch_accuracy_background"], atol=0.04)
+    assert "How far to trust these maps" in digits.trust_note()
 
 
 @needs_asset
