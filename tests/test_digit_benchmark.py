@@ -23,6 +23,7 @@ needs_asset = pytest.mark.skipif(not (digits.ASSET_DIR / "model.safetensors").ex
                                  reason="digit ViT not shipped")
 
 SCENES = 128  # CI size: a few hundred scenes in all (128 one-digit + 128 two-digit)
+PERTURBED = [("predicatt", -1), ("gradcam", -1)]  # the table's rows that run the perturbation test in CI
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,10 @@ def scenes():
 @pytest.fixture(scope="module")
 def table(shipped, scenes):
     model, params = shipped
-    return ds.run_benchmark(model, params, scenes=scenes, batch_size=64)
+    # Perturbation (20 forward passes per scene) on two rows, a gradient-free and a gradient method; it is
+    # checked exactly against a plain loop in test_array_entry_points_equal_the_protocol_runners, and
+    # the other rows are pinned by segmentation and specificity.
+    return ds.run_benchmark(model, params, scenes=scenes, batch_size=64, perturbation=PERTURBED)
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -102,11 +106,14 @@ def test_table_covers_every_method_with_finite_numbers(table):
     assert ("predicatt", depth - 1) in rows and ("prediction_map", depth - 1) in rows
     for r in table.rows:
         d = r.to_dict()
-        values = [*d["segmentation"].values(), *d["perturbation"]["auc"].values(),
+        values = [*d["segmentation"].values(), *(d["perturbation"] or {"auc": {}})["auc"].values(),
                   d["specificity"]["mean_correct_share"], d["specificity"]["win_rate"]]
         assert np.all(np.isfinite(values)), d
-        assert r.segmentation.n == SCENES and r.perturbation.n == SCENES and r.specificity.n == 2 * SCENES
+        assert r.segmentation.n == SCENES and r.specificity.n == 2 * SCENES
+        assert (r.perturbation is not None) == ((r.method, -1) in PERTURBED and r.layer in (None, depth))
+        assert r.perturbation is None or r.perturbation.n == SCENES
     json.dumps(table.to_dict())  # serialisable as written by --json
+    assert "| – | – |" in table.markdown()  # rows without perturbation say so, not NaN
 
 
 @pytest.mark.slow
@@ -132,12 +139,12 @@ def test_rerun_is_deterministic(shipped, scenes, table):
 
 
 # Golden values of the shipped checkpoint on the CI scenes (128 each, seed 2024): (pixel accuracy,
-# mIoU, mAP) in %, (positive, negative) perturbation AUC, (correct share, win rate). Layers are
-# 0-based prediction layers (4 = L on this depth-4 model).
+# mIoU, mAP) in %, (positive, negative) perturbation AUC (rows of PERTURBED only), (correct share,
+# win rate). Layers are 0-based prediction layers (4 = L on this depth-4 model).
 # Tolerances: tighter than the gap between any two methods of the table. The closest pair on
-# segmentation is weighted_attention / rollout (0.044 points of mAP apart), on perturbation
-# mean_attention / rollout (0.43 AUC), and the class-agnostic methods share specificity 0.5 by
-# construction; so segmentation 0.02, AUC 0.2, specificity 0.005, and
+# segmentation is weighted_attention / rollout (0.044 points of mAP apart); on perturbation the
+# closest pair of the full table is mean_attention / rollout (0.43 AUC); the class-agnostic methods
+# share specificity 0.5 by construction. So segmentation 0.02, AUC 0.2, specificity 0.005, and
 # test_golden_tolerances_tell_every_two_methods_apart checks that no method could stand in for another.
 # Measured drift allowed for: a pixel flipping across the mean threshold moves pixel accuracy by
 # 1/(128*4096); one image changing its prediction at one perturbation step moves the AUC by 0.078.
@@ -147,18 +154,18 @@ def test_rerun_is_deterministic(shipped, scenes, table):
 # (maps whose non-negative mass is near zero; one win is 1/256 = 0.0039).
 GOLDEN: dict[tuple[str, int | None], tuple] = {
     ('predicatt', 4): ((89.603, 64.104, 99.484), (13.164, 55.859), (0.5136, 0.5352)),
-    ('prediction_map', 4): ((88.812, 62.686, 99.260), (14.492, 55.000), (0.5095, 0.5391)),
-    ('weighted_attention', 4): ((87.354, 60.639, 99.493), (13.828, 56.055), (0.5011, 0.5000)),
-    ('mean_attention', None): ((87.067, 60.232, 99.465), (13.438, 56.523), (0.5000, 0.5000)),
-    ('raw_attention', None): ((87.775, 60.214, 98.284), (14.023, 51.992), (0.5000, 0.5000)),
-    ('rollout', None): ((87.321, 60.595, 99.518), (13.750, 56.953), (0.5000, 0.5000)),
+    ('prediction_map', 4): ((88.812, 62.686, 99.260), None, (0.5095, 0.5391)),
+    ('weighted_attention', 4): ((87.354, 60.639, 99.493), None, (0.5011, 0.5000)),
+    ('mean_attention', None): ((87.067, 60.232, 99.465), None, (0.5000, 0.5000)),
+    ('raw_attention', None): ((87.775, 60.214, 98.284), None, (0.5000, 0.5000)),
+    ('rollout', None): ((87.321, 60.595, 99.518), None, (0.5000, 0.5000)),
     ('gradcam', None): ((78.682, 46.226, 87.814), (21.133, 34.727), (0.5058, 0.4863)),
-    ('generic_attention', None): ((87.265, 59.562, 98.158), (13.711, 53.516), (0.6610, 0.8594)),
-    ('transattr', None): ((86.493, 57.160, 96.634), (13.594, 50.430), (0.6765, 0.8242)),
-    ('lrp', None): ((76.055, 46.938, 83.131), (20.234, 45.430), (0.5097, 0.5078)),
-    ('partial_lrp', None): ((87.047, 57.199, 95.559), (16.836, 42.031), (0.4975, 0.4844)),
-    ('predicatt', 3): ((88.038, 61.640, 99.445), (14.219, 56.953), (0.5082, 0.5273)),
-    ('prediction_map', 3): ((74.323, 45.655, 92.185), (17.109, 50.234), (0.5054, 0.5234)),
+    ('generic_attention', None): ((87.265, 59.562, 98.158), None, (0.6610, 0.8594)),
+    ('transattr', None): ((86.493, 57.160, 96.634), None, (0.6765, 0.8242)),
+    ('lrp', None): ((76.055, 46.938, 83.131), None, (0.5097, 0.5078)),
+    ('partial_lrp', None): ((87.047, 57.199, 95.559), None, (0.4975, 0.4844)),
+    ('predicatt', 3): ((88.038, 61.640, 99.445), None, (0.5082, 0.5273)),
+    ('prediction_map', 3): ((74.323, 45.655, 92.185), None, (0.5054, 0.5234)),
 }
 GOLDEN_TOL = {("lrp", None): {"seg": 0.3},
               **{(m, None): {"spec": 0.02} for m in ("gradcam", "generic_attention", "transattr")}}
@@ -175,7 +182,8 @@ def test_golden_tolerances_tell_every_two_methods_apart():
     groups = ("seg", "auc", "spec")
     for (k1, v1), (k2, v2) in itertools.combinations(GOLDEN.items(), 2):
         t1, t2 = _tol(k1), _tol(k2)
-        margins = [np.abs(np.subtract(v1[i], v2[i])).max() / (2 * max(t1[g], t2[g])) for i, g in enumerate(groups)]
+        margins = [np.abs(np.subtract(v1[i], v2[i])).max() / (2 * max(t1[g], t2[g]))
+                   for i, g in enumerate(groups) if v1[i] is not None and v2[i] is not None]
         assert max(margins) > 1, (k1, k2, margins)
 
 
@@ -189,8 +197,9 @@ def test_golden_values_of_the_shipped_checkpoint(table):
         tol = _tol(key)
         np.testing.assert_allclose([100 * s.pixel_accuracy, 100 * s.miou, 100 * s.mean_ap], seg, atol=tol["seg"],
                                    err_msg=str(key))
-        np.testing.assert_allclose([r.perturbation.auc["positive"], r.perturbation.auc["negative"]], auc,
-                                   atol=tol["auc"], err_msg=str(key))
+        if auc is not None:
+            np.testing.assert_allclose([r.perturbation.auc["positive"], r.perturbation.auc["negative"]], auc,
+                                       atol=tol["auc"], err_msg=str(key))
         np.testing.assert_allclose([r.specificity.mean_share, r.specificity.win_rate], spec, atol=tol["spec"],
                                    err_msg=str(key))
 

@@ -281,17 +281,18 @@ def test_shipped_accuracy(shipped):
 def test_shipped_patch_tokens_are_local_and_its_measurements_are_current(shipped):
     """The embedded model's premise (issue 30): its last-layer patch tokens predict the digit's class
     on the digit far more often than on background; and the measured.json the report quotes is what
-    this checkpoint measures (recomputed here on fewer scenes, so the numbers agree within sampling)."""
+    this checkpoint measures on the same scenes (one patch changing its top class moves an accuracy by
+    at most 1/2554; the file rounds to 1e-4)."""
     from predmaps import stats
 
     model, params = shipped
-    images, labels, masks = digits.one_digit_scenes(100, "test", 7)
-    loc = stats.patch_locality(model, params, digits.normalize(images), labels, masks)
-    assert loc["gap"][-1] >= 0.25, loc["gap"]  # issue 30's bar; the old model's was -0.04
     measured = json.loads((ASSET / digits.MEASURED_FILE).read_text())
     assert measured["one_digit_seed"] == 7 and measured["two_digit_scenes"] == 1000
-    np.testing.assert_allclose(loc["on_accuracy"], measured["patch_accuracy_on_digit"], atol=0.06)
-    np.testing.assert_allclose(loc["background_accuracy"], measured["patch_accuracy_background"], atol=0.04)
+    images, labels, masks = digits.one_digit_scenes(measured["one_digit_scenes"], "test", 7)
+    loc = stats.patch_locality(model, params, digits.normalize(images), labels, masks)
+    assert loc["gap"][-1] >= 0.25, loc["gap"]  # issue 30's bar; the old model's was -0.04
+    np.testing.assert_allclose(loc["on_accuracy"], measured["patch_accuracy_on_digit"], atol=1e-3)
+    np.testing.assert_allclose(loc["background_accuracy"], measured["patch_accuracy_background"], atol=1e-3)
     assert "How far to trust these maps" in digits.trust_note()
 
 

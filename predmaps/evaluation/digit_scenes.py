@@ -155,7 +155,7 @@ class BenchmarkRow:
     layer: int | None  # 0-based prediction layer index (None: the method has no layer)
     class_specific: bool
     segmentation: SegmentationResult
-    perturbation: PerturbationResult
+    perturbation: PerturbationResult | None  # None: not run for this row (`run_benchmark(perturbation=...)`)
     specificity: Specificity
     seconds: float
 
@@ -163,8 +163,9 @@ class BenchmarkRow:
         seg = self.segmentation
         return {"method": self.method, "layer": self.layer, "class_specific": self.class_specific,
                 "segmentation": {"pixel_accuracy": seg.pixel_accuracy, "miou": seg.miou, "map": seg.mean_ap},
-                "perturbation": {"auc": self.perturbation.auc, "accuracy": self.perturbation.accuracy,
-                                 "target": self.perturbation.info.get("target")},
+                "perturbation": None if self.perturbation is None else {
+                    "auc": self.perturbation.auc, "accuracy": self.perturbation.accuracy,
+                    "target": self.perturbation.info.get("target")},
                 "specificity": {"mean_correct_share": self.specificity.mean_share,
                                 "win_rate": self.specificity.win_rate, "pairs": self.specificity.n},
                 "seconds": self.seconds}
@@ -188,10 +189,11 @@ class BenchmarkResult:
         lines = [head]
         for r in self.rows:
             layer = "" if r.layer is None else layer_name(r.layer, depth)
-            seg, auc, sp = r.segmentation, r.perturbation.auc, r.specificity
+            seg, auc, sp = r.segmentation, ({} if r.perturbation is None else r.perturbation.auc), r.specificity
+            cell = lambda mode: f"{auc[mode]:.2f}" if mode in auc else "–"  # not run for this row
             lines.append(f"| {r.method} | {layer} | {'yes' if r.class_specific else 'no'} | "
                          f"{100 * seg.pixel_accuracy:.2f} | {100 * seg.miou:.2f} | {100 * seg.mean_ap:.2f} | "
-                         f"{auc.get('positive', float('nan')):.2f} | {auc.get('negative', float('nan')):.2f} | "
+                         f"{cell('positive')} | {cell('negative')} | "
                          f"{sp.mean_share:.4f} | {sp.win_rate:.4f} |")
         return "\n".join(lines)
 
@@ -209,11 +211,13 @@ def scene_accuracy(model, params, scenes: SceneSet, batch_size: int = 250) -> di
 
 def run_benchmark(model, params, *, rows: Sequence[tuple[str, int]] | None = None, scenes: int | SceneSet = 1000,
                   seed: int = DEFAULT_SEED, batch_size: int = 100, target: str = "pred",
-                  method_options: dict | None = None, progress: bool = False) -> BenchmarkResult:
+                  method_options: dict | None = None, progress: bool = False,
+                  perturbation: Sequence[tuple[str, int]] | None = None) -> BenchmarkResult:
     """Every (method, layer) of `rows` (default `default_rows()`) through the three tests on the
     same scenes. `scenes`: how many of each kind (or a `SceneSet`). `target`: the class of the
     perturbation test's maps, "pred" or "gt" (segmentation always explains the prediction, as the
-    protocol does; class specificity explains both true classes)."""
+    protocol does; class specificity explains both true classes). `perturbation`: the rows that run
+    the perturbation test (default: all; the slowest test, 20 forward passes per scene)."""
     from tqdm.auto import tqdm
 
     from predmaps.explain import get_method
@@ -237,8 +241,10 @@ def run_benchmark(model, params, *, rows: Sequence[tuple[str, int]] | None = Non
         t0 = time.perf_counter()
         seg = segmentation_test_arrays(model, params, data.one_unit, data.one_masks, method=method, layer=layer,
                                        method_options=opts, **common)
-        pert = perturbation_test_arrays(model, params, data.one_unit, data.one_labels, method=method, layer=layer,
-                                        target=target, method_options=opts, **common)
+        pert = None
+        if perturbation is None or (method, layer) in perturbation:
+            pert = perturbation_test_arrays(model, params, data.one_unit, data.one_labels, method=method,
+                                            layer=layer, target=target, method_options=opts, **common)
         spec = class_specificity(model, params, data.two_unit, data.two_labels, data.two_masks, method=method,
                                  layer=layer, method_options=opts, **common)
         m = get_method(method)
