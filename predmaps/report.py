@@ -19,6 +19,9 @@ Pages are plain HTML and CSS (no script), every image embedded as a PNG data URI
 offline and can be mailed around alone. Images are processed in fixed-size batches (one compile)
 and pages are written as they are made, so memory and every file stay bounded however many images
 a run has: the index is split into pages of `per_index_page` rows.
+
+Size: compute, HTML and PNG writing in one module; issue 25 splits them (overlays without the
+HTML report), not yet done.
 """
 
 from __future__ import annotations
