@@ -10,7 +10,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # The JAX rows run with the XLA flags the predmaps CLI sets (recorded in the results' environment).
-from predmaps.cli import configure_xla_flags  # noqa: E402
+from predmaps.runtime import configure_xla_flags  # noqa: E402
 
 configure_xla_flags()
 

@@ -497,7 +497,7 @@ def _json_out_arg(text: str) -> str:
 
 def main(argv=None) -> int:
     from bench.run import _deadline_arg
-    from predmaps.cli import int_at_least
+    from predmaps.runtime import int_at_least
 
     p = argparse.ArgumentParser(prog="python -m bench.gpu_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_b16", choices=list(MODEL_NAMES))
@@ -527,7 +527,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bench.bounds import jax_dense_gemms, jax_matmul_peak
-    from predmaps.cli import configure_xla_flags
+    from predmaps.runtime import configure_xla_flags
 
     configure_xla_flags()  # the baseline is what the CLI runs; --xla-flags-sets add to it
     import jax

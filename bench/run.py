@@ -41,7 +41,7 @@ Forward rows compare logits the same way.
 from __future__ import annotations
 
 from jaxvit.model import KERNEL_IMPLS
-from predmaps.cli import int_at_least
+from predmaps.runtime import int_at_least
 from predmaps.machine import cpu_name
 
 import argparse

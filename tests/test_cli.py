@@ -14,6 +14,7 @@ import jaxvit
 from jaxvit import ViTConfig
 from jaxvit.checkpoint import param_shapes
 from predmaps import cli, report, viz
+from predmaps.cli import common, explain
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def test_compilation_cache_is_written_then_reused(tmp_path):
 def test_xla_flag_defaults_are_added_unless_the_user_set_them():
     """The CLI adds its GPU XLA defaults to XLA_FLAGS, keeps whatever the user put there, never
     overrides a flag the user set either way, and adds nothing with PREDMAPS_XLA_DEFAULTS=off."""
-    from predmaps.cli import XLA_DEFAULT_FLAGS, configure_xla_flags
+    from predmaps.runtime import XLA_DEFAULT_FLAGS, configure_xla_flags
 
     env = {}
     assert configure_xla_flags(env) == list(XLA_DEFAULT_FLAGS)
@@ -318,7 +319,7 @@ def test_empty_arguments_are_kept_and_refused_as_what_they_are(tiny_checkpoint, 
     --out is refused (it would have been the current folder); --layers -1,-2 still parses."""
     good = tmp_path / "g.png"
     Image.new("RGB", (32, 32), "red").save(good)
-    assert cli.join_negative_layers(["explain", "", "--layers", "-1,-2", "--out", ""]) == \
+    assert common.join_negative_layers(["explain", "", "--layers", "-1,-2", "--out", ""]) == \
         ["explain", "", "--layers=-1,-2", "--out", ""]
     out = tmp_path / "out"
     assert cli.main(["explain", "", str(good), "--model", str(tiny_checkpoint), "--layers", "-1,-2",
@@ -359,7 +360,7 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_model_loads(
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(explain, "load_model", no_load)
     for command in (["explain", str(image)], ["demo"]):
         assert cli.main([*command, "--out", str(ro)]) == 2, command
         err = capsys.readouterr().err
@@ -375,8 +376,8 @@ def test_explain_refuses_bad_option_values_by_name_before_the_model_loads_or_out
     Image.new("RGB", (32, 32), "red").save(image)
     out = tmp_path / "out"
     base = ["explain", str(image), "--model", str(tiny_checkpoint), "--out", str(out)]
-    real_load = cli.load_model
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    real_load = explain.load_model
+    monkeypatch.setattr(explain, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     for extra, message in [(["--method", "nope"], "error: --method: unknown method 'nope'"),
                            (["--cmap", "nope"], "error: --cmap: unknown colour map 'nope'"),
                            (["--alpha", "1.5"], "error: --alpha (the heat map's opacity) must be in [0, 1]; got 1.5")]:
@@ -385,7 +386,7 @@ def test_explain_refuses_bad_option_values_by_name_before_the_model_loads_or_out
     with pytest.raises(SystemExit):
         cli.main(base + ["--classes", "topx"])
     assert "--classes takes top, topK, all or indices" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "load_model", real_load)
+    monkeypatch.setattr(explain, "load_model", real_load)
     for extra, message in [(["--classes", "top9"], "error: --classes top9: K must be 1..5 for a 5-class model (0..4)"),
                            (["--classes", "1,7"], "error: --classes 7 out of range for a 5-class model (0..4)"),
                            (["--map-class", "99"], "error: --map-class 99 out of range for a 5-class model (0..4)")]:

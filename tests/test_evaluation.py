@@ -20,7 +20,7 @@ import jaxvit
 import predmaps
 from jaxvit import ViT, ViTConfig, preprocess
 from jaxvit.labels import imagenet_wnids
-from predmaps import eval_cli
+from predmaps.cli import eval as eval_cli
 from predmaps import evaluation as ev
 from predmaps.evaluation import metrics as ev_metrics
 

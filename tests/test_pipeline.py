@@ -29,7 +29,8 @@ import convert
 import jaxvit
 from jaxvit import safe_write
 from jaxvit import ViT, ViTConfig, labels as jlabels
-from predmaps import pipeline, run_cli
+from predmaps import pipeline
+from predmaps.cli import run as run_cli
 from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
 from predmaps import iter_results, read_results
 from predmaps.results import JobMismatchError
@@ -125,7 +126,7 @@ def _env(devices: int = 1) -> dict:
 
 def _run_cli_subprocess(args, devices=1, script=None, **kw):
     """`predmaps run ARGS` in a subprocess; `script`: Python source run instead, with ARGS as sys.argv[1:]."""
-    cmd = ["-c", script] if script else ["-m", "predmaps.run_cli"]
+    cmd = ["-c", script] if script else ["-m", "predmaps.cli.run"]
     return subprocess.Popen([sys.executable, *cmd, *map(str, args)], env=_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
@@ -269,7 +270,8 @@ def test_a_process_failing_mid_run_stops_every_process(ckpt, model, image_dir, r
 _COMPILE_FAILS_ON_PROCESS_1 = """
 import sys
 import jax
-from predmaps import pipeline, run_cli
+from predmaps import pipeline
+from predmaps.cli import run as run_cli
 
 class Lowered:
     def compile(self):
@@ -665,7 +667,8 @@ def test_batch_is_capped_at_what_a_shard_holds(model, image_dir, tmp_path, monke
 
 _INTERRUPTED_CLI = """
 import functools, sys, time
-from predmaps import pipeline, run_cli
+from predmaps import pipeline
+from predmaps.cli import run as run_cli
 pipeline.explain_dataset = functools.partial(pipeline.explain_dataset, on_batch=lambda b: time.sleep(0.4))
 sys.exit(run_cli.main(sys.argv[1:]))
 """

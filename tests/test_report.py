@@ -20,6 +20,7 @@ import predmaps
 from jaxvit import ViT, ViTConfig
 from jaxvit.checkpoint import param_shapes
 from predmaps import cli, report, viz
+from predmaps.cli import common, explain
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -235,8 +236,8 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    if not cli.default_model_path().joinpath("config.json").is_file():
-        pytest.fail(f"the embedded model is missing from {cli.default_model_path()}")
+    if not common.default_model_path().joinpath("config.json").is_file():
+        pytest.fail(f"the embedded model is missing from {common.default_model_path()}")
     out = tmp_path_factory.mktemp("demo")
     stdout = io.StringIO()
 
@@ -276,7 +277,7 @@ def test_demo_runs_offline_and_writes_the_report(demo):
 
 
 def test_demo_names_the_real_photo_demo_it_did_not_run(demo):
-    assert cli.REAL_PHOTOS_HINT in demo[1]
+    assert explain.REAL_PHOTOS_HINT in demo[1]
 
 
 def test_demo_with_a_model_explains_the_bundled_photos_with_imagenet_names(tmp_path, capsys):
@@ -293,7 +294,7 @@ def test_demo_with_a_model_explains_the_bundled_photos_with_imagenet_names(tmp_p
     params = jax.tree_util.tree_map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(np.float32),
                                     param_shapes(cfg))
     ckpt = convert.save_timm(params, cfg, tmp_path / "ckpt")
-    photos = cli.demo_photos()
+    photos = explain.demo_photos()
     assert [p.name for p in photos] == ["cat.jpg", "coffee.jpg", "rocket.jpg"]
     assert (photos[0].parent / "LICENSE.md").is_file()
     out = tmp_path / "demo"
@@ -309,7 +310,7 @@ def test_demo_with_a_model_explains_the_bundled_photos_with_imagenet_names(tmp_p
     page = pages[0].read_text()
     assert any(f"c = {n}" in page for n in cfg.label_names), "the report names no ImageNet class"
     assert len(list(out.glob("cat_predicatt_L*.png"))) == 6  # the top 3 classes x layers L, L-1
-    assert cli.REAL_PHOTOS_HINT not in text.out
+    assert explain.REAL_PHOTOS_HINT not in text.out
     assert "How far to trust these maps: not measured for this model" in index.read_text()
 
 

@@ -16,7 +16,8 @@ import jaxvit
 import predmaps
 from conftest import rel_err
 from jaxvit import ViTConfig, preprocess
-from predmaps import read_results, run_cli
+from predmaps import read_results
+from predmaps.cli import run as run_cli
 from test_pipeline import _save_images, random_params
 
 METHODS = sorted(predmaps.METHODS)

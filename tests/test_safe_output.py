@@ -17,7 +17,8 @@ import convert
 import jaxvit
 from jaxvit import ViTConfig, safe_write
 from jaxvit.checkpoint import param_shapes
-from predmaps import cli, pipeline, read_results, run_cli
+from predmaps import cli, pipeline, read_results
+from predmaps.cli import run as run_cli
 from predmaps.pipeline import ExplainSpec, explain_dataset
 
 SPEC = ExplainSpec(methods="predicatt", layers="-1", targets="top")

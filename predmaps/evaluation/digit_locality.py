@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every number here (models already in it are kept, by name)")
     ap.add_argument("--markdown", help="write the tables here")
     a = ap.parse_args(argv)
-    from predmaps.cli import configure_compile_cache
+    from predmaps.runtime import configure_compile_cache
 
     configure_compile_cache()  # models of one architecture share every executable: compile once, not per model
     if a.measured:

@@ -1,4 +1,4 @@
-"""The `predmaps` command.
+"""`predmaps explain` and `predmaps demo`.
 
     predmaps demo [--out DIR]                       # offline: the embedded digit-scenes ViT
     predmaps explain IMAGE... [--model NAME|PATH [--model-name NAME]] [--classes top5|281,285]
@@ -20,47 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "vit_digits_patch8_64"
-
-
-def default_model_path() -> Path:
-    """The embedded default: a small ViT trained on digit scenes (predmaps/assets)."""
-    return Path(str(resources.files("predmaps").joinpath("assets", DEFAULT_MODEL)))
-
-
-def load_model(spec: str | None, model_name: str | None = None):
-    """The CLI's --model (a timm name, a checkpoint file or directory; None: the embedded default)
-    and --model-name (the timm architecture of a bare weights file that does not say)."""
-    import convert
-
-    if spec is None or spec == DEFAULT_MODEL:
-        if model_name:  # it would be ignored: the embedded model says what it is
-            raise ValueError("--model-name names the architecture of a --model weights file; give --model too")
-        return convert.load(default_model_path())
-    refusal = convert._model_name_refusal(spec, model_name, "--model-name")  # in this CLI's words
-    if refusal:
-        raise ValueError(refusal)
-    try:
-        return convert.load(spec, model_name=model_name)
-    except (ValueError, OSError) as e:
-        text = str(e)
-        if "pass model_name" in text or "model_name=" in text:  # the library's advice, as this CLI's option
-            raise ValueError(f"{text} (on the command line: --model FILE --model-name NAME)") from e
-        raise
-
-
-MODEL_NAME_HELP = ("the timm name of a bare weights file (.safetensors/.pth state dict) that does not say which "
-                   "architecture it is, e.g. vit_base_patch16_224")
-
-
-def _parse_layers(text: str) -> list[int]:
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        layers = []
-    if not layers:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like -1,-2; got {text!r}")
-    return layers
+from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, _parse_layers, load_model, methods_help,
+                                 nonnegative_int, positive_int)
 
 
 def _parse_classes(text: str):
@@ -81,25 +42,6 @@ def _parse_labels(text: str) -> list[list[int]]:
                                          f"3+7); got {text!r}") from None
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum (argparse names the option in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise argparse.ArgumentTypeError(f"expected {kind}; got {text!r}")
-        return value
-
-    parse.__name__ = "int"  # argparse's message for a failing type names it
-    return parse
-
-
-positive_int = int_at_least(1)
-nonnegative_int = int_at_least(0)  # e.g. a seed: numpy refuses negative ones
-
 
 def _label_array(rows: list[list[int]]) -> np.ndarray:
     """Ragged per-image label lists -> (b, M) int, -1 where an image has fewer labels."""
@@ -107,19 +49,6 @@ def _label_array(rows: list[list[int]]) -> np.ndarray:
     m = max(len(r) for r in rows)
     return np.asarray([r + [-1] * (m - len(r)) for r in rows], np.int64)
 
-
-def join_negative_layers(argv: list[str]) -> list[str]:
-    """argv with "--layers -1,-2" as "--layers=-1,-2" (argparse takes -1,-2 for an option). A new
-    list, every other argument kept as it is, the empty string included."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--layers" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            out.append(f"--layers={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
 
 
 def _report_options(args, **overrides):
@@ -268,7 +197,7 @@ def _interruptible(command, args) -> int:
     """command(args, progress) with Ctrl-C anywhere as one line and exit 130, as in `predmaps run`,
     never a traceback; once the report is begun, write_report has written an index of the pages
     finished before it re-raises."""
-    from predmaps.run_cli import catch_signals, exit_status, restore_signals
+    from predmaps.cli.run import catch_signals, exit_status, restore_signals
 
     previous = catch_signals()  # Ctrl-C and SIGTERM alike
     progress = {}
@@ -439,103 +368,10 @@ def _demo(args, progress: dict) -> int:
     return 0
 
 
-COMPILE_CACHE_ENV = "PREDMAPS_COMPILE_CACHE"
-XLA_DEFAULTS_ENV = "PREDMAPS_XLA_DEFAULTS"
-# XLA flags the CLI (and `python -m bench`) add unless XLA_FLAGS already names them. Each was
-# measured on the bf16 ViT-B/16 headline, H100 (bench/NOTES.md): cuBLAS for every GEMM instead of
-# autotuned Triton GEMM fusions, 25.94 -> 23.60 ms at batch 256 and 1.285 -> 1.234 ms at batch 1.
-# GPU-only flags: CPU and TPU compiles ignore them.
-XLA_DEFAULT_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
 
-
-def configure_xla_flags(environ=None) -> list[str]:
-    """Add `XLA_DEFAULT_FLAGS` to XLA_FLAGS, each unless XLA_FLAGS already sets that flag; none with
-    PREDMAPS_XLA_DEFAULTS=off. Effective only before JAX starts its backend (the CLI calls this
-    first). Returns the flags added."""
-    environ = os.environ if environ is None else environ
-    if environ.get(XLA_DEFAULTS_ENV, "").lower() == "off":
-        return []
-    current = environ.get("XLA_FLAGS", "")
-    added = [f for f in XLA_DEFAULT_FLAGS if f.split("=")[0] not in current]
-    if added:
-        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-    return added
-
-
-def default_compile_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "predmaps" / "jax"
-
-
-def configure_compile_cache(setting: str | None = None) -> str | None:
-    """Point JAX's persistent compilation cache at a directory, so a second CLI run of the same
-    model, batch and method loads its executables instead of compiling them again (the compile
-    is seconds per executable on CPU, tens on GPU with autotuning).
-
-    `setting`: a directory, or "off"; default the PREDMAPS_COMPILE_CACHE variable, else
-    ~/.cache/predmaps/jax. A cache the user configured for JAX itself (JAX_COMPILATION_CACHE_DIR
-    or jax.config) is left as it is. Returns the directory in use, or None.
-    """
-    import jax
-
-    setting = setting or os.environ.get(COMPILE_CACHE_ENV)
-    if setting == "off":
-        return None
-    current = jax.config.jax_compilation_cache_dir
-    if current and setting is None:
-        return current
-    path = Path(setting) if setting else default_compile_cache()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a read-only home must not stop the job: it only compiles every time
-        print(f"warning: no compilation cache ({path}: {e.strerror}); set {COMPILE_CACHE_ENV}=DIR or off",
-              file=sys.stderr)
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    # Cache every executable: the digits model's compile well under JAX's 1 s default, and with any
-    # threshold what gets cached depends on how loaded the machine was during the first run (an
-    # executable compiled in 0.19 s there and 0.21 s on the rerun is compiled twice).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return str(path)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default (unless the help says it already, or there is none)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if (action.option_strings and "default" not in text and default is not None and default is not False
-                and default is not argparse.SUPPRESS and not (isinstance(default, list) and not default)):
-            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-            text += f" (default: {shown})"
-        return text
-
-
-def use_formatter(parser: argparse.ArgumentParser) -> None:
-    """`HelpFormatter` for `parser` and every subcommand under it."""
-    parser.formatter_class = HelpFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                use_formatter(sub)
-
-
-def methods_help() -> str:
-    from predmaps.explain import METHODS
-
-    return "one of " + ", ".join(METHODS)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="predmaps", description="Prediction maps and PredicAtt for ViTs, in JAX",
-                                     epilog=f"Compiled executables are cached in {default_compile_cache()} "
-                                            f"(set {COMPILE_CACHE_ENV}=DIR to move it, or =off). XLA_FLAGS gets "
-                                            f"{' '.join(XLA_DEFAULT_FLAGS)} unless it sets that flag itself "
-                                            f"({XLA_DEFAULTS_ENV}=off: none).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
+def add_explain_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `explain` on `subparsers` (from `add_subparsers`)."""
+    p = subparsers.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
@@ -558,8 +394,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
     p.set_defaults(fn=cmd_explain)
+    return p
 
-    p = sub.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline); "
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `demo` on `subparsers` (from `add_subparsers`)."""
+    p = subparsers.add_parser("demo", help="explain generated two-digit scenes with the embedded model (offline); "
                        "writes the HTML report and prints its path",
                        description="Explains generated two-digit scenes with the embedded digit ViT, offline, and "
                                    "writes the scenes, PNG overlays and an HTML report into --out (predmaps-demo/ "
@@ -575,23 +415,4 @@ def main(argv=None) -> int:
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the image, 0..1")
     p.set_defaults(fn=cmd_demo)
-
-    from predmaps.eval_cli import add_eval_parser
-    from predmaps.run_cli import add_run_parser
-
-    add_eval_parser(sub)
-    add_run_parser(sub)
-    use_formatter(parser)
-
-    args = parser.parse_args(join_negative_layers(list(sys.argv[1:] if argv is None else argv)))
-    configure_xla_flags()
-    configure_compile_cache()
-    try:
-        return args.fn(args)
-    except (OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return p

@@ -5,7 +5,7 @@
                  [--map-dtype float16] [--labels FILE] [--shard-size N] [--resume] [--retry-failed] [--strict]
 
 `add_run_parser(subparsers)` registers the subcommand on the `predmaps` parser; `main(argv)`
-runs it alone (`python -m predmaps.run_cli ...`). Exit codes: 0 done; 1 `--strict` and some
+runs it alone (`python -m predmaps.cli.run ...`). Exit codes: 0 done; 1 `--strict` and some
 input could not be read; 2 the job could not run (bad arguments, another job in --out, a full
 disk, ...); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). After 2, 130 or 143, finished shards are
 kept: rerun to resume.
@@ -33,7 +33,7 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    from predmaps.cli import MODEL_NAME_HELP, methods_help, positive_int
+    from predmaps.cli.common import MODEL_NAME_HELP, methods_help, positive_int
 
     p = subparsers.add_parser(
         "run", help="explain a whole data set into resumable shards on every device and host",
@@ -145,7 +145,7 @@ def _run(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from predmaps.cli import load_model
+    from predmaps.cli.common import load_model
 
     try:
         model, params = load_model(args.model, args.model_name)
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "run":
         argv.insert(0, "run")
-    from predmaps.cli import join_negative_layers
+    from predmaps.cli.common import join_negative_layers
 
     args = parser.parse_args(join_negative_layers(argv))
     return args.fn(args)

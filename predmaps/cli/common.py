@@ -1,0 +1,98 @@
+"""What every `predmaps` sub-command shares: the --model loader, option types and help, and the
+argv fix for negative --layers."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+from predmaps.runtime import int_at_least
+
+DEFAULT_MODEL = "vit_digits_patch8_64"
+
+
+def default_model_path() -> Path:
+    """The embedded default: a small ViT trained on digit scenes (predmaps/assets)."""
+    return Path(str(resources.files("predmaps").joinpath("assets", DEFAULT_MODEL)))
+
+
+def load_model(spec: str | None, model_name: str | None = None):
+    """The CLI's --model (a timm name, a checkpoint file or directory; None: the embedded default)
+    and --model-name (the timm architecture of a bare weights file that does not say)."""
+    import convert
+
+    if spec is None or spec == DEFAULT_MODEL:
+        if model_name:  # it would be ignored: the embedded model says what it is
+            raise ValueError("--model-name names the architecture of a --model weights file; give --model too")
+        return convert.load(default_model_path())
+    refusal = convert._model_name_refusal(spec, model_name, "--model-name")  # in this CLI's words
+    if refusal:
+        raise ValueError(refusal)
+    try:
+        return convert.load(spec, model_name=model_name)
+    except (ValueError, OSError) as e:
+        text = str(e)
+        if "pass model_name" in text or "model_name=" in text:  # the library's advice, as this CLI's option
+            raise ValueError(f"{text} (on the command line: --model FILE --model-name NAME)") from e
+        raise
+
+
+MODEL_NAME_HELP = ("the timm name of a bare weights file (.safetensors/.pth state dict) that does not say which "
+                   "architecture it is, e.g. vit_base_patch16_224")
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like -1,-2; got {text!r}")
+    return layers
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)  # e.g. a seed: numpy refuses negative ones
+
+
+def join_negative_layers(argv: list[str]) -> list[str]:
+    """argv with "--layers -1,-2" as "--layers=-1,-2" (argparse takes -1,-2 for an option). A new
+    list, every other argument kept as it is, the empty string included."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--layers" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--layers={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the help says it already, or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and default is not None and default is not False
+                and default is not argparse.SUPPRESS and not (isinstance(default, list) and not default)):
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            text += f" (default: {shown})"
+        return text
+
+
+def use_formatter(parser: argparse.ArgumentParser) -> None:
+    """`HelpFormatter` for `parser` and every subcommand under it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                use_formatter(sub)
+
+
+def methods_help() -> str:
+    from predmaps.explain import METHODS
+
+    return "one of " + ", ".join(METHODS)
