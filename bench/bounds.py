@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import statistics
 
+from bench.timing import time_calls
+
 PEAK_N = {"cpu": 2048, "gpu": 8192}
 # Dense GEMMs are timed in bursts: as many back-to-back calls as the model makes (at least this many)
 # and one sync, the time divided by the count. In the model they run back to back on the device; a
@@ -67,8 +69,6 @@ def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int, fp32_precisio
     import jax
     import jax.numpy as jnp
 
-    from bench.run import time_calls
-
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     a = jax.random.normal(jax.random.key(3), (n, n), jdt)
     b = jax.random.normal(jax.random.key(4), (n, n), jdt)
@@ -81,8 +81,6 @@ def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int, fp32_precisio
 
 def torch_matmul_peak(dtype: str, n: int, device, sync, warmup: int, repeats: int) -> dict:
     import torch
-
-    from bench.run import time_calls
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -99,8 +97,6 @@ def jax_dense_gemms(cfg, batch: int, dtype: str, warmup: int, repeats: int, fp32
     'total_ms' = the sum over one call of the model."""
     import jax
     import jax.numpy as jnp
-
-    from bench.run import time_calls
 
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     prec = _jax_precision(dtype, fp32_precision)
@@ -125,8 +121,6 @@ def torch_dense_gemms(cfg, batch: int, dtype: str, device, sync, warmup: int, re
     operands already in the dtype (a floor: autocast's per-call weight casts are not in it)."""
     import torch
     import torch.nn.functional as F
-
-    from bench.run import time_calls
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(5)

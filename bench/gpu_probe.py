@@ -85,7 +85,7 @@ def timeit(fn, args, warmup, repeats):
     """(median, min) seconds of fn(*args), device synchronised: the benchmark's own timing loop."""
     import jax
 
-    from bench.run import time_calls
+    from bench.timing import time_calls
 
     _, times = time_calls(lambda: fn(*args), jax.block_until_ready, warmup, repeats)
     return statistics.median(times), min(times)

@@ -43,6 +43,7 @@ from __future__ import annotations
 from jaxvit.model import KERNEL_IMPLS
 from predmaps.runtime import int_at_least
 from predmaps.machine import cpu_name
+from bench.timing import time_calls
 
 import argparse
 import contextlib
@@ -380,22 +381,6 @@ def rss_overhead(call) -> int:
     peak = _status_kb("VmHWM")
     del out
     return max(0, peak - before) * 1024
-
-
-def time_calls(call, sync, warmup: int, repeats: int):
-    """Median-able wall times of call() after warm-up, device synchronised; returns (last output, times)."""
-    out = None
-    for _ in range(warmup):
-        out = call()
-        sync(out)
-    times = []
-    for _ in range(repeats):
-        del out
-        t0 = time.perf_counter()
-        out = call()
-        sync(out)
-        times.append(time.perf_counter() - t0)
-    return out, times
 
 
 def _summary(times: list[float], batch: int) -> dict:
