@@ -91,6 +91,17 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
 def order_violations(graph: dict[str, set[str]], order) -> list[str]:
     """'a -> b' for every import of a package to the right of the importer's in `order`."""
     rank = {package: i for i, package in enumerate(order)}
@@ -108,6 +119,10 @@ def test_the_project_has_no_import_cycle_and_packages_import_one_way():
     # set-up is in predmaps.runtime)
     cli = {m for m in graph if m == "predmaps.cli" or m.startswith("predmaps.cli.")}
     assert sorted(a for a, edges in graph.items() if edges & cli and a not in cli) == ["predmaps.__main__"]
+    # overlays are made without the HTML report: its compute and PNG modules never reach the HTML writer
+    for module in ("predmaps.report.compute", "predmaps.report.png"):
+        assert "predmaps.report.html" not in reachable(graph, module), module
+    assert "predmaps.report.html" in reachable(graph, "predmaps.cli.explain")  # the walk does follow imports
 
 
 def test_a_planted_cycle_and_a_backward_import_are_found(tmp_path):
