@@ -23,9 +23,8 @@ from bench.timing import time_calls
 
 PEAK_N = {"cpu": 2048, "gpu": 8192}
 # Dense GEMMs are timed in bursts: as many back-to-back calls as the model makes (at least this many)
-# and one sync, the time divided by the count. In the model they run back to back on the device; a
-# sync after each adds the host's dispatch and wait to every GEMM (H100, ViT-B/16 bf16 b256: JAX's
-# sum read 21.5 ms that way against 12.6 ms of GEMM kernels in the same code's device trace).
+# and one sync, the time divided by the count, as they run in the model: a sync after each would add the
+# host's dispatch and wait to every GEMM (bench/NOTES.md, "Numbers moved out of docstrings").
 MIN_BURST = 8
 
 
@@ -170,9 +169,8 @@ def measure(cfg, batch: int, dtype: str, *, gpu: bool, torch_device, torch_sync,
 
 def best_rate(res: dict, n: int) -> tuple[float | None, str | None]:
     """The fastest GEMM rate measured for a bound and what ran at it: either library's n^3 matmul or any
-    of the model's own GEMM shapes. The shapes count too: on a 2-core AMD EPYC, ViT-B/16's GEMMs at
-    b8 (M = 1576) ran at 0.206 TFLOP/s against the 2048^3 matmul's 0.191, and a floor from the latter
-    (1495 ms) read above JAX's whole call (1484 ms)."""
+    of the model's own GEMM shapes. The shapes count too: a model GEMM can run faster than the n^3
+    matmul, and a floor from the slower rate can read above JAX's whole call (bench/NOTES.md)."""
     rates = {f"{impl} {n}^3 matmul": p["tflops"] for impl, p in res["peak"].items() if "tflops" in p}
     for impl, gemms in res["gemms"].items():
         for name, part in gemms.items():

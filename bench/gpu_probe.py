@@ -407,7 +407,7 @@ def profile_summary(fn, args, calls, trace_dir, top=400):
     A CPU backend's trace has no device plane: there the events of the host threads that carry an
     `hlo_op` stat are XLA:CPU's ops (each on the thread that runs it, its thread-pool work inside),
     and the rest (Python, thread-pool bookkeeping) is left out. Independent ops run concurrently
-    there, so the sums are thread time: ViT-S/16 b8 on 2 cores, 435 ms of ops in a 389 ms call."""
+    there, so the sums are thread time and can exceed the call's wall time (bench/NOTES.md)."""
     import glob
     from collections import defaultdict
 

@@ -782,10 +782,8 @@ class Runner:
         """Time the rows the targets compare (torch forward, torch PredicAtt_L, JAX PredicAtt_L, JAX
         headline) round-robin: every row then sees the same machine state, so their ratios hold on
         a machine whose speed drifts between cases. Each round runs each row twice and times the
-        second call, so a timed call follows a call of its own library: on the 2-core VM, timing each
-        row's only call per round, JAX's ViT-S/16 PredicAtt_L read 322 ms against 297 ms in its own
-        case (torch's 321 against 317); with the untimed call first, 331 against 326 in the next run.
-        The timed call is the one the separate cases time; only torch's attention switch is set
+        second call, so a timed call follows a call of its own library, as in the row's own case (timing
+        a row's only call per round read slower than its own case: bench/NOTES.md). The timed call is the one the separate cases time; only torch's attention switch is set
         between calls."""
         import jax
 
@@ -1059,8 +1057,7 @@ def per_round_spread(jax_row: dict, versus_row: dict | None, batch: int, target:
     """How a throughput target reads round by round in the interleaved timing: the versus row's time
     over JAX's in the same round (a ratio target), or JAX's images/s (an absolute one). The median of
     the rounds says where the machine usually was; the quartiles and the rounds that meet the target
-    say how far a shared machine's drift moves the verdict (2-core AMD EPYC, ViT-S/16: per-round
-    ratios 0.90-1.56 within runs whose medians read 1.16-1.31x)."""
+    say how far a shared machine's drift moves the verdict (the spread measured: bench/NOTES.md)."""
     if not jax_row.get("interleaved") or not jax_row.get("times_ms"):
         return None
     jt = jax_row["times_ms"]
