@@ -17,6 +17,7 @@ them:
 
 XLA flags are process-wide, so `--xla-flags-sets` re-runs this script in a subprocess per set.
 Results go to a JSON file, rewritten after every measurement, so a run cut short keeps what it did.
+Over 600 lines: one device-session script whose sections share its JSON record and argument set.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
     import jaxvit
     import jaxvit.model as jm
     import predmaps.core as core
-    from bench.run import HEADLINE, jax_function
+    from bench.models import HEADLINE, jax_function
 
     from jaxvit.kernels import Tiles
 

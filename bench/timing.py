@@ -1,4 +1,4 @@
-"""Timing a device call: wall time after warm-up, synchronised, shared by bench.run, bench.bounds
+"""Timing a device call: wall time after warm-up, synchronised, shared by bench.runner, bench.bounds
 and bench.gpu_probe (its own module so that none of them imports another for it)."""
 
 from __future__ import annotations
