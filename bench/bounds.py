@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import statistics
 
+from bench.timing import time_calls
+
 PEAK_N = {"cpu": 2048, "gpu": 8192}
 # Dense GEMMs are timed in bursts: as many back-to-back calls as the model makes (at least this many)
-# and one sync, the time divided by the count. In the model they run back to back on the device; a
-# sync after each adds the host's dispatch and wait to every GEMM (H100, ViT-B/16 bf16 b256: JAX's
-# sum read 21.5 ms that way against 12.6 ms of GEMM kernels in the same code's device trace).
+# and one sync, the time divided by the count, as they run in the model: a sync after each would add the
+# host's dispatch and wait to every GEMM (bench/NOTES.md, "Numbers moved out of docstrings").
 MIN_BURST = 8
 
 
@@ -67,8 +68,6 @@ def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int, fp32_precisio
     import jax
     import jax.numpy as jnp
 
-    from bench.run import time_calls
-
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     a = jax.random.normal(jax.random.key(3), (n, n), jdt)
     b = jax.random.normal(jax.random.key(4), (n, n), jdt)
@@ -81,8 +80,6 @@ def jax_matmul_peak(dtype: str, n: int, warmup: int, repeats: int, fp32_precisio
 
 def torch_matmul_peak(dtype: str, n: int, device, sync, warmup: int, repeats: int) -> dict:
     import torch
-
-    from bench.run import time_calls
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -99,8 +96,6 @@ def jax_dense_gemms(cfg, batch: int, dtype: str, warmup: int, repeats: int, fp32
     'total_ms' = the sum over one call of the model."""
     import jax
     import jax.numpy as jnp
-
-    from bench.run import time_calls
 
     jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     prec = _jax_precision(dtype, fp32_precision)
@@ -125,8 +120,6 @@ def torch_dense_gemms(cfg, batch: int, dtype: str, device, sync, warmup: int, re
     operands already in the dtype (a floor: autocast's per-call weight casts are not in it)."""
     import torch
     import torch.nn.functional as F
-
-    from bench.run import time_calls
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(5)
@@ -176,9 +169,8 @@ def measure(cfg, batch: int, dtype: str, *, gpu: bool, torch_device, torch_sync,
 
 def best_rate(res: dict, n: int) -> tuple[float | None, str | None]:
     """The fastest GEMM rate measured for a bound and what ran at it: either library's n^3 matmul or any
-    of the model's own GEMM shapes. The shapes count too: on a 2-core AMD EPYC, ViT-B/16's GEMMs at
-    b8 (M = 1576) ran at 0.206 TFLOP/s against the 2048^3 matmul's 0.191, and a floor from the latter
-    (1495 ms) read above JAX's whole call (1484 ms)."""
+    of the model's own GEMM shapes. The shapes count too: a model GEMM can run faster than the n^3
+    matmul, and a floor from the slower rate can read above JAX's whole call (bench/NOTES.md)."""
     rates = {f"{impl} {n}^3 matmul": p["tflops"] for impl, p in res["peak"].items() if "tflops" in p}
     for impl, gemms in res["gemms"].items():
         for name, part in gemms.items():

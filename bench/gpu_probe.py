@@ -17,6 +17,7 @@ them:
 
 XLA flags are process-wide, so `--xla-flags-sets` re-runs this script in a subprocess per set.
 Results go to a JSON file, rewritten after every measurement, so a run cut short keeps what it did.
+Over 600 lines: one device-session script whose sections share its JSON record and argument set.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def timeit(fn, args, warmup, repeats):
     """(median, min) seconds of fn(*args), device synchronised: the benchmark's own timing loop."""
     import jax
 
-    from bench.run import time_calls
+    from bench.timing import time_calls
 
     _, times = time_calls(lambda: fn(*args), jax.block_until_ready, warmup, repeats)
     return statistics.median(times), min(times)
@@ -301,7 +302,7 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
     import jaxvit
     import jaxvit.model as jm
     import predmaps.core as core
-    from bench.run import HEADLINE, jax_function
+    from bench.models import HEADLINE, jax_function
 
     from jaxvit.kernels import Tiles
 
@@ -407,7 +408,7 @@ def profile_summary(fn, args, calls, trace_dir, top=400):
     A CPU backend's trace has no device plane: there the events of the host threads that carry an
     `hlo_op` stat are XLA:CPU's ops (each on the thread that runs it, its thread-pool work inside),
     and the rest (Python, thread-pool bookkeeping) is left out. Independent ops run concurrently
-    there, so the sums are thread time: ViT-S/16 b8 on 2 cores, 435 ms of ops in a 389 ms call."""
+    there, so the sums are thread time and can exceed the call's wall time (bench/NOTES.md)."""
     import glob
     from collections import defaultdict
 

@@ -12,10 +12,8 @@ from pathlib import Path
 
 COMPILE_CACHE_ENV = "PREDMAPS_COMPILE_CACHE"
 XLA_DEFAULTS_ENV = "PREDMAPS_XLA_DEFAULTS"
-# XLA flags the CLI (and `python -m bench`) add unless XLA_FLAGS already names them. Each was
-# measured on the bf16 ViT-B/16 headline, H100 (bench/NOTES.md): cuBLAS for every GEMM instead of
-# autotuned Triton GEMM fusions, 25.94 -> 23.60 ms at batch 256 and 1.285 -> 1.234 ms at batch 1.
-# GPU-only flags: CPU and TPU compiles ignore them.
+# XLA flags the CLI (and `python -m bench`) add unless XLA_FLAGS already names them; GPU-only (CPU and TPU
+# compiles ignore them). cuBLAS for every GEMM: faster than autotuned Triton GEMM fusions (bench/NOTES.md).
 XLA_DEFAULT_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
 
 

@@ -5,8 +5,8 @@
 A small timm-compatible ViT (patch 8 on 64x64 -> an 8x8 grid, class token, token pooling,
 10 classes) trained from scratch with AdamW, linear warm-up and cosine decay, on one-digit scenes
 (`predmaps.digits.one_digit_scenes`) drawn fresh every step from the train digits: the data is
-infinite, and each step sees new backgrounds, colours, positions and warps. It runs on CPU in
-about a quarter of an hour; the accuracy reported is on one-digit scenes of the held-out test digits.
+infinite, and each step sees new backgrounds, colours, positions and warps. It runs on CPU (each
+stage's time is in TRAINING.md); the accuracy reported is on one-digit scenes of the held-out test digits.
 The result is written with `convert.save_timm` (timm's `model.safetensors` + `config.json`,
 which `convert.load(out)` and `timm.create_model(..., img_size=64, patch_size=8, ...)` both read)
 together with `TRAINING.md`, the record of the run.

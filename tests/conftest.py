@@ -31,7 +31,7 @@ def pytest_configure(config):
 # Re-draws every weight of a timm model at unit fan-in scale, in place. timm's own init is nearly
 # degenerate for testing (zero or tiny heads, LayerScale 1e-5, near-uniform attention): differences
 # between implementations could hide in it. The benchmark draws its parity inputs the same way.
-from bench.run import redraw_ as randomize_timm_  # noqa: E402
+from bench.models import redraw_ as randomize_timm_  # noqa: E402
 
 
 def rel_err(a, b) -> float:

@@ -106,7 +106,7 @@ def test_run_measures_its_bounds(tiny_run):
     """Each model's large batch gets its bounds in the same run: both libraries' matmul rate and dense
     GEMMs alone, and the compute floor: the headline's FLOPs at the fastest of those rates. Its table
     says which rate the floor took, and a run stored before the model's GEMMs counted says so too."""
-    from bench.run import render_markdown
+    from bench.render import render_markdown
 
     out, _ = tiny_run
     res = json.loads((out / "results.json").read_text())
@@ -195,7 +195,7 @@ def test_bounds_gemms_run_at_the_benchmarks_fp32_precision(monkeypatch):
 
 
 def test_target_checks_carry_their_bound():
-    from bench.run import target_checks
+    from bench.render import target_checks
 
     def rec(method, impl, tput):
         return {"model": "vit_s16", "dtype": "fp32", "method": method, "impl": impl, "batch": 8,
@@ -231,7 +231,8 @@ class FakeAllocator:
 def test_call_memory_reads_a_call_under_an_earlier_peak_exactly():
     """The first call also allocates a 300-unit workspace it frees; later calls use 12 units. The
     second call alone reads only an upper bound (the peak never rises); the balloon read is exact."""
-    from bench.run import MiB, call_memory
+    from bench.measure import call_memory
+    from bench.models import MiB
 
     dev = FakeAllocator()
     dev.alloc(1000)  # weights and inputs
@@ -262,7 +263,7 @@ def test_call_memory_reads_a_call_under_an_earlier_peak_exactly():
 
 def test_call_memory_keeps_an_exact_second_read():
     """A second call that lifts the peak by itself is read directly, without a balloon."""
-    from bench.run import call_memory
+    from bench.measure import call_memory
 
     dev = FakeAllocator()
     sizes = iter([50, 60])
@@ -290,7 +291,7 @@ def test_run_times_the_target_rows_interleaved(tiny_run):
 
 
 def test_target_checks_prefer_the_interleaved_timing():
-    from bench.run import target_checks
+    from bench.render import target_checks
 
     def rec(method, impl, tput):
         return {"model": "vit_b16", "dtype": "fp32", "method": method, "impl": impl, "batch": 8,
@@ -309,7 +310,8 @@ def test_target_checks_say_how_the_rounds_spread():
     """On a shared VM one run's median ratio can land either side of a target: each throughput check
     from interleaved timing also gives the per-round ratio (the versus row's time over JAX's in the same
     round) or JAX's per-round img/s, its quartiles and how many rounds meet the target."""
-    from bench.run import HEADLINE, render_markdown, target_checks
+    from bench.models import HEADLINE
+    from bench.render import render_markdown, target_checks
 
     def row(method, impl, times):
         return {"impl": impl, "method": method, "median_ms": statistics.median(times), "repeats": len(times),
@@ -669,13 +671,13 @@ def test_jax_memory_without_the_subprocess_reading_is_marked_static():
     """A JAX row's memory is XLA's static plan until the memory check's subprocess measures it; a
     run stopped before that check (--deadline, or killed) used to show the plan under the measured
     label, unmarked. It now carries the static label, and renders with '*' whatever the label."""
-    from bench import run
+    from bench import render
 
     key = ("vit_b16", "jax", "bf16", "predicatt_L", 256)
-    plan = {"memory_bytes": 123 << 20, "memory_kind": run.MEASURED_JAX_MEMORY}
-    assert run._mem_cell({key: plan}, *key) == "123*"
-    assert run._mem_cell({key: dict(plan, memory_kind=run.STATIC_JAX_MEMORY)}, *key) == "123*"
+    plan = {"memory_bytes": 123 << 20, "memory_kind": render.MEASURED_JAX_MEMORY}
+    assert render._mem_cell({key: plan}, *key) == "123*"
+    assert render._mem_cell({key: dict(plan, memory_kind=render.STATIC_JAX_MEMORY)}, *key) == "123*"
     measured = dict(plan, memory_detail={"overhead": 123 << 20, "exact": True})
-    assert run._mem_cell({key: measured}, *key) == "123"
+    assert render._mem_cell({key: measured}, *key) == "123"
     torch_row = {"memory_bytes": 123 << 20, "memory_kind": "torch.cuda max_memory_allocated - memory_allocated before"}
-    assert run._mem_cell({key: torch_row}, *key) == "123"
+    assert render._mem_cell({key: torch_row}, *key) == "123"

@@ -202,7 +202,7 @@ def test_vit_kernels_option_lowers_each_layer_norm_and_fc1_to_triton():
 def test_headline_lowers_the_prediction_map_normaliser_to_triton():
     """PredicAtt_L + PredicAtt_{L-1} with kernels='pallas_head': one normaliser kernel per layer. (Each of
     the two explanations traces its own forward; XLA's CSE merges them after this lowering.)"""
-    from bench.run import HEADLINE, jax_function
+    from bench.models import HEADLINE, jax_function
 
     images = jnp.zeros((2, 32, 32, 3))
     params = _model_params(ViT(SMALL), images)

@@ -4,6 +4,8 @@ argv fix for negative --layers."""
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -42,7 +44,9 @@ MODEL_NAME_HELP = ("the timm name of a bare weights file (.safetensors/.pth stat
                    "architecture it is, e.g. vit_base_patch16_224")
 
 
-def _parse_layers(text: str) -> list[int]:
+def parse_layers(text: str) -> list[int]:
+    """--layers of explain and run: comma-separated integers, at least one (an empty list would be
+    refused later with no flag named, or explain nothing)."""
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -96,3 +100,33 @@ def methods_help() -> str:
     from predmaps.explain import METHODS
 
     return "one of " + ", ".join(METHODS)
+
+
+_received: list[int] = []  # the signal that stopped the command: its exit status is 128 + it (130, 143)
+
+
+def _interrupt_once(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up (ours, JAX's)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def catch_signals() -> dict:
+    """SIGINT and SIGTERM as KeyboardInterrupt (the same one-line message, exit 130 / 143); returns the
+    handlers to restore (empty off the main thread, where handlers cannot be set)."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def exit_status() -> int:
+    """128 + the signal that interrupted the command (SIGTERM: 143), 130 for a KeyboardInterrupt otherwise."""
+    return 128 + (_received[-1] if _received else signal.SIGINT)
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        if signal.getsignal(sig) is _interrupt_once:  # not once a signal came: it stays ignored while exiting
+            signal.signal(sig, handler)

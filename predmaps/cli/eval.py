@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from jaxvit import safe_write
-from predmaps.cli.common import MODEL_NAME_HELP, methods_help, nonnegative_int, positive_int
+from predmaps.cli.common import MODEL_NAME_HELP, load_model, methods_help, nonnegative_int, positive_int
 
 
 def _parse_option(text: str):
@@ -212,8 +212,6 @@ def _check_maps_options(args, test: str) -> None:
 
 
 def _cmd_eval(args, ev) -> int:
-    from predmaps.cli.common import load_model
-
     test = args.eval_test
     if test == "digits":
         return _cmd_digits(args)
@@ -312,8 +310,6 @@ def _cmd_digits(args) -> int:
         rows = None
     else:
         rows = [(args.method, args.layer)]
-    from predmaps.cli.common import load_model
-
     model, params = load_model(args.model, args.model_name)  # None: the embedded digits ViT
     t0 = time.perf_counter()
     res = digit_scenes.run_benchmark(model, params, rows=rows, scenes=args.scenes, seed=args.seed,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, _parse_layers, load_model, methods_help,
-                                 nonnegative_int, positive_int)
+from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, catch_signals, exit_status, load_model, methods_help,
+                                 nonnegative_int, parse_layers, positive_int, restore_signals)
 
 
 def _parse_classes(text: str):
@@ -197,8 +197,6 @@ def _interruptible(command, args) -> int:
     """command(args, progress) with Ctrl-C anywhere as one line and exit 130, as in `predmaps run`,
     never a traceback; once the report is begun, write_report has written an index of the pages
     finished before it re-raises."""
-    from predmaps.cli.run import catch_signals, exit_status, restore_signals
-
     previous = catch_signals()  # Ctrl-C and SIGTERM alike
     progress = {}
     try:
@@ -379,7 +377,7 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
                    + methods_help())
-    p.add_argument("--layers", type=_parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
+    p.add_argument("--layers", type=parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
     p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index per image, e.g. 3,7 "
                    "(3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
     p.add_argument("--map-class", type=int, help="the class whose prediction map the report shows at every layer "

@@ -17,24 +17,16 @@ others stop with it (status 2, naming it) and every finished shard is kept.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
+
+from predmaps.cli.common import (MODEL_NAME_HELP, catch_signals, exit_status, join_negative_layers, load_model,
+                                 methods_help, parse_layers, positive_int, restore_signals)
 
 DTYPES = {"f32": "float32", "float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "f16": "float16", "float16": "float16", "fp16": "float16"}
 
 
-def _parse_layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like -1,-2; got {text!r}") from None
-
-
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
-    from predmaps.cli.common import MODEL_NAME_HELP, methods_help, positive_int
-
     p = subparsers.add_parser(
         "run", help="explain a whole data set into resumable shards on every device and host",
         description="Stream a data set through every device and host; write explanations as resumable "
@@ -50,7 +42,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                                                 "(resumed); a folder holding other files is refused")
     p.add_argument("--labels", help="label file for flat layouts: 'file label' lines (class index or WordNet id)")
     p.add_argument("--method", default="predicatt", help="method(s), comma-separated, of " + methods_help()[7:] + " (default predicatt)")
-    p.add_argument("--layers", type=_parse_layers, default=[-1],
+    p.add_argument("--layers", type=parse_layers, default=[-1],
                    help="prediction layers of prediction-map methods, e.g. -1,-2 (default -1)")
     p.add_argument("--target", default="top", help="top, topK (e.g. top5), all, gt, or a class index; "
                                                    "comma-separated for several (default top)")
@@ -81,36 +73,6 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int)
     p.set_defaults(fn=cmd_run)
     return p
-
-
-_received: list[int] = []  # the signal that stopped the command: its exit status is 128 + it (130, 143)
-
-
-def _interrupt_once(signum, frame):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up (ours, JAX's)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _received.append(signum)
-    raise KeyboardInterrupt
-
-
-def catch_signals() -> dict:
-    """SIGINT and SIGTERM as KeyboardInterrupt (the same one-line message, exit 130 / 143); returns the
-    handlers to restore (empty off the main thread, where handlers cannot be set)."""
-    _received.clear()
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def exit_status() -> int:
-    """128 + the signal that interrupted the command (SIGTERM: 143), 130 for a KeyboardInterrupt otherwise."""
-    return 128 + (_received[-1] if _received else signal.SIGINT)
-
-
-def restore_signals(previous: dict) -> None:
-    for sig, handler in previous.items():
-        if signal.getsignal(sig) is _interrupt_once:  # not once a signal came: it stays ignored while exiting
-            signal.signal(sig, handler)
 
 
 def cmd_run(args) -> int:
@@ -145,8 +107,6 @@ def _run(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from predmaps.cli.common import load_model
-
     try:
         model, params = load_model(args.model, args.model_name)
         dtype = DTYPES[args.dtype]
@@ -177,8 +137,6 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "run":
         argv.insert(0, "run")
-    from predmaps.cli.common import join_negative_layers
-
     args = parser.parse_args(join_negative_layers(argv))
     return args.fn(args)
 
