@@ -30,6 +30,7 @@ import jaxvit
 from jaxvit import safe_write
 from jaxvit import ViT, ViTConfig, labels as jlabels
 from predmaps import pipeline, results, run_cli
+from predmaps.data import DecodePool, decode_item
 from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
 from predmaps import iter_results, read_results
 from predmaps.results import JobMismatchError
@@ -928,11 +929,11 @@ def test_decoding_runs_ahead_on_threads_within_its_window():
         return np.full((2, 2, 3), source, np.float32)
 
     items = [pipeline.Item(str(i), i) for i in range(30)]
-    pre = pipeline.stream._Prefetcher(iter([pipeline.stream._Shard(0, 0, items[:20]), pipeline.stream._Shard(1, 20, items[20:])]),
-                               transform, workers=3, window=5)
-    pre.start()
+    shards = [pipeline.stream._Shard(0, 0, items[:20]), pipeline.stream._Shard(1, 20, items[20:])]
+    work = ((sh, j, item) for sh in shards for j, item in enumerate(sh.items))
+    pre = DecodePool(lambda w: decode_item(transform, w[2]), work, workers=3, window=5).start()
     got = []
-    for sh, j, item, arr, reason, _ident in pre:
+    for (sh, j, item), (arr, reason, _ident) in pre:
         with lock:
             live[0] -= 1
         got.append((sh.id, sh.first + j, None if arr is None else int(arr[0, 0, 0]), reason))

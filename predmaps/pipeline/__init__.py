@@ -14,8 +14,8 @@
     summary = explain_dataset(model, params, "imagenet/val", "out/", spec, batch_size=256)
     res = predmaps.results.read_results("out/")
 
-Modules, in the order a batch meets them:
-    inputs       what to explain: `open_inputs` -> `Inputs` of `Item`s (labels from folders or files)
+Inputs, labels and decoding are `predmaps.data`'s (`open_inputs` is re-exported here). Modules, in the
+order a batch meets them:
     spec         `ExplainSpec` (methods x layers x targets) and `model_identity`
     distributed  `init_distributed` and the multi-process agreements (fail, stop, finish together)
     step         the device step: one AOT-compiled, batch-sharded program per job
@@ -25,8 +25,8 @@ Modules, in the order a batch meets them:
 """
 
 from jaxvit.preprocess import ImageLoadError
+from predmaps.data import IMAGE_EXTENSIONS, LABEL_FILE_LIMIT, Inputs, Item, open_inputs, read_label_file
 from predmaps.pipeline.distributed import OtherProcessError, init_distributed
-from predmaps.pipeline.inputs import IMAGE_EXTENSIONS, LABEL_FILE_LIMIT, Inputs, Item, open_inputs, read_label_file
 from predmaps.pipeline.job import RunSummary, auto_shard_size, decode_throughput, explain_batches, explain_dataset
 from predmaps.pipeline.output import JobInterrupted, OutputInUseError, OutputWriteError
 from predmaps.pipeline.spec import Combo, ExplainSpec, model_identity, params_fingerprint
@@ -35,5 +35,6 @@ from predmaps.pipeline.stream import ResultBatch
 from predmaps.results import JobMismatchError
 
 __all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobInterrupted", "JobMismatchError",
-           "OutputInUseError", "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches", "explain_dataset",
-           "OtherProcessError", "init_distributed", "model_identity", "open_inputs", "params_fingerprint"]
+           "OutputInUseError", "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches",
+           "explain_dataset", "OtherProcessError", "init_distributed", "model_identity", "open_inputs",
+           "params_fingerprint"]

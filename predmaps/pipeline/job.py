@@ -4,7 +4,6 @@ resumable job on disk), with the job's summary.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -17,14 +16,14 @@ import numpy as np
 
 from jaxvit.preprocess import eval_settings
 from predmaps import results as _results
+from predmaps.data import IMAGE_EXTENSIONS, DecodePool, decode_item, default_workers, open_inputs
 from predmaps.pipeline.distributed import OtherProcessError, _agreement, _allgather, _allgather_json
-from predmaps.pipeline.inputs import IMAGE_EXTENSIONS, open_inputs
 from predmaps.pipeline.output import (JobInterrupted, OutputWriteError, _atomic_write, _check_owned, _check_writable,
                                       _drop_records, _drop_superseded_records, _manifest_parts, _OutputLock,
                                       _read_manifest_file, _stale_reason, _write_shard)
 from predmaps.pipeline.spec import Combo, ExplainSpec, _as_spec, model_identity
 from predmaps.pipeline.step import _Engine
-from predmaps.pipeline.stream import (ResultBatch, _decode, _default_workers, _plan, _check_labels, _process_shards,
+from predmaps.pipeline.stream import (ResultBatch, _plan, _check_labels, _process_shards,
                                       _progress_bar, _shard_digest, _Shard, _shards, _Stats, _stream)
 from predmaps.results import JobMismatchError
 
@@ -51,7 +50,7 @@ def explain_batches(model, params, images, spec: ExplainSpec | dict | None = Non
     import jax
 
     spec = _as_spec(spec)
-    inputs = open_inputs(images, labels=labels)
+    inputs = open_inputs(images, labels=labels, num_classes=model.config.num_classes)
     combos = spec.combos(model)
     engine = _Engine(model, params, spec, combos, batch_size, devices)
     chunk = engine.local_batch * 16
@@ -76,7 +75,7 @@ def explain_batches(model, params, images, spec: ExplainSpec | dict | None = Non
         try:
             unplanned = cfg.num_classes if spec.needs_labels and plan is None else None
             yield from _stream(engine, combos, _process_shards(inputs, chunk, pidx, pcount, lambda sh: False, unplanned),
-                               transform=transform, workers=workers or _default_workers(), prefetch=prefetch,
+                               transform=transform, workers=workers or default_workers(), prefetch=prefetch,
                                total_steps=total_steps, stats=stats, bar=bar)
         finally:
             if bar is not None:
@@ -178,7 +177,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
 
     t_start = time.perf_counter()
     spec = _as_spec(spec)
-    inputs = open_inputs(images, labels=labels)
+    inputs = open_inputs(images, labels=labels, num_classes=model.config.num_classes)
     combos = spec.combos(model)
     cfg = model.config
     out = Path(out)
@@ -330,7 +329,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             stopped_by: BaseException | None = None  # multi-process: what ended this process's loop early
             try:
                 stream = _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
-                                 workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
+                                 workers=workers or default_workers(), prefetch=prefetch, total_steps=total_steps,
                                  stats=stats, bar=bar, on_batch=on_batch, identify=2 if verify_inputs else 1)
                 with contextlib.closing(stream):  # closed at once on an error here, so peers stop with it
                     for b in stream:
@@ -423,9 +422,8 @@ def decode_throughput(images, config, workers: Sequence[int] = (1, 2), repeat: i
         best = math.inf
         for _ in range(repeat):
             t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(w) as pool:
-                for _ in pool.map(lambda it: _decode(transform, it), items):
-                    pass
+            for _ in DecodePool(lambda it: decode_item(transform, it), items, workers=w, window=len(items)):
+                pass
             best = min(best, time.perf_counter() - t0)
         out[w] = len(items) / best
     return out

@@ -21,7 +21,8 @@ import numpy as np
 from jaxvit import safe_write
 from predmaps import results as _results
 from predmaps.pipeline.spec import Combo
-from predmaps.pipeline.stream import ResultBatch, _file_sha256, _Shard
+from predmaps.data.decode import file_sha256
+from predmaps.pipeline.stream import ResultBatch, _Shard
 
 
 class OutputWriteError(OSError):
@@ -241,16 +242,14 @@ def _read_manifest_file(path: Path, out: Path) -> dict:
 
 
 def _stale_reason(out: Path, rec: dict, sh: _Shard, verify_inputs: bool) -> str | None:
-    """Why a finished shard must not be skipped, or None. Its file's sha256 against the manifest:
-    measured 2026-12-06 on the 2-core AMD EPYC dev VM at load average ~10, 1.2 ms for the 1.6 MiB
-    shard of 1024 images x ViT-B/16 PredicAtt_L + PredicAtt_{L-1} (top class, float32), 0.56-0.60 s
-    for a 256 MiB shard (the most `auto_shard_size` makes, e.g. target "all"): well under the
-    device work a skip saves. Then each input's size and mtime (a stat) against those recorded when
-    it was decoded, or, with verify_inputs where recorded, its content's sha256. Shards written
-    before inputs were recorded are checked by their own sha256 only."""
+    """Why a finished shard must not be skipped, or None. Its file's sha256 against the manifest (well
+    under the device work a skip saves: bench/NOTES.md, "Resume checks"). Then each input's size and
+    mtime (a stat) against those recorded when it was decoded, or, with verify_inputs where recorded,
+    its content's sha256. Shards written before inputs were recorded are checked by their own sha256
+    only."""
     path = out / rec["file"]
     try:
-        if _file_sha256(path).hex() != rec.get("sha256"):
+        if file_sha256(path).hex() != rec.get("sha256"):
             return "its sha256 differs from the manifest's (damaged on disk)"
         with np.load(path, allow_pickle=False) as z:
             if "input_size" not in z.files:
@@ -269,7 +268,7 @@ def _stale_reason(out: Path, rec: dict, sh: _Shard, verify_inputs: bool) -> str 
             st = os.stat(item.path)
             if not stat.S_ISREG(st.st_mode):  # hashing a FIFO would wait forever
                 return f"its input {item.name} is no longer a regular file"
-            changed = (_file_sha256(item.path) != digest.tobytes()) if by_content else \
+            changed = (file_sha256(item.path) != digest.tobytes()) if by_content else \
                 (st.st_size, st.st_mtime_ns) != (n, t)
         except OSError as e:
             return f"its input {item.name} cannot be read now ({e.strerror or e})"
