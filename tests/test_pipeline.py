@@ -31,6 +31,7 @@ from jaxvit import safe_write
 from jaxvit import ViT, ViTConfig, labels as jlabels
 from predmaps import pipeline, results
 from predmaps.cli import run as run_cli
+from predmaps.data import DecodePool, decode_item
 from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
 from predmaps import iter_results, read_results
 from predmaps.results import JobMismatchError
@@ -571,14 +572,14 @@ def test_unwritable_out_is_named_not_an_unreadable_manifest(ckpt, image_dir, tmp
     ro.mkdir()
     ro.chmod(0o555)
     if os.access(ro, os.W_OK):  # root: permissions do not bind, so the writes fail as they would
-        real = results.atomic_write
+        real = results.folder.atomic_write
 
         def refuse(path, data):
             if Path(path).parent == ro:
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path, data)
 
-        monkeypatch.setattr(results, "atomic_write", refuse)
+        monkeypatch.setattr(results.folder, "atomic_write", refuse)
     try:
         assert run_cli.main(_cli_args(ckpt, image_dir, ro, "--batch-size", 4)) == 2
     finally:
@@ -619,20 +620,20 @@ def test_a_damaged_manifest_stops_the_job_and_keeps_every_shard(model, image_dir
 def test_a_full_disk_names_the_file_and_the_rerun_resumes(ckpt, image_dir, reference, tmp_path, monkeypatch,
                                                           capsys):
     out = tmp_path / "full"
-    real = results.atomic_write
+    real = results.folder.atomic_write
 
     def no_space(path, data):
         if Path(path).name == "shard-000002.npz":
             raise OSError(28, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(results, "atomic_write", no_space)
+    monkeypatch.setattr(results.folder, "atomic_write", no_space)
     args = _cli_args(ckpt, image_dir, out, "--batch-size", 4, "--shard-size", 3)
     assert run_cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: cannot write {out / 'shard-000002.npz'}: No space left on device. 2 finished shard(s) "
                    f"are kept in {out}: free some space (or raise the quota) and rerun the same command to resume")
-    monkeypatch.setattr(results, "atomic_write", real)  # space freed
+    monkeypatch.setattr(results.folder, "atomic_write", real)  # space freed
     assert run_cli.main(args) == 0
     assert "6 input(s) in shards already complete: skipped" in capsys.readouterr().out
     res = read_results(out)
@@ -744,7 +745,7 @@ def test_two_jobs_cannot_write_one_directory_at_once(ckpt, model, image_dir, ref
     m, p = model
     out = tmp_path / "out"
     out.mkdir()
-    running = pipeline.output._OutputLock(out, 0)  # a separate open file: conflicts as another process's would
+    running = results.OutputLock(out, 0)  # a separate open file: conflicts as another process's would
     running.acquire()
     with pytest.raises(pipeline.OutputInUseError) as e:
         explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=10, progress=False)
@@ -930,11 +931,11 @@ def test_decoding_runs_ahead_on_threads_within_its_window():
         return np.full((2, 2, 3), source, np.float32)
 
     items = [pipeline.Item(str(i), i) for i in range(30)]
-    pre = pipeline.stream._Prefetcher(iter([pipeline.stream._Shard(0, 0, items[:20]), pipeline.stream._Shard(1, 20, items[20:])]),
-                               transform, workers=3, window=5)
-    pre.start()
+    shards = [pipeline.stream._Shard(0, 0, items[:20]), pipeline.stream._Shard(1, 20, items[20:])]
+    work = ((sh, j, item) for sh in shards for j, item in enumerate(sh.items))
+    pre = DecodePool(lambda w: decode_item(transform, w[2]), work, workers=3, window=5).start()
     got = []
-    for sh, j, item, arr, reason, _ident in pre:
+    for (sh, j, item), (arr, reason, _ident) in pre:
         with lock:
             live[0] -= 1
         got.append((sh.id, sh.first + j, None if arr is None else int(arr[0, 0, 0]), reason))

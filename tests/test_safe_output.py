@@ -222,7 +222,7 @@ def test_a_kill_between_a_retried_shard_and_its_record_leaves_a_state_the_rerun_
     out = tmp_path / "out"
     assert _run(model, images, out).errors == 1
     (images / "im02.png").write_bytes(good)  # fixed
-    real = results.atomic_write
+    real = results.folder.atomic_write
     renamed = []
 
     def killed_after_the_shard(path, data):
@@ -232,10 +232,10 @@ def test_a_kill_between_a_retried_shard_and_its_record_leaves_a_state_the_rerun_
         if Path(path).name.startswith("shard-"):
             renamed.append(path)
 
-    monkeypatch.setattr(results, "atomic_write", killed_after_the_shard)
+    monkeypatch.setattr(results.folder, "atomic_write", killed_after_the_shard)
     with pytest.raises(pipeline.JobInterrupted):
         _run(model, images, out, retry_failed=True)
-    monkeypatch.setattr(results, "atomic_write", real)
+    monkeypatch.setattr(results.folder, "atomic_write", real)
     assert [Path(p).name for p in renamed] == ["shard-000001.npz"]
     listed = {r["id"]: r for r in json.loads((out / "manifest.json").read_text())["shards"]}
     assert 1 not in listed  # no record describing a file that is being replaced

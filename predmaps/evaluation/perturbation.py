@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from predmaps.evaluation import metrics
-from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, ImageList, eval_size, iter_image_list, \
-    stack_padded, unit_transform
+from predmaps.data import ImageList, iter_image_list, stack_padded
+from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, eval_size, unit_transform
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,26 +14,26 @@
     summary = explain_dataset(model, params, "imagenet/val", "out/", spec, batch_size=256)
     res = predmaps.results.read_results("out/")
 
-Modules, in the order a batch meets them:
-    inputs       what to explain: `open_inputs` -> `Inputs` of `Item`s (labels from folders or files)
+Inputs, labels and decoding are `predmaps.data`'s; the job folder (lock, manifests, shards) is
+`predmaps.results`'s, reader and writer; both are re-exported here. Modules, in the order a batch
+meets them:
     spec         `ExplainSpec` (methods x layers x targets) and `model_identity`
     distributed  `init_distributed` and the multi-process agreements (fail, stop, finish together)
     step         the device step: one AOT-compiled, batch-sharded program per job
     stream       shards, the decoding pool and the loop that yields `ResultBatch`es
-    output       the job folder: lock, ownership, manifests read back, shard records written
     job          `explain_batches`, `explain_dataset`, `RunSummary`
 """
 
 from jaxvit.preprocess import ImageLoadError
+from predmaps.data import IMAGE_EXTENSIONS, LABEL_FILE_LIMIT, Inputs, Item, open_inputs, read_label_file
 from predmaps.pipeline.distributed import OtherProcessError, init_distributed
-from predmaps.pipeline.inputs import IMAGE_EXTENSIONS, LABEL_FILE_LIMIT, Inputs, Item, open_inputs, read_label_file
 from predmaps.pipeline.job import RunSummary, auto_shard_size, decode_throughput, explain_batches, explain_dataset
-from predmaps.pipeline.output import JobInterrupted, OutputInUseError, OutputWriteError
 from predmaps.pipeline.spec import Combo, ExplainSpec, model_identity, params_fingerprint
 from predmaps.pipeline.step import StepCompileError
 from predmaps.pipeline.stream import ResultBatch
-from predmaps.results import JobMismatchError
+from predmaps.results import JobInterrupted, JobMismatchError, OutputInUseError, OutputWriteError
 
 __all__ = ["ExplainSpec", "IMAGE_EXTENSIONS", "Inputs", "Item", "JobInterrupted", "JobMismatchError",
-           "OutputInUseError", "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches", "explain_dataset",
-           "OtherProcessError", "init_distributed", "model_identity", "open_inputs", "params_fingerprint"]
+           "OutputInUseError", "OutputWriteError", "ResultBatch", "RunSummary", "decode_throughput", "explain_batches",
+           "explain_dataset", "OtherProcessError", "init_distributed", "model_identity", "open_inputs",
+           "params_fingerprint"]

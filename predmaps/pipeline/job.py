@@ -4,7 +4,6 @@ resumable job on disk), with the job's summary.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -17,16 +16,17 @@ import numpy as np
 
 from jaxvit.preprocess import eval_settings
 from predmaps import results as _results
+from predmaps.data import IMAGE_EXTENSIONS, DecodePool, decode_item, default_workers, open_inputs
 from predmaps.pipeline.distributed import OtherProcessError, _agreement, _allgather, _allgather_json
-from predmaps.pipeline.inputs import IMAGE_EXTENSIONS, open_inputs
-from predmaps.pipeline.output import (JobInterrupted, OutputWriteError, _atomic_write, _check_owned, _check_writable,
-                                      _drop_records, _drop_superseded_records, _manifest_parts, _OutputLock,
-                                      _read_manifest_file, _stale_reason, _write_shard)
 from predmaps.pipeline.spec import Combo, ExplainSpec, _as_spec, model_identity
 from predmaps.pipeline.step import _Engine
-from predmaps.pipeline.stream import (ResultBatch, _decode, _default_workers, _plan, _check_labels, _process_shards,
+from predmaps.pipeline.stream import (ResultBatch, _plan, _check_labels, _process_shards,
                                       _progress_bar, _shard_digest, _Shard, _shards, _Stats, _stream)
 from predmaps.results import JobMismatchError
+from predmaps.results.folder import (JobInterrupted, OutputLock, OutputWriteError, check_owned, check_writable,
+                                     write_file)
+from predmaps.results.writer import (drop_records, drop_superseded_records, list_manifest_parts, read_manifest_file,
+                                     stale_reason, write_shard)
 
 
 _SHARD_BUDGET_BYTES = 256 << 20  # results buffered per shard, for the automatic shard size
@@ -51,7 +51,7 @@ def explain_batches(model, params, images, spec: ExplainSpec | dict | None = Non
     import jax
 
     spec = _as_spec(spec)
-    inputs = open_inputs(images, labels=labels)
+    inputs = open_inputs(images, labels=labels, num_classes=model.config.num_classes)
     combos = spec.combos(model)
     engine = _Engine(model, params, spec, combos, batch_size, devices)
     chunk = engine.local_batch * 16
@@ -76,7 +76,7 @@ def explain_batches(model, params, images, spec: ExplainSpec | dict | None = Non
         try:
             unplanned = cfg.num_classes if spec.needs_labels and plan is None else None
             yield from _stream(engine, combos, _process_shards(inputs, chunk, pidx, pcount, lambda sh: False, unplanned),
-                               transform=transform, workers=workers or _default_workers(), prefetch=prefetch,
+                               transform=transform, workers=workers or default_workers(), prefetch=prefetch,
                                total_steps=total_steps, stats=stats, bar=bar)
         finally:
             if bar is not None:
@@ -178,7 +178,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
 
     t_start = time.perf_counter()
     spec = _as_spec(spec)
-    inputs = open_inputs(images, labels=labels)
+    inputs = open_inputs(images, labels=labels, num_classes=model.config.num_classes)
     combos = spec.combos(model)
     cfg = model.config
     out = Path(out)
@@ -215,7 +215,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
     # Check or create the job, every process alike. Phase 1 only reads (and probes that out takes a
     # file), so every process sees the directory as it was; process 0 writes a new job's manifest
     # in phase 2. Both phases raise on every process alike, whatever the process count.
-    lock = _OutputLock(out, pidx)
+    lock = OutputLock(out, pidx)
     try:
         main, own = out / _results.MANIFEST, out / _results.manifest_file(pidx)
         existed = False
@@ -227,15 +227,15 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             except OSError as e:
                 raise OutputWriteError(out, e, out, action=f"create {out}",
                                        folder=Path(e.filename).parent if e.filename else out.parent) from e
-            _check_writable(out)
+            check_writable(out)
             lock.acquire()  # before reading anything: another writer could change it under us
-            _check_owned(out, pidx)
+            check_owned(out, pidx)
             existed = main.exists()
             if resume is False and existed:
                 raise FileExistsError(f"{out} already holds a job; choose another output directory")
             # Every manifest file must read: a damaged one may be the only record of finished shards.
-            parts = {part: _read_manifest_file(part, out)  # manifest.json first: its error matters most
-                     for part in sorted(_manifest_parts(out), key=lambda part: part != main)}
+            parts = {part: read_manifest_file(part, out)  # manifest.json first: its error matters most
+                     for part in sorted(list_manifest_parts(out), key=lambda part: part != main)}
             if existed:
                 _results.check_same_job(parts[main], header, out)
             if own in parts and own != main:
@@ -246,11 +246,11 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             if pidx == 0:
                 _results.remove_temporaries(out)
                 if not existed:
-                    _atomic_write(main, _results.dumps(header), out)
+                    write_file(main, _results.dumps(header), out)
             if existed:
                 complete = _results.read_manifest(out)["shards"]
                 if own.exists():  # the records of this part that describe the files (a later run's may)
-                    mine_records = {int(r["id"]): r for r in _results._load_json(own).get("shards", [])
+                    mine_records = {int(r["id"]): r for r in _results.load_json(own).get("shards", [])
                                     if complete.get(int(r["id"])) == r}
                 if retry_failed:  # complete shards holding failed inputs are done again, whole
                     retry = {sid for sid, rec in complete.items() if rec.get("errors")}
@@ -261,7 +261,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
                 if any(sid % pcount == pidx and sid not in retry for sid in complete):
                     for sh in _shards(inputs, shard_size):  # a listing pass, only to resume
                         if sh.id % pcount == pidx and sh.id in complete and sh.id not in retry:
-                            why = _stale_reason(out, complete[sh.id], sh, verify_inputs)
+                            why = stale_reason(out, complete[sh.id], sh, verify_inputs)
                             if why:
                                 stale[sh.id] = why
             for sid in stale:
@@ -269,7 +269,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             redo = (retry | set(stale)) & set(mine_records)
             if redo:  # drop their records before any is rewritten: a kill then leaves them unlisted, never
                 # a listed record describing a file being replaced (the rerun recomputes them)
-                _drop_records(out, redo, pidx, pcount, lambda path, data: _atomic_write(path, data, out))
+                drop_records(out, redo, pidx, pcount, lambda path, data: write_file(path, data, out))
                 for sid in redo:
                     mine_records.pop(sid, None)
             if plan is not None:
@@ -294,7 +294,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
                 if complete[sh.id].get("names_sha256") != _shard_digest(sh.items):
                     raise JobMismatchError(f"{out}: shard {sh.id} was made from other inputs than this run lists")
                 if sh.id not in retry:  # one process (streams are): no step count to keep agreed
-                    why = _stale_reason(out, complete[sh.id], sh, verify_inputs)
+                    why = stale_reason(out, complete[sh.id], sh, verify_inputs)
                     if why:
                         stale[sh.id] = why
                         del complete[sh.id]
@@ -309,7 +309,7 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
         from jaxvit.preprocess import eval_transform_for
 
         stats = _Stats()
-        own_header = dict(_results._load_json(out / _results.MANIFEST)) if pidx == 0 else dict(header)
+        own_header = dict(_results.load_json(out / _results.MANIFEST)) if pidx == 0 else dict(header)
         todo = None if plan is None else sum(n for sid, (_, n, _) in plan.digests.items()
                                              if sid % pcount == pidx and (sid not in complete or sid in retry))
         bar = _progress_bar(progress and pidx == 0, todo, pcount)
@@ -324,20 +324,20 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
                 yield sh
 
         def write(path: Path, data: bytes) -> None:
-            _atomic_write(path, data, out, kept())
+            write_file(path, data, out, kept())
 
         try:
             stopped_by: BaseException | None = None  # multi-process: what ended this process's loop early
             try:
                 stream = _stream(engine, combos, shards_tracked(), transform=eval_transform_for(cfg),
-                                 workers=workers or _default_workers(), prefetch=prefetch, total_steps=total_steps,
+                                 workers=workers or default_workers(), prefetch=prefetch, total_steps=total_steps,
                                  stats=stats, bar=bar, on_batch=on_batch, identify=2 if verify_inputs else 1)
                 with contextlib.closing(stream):  # closed at once on an error here, so peers stop with it
                     for b in stream:
                         buf.append(b)
                         if b.last_in_shard:
                             first, n, digest = streamed_shards.pop(b.shard)
-                            rec = _write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
+                            rec = write_shard(out, b.shard, first, n, digest, buf, combos, pidx, write)
                             buf = []
                             records = {**mine_records, b.shard: rec}
                             own_header["shards"] = [records[k] for k in sorted(records)]
@@ -374,12 +374,12 @@ def explain_dataset(model, params, images, out: str | os.PathLike, spec: Explain
             n_errors = sum(len(r.get("errors", [])) for r in everything.values())
             if pidx == 0:
                 try:
-                    final = dict(_results._load_json(out / _results.MANIFEST))
+                    final = dict(_results.load_json(out / _results.MANIFEST))
                     final["shards"] = [everything[k] for k in sorted(everything)]
                     final["num_shards"] = num_shards
                     final["totals"] = {"images": sum(r["images"] for r in everything.values()), "errors": n_errors}
                     write(out / _results.MANIFEST, _results.dumps(final))
-                    _drop_superseded_records(out, everything, write)
+                    drop_superseded_records(out, everything, write)
                     try:
                         _results.write_errors_file(out, everything)
                     except OSError as e:
@@ -423,9 +423,8 @@ def decode_throughput(images, config, workers: Sequence[int] = (1, 2), repeat: i
         best = math.inf
         for _ in range(repeat):
             t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(w) as pool:
-                for _ in pool.map(lambda it: _decode(transform, it), items):
-                    pass
+            for _ in DecodePool(lambda it: decode_item(transform, it), items, workers=w, window=len(items)):
+                pass
             best = min(best, time.perf_counter() - t0)
         out[w] = len(items) / best
     return out

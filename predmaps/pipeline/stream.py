@@ -1,41 +1,29 @@
 """Shards, decoding and the loop: this process's inputs through the engine as host `ResultBatch`es.
 
-Host side: decoding and resizing (PIL, `jaxvit.preprocess`) run on a thread pool that keeps
-`prefetch` batches decoded ahead of the device, and the device's result for batch t is copied
-back while batch t+1 runs. Memory is bounded whatever the data set's size: inputs are listed
-lazily (one directory's listing at a time), about `prefetch + 2` batches of images and two
-batches of results are alive on the host and one batch on the devices, and one shard of
-results (with its list of inputs) is buffered before it is written.
-
-Measured 2026-11-26 on this project's dev VM (2 cores of an Intel Xeon, shared with other
-jobs; Python 3.11.7, Pillow 13.0, numpy 2.4) with `decode_throughput`: 200 generated 500x375
-JPEGs -> 224x224 (ViT-Ti/16's eval transform: bicubic, crop 0.9), median of 6 interleaved
-trials at load average ~4: 1 thread 219 img/s, 2 threads 357 img/s (x1.63), 4 threads 337.
-That matches the profile: 68% of an image's time is PIL decoding, resampling and copying (C
-code that releases the GIL) and 13% numpy normalisation (GIL released in its loops), which
-bounds the speedup on k free cores near 1/(0.2 + 0.8/k): 1.6x on 2, 2.5x on 4, 4x on 16.
-(At load average ~7 the same trials gave 164 / 144 / 191 img/s: other jobs took the cores.)
-End to end (ViT-Ti/16, random weights, batch 32, XLA on the same 2 cores, 200 images), the
-device loop waited on decoding 0.0-0.3 s of 6-8 s wall (<5%): decoding stays ahead.
+Host side: decoding and resizing (PIL, `jaxvit.preprocess`) run on the data layer's thread pool
+(`predmaps.data.DecodePool`), which keeps `prefetch` batches decoded ahead of the device (it stays
+ahead: bench/NOTES.md, "Decoding threads"), and the device's result for batch t is copied back
+while batch t+1 runs. Memory is bounded whatever the data set's size: inputs are listed lazily
+(one directory's listing at a time), about `prefetch + 2` batches of images and two batches of
+results are alive on the host and one batch on the devices, and one shard of results (with its
+list of inputs) is buffered before it is written.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
-import os
 import sys
-import time
 from collections import deque
 from typing import Callable, Iterator
 
 import numpy as np
 
-from jaxvit.preprocess import DECODE_BUDGET, ImageLoadError
 from predmaps import results as _results
 from predmaps.pipeline.distributed import OtherProcessError, _compile_together, _stop_together
-from predmaps.pipeline.inputs import Inputs, Item, _UnlistedFolder
+from predmaps.data.decode import DecodePool, decode_item
+from predmaps.data.inputs import Inputs, Item, UnlistedFolder
+from predmaps.data.labels import out_of_range
 from predmaps.pipeline.spec import Combo, ExplainSpec
 from predmaps.pipeline.step import _Engine
 
@@ -83,8 +71,8 @@ def _plan(inputs: Inputs, shard_size: int, num_classes: int) -> _Plan:
         h.update(d.encode())
         count += len(sh.items)
         for it in sh.items:
-            if it.label < 0 and isinstance(it.source, _UnlistedFolder):
-                continue  # an input error of its own (see _decode), not a missing label
+            if it.label < 0 and isinstance(it.source, UnlistedFolder):
+                continue  # an input error of its own (see decode_item), not a missing label
             if it.label < 0 and len(unlabelled) < 5:
                 unlabelled.append(it.name)
             elif it.label >= num_classes and len(bad) < 5:  # an error only when 'gt' is asked for
@@ -96,94 +84,13 @@ def _check_labels(plan: _Plan | None, inputs: Inputs, spec: ExplainSpec, num_cla
     if plan is None:
         return
     if spec.needs_labels and plan.bad_labels:
-        raise ValueError(f"labels out of range for a {num_classes}-class model: {plan.bad_labels}")
+        raise out_of_range(plan.bad_labels, num_classes)
     if spec.needs_labels and plan.unlabelled:
         raise ValueError(
             f"target 'gt' needs a label for every input; {inputs.source} has none for {plan.unlabelled}"
             f"{' (the first 5)' if len(plan.unlabelled) == 5 else ''}. Labels come from an ImageNet class-folder "
             "tree (folders named by WordNet id, e.g. val/n01440764/*.JPEG), a label file (--labels FILE: 'file label' "
             "lines), or 'path<TAB>label' lines of a list file")
-
-
-def _decode(transform, item: Item, identify: int = 0):
-    """(array, None, identity) or (None, reason, None). identity (for a path, with `identify` 1): its
-    (size, mtime_ns, None) as decoded, which a resumed job compares before it skips the shard; with 2,
-    (size, mtime_ns, sha256). The hash took 0.29 ms per 110 KB file (2026-12-06, 2-core AMD EPYC at load
-    ~10), against ~4.6 ms to decode a 500x375 JPEG (the module docstring's 219 img/s): only
-    --verify-inputs pays it."""
-    if isinstance(item.source, _UnlistedFolder):
-        return None, item.source.reason, None
-    st = None
-    if identify and item.path:
-        try:
-            st = os.stat(item.source)  # before reading: a later edit shows
-        except OSError:
-            pass  # the transform says what is wrong with it
-    try:
-        with DECODE_BUDGET.claim():  # the pool's workers share one pixel budget
-            arr = np.asarray(transform(item.source), np.float32)
-        ident = (st.st_size, st.st_mtime_ns, _file_sha256(item.path) if identify > 1 else None) \
-            if st is not None else None
-        return arr, None, ident
-    except Exception as e:  # any failure of one input is that input's error, never the job's
-        return None, str(e) if isinstance(e, ImageLoadError) else f"{type(e).__name__}: {e}", None
-
-
-def _file_sha256(path: str | os.PathLike) -> bytes:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
-
-
-class _Prefetcher:
-    """Decodes items on a thread pool, in order, at most `window` ahead of the consumer."""
-
-    def __init__(self, shards: Iterator[_Shard], transform, workers: int, window: int, identify: int = 0):
-        self._shards = shards
-        self._identify = identify
-        self._transform = transform
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="predmaps-decode")
-        self._window = max(1, window)
-        self._queue: deque = deque()
-        self._pending_items: Iterator = iter(())
-        self.wait_s = 0.0
-
-    def _work(self):
-        for sh in self._shards:
-            for j, item in enumerate(sh.items):
-                yield sh, j, item
-
-    def _fill(self):
-        while len(self._queue) < self._window:
-            try:
-                sh, j, item = next(self._pending_items)
-            except StopIteration:
-                return False
-            self._queue.append((sh, j, item, self._pool.submit(_decode, self._transform, item, self._identify)))
-        return True
-
-    def start(self):
-        self._pending_items = self._work()
-        self._fill()
-
-    def __iter__(self):
-        try:
-            while True:
-                self._fill()
-                if not self._queue:
-                    return
-                sh, j, item, fut = self._queue.popleft()
-                t0 = time.perf_counter()
-                arr, reason, ident = fut.result()
-                self.wait_s += time.perf_counter() - t0
-                yield sh, j, item, arr, reason, ident
-        finally:
-            self.close()
-
-    def close(self):
-        for *_, fut in self._queue:
-            fut.cancel()
-        self._queue.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclasses.dataclass
@@ -238,8 +145,9 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
     and end there: none is left waiting in a step another never runs. The others then raise
     OtherProcessError, after yielding their finished batches."""
     lb = engine.local_batch
-    pre = _Prefetcher(shards, transform, workers, window=lb * max(1, prefetch), identify=identify)
-    pre.start()  # decoding starts before (and during) compilation
+    work = ((sh, j, item) for sh in shards for j, item in enumerate(sh.items))
+    pre = DecodePool(lambda w: decode_item(transform, w[2], identify), work, workers=workers,
+                     window=lb * max(1, prefetch)).start()  # decoding starts before (and during) compilation
     try:
         _compile_together(engine)
     except BaseException:
@@ -250,7 +158,7 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
 
     def steps():  # (images, labels, mask, (shard, rows, last)), then padding steps: (..., None)
         rows = []
-        for sh, j, item, arr, reason, ident in pre:
+        for (sh, j, item), (arr, reason, ident) in pre:
             rows.append((sh.first + j, item, arr, reason, ident))
             last = j == len(sh.items) - 1
             if len(rows) == lb or last:  # a batch never spans two shards
@@ -323,10 +231,6 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
         stats.input_wait_s = pre.wait_s
 
 
-def _default_workers() -> int:
-    return max(1, min(32, os.cpu_count() or 1))
-
-
 def _process_shards(inputs: Inputs, shard_size: int, pidx: int, pcount: int, skip: Callable[[_Shard], bool],
                     label_classes: int | None = None):
     """This process's shards. `label_classes`: the model's class count where inputs that were not
@@ -340,7 +244,7 @@ def _process_shards(inputs: Inputs, shard_size: int, pidx: int, pcount: int, ski
                     raise ValueError(f"target 'gt' needs a label for every input; none for {missing[:5]}")
                 bad = [(it.name, it.label) for it in sh.items if it.label >= label_classes]
                 if bad:
-                    raise ValueError(f"labels out of range for a {label_classes}-class model: {bad[:5]}")
+                    raise out_of_range(bad, label_classes)
             yield sh
 
 

@@ -1,11 +1,10 @@
-"""What to explain, as `Inputs` (`open_inputs`): a directory (recursive, image extensions only, sorted); a glob (image
-extensions only, sorted); a text file of paths (one per line, relative to the file's folder,
+"""What to explain, as `Inputs` (`open_inputs`): a directory (recursive, image extensions only,
+sorted); a glob (image extensions only, sorted); a text file of paths (one per line, relative to the file's folder,
 optionally `<TAB>label`); one image; or, from Python, a sequence/iterable of paths, `Item`s, `(name,
 image)` pairs or images (PIL / uint8 arrays). ImageNet layouts give labels: a class-folder tree
 whose folders are WordNet ids (torchvision's ImageFolder layout of `val/`) through
-`jaxvit.labels.wnid_to_index`, or flat files plus a label file (`labels=`: lines `file label`, label
-a class index or a WordNet id; caffe's `val.txt` and Kaggle's `LOC_val_solution.csv` both read as
-they are).
+`jaxvit.labels.wnid_to_index`, or flat files plus a label file (`labels=`, read by
+`predmaps.data.labels.read_label_file`: every layout `predmaps eval` reads too).
 """
 
 from __future__ import annotations
@@ -13,20 +12,16 @@ from __future__ import annotations
 import dataclasses
 import glob as _glob
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxvit import safe_write
+from predmaps.data.labels import WNID, check_label, lookup, parse_label, read_label_file
 
 
 # torchvision's IMG_EXTENSIONS: what ImageFolder lists.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_WNID = re.compile(r"^n\d{8}$")
-# ImageNet's 1.28M training labels take ~60 MB as 'path label' lines: a file past this is not a label file
-LABEL_FILE_LIMIT = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +69,7 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-class _UnlistedFolder:
+class UnlistedFolder:
     """The source of a folder that could not be listed: an input error like an unreadable image's,
     so the job counts it (and --strict fails) instead of silently explaining fewer images."""
 
@@ -85,10 +80,10 @@ class _UnlistedFolder:
                        "add: run the job again into a new --out")
 
 
-def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[str, Path | _UnlistedFolder]]:
+def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[str, Path | UnlistedFolder]]:
     """(relative posix name, path) of every image-extension file under root, sorted per
     directory, depth first; hidden entries skipped; directory symlinks followed once. A subfolder
-    that cannot be listed comes as ("sub/", _UnlistedFolder); the root itself raises."""
+    that cannot be listed comes as ("sub/", UnlistedFolder); the root itself raises."""
     seen = set() if seen is None else seen
     try:
         real = os.path.realpath(root)
@@ -99,7 +94,7 @@ def _walk(root: Path, rel: str = "", seen: set | None = None) -> Iterator[tuple[
     except OSError as e:
         if not rel:
             raise OSError(e.errno, f"cannot list the images folder {root}: {e.strerror or e}") from e
-        yield rel, _UnlistedFolder(root, e)
+        yield rel, UnlistedFolder(root, e)
         return
     for e in entries:
         if e.name.startswith("."):
@@ -123,71 +118,13 @@ def _class_folder_labels(root: Path) -> dict[str, int] | None:
     except OSError:
         return None
     dirs = [e.name for e in entries if e.is_dir()]
-    if not dirs or not all(_WNID.match(d) for d in dirs) or any(_is_image_name(e.name) for e in entries
+    if not dirs or not all(WNID.match(d) for d in dirs) or any(_is_image_name(e.name) for e in entries
                                                                 if not e.is_dir()):
         return None
     from jaxvit import labels as _labels
 
     index = {w: i for i, w in enumerate(_labels.imagenet_wnids())}
     return {d: index.get(d, -1) for d in dirs}
-
-
-def _parse_label(text: str) -> int | None:
-    text = text.strip()
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    if _WNID.match(text):
-        from jaxvit import labels as _labels
-
-        try:
-            return _labels.wnid_to_index(text)
-        except KeyError:
-            raise ValueError(f"{text!r} is not an ImageNet-1k WordNet id") from None
-    return None
-
-
-def read_label_file(path: str | os.PathLike) -> dict[str, int]:
-    """{file name: class} from lines `name label` (whitespace or comma separated; label a class
-    index or an ImageNet WordNet id; further fields ignored: Kaggle's LOC_val_solution.csv and
-    caffe's val.txt read as they are). A header line is skipped."""
-    path = Path(path)
-    out: dict[str, int] = {}
-    try:
-        text = safe_write.read_regular(path, LABEL_FILE_LIMIT, "label file").decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); save the label file as UTF-8") from None
-    first = True  # the first line with content may be a header
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        is_first, first = first, False
-        fields = line.split(",", 1) if "," in line else line.split(None, 1)
-        if len(fields) < 2:
-            if re.fullmatch(r"\d+", line):
-                raise ValueError(
-                    f"{path}: one label per line without file names (like the ILSVRC2012 devkit's "
-                    "validation_ground_truth.txt, whose ids are not class indices) is ambiguous: give "
-                    "'file label' lines, label a class index (0..999, sorted WordNet ids) or a WordNet id")
-            raise ValueError(f"{path}:{n}: expected 'file label', got {line!r}")
-        label = _parse_label(fields[1].split()[0] if fields[1].split() else "")
-        if label is None:
-            if is_first:  # a header such as "ImageId,PredictionString"
-                continue
-            raise ValueError(f"{path}:{n}: cannot read a class index or WordNet id in {line!r}")
-        out[fields[0].strip()] = label
-    if not out:
-        raise ValueError(f"{path}: no labels found")
-    return out
-
-
-def _lookup(label_map: dict[str, int] | None, name: str) -> int:
-    if not label_map:
-        return -1
-    for key in (name, os.path.basename(name), os.path.splitext(os.path.basename(name))[0]):
-        if key in label_map:
-            return label_map[key]
-    return -1
 
 
 def _check_list_file(path: Path) -> None:
@@ -204,12 +141,14 @@ def _check_list_file(path: Path) -> None:
                          "its path in a list file")
 
 
-def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) -> Inputs:
+def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None,
+                num_classes: int | None = None) -> Inputs:
     """Resolve what to explain into `Inputs` (see the module docstring). `labels`: a label file,
-    or a {name: class} dict, matched by name, base name or stem."""
+    or a {name: class} dict, matched by name, base name or stem. num_classes: the model's class
+    count, which every label a file gives (label file, list file) must fit (`labels.check_label`)."""
     if isinstance(images, Inputs):
         return images
-    label_map = read_label_file(labels) if isinstance(labels, (str, os.PathLike)) else labels
+    label_map = read_label_file(labels, num_classes) if isinstance(labels, (str, os.PathLike)) else labels
     how = "label file" if label_map else ""
     if isinstance(images, (str, os.PathLike)):
         s = os.fspath(images)
@@ -220,13 +159,13 @@ def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) 
 
             def walk_dir():
                 for name, path in _walk(root):
-                    label = folders.get(name.split("/", 1)[0], -1) if folders else _lookup(label_map, name)
-                    yield Item(name, path if isinstance(path, _UnlistedFolder) else str(path), label)
+                    label = folders.get(name.split("/", 1)[0], -1) if folders else lookup(label_map, name)
+                    yield Item(name, path if isinstance(path, UnlistedFolder) else str(path), label)
 
             return Inputs(walk_dir, s, labelled="class folders (ImageNet WordNet ids)" if folders else how)
         if p.is_file():  # before the glob test: an existing "cat [1].png" is that file
             if _is_image_name(p.name):
-                return Inputs(lambda: iter([Item(s, str(p.resolve()), _lookup(label_map, s))]), s, labelled=how)
+                return Inputs(lambda: iter([Item(s, str(p.resolve()), lookup(label_map, s))]), s, labelled=how)
             _check_list_file(p)
             base = p.resolve().parent
 
@@ -237,18 +176,20 @@ def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) 
                         if not line.strip() or line.lstrip().startswith("#"):
                             continue
                         name, _, lab = line.partition("\t")
-                        label = _parse_label(lab) if lab.strip() else None
+                        label = parse_label(lab, str(p)) if lab.strip() else None
                         if lab.strip() and label is None:
                             raise ValueError(f"{p}: cannot read the label of line {line!r}")
+                        if label is not None and num_classes is not None:
+                            check_label(label, num_classes, f"{p}: line {line!r}")
                         name = name.strip()
-                        yield Item(name, str(base / name), _lookup(label_map, name) if label is None else label)
+                        yield Item(name, str(base / name), lookup(label_map, name) if label is None else label)
 
             return Inputs(walk_list, s, labelled=how or "list file")
         if _has_magic(s):
             def walk_glob():
                 for m in sorted(_glob.glob(s, recursive=True)):
                     if _is_image_name(m) and os.path.isfile(m):  # as a folder lists: "dir/*" skips its notes.txt
-                        yield Item(m, os.path.abspath(m), _lookup(label_map, m))
+                        yield Item(m, os.path.abspath(m), lookup(label_map, m))
 
             return Inputs(walk_glob, s, labelled=how)
         raise FileNotFoundError(f"images {s!r}: no such directory or file, and not a glob pattern")
@@ -258,9 +199,9 @@ def open_inputs(images: Any, *, labels: str | os.PathLike | dict | None = None) 
             return x
         if isinstance(x, (str, os.PathLike)):
             x = os.fspath(x)
-            return Item(x, os.path.abspath(x), _lookup(label_map, x))
+            return Item(x, os.path.abspath(x), lookup(label_map, x))
         if isinstance(x, tuple) and len(x) in (2, 3) and isinstance(x[0], str):
-            return Item(x[0], x[1], int(x[2]) if len(x) == 3 else _lookup(label_map, x[0]))
+            return Item(x[0], x[1], int(x[2]) if len(x) == 3 else lookup(label_map, x[0]))
         return Item(f"#{i}", x, -1)
 
     if isinstance(images, np.ndarray):  # a stack of uint8 images (B, H, W[, C])
