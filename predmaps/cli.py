@@ -290,6 +290,7 @@ def _explain(args, progress: dict) -> int:
 
     from jaxvit import preprocess
     from predmaps import report
+    from predmaps.data import load_images
 
     if args.labels is not None and len(args.labels) != len(args.images):
         print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
@@ -339,16 +340,13 @@ def _explain(args, progress: dict) -> int:
 
     def batches():  # read lazily, one batch at a time: a run over many images stays bounded in memory
         buf = []
-        for i, path in enumerate(args.images):
-            try:
-                image = preprocess.load_image(path)
-                x = transform(image)
-            except preprocess.ImageLoadError as e:
+        for i, (path, x, image_size, e) in enumerate(load_images(args.images, transform, window=2 * size)):
+            if e is not None:  # decoded ahead on the data layer's pool
                 reason = str(e) if str(path) in str(e) else f"{path}: {e}"  # a transform's error names no file
                 errors.append(reason)
                 print(f"skipped: {reason}", file=sys.stderr)
                 continue
-            buf.append((path, x, None if args.labels is None else args.labels[i], image.size))
+            buf.append((path, x, None if args.labels is None else args.labels[i], image_size))
             if len(buf) == size:
                 yield make(buf)
                 buf = []

@@ -58,7 +58,7 @@ def _common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--subset", choices=("random", "first"), default="random",
                    help="with --limit: a seeded random subset kept in data order (default) or the first N")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the --subset random draw (default 0)")
-    p.add_argument("--workers", type=positive_int, help="image loading threads (default: up to 8)")
+    p.add_argument("--workers", type=positive_int, help="image loading threads (default: one per core, up to 32)")
     p.add_argument("--json", help="write every number to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

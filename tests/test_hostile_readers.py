@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from jaxvit import preprocess
-from predmaps.evaluation import data as evdata
-from predmaps.evaluation.data import DataLayoutError
+from predmaps import data as pdata
+from predmaps.data import DataLayoutError
 from predmaps.evaluation.files import CheferResults, ImageNetSegmentation
 from predmaps.pipeline import read_label_file
 
@@ -35,7 +35,7 @@ def test_label_files_must_be_small_regular_files(tmp_path):
     with pytest.raises(ValueError, match=r"big\.txt is 268,435,457 bytes, over the 268,435,456 a label file"):
         read_label_file(big)
     with pytest.raises(DataLayoutError, match="is not a regular file"):
-        evdata._read_label_file(fifo)
+        pdata.imagenet_val(tmp_path, labels_file=fifo)  # predmaps eval's path to the same reader
 
 
 # --------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_decoding_workers_share_one_pixel_budget(tmp_path, monkeypatch):
                 live[0] -= 1
 
     monkeypatch.setattr(Image.Image, "load", counting_load)
-    rows = list(evdata.prefetch_batches(len(paths), 6, lambda i: {"x": np.asarray(preprocess.load_image(paths[i]))},
+    rows = list(pdata.prefetch_batches(len(paths), 6, lambda i: {"x": np.asarray(preprocess.load_image(paths[i]))},
                                         workers=8))
     assert sum(len(r) for _, r in rows) == 24 and rows[0][1][5]["x"].shape == (100, 100, 3)
     assert budget.peak <= 5000 and budget.used == 0 and 1 < peak[0] <= 3

@@ -29,7 +29,8 @@ import convert
 import jaxvit
 from jaxvit import safe_write
 from jaxvit import ViT, ViTConfig, labels as jlabels
-from predmaps import pipeline, run_cli
+from predmaps import pipeline, results, run_cli
+from predmaps.data import DecodePool, decode_item
 from predmaps.pipeline import ExplainSpec, explain_batches, explain_dataset, open_inputs
 from predmaps import iter_results, read_results
 from predmaps.results import JobMismatchError
@@ -269,18 +270,19 @@ def test_a_process_failing_mid_run_stops_every_process(ckpt, model, image_dir, r
 _COMPILE_FAILS_ON_PROCESS_1 = """
 import sys
 import jax
-from predmaps import pipeline, run_cli
+from predmaps import run_cli
+from predmaps.pipeline import step
 
 class Lowered:
     def compile(self):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 52.22GiB.")
 
-init = pipeline._Engine.__init__
+init = step._Engine.__init__
 def patched(self, *args, **kw):
     init(self, *args, **kw)
     if jax.process_index() == 1:
         self._lowered = Lowered
-pipeline._Engine.__init__ = patched
+step._Engine.__init__ = patched
 sys.exit(run_cli.main(sys.argv[1:]))
 """
 
@@ -467,7 +469,7 @@ def test_an_unlistable_folder_is_an_input_error_not_fewer_images(ckpt, tmp_path,
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(pipeline.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)
     out = tmp_path / "out"
     assert run_cli.main(_cli_args(ckpt, d, out, "--strict")) == 1
     assert "2 image(s) explained, 1 error(s)" in capsys.readouterr().out
@@ -479,13 +481,13 @@ def test_an_unlistable_folder_is_an_input_error_not_fewer_images(ckpt, tmp_path,
     capsys.readouterr()
     # Listable again: its images are new inputs, which --retry-failed cannot add to this job (refused,
     # nothing changed); a new --out explains them all.
-    monkeypatch.setattr(pipeline.os, "scandir", real_scandir)
+    monkeypatch.setattr(os, "scandir", real_scandir)
     assert run_cli.main(_cli_args(ckpt, d, out, "--retry-failed")) == 2
     assert "already holds a different job (inputs.count, inputs.sha256 differ)" in capsys.readouterr().err
     assert sorted(read_results(out).names) == ["a/im00.png", "a/im01.jpg"]
     assert run_cli.main(_cli_args(ckpt, d, tmp_path / "again")) == 0
     assert len(read_results(tmp_path / "again")) == 4
-    monkeypatch.setattr(pipeline.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)
     assert run_cli.main(_cli_args(ckpt, d / "b", tmp_path / "out2")) == 2
     assert f"cannot list the images folder {(d / 'b').resolve()}: Permission denied" in capsys.readouterr().err
 
@@ -569,14 +571,14 @@ def test_unwritable_out_is_named_not_an_unreadable_manifest(ckpt, image_dir, tmp
     ro.mkdir()
     ro.chmod(0o555)
     if os.access(ro, os.W_OK):  # root: permissions do not bind, so the writes fail as they would
-        real = pipeline._results.atomic_write
+        real = results.atomic_write
 
         def refuse(path, data):
             if Path(path).parent == ro:
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path, data)
 
-        monkeypatch.setattr(pipeline._results, "atomic_write", refuse)
+        monkeypatch.setattr(results, "atomic_write", refuse)
     try:
         assert run_cli.main(_cli_args(ckpt, image_dir, ro, "--batch-size", 4)) == 2
     finally:
@@ -617,20 +619,20 @@ def test_a_damaged_manifest_stops_the_job_and_keeps_every_shard(model, image_dir
 def test_a_full_disk_names_the_file_and_the_rerun_resumes(ckpt, image_dir, reference, tmp_path, monkeypatch,
                                                           capsys):
     out = tmp_path / "full"
-    real = pipeline._results.atomic_write
+    real = results.atomic_write
 
     def no_space(path, data):
         if Path(path).name == "shard-000002.npz":
             raise OSError(28, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(pipeline._results, "atomic_write", no_space)
+    monkeypatch.setattr(results, "atomic_write", no_space)
     args = _cli_args(ckpt, image_dir, out, "--batch-size", 4, "--shard-size", 3)
     assert run_cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: cannot write {out / 'shard-000002.npz'}: No space left on device. 2 finished shard(s) "
                    f"are kept in {out}: free some space (or raise the quota) and rerun the same command to resume")
-    monkeypatch.setattr(pipeline._results, "atomic_write", real)  # space freed
+    monkeypatch.setattr(results, "atomic_write", real)  # space freed
     assert run_cli.main(args) == 0
     assert "6 input(s) in shards already complete: skipped" in capsys.readouterr().out
     res = read_results(out)
@@ -646,12 +648,12 @@ def test_batch_is_capped_at_what_a_shard_holds(model, image_dir, tmp_path, monke
     one = jax.devices()[:1]
     compiled_for = []
 
-    class Engine(pipeline._Engine):
+    class Engine(pipeline.step._Engine):
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
             compiled_for.append(self.global_batch)
 
-    monkeypatch.setattr(pipeline, "_Engine", Engine)
+    monkeypatch.setattr(pipeline.job, "_Engine", Engine)
     five = [str(image_dir / n) for n in ("im00.png", "im02.png", "im03.jpg", "im04.png", "im06.png")]
     s = explain_dataset(m, p, five, tmp_path / "a", SPEC, batch_size=256, devices=one, progress=False)
     assert compiled_for == [5] and (s.batch, s.images) == (5, 5) and "batch 5" in str(s)
@@ -741,7 +743,7 @@ def test_two_jobs_cannot_write_one_directory_at_once(ckpt, model, image_dir, ref
     m, p = model
     out = tmp_path / "out"
     out.mkdir()
-    running = pipeline._OutputLock(out, 0)  # a separate open file: conflicts as another process's would
+    running = pipeline.output._OutputLock(out, 0)  # a separate open file: conflicts as another process's would
     running.acquire()
     with pytest.raises(pipeline.OutputInUseError) as e:
         explain_dataset(m, p, image_dir, out, SPEC, batch_size=4, shard_size=10, progress=False)
@@ -927,11 +929,11 @@ def test_decoding_runs_ahead_on_threads_within_its_window():
         return np.full((2, 2, 3), source, np.float32)
 
     items = [pipeline.Item(str(i), i) for i in range(30)]
-    pre = pipeline._Prefetcher(iter([pipeline._Shard(0, 0, items[:20]), pipeline._Shard(1, 20, items[20:])]),
-                               transform, workers=3, window=5)
-    pre.start()
+    shards = [pipeline.stream._Shard(0, 0, items[:20]), pipeline.stream._Shard(1, 20, items[20:])]
+    work = ((sh, j, item) for sh in shards for j, item in enumerate(sh.items))
+    pre = DecodePool(lambda w: decode_item(transform, w[2]), work, workers=3, window=5).start()
     got = []
-    for sh, j, item, arr, reason, _ident in pre:
+    for (sh, j, item), (arr, reason, _ident) in pre:
         with lock:
             live[0] -= 1
         got.append((sh.id, sh.first + j, None if arr is None else int(arr[0, 0, 0]), reason))
@@ -963,7 +965,7 @@ def test_spec_and_shard_size():
 def test_half_precision_jobs_hold_block_weights_in_that_dtype(model):
     """A bf16 job keeps the block matmul weights on device in bf16 (`jaxvit.cast_params`: the same
     outputs as casting per step, tested in test_jaxvit) and the rest as given."""
-    from predmaps.pipeline import _Engine
+    from predmaps.pipeline.step import _Engine
 
     m, p = model
     m16 = m.clone(dtype=jnp.bfloat16)

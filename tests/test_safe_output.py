@@ -17,7 +17,7 @@ import convert
 import jaxvit
 from jaxvit import ViTConfig, safe_write
 from jaxvit.checkpoint import param_shapes
-from predmaps import cli, pipeline, read_results, run_cli
+from predmaps import cli, pipeline, read_results, results, run_cli
 from predmaps.pipeline import ExplainSpec, explain_dataset
 
 SPEC = ExplainSpec(methods="predicatt", layers="-1", targets="top")
@@ -221,7 +221,7 @@ def test_a_kill_between_a_retried_shard_and_its_record_leaves_a_state_the_rerun_
     out = tmp_path / "out"
     assert _run(model, images, out).errors == 1
     (images / "im02.png").write_bytes(good)  # fixed
-    real = pipeline._results.atomic_write
+    real = results.atomic_write
     renamed = []
 
     def killed_after_the_shard(path, data):
@@ -231,10 +231,10 @@ def test_a_kill_between_a_retried_shard_and_its_record_leaves_a_state_the_rerun_
         if Path(path).name.startswith("shard-"):
             renamed.append(path)
 
-    monkeypatch.setattr(pipeline._results, "atomic_write", killed_after_the_shard)
+    monkeypatch.setattr(results, "atomic_write", killed_after_the_shard)
     with pytest.raises(pipeline.JobInterrupted):
         _run(model, images, out, retry_failed=True)
-    monkeypatch.setattr(pipeline._results, "atomic_write", real)
+    monkeypatch.setattr(results, "atomic_write", real)
     assert [Path(p).name for p in renamed] == ["shard-000001.npz"]
     listed = {r["id"]: r for r in json.loads((out / "manifest.json").read_text())["shards"]}
     assert 1 not in listed  # no record describing a file that is being replaced

@@ -19,8 +19,8 @@ Removal order of the perturbation test (`TIE_ORDER`): positive = decreasing map 
 negative = increasing map value; equal values in increasing flat pixel index (y * W + x).
 """
 
-from predmaps.evaluation.data import (IMAGENET_LAYOUTS, PROTOCOL_MEAN, PROTOCOL_STD, DataLayoutError, ImageList,
-                                      imagenet_val, mask_transform, subset_indices, unit_transform)
+from predmaps.data import IMAGENET_LAYOUTS, DataLayoutError, ImageList, imagenet_val, subset_indices
+from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, mask_transform, unit_transform
 from predmaps.evaluation.files import (CheferResults, CheferWriter, ImageNetSegmentation, read_chefer_hdf5,
                                        write_chefer_hdf5, write_segmentation_mat)
 from predmaps.evaluation.metrics import (MODES, STEPS, TIE_ORDER, SegmentationTotals, average_precision,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvit import safe_write
-from predmaps.evaluation.data import DataLayoutError
+from predmaps.data import DataLayoutError
 
 SEGMENTATION_LAYOUT = (
     "expected ImageNet-Segmentation's gtsegs_ijcv.mat (MATLAB v7.3 / HDF5): /value/img an (n,1) array of object "

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from predmaps.evaluation import metrics
+from predmaps.data import ImageList, iter_image_list, stack_padded
+from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, eval_size, unit_transform
 from predmaps.request import Request, check
 from predmaps.targets import make_targets
-from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, ImageList, eval_size, iter_image_list, \
-    stack_padded, unit_transform
 
 
 # --------------------------------------------------------------------------------------------

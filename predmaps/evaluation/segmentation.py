@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from predmaps.evaluation import metrics
-from predmaps.evaluation.data import (PROTOCOL_MEAN, PROTOCOL_STD, eval_size, mask_transform, prefetch_batches,
-                                      stack_padded, subset_indices, unit_transform)
+from predmaps.data import prefetch_batches, stack_padded, subset_indices
+from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, eval_size, mask_transform, unit_transform
 from predmaps.evaluation.files import ImageNetSegmentation
 from predmaps.evaluation.perturbation import _normalize, pixel_maps
 from predmaps.request import check
