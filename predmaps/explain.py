@@ -10,7 +10,7 @@ columns of the prediction matrix; B x L x N x C is never built unless asked for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
