@@ -113,7 +113,7 @@ def test_every_target_form_builds_through_make_targets():
         assert isinstance(t, Targets) and (t.kind, t.k) == (kind, k), target
         assert t.resolve(logits).tolist() == classes, target
         form = target_form(target, C)
-        assert form.k == k and form.kind == ("labels" if target == "gt" else kind)
+        assert form.k == k and form.kind == ("labels" if isinstance(target, str) and target == "gt" else kind)
     # Ground truth as a traced per-example target: labels inside jit reuse one executable.
     resolve = jax.jit(lambda lab: make_targets("gt", 3, C, labels=lab).resolve(logits))
     assert resolve(jnp.asarray(labels)).tolist() == [[3], [7], [1]]
