@@ -9,9 +9,8 @@ columns of the prediction matrix; B x L x N x C is never built unless asked for.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,11 @@ from flax import struct
 from jaxvit import Params, ViT
 from jaxvit.model import fields_repr
 from predmaps import baselines, core, lrp
+from predmaps.request import METHODS, Method, Request, check, get_method, register
 from predmaps.targets import Target, Targets, make_targets
+
+__all__ = ["METHODS", "Explanation", "Method", "explain", "explain_fn", "get_method", "prediction_matrices",
+           "request_fn", "upsample"]
 
 
 @struct.dataclass
@@ -49,23 +52,6 @@ class Explanation:
 
     def __repr__(self) -> str:
         return fields_repr(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A registered explanation method.
-
-    `run(model, params, images, targets, layer, **options)` returns a dict with `maps`
-    (B, K, N), `classes` (B, K), `logits` (B, C) and optional extras.
-    """
-
-    name: str
-    run: Callable[..., dict]
-    options: dict[str, Any]
-    class_specific: bool
-    needs_class_token: bool
-    uses_layer: bool
-    description: str
 
 
 def _forward(model, params, images):
@@ -118,8 +104,6 @@ def _run_mean_attention(model, params, images, targets, layer):
 
 
 def _run_rollout(model, params, images, targets, layer, *, start_layer=1):
-    if not 0 <= start_layer < model.config.depth:
-        raise ValueError(f"start_layer {start_layer} out of range 0..{model.config.depth - 1}")
     return _agnostic(model, params, images, targets, lambda out: baselines.rollout(model, out.attn, start_layer),
                      return_attn=True)
 
@@ -148,50 +132,44 @@ def _run_partial_lrp(model, params, images, targets, layer, *, rule="orig"):
     return lrp.partial_lrp(model, params, images, targets, rule=rule)
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
-
-
 _PM_OPTIONS = dict(scores="probs", lean=True)
+_PM_CHOICES = dict(scores=core.SCORES)
+_PA_CHOICES = dict(similarity=core.SIMILARITIES, **_PM_CHOICES)
+_LRP_CHOICES = dict(rule=lrp.RULES)
+_LRP_HEAD = ("propagates relevance from the class-token read-out", "its relevance would start from a token the "
+             "logits do not come from")
 for _m in [
     Method("predicatt", _run_predicatt, dict(similarity="dot", **_PM_OPTIONS), True, True, True,
-           "PredicAtt_i(c) = A~(c) * Psi^(i)(c): head-weighted class-token attention times the prediction map"),
+           "PredicAtt_i(c) = A~(c) * Psi^(i)(c): head-weighted class-token attention times the prediction map",
+           _PA_CHOICES),
     Method("prediction_map", _run_prediction_map, dict(_PM_OPTIONS), True, False, True,
-           "Psi^(i)(c): the classifier head applied to every patch token of layer i"),
+           "Psi^(i)(c): the classifier head applied to every patch token of layer i", _PM_CHOICES),
     Method("weighted_attention", _run_weighted_attention, dict(similarity="dot", **_PM_OPTIONS), True, True, True,
-           "A~(c) alone (ablation ii)"),
+           "A~(c) alone (ablation ii)", _PA_CHOICES),
     Method("mean_attention", _run_mean_attention, {}, False, True, False,
            "mean class-token attention over all heads and blocks (ablation i)"),
     Method("raw_attention", _run_raw_attention, {}, False, True, False,
            "last block's class-token attention, mean over heads"),
     Method("rollout", _run_rollout, dict(start_layer=1), False, True, False,
            "attention rollout (Abnar & Zuidema) from start_layer"),
-    Method("gradcam", _run_gradcam, {}, True, True, False, "GradCAM on the last block's attention"),
+    Method("gradcam", _run_gradcam, {}, True, True, False, "GradCAM on the last block's attention",
+           head_token=("weights heads by the gradient at the last block's class-token row", "every map would be 0")),
     Method("generic_attention", _run_generic_attention, {}, True, True, False,
            "Chefer 2021a: gradient x attention rollout"),
     Method("transattr", _run_transattr, dict(start_layer=1, rule="ours"), True, True, False,
-           "Chefer 2021b Transformer Attribution: LRP relevance x gradient of attention, rollout"),
+           "Chefer 2021b Transformer Attribution: LRP relevance x gradient of attention, rollout", _LRP_CHOICES,
+           _LRP_HEAD),
     Method("lrp", _run_lrp, dict(rule="orig"), True, True, False,
-           "full LRP to the input pixels, summed per patch"),
+           "full LRP to the input pixels, summed per patch", _LRP_CHOICES, _LRP_HEAD),
     Method("partial_lrp", _run_partial_lrp, dict(rule="orig"), True, True, False,
-           "partial LRP (Voita et al.): the last block's attention relevance"),
+           "partial LRP (Voita et al.): the last block's attention relevance", _LRP_CHOICES, _LRP_HEAD),
 ]:
     register(_m)
 
 
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def _explain_impl(model: ViT, method: str, layer: int, options: tuple, params, images, targets: Targets):
-    m = METHODS[method]
-    res = m.run(model, params, images, targets, layer, **dict(options))
+def _explain_impl(model: ViT, req: Request, params, images, targets: Targets):
+    m = METHODS[req.method]
+    res = m.run(model, params, images, targets, req.layer, **dict(req.options))
     gh, gw = images.shape[1] // model.config.patch_size, images.shape[2] // model.config.patch_size
 
     if targets.kind == "given":
@@ -212,11 +190,10 @@ def _explain_impl(model: ViT, method: str, layer: int, options: tuple, params, i
     return Explanation(maps=grid(res["maps"]), classes=res["classes"], logits=res["logits"],
                        head_weights=checked(res.get("head_weights")),
                        weighted_attention=grid(res.get("weighted_attention")),
-                       prediction_map=grid(res.get("prediction_map")), method=method,
-                       layer=layer if m.uses_layer else None)
+                       prediction_map=grid(res.get("prediction_map")), method=req.method, layer=req.layer)
 
 
-_explain_jit = jax.jit(_explain_impl, static_argnums=(0, 1, 2, 3))
+_explain_jit = jax.jit(_explain_impl, static_argnums=(0, 1))
 
 
 def explain(model: ViT, params: Params, images: jax.Array | np.ndarray, *, method: str = "predicatt",
@@ -235,50 +212,13 @@ def explain(model: ViT, params: Params, images: jax.Array | np.ndarray, *, metho
     given) and K, batch shape). Inside your own `jit`, call `explain_fn` instead (no host-side
     checks).
     """
-    _, layer_i, opts = check_request(model, method, layer, options)
+    req = check(model, method, layer, options)
     cfg = model.config
     core.check_pixel_range(images, cfg)
     images = jnp.asarray(images)
     core.check_images(images, cfg)
     targets = make_targets(target, images.shape[0], cfg.num_classes)
-    return _explain_jit(model, method, layer_i, opts, params, images, targets)
-
-
-def check_request(model: ViT, method: str, layer: int | None = -1, options: dict | None = None):
-    """The host-side checks of an explanation request: (Method, layer index, sorted options tuple).
-
-    Raises ValueError naming the problem: unknown method or option, bad option value, layer out of
-    range, a layer for a method that has none (None and the default -1 pass for every method), no classifier head, an attention method on a model without a class token, GradCAM on a
-    model whose head does not read the class token.
-    """
-    m = get_method(method)
-    cfg = model.config
-    if cfg.num_classes <= 0:
-        raise ValueError("this model has no classifier head (num_classes=0): prediction maps need one")
-    if m.needs_class_token:
-        core.check_class_token(model, method)
-    if method == "gradcam" and cfg.global_pool != "token":
-        raise ValueError(f"gradcam weights heads by the gradient at the last block's class-token row, which a head "
-                         f"pooling with global_pool={cfg.global_pool!r} never reads: every map would be 0. Use "
-                         "generic_attention or prediction_map")
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(m.options))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes {sorted(m.options) or 'none'}")
-    opts = {**m.options, **options}
-    for name, value in options.items():  # a flag given as "no" would read as True
-        if isinstance(m.options[name], bool) and not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False; got {value!r}")
-    if "scores" in opts and opts["scores"] not in core.SCORES:
-        raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
-    if "similarity" in opts and opts["similarity"] not in core.SIMILARITIES:
-        raise ValueError(f"similarity must be one of {core.SIMILARITIES}; got {opts['similarity']!r}")
-    if not m.uses_layer and layer not in (None, -1):
-        raise ValueError(f"method {method!r} takes no layer (it reads the attention of every block it needs); got "
-                         f"layer={layer!r}: leave layer out. The methods with a prediction layer: "
-                         f"{', '.join(n for n, x in METHODS.items() if x.uses_layer)}")
-    layer_i = core.layer_index(-1 if layer is None else layer, cfg.depth) if m.uses_layer else 0
-    return m, layer_i, tuple(sorted(opts.items()))
+    return _explain_jit(model, req, params, images, targets)
 
 
 def explain_fn(model: ViT, *, method: str = "predicatt", layer: int | None = -1,
@@ -292,7 +232,11 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int | None = -1,
     catch one, check classes on the host before the call (`make_targets` refuses concrete ones out
     of range) or test `jnp.isnan(ex.maps).any()` after it: an in-graph check would need the caller's
     whole function under `jax.experimental.checkify`, and NaN already marks exactly the bad maps."""
-    _, layer_i, opts = check_request(model, method, layer, options)
+    return request_fn(model, check(model, method, layer, options))
+
+
+def request_fn(model: ViT, req: Request) -> Callable[[Params, jax.Array, Targets], Explanation]:
+    """`explain_fn` for a request already checked by `predmaps.request.check`."""
     cfg = model.config
 
     def fn(params: Params, images: jax.Array, targets: Targets) -> Explanation:
@@ -304,7 +248,7 @@ def explain_fn(model: ViT, *, method: str = "predicatt", layer: int | None = -1,
         if targets.kind == "given" and targets.classes.shape[0] not in (1, b):
             raise ValueError(f"targets were made for batch {targets.classes.shape[0]}, images have batch {b}: "
                              f"make_targets(target, {b}, {cfg.num_classes})")
-        return _explain_impl(model, method, layer_i, opts, params, images, targets)
+        return _explain_impl(model, req, params, images, targets)
 
     return fn
 

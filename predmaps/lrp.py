@@ -101,19 +101,9 @@ def _einsum(eq, a, b):
 
 def _check(model, rule: str | None = None):
     """What LRP's explicit forward and relevance rules need of the model (and the rule, when given)."""
-    cfg = model.config
-    if not cfg.class_token:
-        raise ValueError(
-            f"LRP baselines (transattr, full_lrp, partial_lrp) need a class token: they propagate relevance "
-            f"from the class-token read-out and take the class-token row; model {cfg.name or '<unnamed>'} has "
-            "class_token=False")
-    if cfg.global_pool != "token":
-        raise ValueError(f"LRP baselines need a model whose head reads the class token (global_pool='token'); "
-                         f"this model pools with global_pool={cfg.global_pool!r}")
-    if cfg.num_classes <= 0:
-        raise ValueError("LRP baselines need a classifier head (num_classes > 0)")
-    if rule is not None and rule not in RULES:
-        raise ValueError(f"unknown LRP rule {rule!r}; choose from {RULES}")
+    from predmaps.request import check
+
+    check(model, "lrp", None, None if rule is None else {"rule": rule})
 
 
 # ----------------------------------------------------------------------------- forward

@@ -7,6 +7,7 @@ class array of kind "given" is traced.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import TypeAlias, Union
@@ -44,27 +45,41 @@ _FORMS = ("use 'top', 'topK' (e.g. 'top5'), 'all', a class index, a list of clas
           "per-example classes (B,) or (B, K)")
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetForm:
+    """A target without its classes' values: hashable, so a request (and a compilation) can hold it.
+
+    kind: "top" (K=1), "topk" (K=k), "all" (K=C), "given" (classes given with the target: the same
+    for every example, or per example) or "labels" (each example's own label, e.g. the ground truth,
+    given when the targets are built: `make_targets(..., labels=...)`).
+    """
+
+    kind: str
+    k: int = 1
+
+
 def _unknown(target) -> ValueError:
     return ValueError(f"unknown target {target!r}: {_FORMS}")
 
 
-def make_targets(target: Target, batch: int, num_classes: int) -> Targets:
-    """Parse a user's target: "top", "top5", "all", an int, a list of ints (same classes for
-    every image), or an array (B,) / (B, K) of per-example classes (e.g. ground truth).
-    Concrete classes are range-checked here; traced ones (inside jit) cannot be, and an
-    out-of-range one gives NaN maps (see `explain_fn`)."""
+def _parse(target: Target, num_classes: int, batch: int | None):
+    """(TargetForm, the classes as a (1 or B, K) array or None): every check a target gets."""
     if isinstance(target, str):
         if target in ("top", "pred", "top1"):
-            return Targets(kind="top")
+            return TargetForm("top"), None
         if target == "all":
-            return Targets(kind="all", k=num_classes)
+            return TargetForm("all", num_classes), None
+        if target == "gt":
+            return TargetForm("labels"), None
         m = re.fullmatch(r"top(\d+)", target)
         if m:
             k = int(m.group(1))
             if not 1 <= k <= num_classes:
                 raise ValueError(f"target {target!r}: k must be between 1 and {num_classes}")
-            return Targets(kind="topk", k=k)
-        raise _unknown(target)
+            return TargetForm("topk", k), None
+        if not re.fullmatch(r"\d+", target):  # a class index as text (a command line's --target 3)
+            raise _unknown(target)
+        target = int(target)
     if target is None or isinstance(target, (bool, np.bool_, float, np.floating)):
         raise _unknown(target)
     if isinstance(target, (int, np.integer)):
@@ -88,7 +103,7 @@ def make_targets(target: Target, batch: int, num_classes: int) -> Targets:
                 arr = arr[:, None]
         else:
             raise _unknown(target)
-        if arr.ndim != 2 or (arr.shape[0] != batch and not shared):
+        if arr.ndim != 2 or (batch is not None and arr.shape[0] != batch and not shared):
             raise ValueError(f"per-example targets must have shape (B,) or (B, K) with B={batch}; got "
                              f"{tuple(np.shape(arr))}")
         if arr.shape[-1] == 0:
@@ -100,4 +115,29 @@ def make_targets(target: Target, batch: int, num_classes: int) -> Targets:
         if host.size and (host.min() < 0 or host.max() >= num_classes):
             bad = host[(host < 0) | (host >= num_classes)].ravel()[:5].tolist()
             raise ValueError(f"class index out of range: {bad}; the model has {num_classes} classes (0..{num_classes - 1})")
-    return Targets(classes=jnp.asarray(arr, jnp.int32), kind="given", k=int(arr.shape[-1]))
+    return TargetForm("given", int(arr.shape[-1])), arr
+
+
+def target_form(target: Target, num_classes: int, batch: int | None = None) -> TargetForm:
+    """The form of a target, checked as `make_targets` checks it (batch None: any batch)."""
+    return _parse(target, num_classes, batch)[0]
+
+
+def make_targets(target: Target, batch: int, num_classes: int, *, labels=None) -> Targets:
+    """Parse a user's target: "top" (or "pred"), "top5", "all", an int (or its digits), a list of
+    ints (same classes for every image), an array (B,) / (B, K) of per-example classes, or "gt":
+    each example's label from `labels` (B,) (e.g. the ground truth). The one place a `Targets` is
+    built. Concrete classes are range-checked here; traced ones (inside jit) cannot be, and an
+    out-of-range one gives NaN maps (see `explain_fn`)."""
+    form, arr = _parse(target, num_classes, batch)
+    if form.kind == "labels":
+        if labels is None:
+            raise ValueError(f"target {target!r} is each example's label, and none were given: pass the labels "
+                             "themselves as the target, an int array (B,)")
+        labels = labels if hasattr(labels, "ndim") else np.asarray(labels)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must hold one class per example, shape (B,); got {tuple(labels.shape)}")
+        form, arr = _parse(labels, num_classes, batch)
+    if form.kind == "given":
+        return Targets(classes=jnp.asarray(arr, jnp.int32), kind="given", k=form.k)
+    return Targets(kind=form.kind, k=form.k)

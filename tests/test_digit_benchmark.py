@@ -18,6 +18,7 @@ import predmaps  # noqa: E402
 from predmaps import digits  # noqa: E402
 from predmaps import evaluation as ev  # noqa: E402
 from predmaps.evaluation import digit_scenes as ds  # noqa: E402
+from predmaps.request import check  # noqa: E402
 
 needs_asset = pytest.mark.skipif(not (digits.ASSET_DIR / "model.safetensors").exists(),
                                  reason="digit ViT not shipped")
@@ -65,8 +66,8 @@ def test_masses_are_the_upsampled_maps_on_each_digit(shipped, scenes):
     """The jitted mass step equals explain() + upsample() + a numpy sum over each digit's pixels."""
     model, params = shipped
     unit, labels, masks = scenes.two_unit[:6], scenes.two_labels[:6], scenes.two_masks[:6]
-    spec = ev.check_explainer(model, "predicatt")
-    mass = np.asarray(ds._mass_step((model, spec, digits.DIGIT_MEAN, digits.DIGIT_STD), params, unit, labels, masks))
+    req = check(model, "predicatt")
+    mass = np.asarray(ds._mass_step((model, req, digits.DIGIT_MEAN, digits.DIGIT_STD), params, unit, labels, masks))
     ex = predmaps.explain(model, params, digits.normalize((unit * 255).round().astype(np.uint8)), target=labels)
     up = np.maximum(np.asarray(predmaps.upsample(ex.maps, (64, 64))), 0)
     expected = np.einsum("bjhw,bkhw->bjk", up.astype(np.float64), masks.astype(np.float64))

@@ -26,7 +26,7 @@ from predmaps.evaluation.files import (CheferResults, CheferWriter, ImageNetSegm
 from predmaps.evaluation.metrics import (MODES, STEPS, TIE_ORDER, SegmentationTotals, average_precision,
                                          average_precision_numpy, minmax_normalize, num_removed, perturbation_auc,
                                          removal_masks, removal_ranks, remove_pixels, segmentation_counts)
-from predmaps.evaluation.perturbation import (PerturbationResult, check_explainer, perturbation_hits,
+from predmaps.evaluation.perturbation import (PerturbationResult, perturbation_hits,
                                               perturbation_test, perturbation_test_arrays, score_maps)
 from predmaps.evaluation.segmentation import (SegmentationResult, resize_mask, segmentation_test,
                                               segmentation_test_arrays)
@@ -34,7 +34,7 @@ from predmaps.evaluation.segmentation import (SegmentationResult, resize_mask, s
 __all__ = [
     "IMAGENET_LAYOUTS", "MODES", "PROTOCOL_MEAN", "PROTOCOL_STD", "STEPS", "TIE_ORDER", "CheferResults", "CheferWriter",
     "DataLayoutError", "ImageList", "ImageNetSegmentation", "PerturbationResult", "SegmentationResult",
-    "SegmentationTotals", "average_precision", "average_precision_numpy", "check_explainer", "imagenet_val",
+    "SegmentationTotals", "average_precision", "average_precision_numpy", "imagenet_val",
     "mask_transform", "minmax_normalize", "num_removed", "perturbation_auc", "perturbation_hits", "perturbation_test",
     "perturbation_test_arrays", "read_chefer_hdf5", "removal_masks", "removal_ranks", "remove_pixels", "resize_mask",
     "score_maps", "segmentation_counts", "segmentation_test", "segmentation_test_arrays", "subset_indices",

@@ -37,7 +37,8 @@ import numpy as np
 
 from predmaps import digits
 from predmaps.evaluation import metrics
-from predmaps.evaluation.perturbation import PerturbationResult, check_explainer, perturbation_test_arrays
+from predmaps.evaluation.perturbation import PerturbationResult, perturbation_test_arrays
+from predmaps.request import check
 from predmaps.evaluation.segmentation import SegmentationResult, segmentation_test_arrays
 
 DEFAULT_SEED = 2024  # the seed of the reported tables (test digits only, whatever the seed)
@@ -112,12 +113,12 @@ class Specificity:
 def _mass_step(static, params, unit, labels, masks):
     """(B, 2, 2) mass of the map for each of the scene's two classes on each of its two digits."""
     from jaxvit.preprocess import normalize
-    from predmaps.explain import upsample
-    from predmaps.targets import Targets
+    from predmaps.explain import request_fn, upsample
+    from predmaps.targets import make_targets
 
-    model, spec, mean, std = static
+    model, req, mean, std = static
     x = normalize(unit, mean, std)
-    ex = spec.fn(model)(params, x, Targets(classes=labels.astype(jnp.int32), kind="given", k=2))
+    ex = request_fn(model, req)(params, x, make_targets(labels, x.shape[0], model.config.num_classes))
     maps = jnp.maximum(upsample(ex.maps, masks.shape[-2:]), 0.0)  # (B, 2, H, W)
     return jnp.einsum("bjhw,bkhw->bjk", maps, masks.astype(jnp.float32), precision="highest")
 
@@ -132,8 +133,7 @@ def class_specificity(model, params, unit, labels, masks, *, method: str = "pred
     if labels.shape != (n, 2) or masks.shape != (n, 2) + unit.shape[1:3]:
         raise ValueError(f"class_specificity takes unit (n, H, W, 3), labels (n, 2), masks (n, 2, H, W); got "
                          f"{unit.shape}, {labels.shape}, {masks.shape}")
-    spec = check_explainer(model, method, layer, method_options)
-    static = (model, spec, tuple(map(float, mean)), tuple(map(float, std)))
+    static = (model, check(model, method, layer, method_options), tuple(map(float, mean)), tuple(map(float, std)))
     spec_totals = Specificity()
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
@@ -234,7 +234,7 @@ def run_benchmark(model, params, *, rows: Sequence[tuple[str, int]] | None = Non
     rows = list(rows or default_rows())
     opts = method_options if len(rows) == 1 else None  # options belong to a single method
     for method, layer in rows:  # every request checked before the first long computation
-        check_explainer(model, method, layer, opts)
+        check(model, method, layer, opts)
     common = dict(batch_size=batch_size, mean=digits.DIGIT_MEAN, std=digits.DIGIT_STD)
     out = []
     for method, layer in tqdm(rows, disable=not progress, unit="method", dynamic_ncols=True):

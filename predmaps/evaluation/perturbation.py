@@ -22,48 +22,23 @@ import numpy as np
 from predmaps.evaluation import metrics
 from predmaps.data import ImageList, iter_image_list, stack_padded
 from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, eval_size, unit_transform
+from predmaps.request import Request, check
+from predmaps.targets import make_targets
 
 
 # --------------------------------------------------------------------------------------------
 # Explanations inside the evaluation's jit
 
-
-@dataclasses.dataclass(frozen=True)
-class ExplainSpec:
-    """A checked (method, layer, options) for `explain_fn`."""
-
-    method: str
-    layer: int | None
-    options: tuple
-
-    def fn(self, model):
-        from predmaps.explain import explain_fn
-
-        return explain_fn(model, method=self.method, layer=-1 if self.layer is None else self.layer,
-                          **dict(self.options))
+TARGETS = ("pred", "gt")  # the protocol's targets: the predicted class or the ground truth
 
 
-def check_explainer(model, method: str, layer: int = -1, options: dict | None = None) -> ExplainSpec:
-    """The host-side checks `predmaps.explain` makes, for use with `explain_fn` under our jit."""
-    from predmaps.explain import check_request
-
-    m, layer_i, opts = check_request(model, method, layer, options)
-    return ExplainSpec(method, layer_i if m.uses_layer else None, opts)
-
-
-def pixel_maps(model, params, spec: ExplainSpec, x, labels, target: str, size):
+def pixel_maps(model, params, req: Request, x, labels, target: str, size):
     """(B, H, W) maps upsampled to `size` and min-max normalised, for the predicted class
     (target "pred") or `labels` (target "gt"); also the explained classes (B,)."""
-    from predmaps.explain import upsample
-    from predmaps.targets import Targets
+    from predmaps.explain import request_fn, upsample
 
-    if target == "pred":
-        targets = Targets(kind="top")
-    elif target == "gt":
-        targets = Targets(classes=labels[:, None].astype(jnp.int32), kind="given", k=1)
-    else:
-        raise ValueError(f"target must be 'pred' or 'gt'; got {target!r}")
-    ex = spec.fn(model)(params, x, targets)
+    targets = make_targets(target, x.shape[0], model.config.num_classes, labels=labels)
+    ex = request_fn(model, req)(params, x, targets)
     extent = model.config.grid_extent(*size)  # the pixels the grid came from (all, unless no patch multiple)
     return upsample(ex.maps[:, 0], size, normalize=True, extent=extent), ex.classes[:, 0]
 
@@ -104,8 +79,8 @@ def _count(hits, valid):
 @functools.partial(jax.jit, static_argnums=0)
 def _explain_step(static, params, counts, unit, labels, valid):
     """Explain, upsample, mask, count: one compilation per (static settings, batch shape)."""
-    model, spec, target, size, modes, steps, mean, std, want_maps = static
-    maps, _ = pixel_maps(model, params, spec, _normalize(unit, mean, std), labels, target, size)
+    model, req, target, size, modes, steps, mean, std, want_maps = static
+    maps, _ = pixel_maps(model, params, req, _normalize(unit, mean, std), labels, target, size)
     hits = perturbation_hits(model, params, unit, maps, labels, modes=modes, steps=steps, mean=mean, std=std)
     return counts + _count(hits, valid), (maps if want_maps else None)
 
@@ -215,14 +190,12 @@ def _run(step_fn: Callable, batches: Iterable, n: int, *, modes, steps, progress
 
 
 def _check_request(model, method, layer, target, modes, steps, image_size, mean, std, method_options):
-    if target not in ("pred", "gt"):
-        raise ValueError(f"target must be 'pred' or 'gt'; got {target!r}")
+    req = check(model, method, layer, method_options, target, words=TARGETS)
     modes = _check_modes(modes)
     steps = tuple(float(s) for s in steps)
-    spec = check_explainer(model, method, layer, method_options)
     size = eval_size(image_size, model.config)
     mean, std = tuple(map(float, mean)), tuple(map(float, std))
-    return spec, modes, steps, size, mean, std
+    return req, modes, steps, size, mean, std
 
 
 def _check_labels(model, labels, source: str = "labels") -> None:
@@ -254,13 +227,13 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
     Memory: each batch runs the model on batch_size x len(modes) x len(steps) images at once
     (640 for the default 32 x 2 x 10); lower `batch_size` if that does not fit.
     """
-    spec, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, image_size,
+    req, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, image_size,
                                                          mean, std, method_options)
     if len(images) == 0:
         raise ValueError("no images to evaluate")
     _check_labels(model, images.labels)
     want_maps = save_maps is not None
-    static = (model, spec, target, size, modes, steps, mean, std, want_maps)
+    static = (model, req, target, size, modes, steps, mean, std, want_maps)
 
     def step_fn(counts, batch, valid):
         return _explain_step(static, params, counts, batch["unit"], batch["labels"], valid)
@@ -292,7 +265,7 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
         raise
     if writer is not None:
         writer.close()
-    info = {"method": method, "layer": spec.layer, "method_options": dict(spec.options), "target": target,
+    info = {"method": method, "layer": req.layer, "method_options": dict(req.options), "target": target,
             "transform": transform, "normalization": {"mean": list(mean), "std": list(std)},
             "batch_size": batch_size, "maps_source": "computed", "unreadable": unreadable or [], **timing}
     return PerturbationResult(n, dict(zip(modes, counts)), steps, size, info)
@@ -308,13 +281,13 @@ def perturbation_test_arrays(model, params, unit, labels, *, method: str = "pred
     if unit.ndim != 4 or unit.shape[-1] != 3 or labels.shape != unit.shape[:1]:
         raise ValueError(f"perturbation_test_arrays takes unit (n, H, W, 3) and labels (n,); got {unit.shape}, "
                          f"{labels.shape}")
-    spec, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, unit.shape[1:3],
+    req, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, unit.shape[1:3],
                                                          mean, std, method_options)
     n = unit.shape[0]
     if n == 0:
         raise ValueError("no images to evaluate")
     _check_labels(model, labels)
-    static = (model, spec, target, size, modes, steps, mean, std, False)
+    static = (model, req, target, size, modes, steps, mean, std, False)
 
     def step_fn(counts, batch, valid):
         return _explain_step(static, params, counts, batch["unit"], batch["labels"], valid)
@@ -326,7 +299,7 @@ def perturbation_test_arrays(model, params, unit, labels, *, method: str = "pred
             yield start, batch, valid
 
     counts, timing = _run(step_fn, batches(), n, modes=modes, steps=steps, progress=progress)
-    info = {"method": method, "layer": spec.layer, "method_options": dict(spec.options), "target": target,
+    info = {"method": method, "layer": req.layer, "method_options": dict(req.options), "target": target,
             "normalization": {"mean": list(mean), "std": list(std)}, "batch_size": batch_size,
             "maps_source": "computed", **timing}
     return PerturbationResult(n, dict(zip(modes, counts)), steps, size, info)

@@ -21,7 +21,8 @@ from predmaps.evaluation import metrics
 from predmaps.data import prefetch_batches, stack_padded, subset_indices
 from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, eval_size, mask_transform, unit_transform
 from predmaps.evaluation.files import ImageNetSegmentation
-from predmaps.evaluation.perturbation import _normalize, check_explainer, pixel_maps
+from predmaps.evaluation.perturbation import _normalize, pixel_maps
+from predmaps.request import check
 
 
 @dataclasses.dataclass
@@ -69,20 +70,20 @@ def resize_mask(mask, size=(224, 224)) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _segmentation_step(static, params, unit, masks, maps=None):
-    model, spec, size, mean, std = static
-    if spec is None:  # given maps
+    model, req, size, mean, std = static
+    if req is None:  # given maps
         r, constant = metrics.minmax_normalize(maps)
     else:
-        raw, _ = pixel_maps(model, params, spec, _normalize(unit, mean, std), None, "pred", size)
+        raw, _ = pixel_maps(model, params, req, _normalize(unit, mean, std), None, "pred", size)
         # upsample(normalize=True) already min-max normalised; a constant map is 0 and flagged here.
         r, constant = raw, ~(raw.max(axis=(-2, -1)) > raw.min(axis=(-2, -1)))
     return metrics.segmentation_counts(r, constant, masks)
 
 
-def segmentation_step(model, spec, *, size=(224, 224), mean=PROTOCOL_MEAN, std=PROTOCOL_STD):
+def segmentation_step(model, req, *, size=(224, 224), mean=PROTOCOL_MEAN, std=PROTOCOL_STD):
     """The jitted per-batch step: (params, unit, masks[, maps]) -> per-image counts and AP.
-    `spec` None: maps are given (min-max normalised here), the model is not run."""
-    static = (model if spec is not None else None, spec, tuple(size), tuple(mean), tuple(std))
+    `req` None: maps are given (min-max normalised here), the model is not run."""
+    static = (model if req is not None else None, req, tuple(size), tuple(mean), tuple(std))
     return functools.partial(_segmentation_step, static)
 
 
@@ -130,9 +131,9 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
             if len(given_shape) != 3 or given_shape[0] != len(ds) or given_shape[1:] != size:
                 raise ValueError(f"maps {given_shape} must be (n, H, W) = ({len(ds)}, {size[0]}, {size[1]}), one per "
                                  "image of the .mat file in its order")
-            spec = None
+            req = None
         else:
-            spec = check_explainer(model, method, layer, method_options)
+            req = check(model, method, layer, method_options)
             size = eval_size(image_size, config)
         image_tf, mask_tf = unit_transform(transform, size, config), mask_transform(transform, size, config)
         idx = subset_indices(len(ds), limit, mode=subset, seed=seed)
@@ -140,7 +141,7 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
         if n == 0:
             raise ValueError("no images to evaluate")
         mean_, std_ = tuple(map(float, mean)), tuple(map(float, std))
-        step = segmentation_step(model, spec, size=size, mean=mean_, std=std_)
+        step = segmentation_step(model, req, size=size, mean=mean_, std=std_)
 
         def load(j):
             i = int(idx[j])
@@ -173,8 +174,8 @@ def segmentation_test(model, params, data, *, method: str = "predicatt", layer: 
         total = time.perf_counter() - t0
         first_n = min(n, batch_size)
         rest = total - t_first
-        info = {"method": method if given is None else None, "layer": spec.layer if spec else None,
-                "method_options": dict(spec.options) if spec else {}, "target": "pred",
+        info = {"method": method if given is None else None, "layer": req.layer if req else None,
+                "method_options": dict(req.options) if req else {}, "target": "pred",
                 "maps_source": "computed" if given is None else "given", "image_size": list(size),
                 "transform": transform, "normalization": {"mean": list(mean_), "std": list(std_)},
                 "batch_size": batch_size, "limit": limit, "subset": subset if limit else None,
@@ -199,10 +200,10 @@ def segmentation_test_arrays(model, params, unit, masks, *, method: str = "predi
     n = unit.shape[0]
     if n == 0:
         raise ValueError("no images to evaluate")
-    spec = check_explainer(model, method, layer, method_options)
+    req = check(model, method, layer, method_options)
     size = unit.shape[1:3]
     mean_, std_ = tuple(map(float, mean)), tuple(map(float, std))
-    step = segmentation_step(model, spec, size=size, mean=mean_, std=std_)
+    step = segmentation_step(model, req, size=size, mean=mean_, std=std_)
     totals = metrics.SegmentationTotals()
     t0 = time.perf_counter()
     pending = None
@@ -214,7 +215,7 @@ def segmentation_test_arrays(model, params, unit, masks, *, method: str = "predi
             totals.update(*pending)
         pending = (out, valid)
     totals.update(*pending)
-    info = {"method": method, "layer": spec.layer, "method_options": dict(spec.options), "target": "pred",
+    info = {"method": method, "layer": req.layer, "method_options": dict(req.options), "target": "pred",
             "maps_source": "computed", "image_size": list(size), "normalization": {"mean": list(mean_), "std": list(std_)},
             "batch_size": batch_size, "seconds": time.perf_counter() - t0}
     return SegmentationResult(totals, info)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from predmaps.request import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +21,7 @@ class Combo:
     layer: int | None  # resolved 0..L; None for methods without a prediction layer
     target: str
     k: int
+    request: Request  # the checked (method, layer, options, target form) that computes it
 
     @property
     def key(self) -> str:
@@ -72,43 +75,25 @@ class ExplainSpec:
         return "gt" in self.targets
 
     def combos(self, model) -> list[Combo]:
-        """Every (method, layer, target) to compute, validated against the model."""
-        from predmaps import core
-        from predmaps.explain import get_method
-        from predmaps.targets import make_targets
+        """Every (method, layer, target) to compute, each checked by `predmaps.request.check`.
 
-        cfg = model.config
-        if cfg.num_classes <= 0:
-            raise ValueError("this model has no classifier head (num_classes=0): prediction maps need one")
-        layers = []
-        for l in self.layers:
-            li = core.layer_index(l, cfg.depth)
-            if li not in layers:
-                layers.append(li)
-        ks = {}
-        for t in self.targets:
-            if t == "gt":
-                ks[t] = 1
-            elif re.fullmatch(r"\d+", t):
-                make_targets(int(t), 1, cfg.num_classes)
-                ks[t] = 1
-            else:
-                ks[t] = make_targets(t, 1, cfg.num_classes).k
-        taken = set()
-        for name in self.methods:
-            m = get_method(name)
-            if m.needs_class_token:
-                core.check_class_token(model, name)
-            taken |= set(m.options)
-        unknown = sorted({k for k, _ in self.options} - taken)
+        Layers are resolved for every method that has a prediction layer (and checked even when none
+        has); options go to the methods that take them, and one taken by none is refused."""
+        from predmaps import core
+        from predmaps.request import check, get_method
+
+        layers = list(dict.fromkeys(core.layer_index(l, model.config.depth) for l in self.layers))
+        methods = {name: get_method(name) for name in dict.fromkeys(self.methods)}
+        unknown = sorted({k for k, _ in self.options} - {k for m in methods.values() for k in m.options})
         if unknown:
             raise ValueError(f"option(s) {unknown} are taken by none of the methods {list(self.methods)}")
         out = []
-        for name in dict.fromkeys(self.methods):
-            m = get_method(name)
+        for name, m in methods.items():
+            opts = {k: v for k, v in self.options if k in m.options}
             for layer in (layers if m.uses_layer else [None]):
                 for t in dict.fromkeys(self.targets):
-                    out.append(Combo(len(out), name, layer, t, ks[t]))
+                    req = check(model, name, layer, opts, t)
+                    out.append(Combo(len(out), name, req.layer, t, req.target.k, req))
         return out
 
     def to_dict(self, model) -> dict:

@@ -22,40 +22,25 @@ class StepCompileError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(model, combos: tuple, options: tuple, map_dtype: str, mesh):
-    """The jitted step for (model, combos, options, storage dtype, mesh); cached so that runs of
-    the same job in one process (a resume, a test) reuse the compiled program."""
+def _step_fn(model, combos: tuple, map_dtype: str, mesh):
+    """The jitted step for (model, combos (each with its checked request), storage dtype, mesh); cached
+    so that runs of the same job in one process (a resume, a test) reuse the compiled program."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from predmaps.explain import explain_fn, get_method
-    from predmaps.targets import Targets
+    from predmaps.explain import request_fn
+    from predmaps.targets import make_targets
 
     num_classes = model.config.num_classes
     dtype = jnp.dtype(map_dtype)
-
-    def opts(method):
-        return {k: v for k, v in options if k in get_method(method).options}
-
-    fns = {(c.method, c.layer): explain_fn(model, method=c.method, layer=-1 if c.layer is None else c.layer,
-                                           **opts(c.method)) for c in combos}
-
-    def targets_for(c: Combo, labels):
-        if c.target == "gt":
-            return Targets(classes=labels[:, None].astype(jnp.int32), kind="given", k=1)
-        if c.target.isdigit():
-            return Targets(classes=jnp.full((labels.shape[0], 1), int(c.target), jnp.int32), kind="given", k=1)
-        if c.target == "all":
-            return Targets(kind="all", k=num_classes)
-        if c.target in ("top", "top1", "pred"):
-            return Targets(kind="top")
-        return Targets(kind="topk", k=c.k)
+    fns = {(c.method, c.layer): request_fn(model, c.request) for c in combos}
 
     def step(params, images, labels, mask, stop):
         out, logits = {}, None
         for c in combos:
-            ex = fns[(c.method, c.layer)](params, images, targets_for(c, labels))
+            targets = make_targets(c.target, labels.shape[0], num_classes, labels=labels)  # 'gt': traced labels
+            ex = fns[(c.method, c.layer)](params, images, targets)
             out[f"maps_{c.id}"] = jnp.where(mask[:, None, None, None], ex.maps, 0).astype(dtype)
             out[f"classes_{c.id}"] = ex.classes.astype(jnp.int32)
             logits = ex.logits if logits is None else logits
@@ -109,7 +94,7 @@ class _Engine:
 
             params = cast_params(params, model.dtype)
         self.params = jax.tree_util.tree_map(replicate, params)
-        jitted = _step_fn(model, tuple(combos), spec.options, spec.map_dtype, self.mesh)
+        jitted = _step_fn(model, tuple(combos), spec.map_dtype, self.mesh)
         gb = self.global_batch
 
         def sds(shape, dtype):

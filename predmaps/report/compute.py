@@ -145,14 +145,10 @@ def _compute(model, plan, n_labels, params, images, targets, map_class, labels):
 
 def check_model(model, methods) -> None:
     """What `predmaps.explain` checks on the host before it runs, for the report's methods."""
-    from predmaps import core
-    from predmaps.explain import get_method
+    from predmaps.request import check
 
-    if model.config.num_classes <= 0:
-        raise ValueError("this model has no classifier head (num_classes=0): prediction maps need one")
     for name in methods:
-        if get_method(name).needs_class_token:
-            core.check_class_token(model, name)
+        check(model, name, None)
 
 
 def _pad(x: np.ndarray | None, n: int) -> np.ndarray | None:
