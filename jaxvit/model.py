@@ -36,7 +36,7 @@ Params: TypeAlias = Mapping[str, Any]
 
 ATTENTION_IMPLS = ("fused", "materialized")
 PALLAS_PARTS = ("layernorm", "mlp", "head")
-# "pallas_layernorm_head": the two that each paid alone on an H200 (bench/NOTES.md), together
+# "pallas_layernorm_head": the two that each paid alone on a GPU (bench/NOTES.md), together
 KERNEL_IMPLS = ("xla", "pallas", "pallas_layernorm", "pallas_mlp", "pallas_head", "pallas_layernorm_head")
 
 
@@ -108,10 +108,9 @@ class LayerNorm(nn.Module):
     """LayerNorm with float32 statistics; output in the compute dtype.
 
     float32 output: two-pass variance, mean((x - mean)^2), for parity with timm. Half-precision
-    output: one-pass E[x^2] - mean^2, so both statistics come from one read of x (on an H100 the
-    bf16 ViT-B/16 headline at batch 256 went from 25.94 to 24.96 ms: bench/NOTES.md). Its float32
-    cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays under the bf16 rounding of the
-    output (2^-9) while a row's |mean| is under ~100 standard deviations.
+    output: one-pass E[x^2] - mean^2, so both statistics come from one read of x (faster on GPU:
+    bench/NOTES.md). Its float32 cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays
+    under the bf16 rounding of the output (2^-9) while a row's |mean| is under ~100 standard deviations.
 
     kernels="pallas" or "pallas_layernorm" in half precision (`pallas_parts`): one kernel
     (`jaxvit.kernels.layer_norm`, two-pass statistics).
@@ -144,7 +143,7 @@ def _gelu_erf(x):
 
     torch's kernels compute this erf form in float32 for half inputs. `jax.nn.gelu` instead
     evaluates erfc(-x/sqrt 2) in the input dtype: erfc costs both of XLA's erf branches plus an
-    exp, and made the GELU fusion ~19% of the bf16 ViT-B/16 forward on an H100 (bench/NOTES.md).
+    exp, which made GELU a large share of the bf16 forward on GPU (bench/NOTES.md).
     """
     wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return (0.5 * wide * (1.0 + jax.lax.erf(wide * (2 ** -0.5)))).astype(x.dtype)
@@ -173,11 +172,9 @@ class PatchEmbed(nn.Module):
     """timm's stride-p conv patch embedding as one GEMM over patchified pixels, in the compute dtype
     (as torch autocast runs timm's conv), with float32 accumulation.
 
-    Parameters keep the conv layout (kernel (p, p, C, D), bias (D,)). cuDNN ran the strided
-    float32 conv with layout conversions at ~2 ms per ViT-B/16 batch of 256 on an H100, ~7% of
-    the forward; as a GEMM the bf16 headline went from 27.95 to 25.94 ms (bench/NOTES.md). In
-    float32 that GEMM still took 0.21 ms (TF32) plus a float32 patchify and a float32 output pass in
-    session 3's trace; in bf16 the pixels and the output move half the bytes.
+    Parameters keep the conv layout (kernel (p, p, C, D), bias (D,)). cuDNN ran the strided float32
+    conv with layout conversions, slower than this GEMM, and in bf16 the pixels and the output move
+    half the bytes (bench/NOTES.md).
     """
 
     features: int
@@ -199,7 +196,7 @@ class PatchEmbed(nn.Module):
 
 def _heads_first(x):
     """(B, T, H, dh) -> (B, H, T, dh): each head's T x dh block contiguous, so the two attention
-    matmuls are plain batched GEMMs (XLA:CPU ran the bqhd einsums 3-8x slower: bench/NOTES.md)."""
+    matmuls are plain batched GEMMs (XLA:CPU ran the bqhd einsums several times slower: bench/NOTES.md)."""
     return jnp.swapaxes(x, 1, 2)
 
 
@@ -250,8 +247,7 @@ def _cls_logits(q0, k):
     """q0 (B, H, dh) . k (B, T, H, dh) -> (B, H, T) float32, as a multiply-reduce.
 
     One pass over k in its (B, T, H, dh) layout, float32 products and sums (exact products for
-    half inputs, like a dot with float32 accumulation). On the H100 it timed the same as the
-    (b, h)-batched dot it replaced (bf16 ViT-B/16 headline 25.94 vs 25.95 ms)."""
+    half inputs, like a dot with float32 accumulation); as fast as a (b, h)-batched dot (bench/NOTES.md)."""
     prod = q0.astype(jnp.float32)[:, None] * k.astype(jnp.float32)
     return jnp.swapaxes(prod.sum(-1), 1, 2)
 
@@ -261,10 +257,9 @@ class QKV(nn.Module):
 
     `separate`: one GEMM per slice of the kernel instead of one GEMM split afterwards. cuDNN's
     attention wants q, k and v as dense arrays, so XLA copies each slice of a (B, T, 3, H, dh)
-    product; three GEMMs write them where they are read (H100, bf16 ViT-B/16 headline at batch
-    256: 26.22 -> 25.94 ms). Elsewhere the attention transposes q, k, v anyway and one wide GEMM
-    is faster (XLA:CPU: 3-8%). Same arithmetic as `nn.Dense` either way: inputs, kernel and bias
-    in the compute dtype.
+    product; three GEMMs write them where they are read. Elsewhere the attention transposes q, k, v
+    anyway and one wide GEMM is faster (both measured: bench/NOTES.md). Same arithmetic as
+    `nn.Dense` either way: inputs, kernel and bias in the compute dtype.
     """
 
     num_heads: int
@@ -451,8 +446,8 @@ def cast_params(params: Params, dtype) -> Params:
     per-call conversion (at batch 1 in bf16, reading 4 and writing 2 bytes per weight is a
     sizeable part of the call) and halves their device memory. The head stays float32 because
     predmaps' lean prediction columns add its bias in float32. predmaps' LRP methods (transattr,
-    lrp, partial_lrp) are the exception: they recompute the forward in float32 from the stored
-    weights, so give them the uncast params.
+    lrp, partial_lrp) are the exception: they run the model in float32 from the stored weights,
+    so give them the uncast params.
     """
     dtype = jnp.dtype(dtype)
 

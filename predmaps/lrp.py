@@ -51,9 +51,10 @@ class token) are refused: these methods read the class-token row.
 The computation runs in float32 whatever the model's compute dtype (float64 when the images are
 float64 and jax_enable_x64 is on: the parity tests use it), with matmuls at full precision
 (Precision.HIGHEST, no TF32 on GPU: the rules divide by pre-activations, which amplifies
-rounding). One forward (our own, explicit re-implementation of `jaxvit.ViT`, checked against
-`model.apply` in the tests) saves the activations; then the relevance pass runs vmapped over the
-K target classes, and for `transattr` one vector-Jacobian product per class (vmapped) gives the
+rounding). The forward is the model's own `ViT.apply` (a float32, materialized-attention,
+HIGHEST-precision clone), which sows every layer's input into its `intermediates` collection;
+then the relevance pass runs vmapped over the K target classes, and for `transattr` one
+vector-Jacobian product per class (vmapped) through the model's attention perturbations gives the
 attention gradients. Memory grows with K (for transattr: K x L x B x H x T x T relevances and
 gradients); explain many classes in chunks. Large batches run in sub-batches (`lax.map`) sized to
 keep one pass near `_PASS_BYTES` (8 GiB): ViT-B/16 at K=1 takes at most 17 images per pass.
@@ -345,8 +346,7 @@ def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_inp
 # activations, relevances and gradients stay near this many bytes. Every image is independent here, so
 # the maps do not depend on it beyond float32 rounding (a GEMM's summation order may change with
 # its row count, so maps of one image computed in batches of different sizes agree to rounding, not
-# bit for bit). ViT-B/16 at b256 in one pass planned 110 GiB of temporaries (XLA:CPU)
-# and ran out of memory on an 80 GB H100; XLA:CPU plans ~0.41 GiB per image at K=1.
+# bit for bit). One pass for a whole large batch ran out of GPU memory (bench/NOTES.md).
 _PASS_BYTES = 8 << 30
 
 
