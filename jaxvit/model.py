@@ -3,7 +3,8 @@
 One module, `ViT`, configured by a `ViTConfig`, that returns the intermediates an
 explanation needs: every layer's tokens and every head's class-token attention row.
 Parameter names mirror timm's (`blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`)
-so the conversion in `convert` is a transpose per tensor and nothing else.
+so the conversion in `convert` is a transpose per tensor and nothing else. (Over 600 lines: the
+layers of one forward in reading order, each with the numerics it owns, read best as one file.)
 
 Explainers that need more than `ViTOutput` (predmaps' LRP) read the inputs of every layer from
 the `INTERMEDIATES` collection, sown only when asked: `apply(..., mutable=[INTERMEDIATES])`
