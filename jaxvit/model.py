@@ -3,7 +3,12 @@
 One module, `ViT`, configured by a `ViTConfig`, that returns the intermediates an
 explanation needs: every layer's tokens and every head's class-token attention row.
 Parameter names mirror timm's (`blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`)
-so the conversion in `convert` is a transpose per tensor and nothing else.
+so the conversion in `convert` is a transpose per tensor and nothing else. (Over 600 lines: the
+layers of one forward in reading order, each with the numerics it owns, read best as one file.)
+
+Explainers that need more than `ViTOutput` (predmaps' LRP) read the inputs of every layer from
+the `INTERMEDIATES` collection, sown only when asked: `apply(..., mutable=[INTERMEDIATES])`
+(`intermediates`); a default apply has the same jaxpr as without it.
 
 Numerics that decide parity with timm: LayerNorm eps from the config (1e-6 for most timm
 ViTs, 1e-5 for CLIP), exact erf GELU unless the config says quick_gelu, q scaled by
@@ -24,12 +29,15 @@ from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
 
+# The flax collection the model sows its layers' inputs into (free unless passed as mutable).
+INTERMEDIATES = "intermediates"
+
 # The params pytree: nested dicts of arrays named like timm's tensors, as `model.init(...)["params"]`.
 Params: TypeAlias = Mapping[str, Any]
 
 ATTENTION_IMPLS = ("fused", "materialized")
 PALLAS_PARTS = ("layernorm", "mlp", "head")
-# "pallas_layernorm_head": the two that each paid alone on an H200 (bench/NOTES.md), together
+# "pallas_layernorm_head": the two that each paid alone on a GPU (bench/NOTES.md), together
 KERNEL_IMPLS = ("xla", "pallas", "pallas_layernorm", "pallas_mlp", "pallas_head", "pallas_layernorm_head")
 
 
@@ -43,6 +51,16 @@ def pallas_parts(kernels: str) -> frozenset[str]:
     return frozenset(PALLAS_PARTS) if kernels == "pallas" else frozenset(kernels[len("pallas_"):].split("_"))
 
 _dense_init = nn.initializers.truncated_normal(0.02)
+
+
+def _wide(dtype):
+    """The dtype of statistics, softmax and logits: float32, or float64 for a float64 model (x64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _sow(module: nn.Module, name: str, value) -> None:
+    """Stores `value` in the `INTERMEDIATES` collection when the caller made it mutable; else nothing."""
+    module.sow(INTERMEDIATES, name, value)
 
 
 @struct.dataclass
@@ -91,10 +109,9 @@ class LayerNorm(nn.Module):
     """LayerNorm with float32 statistics; output in the compute dtype.
 
     float32 output: two-pass variance, mean((x - mean)^2), for parity with timm. Half-precision
-    output: one-pass E[x^2] - mean^2, so both statistics come from one read of x (on an H100 the
-    bf16 ViT-B/16 headline at batch 256 went from 25.94 to 24.96 ms: bench/NOTES.md). Its float32
-    cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays under the bf16 rounding of the
-    output (2^-9) while a row's |mean| is under ~100 standard deviations.
+    output: one-pass E[x^2] - mean^2, so both statistics come from one read of x (faster on GPU:
+    bench/NOTES.md). Its float32 cancellation error, ~6e-8 * (1 + mean^2 / var) relative, stays
+    under the bf16 rounding of the output (2^-9) while a row's |mean| is under ~100 standard deviations.
 
     kernels="pallas" or "pallas_layernorm" in half precision (`pallas_parts`): one kernel
     (`jaxvit.kernels.layer_norm`, two-pass statistics).
@@ -112,7 +129,7 @@ class LayerNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
         if "layernorm" in pallas_parts(self.kernels) and pallas_kernels.half_precision(self.dtype):
             return pallas_kernels.layer_norm(x, scale, bias, self.eps, self.dtype, self.kernel_tiles.layer_norm)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(_wide(self.dtype))
         mean = x32.mean(-1, keepdims=True)
         if jnp.dtype(self.dtype).itemsize < 4:
             var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
@@ -127,7 +144,7 @@ def _gelu_erf(x):
 
     torch's kernels compute this erf form in float32 for half inputs. `jax.nn.gelu` instead
     evaluates erfc(-x/sqrt 2) in the input dtype: erfc costs both of XLA's erf branches plus an
-    exp, and made the GELU fusion ~19% of the bf16 ViT-B/16 forward on an H100 (bench/NOTES.md).
+    exp, which made GELU a large share of the bf16 forward on GPU (bench/NOTES.md).
     """
     wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return (0.5 * wide * (1.0 + jax.lax.erf(wide * (2 ** -0.5)))).astype(x.dtype)
@@ -156,23 +173,23 @@ class PatchEmbed(nn.Module):
     """timm's stride-p conv patch embedding as one GEMM over patchified pixels, in the compute dtype
     (as torch autocast runs timm's conv), with float32 accumulation.
 
-    Parameters keep the conv layout (kernel (p, p, C, D), bias (D,)). cuDNN ran the strided
-    float32 conv with layout conversions at ~2 ms per ViT-B/16 batch of 256 on an H100, ~7% of
-    the forward; as a GEMM the bf16 headline went from 27.95 to 25.94 ms (bench/NOTES.md). In
-    float32 that GEMM still took 0.21 ms (TF32) plus a float32 patchify and a float32 output pass in
-    session 3's trace; in bf16 the pixels and the output move half the bytes.
+    Parameters keep the conv layout (kernel (p, p, C, D), bias (D,)). cuDNN ran the strided float32
+    conv with layout conversions, slower than this GEMM, and in bf16 the pixels and the output move
+    half the bytes (bench/NOTES.md).
     """
 
     features: int
     patch_size: int
     use_bias: bool = True
     dtype: Any = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, images):
         p, c = self.patch_size, images.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32)
-        x = patchify(images.astype(self.dtype), p) @ kernel.reshape(p * p * c, self.features).astype(self.dtype)
+        x = jnp.matmul(patchify(images.astype(self.dtype), p),
+                       kernel.reshape(p * p * c, self.features).astype(self.dtype), precision=self.precision)
         if self.use_bias:
             x = x + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return x
@@ -180,7 +197,7 @@ class PatchEmbed(nn.Module):
 
 def _heads_first(x):
     """(B, T, H, dh) -> (B, H, T, dh): each head's T x dh block contiguous, so the two attention
-    matmuls are plain batched GEMMs (XLA:CPU ran the bqhd einsums 3-8x slower: bench/NOTES.md)."""
+    matmuls are plain batched GEMMs (XLA:CPU ran the bqhd einsums several times slower: bench/NOTES.md)."""
     return jnp.swapaxes(x, 1, 2)
 
 
@@ -189,7 +206,7 @@ def _cudnn_attention(dtype) -> bool:
     return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
-def _fused_attention(q, k, v, scale, dtype):
+def _fused_attention(q, k, v, scale, dtype, precision=None):
     """softmax(q k^T * scale) v for (B, T, H, dh) inputs without returning the probabilities.
 
     cuDNN flash attention on GPU in half precision. Elsewhere: exp(logits - rowmax) @ v, divided
@@ -201,7 +218,7 @@ def _fused_attention(q, k, v, scale, dtype):
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         except Exception as e:  # cuDNN absent or this shape unsupported: the path below is exact too
             _warn_cudnn_fallback(e)
-    return _heads_first_attention(q, k, v, scale, dtype)
+    return _heads_first_attention(q, k, v, scale, dtype, precision)
 
 
 _CUDNN_FALLBACKS_WARNED: set = set()
@@ -216,12 +233,13 @@ def _warn_cudnn_fallback(e: Exception) -> None:
                       "(the same maps, slower)", RuntimeWarning, stacklevel=2)
 
 
-def _heads_first_attention(q, k, v, scale, dtype):
+def _heads_first_attention(q, k, v, scale, dtype, precision=None):
     """jaxvit's own kernel: (B, T, H, dh) in and out, heads-first inside, deferred normalisation."""
     q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, precision=precision,
+                        preferred_element_type=_wide(dtype))
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(dtype), v, precision=precision, preferred_element_type=_wide(dtype))
     out = out / e.sum(-1, keepdims=True)
     return jnp.swapaxes(out, 1, 2).astype(dtype)
 
@@ -230,8 +248,7 @@ def _cls_logits(q0, k):
     """q0 (B, H, dh) . k (B, T, H, dh) -> (B, H, T) float32, as a multiply-reduce.
 
     One pass over k in its (B, T, H, dh) layout, float32 products and sums (exact products for
-    half inputs, like a dot with float32 accumulation). On the H100 it timed the same as the
-    (b, h)-batched dot it replaced (bf16 ViT-B/16 headline 25.94 vs 25.95 ms)."""
+    half inputs, like a dot with float32 accumulation); as fast as a (b, h)-batched dot (bench/NOTES.md)."""
     prod = q0.astype(jnp.float32)[:, None] * k.astype(jnp.float32)
     return jnp.swapaxes(prod.sum(-1), 1, 2)
 
@@ -241,10 +258,9 @@ class QKV(nn.Module):
 
     `separate`: one GEMM per slice of the kernel instead of one GEMM split afterwards. cuDNN's
     attention wants q, k and v as dense arrays, so XLA copies each slice of a (B, T, 3, H, dh)
-    product; three GEMMs write them where they are read (H100, bf16 ViT-B/16 headline at batch
-    256: 26.22 -> 25.94 ms). Elsewhere the attention transposes q, k, v anyway and one wide GEMM
-    is faster (XLA:CPU: 3-8%). Same arithmetic as `nn.Dense` either way: inputs, kernel and bias
-    in the compute dtype.
+    product; three GEMMs write them where they are read. Elsewhere the attention transposes q, k, v
+    anyway and one wide GEMM is faster (both measured: bench/NOTES.md). Same arithmetic as
+    `nn.Dense` either way: inputs, kernel and bias in the compute dtype.
     """
 
     num_heads: int
@@ -252,6 +268,7 @@ class QKV(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     separate: bool = False
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -261,12 +278,13 @@ class QKV(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (3 * hd,), jnp.float32) if self.use_bias else None
         bias = None if bias is None else bias.astype(self.dtype)
         x = x.astype(self.dtype)
+        mm = lambda a, b: jnp.matmul(a, b, precision=self.precision)  # noqa: E731
         if not self.separate:
-            y = x @ kernel if bias is None else x @ kernel + bias
+            y = mm(x, kernel) if bias is None else mm(x, kernel) + bias
             return tuple(jnp.moveaxis(y.reshape(b, t, 3, self.num_heads, self.dim_head), 2, 0))
         outs = []
         for i in range(3):
-            y = x @ kernel[:, i * hd:(i + 1) * hd]
+            y = mm(x, kernel[:, i * hd:(i + 1) * hd])
             if bias is not None:
                 y = y + bias[i * hd:(i + 1) * hd]
             outs.append(y.reshape(b, t, self.num_heads, self.dim_head))
@@ -274,11 +292,15 @@ class QKV(nn.Module):
 
 
 class Attention(nn.Module):
+    """Sows (when asked) q, k, v (B, T, H, dh) after any q/k norm, `probs` (B, H, T, T) (materialized
+    only, after the perturbation) and `proj_in`, the input of the output projection."""
+
     config: ViTConfig
     dtype: Any = jnp.float32
     attention: str = "fused"
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
@@ -286,24 +308,28 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, dh = cfg.num_heads, cfg.dim_head
         separate = self.attention == "fused" and not want_full and _cudnn_attention(self.dtype)
-        q, k, v = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, name="qkv")(x)  # each (B, T, H, dh)
+        q, k, v = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, self.precision, name="qkv")(x)  # (B, T, H, dh)
         if cfg.qk_norm:
             q = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="q_norm")(q)
             k = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="k_norm")(k)
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            _sow(self, name, a)
         scale = dh ** -0.5
         attn_cls = attn = None
         if self.attention == "materialized" or want_full:
             logits = jnp.einsum("bhqd,bhkd->bhqk", _heads_first(q) * jnp.asarray(scale, q.dtype), _heads_first(k),
-                                preferred_element_type=jnp.float32)
+                                precision=self.precision, preferred_element_type=_wide(self.dtype))
             probs = jax.nn.softmax(logits, axis=-1)  # (B, H, T, T) float32
             # Identity unless the caller passes a 'perturbations' collection: then the gradient
             # w.r.t. that zero variable is d(output)/d(attention), which gradient methods need.
             probs = self.perturb("attn", probs)
-            out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), _heads_first(v)), 1, 2)
+            _sow(self, "probs", probs)
+            out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), _heads_first(v),
+                                          precision=self.precision), 1, 2)
             attn = probs if want_full else None
             attn_cls = probs[:, :, 0] if want_cls else None
         elif self.attention == "fused":
-            out = _fused_attention(q, k, v, scale, self.dtype)
+            out = _fused_attention(q, k, v, scale, self.dtype, self.precision)
             if want_cls:  # the one row we need, exactly: softmax(q_cls k^T / sqrt(dh))
                 attn_cls = jax.nn.softmax(_cls_logits(q[:, 0] * jnp.asarray(scale, q.dtype), k), axis=-1)
         else:
@@ -311,8 +337,9 @@ class Attention(nn.Module):
         out = out.reshape(b, t, h * dh)
         if cfg.scale_attn_norm:
             out = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(out)
-        out = nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
-                       name="proj")(out)
+        _sow(self, "proj_in", out)
+        out = nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
+                       kernel_init=_dense_init, name="proj")(out)
         return out, attn_cls, attn
 
 
@@ -341,12 +368,13 @@ class DenseAct(nn.Module):
 
 class Mlp(nn.Module):
     """fc1, activation, (norm), fc2. kernels="pallas" or "pallas_mlp" in half precision (`pallas_parts`):
-    fc1 and the activation as one kernel (`DenseAct`) where the tile fits the weight."""
+    fc1 and the activation as one kernel (`DenseAct`) where the tile fits the weight. Sows `fc2_in`."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -356,12 +384,14 @@ class Mlp(nn.Module):
                 and pallas_kernels.dense_act_supported(k, cfg.mlp_dim, self.dtype, tile)):
             x = DenseAct(cfg.mlp_dim, cfg.act, cfg.proj_bias, self.dtype, tile, name="fc1")(x)
         else:
-            x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+            x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
+                         kernel_init=_dense_init, name="fc1")(x)
             x = activation(cfg.act)(x)
         if cfg.scale_mlp_norm:
             x = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(x)
-        return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, kernel_init=_dense_init,
-                        name="fc2")(x)
+        _sow(self, "fc2_in", x)
+        return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
+                        kernel_init=_dense_init, name="fc2")(x)
 
 
 class LayerScale(nn.Module):
@@ -374,25 +404,37 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
+    """x + attn(norm1 x) = mid, mid + mlp(norm2 mid). Sows (when asked) the values of both residual
+    adds and both norms: `x`, `attn_in` (norm1's output), `attn_out` (after ls1), `mid`, `mlp_in`,
+    `mlp_out` (after ls2)."""
+
     config: ViTConfig
     dtype: Any = jnp.float32
     attention: str = "fused"
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
         cfg = self.config
+        _sow(self, "x", x)
         y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm1")(x)
-        attention = Attention(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, name="attn")
+        _sow(self, "attn_in", y)
+        attention = Attention(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, self.precision,
+                              name="attn")
         y, attn_cls, attn = attention(y, want_cls=want_cls, want_full=want_full)
         if cfg.layer_scale:
             y = LayerScale(name="ls1")(y)
+        _sow(self, "attn_out", y)
         x = x + y
+        _sow(self, "mid", x)
         y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm2")(x)
-        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, name="mlp")(y)
+        _sow(self, "mlp_in", y)
+        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, self.precision, name="mlp")(y)
         if cfg.layer_scale:
             y = LayerScale(name="ls2")(y)
+        _sow(self, "mlp_out", y)
         return x + y, attn_cls, attn
 
 
@@ -405,8 +447,8 @@ def cast_params(params: Params, dtype) -> Params:
     per-call conversion (at batch 1 in bf16, reading 4 and writing 2 bytes per weight is a
     sizeable part of the call) and halves their device memory. The head stays float32 because
     predmaps' lean prediction columns add its bias in float32. predmaps' LRP methods (transattr,
-    lrp, partial_lrp) are the exception: they recompute the forward in float32 from the stored
-    weights, so give them the uncast params.
+    lrp, partial_lrp) are the exception: they run the model in float32 from the stored weights,
+    so give them the uncast params.
     """
     dtype = jnp.dtype(dtype)
 
@@ -437,12 +479,20 @@ class ViT(nn.Module):
         those two (`pallas_parts`).
         float32 compute is the same either way.
       kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
+      precision: `jax.lax.Precision` of every matmul (None: the backend's default, TF32 for float32
+        on recent GPUs; predmaps' LRP asks for HIGHEST, since its rules divide by pre-activations).
 
     `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float, at the
     config's img_size or any multiple of the patch size (`ViTConfig.patch_grid`); another
     resolution than the config's resamples the position embeddings like timm's dynamic image
     size. Returns a `ViTOutput`.
     Under `jit`, outputs the caller ignores are removed by XLA's dead-code elimination.
+
+    With `mutable=[INTERMEDIATES]` the apply also returns the inputs of every layer (one-element
+    tuples, as flax's `sow` stores them): at the top `images` (cropped to whole patches), `patches`
+    (the embeddings the position embedding is added to) and `posemb` (when the model has one),
+    `head_in` (tokens after the final norm) and `pooled` (the head's input; DeiT distilled:
+    `logits_cls` and `logits_dist`, each head's logits); per block, see `Block`, `Attention` and `Mlp`.
     """
 
     config: ViTConfig
@@ -450,6 +500,7 @@ class ViT(nn.Module):
     attention: str = "fused"
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
+    precision: Any = None
 
     def __post_init__(self):
         # At construction, so convert.load(..., attention="flash") fails where it is asked.
@@ -465,7 +516,8 @@ class ViT(nn.Module):
     def setup(self):
         cfg = self.config
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, self.dtype, name="patch_embed")
+        self.patch_embed = PatchEmbed(d, cfg.patch_size, cfg.patch_bias, self.dtype, self.precision,
+                                      name="patch_embed")
         tiny = nn.initializers.normal(1e-6)
         self.cls_token = self.param("cls_token", tiny, (1, 1, d)) if cfg.class_token else None
         self.dist_token = self.param("dist_token", _dense_init, (1, 1, d)) if cfg.distilled else None
@@ -475,7 +527,7 @@ class ViT(nn.Module):
             self.pos_embed = self.param("pos_embed", _dense_init, (1, length, d))
         ln = lambda name: LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name=name)
         self.norm_pre = ln("norm_pre") if cfg.pre_norm else None
-        self.blocks = [Block(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles,
+        self.blocks = [Block(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, self.precision,
                              name=f"blocks_{i}") for i in range(cfg.depth)]
         use_fc_norm = cfg.final_norm and cfg.fc_norm
         self.norm = ln("norm") if cfg.final_norm and not cfg.fc_norm else None
@@ -483,8 +535,8 @@ class ViT(nn.Module):
         if cfg.num_classes > 0:
             # Zero head as big_vision's head_zeroinit (training starts from uniform logits); converted
             # checkpoints overwrite it. A fresh init therefore explains nothing until trained.
-            dense = lambda name: nn.Dense(cfg.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                                          name=name)
+            dense = lambda name: nn.Dense(cfg.num_classes, dtype=self.dtype, precision=self.precision,
+                                          kernel_init=nn.initializers.zeros, name=name)
             self.head = dense("head")
             self.head_dist = dense("head_dist") if cfg.distilled else None
         else:
@@ -498,6 +550,7 @@ class ViT(nn.Module):
         p = cfg.patch_size
         grid = cfg.patch_grid(*images.shape[1:3])
         images = images[:, :grid[0] * p, :grid[1] * p]
+        _sow(self, "images", images)
         b = images.shape[0]
         x = self.patch_embed(images)  # (B, N, D) in the compute dtype
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
@@ -505,10 +558,14 @@ class ViT(nn.Module):
         if cfg.pos_embed:
             pe = resample_abs_pos_embed(self.pos_embed, grid, cfg.grid_size,
                                         0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+            _sow(self, "posemb", pe)
             if cfg.no_embed_class:
+                _sow(self, "patches", x)
                 x = jnp.concatenate(prefix + [x + pe], axis=1)
             else:
-                x = jnp.concatenate(prefix + [x], axis=1) + pe
+                x = jnp.concatenate(prefix + [x], axis=1)
+                _sow(self, "patches", x)
+                x = x + pe
         else:
             x = jnp.concatenate(prefix + [x], axis=1)
         x = x.astype(self.dtype)
@@ -530,9 +587,9 @@ class ViT(nn.Module):
             x = self.norm(x)
         if self.fc_norm is not None:
             x = self.fc_norm(x)
-        logits = self.head(x).astype(jnp.float32)
+        logits = self.head(x).astype(_wide(self.dtype))
         if self.head_dist is not None:
-            logits = (logits + self.head_dist(x).astype(jnp.float32)) / 2
+            logits = (logits + self.head_dist(x).astype(_wide(self.dtype))) / 2
         return logits
 
     def pool(self, x):
@@ -555,15 +612,21 @@ class ViT(nn.Module):
         """
         if self.norm is not None:
             x = self.norm(x)
+        _sow(self, "head_in", x)
+        wide = _wide(self.dtype)
         if self.config.distilled:
             pre = (x[:, 0] + x[:, 1]) / 2
             if self.head is None:
                 return pre, None
-            return pre, (self.head(x[:, 0]).astype(jnp.float32) + self.head_dist(x[:, 1]).astype(jnp.float32)) / 2
+            z_cls, z_dist = self.head(x[:, 0]).astype(wide), self.head_dist(x[:, 1]).astype(wide)
+            _sow(self, "logits_cls", z_cls)
+            _sow(self, "logits_dist", z_dist)
+            return pre, (z_cls + z_dist) / 2
         x = self.pool(x)
         if self.fc_norm is not None:
             x = self.fc_norm(x)
-        return x, (self.head(x).astype(jnp.float32) if self.head is not None else None)
+        _sow(self, "pooled", x)
+        return x, (self.head(x).astype(wide) if self.head is not None else None)
 
     def __call__(self, images, *, return_attn: bool = False) -> ViTOutput:
         cfg = self.config

@@ -51,9 +51,10 @@ class token) are refused: these methods read the class-token row.
 The computation runs in float32 whatever the model's compute dtype (float64 when the images are
 float64 and jax_enable_x64 is on: the parity tests use it), with matmuls at full precision
 (Precision.HIGHEST, no TF32 on GPU: the rules divide by pre-activations, which amplifies
-rounding). One forward (our own, explicit re-implementation of `jaxvit.ViT`, checked against
-`model.apply` in the tests) saves the activations; then the relevance pass runs vmapped over the
-K target classes, and for `transattr` one vector-Jacobian product per class (vmapped) gives the
+rounding). The forward is the model's own `ViT.apply` (a float32, materialized-attention,
+HIGHEST-precision clone), which sows every layer's input into its `intermediates` collection;
+then the relevance pass runs vmapped over the K target classes, and for `transattr` one
+vector-Jacobian product per class (vmapped) through the model's attention perturbations gives the
 attention gradients. Memory grows with K (for transattr: K x L x B x H x T x T relevances and
 gradients); explain many classes in chunks. Large batches run in sub-batches (`lax.map`) sized to
 keep one pass near `_PASS_BYTES` (8 GiB): ViT-B/16 at K=1 takes at most 17 images per pass.
@@ -75,8 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit.model import activation, patchify
-from jaxvit.posemb import resample_abs_pos_embed
+from jaxvit.model import INTERMEDIATES, patchify
 from predmaps.core import BATCHED_VJP_OK, zeros_varying_like
 
 __all__ = ["RULES", "attention_relevance", "forward", "full_lrp", "partial_lrp", "relprop", "transattr"]
@@ -114,19 +114,6 @@ def _dtype(images):
     return jnp.float64 if getattr(images, "dtype", None) == jnp.float64 and jax.config.x64_enabled else jnp.float32
 
 
-def _ln(x, p, eps):
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _dense(x, p):
-    y = _mm(x, p["kernel"])
-    return y + p["bias"] if "bias" in p else y
-
-
-
-
 def _unpatchify(x, grid, p):
     """(B, N, p*p) -> (B, H, W)."""
     b = x.shape[0]
@@ -135,112 +122,44 @@ def _unpatchify(x, grid, p):
 
 
 def forward(model, params, images, attn_delta=None):
-    """Our explicit forward of `model` (a `jaxvit.ViT`) -> (logits (B, C), activations).
+    """`model.apply` (a `jaxvit.ViT`) with its layers' inputs sown -> (logits (B, C), activations).
 
-    float32 (float64 for float64 images under x64) whatever the model's compute dtype.
+    The model runs as a copy in float32 (float64 for float64 images under x64) whatever its compute
+    dtype, with materialized attention, XLA kernels and HIGHEST matmul precision.
     `attn_delta`: None or a list of L entries, each None or an array (B, H, T, T) added to that
-    block's attention probabilities (zeros: the gradient w.r.t. them is d(output)/d(attention)).
-    The activations are the inputs of every layer that relevance passes through (a pytree):
-    `tokens` the last block's output, `blocks[i]["x"]` block i's input, `blocks[i]["attn"]` its
-    attention probabilities (B, H, T, T), and so on.
+    block's attention probabilities through the model's 'perturbations' collection (zeros: the
+    gradient w.r.t. them is d(output)/d(attention)).
+    The activations are the inputs of every layer that relevance passes through (a pytree, the
+    model's sown `INTERMEDIATES` under the names the rules use): `tokens` the last block's output,
+    `blocks[i]["x"]` block i's input, `blocks[i]["attn"]` its attention probabilities (B, H, T, T),
+    `blocks[i]["q"]` (B, H, T, dh), and so on.
     """
     _check(model)  # it reads the class token out: a pooled model's logits would be silently wrong
     cfg = model.config
     dt = _dtype(images)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), params)
-    images = jnp.asarray(images, dt)
-    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
-        raise ValueError(f"images must be (B, H, W, {cfg.in_chans}) channels-last; got shape {images.shape}")
-    b = images.shape[0]
-    p = cfg.patch_size
-    grid = cfg.patch_grid(*images.shape[1:3])
-    images = images[:, :grid[0] * p, :grid[1] * p]  # as the model: a native size may leave a remainder
-    d = cfg.embed_dim
-    eps = cfg.norm_eps
-
-    pe_p = params["patch_embed"]
-    x = _mm(patchify(images, p), pe_p["kernel"].reshape(-1, d))
-    if "bias" in pe_p:
-        x = x + pe_p["bias"]
-    names = [n for n, on in (("cls_token", cfg.class_token), ("dist_token", cfg.distilled),
-                             ("reg_token", cfg.reg_tokens)) if on]
-    prefix = [jnp.broadcast_to(params[n], (b,) + params[n].shape[1:]) for n in names]
-    acts: dict[str, Any] = {"images": images}
-    pe = None
-    if cfg.pos_embed:
-        npre = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
-        pe = resample_abs_pos_embed(params["pos_embed"], grid, cfg.grid_size, npre)
-        if cfg.no_embed_class:
-            acts["patches"] = x
-            x = jnp.concatenate(prefix + [x + pe], axis=1)
-        else:
-            x = jnp.concatenate(prefix + [x], axis=1)
-            acts["patches"] = x
-            x = x + pe
-    else:
-        x = jnp.concatenate(prefix + [x], axis=1)
-    acts["pos_embed"] = pe
-    if cfg.pre_norm:
-        x = _ln(x, params["norm_pre"], eps)
-
-    h, dh = cfg.num_heads, cfg.dim_head
-    t = x.shape[1]
-    act = activation(cfg.act)
+    variables = {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), params)}
+    if attn_delta is not None and any(a is not None for a in attn_delta):
+        like = next(a for a in attn_delta if a is not None)
+        variables["perturbations"] = {  # flax wants one for every block once the collection is there
+            f"blocks_{i}": {"attn": {"attn": jnp.zeros_like(like) if a is None else a}} for i, a in enumerate(attn_delta)}
+    explainer = model.clone(dtype=dt, attention="materialized", kernels="xla", precision=_PREC)
+    out, state = explainer.apply(variables, jnp.asarray(images, dt), mutable=[INTERMEDIATES])
+    sown = jax.tree_util.tree_map(lambda v: v[0], state[INTERMEDIATES], is_leaf=lambda v: isinstance(v, tuple))
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731 -- (B, T, H, dh) -> (B, H, T, dh)
     blocks = []
     for i in range(cfg.depth):
-        bp = params[f"blocks_{i}"]
-        ap = bp["attn"]
-        s: dict[str, Any] = {"x": x}
-        n1 = _ln(x, bp["norm1"], eps)
-        s["n1"] = n1
-        q, k, v = jnp.moveaxis(_dense(n1, ap["qkv"]).reshape(b, t, 3, h, dh), 2, 0)
-        if cfg.qk_norm:
-            q = _ln(q, ap["q_norm"], eps)
-            k = _ln(k, ap["k_norm"], eps)
-        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, H, T, dh)
-        probs = jax.nn.softmax(_einsum("bhqd,bhkd->bhqk", q * dh ** -0.5, k), axis=-1)
-        if attn_delta is not None and attn_delta[i] is not None:
-            probs = probs + attn_delta[i]
-        s.update(q=q, k=k, v=v, attn=probs)
-        o = jnp.swapaxes(_einsum("bhqk,bhkd->bhqd", probs, v), 1, 2).reshape(b, t, h * dh)
-        if cfg.scale_attn_norm:
-            o = _ln(o, ap["norm"], eps)
-        s["o"] = o
-        y = _dense(o, ap["proj"])
-        if cfg.layer_scale:
-            y = y * bp["ls1"]["gamma"]
-        s["y1"] = y
-        x = x + y
-        s["xm"] = x
-        n2 = _ln(x, bp["norm2"], eps)
-        s["n2"] = n2
-        hid = act(_dense(n2, bp["mlp"]["fc1"]))
-        if cfg.scale_mlp_norm:
-            hid = _ln(hid, bp["mlp"]["norm"], eps)
-        s["hid"] = hid
-        y = _dense(hid, bp["mlp"]["fc2"])
-        if cfg.layer_scale:
-            y = y * bp["ls2"]["gamma"]
-        s["y2"] = y
-        x = x + y
-        blocks.append(s)
-    acts["blocks"] = blocks
-    acts["tokens"] = x
-
-    xn = _ln(x, params["norm"], eps) if (cfg.final_norm and not cfg.fc_norm) else x
-    acts["xn"] = xn
+        s = sown[f"blocks_{i}"]
+        att = s["attn"]
+        blocks.append({"x": s["x"], "n1": s["attn_in"], "q": heads_first(att["q"]), "k": heads_first(att["k"]),
+                       "v": heads_first(att["v"]), "attn": att["probs"], "o": att["proj_in"], "y1": s["attn_out"],
+                       "xm": s["mid"], "n2": s["mlp_in"], "hid": s["mlp"]["fc2_in"], "y2": s["mlp_out"]})
+    acts = {"images": sown["images"], "patches": sown.get("patches"), "pos_embed": sown.get("posemb"),
+            "blocks": blocks, "tokens": out.tokens[:, -1], "xn": sown["head_in"]}
     if cfg.distilled:
-        zc = _dense(xn[:, 0], params["head"])
-        zd = _dense(xn[:, 1], params["head_dist"])
-        acts["z_halves"] = (zc / 2, zd / 2)
-        logits = (zc + zd) / 2
+        acts["z_halves"] = (sown["logits_cls"] / 2, sown["logits_dist"] / 2)
     else:
-        pooled = xn[:, 0]
-        if cfg.final_norm and cfg.fc_norm:
-            pooled = _ln(pooled, params["fc_norm"], eps)
-        acts["pooled"] = pooled
-        logits = _dense(pooled, params["head"])
-    return logits, acts
+        acts["pooled"] = sown["pooled"]
+    return out.logits, acts
 
 
 # ----------------------------------------------------------------------------- rules
@@ -417,8 +336,7 @@ def _core(model, params, images, targets, *, rule, alpha, grad_blocks=(), to_inp
 # activations, relevances and gradients stay near this many bytes. Every image is independent here, so
 # the maps do not depend on it beyond float32 rounding (a GEMM's summation order may change with
 # its row count, so maps of one image computed in batches of different sizes agree to rounding, not
-# bit for bit). ViT-B/16 at b256 in one pass planned 110 GiB of temporaries (XLA:CPU)
-# and ran out of memory on an 80 GB H100; XLA:CPU plans ~0.41 GiB per image at K=1.
+# bit for bit). One pass for a whole large batch ran out of GPU memory (bench/NOTES.md).
 _PASS_BYTES = 8 << 30
 
 

@@ -124,6 +124,65 @@ def test_ignored_outputs_are_not_computed(small_params):
     assert "f32[2,2,2,17]" not in logits_only.as_text()  # attn_cls
 
 
+MANY = SMALL.replace(distilled=True, layer_scale=True, qk_norm=True, reg_tokens=2, scale_attn_norm=True,
+                    scale_mlp_norm=True, pre_norm=True)
+
+
+def test_intermediates_are_sown_only_when_asked_and_add_no_ops():
+    """The default apply returns only the ViTOutput and its jaxpr is the text of one with `sow`
+    made a no-op (no op feeds only a sown value); asked with mutable=[INTERMEDIATES] the output is
+    bitwise the same and the sown values are the model's own: block inputs are the output tokens,
+    mid + mlp_out the next block's input, probs' row 0 the class-token attention row."""
+    import flax.linen as nn
+
+    from jaxvit.model import INTERMEDIATES
+    model = ViT(MANY, attention="materialized")
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    plain = model.apply({"params": params}, x)
+    assert type(plain).__name__ == "ViTOutput"
+    out, state = model.apply({"params": params}, x, mutable=[INTERMEDIATES])
+    for a, b in ((plain.logits, out.logits), (plain.tokens, out.tokens), (plain.attn_cls, out.attn_cls)):
+        np.testing.assert_array_equal(a, b)
+    sown = state[INTERMEDIATES]
+    for i in range(MANY.depth):
+        s = sown[f"blocks_{i}"]
+        np.testing.assert_array_equal(s["x"][0], out.tokens[:, i])
+        np.testing.assert_array_equal(s["mid"][0] + s["mlp_out"][0], out.tokens[:, i + 1])
+        np.testing.assert_array_equal(s["attn"]["probs"][0][:, :, 0], out.attn_cls[:, i])
+        assert s["attn"]["q"][0].shape == (2, 1 + 1 + 2 + 16, 2, 16)  # (B, T, H, dh): cls, dist, 2 registers
+    assert {"images", "patches", "posemb", "head_in", "logits_cls", "logits_dist"} <= set(sown)
+
+    default = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, x))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nn.Module, "sow", lambda self, *a, **k: False)
+        without_sow = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, x))
+    assert default == without_sow
+
+
+def test_precision_reaches_every_matmul(small_params):
+    """`precision=HIGHEST` is on every dot of the forward (LRP divides by pre-activations, so one
+    TF32 matmul on GPU would move its maps); the default leaves every dot as a plain jnp.matmul
+    records it (here the test session's jax_default_matmul_precision)."""
+    x = jnp.zeros((2, 32, 32, 3))
+    plain = jax.make_jaxpr(jnp.matmul)(jnp.zeros((2, 3)), jnp.zeros((3, 4))).eqns[0].params["precision"]
+
+    def dots(model):
+        jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(small_params, x)
+        return [e.params["precision"] for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    for attention in ("fused", "materialized"):
+        highest = dots(ViT(SMALL, attention=attention, precision=jax.lax.Precision.HIGHEST))
+        assert len(highest) >= 1 + SMALL.depth * 6 + 1  # patches, per block qkv q.k p.v proj fc1 fc2, head
+        assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in highest), highest
+        default = dots(ViT(SMALL, attention=attention))
+        assert all(p == plain for p in default), default
+    with jax.default_matmul_precision("default"):
+        plain = jax.make_jaxpr(jnp.matmul)(jnp.zeros((2, 3)), jnp.zeros((3, 4))).eqns[0].params["precision"]
+        assert plain != (jax.lax.Precision.HIGHEST,) * 2  # the check above can tell the two apart
+        assert all(p == plain for p in dots(ViT(SMALL)))
+
+
 def test_cast_params_changes_no_output_bit_and_only_block_dense_leaves(small_params):
     """bf16 block weights stored cast give the same bits as float32 ones cast per call (flax's Dense
     casts kernel and bias to the compute dtype), and only qkv/proj/fc1/fc2 inside blocks change."""
