@@ -1,0 +1,5 @@
+import sys
+
+from predmaps.cli import main
+
+sys.exit(main())
