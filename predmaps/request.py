@@ -68,10 +68,6 @@ class Request:
     options: tuple[tuple[str, Any], ...]
     target: TargetForm | None = None
 
-    @property
-    def info(self) -> Method:
-        return METHODS[self.method]
-
 
 def _check_model(model, method: str) -> Method:
     """What `method` needs of the model: a classifier head, a class token for the attention methods,

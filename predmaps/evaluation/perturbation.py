@@ -189,7 +189,7 @@ def _run(step_fn: Callable, batches: Iterable, n: int, *, modes, steps, progress
     return np.asarray(counts).tolist(), timing
 
 
-def _check_request(model, method, layer, target, modes, steps, image_size, mean, std, method_options):
+def _check_settings(model, method, layer, target, modes, steps, image_size, mean, std, method_options):
     req = check(model, method, layer, method_options, target, words=TARGETS)
     modes = _check_modes(modes)
     steps = tuple(float(s) for s in steps)
@@ -227,7 +227,7 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
     Memory: each batch runs the model on batch_size x len(modes) x len(steps) images at once
     (640 for the default 32 x 2 x 10); lower `batch_size` if that does not fit.
     """
-    req, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, image_size,
+    req, modes, steps, size, mean, std = _check_settings(model, method, layer, target, modes, steps, image_size,
                                                          mean, std, method_options)
     if len(images) == 0:
         raise ValueError("no images to evaluate")
@@ -281,7 +281,7 @@ def perturbation_test_arrays(model, params, unit, labels, *, method: str = "pred
     if unit.ndim != 4 or unit.shape[-1] != 3 or labels.shape != unit.shape[:1]:
         raise ValueError(f"perturbation_test_arrays takes unit (n, H, W, 3) and labels (n,); got {unit.shape}, "
                          f"{labels.shape}")
-    req, modes, steps, size, mean, std = _check_request(model, method, layer, target, modes, steps, unit.shape[1:3],
+    req, modes, steps, size, mean, std = _check_settings(model, method, layer, target, modes, steps, unit.shape[1:3],
                                                          mean, std, method_options)
     n = unit.shape[0]
     if n == 0:
