@@ -131,9 +131,13 @@ def _hub_folder(repo_id: str) -> tuple[Path, dict | None]:
     from huggingface_hub import constants, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    from convert.sources import _hub_answers
+    from convert.sources import HubUnavailableError, _hub_answers
 
-    weights, hf_config = download(repo_id, model_name=repo_id)
+    try:
+        weights, hf_config = download(repo_id, model_name=repo_id)
+    except HubUnavailableError as e:  # its advice names the ViT loader: name this one
+        raise HubUnavailableError(str(e).split(", or pass a local file instead")[0] + ", or pass the checkpoint's "
+                                  "folder instead: load_text('path/to/folder')") from None
     cache_only = bool(constants.HF_HUB_OFFLINE) or not _hub_answers(hf_hub_url(repo_id, "config.json"))
     for filename in TOKENIZER_FILES:
         try:

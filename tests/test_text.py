@@ -2,10 +2,11 @@
 checkpoint loading and tokenisation, and the maps of predmaps.text against bench/torch_text_reference.py.
 
 Parity models are randomly initialised tiny models of each family (hidden 32, 2 layers, 4 heads),
-re-drawn at unit fan-in scale so the attention is far from uniform and the classes differ. Tolerances:
-logits, tokens and attention 1e-5 (float32 with the two libraries' different summation orders: the
-differences measured here are ~1e-6); maps 1e-4 (they multiply and softmax those outputs once more,
-and the exact-vs-tanh GELU difference they must tell apart is ~1e-3, checked below).
+re-drawn at unit fan-in scale so the attention is far from uniform and the classes differ. Tolerances
+(issue 28's): logits, tokens and attention 1e-5, maps 1e-4: float32 in two libraries that sum in
+different orders; measured (2026-12-07, CPU) logits <= 8.3e-7, tokens <= 1.7e-6, attention <= 5.4e-7,
+maps <= 1.8e-7. The wrong GELU (exact <-> tanh) moves the logits by 7.9e-5 .. 2.2e-4, past the 1e-5
+tolerance (test_gelu_choice_is_visible_to_the_parity_tolerance).
 """
 
 from __future__ import annotations
@@ -262,16 +263,20 @@ def test_gelu_choice_is_visible_to_the_parity_tolerance(loaded, hf):
     z = swapped.apply({"params": params}, batch.input_ids, batch.attention_mask).logits
     with torch.no_grad():
         want = hf[0](*_torch_inputs(batch)).logits.numpy()
-    assert np.abs(np.asarray(z) - want).max() > 4e-5  # measured 7.9e-5 .. : several times the 1e-5 tolerance
+    assert np.abs(np.asarray(z) - want).max() > 4e-5  # measured 7.9e-5 .. 2.2e-4: 8x the tolerance or more
 
 
-def test_tokenizer_from_vocab_files_equals_tokenizer_json(checkpoint, loaded, hf, tmp_path):
-    # Without tokenizer.json, vocab.txt (BERT) / vocab.json + merges.txt (RoBERTa) give the same tokens.
-    folder = tmp_path / "ckpt"
-    shutil.copytree(checkpoint, folder)
-    hf[1].save_pretrained(folder)  # writes tokenizer.json beside the vocab files
-    assert (folder / "tokenizer.json").exists()
-    a, b = load_text(folder)[2](SENTENCES), loaded[2](SENTENCES)
+def test_checkpoint_saved_by_transformers(checkpoint, loaded, hf, tmp_path):
+    # What transformers' save_pretrained writes (its tensor names, its tokenizer.json beside the vocab
+    # files) loads to the same params and tokens; the vocab files alone give the same tokens as well.
+    folder = tmp_path / "saved"
+    hf[0].save_pretrained(folder)
+    hf[1].save_pretrained(folder)
+    assert (folder / "tokenizer.json").exists() and (folder / "model.safetensors").exists()
+    model, params, tok = load_text(folder)
+    assert model.config == loaded[0].config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, loaded[1])
+    a, b = tok(SENTENCES), loaded[2](SENTENCES)
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
     assert a.offsets == b.offsets and a.tokens == b.tokens
 
@@ -439,7 +444,8 @@ def test_hub_repo_id_through_the_offline_cache(checkpoint, loaded, tmp_path, mon
     assert model.config == loaded[0].config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, loaded[1])
     np.testing.assert_array_equal(tok(SENTENCES).input_ids, loaded[2](SENTENCES).input_ids)
-    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE is set and it is not in the local cache"):
+    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE is set and it is not in the local cache.*"
+                                                  r"load_text\('path/to/folder'\)"):
         load_text("owner/absent")
 
 
