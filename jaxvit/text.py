@@ -11,7 +11,7 @@
 The three families share one post-LayerNorm encoder; they differ in the embeddings (BERT: word +
 position + token type; RoBERTa: positions counted from padding_idx + 1 over non-padding tokens;
 DistilBERT: no token types), the LayerNorm eps, and the classification head `nu` (`classify`).
-Parameter names are the family-neutral ones of `PARAM_NAMES`; convert/hf_text.py maps each family's
+Parameter names are family-neutral ('layers_0/query', 'head_out'); convert/hf_text.py maps each family's
 tensors onto them (a transpose per Linear, nothing else). Numerics: padding keys get finfo.min added
 before the softmax, as transformers' eager attention does, so they get exactly zero attention.
 """
@@ -19,7 +19,6 @@ before the softmax, as transformers' eager attention does, so they get exactly z
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -82,10 +81,6 @@ class TextConfig:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
-
-    @property
-    def depth(self) -> int:
-        return self.num_layers
 
     @property
     def max_tokens(self) -> int:
@@ -154,9 +149,6 @@ class TextConfig:
                    max_position_embeddings=hf.get("max_position_embeddings", 512),
                    pad_token_id=hf.get("pad_token_id", 1 if family == "roberta" else 0),
                    labels=_labels(hf), **sizes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
 
 
 def _labels(hf: dict) -> tuple[str, ...]:
@@ -281,13 +273,6 @@ class TextEncoder(nn.Module):
     def classify(self, t):
         """nu: the model's own classification head applied to tokens t (..., D) -> (..., C) float32."""
         return self.head_out(self.pool(t)).astype(jnp.float32)
-
-
-# The params tree's leaves, family-neutral, as (path, shape) templates; convert/hf_text.py names each
-# family's tensor for every one.
-PARAM_NAMES = ("word", "position", "token_type", "emb_norm", "layers_{i}/query", "layers_{i}/key", "layers_{i}/value",
-               "layers_{i}/attn_out", "layers_{i}/attn_norm", "layers_{i}/ffn_in", "layers_{i}/ffn_out",
-               "layers_{i}/ffn_norm", "head_dense", "head_out")
 
 
 def init_params(config: TextConfig, seed: int = 0):

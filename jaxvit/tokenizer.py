@@ -136,6 +136,10 @@ class TextTokenizer:
             if not any(m == 0 for m in e.special_tokens_mask):
                 raise ValueError(f"text {i} ({texts[i][:40]!r}) has no tokens once tokenised (only characters the "
                                  "tokenizer drops): give words")
+        top = max(max(e.ids) for e in encodings)
+        if top >= self.config.vocab_size:  # an embedding look-up would clamp it silently
+            raise ValueError(f"the tokenizer gave token id {top} and the model has {self.config.vocab_size} "
+                             "embeddings: the tokenizer files belong to another checkpoint")
         t = max(len(e.ids) for e in encodings)
         b = len(texts)
         ids = np.full((b, t), self.config.pad_token_id, np.int32)

@@ -126,7 +126,7 @@ def _run_raw_attention(model, params, x, targets, layer, mask):
 
 
 def _run_mean_attention(model, params, x, targets, layer, mask):
-    # The mean over all T columns' rows equals the mean over content columns: columns are kept, not averaged.
+    # A mean over layers and heads, column by column: masking the special columns afterwards is exact.
     return _agnostic(model, params, x, targets, lambda out: baselines.mean_attention(_ALL_COLUMNS, out.attn_cls))
 
 
@@ -235,6 +235,8 @@ def explain_text(model: TextEncoder, params, batch: TextBatch | TextInputs, *, m
     methods, start_layer for rollout. Jitted: compiles once per (model, method, layer, options,
     target form and K, batch shape)."""
     layer_i, opts = check_text_request(model, method, layer, options)
+    if not isinstance(batch, (TextBatch, TextInputs)):
+        raise TypeError(f"batch must be a TextBatch (tokenizer(texts)) or TextInputs; got {type(batch).__name__}")
     x = TextInputs.of(batch) if isinstance(batch, TextBatch) else batch
     targets = make_targets(target, x.input_ids.shape[0], model.config.num_classes)
     return _explain_jit(model, method, layer_i, opts, params, x, targets)
@@ -269,6 +271,9 @@ def word_maps(ex: TextExplanation, batch: TextBatch, reduce: str = "sum") -> lis
     if reduce not in WORD_REDUCTIONS:
         raise ValueError(f"reduce must be one of {WORD_REDUCTIONS}; got {reduce!r}")
     maps = np.asarray(ex.maps)
+    if maps.shape[0] != len(batch) or maps.shape[2] != batch.input_ids.shape[1]:
+        raise ValueError(f"the explanation's maps {maps.shape} are not of this batch ({len(batch)} texts of "
+                         f"{batch.input_ids.shape[1]} tokens): pass the batch that was explained")
     out = []
     for i in range(len(batch)):
         spans, which = batch.word_index(i)

@@ -449,8 +449,23 @@ def test_hub_repo_id_through_the_offline_cache(checkpoint, loaded, tmp_path, mon
         load_text("owner/absent")
 
 
+def test_tokenizer_of_another_checkpoint_is_refused(loaded):
+    import dataclasses
+
+    from jaxvit.tokenizer import TextTokenizer
+
+    model, _, tok = loaded
+    small = TextTokenizer(tok._tok, dataclasses.replace(model.config, vocab_size=10))
+    with pytest.raises(ValueError, match="has 10 embeddings: the tokenizer files belong to another checkpoint"):
+        small(SENTENCES)
+
+
 def test_bad_requests_are_named(one):
-    model, params, _, batch, _ = one
+    model, params, tok, batch, ex = one
+    with pytest.raises(TypeError, match="batch must be a TextBatch"):
+        ptext.explain_text(model, params, SENTENCES)
+    with pytest.raises(ValueError, match="not of this batch"):
+        ptext.word_maps(ex, tok(SENTENCES[:2]))
     for kwargs, match in [(dict(method="lrp"), "unknown text method 'lrp'"),
                           (dict(method="rollout", layer=1), "takes no layer"),
                           (dict(layer=9), "layer 9 out of range"),
