@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["forward_with_internals", "token_logits", "content_mask", "predicatt", "prediction_map", "raw_attention",
-           "mean_attention", "rollout", "gradcam", "METHODS"]
+           "mean_attention", "rollout", "gradcam", "generic_attention", "METHODS"]
 
 
 def _family(model) -> str:
@@ -155,5 +155,24 @@ def gradcam(model, input_ids, attention_mask, target="top"):
     return torch.stack(maps, dim=1).detach()
 
 
+def generic_attention(model, input_ids, attention_mask, target="top"):
+    """Chefer et al. 2021a: R = I; per layer R += mean_h(clamp(grad * A, 0)) @ R; the first token's row
+    (the full T x T products, as their code). -> (B, K, T)."""
+    logits, _, attn = forward_with_internals(model, input_ids, attention_mask)
+    mask = content_mask(model, input_ids, attention_mask)
+    classes = _resolve(logits.detach(), target)
+    t = attn[0].shape[-1]
+    maps = []
+    for k in range(classes.shape[1]):
+        score = logits.gather(1, classes[:, k:k + 1]).sum()
+        grads = torch.autograd.grad(score, attn, retain_graph=True)
+        r = torch.eye(t).expand(len(logits), t, t)
+        for a, g in zip(attn, grads):
+            r = r + (g * a).clamp(min=0).mean(1) @ r
+        maps.append(r[:, 0] * mask)
+    return torch.stack(maps, dim=1).detach()
+
+
 METHODS = {"predicatt": predicatt, "prediction_map": prediction_map, "raw_attention": raw_attention,
-           "mean_attention": mean_attention, "rollout": rollout, "gradcam": gradcam}
+           "mean_attention": mean_attention, "rollout": rollout, "gradcam": gradcam,
+           "generic_attention": generic_attention}

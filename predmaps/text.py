@@ -16,8 +16,8 @@ The special tokens and padding are masked to zero in A_CLS and Psi before core's
 the same as dropping their columns: a padded batch gives each sentence's maps as one by one.
 
 Methods (`TEXT_METHODS`): predicatt, prediction_map, weighted_attention, mean_attention, raw_attention,
-rollout, gradcam (the last layer's [CLS] row times its head-mean gradient over content tokens). Chefer's
-LRP-based methods are not carried over.
+rollout, gradcam (the last layer's [CLS] row times its head-mean gradient over content tokens),
+generic_attention (Chefer 2021a). Chefer's LRP-based methods (transattr, lrp, partial_lrp) are not carried over.
 """
 
 from __future__ import annotations
@@ -136,32 +136,49 @@ def _run_rollout(model, params, x, targets, layer, mask, *, start_layer=0):
                      return_attn=True)
 
 
-def _run_gradcam(model, params, x, targets, layer, mask):
-    """GradCAM on the last layer: per head, weight = mean over content tokens of the first token's row
-    of d logit_c / dA; map = mean over heads of A_CLS * weight, clamped at 0."""
-    last = model.config.num_layers - 1
+def _gradient_maps(model, params, x, targets, map_fn, return_attn=False):
+    """One forward and its vjp w.r.t. every layer's attention; map_fn(out, grads (B, L, H, T, T)) -> (B, T)
+    for one class per example, run class by class (core.BATCHED_VJP_OK). -> logits, classes, maps (B, K, T)."""
+    def apply(variables):
+        return model.apply(variables, x.input_ids, x.attention_mask, x.token_type_ids, return_attn=return_attn)
+
     probe = jax.eval_shape(lambda: model.apply({"params": params}, x.input_ids, x.attention_mask, x.token_type_ids,
                                                mutable=["perturbations"]))
     zeros = jax.tree_util.tree_map(lambda s: core.zeros_varying_like(s.shape, s.dtype, x.input_ids),
                                    probe[1]["perturbations"])
-
-    def f(perturbations):
-        out = model.apply({"params": params, "perturbations": perturbations}, x.input_ids, x.attention_mask,
-                          x.token_type_ids)
-        return out.logits, out.attn_cls
-
-    (logits, attn_cls), vjp_fn = jax.vjp(f, zeros)
-    classes = targets.resolve(logits)
-    n = jnp.maximum(mask.sum(-1), 1)[:, None]  # (B, 1) content tokens
+    out, vjp_fn = jax.vjp(lambda p: apply({"params": params, "perturbations": p}), zeros)
+    classes = targets.resolve(out.logits)
+    layers = range(model.config.num_layers)
 
     def one_class(c):  # c (B,) -> (B, T)
-        (g,) = vjp_fn((jax.nn.one_hot(c, logits.shape[-1], dtype=logits.dtype), jnp.zeros_like(attn_cls)))
-        g_cls = g[f"layers_{last}"]["attn"][:, :, 0] * mask[:, None]  # (B, H, T)
-        weight = g_cls.sum(-1, keepdims=True) / n[:, None]
-        return jnp.maximum((attn_cls[:, -1] * weight).mean(axis=1), 0.0)
+        cot = jax.tree_util.tree_map(jnp.zeros_like, out).replace(
+            logits=jax.nn.one_hot(c, out.logits.shape[-1], dtype=out.logits.dtype))
+        (g,) = vjp_fn(cot)
+        return map_fn(out, jnp.stack([g[f"layers_{i}"]["attn"] for i in layers], axis=1))
 
-    maps = jax.lax.map(one_class, classes.T)  # classes one at a time (core.BATCHED_VJP_OK)
-    return dict(maps=jnp.moveaxis(maps, 0, 1), classes=classes, logits=logits)
+    maps = jax.lax.map(one_class, classes.T)
+    return dict(maps=jnp.moveaxis(maps, 0, 1), classes=classes, logits=out.logits)
+
+
+def _run_gradcam(model, params, x, targets, layer, mask):
+    """GradCAM on the last layer: per head, weight = mean over content tokens of the first token's row
+    of d logit_c / dA; map = mean over heads of A_CLS * weight, clamped at 0."""
+    n = jnp.maximum(mask.sum(-1), 1)[:, None, None]  # (B, 1, 1) content tokens
+
+    def cam(out, grads):
+        weight = (grads[:, -1, :, 0] * mask[:, None]).sum(-1, keepdims=True) / n  # (B, H, 1)
+        return jnp.maximum((out.attn_cls[:, -1] * weight).mean(axis=1), 0.0)
+
+    return _gradient_maps(model, params, x, targets, cam)
+
+
+def _run_generic_attention(model, params, x, targets, layer, mask):
+    """Chefer et al. 2021a (predmaps.baselines.generic_attention): R += mean_h(clamp(grad * A, 0)) R per
+    layer, the first token's row. Padding gets no attention, so no path from the first token reaches it."""
+    def rule(out, grads):
+        return baselines.generic_attention(_ALL_COLUMNS, out.attn, grads[:, None])[:, 0]
+
+    return _gradient_maps(model, params, x, targets, rule, return_attn=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +199,7 @@ TEXT_METHODS = {m.name: m for m in [
     # start_layer 0 for text, as Chefer et al.'s BERT explanation code rolls out from the first layer.
     TextMethod("rollout", _run_rollout, dict(start_layer=0), False, False),
     TextMethod("gradcam", _run_gradcam, {}, True, False),
+    TextMethod("generic_attention", _run_generic_attention, {}, True, False),
 ]}
 
 

@@ -198,7 +198,7 @@ def _torch_maps(hf_model, method, batch, k):
     from bench import torch_text_reference as ref
 
     ids, mask = _torch_inputs(batch)
-    if method in ("predicatt", "prediction_map", "gradcam"):
+    if method in ("predicatt", "prediction_map", "gradcam", "generic_attention"):
         return ref.METHODS[method](hf_model, ids, mask, target=torch.arange(k).expand(len(ids), k))
     return ref.METHODS[method](hf_model, ids, mask)[:, None].expand(-1, k, -1)
 
@@ -228,9 +228,10 @@ def test_maps_match_torch_reference(loaded, hf, method):
     _check_maps(ex, want, batch)
 
 
-@pytest.mark.parametrize("method", ["prediction_map", "weighted_attention", "raw_attention", "mean_attention"])
+@pytest.mark.parametrize("method", ["prediction_map", "weighted_attention", "raw_attention", "mean_attention",
+                                    "generic_attention"])
 def test_other_methods_match_torch_reference(one, method, loads, folders):
-    # The methods made of parts checked per family above, on one family.
+    # The methods made of parts checked per family above (generic_attention: gradcam's gradients), on one family.
     transformers = pytest.importorskip("transformers")
     model, params, _, batch, full = one
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(folders[ONE], attn_implementation="eager")
