@@ -216,6 +216,9 @@ def check_text_request(model: TextEncoder, method: str, layer, options: dict) ->
         raise ValueError(f"scores must be one of {core.SCORES}; got {opts['scores']!r}")
     if opts.get("similarity", "dot") not in core.SIMILARITIES:
         raise ValueError(f"similarity must be one of {core.SIMILARITIES}; got {opts['similarity']!r}")
+    if model.config.num_classes < 2 and opts.get("scores") == "probs":
+        raise ValueError("this model has one output (a regression head): its softmax is 1 everywhere; pass "
+                         "scores='logits'")
     depth = model.config.num_layers
     if "start_layer" in opts and not (isinstance(opts["start_layer"], int) and 0 <= opts["start_layer"] < depth):
         raise ValueError(f"start_layer must be a layer 0..{depth - 1}; got {opts['start_layer']!r}")

@@ -467,6 +467,11 @@ def test_bad_requests_are_named(one):
         ptext.explain_text(model, params, SENTENCES)
     with pytest.raises(ValueError, match="not of this batch"):
         ptext.word_maps(ex, tok(SENTENCES[:2]))
+    import dataclasses
+
+    regression = TextEncoder(dataclasses.replace(model.config, labels=("score",)))
+    with pytest.raises(ValueError, match="one output .* pass scores='logits'"):
+        ptext.explain_text(regression, params, batch)
     for kwargs, match in [(dict(method="lrp"), "unknown text method 'lrp'"),
                           (dict(method="rollout", layer=1), "takes no layer"),
                           (dict(layer=9), "layer 9 out of range"),
