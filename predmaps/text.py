@@ -277,7 +277,8 @@ def explain_text_fn(model: TextEncoder, *, method: str = "predicatt", layer: int
 
 @dataclasses.dataclass(frozen=True)
 class WordMaps:
-    """One text's maps per word: words are its whitespace-separated spans (punctuation stays with its word).
+    """One text's maps per word: words are its whitespace-separated spans (punctuation stays with its word)
+    that hold at least one of the tokens the model saw.
 
     words: the words as written; spans: their (start, end) characters; maps: (K, W) float32."""
 
@@ -298,12 +299,11 @@ def word_maps(ex: TextExplanation, batch: TextBatch, reduce: str = "sum") -> lis
     out = []
     for i in range(len(batch)):
         spans, which = batch.word_index(i)
-        merged = np.zeros((maps.shape[1], len(spans)), np.float32)
-        if reduce == "max":
-            merged[:] = -np.inf
+        kept = np.unique(which[which >= 0])  # words the model saw (a truncated text's cut words are absent)
+        merged = np.full((maps.shape[1], len(kept)), 0.0 if reduce == "sum" else -np.inf, np.float32)
         for j in np.flatnonzero(which >= 0):
-            w = which[j]
+            w = np.searchsorted(kept, which[j])
             merged[:, w] = merged[:, w] + maps[i, :, j] if reduce == "sum" else np.maximum(merged[:, w], maps[i, :, j])
-        merged[~np.isfinite(merged)] = 0.0  # a word without pieces of its own (cannot happen for non-space text)
-        out.append(WordMaps(tuple(batch.texts[i][s:e] for s, e in spans), tuple(spans), merged))
+        out.append(WordMaps(tuple(batch.texts[i][spans[w][0]:spans[w][1]] for w in kept),
+                            tuple(spans[w] for w in kept), merged))
     return out

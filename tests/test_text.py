@@ -363,6 +363,11 @@ def test_too_long_text_is_truncated_with_a_warning(loaded):
     assert batch.truncated == (False, True)
     assert batch.input_ids.shape[1] == limit and batch.special[1, limit - 1]  # the closing [SEP] / </s> kept
     assert batch.tokens[1][:5] == tok([long[:40]]).tokens[0][:5]  # its beginning is kept
+    model_saw = len(set(batch.word_index(1)[1][batch.content_mask[1]]))
+    ex = ptext.TextExplanation(maps=np.ones((2, 1, limit), np.float32), classes=None, logits=None,
+                               content_mask=batch.content_mask)
+    words = ptext.word_maps(ex, batch)[1]  # only the words the model saw, none of the cut ones
+    assert len(words.words) == model_saw < 80 and words.spans[-1][1] < len(long)
     with pytest.raises(ValueError, match=f"at most {limit}"):
         model.apply({"params": params}, jnp.zeros((1, limit + 1), jnp.int32))
 
