@@ -450,6 +450,7 @@ def test_hub_repo_id_through_the_offline_cache(checkpoint, loaded, tmp_path, mon
     assert model.config == loaded[0].config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, loaded[1])
     np.testing.assert_array_equal(tok(SENTENCES).input_ids, loaded[2](SENTENCES).input_ids)
+    assert load_text("hf-hub:owner/tiny")[0].config == loaded[0].config
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE is set and it is not in the local cache.*"
                                                   r"load_text\('path/to/folder'\)"):
         load_text("owner/absent")
