@@ -6,6 +6,7 @@
     model, params = convert.load(timm_module)                                 # nn.Module
     out = model.apply({"params": params}, images)                             # (B, H, W, 3)
     convert.save_timm(params, model.config, "out_dir")                         # timm again
+    model, params, tokenizer = convert.load_text("folder_or_owner/name")        # a text classifier
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvit
+from convert.hf_text import load_text  # BERT / RoBERTa / DistilBERT classifiers (issue 28)
 from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source
 from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
                               check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
@@ -29,7 +31,7 @@ from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedMod
 from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
 
 __all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
-           "export_state_dict", "load", "load_config", "save_timm"]
+           "export_state_dict", "load", "load_config", "load_text", "save_timm"]
 
 
 def _is_torch_module(obj) -> bool:

@@ -1,5 +1,6 @@
 """Shared test set-up: highest matmul precision, torch threads, non-degenerate random weights."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def pytest_configure(config):
         try:
             import timm  # noqa: F401
             import torch  # noqa: F401
+            if importlib.util.find_spec("transformers") is None:  # the text parity reference (found, not imported: seconds)
+                raise ImportError("No module named 'transformers'")
         except ImportError as e:
             raise pytest.UsageError(f"CI is set but the [torch] extra is not importable ({e}); install it with "
                                     "pip install -e '.[torch,test]' (parity tests would skip, not fail)") from None

@@ -1,0 +1,195 @@
+"""Hugging Face text classifiers (BERT, RoBERTa, DistilBERT) into `jaxvit.text.TextEncoder` params.
+
+    from convert.hf_text import load_text
+    model, params, tokenizer = load_text("path/to/folder")   # config.json + weights + tokenizer files
+    model, params, tokenizer = load_text("owner/name")       # a hub repo id (cached; HF_HUB_OFFLINE honoured)
+
+Weights: `model.safetensors` (read without torch) or `pytorch_model.bin` (torch.load with
+weights_only=True; torch must be installed), as the ViT path reads them (convert/sources.py). The
+architecture comes from config.json's `architectures`; others are refused by name. Strict: every tensor
+is consumed and every parameter filled, else `CheckpointMismatchError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.sources import WEIGHT_FILES, download, read_file, read_json
+from convert.timm_vit import CheckpointMismatchError
+from jaxvit.text import TextConfig, TextEncoder, init_params
+from jaxvit.tokenizer import TOKENIZER_FILES, TextTokenizer
+
+# Each family's tensor (without .weight / .bias) for every TextEncoder parameter; {i} is the layer.
+_BERT_LAYER = {
+    "query": "encoder.layer.{i}.attention.self.query", "key": "encoder.layer.{i}.attention.self.key",
+    "value": "encoder.layer.{i}.attention.self.value", "attn_out": "encoder.layer.{i}.attention.output.dense",
+    "attn_norm": "encoder.layer.{i}.attention.output.LayerNorm", "ffn_in": "encoder.layer.{i}.intermediate.dense",
+    "ffn_out": "encoder.layer.{i}.output.dense", "ffn_norm": "encoder.layer.{i}.output.LayerNorm",
+}
+_BERT_EMB = {"word": "embeddings.word_embeddings", "position": "embeddings.position_embeddings",
+             "token_type": "embeddings.token_type_embeddings", "emb_norm": "embeddings.LayerNorm"}
+NAMES = {
+    "bert": dict(prefix="bert.", emb=_BERT_EMB, layer=_BERT_LAYER,
+                 head={"head_dense": "bert.pooler.dense", "head_out": "classifier"}),
+    "roberta": dict(prefix="roberta.", emb=_BERT_EMB, layer=_BERT_LAYER,
+                    head={"head_dense": "classifier.dense", "head_out": "classifier.out_proj"}),
+    "distilbert": dict(prefix="distilbert.", emb={k: v for k, v in _BERT_EMB.items() if k != "token_type"},
+                       layer={"query": "transformer.layer.{i}.attention.q_lin",
+                              "key": "transformer.layer.{i}.attention.k_lin",
+                              "value": "transformer.layer.{i}.attention.v_lin",
+                              "attn_out": "transformer.layer.{i}.attention.out_lin",
+                              "attn_norm": "transformer.layer.{i}.sa_layer_norm",
+                              "ffn_in": "transformer.layer.{i}.ffn.lin1", "ffn_out": "transformer.layer.{i}.ffn.lin2",
+                              "ffn_norm": "transformer.layer.{i}.output_layer_norm"},
+                       head={"head_dense": "pre_classifier", "head_out": "classifier"}),
+}
+# Buffers older transformers saved (position ids), and RoBERTa's pooler, which its sequence classifier
+# never uses (transformers ignores it too): no parameters of the model.
+_IGNORED = re.compile(r"^(\w+\.)?embeddings\.(position_ids|token_type_ids)$|^roberta\.pooler\.")
+
+
+def tensor_names(config: TextConfig) -> dict[str, str]:
+    """TextEncoder param path ('layers_0/query') -> the checkpoint's tensor prefix for this family."""
+    spec = NAMES[config.family]
+    out = {k: spec["prefix"] + v for k, v in spec["emb"].items()}
+    if not config.type_vocab_size:
+        out.pop("token_type", None)
+    for i in range(config.num_layers):
+        out.update({f"layers_{i}/{k}": spec["prefix"] + v.format(i=i) for k, v in spec["layer"].items()})
+    out.update(spec["head"])
+    return out
+
+
+def _normalise_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """TF-era LayerNorm names (gamma / beta), which transformers renames on load, as weight / bias."""
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"\.gamma$", ".weight", k)
+        out[re.sub(r"\.beta$", ".bias", k)] = v
+    return out
+
+
+def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig, where: str = "the checkpoint"):
+    """A transformers state dict -> TextEncoder params (float32 numpy), strictly."""
+    sd = _normalise_keys(state_dict)
+    shapes = jax.eval_shape(lambda: init_params(config))
+    params: dict[str, Any] = {}
+    used, missing, misshapen = set(), [], []
+    for path, prefix in tensor_names(config).items():
+        node = shapes
+        for part in path.split("/"):
+            node = node[part]
+        leaves = {}
+        for leaf, spec in node.items():
+            key = prefix + (".weight" if leaf in ("kernel", "embedding", "scale") else ".bias")
+            if key not in sd:
+                missing.append(key)
+                continue
+            value = np.asarray(sd[key])
+            used.add(key)
+            if leaf == "kernel":
+                value = value.T  # torch Linear (out, in) -> flax (in, out)
+            if value.shape != spec.shape:
+                misshapen.append(f"{key} {tuple(np.shape(sd[key]))} (the config wants {spec.shape})")
+                continue
+            leaves[leaf] = np.asarray(value, np.float32)
+        target = params
+        for part in path.split("/")[:-1]:
+            target = target.setdefault(part, {})
+        target[path.split("/")[-1]] = leaves
+    unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:4])}")
+    if misshapen:
+        problems.append(f"misshapen: {'; '.join(misshapen[:3])}")
+    if problems:
+        raise CheckpointMismatchError(f"{where} does not match a {config.architecture} of its config.json: "
+                                      f"{'; '.join(problems)}")
+    return params
+
+
+def _is_hub_repo_id(source: str) -> bool:
+    """'owner/name' or 'hf-hub:owner/name' that is no existing path."""
+    name = source.removeprefix("hf-hub:")
+    return not os.path.lexists(source) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None \
+        and not name.endswith((".safetensors", ".bin", ".json"))
+
+
+def _hub_folder(repo_id: str) -> tuple[Path, dict | None]:
+    """The snapshot folder of a hub repo with its weights, config.json and tokenizer files fetched
+    (the cache alone when HF_HUB_OFFLINE is set or the hub does not answer)."""
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from convert.sources import HubUnavailableError, _hub_answers
+
+    try:
+        weights, hf_config = download(repo_id, model_name=repo_id)
+    except HubUnavailableError as e:  # its advice names the ViT loader: name this one
+        raise HubUnavailableError(str(e).split(", or pass a local file instead")[0] + ", or pass the checkpoint's "
+                                  "folder instead: load_text('path/to/folder')") from None
+    cache_only = bool(constants.HF_HUB_OFFLINE) or not _hub_answers(hf_hub_url(repo_id, "config.json"))
+    for filename in TOKENIZER_FILES:
+        try:
+            hf_hub_download(repo_id, filename, local_files_only=cache_only)
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError):
+            pass  # a repo holds one of the tokenizer layouts; from_folder names what is missing
+    return weights.parent, hf_config
+
+
+def load_text(source: str | os.PathLike, *, dtype=jnp.float32) -> tuple[TextEncoder, dict, TextTokenizer]:
+    """(TextEncoder, params, TextTokenizer) from a transformers checkpoint: a folder (config.json,
+    model.safetensors or pytorch_model.bin, tokenizer.json or vocab files), a weights file inside
+    one, or a hub repo id ('owner/name', 'hf-hub:owner/name')."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_text takes a folder, a weights file or a hub repo id; got a {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        folder, weights = path, next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
+        hf_config = read_json(path / "config.json")
+    elif path.is_file():
+        folder, weights, hf_config = path.parent, path, read_json(path.parent / "config.json")
+    elif _is_hub_repo_id(str(source)):
+        repo_id = str(source).removeprefix("hf-hub:")
+        folder, hf_config = _hub_folder(repo_id)
+        weights = next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
+    else:
+        raise FileNotFoundError(f"{source} does not exist (a checkpoint folder, a weights file, or a hub repo id "
+                                "'owner/name')")
+    if hf_config is None:
+        raise FileNotFoundError(f"{folder} has no config.json: a transformers checkpoint folder holds one (it "
+                                "names the architecture and the sizes)")
+    try:
+        config = TextConfig.from_hf(hf_config)
+    except ValueError as e:  # ConfigError, UnsupportedArchitectureError: name the file
+        raise type(e)(f"{folder / 'config.json'}: {e}") from None
+    params = params_from_state_dict(read_file(weights), config, str(weights))
+    tokenizer = TextTokenizer.from_folder(folder, config)
+    return (TextEncoder(config, dtype=dtype), jax.tree_util.tree_map(jnp.asarray, params), tokenizer)
+
+
+def export_state_dict(params, config: TextConfig) -> dict[str, np.ndarray]:
+    """TextEncoder params -> the family's transformers state dict (numpy): the inverse of
+    `params_from_state_dict` (no position-id buffers)."""
+    out = {}
+    for path, prefix in tensor_names(config).items():
+        node = params
+        for part in path.split("/"):
+            node = node[part]
+        for leaf, value in node.items():
+            value = np.asarray(value, np.float32)
+            out[prefix + (".weight" if leaf in ("kernel", "embedding", "scale") else ".bias")] = \
+                np.ascontiguousarray(value.T) if leaf == "kernel" else value
+    return out
