@@ -27,8 +27,9 @@ from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedMod
                               check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
                               resize_params, resolve_config, state_dict_from_params, timm_config)
 from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
+from convert.clip_text import CLIP, load_clip, load_clip_text  # noqa: E402  (CLIP's text tower; both towers)
 
-__all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
+__all__ = ["CLIP", "load_clip", "load_clip_text"] + ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
            "export_state_dict", "load", "load_config", "save_timm"]
 
 

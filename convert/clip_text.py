@@ -138,6 +138,31 @@ def params_from_open_clip(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> 
     return params
 
 
+def export_open_clip(params, cfg: CLIPTextConfig) -> dict[str, np.ndarray]:
+    """The text tower's params as an open_clip state dict (open_clip's names and layouts, text keys only): the
+    inverse of `params_from_open_clip`, which open_clip's TextTransformer loads with strict=True."""
+    p = {k: v for k, v in params.items()}
+    sd = {"token_embedding.weight": p["token_embedding"], "positional_embedding": p["positional_embedding"],
+          "ln_final.weight": p["ln_final"]["scale"], "ln_final.bias": p["ln_final"]["bias"]}
+    names = {"ln_1": "ln_1", "ln_2": "ln_2", "in_proj": "attn.in_proj_", "out_proj": "attn.out_proj",
+             "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}
+    for i in range(cfg.layers):
+        for ours, theirs in names.items():
+            block, key = p[f"resblocks_{i}"][ours], f"transformer.resblocks.{i}.{theirs}"
+            sep = "" if ours == "in_proj" else "."
+            if ours.startswith("ln_"):
+                sd[f"{key}.weight"], sd[f"{key}.bias"] = block["scale"], block["bias"]
+            else:
+                sd[f"{key}{sep}weight"], sd[f"{key}{sep}bias"] = np.asarray(block["kernel"]).T, block["bias"]
+    if cfg.embed_dim:
+        proj = p["text_projection"]
+        if cfg.proj_bias:
+            sd["text_projection.weight"], sd["text_projection.bias"] = np.asarray(proj["kernel"]).T, proj["bias"]
+        else:
+            sd["text_projection"] = proj["kernel"]
+    return {k: np.array(v, np.float32) for k, v in sd.items()}  # writable copies: torch.as_tensor warns on views
+
+
 # --- transformers ----------------------------------------------------------------------------------------
 
 def hf_family(config: Mapping[str, Any]) -> str:

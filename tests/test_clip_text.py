@@ -263,3 +263,20 @@ def test_tokenizer_refuses_bad_input():
         tok([1, 2])
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         CLIPTokenizer.from_tokenizer_json("/nonexistent-folder")
+
+
+def test_export_open_clip_is_open_clips_layout_and_inverts_the_reader():
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from convert.clip_text import export_open_clip
+
+    tower = open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(
+        context_length=8, vocab_size=100, width=32, heads=2, layers=2), quick_gelu=True)
+    _randomize(tower, torch, seed=5)
+    jmodel, params, _ = load_clip_text(tower.state_dict(), quick_gelu=True, heads=2, tokenizer=False)
+    exported = export_open_clip(params, jmodel.config)
+    fresh = open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(
+        context_length=8, vocab_size=100, width=32, heads=2, layers=2), quick_gelu=True)
+    fresh.load_state_dict({k: torch.as_tensor(v) for k, v in exported.items()}, strict=True)
+    for k, v in tower.state_dict().items():
+        np.testing.assert_array_equal(exported[k], v.numpy())
