@@ -160,7 +160,7 @@ def export_open_clip(params, cfg: CLIPTextConfig) -> dict[str, np.ndarray]:
             sd["text_projection.weight"], sd["text_projection.bias"] = np.asarray(proj["kernel"]).T, proj["bias"]
         else:
             sd["text_projection"] = proj["kernel"]
-    return {k: np.array(v, np.float32) for k, v in sd.items()}  # writable copies: torch.as_tensor warns on views
+    return {k: np.array(v, np.float32, order="C") for k, v in sd.items()}  # writable C-order copies (safetensors)
 
 
 # --- transformers ----------------------------------------------------------------------------------------
@@ -353,12 +353,13 @@ def _read(source: Any) -> tuple[dict[str, np.ndarray], Path | None, str]:
     if path.is_file():
         return read_file(path), path.parent, str(path)
     if not path.is_dir():
-        from convert.sources import is_file_name
-
-        if is_file_name(str(source)) or os.path.lexists(path) or "/" not in str(source):
+        repo_id = str(source).removeprefix("hf-hub:")
+        # A hub repo id is owner/name; anything else that does not exist is a missing local path.
+        if os.path.lexists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or Path(repo_id).suffix in (
+                ".safetensors", ".bin", ".pth", ".pt", ".ckpt"):
             raise FileNotFoundError(f"CLIP checkpoint {source} does not exist (a folder, a weights file or a hub "
                                     "repo id such as openai/clip-vit-base-patch16)")
-        path = _hub_folder(str(source).removeprefix("hf-hub:"))
+        path = _hub_folder(repo_id)
     config = read_json(path / "config.json")
     hf_first = isinstance(config, dict) and config.get("model_type") in _HF_TYPES
     order = HF_FILES + OPEN_CLIP_FILES if hf_first or not (path / OPEN_CLIP_FILES[0]).exists() else OPEN_CLIP_FILES
@@ -369,28 +370,50 @@ def _read(source: Any) -> tuple[dict[str, np.ndarray], Path | None, str]:
 
 
 def _hub_folder(repo_id: str) -> Path:
-    """The cache folder of a hub repo's weights (as `convert.load` fetches them) and its text files."""
+    """The huggingface_hub cache folder holding a repo's weights (transformers' first, else open_clip's) and its
+    config and tokenizer files. HF_HUB_OFFLINE honoured; a hub that does not answer is asked once, without
+    huggingface_hub's retries, and then every file comes from the cache alone (as `convert.load`)."""
     from huggingface_hub import constants, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
 
-    from convert.sources import _hub_answers, download
+    from convert.sources import _hub_answers
 
-    weights = download(repo_id, model_name=repo_id)[0]
     cache_only = bool(constants.HF_HUB_OFFLINE)
-    for name in TEXT_FILES[:5]:
+    asked = False
+
+    def fetch(name: str) -> bool:
+        nonlocal cache_only, asked
         try:
             hf_hub_download(repo_id, name, local_files_only=True)
-            continue
-        except (LocalEntryNotFoundError, EntryNotFoundError, OfflineModeIsEnabled):
+            return True
+        except (LocalEntryNotFoundError, EntryNotFoundError, OfflineModeIsEnabled):  # not cached
             pass
-        if not cache_only and _hub_answers(hf_hub_url(repo_id, name)):
-            try:
-                hf_hub_download(repo_id, name)
-            except EntryNotFoundError:  # the repo has no such file
-                pass
-        else:
-            cache_only = True  # asked once: no further file is asked of a hub that does not answer
-    return weights.parent
+        if not cache_only and not asked:
+            asked = True
+            cache_only = not _hub_answers(hf_hub_url(repo_id, name))
+        if cache_only:
+            return False
+        try:
+            hf_hub_download(repo_id, name)
+            return True
+        except EntryNotFoundError:  # the repo has no such file
+            return False
+        except RepositoryNotFoundError:
+            raise HubUnavailableError(f"no such Hugging Face hub repository {repo_id!r} (or it is private)") from None
+
+    weights = next((name for name in HF_FILES + OPEN_CLIP_FILES if fetch(name)), None)
+    if weights is None:
+        if cache_only:
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+            raise HubUnavailableError(
+                f"cannot load {repo_id}: {why} and its weights are not in the local cache ({constants.HF_HUB_CACHE}). "
+                f"Download it where the hub is reachable (`hf download {repo_id}`) and copy the cache over, or pass "
+                "the checkpoint's local folder")
+        raise FileNotFoundError(f"hub repository {repo_id} has none of {HF_FILES + OPEN_CLIP_FILES}")
+    for name in TEXT_FILES[:5]:
+        fetch(name)
+    return Path(hf_hub_download(repo_id, weights, local_files_only=True)).parent
 
 
 class CLIP(NamedTuple):

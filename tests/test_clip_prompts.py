@@ -124,3 +124,32 @@ def test_text_tower_without_tokenizer_says_so():
     with pytest.raises(ValueError, match="without a tokenizer"):
         tower.encode(["a dog"])
     assert isinstance(CLIPTokenizer.from_bpe()(["x"]), np.ndarray)
+
+
+@pytest.fixture
+def offline_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never the network
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_repo_loads_from_the_cache_offline(clip_dir, offline_cache):
+    root, tparams = clip_dir
+    snap = offline_cache / "models--someone--tiny-clip" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    for name in ("open_clip_model.safetensors", "open_clip_config.json"):
+        (snap / name).write_bytes((root / name).read_bytes())
+    model, params, tok = convert.load_clip_text("someone/tiny-clip")
+    assert model.config.act == "quick_gelu" and tok("a dog")[0, 2] == 1929  # the bundled BPE: no tokenizer.json
+    np.testing.assert_array_equal(params["token_embedding"], np.float32(tparams["token_embedding"]))
+
+
+def test_hub_repo_not_cached_offline_is_a_clear_error(offline_cache):
+    with pytest.raises(convert.HubUnavailableError, match="HF_HUB_OFFLINE is set and its weights are not in the local"):
+        convert.load_clip_text("someone/not-cached")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert.load_clip_text("missing/file.safetensors")
