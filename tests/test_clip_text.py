@@ -212,6 +212,24 @@ def test_transformers_unexpected_key_is_named(tmp_path):
         load_clip_text(folder, tokenizer=False)
 
 
+def _clip_tokenizer_fast(tmp_path, transformers, open_clip):
+    """transformers' CLIPTokenizerFast from vocab.json + merges.txt made of open_clip's copy of OpenAI's BPE
+    file, as transformers' CLIP repos hold them (transformers converts them to its tokenizer.json itself)."""
+    import gzip
+    import os
+
+    from open_clip.tokenizer import bytes_to_unicode  # the reference's own byte table, not ours
+
+    merges = gzip.open(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")).read()
+    merges = merges.decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return transformers.CLIPTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+
+
 # --- tokenizer ---------------------------------------------------------------------------------------------
 
 def test_bundled_bpe_tokenizer_gives_openai_clip_ids():
@@ -236,20 +254,7 @@ def test_bpe_tokenizer_matches_open_clip_and_warns_on_truncation():
 def test_tokenizer_json_matches_clip_tokenizer_fast(tmp_path):
     transformers = pytest.importorskip("transformers")
     open_clip = pytest.importorskip("open_clip")
-    import gzip
-    import os
-
-    # vocab.json + merges.txt from OpenAI's BPE file, as transformers' CLIP repos hold them.
-    merges = gzip.open(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")).read()
-    merges = merges.decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    from jaxvit.clip_tokenizer import _bytes_to_unicode
-
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    fast = transformers.CLIPTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    fast = _clip_tokenizer_fast(tmp_path, transformers, open_clip)
     fast.save_pretrained(tmp_path / "saved")
     want = fast(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"]
     with pytest.warns(UserWarning, match="truncated"):
@@ -280,3 +285,51 @@ def test_export_open_clip_is_open_clips_layout_and_inverts_the_reader():
     fresh.load_state_dict({k: torch.as_tensor(v) for k, v in exported.items()}, strict=True)
     for k, v in tower.state_dict().items():
         np.testing.assert_array_equal(exported[k], v.numpy())
+
+
+# --- prompts end to end: the checkpoint's own tokenizer, then the tower -------------------------------------
+
+PROMPTS_SHORT = ["a photo of a dog", "Two CATS, sleeping!", "naïve café ½"]
+
+
+def test_open_clip_prompts_end_to_end_with_the_bundled_tokenizer(tmp_path):
+    """An open_clip checkpoint with CLIP's vocabulary: open_clip.tokenize + encode_text vs load_clip_text's
+    tokenizer (the bundled BPE) + tower."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    tower = _randomize(open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(**text_cfg)).eval(), torch)
+    folder = _safetensors_dir(tmp_path, tower.state_dict(), "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, "text_cfg": text_cfg}}))
+    with torch.no_grad():
+        want = tower(open_clip.tokenize(PROMPTS_SHORT)).numpy()
+    model, params, tok = load_clip_text(folder)
+    from jaxvit.clip_text import TextTower
+
+    assert np.abs(np.asarray(TextTower(model, params, tok).encode(PROMPTS_SHORT)) - want).max() <= TOL
+
+
+def test_transformers_prompts_end_to_end_with_the_folders_tokenizer_json(tmp_path):
+    """A transformers CLIPModel folder with its tokenizer files: CLIPTokenizerFast + get_text_features vs
+    load_clip_text's tokenizer (the folder's tokenizer.json, its pad token) + tower."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    open_clip = pytest.importorskip("open_clip")
+    from jaxvit.clip_text import TextTower
+
+    fast = _clip_tokenizer_fast(tmp_path, transformers, open_clip)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=24)
+    model = _randomize(transformers.CLIPModel(config).eval(), torch)
+    model.save_pretrained(tmp_path / "clip")
+    fast.save_pretrained(tmp_path / "clip")
+    batch = fast(PROMPTS_SHORT, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model.get_text_features(input_ids=batch["input_ids"])
+    want = getattr(want, "pooler_output", want).numpy()
+    jmodel, params, tok = load_clip_text(tmp_path / "clip")
+    np.testing.assert_array_equal(tok(PROMPTS_SHORT), batch["input_ids"].numpy())
+    assert np.abs(np.asarray(TextTower(jmodel, params, tok).encode(PROMPTS_SHORT)) - want).max() <= TOL
