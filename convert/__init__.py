@@ -185,7 +185,8 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
         state_dict, config, input_size = _interpret(source, state_dict, sides, where, model_name, num_heads)
     params = params_from_state_dict(state_dict, config)
     if img_size is None and input_size is not None and tuple(input_size) != config.img_size:
-        img_size = input_size  # the processor's input size: position embeddings resampled to it, as transformers does
+        # transformers' processor input size: position embeddings resampled to it as transformers does
+        params, config = resize_params(params, config, input_size, hf_vision.POS_RESAMPLING)
     if img_size is not None:
         params, config = resize_params(params, config, img_size)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),

@@ -10,7 +10,7 @@ Key mapping (prefix `vit.` / `deit.` / `dinov2.` / none; CLIP under `vision_mode
   embeddings.distillation_token                 -> dist_token (WithTeacher) or reg_token (*)
   embeddings.position_embeddings / position_embedding.weight -> pos_embed
   embeddings.patch_embeddings.projection / patch_embedding   -> patch_embed.proj
-  encoder.layer(s).{i}: query, key, value / q_proj, k_proj, v_proj (concatenated) -> blocks.{i}.attn.qkv;
+  encoder.layer(s).{i} (transformers 5 modules: layers.{i}, q/k/v/o_proj): query, key, value / q_proj, k_proj, v_proj (concatenated) -> blocks.{i}.attn.qkv;
      attention.output.dense / out_proj -> attn.proj; layernorm_before, norm1, layer_norm1 -> norm1;
      layernorm_after, norm2, layer_norm2 -> norm2; intermediate.dense / mlp.fc1 -> mlp.fc1;
      output.dense / mlp.fc2 -> mlp.fc2; layer_scale{1,2}.lambda1 -> ls{1,2}.gamma
@@ -41,6 +41,8 @@ import numpy as np
 from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
+# transformers' interpolate_pos_encoding (ViT, DeiT, DINOv2): plain bicubic, no antialias.
+POS_RESAMPLING = dict(interpolation="bicubic", antialias=False)
 SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
              "DeiTForImageClassificationWithTeacher", "Dinov2Model", "CLIPVisionModel",
              "CLIPVisionModelWithProjection", "CLIPModel")
@@ -120,12 +122,12 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
         if _DROPPED.search(key):
             continue
         k = re.sub(r"^(vit|deit|dinov2)\.", "", key)
-        m = re.match(r"encoder\.layer\.(\d+)\.(.*)$", k)
+        m = re.match(r"(?:encoder\.layer|layers)\.(\d+)\.(.*)$", k)
         if m:
             i, rest = int(m.group(1)), m.group(2)
-            a = re.match(r"attention\.attention\.(query|key|value)\.(weight|bias)$", rest)
+            a = re.match(r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$", rest)
             if a:
-                qkv[(i, a.group(1), a.group(2))] = value
+                qkv[(i, a.group(1) or _QKV[a.group(2)], a.group(3))] = value
                 continue
             name = _BLOCK.get(rest)
             out[f"blocks.{i}.{name}" if name else key] = value
@@ -142,8 +144,11 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
     return out
 
 
+_QKV = {"q": "query", "k": "key", "v": "value"}
+# Saved files (the hub's) keep transformers 4's names; transformers 5 modules' own state dicts name the
+# blocks `layers.{i}` with q_proj / k_proj / v_proj / o_proj and mlp.fc1 / fc2: both are read.
 _BLOCK = {f"{src}.{p}": f"{dst}.{p}" for p in ("weight", "bias") for src, dst in (
-    ("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+    ("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
     ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"), ("norm1", "norm1"), ("norm2", "norm2"),
     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))}
 _BLOCK.update({"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"})
@@ -214,7 +219,7 @@ def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: 
                          "config.json names the architecture; leave model_name out")
     sd = to_timm(state_dict, config)
     cfg = config_of(sd, config, name=name, num_heads=num_heads)
-    settings = preprocess_settings(preprocessor, family(config)[0], cfg.img_size)
+    settings = preprocess_settings(preprocessor, family(config)[0])
     input_size = settings.pop("img_size")
     return sd, cfg.replace(**settings), input_size
 
@@ -276,7 +281,7 @@ _SQUARE_BY_DEFAULT = ("ViTImageProcessor", "DeiTImageProcessor")  # an int `size
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def preprocess_settings(pre: Mapping[str, Any] | None, model_type: str, img_size) -> dict[str, Any]:
+def preprocess_settings(pre: Mapping[str, Any] | None, model_type: str) -> dict[str, Any]:
     """A transformers preprocessor_config.json as ViTConfig fields (img_size = the processor's output
     size): resize to `size` ({height, width}: 'hf_squash'; {shortest_edge}: 'hf_shortest'), optional centre
     crop to `crop_size`, x / 255, (x - mean) / std. crop_pct is crop / resize (1.0 without a crop).
