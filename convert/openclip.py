@@ -29,12 +29,17 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # vision_cfg entries that change the architecture beyond what jaxvit implements (refused when set).
 _REFUSED_VISION = {"timm_model_name": "a timm trunk", "attentional_pool": "attentional pooling (CoCa)",
-                   "attn_pooler_queries": "attentional pooling", "input_patchnorm": "input patchnorm",
+                   "input_patchnorm": "input patchnorm",
                    "act_kwargs": "activation arguments", "norm_kwargs": "norm arguments",
-                   "pos_embed_type": "non-learnable position embeddings", "no_causal_mask": None}
+                   "pos_embed_type": "non-learnable position embeddings", "block_type": "another block type",
+                   "qk_norm": "q/k normalisation", "scaled_cosine_attn": "scaled cosine attention",
+                   "scale_heads": "head scaling", "scale_attn_inner": "an inner attention norm",
+                   "scale_attn": "an attention-output norm", "scale_fc": "an MLP norm"}
+# Read, or without effect on a plain VisionTransformer's inference (the timm_* ones need timm_model_name).
 _KNOWN_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "ls_init_value",
                  "pool_type", "final_ln_after_pool", "no_ln_pre", "patch_dropout", "output_tokens",
-                 "global_average_pool", "embed_cls", "output_dim"}
+                 "global_average_pool", "embed_cls", "output_dim", "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained",
+                 "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
 
 
 def looks_like_open_clip(state_dict: Mapping[str, Any]) -> bool:
@@ -113,7 +118,8 @@ def vision_settings(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(vision, Mapping):
         raise ConfigError("open_clip model_cfg's vision_cfg must be an object")
     for key, why in _REFUSED_VISION.items():
-        if vision.get(key) and not (key == "pos_embed_type" and vision[key] == "learnable"):
+        if vision.get(key) and not (key == "pos_embed_type" and vision[key] == "learnable") \
+                and not (key == "block_type" and vision[key] == "default"):
             raise UnsupportedModelError(f"open_clip vision_cfg {key}={vision[key]!r}"
                                         f"{f' ({why})' if why else ''} is not supported by jaxvit")
     unknown = sorted(set(vision) - _KNOWN_VISION - set(_REFUSED_VISION))

@@ -147,24 +147,10 @@ def test_labels_from_id2label_and_pytorch_model_bin(tmp_path):
     assert model.config.label_names == ("cat", "dog", "fox")
 
 
-def _lay_out_hub_repo(cache: pathlib.Path, repo_id: str, folder: pathlib.Path):
-    """A huggingface_hub cache entry as a download leaves it: refs/main and the snapshot."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in folder.iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
-
-
-def test_hub_repo_id_reads_the_cache_offline(tmp_path):
-    from huggingface_hub import constants
-
+def test_hub_repo_id_reads_the_cache_offline(tmp_path, hub_repo):
     hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
     folder = _save(hf, _vit_processor(), tmp_path / "vit")
-    _lay_out_hub_repo(pathlib.Path(constants.HF_HUB_CACHE), "someone/tiny-vit", folder)
+    hub_repo("someone/tiny-vit", folder)
     model, params = convert.load("someone/tiny-vit")
     ref_model, ref_params = convert.load(folder)
     assert model.config == ref_model.config.replace(name="someone/tiny-vit")
