@@ -264,3 +264,20 @@ def test_processor_settings_that_cannot_be_reproduced_are_refused():
                             ({"size": {"longest_edge": 100}}, "size {'longest_edge': 100} is not supported")):
         with pytest.raises(ConfigError, match=message):
             hf_vision.preprocess_settings(dict(base, **change), "clip")
+
+
+def test_export_to_timm_rebuilds_the_same_network(tmp_path):
+    # A transformers CLIP tower exported with convert.save_timm: timm rebuilds it from the export alone
+    # (a stock CLIP architecture with model_args) and computes what transformers computes.
+    timm = pytest.importorskip("timm")
+    hf = _randomize(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**SMALL,
+                                                                                             projection_dim=24)))
+    model, params = convert.load(_save(hf, _vit_processor(), tmp_path / "clip"))
+    out = convert.save_timm(params, model.config, tmp_path / "timm")
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = _x(32)
+    np.testing.assert_allclose(_run_hf(rebuilt, x), _run_hf(lambda t: hf(t).image_embeds, x), atol=TOL, rtol=0)
+    again, again_params = convert.load(out)
+    assert again.config == model.config
+    for a, b in zip(jax_leaves(params), jax_leaves(again_params)):
+        np.testing.assert_array_equal(a, b)
