@@ -34,7 +34,11 @@ VARIANTS = {
     "g": (1408, 40, 6144, 16), "G": (1664, 48, 8192, 16), "e": (1792, 56, 15360, 16),
 }
 _PREFIXES = ("opt/target/", "params/img/", "params/", "")
-_OTHER_TOWER = ("params/txt/", "params/t", "params/b")
+
+
+def _is_other_tower(key: str) -> bool:
+    """A two-tower big_vision file's text tower, logit scale or bias: set aside, not read."""
+    return key.startswith("params/txt/") or key in ("params/t", "params/b")
 
 
 def is_npz(path: str | os.PathLike) -> bool:
@@ -82,8 +86,8 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
         raise UnsupportedModelError("this .npz is no Google ViT checkpoint: it has no embedding/kernel (keys "
                                     f"{sorted(arrays)[:5]}...)")
     big_vision = prefix.startswith("params/")
-    w = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)
-         and not (prefix == "params/" and k.startswith(_OTHER_TOWER))}
+    w = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    outside = sorted(k for k in arrays if not k.startswith(prefix) and not _is_other_tower(k))
     for part, what in (("MAPHead_0/", "a MAP attention-pool head (big_vision pool_type='map', SigLIP)"),
                        ("pre_logits/", "a pre_logits representation layer (dense + tanh before the head)"),
                        ("conv_root/", "a hybrid ResNet stem (R50+ViT)"), ("block1/", "a hybrid ResNet stem (R50+ViT)")):
@@ -150,7 +154,7 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
         for r in (0, 1):
             sd[f"{dst}mlp.fc{r + 1}.weight"] = take(f"{src}{mlp}/Dense_{r}/kernel", idx).T
             sd[f"{dst}mlp.fc{r + 1}.bias"] = take(f"{src}{mlp}/Dense_{r}/bias", idx)
-    unexpected = sorted(f"{prefix}{k}" for k in set(w) - used)
+    unexpected = sorted(f"{prefix}{k}" for k in set(w) - used) + outside
     if unexpected:
         shown = unexpected[:12] + ([f"and {len(unexpected) - 12} more"] if len(unexpected) > 12 else [])
         raise CheckpointMismatchError(f"Google ViT checkpoint has unexpected arrays {shown}: jaxvit reads plain ViTs "

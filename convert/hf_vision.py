@@ -82,9 +82,11 @@ def looks_like_hf(state_dict: Mapping[str, Any]) -> bool:
 
 
 def split_clip(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-    """(vision tensors, the rest: a CLIPModel's text tower, text_projection and logit_scale)."""
-    vision = {k: v for k, v in state_dict.items() if k.startswith(("vision_model.", "visual_projection."))}
-    return vision, {k: v for k, v in state_dict.items() if k not in vision}
+    """(everything but the text side, a CLIPModel's text side: text_model.*, text_projection, logit_scale).
+    Keys of neither tower stay with the vision side, so the strict mapping names them."""
+    text = {k: v for k, v in state_dict.items()
+            if k.startswith("text_model.") or k in ("text_projection.weight", "logit_scale")}
+    return {k: v for k, v in state_dict.items() if k not in text}, text
 
 
 def family(config: Mapping[str, Any]) -> tuple[str, str]:
@@ -110,8 +112,7 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
     Keys it cannot place are kept under their own names, so the strict mapping names them."""
     model_type, arch = family(config)
     if model_type == "clip":
-        return _clip_to_timm(split_clip(state_dict)[0] if "text_model.embeddings.token_embedding.weight" in state_dict
-                             or arch == "CLIPModel" else state_dict)
+        return _clip_to_timm(split_clip(state_dict)[0])
     if model_type == "dinov2" and any(".mlp.weights_in." in k for k in state_dict):
         raise UnsupportedModelError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn, the giant models) is not supported "
                                     f"by jaxvit; {supported_message()}")

@@ -46,10 +46,21 @@ def looks_like_open_clip(state_dict: Mapping[str, Any]) -> bool:
     return "visual.conv1.weight" in state_dict or any(k.startswith("visual.trunk.") for k in state_dict)
 
 
+# The text side of an open_clip CLIP (CustomTextCLIP: under `text.`), and its logit scale and bias.
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "attn_mask",
+             "logit_scale", "logit_bias", "text.")
+
+
 def split_towers(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-    """(image tower tensors with `visual.` removed, everything else: the text tower and logit scale)."""
+    """(image tower tensors with `visual.` removed, the text side: `TEXT_KEYS`). A key of neither is
+    refused (CheckpointMismatchError naming it): nothing is dropped unseen."""
     visual = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
-    return visual, {k: v for k, v in state_dict.items() if not k.startswith("visual.")}
+    text = {k: v for k, v in state_dict.items() if k.startswith(TEXT_KEYS)}
+    neither = sorted(k for k in state_dict if not k.startswith(("visual.",) + TEXT_KEYS))
+    if neither:
+        raise CheckpointMismatchError(f"open_clip checkpoint has unexpected keys {neither[:12]}: neither the image "
+                                      "tower (visual.*) nor the text tower")
+    return visual, text
 
 
 def model_cfg_of(open_clip_config: Mapping[str, Any] | None, model_name: str | None) -> dict | None:

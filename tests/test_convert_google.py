@@ -161,6 +161,15 @@ def test_npz_loading_is_strict_and_refuses_what_jaxvit_lacks(tmp_path):
     with pytest.raises(convert.CheckpointMismatchError,
                        match="missing Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"):
         load(drop="Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias")
+    # A two-tower file: the image tower under params/img/ is read, the text tower and logit scale are set
+    # aside, and anything else is named.
+    two_tower = {**{f"params/img/{k}": v for k, v in arrays.items()}, "params/txt/Embed_0/embedding": np.zeros(2),
+                 "params/t": np.zeros(1)}
+    np.savez(tmp_path / "two.npz", **two_tower)
+    assert convert.load(tmp_path / "two.npz")[0].config.embed_dim == 48
+    np.savez(tmp_path / "two.npz", **two_tower, **{"stray/kernel": np.zeros(1)})
+    with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected arrays \['stray/kernel'\]"):
+        convert.load(tmp_path / "two.npz")
     with pytest.raises(convert.UnsupportedModelError, match="MAP attention-pool head.*supported: plain ViTs"):
         load({"MAPHead_0/probe": np.zeros((1, 1, 48), np.float32)})
     with pytest.raises(convert.UnsupportedModelError, match="pre_logits representation layer"):

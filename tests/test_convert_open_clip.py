@@ -148,3 +148,9 @@ def test_eval_transform_is_bit_equal_to_open_clip(resize_mode, tmp_path):
         img = Image.open(photo).convert("RGB")
         ref = ref_transform(img).permute(1, 2, 0).numpy()
         assert np.array_equal(ours_transform(img), ref), (photo.name, resize_mode)
+
+
+def test_keys_of_neither_tower_are_named():
+    sd = {k: v.numpy() for k, v in _random_clip(_model_cfg()).state_dict().items()}
+    with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected keys \['stray'\]"):
+        openclip.split_towers(dict(sd, stray=np.zeros(1)))
