@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvit
-from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source
+from convert import google_npz, hf_vision, openclip
+from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source_files
 from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
                               check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
                               resize_params, resolve_config, state_dict_from_params, timm_config)
@@ -155,6 +156,7 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     refusal = _model_name_refusal(source, model_name)
     if refusal:
         raise ValueError(refusal)
+    input_size = None
     if _is_torch_module(source):
         config = config_from_timm_module(source, name=model_name)
         state_dict = {k: v for k, v in source.state_dict().items()}
@@ -180,15 +182,45 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
                 if not source.startswith("hf-hub:") and not _is_known_architecture(model_name):
                     raise unknown from None
                 hf_hub_id = None
-        state_dict, hub_config, where = read_source(source, hf_hub_id=hf_hub_id)
-        config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads,
-                             config_file=config_file_of(where))
+        state_dict, sides, where = read_source_files(source, hf_hub_id=hf_hub_id)
+        state_dict, config, input_size = _interpret(source, state_dict, sides, where, model_name, num_heads)
     params = params_from_state_dict(state_dict, config)
+    if img_size is None and input_size is not None and tuple(input_size) != config.img_size:
+        # transformers' processor input size: position embeddings resampled to it as transformers does
+        params, config = resize_params(params, config, input_size, hf_vision.POS_RESAMPLING)
     if img_size is not None:
         params, config = resize_params(params, config, img_size)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),
                                     params)
     return jaxvit.ViT(config, dtype=dtype, attention=attention), params
+
+
+def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_name: str | None,
+               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[int, int] | None]:
+    """(timm-layout state dict, config, input size to resample to or None), by what the weights' keys
+    are: a Google .npz, Hugging Face transformers, open_clip, else timm."""
+    hub_config = sides.get("config.json")
+    name = where[len("hub:"):] if where.startswith("hub:") else ""
+    with _naming(source):
+        if google_npz.is_google_vit(state_dict):
+            sd, heads, _ = google_npz.to_timm(state_dict)
+            if model_name is None or google_npz.parse_variant(model_name) is not None:
+                return sd, google_npz.config_of(sd, heads, variant=model_name, num_heads=num_heads), None
+            config = load_config(source, sd, model_name=model_name, num_heads=num_heads)
+            if config.num_heads != heads:
+                raise CheckpointMismatchError(f"checkpoint does not match {model_name}: its attention kernels have "
+                                              f"{heads} heads, {config.num_heads} expected")
+            return sd, config, None
+        if hf_vision.looks_like_hf(state_dict) or hf_vision.is_hf_config(hub_config):
+            return hf_vision.load_state(state_dict, hub_config, sides.get("preprocessor_config.json"), name=name,
+                                        model_name=model_name, num_heads=num_heads)
+        if openclip.looks_like_open_clip(state_dict):
+            sd, config = openclip.load_state(state_dict, sides.get("open_clip_config.json"), name=name,
+                                             model_name=model_name, num_heads=num_heads)
+            return sd, config, None
+    config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads,
+                         config_file=config_file_of(where))
+    return state_dict, config, None
 
 
 def _is_known_architecture(name: str) -> bool:
