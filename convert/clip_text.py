@@ -26,15 +26,14 @@ from typing import Any, Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from convert.sources import HubUnavailableError, read_file, read_json
+from convert.sources import download, is_file_name, read_file, read_json
 from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, clean_state_dict
 from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
 from jaxvit.clip_tokenizer import CLIPTokenizer
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
-TEXT_FILES = ("config.json", "open_clip_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json") + HF_FILES + OPEN_CLIP_FILES
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Scalars and buffers that are no part of the text tower's computation.
 _IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.position_ids", "text.attn_mask"}
 # open_clip text_cfg entries that change the computation beyond what CLIPText implements (refused when set).
@@ -355,11 +354,10 @@ def _read(source: Any) -> tuple[dict[str, np.ndarray], Path | None, str]:
     if not path.is_dir():
         repo_id = str(source).removeprefix("hf-hub:")
         # A hub repo id is owner/name; anything else that does not exist is a missing local path.
-        if os.path.lexists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or Path(repo_id).suffix in (
-                ".safetensors", ".bin", ".pth", ".pt", ".ckpt"):
+        if os.path.lexists(path) or is_file_name(str(source)) or "/" not in repo_id:
             raise FileNotFoundError(f"CLIP checkpoint {source} does not exist (a folder, a weights file or a hub "
                                     "repo id such as openai/clip-vit-base-patch16)")
-        path = _hub_folder(repo_id)
+        path = _hub_folder(repo_id)  # HubUnavailableError when offline and not cached
     config = read_json(path / "config.json")
     hf_first = isinstance(config, dict) and config.get("model_type") in _HF_TYPES
     order = HF_FILES + OPEN_CLIP_FILES if hf_first or not (path / OPEN_CLIP_FILES[0]).exists() else OPEN_CLIP_FILES
@@ -370,50 +368,29 @@ def _read(source: Any) -> tuple[dict[str, np.ndarray], Path | None, str]:
 
 
 def _hub_folder(repo_id: str) -> Path:
-    """The huggingface_hub cache folder holding a repo's weights (transformers' first, else open_clip's) and its
-    config and tokenizer files. HF_HUB_OFFLINE honoured; a hub that does not answer is asked once, without
-    huggingface_hub's retries, and then every file comes from the cache alone (as `convert.load`)."""
+    """The huggingface_hub cache folder holding a repo's weights and JSON files (`sources.download`, as
+    `convert.load` fetches them) and its tokenizer files. HF_HUB_OFFLINE honoured; a hub that does not answer
+    is asked once, without huggingface_hub's retries, and then the tokenizer files come from the cache alone."""
     from huggingface_hub import constants, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     from convert.sources import _hub_answers
 
+    weights = download(repo_id, model_name=repo_id)[0]
     cache_only = bool(constants.HF_HUB_OFFLINE)
-    asked = False
-
-    def fetch(name: str) -> bool:
-        nonlocal cache_only, asked
+    for name in TOKENIZER_FILES:
         try:
             hf_hub_download(repo_id, name, local_files_only=True)
-            return True
+            continue
         except (LocalEntryNotFoundError, EntryNotFoundError, OfflineModeIsEnabled):  # not cached
             pass
-        if not cache_only and not asked:
-            asked = True
-            cache_only = not _hub_answers(hf_hub_url(repo_id, name))
-        if cache_only:
-            return False
-        try:
-            hf_hub_download(repo_id, name)
-            return True
-        except EntryNotFoundError:  # the repo has no such file
-            return False
-        except RepositoryNotFoundError:
-            raise HubUnavailableError(f"no such Hugging Face hub repository {repo_id!r} (or it is private)") from None
-
-    weights = next((name for name in HF_FILES + OPEN_CLIP_FILES if fetch(name)), None)
-    if weights is None:
-        if cache_only:
-            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-            raise HubUnavailableError(
-                f"cannot load {repo_id}: {why} and its weights are not in the local cache ({constants.HF_HUB_CACHE}). "
-                f"Download it where the hub is reachable (`hf download {repo_id}`) and copy the cache over, or pass "
-                "the checkpoint's local folder")
-        raise FileNotFoundError(f"hub repository {repo_id} has none of {HF_FILES + OPEN_CLIP_FILES}")
-    for name in TEXT_FILES[:5]:
-        fetch(name)
-    return Path(hf_hub_download(repo_id, weights, local_files_only=True)).parent
+        cache_only = cache_only or not _hub_answers(hf_hub_url(repo_id, name))
+        if not cache_only:
+            try:
+                hf_hub_download(repo_id, name)
+            except EntryNotFoundError:  # the repo has no such file
+                pass
+    return weights.parent
 
 
 class CLIP(NamedTuple):

@@ -149,7 +149,7 @@ def test_hub_repo_loads_from_the_cache_offline(clip_dir, offline_cache):
 
 
 def test_hub_repo_not_cached_offline_is_a_clear_error(offline_cache):
-    with pytest.raises(convert.HubUnavailableError, match="HF_HUB_OFFLINE is set and its weights are not in the local"):
+    with pytest.raises(convert.HubUnavailableError, match="HF_HUB_OFFLINE is set and it is not in the local cache"):
         convert.load_clip_text("someone/not-cached")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert.load_clip_text("missing/file.safetensors")

@@ -333,3 +333,62 @@ def test_transformers_prompts_end_to_end_with_the_folders_tokenizer_json(tmp_pat
     jmodel, params, tok = load_clip_text(tmp_path / "clip")
     np.testing.assert_array_equal(tok(PROMPTS_SHORT), batch["input_ids"].numpy())
     assert np.abs(np.asarray(TextTower(jmodel, params, tok).encode(PROMPTS_SHORT)) - want).max() <= TOL
+
+
+# --- both towers in one call (convert.load_clip) ------------------------------------------------------------
+
+def _images(torch, n=2, size=16):
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
+    return x, x.permute(0, 2, 3, 1).numpy()
+
+
+def test_load_clip_open_clip_folder_gives_encode_image_and_encode_text(tmp_path):
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    import convert
+
+    model_cfg = {"embed_dim": 24, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    model = _randomize(open_clip.model.CLIP(**model_cfg).eval(), torch)
+    folder = _safetensors_dir(tmp_path, model.state_dict(), "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    clip = convert.load_clip(folder)
+    x, xj = _images(torch)
+    with torch.no_grad():
+        want_text = model.encode_text(open_clip.tokenize(PROMPTS_SHORT)).numpy()
+        want_image = model.encode_image(x).numpy()
+    assert np.abs(np.asarray(clip.text_tower.encode(PROMPTS_SHORT)) - want_text).max() <= TOL
+    got_image = clip.image_model.apply({"params": clip.image_params}, xj).logits
+    assert np.abs(np.asarray(got_image) - want_image).max() <= TOL
+
+
+def test_load_clip_transformers_folder_gives_image_and_text_features(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    open_clip = pytest.importorskip("open_clip")
+    import convert
+
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=24)
+    model = _randomize(transformers.CLIPModel(config).eval(), torch)
+    model.save_pretrained(tmp_path / "clip")
+    fast = _clip_tokenizer_fast(tmp_path, transformers, open_clip)
+    fast.save_pretrained(tmp_path / "clip")
+    # As transformers' CLIP folders hold it: the image size convert.load builds the image tower for.
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "clip")
+    clip = convert.load_clip(tmp_path / "clip")
+    x, xj = _images(torch)
+    batch = fast(PROMPTS_SHORT, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want_text = model.get_text_features(input_ids=batch["input_ids"])
+        want_image = model.get_image_features(pixel_values=x)
+    want_text = getattr(want_text, "pooler_output", want_text).numpy()
+    want_image = getattr(want_image, "pooler_output", want_image).numpy()
+    assert np.abs(np.asarray(clip.text_tower.encode(PROMPTS_SHORT)) - want_text).max() <= TOL
+    got_image = clip.image_model.apply({"params": clip.image_params}, xj).logits
+    assert np.abs(np.asarray(got_image) - want_image).max() <= TOL
