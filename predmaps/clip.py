@@ -123,7 +123,9 @@ def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Seque
     penultimate token layer by default, as the paper's Fig. 18) over the part of the photo the model
     saw; `<stem>_layers.png`, every layer's map (rows: prompts, columns: layers 0..L). `clip.json`
     lists the prompts, the layer, the files and, per photo and prompt, each layer's cosine range and
-    the shown layer's cosine grid. Returns what clip.json holds.
+    the shown layer's cosine grid; unreadable photos are listed under "skipped" with the reason (the CLI
+    prints them and exits 1 under --strict, as `predmaps explain`). Returns what clip.json holds; ValueError
+    when no photo is readable.
     """
     from jaxvit import preprocess, safe_write
     from predmaps import viz
@@ -136,21 +138,27 @@ def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Seque
     shown = core.layer_index(layer, cfg.depth)
     out = safe_write.make_dir(out_dir)
     text = text_tower.encode(prompts)
-    records = []
+    transform = preprocess.eval_transform_for(cfg)
+    records, skipped = [], []
     for path in images:
-        x = preprocess.load_batch([path], cfg)
+        try:
+            photo = preprocess.load_image(path)
+            x = transform(photo)[None]
+        except preprocess.ImageLoadError as e:  # as `predmaps explain`: recorded and skipped, the rest go on
+            skipped.append({"image": str(path), "error": str(e)})
+            continue
         sim = text_similarity_maps(model, params, x, text)
         maps = np.asarray(sim.maps[0])  # (L + 1, K, gh, gw)
         stem = _slug(Path(str(path)).stem) or "image"
         files = []
         for k, prompt in enumerate(prompts):
             name = f"{stem}_{k}_{_slug(prompt)[:40]}.png"
-            safe_write.write_bytes(out / name, viz.to_png_bytes(viz.show(path, maps[shown, k], cfg, cmap=cmap)),
+            safe_write.write_bytes(out / name, viz.to_png_bytes(viz.show(photo, maps[shown, k], cfg, cmap=cmap)),
                                    durable=False)
             files.append(name)
         tiles = [maps[layer_, k] for k in range(len(prompts)) for layer_ in range(cfg.depth + 1)]
         titles = [f"{'*' if layer_ == shown else ''}L{layer_} {p[:12]}" for p in prompts for layer_ in range(cfg.depth + 1)]
-        seen = viz.show(path, np.zeros_like(maps[0, 0]), cfg, alpha=0.0)
+        seen = viz.show(photo, np.zeros_like(maps[0, 0]), cfg, alpha=0.0)  # the crop the model saw, no overlay
         grid = viz.overlay_grid(seen, tiles, titles, columns=cfg.depth + 1, cell=96, cmap=cmap,
                                 extent=cfg.grid_extent())
         layers_name = f"{stem}_layers.png"
@@ -163,7 +171,10 @@ def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Seque
                                                     for i in range(cfg.depth + 1)],
                          "cosine": np.round(cos[shown, k], 6).tolist()} for k, p in enumerate(prompts)]})
     report = {"model": cfg.name, "prompts": prompts, "layer": shown, "layers": cfg.depth + 1,
-              "map": "inverted cosine similarity (high = relevant), as the paper shows it", "images": records}
+              "map": "inverted cosine similarity (high = relevant), as the paper shows it", "images": records,
+              "skipped": skipped}
+    if not records:
+        raise ValueError("no readable image: " + "; ".join(r["error"] for r in skipped[:3]))
     safe_write.write_text(out / "clip.json", json.dumps(report, indent=1))
     return report
 

@@ -117,6 +117,12 @@ def test_clip_report_writes_the_penultimate_layer_maps_and_every_layer(clip_dir,
     assert report["layer"] == depth
     with pytest.raises(ValueError, match="prompts"):
         clip_report(clip.image_model, clip.image_params, clip.text_tower, [photo], [""], tmp_path / "o3")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    report = clip_report(clip.image_model, clip.image_params, clip.text_tower, [bad, photo], ["a dog"], tmp_path / "o4")
+    assert [r["image"] for r in report["images"]] == [str(photo)] and report["skipped"][0]["image"] == str(bad)
+    with pytest.raises(ValueError, match="no readable image"):
+        clip_report(clip.image_model, clip.image_params, clip.text_tower, [bad], ["a dog"], tmp_path / "o5")
 
 
 def test_text_tower_without_tokenizer_says_so():
