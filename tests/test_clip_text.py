@@ -287,55 +287,9 @@ def test_export_open_clip_is_open_clips_layout_and_inverts_the_reader():
         np.testing.assert_array_equal(exported[k], v.numpy())
 
 
-# --- prompts end to end: the checkpoint's own tokenizer, then the tower -------------------------------------
+# --- both towers and the checkpoint's own tokenizer, end to end (convert.load_clip) ----------------------------
 
 PROMPTS_SHORT = ["a photo of a dog", "Two CATS, sleeping!", "naïve café ½"]
-
-
-def test_open_clip_prompts_end_to_end_with_the_bundled_tokenizer(tmp_path):
-    """An open_clip checkpoint with CLIP's vocabulary: open_clip.tokenize + encode_text vs load_clip_text's
-    tokenizer (the bundled BPE) + tower."""
-    torch = pytest.importorskip("torch")
-    open_clip = pytest.importorskip("open_clip")
-    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
-    tower = _randomize(open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(**text_cfg)).eval(), torch)
-    folder = _safetensors_dir(tmp_path, tower.state_dict(), "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, "text_cfg": text_cfg}}))
-    with torch.no_grad():
-        want = tower(open_clip.tokenize(PROMPTS_SHORT)).numpy()
-    model, params, tok = load_clip_text(folder)
-    from jaxvit.clip_text import TextTower
-
-    assert np.abs(np.asarray(TextTower(model, params, tok).encode(PROMPTS_SHORT)) - want).max() <= TOL
-
-
-def test_transformers_prompts_end_to_end_with_the_folders_tokenizer_json(tmp_path):
-    """A transformers CLIPModel folder with its tokenizer files: CLIPTokenizerFast + get_text_features vs
-    load_clip_text's tokenizer (the folder's tokenizer.json, its pad token) + tower."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    open_clip = pytest.importorskip("open_clip")
-    from jaxvit.clip_text import TextTower
-
-    fast = _clip_tokenizer_fast(tmp_path, transformers, open_clip)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8), projection_dim=24)
-    model = _randomize(transformers.CLIPModel(config).eval(), torch)
-    model.save_pretrained(tmp_path / "clip")
-    fast.save_pretrained(tmp_path / "clip")
-    batch = fast(PROMPTS_SHORT, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        want = model.get_text_features(input_ids=batch["input_ids"])
-    want = getattr(want, "pooler_output", want).numpy()
-    jmodel, params, tok = load_clip_text(tmp_path / "clip")
-    np.testing.assert_array_equal(tok(PROMPTS_SHORT), batch["input_ids"].numpy())
-    assert np.abs(np.asarray(TextTower(jmodel, params, tok).encode(PROMPTS_SHORT)) - want).max() <= TOL
-
-
-# --- both towers in one call (convert.load_clip) ------------------------------------------------------------
 
 def _images(torch, n=2, size=16):
     x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
@@ -343,6 +297,7 @@ def _images(torch, n=2, size=16):
 
 
 def test_load_clip_open_clip_folder_gives_encode_image_and_encode_text(tmp_path):
+    """open_clip.tokenize + encode_text/encode_image vs load_clip's tokenizer (the bundled BPE) and towers."""
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     import convert
@@ -364,6 +319,8 @@ def test_load_clip_open_clip_folder_gives_encode_image_and_encode_text(tmp_path)
 
 
 def test_load_clip_transformers_folder_gives_image_and_text_features(tmp_path):
+    """CLIPTokenizerFast + get_text_features/get_image_features vs load_clip's tokenizer (the folder's
+    tokenizer.json) and towers."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     open_clip = pytest.importorskip("open_clip")
@@ -389,6 +346,8 @@ def test_load_clip_transformers_folder_gives_image_and_text_features(tmp_path):
         want_image = model.get_image_features(pixel_values=x)
     want_text = getattr(want_text, "pooler_output", want_text).numpy()
     want_image = getattr(want_image, "pooler_output", want_image).numpy()
+    # The folder's tokenizer.json (and its pad token, from tokenizer_config.json) gives CLIPTokenizerFast's ids.
+    np.testing.assert_array_equal(clip.tokenizer(PROMPTS_SHORT), batch["input_ids"].numpy())
     assert np.abs(np.asarray(clip.text_tower.encode(PROMPTS_SHORT)) - want_text).max() <= TOL
     got_image = clip.image_model.apply({"params": clip.image_params}, xj).logits
     assert np.abs(np.asarray(got_image) - want_image).max() <= TOL
