@@ -139,7 +139,7 @@ def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Seque
     out = safe_write.make_dir(out_dir)
     text = text_tower.encode(prompts)
     transform = preprocess.eval_transform_for(cfg)
-    records, skipped = [], []
+    records, skipped, stems = [], [], set()
     for path in images:
         try:
             photo = preprocess.load_image(path)
@@ -150,6 +150,9 @@ def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Seque
         sim = text_similarity_maps(model, params, x, text)
         maps = np.asarray(sim.maps[0])  # (L + 1, K, gh, gw)
         stem = _slug(Path(str(path)).stem) or "image"
+        if stem in stems:  # two photos of one name (other folders): never one overwriting the other
+            stem = f"{stem}-{len(records)}"
+        stems.add(stem)
         files = []
         for k, prompt in enumerate(prompts):
             name = f"{stem}_{k}_{_slug(prompt)[:40]}.png"

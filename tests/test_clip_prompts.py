@@ -121,6 +121,11 @@ def test_clip_report_writes_the_penultimate_layer_maps_and_every_layer(clip_dir,
     bad.write_text("not an image")
     report = clip_report(clip.image_model, clip.image_params, clip.text_tower, [bad, photo], ["a dog"], tmp_path / "o4")
     assert [r["image"] for r in report["images"]] == [str(photo)] and report["skipped"][0]["image"] == str(bad)
+    (tmp_path / "again").mkdir()
+    twin = tmp_path / "again" / photo.name
+    twin.write_bytes(photo.read_bytes())
+    report = clip_report(clip.image_model, clip.image_params, clip.text_tower, [photo, twin], ["a dog"], tmp_path / "o6")
+    assert [r["maps"] for r in report["images"]] == [["photo-one_0_a-dog.png"], ["photo-one-1_0_a-dog.png"]]
     with pytest.raises(ValueError, match="no readable image"):
         clip_report(clip.image_model, clip.image_params, clip.text_tower, [bad], ["a dog"], tmp_path / "o5")
 
