@@ -68,9 +68,6 @@ class CLIPTokenizer:
                           f"truncated, e.g. {cut[0][:60]!r}: only their first tokens are encoded", stacklevel=2)
         return np.asarray([e.ids for e in encodings], dtype=np.int32)
 
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
-
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike, *, context_length: int = 77,
                             pad_token: str | None = None) -> "CLIPTokenizer":

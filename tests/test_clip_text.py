@@ -19,7 +19,8 @@ from jaxvit.clip_tokenizer import CLIPTokenizer
 
 TOL = 1e-5
 PROMPTS = ["a photo of a cat", "A DOG!!", "naïve café — “quoted” &amp; it's", "日本語のテキスト 🐶 ½",
-           "tabs\tand\n newlines,,, (brackets) [x] 3.14159", "Mr. O'Neil's 1st-class e-mail: a@b.com", "word " * 90]
+           "tabs\tand\n newlines,,, (brackets) [x] 3.14159", "Mr. O'Neil's 1st-class e-mail: a@b.com",
+           "ﬁne ＦＵＬＬＷＩＤＴＨ text <end_of_text> <|endoftext|>", "word " * 90]
 
 
 def _ids(rng, vocab, n, t, eot):
