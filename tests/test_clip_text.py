@@ -137,8 +137,8 @@ def test_open_clip_text_cfg_beyond_clip_is_refused_by_name(tmp_path):
 # --- transformers ------------------------------------------------------------------------------------------
 
 def _hf_text_config(**kw):
-    return dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=16, **kw)
+    return {**dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=16), **kw}
 
 
 @pytest.mark.parametrize("eos", [299, 2], ids=["eos-token", "legacy-eos-2-argmax"])
@@ -199,6 +199,41 @@ def test_transformers_siglip_get_text_features_parity(tmp_path):
     jmodel, params, _ = load_clip_text(tmp_path, tokenizer=False)
     assert (jmodel.config.pool, jmodel.config.causal, jmodel.config.act) == ("last", False, "gelu_tanh")
     assert np.abs(np.asarray(jmodel.apply({"params": params}, ids).features) - want).max() <= TOL
+
+
+def test_transformers_siglip_prompts_through_its_folders_tokenizer_json(tmp_path):
+    """SigLIP's tokenizer appends </s> and pads to the context length (last-token pooling needs it): any
+    tokenizer.json with such a post-processor (here a small word-level one, made here) is read as
+    transformers' PreTrainedTokenizerFast reads it, and the prompts' features equal get_text_features."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from jaxvit.clip_text import TextTower
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "dog", "cat", "two", "cats", "!"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    config = transformers.SiglipConfig(text_config=_hf_text_config(vocab_size=11, max_position_embeddings=8),
+                                       vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                          num_attention_heads=2, image_size=16, patch_size=8))
+    model = _randomize(transformers.SiglipModel(config).eval(), torch)
+    model.save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>"}))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), pad_token="<pad>")
+    prompts = ["a photo of a dog", "two cats !", "a photo of a cat a photo of a dog"]  # the last one truncated
+    ids = fast(prompts, padding="max_length", max_length=8, truncation=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model.get_text_features(input_ids=ids)
+    want = getattr(want, "pooler_output", want).numpy()
+    jmodel, params, jtok = load_clip_text(tmp_path)
+    with pytest.warns(UserWarning, match="truncated"):
+        np.testing.assert_array_equal(jtok(prompts), ids.numpy())
+    with pytest.warns(UserWarning, match="truncated"):
+        got = np.asarray(TextTower(jmodel, params, jtok).encode(prompts))
+    assert np.abs(got - want).max() <= TOL
 
 
 def test_transformers_unexpected_key_is_named(tmp_path):
