@@ -251,10 +251,32 @@ def test_preprocessing_is_bit_equal_to_the_image_processor(name):
         ours = preprocess.eval_transform(img, **settings)
         assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape, (name, img.size)
         assert np.array_equal(ours, ref), (name, img.size, np.abs(ours - ref).max())
-        # The crop box maps the model input back onto the photo: the resize's inverse of the crop.
-        box = preprocess.eval_crop_box((img.height, img.width), img_size=settings["img_size"],
-                                       crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"])
-        assert len(box) == 4
+
+
+@pytest.mark.parametrize("make", [
+    # Margins of 27 and 11 resized pixels: (margin) // 2 and torchvision's round-half-to-even differ by one.
+    lambda: transformers.CLIPImageProcessorPil(size={"shortest_edge": 60}, crop_size={"height": 49, "width": 49},
+                                               resample=0, do_normalize=False),
+    lambda: transformers.DeiTImageProcessorPil(size={"height": 70, "width": 70}, crop_size={"height": 43, "width": 43},
+                                               resample=0, do_normalize=False)])
+def test_crop_box_is_where_the_processor_crops(make):
+    # Each pixel's red and green values are its column and row; nearest resampling keeps them, so the
+    # processor's first output pixel names the source pixel it came from: inside the box's first
+    # resized pixel (an offset rounded the other way would be a whole resized pixel, >= 2 px, off).
+    from PIL import Image
+
+    h, w = 201, 157
+    rows, cols = np.mgrid[0:h, 0:w]
+    img = Image.fromarray(np.stack([cols, rows, np.zeros_like(cols)], -1).astype(np.uint8))
+    processor = make()
+    first = np.rint(processor(images=img, return_tensors="np")["pixel_values"][0][:2, 0, 0] * 255)
+    settings = hf_vision.preprocess_settings(json.loads(processor.to_json_string()), "vit")
+    left, top, right, bottom = preprocess.eval_crop_box((h, w), img_size=settings["img_size"],
+                                                        crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"])
+    ch, cw = settings["img_size"]
+    sx, sy = (right - left) / cw, (bottom - top) / ch
+    assert min(sx, sy) >= 2
+    assert left <= first[0] < left + sx and top <= first[1] < top + sy, (first, (left, top), (sx, sy))
 
 
 def test_processor_settings_that_cannot_be_reproduced_are_refused():
