@@ -264,7 +264,7 @@ def _label_names(config: Mapping[str, Any], n: int) -> tuple[str, ...] | None:
     return names
 
 
-# The slow (PIL) processors' defaults where preprocessor_config.json is absent, per family.
+# Where preprocessor_config.json is absent: each family's usual processor (DINOv2: what its checkpoints ship).
 _PROCESSOR_DEFAULTS = {
     "vit": {"image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224}, "resample": 2,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
@@ -290,11 +290,14 @@ def preprocess_settings(pre: Mapping[str, Any] | None, model_type: str) -> dict[
     if pre is None:
         pre = _PROCESSOR_DEFAULTS[model_type]
     where = "preprocessor_config.json"
-    kind = str(pre.get("image_processor_type", "")).removesuffix("Fast")
+    # Older repos (google/vit-*, openai/clip-*) name a feature extractor, the same transform under its old name.
+    given = pre.get("image_processor_type") or pre.get("feature_extractor_type")
+    kind = (str(given).removesuffix("Fast").removesuffix("Pil").replace("FeatureExtractor", "ImageProcessor")
+            if given else _PROCESSOR_DEFAULTS[model_type]["image_processor_type"])
     known = ("ViTImageProcessor", "DeiTImageProcessor", "CLIPImageProcessor", "BitImageProcessor")
     if kind not in known:
-        raise ConfigError(f"{where}: image_processor_type {pre.get('image_processor_type')!r} is not supported; "
-                          f"supported: {', '.join(known)}")
+        raise ConfigError(f"{where}: image_processor_type {given!r} is not supported; supported: {', '.join(known)} "
+                          "(and their FeatureExtractor, Fast and Pil names)")
     if pre.get("do_resize", True) is not True:
         raise ConfigError(f"{where}: do_resize false gives inputs of any size; jaxvit needs a fixed input size")
     factor = pre.get("rescale_factor", 1 / 255)

@@ -303,3 +303,20 @@ def test_export_to_timm_rebuilds_the_same_network(tmp_path):
     assert again.config == model.config
     for a, b in zip(jax_leaves(params), jax_leaves(again_params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_older_feature_extractor_configs_read_as_their_processors():
+    # google/vit-base-patch16-224 and openai/clip-vit-base-patch16 ship feature-extractor configs with
+    # integer sizes (their preprocessor_config.json, as on the hub): the same transforms as the processors'.
+    vit = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224}
+    clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+    for cfg, processor in ((vit, transformers.ViTImageProcessorPil(size={"height": 224, "width": 224})),
+                           (clip, transformers.CLIPImageProcessorPil())):
+        ours = hf_vision.preprocess_settings(cfg, "vit")
+        assert ours == hf_vision.preprocess_settings(json.loads(processor.to_json_string()), "vit")
+        img = _test_images()[-2]
+        ref = processor(images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        assert np.array_equal(preprocess.eval_transform(img, **ours), ref)
