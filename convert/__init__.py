@@ -155,7 +155,7 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     refusal = _model_name_refusal(source, model_name)
     if refusal:
         raise ValueError(refusal)
-    input_size = None
+    resize = None
     if _is_torch_module(source):
         config = config_from_timm_module(source, name=model_name)
         state_dict = {k: v for k, v in source.state_dict().items()}
@@ -182,11 +182,11 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
                     raise unknown from None
                 hf_hub_id = None
         state_dict, sides, where = read_source_files(source, hf_hub_id=hf_hub_id)
-        state_dict, config, input_size = _interpret(source, state_dict, sides, where, model_name, num_heads)
+        state_dict, config, resize = _interpret(source, state_dict, sides, where, model_name, num_heads)
     params = params_from_state_dict(state_dict, config)
-    if img_size is None and input_size is not None and tuple(input_size) != config.img_size:
+    if img_size is None and resize is not None and tuple(resize[0]) != config.img_size:
         # transformers' processor input size: position embeddings resampled to it as transformers does
-        params, config = resize_params(params, config, input_size, hf_vision.POS_RESAMPLING)
+        params, config = resize_params(params, config, *resize)
     if img_size is not None:
         params, config = resize_params(params, config, img_size)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),
@@ -195,8 +195,8 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
 
 
 def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_name: str | None,
-               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[int, int] | None]:
-    """(timm-layout state dict, config, input size to resample to or None), by what the weights' keys
+               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[tuple[int, int], dict] | None]:
+    """(timm-layout state dict, config, None or (input size, resampling) to resample to), by what the weights' keys
     are: a Google .npz, Hugging Face transformers, open_clip, else timm."""
     hub_config = sides.get("config.json")
     name = where[len("hub:"):] if where.startswith("hub:") else ""

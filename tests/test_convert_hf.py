@@ -120,11 +120,16 @@ def test_transformers_vision_models_match_transformers(name, tmp_path):
         assert model.config.num_classes == 5 and model.config.label_names is None  # LABEL_0...: placeholders
 
 
-def test_dinov2_at_the_processor_size_resamples_as_transformers(tmp_path):
+@pytest.mark.parametrize("registers", [0, 3])
+def test_dinov2_at_the_processor_size_resamples_as_transformers(registers, tmp_path):
     # DINOv2 is stored at 518 px and run at the processor's 224: transformers resamples the position
-    # embeddings on every call (plain bicubic); convert.load resamples them once to the processor's size.
-    hf = _randomize(transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)))
+    # embeddings on every call (plain bicubic; antialiased with registers); convert.load resamples them
+    # once to the processor's size. With registers, which have no position rows, the stored class-token
+    # row is folded into the token.
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)
+    hf = _randomize(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        **size, num_register_tokens=registers)) if registers else
+        transformers.Dinov2Model(transformers.Dinov2Config(**size)))
     processor = transformers.BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
     path = _save(hf, processor, tmp_path / "dinov2")
     x = _x(32)
@@ -132,6 +137,7 @@ def test_dinov2_at_the_processor_size_resamples_as_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(out.pre_logits), _run_hf(lambda t: hf(t).pooler_output, x), atol=TOL,
                                rtol=0)
     assert model.config.img_size == (32, 32) and model.config.crop_mode == "hf_shortest"
+    assert model.config.reg_tokens == registers and model.config.no_embed_class == bool(registers)
 
 
 def test_labels_from_id2label_and_pytorch_model_bin(tmp_path):
