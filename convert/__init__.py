@@ -1,9 +1,13 @@
-"""Checkpoint formats: timm weights in, jaxvit params out, and back.
+"""Checkpoint formats: timm, Google .npz, Hugging Face transformers and open_clip weights in, jaxvit
+params out, and back to timm. The format is read from the weights' keys (google_npz, hf_vision,
+openclip, timm_vit); this module only dispatches.
 
     import convert
     model, params = convert.load("vit_base_patch16_224.orig_in21k_ft_in1k")   # hub (cached)
     model, params = convert.load("model.safetensors", model_name="vit_small_patch16_224")
     model, params = convert.load(timm_module)                                 # nn.Module
+    model, params = convert.load("ViT-B_16.npz")                              # Google's JAX checkpoint
+    model, params = convert.load("google/vit-base-patch16-224")               # transformers (hub cache)
     out = model.apply({"params": params}, images)                             # (B, H, W, 3)
     convert.save_timm(params, model.config, "out_dir")                         # timm again
 """
@@ -139,10 +143,14 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     """Load timm ViT weights as (jaxvit module, params pytree).
 
     `source`: a timm `nn.Module`; a state dict (torch tensors or numpy arrays); a `.safetensors`
-    file (no torch needed) or `.pth`/`.bin` file (torch); a directory holding `model.safetensors`
-    (and timm's `config.json`) or a jaxvit checkpoint; or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`,
-    `timm/...`, `hf-hub:timm/...`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE honoured).
-    `model_name`: the timm name the weights belong to, when the source does not say. A name that is
+    file (no torch needed), `.pth`/`.bin` file (torch) or Google `.npz`; a directory holding
+    `model.safetensors` (and timm's or transformers' `config.json`, transformers'
+    `preprocessor_config.json`), open_clip's weights and `open_clip_config.json`, or a jaxvit checkpoint;
+    or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`, `timm/...`, `hf-hub:timm/...`, a
+    transformers or open_clip repo id such as `google/vit-base-patch16-224`) fetched through
+    huggingface_hub's cache (HF_HUB_OFFLINE honoured). The weights' keys say which format they are in.
+    `model_name`: the timm name the weights belong to, when the source does not say (for a Google .npz
+    also big_vision's "B/16"; for an open_clip state dict its open_clip name). A name that is
     no known architecture raises `UnknownModelError` (a KeyError) before any hub access; a tag newer
     than timm (or the bundled table) loads when the weights come with their timm `config.json`.
     `dtype`: compute dtype of the module (params stay float32). `img_size`: resample the stored
