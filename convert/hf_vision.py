@@ -52,7 +52,7 @@ _MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_
 _REFUSED_TYPES = {"swin": "shifted-window attention", "swinv2": "shifted-window attention",
                   "beit": "relative position bias", "data2vec-vision": "relative position bias",
                   "siglip": "a MAP attention-pool head", "siglip_vision_model": "a MAP attention-pool head",
-                  "vit_mae": "a masked-autoencoder decoder", "vit_hybrid": "a hybrid CNN stem",
+                  "vit_mae": "a masked-autoencoder decoder", "vit-hybrid": "a hybrid CNN stem",
                   "convnext": "no transformer", "levit": "a hybrid convolutional transformer"}
 _TWO_TOKEN_HEAD = ("its classifier reads the class token and the mean patch token concatenated, a head jaxvit's "
                    "ViT lacks (load the backbone instead)")
