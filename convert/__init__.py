@@ -1,9 +1,13 @@
-"""Checkpoint formats: timm weights in, jaxvit params out, and back.
+"""Checkpoint formats: timm, Google .npz, Hugging Face transformers and open_clip weights in, jaxvit
+params out, and back to timm. The format is read from the weights' keys (google_npz, hf_vision,
+openclip, timm_vit); this module only dispatches.
 
     import convert
     model, params = convert.load("vit_base_patch16_224.orig_in21k_ft_in1k")   # hub (cached)
     model, params = convert.load("model.safetensors", model_name="vit_small_patch16_224")
     model, params = convert.load(timm_module)                                 # nn.Module
+    model, params = convert.load("ViT-B_16.npz")                              # Google's JAX checkpoint
+    model, params = convert.load("google/vit-base-patch16-224")               # transformers (hub cache)
     out = model.apply({"params": params}, images)                             # (B, H, W, 3)
     convert.save_timm(params, model.config, "out_dir")                         # timm again
 """
@@ -140,10 +144,14 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     """Load timm ViT weights as (jaxvit module, params pytree).
 
     `source`: a timm `nn.Module`; a state dict (torch tensors or numpy arrays); a `.safetensors`
-    file (no torch needed) or `.pth`/`.bin` file (torch); a directory holding `model.safetensors`
-    (and timm's `config.json`) or a jaxvit checkpoint; or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`,
-    `timm/...`, `hf-hub:timm/...`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE honoured).
-    `model_name`: the timm name the weights belong to, when the source does not say. A name that is
+    file (no torch needed), `.pth`/`.bin` file (torch) or Google `.npz`; a directory holding
+    `model.safetensors` (and timm's or transformers' `config.json`, transformers'
+    `preprocessor_config.json`), open_clip's weights and `open_clip_config.json`, or a jaxvit checkpoint;
+    or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`, `timm/...`, `hf-hub:timm/...`, a
+    transformers or open_clip repo id such as `google/vit-base-patch16-224`) fetched through
+    huggingface_hub's cache (HF_HUB_OFFLINE honoured). The weights' keys say which format they are in.
+    `model_name`: the timm name the weights belong to, when the source does not say (for a Google .npz
+    also big_vision's "B/16"; for an open_clip state dict its open_clip name). A name that is
     no known architecture raises `UnknownModelError` (a KeyError) before any hub access; a tag newer
     than timm (or the bundled table) loads when the weights come with their timm `config.json`.
     `dtype`: compute dtype of the module (params stay float32). `img_size`: resample the stored
@@ -156,7 +164,7 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     refusal = _model_name_refusal(source, model_name)
     if refusal:
         raise ValueError(refusal)
-    input_size = None
+    resize = None
     if _is_torch_module(source):
         config = config_from_timm_module(source, name=model_name)
         state_dict = {k: v for k, v in source.state_dict().items()}
@@ -183,11 +191,11 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
                     raise unknown from None
                 hf_hub_id = None
         state_dict, sides, where = read_source_files(source, hf_hub_id=hf_hub_id)
-        state_dict, config, input_size = _interpret(source, state_dict, sides, where, model_name, num_heads)
+        state_dict, config, resize = _interpret(source, state_dict, sides, where, model_name, num_heads)
     params = params_from_state_dict(state_dict, config)
-    if img_size is None and input_size is not None and tuple(input_size) != config.img_size:
+    if img_size is None and resize is not None and tuple(resize[0]) != config.img_size:
         # transformers' processor input size: position embeddings resampled to it as transformers does
-        params, config = resize_params(params, config, input_size, hf_vision.POS_RESAMPLING)
+        params, config = resize_params(params, config, *resize)
     if img_size is not None:
         params, config = resize_params(params, config, img_size)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),
@@ -196,8 +204,8 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
 
 
 def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_name: str | None,
-               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[int, int] | None]:
-    """(timm-layout state dict, config, input size to resample to or None), by what the weights' keys
+               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[tuple[int, int], dict] | None]:
+    """(timm-layout state dict, config, None or (input size, resampling) to resample to), by what the weights' keys
     are: a Google .npz, Hugging Face transformers, open_clip, else timm."""
     hub_config = sides.get("config.json")
     name = where[len("hub:"):] if where.startswith("hub:") else ""

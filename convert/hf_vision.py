@@ -3,7 +3,7 @@
 Supported (config.json `model_type`, class in `architectures`):
   vit     ViTModel, ViTForImageClassification
   deit    DeiTModel, DeiTForImageClassification, DeiTForImageClassificationWithTeacher
-  dinov2  Dinov2Model
+  dinov2  Dinov2Model;  dinov2_with_registers  Dinov2WithRegistersModel
   clip / clip_vision_model   CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (its vision half)
 Key mapping (prefix `vit.` / `deit.` / `dinov2.` / none; CLIP under `vision_model.`):
   embeddings.cls_token / class_embedding        -> cls_token
@@ -22,8 +22,9 @@ Left out by name: `embeddings.mask_token` (masked-image training only), ViTModel
 tanh, not on any classification path), `position_ids` (a buffer), and a CLIPModel's text tower
 (`text_model.*`, `text_projection`, `logit_scale`: `split_clip` hands them over untouched).
 Refused by name: every other model_type (Swin, BEiT's relative position bias, SigLIP's MAP head, ...),
-Dinov2ForImageClassification (its head reads the class token and the patch mean together), DINOv2's
-SwiGLU MLP, and DINOv2 with registers.
+Dinov2(WithRegisters)ForImageClassification (its head reads the class token and the patch mean
+together) and DINOv2's SwiGLU MLP. DINOv2's registers have no position rows: the class token's row is
+folded into it, as timm does.
 
 The eval transform comes from preprocessor_config.json (ViTImageProcessor, DeiTImageProcessor,
 CLIPImageProcessor, BitImageProcessor): `preprocess_settings` maps it onto the config's
@@ -41,26 +42,28 @@ import numpy as np
 from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
-# transformers' interpolate_pos_encoding (ViT, DeiT, DINOv2): plain bicubic, no antialias.
+# transformers' interpolate_pos_encoding: plain bicubic (ViT, DeiT, DINOv2), antialiased for DINOv2 with registers.
 POS_RESAMPLING = dict(interpolation="bicubic", antialias=False)
+_ANTIALIASED = dict(interpolation="bicubic", antialias=True)
 SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-             "DeiTForImageClassificationWithTeacher", "Dinov2Model", "CLIPVisionModel",
+             "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel",
              "CLIPVisionModelWithProjection", "CLIPModel")
-_MODEL_TYPES = ("vit", "deit", "dinov2", "clip", "clip_vision_model")
+_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model")
 _REFUSED_TYPES = {"swin": "shifted-window attention", "swinv2": "shifted-window attention",
                   "beit": "relative position bias", "data2vec-vision": "relative position bias",
                   "siglip": "a MAP attention-pool head", "siglip_vision_model": "a MAP attention-pool head",
-                  "dinov2_with_registers": "register tokens without position embeddings",
-                  "vit_mae": "a masked-autoencoder decoder", "vit_hybrid": "a hybrid CNN stem",
+                  "vit_mae": "a masked-autoencoder decoder", "vit-hybrid": "a hybrid CNN stem",
                   "convnext": "no transformer", "levit": "a hybrid convolutional transformer"}
+_TWO_TOKEN_HEAD = ("its classifier reads the class token and the mean patch token concatenated, a head jaxvit's "
+                   "ViT lacks (load the backbone instead)")
 _REFUSED_CLASSES = {
-    "Dinov2ForImageClassification": "its classifier reads the class token and the mean patch token concatenated, "
-                                    "a head jaxvit's ViT lacks (load the backbone, Dinov2Model, instead)",
+    "Dinov2ForImageClassification": _TWO_TOKEN_HEAD, "Dinov2WithRegistersForImageClassification": _TWO_TOKEN_HEAD,
     "ViTForMaskedImageModeling": "a masked-image decoder", "DeiTForMaskedImageModeling": "a masked-image decoder",
 }
 # What each family's config.json leaves out when it equals transformers' default (save_pretrained
 # writes only the differences): heads, LayerNorm eps and activation; sizes come from the tensors.
 _DEFAULTS = {"vit": (12, 1e-12, "gelu"), "deit": (12, 1e-12, "gelu"), "dinov2": (12, 1e-6, "gelu"),
+             "dinov2_with_registers": (12, 1e-6, "gelu"),
              "clip": (12, 1e-5, "quick_gelu")}
 _ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
          "gelu_fast": "gelu_tanh"}
@@ -113,7 +116,7 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
     model_type, arch = family(config)
     if model_type == "clip":
         return _clip_to_timm(split_clip(state_dict)[0])
-    if model_type == "dinov2" and any(".mlp.weights_in." in k for k in state_dict):
+    if model_type.startswith("dinov2") and any(".mlp.weights_in." in k for k in state_dict):
         raise UnsupportedModelError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn, the giant models) is not supported "
                                     f"by jaxvit; {supported_message()}")
     teacher = arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
@@ -122,7 +125,7 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
     for key, value in state_dict.items():
         if _DROPPED.search(key):
             continue
-        k = re.sub(r"^(vit|deit|dinov2)\.", "", key)
+        k = re.sub(r"^(vit|deit|dinov2|dinov2_with_registers)\.", "", key)
         m = re.match(r"(?:encoder\.layer|layers)\.(\d+)\.(.*)$", k)
         if m:
             i, rest = int(m.group(1)), m.group(2)
@@ -136,12 +139,20 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
         if k == "embeddings.distillation_token":
             out["dist_token" if teacher else "reg_token"] = value
             continue
+        if k == "embeddings.register_tokens":
+            out["reg_token"] = value
+            continue
         name = _TOP.get(k)
         if k == "embeddings.cls_token" or name:
             out[name or "cls_token"] = value
         else:
             out[key] = value
     _merge_qkv(qkv, out, ("query", "key", "value"))
+    if model_type == "dinov2_with_registers" and "cls_token" in out and "pos_embed" in out:
+        # Its registers have no position rows: the class token's row is folded into the token (a constant
+        # sum), leaving rows for the patches only (no_embed_class), as timm converts DINOv2 with registers.
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
 
 
@@ -209,9 +220,9 @@ _CLIP_TOP = {"embeddings.patch_embedding.weight": "patch_embed.proj.weight", "pr
 
 def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: Mapping[str, Any] | None, *,
                name: str = "", model_name: str | None = None, num_heads: int | None = None
-               ) -> tuple[dict[str, np.ndarray], ViTConfig, tuple[int, int]]:
-    """(timm state dict, config at the stored grid, the processor's input size) of a transformers
-    checkpoint; the caller resamples the position embeddings to that size, as transformers does."""
+               ) -> tuple[dict[str, np.ndarray], ViTConfig, tuple[tuple[int, int], dict]]:
+    """(timm state dict, config at the stored grid, (the processor's input size, how transformers resamples
+    position embeddings to it)) of a transformers checkpoint; the caller resamples them so."""
     if not is_hf_config(config):
         raise ValueError("these are Hugging Face transformers weights, which need their config.json (with its "
                          "model_type) beside them: load the folder or hub repo they came in")
@@ -222,7 +233,8 @@ def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: 
     cfg = config_of(sd, config, name=name, num_heads=num_heads)
     settings = preprocess_settings(preprocessor, family(config)[0])
     input_size = settings.pop("img_size")
-    return sd, cfg.replace(**settings), input_size
+    resampling = _ANTIALIASED if family(config)[0] == "dinov2_with_registers" else POS_RESAMPLING
+    return sd, cfg.replace(**settings), (input_size, resampling)
 
 
 def config_of(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], *, name: str = "",
@@ -264,7 +276,7 @@ def _label_names(config: Mapping[str, Any], n: int) -> tuple[str, ...] | None:
     return names
 
 
-# The slow (PIL) processors' defaults where preprocessor_config.json is absent, per family.
+# Where preprocessor_config.json is absent: each family's usual processor (DINOv2: what its checkpoints ship).
 _PROCESSOR_DEFAULTS = {
     "vit": {"image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224}, "resample": 2,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
@@ -278,6 +290,7 @@ _PROCESSOR_DEFAULTS = {
              "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
 }
+_PROCESSOR_DEFAULTS["dinov2_with_registers"] = _PROCESSOR_DEFAULTS["dinov2"]
 _SQUARE_BY_DEFAULT = ("ViTImageProcessor", "DeiTImageProcessor")  # an int `size` means (size, size) for these
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -290,11 +303,14 @@ def preprocess_settings(pre: Mapping[str, Any] | None, model_type: str) -> dict[
     if pre is None:
         pre = _PROCESSOR_DEFAULTS[model_type]
     where = "preprocessor_config.json"
-    kind = str(pre.get("image_processor_type", "")).removesuffix("Fast")
+    # Older repos (google/vit-*, openai/clip-*) name a feature extractor, the same transform under its old name.
+    given = pre.get("image_processor_type") or pre.get("feature_extractor_type")
+    kind = (str(given).removesuffix("Fast").removesuffix("Pil").replace("FeatureExtractor", "ImageProcessor")
+            if given else _PROCESSOR_DEFAULTS[model_type]["image_processor_type"])
     known = ("ViTImageProcessor", "DeiTImageProcessor", "CLIPImageProcessor", "BitImageProcessor")
     if kind not in known:
-        raise ConfigError(f"{where}: image_processor_type {pre.get('image_processor_type')!r} is not supported; "
-                          f"supported: {', '.join(known)}")
+        raise ConfigError(f"{where}: image_processor_type {given!r} is not supported; supported: {', '.join(known)} "
+                          "(and their FeatureExtractor, Fast and Pil names)")
     if pre.get("do_resize", True) is not True:
         raise ConfigError(f"{where}: do_resize false gives inputs of any size; jaxvit needs a fixed input size")
     factor = pre.get("rescale_factor", 1 / 255)

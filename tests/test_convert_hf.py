@@ -120,11 +120,16 @@ def test_transformers_vision_models_match_transformers(name, tmp_path):
         assert model.config.num_classes == 5 and model.config.label_names is None  # LABEL_0...: placeholders
 
 
-def test_dinov2_at_the_processor_size_resamples_as_transformers(tmp_path):
+@pytest.mark.parametrize("registers", [0, 3])
+def test_dinov2_at_the_processor_size_resamples_as_transformers(registers, tmp_path):
     # DINOv2 is stored at 518 px and run at the processor's 224: transformers resamples the position
-    # embeddings on every call (plain bicubic); convert.load resamples them once to the processor's size.
-    hf = _randomize(transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)))
+    # embeddings on every call (plain bicubic; antialiased with registers); convert.load resamples them
+    # once to the processor's size. With registers, which have no position rows, the stored class-token
+    # row is folded into the token.
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)
+    hf = _randomize(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        **size, num_register_tokens=registers)) if registers else
+        transformers.Dinov2Model(transformers.Dinov2Config(**size)))
     processor = transformers.BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
     path = _save(hf, processor, tmp_path / "dinov2")
     x = _x(32)
@@ -132,6 +137,7 @@ def test_dinov2_at_the_processor_size_resamples_as_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(out.pre_logits), _run_hf(lambda t: hf(t).pooler_output, x), atol=TOL,
                                rtol=0)
     assert model.config.img_size == (32, 32) and model.config.crop_mode == "hf_shortest"
+    assert model.config.reg_tokens == registers and model.config.no_embed_class == bool(registers)
 
 
 def test_labels_from_id2label_and_pytorch_model_bin(tmp_path):
@@ -251,10 +257,32 @@ def test_preprocessing_is_bit_equal_to_the_image_processor(name):
         ours = preprocess.eval_transform(img, **settings)
         assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape, (name, img.size)
         assert np.array_equal(ours, ref), (name, img.size, np.abs(ours - ref).max())
-        # The crop box maps the model input back onto the photo: the resize's inverse of the crop.
-        box = preprocess.eval_crop_box((img.height, img.width), img_size=settings["img_size"],
-                                       crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"])
-        assert len(box) == 4
+
+
+@pytest.mark.parametrize("make", [
+    # Margins of 27 and 11 resized pixels: (margin) // 2 and torchvision's round-half-to-even differ by one.
+    lambda: transformers.CLIPImageProcessorPil(size={"shortest_edge": 60}, crop_size={"height": 49, "width": 49},
+                                               resample=0, do_normalize=False),
+    lambda: transformers.DeiTImageProcessorPil(size={"height": 70, "width": 70}, crop_size={"height": 43, "width": 43},
+                                               resample=0, do_normalize=False)])
+def test_crop_box_is_where_the_processor_crops(make):
+    # Each pixel's red and green values are its column and row; nearest resampling keeps them, so the
+    # processor's first output pixel names the source pixel it came from: inside the box's first
+    # resized pixel (an offset rounded the other way would be a whole resized pixel, >= 2 px, off).
+    from PIL import Image
+
+    h, w = 201, 157
+    rows, cols = np.mgrid[0:h, 0:w]
+    img = Image.fromarray(np.stack([cols, rows, np.zeros_like(cols)], -1).astype(np.uint8))
+    processor = make()
+    first = np.rint(processor(images=img, return_tensors="np")["pixel_values"][0][:2, 0, 0] * 255)
+    settings = hf_vision.preprocess_settings(json.loads(processor.to_json_string()), "vit")
+    left, top, right, bottom = preprocess.eval_crop_box((h, w), img_size=settings["img_size"],
+                                                        crop_pct=settings["crop_pct"], crop_mode=settings["crop_mode"])
+    ch, cw = settings["img_size"]
+    sx, sy = (right - left) / cw, (bottom - top) / ch
+    assert min(sx, sy) >= 2
+    assert left <= first[0] < left + sx and top <= first[1] < top + sy, (first, (left, top), (sx, sy))
 
 
 def test_processor_settings_that_cannot_be_reproduced_are_refused():
@@ -281,3 +309,20 @@ def test_export_to_timm_rebuilds_the_same_network(tmp_path):
     assert again.config == model.config
     for a, b in zip(jax_leaves(params), jax_leaves(again_params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_older_feature_extractor_configs_read_as_their_processors():
+    # google/vit-base-patch16-224 and openai/clip-vit-base-patch16 ship feature-extractor configs with
+    # integer sizes (their preprocessor_config.json, as on the hub): the same transforms as the processors'.
+    vit = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224}
+    clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+    for cfg, processor in ((vit, transformers.ViTImageProcessorPil(size={"height": 224, "width": 224})),
+                           (clip, transformers.CLIPImageProcessorPil())):
+        ours = hf_vision.preprocess_settings(cfg, "vit")
+        assert ours == hf_vision.preprocess_settings(json.loads(processor.to_json_string()), "vit")
+        img = _test_images()[-2]
+        ref = processor(images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        assert np.array_equal(preprocess.eval_transform(img, **ours), ref)

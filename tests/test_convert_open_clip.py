@@ -154,3 +154,24 @@ def test_keys_of_neither_tower_are_named():
     sd = {k: v.numpy() for k, v in _random_clip(_model_cfg()).state_dict().items()}
     with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected keys \['stray'\]"):
         openclip.split_towers(dict(sd, stray=np.zeros(1)))
+
+
+def test_a_bare_state_dict_with_an_open_clip_model_name(tmp_path):
+    # Without open_clip_config.json the architecture comes from an open_clip model name, resolved by
+    # open_clip's own registry (a tiny config registered here under a name of its own).
+    model_cfg = _model_cfg(quick_gelu=False)
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "predmaps-test-tiny.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    oc = _random_clip(model_cfg)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    model, params = convert.load(tmp_path / "weights.safetensors", model_name="predmaps-test-tiny")
+    x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = oc.encode_image(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x).logits), ref, atol=TOL, rtol=0)
+    assert model.config.name == "predmaps-test-tiny" and model.config.act == "gelu"
+    with pytest.raises(ValueError, match="open_clip has no model named 'no-such-clip'"):
+        convert.load(tmp_path / "weights.safetensors", model_name="no-such-clip")
