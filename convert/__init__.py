@@ -1,9 +1,13 @@
-"""Checkpoint formats: timm weights in, jaxvit params out, and back.
+"""Checkpoint formats: timm, Google .npz, Hugging Face transformers and open_clip weights in, jaxvit
+params out, and back to timm. The format is read from the weights' keys (google_npz, hf_vision,
+openclip, timm_vit); this module only dispatches.
 
     import convert
     model, params = convert.load("vit_base_patch16_224.orig_in21k_ft_in1k")   # hub (cached)
     model, params = convert.load("model.safetensors", model_name="vit_small_patch16_224")
     model, params = convert.load(timm_module)                                 # nn.Module
+    model, params = convert.load("ViT-B_16.npz")                              # Google's JAX checkpoint
+    model, params = convert.load("google/vit-base-patch16-224")               # transformers (hub cache)
     out = model.apply({"params": params}, images)                             # (B, H, W, 3)
     convert.save_timm(params, model.config, "out_dir")                         # timm again
     model, params, tokenizer = convert.load_text("folder_or_owner/name")        # a text classifier
@@ -23,15 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxvit
+from convert import google_npz, hf_vision, openclip
 from convert.hf_text import load_text  # BERT / RoBERTa / DistilBERT classifiers (issue 28)
-from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source
+from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source_files
 from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
                               check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
                               resize_params, resolve_config, state_dict_from_params, timm_config)
 from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
+from convert.clip_text import CLIP, load_clip, load_clip_text  # noqa: E402  (CLIP's text tower; both towers)
 
-__all__ = ["CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
-           "export_state_dict", "load", "load_config", "load_text", "save_timm"]
+__all__ = ["CLIP", "CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
+           "export_state_dict", "load", "load_clip", "load_clip_text", "load_config", "load_text", "save_timm"]
 
 
 def _is_torch_module(obj) -> bool:
@@ -140,10 +146,14 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     """Load timm ViT weights as (jaxvit module, params pytree).
 
     `source`: a timm `nn.Module`; a state dict (torch tensors or numpy arrays); a `.safetensors`
-    file (no torch needed) or `.pth`/`.bin` file (torch); a directory holding `model.safetensors`
-    (and timm's `config.json`) or a jaxvit checkpoint; or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`,
-    `timm/...`, `hf-hub:timm/...`) fetched through huggingface_hub's cache (HF_HUB_OFFLINE honoured).
-    `model_name`: the timm name the weights belong to, when the source does not say. A name that is
+    file (no torch needed), `.pth`/`.bin` file (torch) or Google `.npz`; a directory holding
+    `model.safetensors` (and timm's or transformers' `config.json`, transformers'
+    `preprocessor_config.json`), open_clip's weights and `open_clip_config.json`, or a jaxvit checkpoint;
+    or a hub name (`vit_base_patch16_224.augreg2_in21k_ft_in1k`, `timm/...`, `hf-hub:timm/...`, a
+    transformers or open_clip repo id such as `google/vit-base-patch16-224`) fetched through
+    huggingface_hub's cache (HF_HUB_OFFLINE honoured). The weights' keys say which format they are in.
+    `model_name`: the timm name the weights belong to, when the source does not say (for a Google .npz
+    also big_vision's "B/16"; for an open_clip state dict its open_clip name). A name that is
     no known architecture raises `UnknownModelError` (a KeyError) before any hub access; a tag newer
     than timm (or the bundled table) loads when the weights come with their timm `config.json`.
     `dtype`: compute dtype of the module (params stay float32). `img_size`: resample the stored
@@ -156,6 +166,7 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     refusal = _model_name_refusal(source, model_name)
     if refusal:
         raise ValueError(refusal)
+    resize = None
     if _is_torch_module(source):
         config = config_from_timm_module(source, name=model_name)
         state_dict = {k: v for k, v in source.state_dict().items()}
@@ -181,15 +192,45 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
                 if not source.startswith("hf-hub:") and not _is_known_architecture(model_name):
                     raise unknown from None
                 hf_hub_id = None
-        state_dict, hub_config, where = read_source(source, hf_hub_id=hf_hub_id)
-        config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads,
-                             config_file=config_file_of(where))
+        state_dict, sides, where = read_source_files(source, hf_hub_id=hf_hub_id)
+        state_dict, config, resize = _interpret(source, state_dict, sides, where, model_name, num_heads)
     params = params_from_state_dict(state_dict, config)
+    if img_size is None and resize is not None and tuple(resize[0]) != config.img_size:
+        # transformers' processor input size: position embeddings resampled to it as transformers does
+        params, config = resize_params(params, config, *resize)
     if img_size is not None:
         params, config = resize_params(params, config, img_size)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32) if a.dtype != np.float32 else jnp.asarray(a),
                                     params)
     return jaxvit.ViT(config, dtype=dtype, attention=attention), params
+
+
+def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_name: str | None,
+               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[tuple[int, int], dict] | None]:
+    """(timm-layout state dict, config, None or (input size, resampling) to resample to), by what the weights' keys
+    are: a Google .npz, Hugging Face transformers, open_clip, else timm."""
+    hub_config = sides.get("config.json")
+    name = where[len("hub:"):] if where.startswith("hub:") else ""
+    with _naming(source):
+        if google_npz.is_google_vit(state_dict):
+            sd, heads, _ = google_npz.to_timm(state_dict)
+            if model_name is None or google_npz.parse_variant(model_name) is not None:
+                return sd, google_npz.config_of(sd, heads, variant=model_name, num_heads=num_heads), None
+            config = load_config(source, sd, model_name=model_name, num_heads=num_heads)
+            if config.num_heads != heads:
+                raise CheckpointMismatchError(f"checkpoint does not match {model_name}: its attention kernels have "
+                                              f"{heads} heads, {config.num_heads} expected")
+            return sd, config, None
+        if hf_vision.looks_like_hf(state_dict) or hf_vision.is_hf_config(hub_config):
+            return hf_vision.load_state(state_dict, hub_config, sides.get("preprocessor_config.json"), name=name,
+                                        model_name=model_name, num_heads=num_heads)
+        if openclip.looks_like_open_clip(state_dict):
+            sd, config = openclip.load_state(state_dict, sides.get("open_clip_config.json"), name=name,
+                                             model_name=model_name, num_heads=num_heads)
+            return sd, config, None
+    config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads,
+                         config_file=config_file_of(where))
+    return state_dict, config, None
 
 
 def _is_known_architecture(name: str) -> bool:

@@ -1,7 +1,9 @@
-"""Convert timm ViT weights into a jaxvit checkpoint (config.json + params.msgpack).
+"""Convert ViT weights (timm, Google .npz, Hugging Face transformers, open_clip) into a jaxvit checkpoint.
 
     python -m convert vit_base_patch16_224.orig_in21k_ft_in1k --out ckpt/vit_b16
     python -m convert model.safetensors --model-name vit_small_patch16_224 --out ckpt/vit_s16
+    python -m convert ViT-B_16.npz --out ckpt/vit_b16_jax                # Google's JAX checkpoint
+    python -m convert google/vit-base-patch16-224 --out ckpt/hf_vit      # transformers (hub cache or folder)
     python -m convert ckpt/vit_s16 --to-timm out_dir          # back to timm safetensors
 
 `jaxvit.load(out)` reads the result.
@@ -18,10 +20,12 @@ import numpy as np
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="timm hub name, .safetensors/.pth/.bin file, or a directory")
+    parser.add_argument("source", help="timm hub name, Hugging Face hub repo id, .safetensors/.pth/.bin/.npz file, "
+                                       "or a directory")
     parser.add_argument("--out", help="write a jaxvit checkpoint directory here")
     parser.add_argument("--to-timm", metavar="DIR", help="write timm model.safetensors + config.json here")
-    parser.add_argument("--model-name", help="timm name of the weights when the source does not say")
+    parser.add_argument("--model-name", help="timm name of the weights when the source does not say (a Google .npz: "
+                                             "or big_vision's 'B/16'; an open_clip state dict: its open_clip name)")
     parser.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
                         help="resample position embeddings to this input size")
     args = parser.parse_args(argv)

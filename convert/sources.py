@@ -1,8 +1,10 @@
-"""Where timm weights come from: a module, a state dict, a file, or the Hugging Face hub.
+"""Where weights come from: a module, a state dict, a file, or the Hugging Face hub.
 
-Each reader returns (state dict of numpy arrays, timm-style config.json dict or None).
-safetensors files are read with safetensors' numpy loader, so torch is never imported for
-them; `.pth`/`.bin` need torch.
+Each reader returns (state dict of numpy arrays, the JSON files beside the weights: config.json,
+preprocessor_config.json, open_clip_config.json, each a dict or None). safetensors files are read
+with safetensors' numpy loader, so torch is never imported for them; `.pth`/`.bin` need torch;
+`.npz` archives (Google's JAX checkpoints) are read with numpy, pickles refused. Which format the
+weights are in is decided by their keys, not here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 from convert.timm_vit import clean_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SIDE_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.json")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -136,11 +140,15 @@ def _scan_pickles(stream, found: list[str], max_ops: int) -> None:
 
 
 def read_file(path: Path) -> dict[str, np.ndarray]:
+    from convert import google_npz
+
+    if google_npz.is_npz(path):  # by content: np.savez names nothing
+        return google_npz.read_npz(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
         return read_torch_file(path)
-    raise ValueError(f"don't know how to read {path}: expected .safetensors, {', '.join(TORCH_SUFFIXES)}, "
+    raise ValueError(f"don't know how to read {path}: expected .safetensors, .npz, {', '.join(TORCH_SUFFIXES)}, "
                      "a directory holding model.safetensors, or a jaxvit checkpoint directory")
 
 
@@ -154,10 +162,17 @@ def read_json(path: Path) -> dict | None:
 
 
 def is_file_name(name: str) -> bool:
-    """Whether a path that does not exist names a checkpoint file (by a separator or a weight file's
-    suffix) rather than a hub model: it is then reported missing, never looked up on the hub."""
-    return (os.sep in name and not name.startswith(("hf-hub:", "timm/"))
-            or Path(name).suffix in (".safetensors",) + TORCH_SUFFIXES)
+    """Whether a path that does not exist names a checkpoint file (by a separator, other than a hub repo
+    id's one, or a weight file's suffix) rather than a hub model: it is then reported missing, never
+    looked up on the hub."""
+    if Path(name).suffix in (".safetensors", ".npz") + TORCH_SUFFIXES:
+        return True
+    return os.sep in name and not (name.startswith(("hf-hub:", "timm/")) or _REPO_ID.fullmatch(name))
+
+
+# A hub repo id as transformers and open_clip name theirs ("google/vit-base-patch16-224"): one slash,
+# relative; when no such local path exists it is looked up in the hub cache, as from_pretrained does.
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def hub_repo_id(name: str, hf_hub_id: str | None = None) -> str:
@@ -169,8 +184,10 @@ def hub_repo_id(name: str, hf_hub_id: str | None = None) -> str:
     return hf_hub_id or f"timm/{name}"
 
 
-def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict | None]:
-    """Fetch (or find in the cache) a timm hub repo's weights and config.json.
+def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict[str, dict | None]]:
+    """Fetch (or find in the cache) a hub repo's weights and the JSON files beside them (`SIDE_FILES`:
+    config.json; preprocessor_config.json for a transformers config; open_clip_config.json beside
+    open_clip weights or without config.json), as {file name: its JSON or None}.
 
     Honours huggingface_hub's cache (HF_HUB_CACHE / HF_HOME) and HF_HUB_OFFLINE=1. A hub that does
     not answer fails at once (or is served from the cache) instead of after huggingface_hub's retries.
@@ -210,7 +227,7 @@ def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict
             raise HubUnavailableError(f"no such Hugging Face hub repository {repo_id!r} (or it is private)") from None
 
     weights = None
-    for filename in WEIGHT_FILES:
+    for filename in WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES:
         found = fetch(filename)
         if found is not None:
             weights = Path(found)
@@ -218,9 +235,17 @@ def download(repo_id: str, *, model_name: str | None = None) -> tuple[Path, dict
     if weights is None:
         if cache_misses:
             raise unavailable(cache_misses[0])
-        raise FileNotFoundError(f"hub repository {repo_id} has none of {WEIGHT_FILES}")
-    config_path = fetch("config.json")
-    return weights, (read_json(Path(config_path)) if config_path else None)
+        raise FileNotFoundError(f"hub repository {repo_id} has none of {WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES}")
+    sides: dict[str, dict | None] = dict.fromkeys(SIDE_FILES)
+    for filename in SIDE_FILES:
+        wanted = (filename == "config.json"
+                  or filename == "preprocessor_config.json" and isinstance(sides["config.json"], dict)
+                  and "model_type" in sides["config.json"]
+                  or filename == "open_clip_config.json" and (weights.name in OPEN_CLIP_WEIGHT_FILES
+                                                              or sides["config.json"] is None))
+        path = fetch(filename) if wanted else None
+        sides[filename] = read_json(Path(path)) if path else None
+    return weights, sides
 
 
 def _hub_answers(url: str) -> bool:
@@ -250,22 +275,34 @@ def config_file_of(where: str) -> str:
 
 
 def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str, np.ndarray], dict | None, str]:
-    """(state dict, timm config.json or None, a description) for a path, a hub name or a state dict."""
+    """(state dict, config.json or None, a description) for a path, a hub name or a state dict."""
+    state_dict, sides, where = read_source_files(source, hf_hub_id=hf_hub_id)
+    return state_dict, sides["config.json"], where
+
+
+def _sides_beside(folder: Path) -> dict[str, dict | None]:
+    return {name: read_json(folder / name) for name in SIDE_FILES}
+
+
+def read_source_files(source: Any, *, hf_hub_id: str | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, dict | None], str]:
+    """(state dict, {side file: JSON or None}, a description) for a path, a hub name or a state dict."""
     if isinstance(source, Mapping):
-        return clean_state_dict(source), None, "state dict"
+        return clean_state_dict(source), dict.fromkeys(SIDE_FILES), "state dict"
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"cannot load weights from a {type(source).__name__}: pass a timm nn.Module, a state dict, "
                         "a file path or a hub model name")
     path = Path(source)
     if path.is_dir():
-        for filename in WEIGHT_FILES:
+        for filename in WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES:
             if (path / filename).exists():
-                return read_file(path / filename), read_json(path / "config.json"), str(path / filename)
-        raise FileNotFoundError(f"directory {path} holds none of {WEIGHT_FILES} (nor a jaxvit checkpoint)")
+                return read_file(path / filename), _sides_beside(path), str(path / filename)
+        raise FileNotFoundError(f"directory {path} holds none of {WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES} (nor a "
+                                "jaxvit checkpoint)")
     if path.is_file():
         if path.stat().st_size == 0:
             raise ValueError(f"checkpoint file {path} is empty")
-        return read_file(path), read_json(path.parent / "config.json"), str(path)
+        return read_file(path), _sides_beside(path.parent), str(path)
     if path.is_symlink():  # a link to nothing: the user meant a file, never a hub model of that name
         raise FileNotFoundError(f"{path} is a broken symbolic link: it points to {os.readlink(path)}, which does not "
                                 "exist")
@@ -273,5 +310,5 @@ def read_source(source: Any, *, hf_hub_id: str | None = None) -> tuple[dict[str,
     if is_file_name(name):
         raise FileNotFoundError(f"checkpoint file {name} does not exist")
     repo_id = hub_repo_id(name, hf_hub_id)
-    weights, config = download(repo_id, model_name=repo_id.split("/")[-1])
-    return read_file(weights), config, f"hub:{repo_id}"
+    weights, sides = download(repo_id, model_name=repo_id.split("/")[-1])
+    return read_file(weights), sides, f"hub:{repo_id}"

@@ -267,9 +267,11 @@ def checkpoint_resampling(name: str) -> dict:
     return dict(interpolation="bicubic", antialias=True)
 
 
-def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) -> tuple[dict, ViTConfig]:
+def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int],
+                  resampling: dict | None = None) -> tuple[dict, ViTConfig]:
     """Resample the stored position embeddings to `img_size`, as timm's checkpoint filter does
-    (`checkpoint_resampling` of the config's name).
+    (`checkpoint_resampling` of the config's name), or as `resampling` says (keyword arguments of
+    `jaxvit.posemb.resample_abs_pos_embed`).
 
     `img_size` must be positive multiples of the patch size (else ValueError), or the config's own."""
     if _as_pair(img_size) == config.img_size:
@@ -280,7 +282,7 @@ def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int]) ->
         return params, new
     prefix = 0 if config.no_embed_class else config.num_prefix_tokens
     pe = resample_abs_pos_embed(params["pos_embed"], new.grid_size, config.grid_size, prefix,
-                                **checkpoint_resampling(config.name))
+                                **(resampling or checkpoint_resampling(config.name)))
     params = dict(params, pos_embed=np.asarray(pe))
     return params, new
 

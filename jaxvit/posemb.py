@@ -37,15 +37,15 @@ _FILTERS = {"bicubic": (_cubic, 2.0), "bilinear": (_triangle, 1.0)}
 def resample_matrix(in_size: int, out_size: int, interpolation: str = "bicubic", antialias: bool = True,
                     align_corners: bool = False) -> np.ndarray:
     """(out_size, in_size) float64 weights of torch's 1-D resampling (`F.interpolate`): antialiased
-    bicubic or bilinear, or plain bilinear (`antialias=False`, either `align_corners`)."""
+    bicubic or bilinear, plain bilinear (`antialias=False`, either `align_corners`), or plain bicubic
+    (`antialias=False`: transformers' ViT and DINOv2 `interpolate_pos_encoding`)."""
     if interpolation not in _FILTERS:
         raise ValueError(f"unsupported position-embedding interpolation {interpolation!r}; "
                          f"choose one of {sorted(_FILTERS)}")
-    if not antialias and interpolation != "bilinear":
-        raise ValueError(f"{interpolation} without antialias is not supported (timm's checkpoint filters use it "
-                         "with antialias, and plain bilinear)")
-    if align_corners and antialias:
+    if align_corners and (antialias or interpolation != "bilinear"):
         raise ValueError("align_corners is for plain bilinear (antialias=False)")
+    if not antialias and interpolation == "bicubic":
+        return _plain_bicubic_matrix(in_size, out_size)
     if align_corners:  # source position i * (in - 1) / (out - 1): the corner pixels' centres coincide
         w = np.zeros((out_size, in_size))
         src = np.arange(out_size) * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
@@ -72,6 +72,20 @@ def resample_matrix(in_size: int, out_size: int, interpolation: str = "bicubic",
         if total != 0:
             weights = weights / total
         w[i, lo:hi] = weights
+    return w
+
+
+def _plain_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """torch's bicubic `F.interpolate` without antialias (align_corners=False): Keys cubic with a = -0.75
+    on the four taps around (i + 0.5) * in / out - 0.5, taps beyond the edge clamped to it."""
+    w = np.zeros((out_size, in_size))
+    scale = in_size / out_size
+    for i in range(out_size):
+        src = scale * (i + 0.5) - 0.5
+        base = math.floor(src)
+        t = src - base
+        for offset in (-1, 0, 1, 2):
+            w[i, min(max(base + offset, 0), in_size - 1)] += _cubic(np.asarray(t - offset), a=-0.75)
     return w
 
 

@@ -23,6 +23,13 @@ Pipeline summary (timm, crop_mode='center'):
 'squash' resizes straight to ``scale_size`` (aspect ratio not kept) then centre crops;
 'border' resizes so the *longest* side fits ``scale_size`` (``ResizeKeepRatio(longest=1)``)
 and centre crops/pads with the mean colour ``round(255 * mean)``.
+
+'hf_squash' and 'hf_shortest' are Hugging Face transformers' slow (PIL) image processors
+(ViTImageProcessor, DeiTImageProcessor, CLIPImageProcessor, BitImageProcessor): resize to
+``round(img_size / crop_pct)`` per side ('hf_squash', their ``size={height, width}``) or its
+shorter side to that ('hf_shortest', ``size={shortest_edge}``), then their centre crop, whose
+offset is ``(size - crop) // 2`` (torchvision rounds half to even) and whose padding puts an
+odd pixel before; x / 255 (their float64 ``x * (1/255)`` rounds to the same float32) and Normalize.
 """
 
 from __future__ import annotations
@@ -70,7 +77,8 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-CROP_MODES = ("center", "squash", "border")
+CROP_MODES = ("center", "squash", "border", "hf_squash", "hf_shortest")
+_HF_MODES = ("hf_squash", "hf_shortest")
 DEFAULT_CROP_PCT = 0.875  # timm's DEFAULT_CROP_PCT, used when crop_pct is None or 0
 
 # Modes converted with PIL's own convert("RGB"), exactly as timm/torchvision loaders do.
@@ -346,8 +354,10 @@ def _keep_ratio_size(hw: tuple[int, int], target: tuple[int, int], longest: floa
     return max(1, round(img_h * 1.0 / ratio)), max(1, round(img_w * 1.0 / ratio))
 
 
-def _crop_origin(hw: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+def _crop_origin(hw: tuple[int, int], crop: tuple[int, int], hf: bool = False) -> tuple[int, int]:
     """(top, left) of `_center_crop_or_pad`'s window in the (h, w) image's pixels, negative where it pads."""
+    if hf:
+        return tuple((n - c) // 2 for n, c in zip(hw, crop))  # type: ignore[return-value]
     out = []
     for n, c in zip(hw, crop):
         before = (c - n) // 2 if c > n else 0
@@ -374,6 +384,18 @@ def _center_crop_or_pad(arr: np.ndarray, crop: tuple[int, int], fill: Sequence[i
     top = int(round((img_h - crop_h) / 2.0))
     left = int(round((img_w - crop_w) / 2.0))
     return arr[top:top + crop_h, left:left + crop_w]
+
+
+def _hf_center_crop(arr: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """transformers' image_transforms.center_crop on an (H, W[, C]) uint8 array: offset (size - crop) // 2,
+    zero padding where the image is smaller (an odd pixel before), as the window (size - crop) // 2 of
+    the padded image."""
+    top, left = _crop_origin(arr.shape[:2], crop, hf=True)
+    out = np.zeros(tuple(crop) + arr.shape[2:], dtype=arr.dtype)
+    src_t, src_l = max(top, 0), max(left, 0)
+    src_b, src_r = min(top + crop[0], arr.shape[0]), min(left + crop[1], arr.shape[1])
+    out[src_t - top:src_b - top, src_l - left:src_r - left] = arr[src_t:src_b, src_l:src_r]
+    return out
 
 
 def _unit(arr: np.ndarray) -> np.ndarray:
@@ -426,6 +448,8 @@ def eval_geometry(
     """
     img = _resize(img, eval_resize_size((img.height, img.width), img_size=img_size, crop_pct=crop_pct,
                                         crop_mode=crop_mode), resample)
+    if crop_mode in _HF_MODES:
+        return _hf_center_crop(np.asarray(img), _pair(img_size, "img_size"))
     return _center_crop_or_pad(np.asarray(img), _pair(img_size, "img_size"), fill if crop_mode == "border" else 0)
 
 
@@ -445,6 +469,9 @@ def eval_resize_size(
     crop_mode = crop_mode or "center"
     if crop_mode not in CROP_MODES:
         raise ValueError(f"unknown crop_mode {crop_mode!r}; valid modes are {list(CROP_MODES)}")
+    if crop_mode in _HF_MODES:  # crop_pct = crop / resize exactly: rounding gives the resize back
+        scale = (round(out_h / crop_pct), round(out_w / crop_pct))
+        return scale if crop_mode == "hf_squash" else _shorter_side_size(hw, scale[0])
     scale = (math.floor(out_h / crop_pct), math.floor(out_w / crop_pct))
     if crop_mode == "squash":
         return scale
@@ -467,7 +494,7 @@ def eval_crop_box(
     transform pads it; the whole image for 'squash'. A map over the model input lies on this box."""
     crop = _pair(img_size, "img_size")
     rh, rw = eval_resize_size(hw, img_size=crop, crop_pct=crop_pct, crop_mode=crop_mode)
-    (top, left), (sy, sx) = _crop_origin((rh, rw), crop), (hw[0] / rh, hw[1] / rw)
+    (top, left), (sy, sx) = _crop_origin((rh, rw), crop, crop_mode in _HF_MODES), (hw[0] / rh, hw[1] / rw)
     return left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy
 
 

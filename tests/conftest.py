@@ -1,6 +1,5 @@
 """Shared test set-up: highest matmul precision, torch threads, non-degenerate random weights."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -22,10 +21,10 @@ def pytest_configure(config):
     parity tests would otherwise skip, and a failed install would pass as green."""
     if os.environ.get("CI"):
         try:
+            import open_clip  # noqa: F401
             import timm  # noqa: F401
             import torch  # noqa: F401
-            if importlib.util.find_spec("transformers") is None:  # the text parity reference (found, not imported: seconds)
-                raise ImportError("No module named 'transformers'")
+            import transformers  # noqa: F401
         except ImportError as e:
             raise pytest.UsageError(f"CI is set but the [torch] extra is not importable ({e}); install it with "
                                     "pip install -e '.[torch,test]' (parity tests would skip, not fail)") from None
@@ -35,6 +34,29 @@ def pytest_configure(config):
 # degenerate for testing (zero or tiny heads, LayerScale 1e-5, near-uniform attention): differences
 # between implementations could hide in it. The benchmark draws its parity inputs the same way.
 from bench.models import redraw_ as randomize_timm_  # noqa: E402
+
+
+@pytest.fixture
+def hub_repo(tmp_path, monkeypatch):
+    """Offline huggingface_hub (HF_HUB_OFFLINE, a temporary cache); returns lay_out(repo_id, folder),
+    which puts the folder's files into the cache as a download leaves them (refs/main, a snapshot)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub_cache"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def lay_out(repo_id: str, folder: Path) -> None:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in Path(folder).iterdir():
+            (snap / f.name).write_bytes(f.read_bytes())
+
+    return lay_out
 
 
 def rel_err(a, b) -> float:

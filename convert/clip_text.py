@@ -1,0 +1,429 @@
+"""CLIP text towers from open_clip and transformers checkpoints onto `jaxvit.clip_text.CLIPText`.
+
+Key mapping (open_clip, optionally under `text.` for CustomTextCLIP such as SigLIP; transformers under
+`text_model.`):
+  token_embedding.weight            | embeddings.token_embedding.weight     -> token_embedding
+  positional_embedding              | embeddings.position_embedding.weight  -> positional_embedding
+  transformer.resblocks.{i}.        | encoder.layers.{i}.
+    ln_1, ln_2                      |   layer_norm1, layer_norm2            -> ln_1, ln_2
+    attn.in_proj_weight/bias        |   self_attn.{q,k,v}_proj (stacked)    -> in_proj
+    attn.out_proj, mlp.c_fc, c_proj |   self_attn.out_proj, mlp.fc1, fc2    -> out_proj, c_fc, c_proj
+  ln_final                          | final_layer_norm                      -> ln_final
+  text_projection (D, E) or Linear  | text_projection (CLIP) / head (SigLIP) -> text_projection
+Every other key must belong to the image tower (`visual.*`, `vision_model.*`, `visual_projection.*`) or be
+one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected key, named.
+What the tensors cannot say (heads, activation, eps, pooling) comes from the checkpoint's config
+(transformers' config.json, open_clip's open_clip_config.json) or from the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from convert.sources import download, is_file_name, read_file, read_json
+from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, clean_state_dict
+from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
+from jaxvit.clip_tokenizer import CLIPTokenizer
+
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HF_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Scalars and buffers that are no part of the text tower's computation.
+_IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.position_ids", "text.attn_mask"}
+# open_clip text_cfg entries that change the computation beyond what CLIPText implements (refused when set).
+_REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mask", "qk_norm", "block_type",
+                     "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_VISION_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "siglip_text_model": "siglip"}
+
+
+# --- open_clip -------------------------------------------------------------------------------------------
+
+def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
+    for prefix in ("", "text."):
+        if prefix + "token_embedding.weight" in sd:
+            return prefix
+    if any(k.startswith("text.transformer.") and not k.startswith("text.transformer.resblocks.") for k in sd):
+        raise UnsupportedModelError("this open_clip checkpoint's text tower is a transformers model (hf_model_name, "
+                                    "`text.transformer.*`); supported: CLIP's own text transformer (OpenAI, open_clip "
+                                    "ViT-*, SigLIP)")
+    return None
+
+
+def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any] | None = None,
+                     quick_gelu: bool | None = None, heads: int | None = None, name: str = "") -> CLIPTextConfig:
+    """The text tower's config: sizes from the tensors; heads, activation, eps and pooling from open_clip's
+    `text_cfg` (open_clip_config.json's model_cfg) or the arguments. `quick_gelu` must be said somewhere:
+    the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same."""
+    prefix = _open_clip_prefix(sd)
+    if prefix is None:
+        raise CheckpointMismatchError("no open_clip text tower: the checkpoint lacks token_embedding.weight")
+    text_cfg = dict(text_cfg or {})
+    unsupported = {k: v for k, v in text_cfg.items() if k in _REFUSED_TEXT_CFG and v}
+    if text_cfg.get("proj_type", "linear") not in ("linear", "none"):
+        unsupported["proj_type"] = text_cfg["proj_type"]
+    if unsupported:
+        raise UnsupportedModelError(f"open_clip text_cfg {unsupported} is not supported; supported: CLIP's text "
+                                    "transformer (argmax/eos/last pooling, causal or not, linear projection)")
+    vocab, width = sd[prefix + "token_embedding.weight"].shape
+    layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))})
+    if quick_gelu is None:
+        quick_gelu = text_cfg.get("quick_gelu")
+    act_kwargs = text_cfg.get("act_kwargs") or {}
+    if quick_gelu is None and not act_kwargs:
+        raise ValueError("an open_clip checkpoint does not say its activation: pass quick_gelu=True for OpenAI's "
+                         "weights and open_clip's *-quickgelu models, quick_gelu=False for the others (or load it "
+                         "from a folder with its open_clip_config.json)")
+    act = "quick_gelu" if quick_gelu else ("gelu_tanh" if act_kwargs.get("approximate") == "tanh" else "gelu")
+    proj = sd.get(prefix + "text_projection", sd.get(prefix + "text_projection.weight"))
+    pool = text_cfg.get("pool_type", "argmax")
+    if pool not in ("argmax", "eos", "last"):
+        raise UnsupportedModelError(f"open_clip text pool_type {pool!r} is not supported; supported: argmax, eos, last")
+    return CLIPTextConfig(
+        vocab_size=int(vocab), context_length=int(sd[prefix + "positional_embedding"].shape[0]), width=int(width),
+        heads=int(heads or text_cfg.get("heads") or _openai_heads(width)), layers=layers,
+        mlp_dim=int(sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        embed_dim=0 if proj is None else int(proj.shape[1] if proj.ndim == 2 and prefix + "text_projection" in sd
+                                             else proj.shape[0]),
+        act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        causal=not text_cfg.get("no_causal_mask", False), pool=pool, eos_token_id=int(text_cfg.get("eos_id", 2)),
+        proj_bias=prefix + "text_projection.bias" in sd, name=name)
+
+
+def _openai_heads(width: int) -> int:
+    if width < 64:
+        raise ValueError(f"an open_clip text tower of width {width} without its open_clip_config.json does not say its "
+                         "head count (OpenAI's rule, width // 64, gives none): pass heads=")
+    return width // 64
+
+
+def params_from_open_clip(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
+    """The text tower's params from an open_clip state dict (the whole model's or the text tower's)."""
+    prefix = _open_clip_prefix(sd) or ""
+    taken: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+
+    def take(key: str):
+        full = prefix + key
+        if full not in sd:
+            missing.append(full)
+            return None
+        taken[full] = sd[full]
+        return np.asarray(sd[full])
+
+    params: dict[str, Any] = {"token_embedding": take("token_embedding.weight"),
+                              "positional_embedding": take("positional_embedding")}
+    for i in range(cfg.layers):
+        b = f"transformer.resblocks.{i}."
+        params[f"resblocks_{i}"] = {
+            "ln_1": _ln(take, b + "ln_1"), "ln_2": _ln(take, b + "ln_2"),
+            "in_proj": {"kernel": _t(take(b + "attn.in_proj_weight")), "bias": take(b + "attn.in_proj_bias")},
+            "out_proj": _linear(take, b + "attn.out_proj"), "c_fc": _linear(take, b + "mlp.c_fc"),
+            "c_proj": _linear(take, b + "mlp.c_proj")}
+    params["ln_final"] = _ln(take, "ln_final")
+    if cfg.embed_dim:
+        if prefix + "text_projection" in sd:  # nn.Parameter (D, E): x @ text_projection
+            params["text_projection"] = {"kernel": take("text_projection")}
+        else:  # nn.Linear (SigLIP)
+            params["text_projection"] = _linear(take, "text_projection", bias=cfg.proj_bias)
+    _check(sd, taken, missing)
+    return params
+
+
+def export_open_clip(params, cfg: CLIPTextConfig) -> dict[str, np.ndarray]:
+    """The text tower's params as an open_clip state dict (open_clip's names and layouts, text keys only): the
+    inverse of `params_from_open_clip`, which open_clip's TextTransformer loads with strict=True."""
+    p = {k: v for k, v in params.items()}
+    sd = {"token_embedding.weight": p["token_embedding"], "positional_embedding": p["positional_embedding"],
+          "ln_final.weight": p["ln_final"]["scale"], "ln_final.bias": p["ln_final"]["bias"]}
+    names = {"ln_1": "ln_1", "ln_2": "ln_2", "in_proj": "attn.in_proj_", "out_proj": "attn.out_proj",
+             "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}
+    for i in range(cfg.layers):
+        for ours, theirs in names.items():
+            block, key = p[f"resblocks_{i}"][ours], f"transformer.resblocks.{i}.{theirs}"
+            sep = "" if ours == "in_proj" else "."
+            if ours.startswith("ln_"):
+                sd[f"{key}.weight"], sd[f"{key}.bias"] = block["scale"], block["bias"]
+            else:
+                sd[f"{key}{sep}weight"], sd[f"{key}{sep}bias"] = np.asarray(block["kernel"]).T, block["bias"]
+    if cfg.embed_dim:
+        proj = p["text_projection"]
+        if cfg.proj_bias:
+            sd["text_projection.weight"], sd["text_projection.bias"] = np.asarray(proj["kernel"]).T, proj["bias"]
+        else:
+            sd["text_projection"] = proj["kernel"]
+    return {k: np.array(v, np.float32, order="C") for k, v in sd.items()}  # writable C-order copies (safetensors)
+
+
+# --- transformers ----------------------------------------------------------------------------------------
+
+def hf_family(config: Mapping[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type not in _HF_TYPES:
+        raise UnsupportedModelError(f"transformers model_type {model_type!r} has no supported text tower; supported: "
+                                    f"{', '.join(_HF_TYPES)}")
+    return _HF_TYPES[model_type]
+
+
+def hf_config(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, name: str = "") -> CLIPTextConfig:
+    """Sizes from the tensors, the rest from config.json (text_config of CLIPModel/SiglipModel, else the
+    top level of CLIPTextModel*), with transformers' defaults for what it leaves out."""
+    family = hf_family(config)
+    text = config.get("text_config") if "text_config" in config else config
+    if not isinstance(text, Mapping):
+        raise ValueError("config.json: text_config must be a JSON object")
+    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
+    layers = len({m.group(1) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
+    hidden_act = text.get("hidden_act", "quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
+    if hidden_act not in _HF_ACTS:
+        raise UnsupportedModelError(f"config.json: hidden_act {hidden_act!r} is not supported; supported: "
+                                    f"{', '.join(_HF_ACTS)}")
+    proj = sd.get("text_projection.weight", sd.get("text_model.head.weight"))
+    eos = text.get("eos_token_id", 49407 if family == "clip" else 1)
+    return CLIPTextConfig(
+        vocab_size=int(vocab), context_length=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
+        width=int(width), heads=int(text.get("num_attention_heads", 8 if family == "clip" else 12)), layers=layers,
+        mlp_dim=int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        embed_dim=0 if proj is None else int(proj.shape[0]), act=_HF_ACTS[hidden_act],
+        eps=float(text.get("layer_norm_eps", 1e-5 if family == "clip" else 1e-6)), causal=family == "clip",
+        # transformers' CLIP pools at argmax(ids) when eos_token_id is the legacy 2, else at the first eos.
+        pool=("argmax" if eos == 2 else "eos") if family == "clip" else "last", eos_token_id=int(eos),
+        proj_bias="text_model.head.bias" in sd, name=name)
+
+
+def params_from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
+    """The text tower's params from a transformers CLIPModel / CLIPTextModel(WithProjection) / SigLIP state dict."""
+    taken: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+
+    def take(key: str):
+        if key not in sd:
+            missing.append(key)
+            return None
+        taken[key] = sd[key]
+        return np.asarray(sd[key])
+
+    e = "text_model.embeddings."
+    params: dict[str, Any] = {"token_embedding": take(e + "token_embedding.weight"),
+                              "positional_embedding": take(e + "position_embedding.weight")}
+    for i in range(cfg.layers):
+        b = f"text_model.encoder.layers.{i}."
+        q, k, v = (_linear(take, f"{b}self_attn.{n}_proj") for n in "qkv")
+        qkv = None if any(p["kernel"] is None or p["bias"] is None for p in (q, k, v)) else {
+            "kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1),
+            "bias": np.concatenate([q["bias"], k["bias"], v["bias"]])}
+        params[f"resblocks_{i}"] = {
+            "ln_1": _ln(take, b + "layer_norm1"), "ln_2": _ln(take, b + "layer_norm2"), "in_proj": qkv,
+            "out_proj": _linear(take, b + "self_attn.out_proj"), "c_fc": _linear(take, b + "mlp.fc1"),
+            "c_proj": _linear(take, b + "mlp.fc2")}
+    params["ln_final"] = _ln(take, "text_model.final_layer_norm")
+    if cfg.embed_dim:
+        head = "text_model.head" if cfg.proj_bias else "text_projection"
+        params["text_projection"] = _linear(take, head, bias=cfg.proj_bias)
+    _check(sd, taken, missing)
+    return params
+
+
+# --- shared ----------------------------------------------------------------------------------------------
+
+def _t(w):
+    return None if w is None else w.T
+
+
+def _ln(take, key):
+    return {"scale": take(key + ".weight"), "bias": take(key + ".bias")}
+
+
+def _linear(take, key, bias: bool = True):
+    out = {"kernel": _t(take(key + ".weight"))}
+    if bias:
+        out["bias"] = take(key + ".bias")
+    return out
+
+
+def _check(sd, taken, missing) -> None:
+    """Strict: every text key consumed, every parameter found; image-tower keys are left for the image reader."""
+    unexpected = [k for k in sd if k not in taken and k not in _IGNORED and not k.startswith(_VISION_PREFIXES)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}"
+                         + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointMismatchError("the CLIP text tower does not match the checkpoint: " + "; ".join(parts))
+
+
+def check_shapes(params, cfg: CLIPTextConfig) -> dict:
+    """The params as float32 jax arrays, each the shape the config's module declares (else named)."""
+    import jax
+
+    expected = jax.eval_shape(lambda: CLIPText(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    flat_e = {"/".join(str(p.key) for p in path): v.shape
+              for path, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    flat_p = {"/".join(str(p.key) for p in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    wrong = [f"{k}: {tuple(flat_p[k].shape)} vs {tuple(s)}" for k, s in flat_e.items()
+             if k in flat_p and tuple(flat_p[k].shape) != tuple(s)]
+    if wrong or set(flat_e) != set(flat_p):
+        raise CheckpointMismatchError("CLIP text tower tensors of the wrong shape (checkpoint vs config): "
+                                      + "; ".join(wrong[:5] + sorted(set(flat_e) ^ set(flat_p))[:5]))
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | None = None,
+                   tokenizer: Any = None, dtype=jnp.float32) -> tuple[CLIPText, dict, CLIPTokenizer | None]:
+    """A CLIP text tower as (module, params, tokenizer).
+
+    `source`: an open_clip or transformers state dict (the whole CLIP model's or the text tower's); a
+    weights file (.safetensors without torch; .bin/.pth need torch); a folder holding a transformers CLIP /
+    SigLIP checkpoint (config.json + model.safetensors, tokenizer.json) or an open_clip one
+    (open_clip_model.safetensors + open_clip_config.json); or a hub repo id, read through huggingface_hub's
+    cache (HF_HUB_OFFLINE honoured). `quick_gelu`, `heads`: what an open_clip checkpoint without its
+    open_clip_config.json does not say. `tokenizer`: a CLIPTokenizer, a tokenizer.json (or its folder) or
+    CLIP BPE merges file, or False (none: the caller brings token ids); default: the checkpoint folder's tokenizer.json, else (CLIP's 49,408-token
+    vocabulary) OpenAI's BPE as open_clip tokenises. Strict: missing or unexpected keys are named.
+    """
+    sd, folder, where = _read(source)
+    if "embeddings.token_embedding.weight" in sd:  # transformers 5 saves CLIPTextModel without its prefix
+        sd = {f"text_model.{k}": v for k, v in sd.items()}
+    if "text_model.embeddings.token_embedding.weight" in sd:
+        config = read_json(folder / "config.json") if folder else None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: transformers CLIP weights need their config.json (heads, activation, eos "
+                             "token) beside them: load the checkpoint's folder")
+        cfg = hf_config(sd, config, name=where)
+        params = params_from_hf(sd, cfg)
+    elif _open_clip_prefix(sd) is not None:
+        oc = read_json(folder / "open_clip_config.json") if folder else None
+        model_cfg = (oc or {}).get("model_cfg") or {}
+        text_cfg = dict(model_cfg.get("text_cfg") or {})
+        if oc is not None:  # open_clip's own default: GELU unless the model config says quick_gelu
+            text_cfg["quick_gelu"] = bool(model_cfg.get("quick_gelu", False))
+        cfg = open_clip_config(sd, text_cfg=text_cfg, quick_gelu=quick_gelu, heads=heads, name=where)
+        params = params_from_open_clip(sd, cfg)
+    else:
+        raise CheckpointMismatchError(f"{where} holds no CLIP text tower: expected open_clip's token_embedding.weight "
+                                      "or transformers' text_model.embeddings.token_embedding.weight")
+        if tokenizer is None and (text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_kwargs")):
+            raise UnsupportedModelError(
+                f"{where}: open_clip tokenises this model with {text_cfg.get('hf_tokenizer_name') or 'its'} tokenizer "
+                f"and text cleaning {text_cfg.get('tokenizer_kwargs')}, which predmaps does not reproduce: load the "
+                "transformers version of the checkpoint (its tokenizer.json), or pass tokenizer=")
+    params = check_shapes(params, cfg)
+    return CLIPText(cfg, dtype=dtype), params, _tokenizer(tokenizer, folder, cfg, where)
+
+
+def _tokenizer(tokenizer, folder: Path | None, cfg: CLIPTextConfig, where: str) -> CLIPTokenizer | None:
+    n = cfg.context_length
+    if tokenizer is False:  # the caller brings token ids
+        return None
+    if isinstance(tokenizer, CLIPTokenizer):
+        return tokenizer
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if path.is_dir() or path.suffix == ".json":
+            return CLIPTokenizer.from_tokenizer_json(path, context_length=n)
+        return CLIPTokenizer.from_bpe(path, context_length=n)
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_tokenizer_json(folder, context_length=n)
+    if cfg.vocab_size == 49408 and cfg.pool == "argmax":  # OpenAI's vocabulary, as open_clip tokenises it
+        return CLIPTokenizer.from_bpe(context_length=n)
+    raise ValueError(f"{where}: no tokenizer.json beside the checkpoint and a vocabulary of {cfg.vocab_size} tokens "
+                     "(not CLIP's 49,408): pass tokenizer= (the checkpoint's tokenizer.json)")
+
+
+def _read(source: Any) -> tuple[dict[str, np.ndarray], Path | None, str]:
+    """(state dict, the folder its config and tokenizer files are in or None, a description)."""
+    if isinstance(source, Mapping):
+        return clean_state_dict(source), None, "state dict"
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"cannot load a CLIP text tower from a {type(source).__name__}: pass a state dict, a file, "
+                        "a folder or a hub repo id")
+    path = Path(source)
+    if path.is_file():
+        return read_file(path), path.parent, str(path)
+    if not path.is_dir():
+        repo_id = str(source).removeprefix("hf-hub:")
+        # A hub repo id is owner/name; anything else that does not exist is a missing local path.
+        if os.path.lexists(path) or is_file_name(str(source)) or "/" not in repo_id:
+            raise FileNotFoundError(f"CLIP checkpoint {source} does not exist (a folder, a weights file or a hub "
+                                    "repo id such as openai/clip-vit-base-patch16)")
+        path = _hub_folder(repo_id)  # HubUnavailableError when offline and not cached
+    config = read_json(path / "config.json")
+    hf_first = isinstance(config, dict) and config.get("model_type") in _HF_TYPES
+    order = HF_FILES + OPEN_CLIP_FILES if hf_first or not (path / OPEN_CLIP_FILES[0]).exists() else OPEN_CLIP_FILES
+    for name in order + HF_FILES:
+        if (path / name).is_file():
+            return read_file(path / name), path, str(path / name)
+    raise FileNotFoundError(f"{path} holds none of {HF_FILES + OPEN_CLIP_FILES}")
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """The huggingface_hub cache folder holding a repo's weights and JSON files (`sources.download`, as
+    `convert.load` fetches them) and its tokenizer files. HF_HUB_OFFLINE honoured; a hub that does not answer
+    is asked once, without huggingface_hub's retries, and then the tokenizer files come from the cache alone."""
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from convert.sources import _hub_answers
+
+    weights = download(repo_id, model_name=repo_id)[0]
+    cache_only = bool(constants.HF_HUB_OFFLINE)
+    for name in TOKENIZER_FILES:
+        try:
+            hf_hub_download(repo_id, name, local_files_only=True)
+            continue
+        except (LocalEntryNotFoundError, EntryNotFoundError, OfflineModeIsEnabled):  # not cached
+            pass
+        cache_only = cache_only or not _hub_answers(hf_hub_url(repo_id, name))
+        if not cache_only:
+            try:
+                hf_hub_download(repo_id, name)
+            except EntryNotFoundError:  # the repo has no such file
+                pass
+    return weights.parent
+
+
+class CLIP(NamedTuple):
+    """Both towers of a CLIP checkpoint and its tokenizer (`load_clip`)."""
+
+    image_model: Any  # jaxvit.ViT whose head is CLIP's image projection
+    image_params: Any
+    text_model: CLIPText
+    text_params: Any
+    tokenizer: CLIPTokenizer | None
+
+    @property
+    def text_tower(self) -> TextTower:
+        return TextTower(self.text_model, self.text_params, self.tokenizer)
+
+
+def load_clip(source: Any, *, image_source: Any = None, model_name: str | None = None,
+              quick_gelu: bool | None = None, heads: int | None = None, tokenizer: Any = None,
+              dtype=jnp.float32) -> CLIP:
+    """A CLIP checkpoint's image tower (`convert.load`), text tower and tokenizer (`load_clip_text`) in one call.
+
+    `image_source`: where the image tower comes from when not from `source` (e.g. a timm name such as
+    `vit_base_patch16_clip_224.openai`, whose hub repo holds no text tower); `model_name` is passed to
+    `convert.load` with it. The towers must share the embedding size.
+    """
+    import convert
+
+    text_model, text_params, tok = load_clip_text(source, quick_gelu=quick_gelu, heads=heads, tokenizer=tokenizer,
+                                                  dtype=dtype)
+    image_model, image_params = convert.load(source if image_source is None else image_source, model_name=model_name,
+                                             dtype=dtype)
+    e_img, e_txt = image_model.config.num_classes, text_model.config.embed_dim
+    if e_img != e_txt:
+        raise CheckpointMismatchError(f"the image tower embeds into {e_img} dimensions and the text tower into {e_txt}: "
+                                      "both must come from the same CLIP model")
+    return CLIP(image_model, image_params, text_model, text_params, tok)
