@@ -326,3 +326,23 @@ def test_older_feature_extractor_configs_read_as_their_processors():
         img = _test_images()[-2]
         ref = processor(images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
         assert np.array_equal(preprocess.eval_transform(img, **ours), ref)
+
+
+def test_command_line_converts_a_transformers_folder_into_a_jaxvit_checkpoint(tmp_path, capsys):
+    # python -m convert: the jaxvit checkpoint keeps transformers' eval transform (its crop modes) and params.
+    import jaxvit
+    from convert.__main__ import main
+
+    hf = _randomize(transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SMALL, num_labels=5)))
+    processor = transformers.DeiTImageProcessorPil(size={"height": 40, "width": 40},
+                                                   crop_size={"height": 32, "width": 32})
+    folder = _save(hf, processor, tmp_path / "deit")
+    assert main([str(folder), "--out", str(tmp_path / "ckpt")]) == 0
+    model, params = jaxvit.load(tmp_path / "ckpt")
+    direct_model, direct_params = convert.load(folder)
+    assert model.config == direct_model.config and model.config.crop_mode == "hf_squash"
+    for a, b in zip(jax_leaves(params), jax_leaves(direct_params)):
+        np.testing.assert_array_equal(a, b)
+    assert main([str(folder), "--model-name", "vit_tiny_patch16_224", "--out", str(tmp_path / "other")]) == 2
+    assert "model_name 'vit_tiny_patch16_224' does not apply to a Hugging Face transformers checkpoint" in \
+        capsys.readouterr().err
