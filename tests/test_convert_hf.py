@@ -346,3 +346,16 @@ def test_command_line_converts_a_transformers_folder_into_a_jaxvit_checkpoint(tm
     assert main([str(folder), "--model-name", "vit_tiny_patch16_224", "--out", str(tmp_path / "other")]) == 2
     assert "model_name 'vit_tiny_patch16_224' does not apply to a Hugging Face transformers checkpoint" in \
         capsys.readouterr().err
+
+
+def test_one_tensor_under_two_names_is_refused(tmp_path):
+    # transformers 4's file names and transformers 5's module names both map onto timm's: a checkpoint
+    # holding both for one tensor is refused, not silently resolved either way.
+    from safetensors.numpy import load_file
+
+    hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
+    saved = _save(hf, None, tmp_path / "saved")
+    sd = load_file(str(saved / "model.safetensors"))
+    sd["vit.layers.0.mlp.fc1.weight"] = sd["vit.encoder.layer.0.intermediate.dense.weight"]
+    with pytest.raises(convert.CheckpointMismatchError, match="two tensors for blocks.0.mlp.fc1.weight"):
+        convert.load(_folder(tmp_path / "both", sd, json.loads((saved / "config.json").read_text())))
