@@ -10,6 +10,7 @@ photos shipped in predmaps/assets/photos and on images sized to hit the crop's r
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -359,3 +360,29 @@ def test_one_tensor_under_two_names_is_refused(tmp_path):
     sd["vit.layers.0.mlp.fc1.weight"] = sd["vit.encoder.layer.0.intermediate.dense.weight"]
     with pytest.raises(convert.CheckpointMismatchError, match="two tensors for blocks.0.mlp.fc1.weight"):
         convert.load(_folder(tmp_path / "both", sd, json.loads((saved / "config.json").read_text())))
+
+
+def test_safetensors_checkpoints_load_without_torch(tmp_path):
+    # torch, timm, transformers and open_clip made unimportable in a fresh interpreter: a transformers
+    # folder with model.safetensors still loads and computes the same logits.
+    import subprocess
+    import sys
+
+    hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
+    folder = _save(hf, _vit_processor(), tmp_path / "vit")
+    x = _x(32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ref.npy", _run_hf(lambda t: hf(t).logits, x))
+    code = f"""
+import sys
+for name in ("torch", "timm", "transformers", "open_clip"):
+    sys.modules[name] = None
+import numpy as np, convert
+model, params = convert.load({str(folder)!r})
+x, ref = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'ref.npy')!r})
+np.testing.assert_allclose(np.asarray(model.apply({{"params": params}}, x).logits), ref, atol={TOL}, rtol=0)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
