@@ -120,7 +120,7 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
         raise UnsupportedModelError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn, the giant models) is not supported "
                                     f"by jaxvit; {supported_message()}")
     teacher = arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
-    out: dict[str, np.ndarray] = {}
+    out = _Placed()
     qkv: dict[tuple[int, str, str], np.ndarray] = {}
     for key, value in state_dict.items():
         if _DROPPED.search(key):
@@ -142,12 +142,9 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
         if k == "embeddings.register_tokens":
             out["reg_token"] = value
             continue
-        name = _TOP.get(k)
-        if k == "embeddings.cls_token" or name:
-            out[name or "cls_token"] = value
-        else:
-            out[key] = value
+        out[_TOP.get(k, key)] = value
     _merge_qkv(qkv, out, ("query", "key", "value"))
+    out = dict(out)
     if model_type == "dinov2_with_registers" and "cls_token" in out and "pos_embed" in out:
         # Its registers have no position rows: the class token's row is folded into the token (a constant
         # sum), leaving rows for the patches only (no_embed_class), as timm converts DINOv2 with registers.
@@ -156,15 +153,25 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
     return out
 
 
+class _Placed(dict):
+    """A state dict that refuses a second tensor for a place already filled (two names for one tensor)."""
+
+    def __setitem__(self, key, value):
+        if key in self:
+            raise CheckpointMismatchError(f"the checkpoint holds two tensors for {key}: keys of two naming schemes?")
+        super().__setitem__(key, value)
+
+
 _QKV = {"q": "query", "k": "key", "v": "value"}
 # Saved files (the hub's) keep transformers 4's names; transformers 5 modules' own state dicts name the
 # blocks `layers.{i}` with q_proj / k_proj / v_proj / o_proj and mlp.fc1 / fc2: both are read.
 _BLOCK = {f"{src}.{p}": f"{dst}.{p}" for p in ("weight", "bias") for src, dst in (
-    ("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+    ("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"),
+    ("layernorm_after", "norm2"),
     ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"), ("norm1", "norm1"), ("norm2", "norm2"),
     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))}
 _BLOCK.update({"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"})
-_TOP = {"embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.weight":
+_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed", "embeddings.patch_embeddings.projection.weight":
         "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
         "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias", "classifier.weight": "head.weight",
         "classifier.bias": "head.bias", "cls_classifier.weight": "head.weight", "cls_classifier.bias": "head.bias",
@@ -182,7 +189,7 @@ def _merge_qkv(parts: Mapping[tuple[int, str, str], np.ndarray], out: dict, name
 
 
 def _clip_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+    out = _Placed()
     qkv: dict[tuple[int, str, str], np.ndarray] = {}
     for key, value in state_dict.items():
         if _DROPPED.search(key):
@@ -207,7 +214,7 @@ def _clip_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
         else:
             out[_CLIP_TOP.get(k, key)] = value
     _merge_qkv(qkv, out, ("q", "k", "v"))
-    return out
+    return dict(out)
 
 
 _CLIP_BLOCK = {f"{src}.{p}": f"{dst}.{p}" for p in ("weight", "bias") for src, dst in (

@@ -10,6 +10,7 @@ photos shipped in predmaps/assets/photos and on images sized to hit the crop's r
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -326,3 +327,62 @@ def test_older_feature_extractor_configs_read_as_their_processors():
         img = _test_images()[-2]
         ref = processor(images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
         assert np.array_equal(preprocess.eval_transform(img, **ours), ref)
+
+
+def test_command_line_converts_a_transformers_folder_into_a_jaxvit_checkpoint(tmp_path, capsys):
+    # python -m convert: the jaxvit checkpoint keeps transformers' eval transform (its crop modes) and params.
+    import jaxvit
+    from convert.__main__ import main
+
+    hf = _randomize(transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**SMALL, num_labels=5)))
+    processor = transformers.DeiTImageProcessorPil(size={"height": 40, "width": 40},
+                                                   crop_size={"height": 32, "width": 32})
+    folder = _save(hf, processor, tmp_path / "deit")
+    assert main([str(folder), "--out", str(tmp_path / "ckpt")]) == 0
+    model, params = jaxvit.load(tmp_path / "ckpt")
+    direct_model, direct_params = convert.load(folder)
+    assert model.config == direct_model.config and model.config.crop_mode == "hf_squash"
+    for a, b in zip(jax_leaves(params), jax_leaves(direct_params)):
+        np.testing.assert_array_equal(a, b)
+    assert main([str(folder), "--model-name", "vit_tiny_patch16_224", "--out", str(tmp_path / "other")]) == 2
+    assert "model_name 'vit_tiny_patch16_224' does not apply to a Hugging Face transformers checkpoint" in \
+        capsys.readouterr().err
+
+
+def test_one_tensor_under_two_names_is_refused(tmp_path):
+    # transformers 4's file names and transformers 5's module names both map onto timm's: a checkpoint
+    # holding both for one tensor is refused, not silently resolved either way.
+    from safetensors.numpy import load_file
+
+    hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
+    saved = _save(hf, None, tmp_path / "saved")
+    sd = load_file(str(saved / "model.safetensors"))
+    sd["vit.layers.0.mlp.fc1.weight"] = sd["vit.encoder.layer.0.intermediate.dense.weight"]
+    with pytest.raises(convert.CheckpointMismatchError, match="two tensors for blocks.0.mlp.fc1.weight"):
+        convert.load(_folder(tmp_path / "both", sd, json.loads((saved / "config.json").read_text())))
+
+
+def test_safetensors_checkpoints_load_without_torch(tmp_path):
+    # torch, timm, transformers and open_clip made unimportable in a fresh interpreter: a transformers
+    # folder with model.safetensors still loads and computes the same logits.
+    import subprocess
+    import sys
+
+    hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
+    folder = _save(hf, _vit_processor(), tmp_path / "vit")
+    x = _x(32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ref.npy", _run_hf(lambda t: hf(t).logits, x))
+    code = f"""
+import sys
+for name in ("torch", "timm", "transformers", "open_clip"):
+    sys.modules[name] = None
+import numpy as np, convert
+model, params = convert.load({str(folder)!r})
+x, ref = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'ref.npy')!r})
+np.testing.assert_allclose(np.asarray(model.apply({{"params": params}}, x).logits), ref, atol={TOL}, rtol=0)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
