@@ -70,7 +70,6 @@ be traced (one compilation serves every start layer).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,8 +139,8 @@ def forward(model, params, images, attn_delta=None):
     variables = {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), params)}
     if attn_delta is not None and any(a is not None for a in attn_delta):
         like = next(a for a in attn_delta if a is not None)
-        variables["perturbations"] = {  # flax wants one for every block once the collection is there
-            f"blocks_{i}": {"attn": {"attn": jnp.zeros_like(like) if a is None else a}} for i, a in enumerate(attn_delta)}
+        deltas = [jnp.zeros_like(like) if a is None else a for a in attn_delta]  # flax wants every block's
+        variables["perturbations"] = {f"blocks_{i}": {"attn": {"attn": a}} for i, a in enumerate(deltas)}
     explainer = model.clone(dtype=dt, attention="materialized", kernels="xla", precision=_PREC)
     out, state = explainer.apply(variables, jnp.asarray(images, dt), mutable=[INTERMEDIATES])
     sown = jax.tree_util.tree_map(lambda v: v[0], state[INTERMEDIATES], is_leaf=lambda v: isinstance(v, tuple))
