@@ -231,7 +231,7 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
                                                          mean, std, method_options)
     if len(images) == 0:
         raise ValueError("no images to evaluate")
-    _check_labels(model, images.labels)
+    images.check_classes(model.config.num_classes)  # the message `predmaps run` gives for the same labels
     want_maps = save_maps is not None
     static = (model, req, target, size, modes, steps, mean, std, want_maps)
 
