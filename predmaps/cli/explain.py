@@ -381,7 +381,8 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
                    + methods_help())
     p.add_argument("--layers", type=parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
     p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index (or ImageNet WordNet id) "
-                   "per image, e.g. 3,7 (3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
+                   "per image, e.g. 3,7 (3+7: two labels for one image); adds per-layer accuracy, confidence and "
+                   "entropy plots")
     p.add_argument("--map-class", type=int, help="the class whose prediction map the report shows at every layer "
                    "(default: each image's first explained class)")
     p.add_argument("--out", default="predmaps-out", help="output folder (created): PNG overlays, report/index.html")

@@ -101,9 +101,9 @@ def imagenet_val(path, *, labels_file=None, class_order: str = "imagenet", limit
     """List ImageNet validation images and labels from `path` (see the module docstring).
 
     Raises `DataLayoutError` naming the expected layouts when `path` is missing, empty or
-    malformed. `num_classes`: the model's class count, every label checked against it
-    (`ImageList.check_classes`); None: not checked here (`predmaps eval` lists the data before the
-    model loads; `perturbation_test` checks the list against its model).
+    malformed. `num_classes`: the model's class count, every label checked against it as
+    `predmaps run` checks it (`ImageList.check_classes`); None: only that none is negative
+    (`perturbation_test` checks the list against its model).
     """
     if class_order not in ("imagenet", "sorted"):
         raise ValueError(f"class_order must be 'imagenet' or 'sorted'; got {class_order!r}")
@@ -208,14 +208,14 @@ def _flat_wnid_named(root: Path, files: list[Path]) -> list[tuple[Path, int]]:
 
 def _flat_with_label_file(root: Path, files: list[Path], label_file: Path,
                           num_classes: int | None) -> list[tuple[Path, int]]:
-    table = read_label_file(label_file, num_classes, check_range=num_classes is not None)  # else: check_classes
+    table = read_label_file(label_file, num_classes)
     if not files:
         raise DataLayoutError(f"{root} holds no image files directly (label file {label_file.name}); "
                               f"{IMAGENET_LAYOUTS}")
     items, missing = [], []
     for p in files:
-        label = lookup(table, p.name, None)
-        if label is not None:
+        label = lookup(table, p.name)
+        if label >= 0:
             items.append((p, label))
         else:
             missing.append(p.name)

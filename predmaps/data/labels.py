@@ -142,12 +142,11 @@ def _devkit_ground_truth(path: Path, lines: list[tuple[int, str]]) -> list[tuple
     return out
 
 
-def lookup(label_map: dict[str, int] | None, name: str, missing=-1):
-    """The label of the input `name` (a path relative to its root): matched by name, base name or stem;
-    `missing` if none."""
+def lookup(label_map: dict[str, int] | None, name: str) -> int:
+    """The label of the input `name` (a path relative to its root): matched by name, base name or stem; -1 if none."""
     if not label_map:
-        return missing
+        return -1
     for key in (name, os.path.basename(name), os.path.splitext(os.path.basename(name))[0]):
         if key in label_map:
             return label_map[key]
-    return missing
+    return -1
