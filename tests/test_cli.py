@@ -81,13 +81,16 @@ def test_explain_errors(tiny_checkpoint, tmp_path, capsys):
     assert "2 label(s) for 1 image(s)" in capsys.readouterr().err
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--labels", "9", "--out",
                      str(tmp_path / "o")]) == 2
-    assert "label(s) [9] out of range 0..4" in capsys.readouterr().err
+    assert "error: --labels: class index 9 is out of range (0..4 for a 5-class model)" in capsys.readouterr().err
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--cmap", "nope", "--out",
                      str(tmp_path / "o")]) == 2
     assert "unknown colour map" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["explain", str(good), "--labels", "x"])
     assert "--labels takes one class index per image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a WordNet id is read as a label file's is: one of ImageNet-1k's
+        cli.main(["explain", str(good), "--labels", "n99999999"])
+    assert "--labels: 'n99999999' is not an ImageNet-1k WordNet id" in capsys.readouterr().err
 
 
 def test_explain_model_errors_are_one_line_and_model_name_reaches_the_loader(tiny_checkpoint, tmp_path, capsys):

@@ -1,7 +1,9 @@
 """The one data layer (predmaps.data): `predmaps run` and `predmaps eval` read a label file the same
 way, and refuse a bad one with the same message. They used to disagree: the devkit's
 ILSVRC2012_validation_ground_truth.txt with meta.mat beside it was read by eval and refused by run,
-and a label 5000 was accepted by run and refused by eval.
+and a label 5000 was accepted by run and refused by eval. A label past the model's classes is one
+rule with one message through run, eval and `predmaps explain --labels` (eval used to check against
+ImageNet's 1000 classes while listing, then against the model with a message of its own).
 
 Each layout is read through the two calls the commands make (`open_inputs` with the model's class
 count: run; `imagenet_val`: eval), and checked against labels written out by hand here; each bad
@@ -125,3 +127,63 @@ def test_run_reads_the_devkit_ground_truth_end_to_end(ckpt, flat, tmp_path):
     res = read_results(out)
     assert res.labels.tolist() == [3, 42, 500]
     assert res.classes[next(iter(res.classes))][:, 0].tolist() == [3, 42, 500]
+
+
+def _tiny(tmp_path_factory, num_classes):
+    cfg = ViTConfig(name=f"tiny-{num_classes}", img_size=(32, 32), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                    mlp_dim=64, num_classes=num_classes, crop_pct=1.0)
+    return jaxvit.save(tmp_path_factory.mktemp("ckpt") / cfg.name, cfg, random_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def ckpt10(tmp_path_factory):
+    """A tiny random ViT with 10 classes, as the embedded digits model: ImageNet labels are past its classes."""
+    return _tiny(tmp_path_factory, 10)
+
+
+def _error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+# model classes, the bad label as written, the span the message gives (written out by hand)
+OUT_OF_RANGE = [(1000, "5000", 5000, "0..999 for a 1000-class model"), (1000, "-1", -1, "0..999 for a 1000-class model"),
+                (10, "12", 12, "0..9 for a 10-class model"), (10, WN[500], 500, "0..9 for a 10-class model")]
+
+
+@pytest.mark.parametrize("classes, written, value, span", OUT_OF_RANGE)
+def test_a_label_past_the_models_classes_is_one_message_through_run_eval_and_explain(
+        classes, written, value, span, ckpt, ckpt10, flat, tmp_path, capsys):
+    model = ckpt if classes == 1000 else ckpt10
+    label_file = tmp_path / "labels.txt"
+    label_file.write_text(f"{STEMS[0]}.png 3\n{STEMS[1]}.png {written}\n{STEMS[2]}.png 4\n")
+    expected = (f"class index {value} is out of range ({span}): give each input its class index in the model's "
+                "class order, or its ImageNet WordNet id")
+    assert run_cli.main(["--model", str(model), "--images", str(flat), "--labels", str(label_file),
+                         "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    run_lines = _error_lines(capsys.readouterr().err)
+    assert cli.main(["eval", "perturbation", "--model", str(model), "--data", str(flat),
+                     "--labels", str(label_file)]) == 2
+    eval_lines = _error_lines(capsys.readouterr().err)
+    assert run_lines == eval_lines == [f"error: {label_file}:2: {expected}"]
+    images = [str(flat / f"{s}.png") for s in STEMS]
+    assert cli.main(["explain", *images, "--model", str(model), "--labels", f"3,{written},4",
+                     "--out", str(tmp_path / "explain")]) == 2
+    assert _error_lines(capsys.readouterr().err) == [f"error: --labels: {expected}"]
+    assert not (tmp_path / "explain").exists()  # refused before anything is written
+
+
+def test_class_folders_past_a_small_model_are_refused_alike_by_run_and_eval(ckpt10, tmp_path, capsys):
+    """ImageNet class folders give labels up to 999: a 10-class model refuses them, run (maps for the
+    ground truth) and eval (its accuracy is against the ground truth) with the same line."""
+    root = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    for c in (2, 500):
+        (root / WN[c]).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / WN[c] / "a.png")
+    assert run_cli.main(["--model", str(ckpt10), "--images", str(root), "--target", "gt", "--out", str(tmp_path / "o"),
+                         "--no-progress"]) == 2
+    run_lines = _error_lines(capsys.readouterr().err)
+    assert cli.main(["eval", "perturbation", "--model", str(ckpt10), "--data", str(root)]) == 2
+    eval_lines = _error_lines(capsys.readouterr().err)
+    assert run_lines == eval_lines == [f"error: labels out of range for a 10-class model: [('{WN[500]}/a.png', 500)]"]

@@ -225,17 +225,25 @@ def _cmd_eval(args, ev) -> int:
         raise ValueError("eval segmentation needs --data gtsegs_ijcv.mat (the masks), also with --maps")
     _check_maps_options(args, test)
     _check_outputs(args, ("json", "save_maps"))
-    # Check the data before loading a model (which may download).
+    # What needs no model is checked before it loads (it may download): the label file's lines, then the data
+    # folder, in the order `predmaps run` reads them. The images are listed once the model's class count is
+    # known, every label checked against it as run checks it, so both refuse bad labels with one message.
     images = seg = None
     if test == "perturbation" and args.maps is None:
-        images = ev.imagenet_val(args.data, labels_file=args.labels, class_order=args.class_order, limit=args.limit,
-                                 subset=args.subset, seed=args.seed)
+        from predmaps.data import imagenet_root, read_label_file
+
+        if args.labels is not None:
+            read_label_file(args.labels, check_range=False)
+        imagenet_root(args.data)
     if test == "segmentation":
         seg = ev.ImageNetSegmentation(args.data)
     maps_reader = ev.CheferResults(args.maps) if (args.maps and test == "perturbation") else None
 
     model, params = load_model(args.model, args.model_name)
     cfg = model.config
+    if test == "perturbation" and args.maps is None:
+        images = ev.imagenet_val(args.data, labels_file=args.labels, class_order=args.class_order, limit=args.limit,
+                                 subset=args.subset, seed=args.seed, num_classes=cfg.num_classes)
     options = dict(args.options)
     if args.normalization == "model":
         mean, std = tuple(cfg.mean), tuple(cfg.std)

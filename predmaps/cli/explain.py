@@ -35,11 +35,16 @@ def _parse_classes(text: str):
 
 
 def _parse_labels(text: str) -> list[list[int]]:
-    try:
-        return [[int(v) for v in item.split("+")] for item in text.split(",")]
-    except ValueError:
+    from predmaps.data.labels import LabelFileError, parse_label
+
+    try:  # a class index or an ImageNet WordNet id, as a label file gives them (predmaps.data.labels)
+        rows = [[parse_label(v) for v in item.split("+")] for item in text.split(",")]
+    except LabelFileError as e:
+        raise argparse.ArgumentTypeError(f"--labels: {e}") from None
+    if any(v is None for row in rows for v in row):
         raise argparse.ArgumentTypeError(f"--labels takes one class index per image like 3,7 (several for one image: "
-                                         f"3+7); got {text!r}") from None
+                                         f"3+7); got {text!r}")
+    return rows
 
 
 
@@ -243,12 +248,11 @@ def _explain(args, progress: dict) -> int:
     except ValueError as e:
         print(f"error: --layers: {e}", file=sys.stderr)
         return 2
-    if args.labels is not None:
-        bad = [c for row in args.labels for c in row if not 0 <= c < cfg.num_classes]
-        if bad:
-            print(f"error: label(s) {bad} out of range 0..{cfg.num_classes - 1}", file=sys.stderr)
-            return 2
     try:
+        from predmaps.data import check_label
+
+        for c in [c for row in args.labels or () for c in row]:  # the range rule (and message) of run and eval
+            check_label(c, cfg.num_classes, "--labels")
         _check_class_options(args, cfg.num_classes)
         out = _make_out(args.out)
     except ValueError as e:
@@ -376,8 +380,9 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
                    + methods_help())
     p.add_argument("--layers", type=parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
-    p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index per image, e.g. 3,7 "
-                   "(3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
+    p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index (or ImageNet WordNet id) "
+                   "per image, e.g. 3,7 (3+7: two labels for one image); adds per-layer accuracy, confidence and "
+                   "entropy plots")
     p.add_argument("--map-class", type=int, help="the class whose prediction map the report shows at every layer "
                    "(default: each image's first explained class)")
     p.add_argument("--out", default="predmaps-out", help="output folder (created): PNG overlays, report/index.html")

@@ -12,12 +12,12 @@ Imports go one way: predmaps.pipeline and predmaps.evaluation use this package, 
 
 from predmaps.data.decode import (DecodePool, decode_item, default_workers, load_images, prefetch_batches,
                                    stack_padded)
-from predmaps.data.imagenet import (IMAGENET_LAYOUTS, LABEL_FILE_NAMES, ImageList, imagenet_val, iter_image_list,
-                                    subset_indices)
+from predmaps.data.imagenet import (IMAGENET_LAYOUTS, LABEL_FILE_NAMES, ImageList, imagenet_root, imagenet_val,
+                                    iter_image_list, subset_indices)
 from predmaps.data.inputs import IMAGE_EXTENSIONS, Inputs, Item, open_inputs
 from predmaps.data.labels import (LABEL_FILE_LIMIT, DataLayoutError, LabelFileError, check_label, read_label_file)
 
 __all__ = ["DataLayoutError", "DecodePool", "IMAGENET_LAYOUTS", "IMAGE_EXTENSIONS", "ImageList", "Inputs", "Item",
            "LABEL_FILE_LIMIT", "LABEL_FILE_NAMES", "LabelFileError", "check_label", "decode_item", "default_workers",
-           "imagenet_val", "iter_image_list", "load_images", "open_inputs", "prefetch_batches", "read_label_file",
+           "imagenet_root", "imagenet_val", "iter_image_list", "load_images", "open_inputs", "prefetch_batches", "read_label_file",
            "stack_padded", "subset_indices"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from predmaps.data.decode import prefetch_batches, stack_padded
 from predmaps.data.inputs import IMAGE_EXTENSIONS
-from predmaps.data.labels import IMAGENET_CLASSES, DataLayoutError, lookup, read_label_file, wnid_index
+from predmaps.data.labels import DataLayoutError, lookup, out_of_range, read_label_file, wnid_index
 
 LABEL_FILE_NAMES = ("val_labels.txt", "labels.txt", "val.txt", "LOC_val_solution.csv",
                     "ILSVRC2012_validation_ground_truth.txt")
@@ -57,9 +57,23 @@ class ImageList:
     layout: str
     root: Path
     class_order: str = "imagenet"
+    label_file: Path | None = None  # where the labels came from, when a label file gave them
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def check_classes(self, num_classes: int) -> None:
+        """Raise unless every label is a class of a `num_classes`-class model, with the message
+        `predmaps run` gives for the same data: a label file is checked whole, line by line, by
+        `read_label_file` (`labels.check_label`); other layouts name their first bad images
+        (`labels.out_of_range`)."""
+        if self.label_file is not None:
+            read_label_file(self.label_file, num_classes)  # every line, as run reads it (~0.2 s per 50,000)
+            return
+        bad = (self.labels < 0) | (self.labels >= num_classes)
+        if bad.any():
+            raise out_of_range([(_relative(self.paths[i], self.root), int(self.labels[i]))
+                                for i in np.flatnonzero(bad)[:5]], num_classes)
 
     def subset(self, limit: int | None, *, mode: str = "random", seed: int = 0) -> "ImageList":
         """The first `limit` images ("first"), or `limit` images drawn without replacement by
@@ -83,33 +97,35 @@ def subset_indices(n: int, limit: int | None, *, mode: str = "random", seed: int
 
 
 def imagenet_val(path, *, labels_file=None, class_order: str = "imagenet", limit: int | None = None,
-                 subset: str = "random", seed: int = 0) -> ImageList:
+                 subset: str = "random", seed: int = 0, num_classes: int | None = None) -> ImageList:
     """List ImageNet validation images and labels from `path` (see the module docstring).
 
     Raises `DataLayoutError` naming the expected layouts when `path` is missing, empty or
-    malformed.
+    malformed. `num_classes`: the model's class count, every label checked against it as
+    `predmaps run` checks it (`ImageList.check_classes`); None: only that none is negative
+    (`perturbation_test` checks the list against its model).
     """
     if class_order not in ("imagenet", "sorted"):
         raise ValueError(f"class_order must be 'imagenet' or 'sorted'; got {class_order!r}")
-    root = Path(path)
-    if not root.exists():
-        raise DataLayoutError(f"{root}: no such file or directory; {IMAGENET_LAYOUTS}")
-    if not root.is_dir():
-        raise DataLayoutError(f"{root} is a file, not a directory; {IMAGENET_LAYOUTS}")
+    root = imagenet_root(path)
     entries = sorted(root.iterdir())
     dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     files = [p for p in entries if _is_image(p)]
     if not files and [d.name for d in dirs] in (["val"], ["validation"]) and labels_file is None:
-        return imagenet_val(dirs[0], class_order=class_order, limit=limit, subset=subset, seed=seed)
+        return imagenet_val(dirs[0], class_order=class_order, limit=limit, subset=subset, seed=seed,
+                            num_classes=num_classes)
+    label_file = None
     if labels_file is not None:
-        items = _flat_with_label_file(root, files, Path(labels_file))
-        layout = f"flat files + label file {Path(labels_file).name}"
+        label_file = Path(labels_file)
+        items = _flat_with_label_file(root, files, label_file, num_classes)
+        layout = f"flat files + label file {label_file.name}"
     elif dirs and not files:
         items, layout = _image_folder(root, dirs, class_order), "class folders"
     elif files:
-        found = _find_label_file(root)
-        if found is not None:
-            items, layout = _flat_with_label_file(root, files, found), f"flat files + label file {found.name}"
+        label_file = _find_label_file(root)
+        if label_file is not None:
+            items = _flat_with_label_file(root, files, label_file, num_classes)
+            layout = f"flat files + label file {label_file.name}"
         else:
             items, layout = _flat_wnid_named(root, files), "flat files named <wnid>_*"
     else:
@@ -118,8 +134,28 @@ def imagenet_val(path, *, labels_file=None, class_order: str = "imagenet", limit
         raise DataLayoutError(f"{root}: no labelled images found; {IMAGENET_LAYOUTS}")
     paths, labels = zip(*items)
     out = ImageList(tuple(paths), np.asarray(labels, np.int32), layout, root,
-                    class_order if layout == "class folders" else "imagenet")
+                    class_order if layout == "class folders" else "imagenet", label_file)
+    if num_classes is not None and label_file is None:  # a label file's lines were checked as it was read
+        out.check_classes(num_classes)
     return out.subset(limit, mode=subset, seed=seed)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """An image's name as `predmaps run` lists it: its path under the data root, '/'-separated."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def imagenet_root(path) -> Path:
+    """`path` as a folder `imagenet_val` can list, or the `DataLayoutError` it would raise."""
+    root = Path(path)
+    if not root.exists():
+        raise DataLayoutError(f"{root}: no such file or directory; {IMAGENET_LAYOUTS}")
+    if not root.is_dir():
+        raise DataLayoutError(f"{root} is a file, not a directory; {IMAGENET_LAYOUTS}")
+    return root
 
 
 def _image_folder(root: Path, dirs: list[Path], class_order: str) -> list[tuple[Path, int]]:
@@ -170,8 +206,9 @@ def _flat_wnid_named(root: Path, files: list[Path]) -> list[tuple[Path, int]]:
     return items
 
 
-def _flat_with_label_file(root: Path, files: list[Path], label_file: Path) -> list[tuple[Path, int]]:
-    table = read_label_file(label_file, IMAGENET_CLASSES)
+def _flat_with_label_file(root: Path, files: list[Path], label_file: Path,
+                          num_classes: int | None) -> list[tuple[Path, int]]:
+    table = read_label_file(label_file, num_classes)
     if not files:
         raise DataLayoutError(f"{root} holds no image files directly (label file {label_file.name}); "
                               f"{IMAGENET_LAYOUTS}")

@@ -23,7 +23,6 @@ from jaxvit import safe_write
 # ImageNet's 1.28M training labels take ~60 MB as 'path label' lines: a file past this is not a label file
 LABEL_FILE_LIMIT = 256 << 20
 WNID = re.compile(r"^n\d{8}$")
-IMAGENET_CLASSES = 1000
 
 
 class DataLayoutError(ValueError):
@@ -57,10 +56,11 @@ def parse_label(text: str, where: str = "") -> int | None:
 
 def check_label(value: int, num_classes: int | None, where: str) -> int:
     """`value` when it is a class of a `num_classes`-class model (0..num_classes-1; only >= 0 when the
-    count is unknown), else the one out-of-range error every command gives."""
+    count is unknown), else the one out-of-range error every command gives (`predmaps run --labels`,
+    `predmaps eval --labels`, `predmaps explain --labels`), prefixed by `where`."""
     if value < 0 or (num_classes is not None and value >= num_classes):
         span = f"0..{num_classes - 1} for a {num_classes}-class model" if num_classes is not None else "0 or more"
-        raise LabelFileError(f"{where}: class index {value} is out of range ({span}): give each file its class "
+        raise LabelFileError(f"{where}: class index {value} is out of range ({span}): give each input its class "
                              "index in the model's class order, or its ImageNet WordNet id")
     return value
 
@@ -70,10 +70,14 @@ def out_of_range(labelled: list[tuple[str, int]], num_classes: int) -> ValueErro
     return ValueError(f"labels out of range for a {num_classes}-class model: {labelled[:5]}")
 
 
-def read_label_file(path: str | os.PathLike, num_classes: int | None = None) -> dict[str, int]:
+def read_label_file(path: str | os.PathLike, num_classes: int | None = None, *,
+                    check_range: bool = True) -> dict[str, int]:
     """{file name or stem: class} from a label file in any layout of the module docstring; every
     label checked by `check_label` against `num_classes` (None: only that it is not negative).
-    Raises `LabelFileError` naming the file (and line) and what to do."""
+    Raises `LabelFileError` naming the file (and line) and what to do. The whole file is parsed
+    before any label is range-checked, in file order: so reading it without the check
+    (`check_range=False`, before the model is known) and again with the model's class count later
+    gives the same first error as reading it once with the count."""
     path = Path(path)
     if not path.exists():  # a FIFO or device exists: read_regular refuses it, naming what it is
         raise LabelFileError(f"label file {path} not found: give the path of an existing label file")
@@ -88,8 +92,8 @@ def read_label_file(path: str | os.PathLike, num_classes: int | None = None) -> 
     if not lines:
         raise LabelFileError(f"{path}: no labels found (the file is empty): give 'file label' lines")
     if all(re.fullmatch(r"\d+", ln) for _, ln in lines):
-        return _devkit_ground_truth(path, lines, num_classes)
-    out: dict[str, int] = {}
+        return _checked(_devkit_ground_truth(path, lines), num_classes, check_range)
+    out: list[tuple[str, int, str]] = []
     for i, (n, line) in enumerate(lines):
         fields = line.split(",", 1) if "," in line else line.split(None, 1)
         if len(fields) < 2:
@@ -101,13 +105,18 @@ def read_label_file(path: str | os.PathLike, num_classes: int | None = None) -> 
                 continue
             raise LabelFileError(f"{path}:{n}: cannot read a class index or WordNet id in {line!r}: {token!r} is "
                                  "neither an ImageNet-1k wnid nor a class index")
-        out[fields[0].strip()] = check_label(label, num_classes, f"{path}:{n}")
+        out.append((fields[0].strip(), label, f"{path}:{n}"))
     if not out:
         raise LabelFileError(f"{path}: no labels found: give 'file label' lines")
-    return out
+    return _checked(out, num_classes, check_range)
 
 
-def _devkit_ground_truth(path: Path, lines: list[tuple[int, str]], num_classes: int | None) -> dict[str, int]:
+def _checked(entries: list[tuple[str, int, str]], num_classes: int | None, check_range: bool) -> dict[str, int]:
+    """{name: class} of (name, class, where) lines, each class checked in file order (unless not `check_range`)."""
+    return {name: check_label(label, num_classes, where) if check_range else label for name, label, where in entries}
+
+
+def _devkit_ground_truth(path: Path, lines: list[tuple[int, str]]) -> list[tuple[str, int, str]]:
     """The devkit's validation ground truth: ILSVRC2012_IDs for ILSVRC2012_val_00000001... in order."""
     meta = path.parent / "meta.mat"
     if not meta.is_file():
@@ -124,12 +133,12 @@ def _devkit_ground_truth(path: Path, lines: list[tuple[int, str]], num_classes: 
     except Exception as e:  # noqa: BLE001 - any malformed file is the same error
         raise LabelFileError(f"{meta}: not a readable ImageNet devkit meta.mat ({e}): give the devkit's own "
                              "meta.mat") from e
-    out = {}
+    out = []
     for i, (n, line) in enumerate(lines):
         wnid = id_to_wnid.get(int(line))
         if wnid is None or wnid not in wnid_index():
             raise LabelFileError(f"{path}:{n}: ILSVRC2012_ID {line} is not an ImageNet-1k class in {meta}")
-        out[f"ILSVRC2012_val_{i + 1:08d}"] = check_label(wnid_index()[wnid], num_classes, f"{path}:{n}")
+        out.append((f"ILSVRC2012_val_{i + 1:08d}", wnid_index()[wnid], f"{path}:{n}"))
     return out
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from predmaps.evaluation import metrics
-from predmaps.data import ImageList, iter_image_list, stack_padded
+from predmaps.data import ImageList, check_label, iter_image_list, stack_padded
 from predmaps.evaluation.data import PROTOCOL_MEAN, PROTOCOL_STD, eval_size, unit_transform
 from predmaps.request import Request, check
 from predmaps.targets import make_targets
@@ -198,14 +198,15 @@ def _check_settings(model, method, layer, target, modes, steps, image_size, mean
     return req, modes, steps, size, mean, std
 
 
-def _check_labels(model, labels, source: str = "labels") -> None:
+def _check_labels(model, labels, source: str = "labels", entries=None) -> None:
+    """Labels given as arrays (or a results.hdf5) against the model's classes: the data layer's one
+    range rule and message (`predmaps.data.check_label`), naming the first bad entry (its number in
+    `entries` when the labels are a selection of them)."""
     labels = np.asarray(labels)
-    if len(labels) and int(np.min(labels)) < 0:
-        raise ValueError(f"{source} hold a negative class index ({int(np.min(labels))}); ground-truth classes are "
-                         f"0..{model.config.num_classes - 1}")
-    if len(labels) and int(np.max(labels)) >= model.config.num_classes:
-        raise ValueError(f"{source} go up to {int(np.max(labels))} but the model has {model.config.num_classes} "
-                         "classes (ImageNet-1k labels need a 1000-class model)")
+    bad = np.flatnonzero((labels < 0) | (labels >= model.config.num_classes))
+    if bad.size:
+        entry = int(bad[0] if entries is None else entries[bad[0]])
+        check_label(int(labels[bad[0]]), model.config.num_classes, f"{source} (entry {entry})")
 
 
 def perturbation_test(model, params, images: ImageList, *, method: str = "predicatt", layer: int = -1,
@@ -231,7 +232,7 @@ def perturbation_test(model, params, images: ImageList, *, method: str = "predic
                                                          mean, std, method_options)
     if len(images) == 0:
         raise ValueError("no images to evaluate")
-    _check_labels(model, images.labels)
+    images.check_classes(model.config.num_classes)  # the message `predmaps run` gives for the same labels
     want_maps = save_maps is not None
     static = (model, req, target, size, modes, steps, mean, std, want_maps)
 
@@ -320,7 +321,7 @@ def score_maps(model, params, unit, maps, labels, *, modes=metrics.MODES, steps=
         n = len(idx)
         size = source.image_size
         # Before the first batch: a label outside the head would count every image as wrong.
-        _check_labels(model, source.labels()[idx], f"{source.path}: 'target' labels")
+        _check_labels(model, source.labels()[idx], f"{source.path}: 'target' labels", idx)
 
         def get(start, stop):
             if indices is None:

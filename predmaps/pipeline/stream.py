@@ -21,7 +21,7 @@ import numpy as np
 
 from predmaps import results as _results
 from predmaps.pipeline.distributed import OtherProcessError, _compile_together, _stop_together
-from predmaps.data.decode import DecodePool, decode_item
+from predmaps.data.decode import DecodePool, decode_item, stack_padded
 from predmaps.data.inputs import Inputs, Item, UnlistedFolder
 from predmaps.data.labels import out_of_range
 from predmaps.pipeline.spec import Combo, ExplainSpec
@@ -162,11 +162,13 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
             rows.append((sh.first + j, item, arr, reason, ident))
             last = j == len(sh.items) - 1
             if len(rows) == lb or last:  # a batch never spans two shards
-                images, labels, mask = (np.zeros_like(a) for a in blank)
-                for i, (_, it, a, _, _) in enumerate(rows):
-                    if a is not None:
-                        images[i], labels[i], mask[i] = a, max(it.label, 0), True
-                yield images, labels, mask, (sh, rows, last)
+                decoded = [{"images": a, "labels": np.int32(max(it.label, 0))} for _, it, a, _, _ in rows
+                           if a is not None]  # unreadable inputs leave no row: finish() lists them as errors
+                if decoded:
+                    batch, mask = stack_padded(decoded, lb)  # the data layer's zero padding, as eval's batches
+                    yield batch["images"], batch["labels"], mask, (sh, rows, last)
+                else:
+                    yield (*blank, (sh, rows, last))
                 rows = []
         while total_steps is not None and stats.steps < total_steps:
             yield (*blank, None)  # an idle process's share of a global step
@@ -177,7 +179,7 @@ def _stream(engine: _Engine, combos: list[Combo], shards: Iterator[_Shard], *, t
         sh, rows, last = meta
         host = engine.fetch(out)
         ok = [i for i, r in enumerate(rows) if r[2] is not None]
-        sel = np.asarray(ok, np.int64)
+        sel = np.arange(len(ok))  # the decoded rows lead the batch, in order (steps())
         errors = [(r[0], r[1].name, r[1].path, r[3]) for r in rows if r[2] is None]
         b = ResultBatch(index=np.asarray([rows[i][0] for i in ok], np.int64),
                         names=[rows[i][1].name for i in ok], paths=[rows[i][1].path for i in ok],
