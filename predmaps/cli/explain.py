@@ -386,7 +386,8 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
                    + methods_help())
     p.add_argument("--layers", type=parse_layers, help="prediction layers, 0..L or negative from the end, e.g. -1,-2 "
-                   "(default: -1; with --text and a CLIP model: one token layer, -2 by default as the paper's Fig. 18)")
+                   "(default: -1); with --text and a CLIP model, one token layer (there -2 unless given: the "
+                   "penultimate, as the paper's Fig. 18)")
     p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index per image, e.g. 3,7 "
                    "(3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
     p.add_argument("--map-class", type=int, help="the class whose prediction map the report shows at every layer "
