@@ -253,6 +253,8 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(open_clip_folder,
     sd = load_file(str(open_clip_folder / "open_clip_model.safetensors"))
     save_file({k: v for k, v in sd.items() if k.startswith("visual.")}, str(image_only / "open_clip_model.safetensors"))
     _refused(capsys, _explain(photos, image_only, out), "holds no CLIP text tower")
+    (tmp_path / "bad.safetensors").write_text("not safetensors")  # a weights file is read for its keys
+    _refused(capsys, _explain(photos, tmp_path / "bad.safetensors", out), "cannot read", "bad.safetensors")
     assert not out.exists()
     # a folder of the user's is never written into
     mine = tmp_path / "mine"

@@ -27,7 +27,8 @@ def is_clip_checkpoint(source: str | os.PathLike | None) -> bool:
     a folder or hub repo with open_clip's open_clip_config.json or weights, or transformers' config.json of
     model_type clip/siglip; a weights file holding a CLIP text tower (keys read from the file). False for the
     embedded model, timm names (timm's CLIP models are image towers only) and other checkpoints. A hub repo
-    that is neither cached nor reachable raises HubUnavailableError (an OSError), as `convert.load` does."""
+    that is neither cached nor reachable raises HubUnavailableError (an OSError), as `convert.load` does; an
+    unreadable weights file the readers' ValueError."""
     from convert.sources import (OPEN_CLIP_WEIGHT_FILES, _REPO_ID, download, is_file_name, read_file, read_json)
 
     if source is None:
@@ -41,8 +42,11 @@ def is_clip_checkpoint(source: str | os.PathLike | None) -> bool:
         if path.suffix == ".safetensors":  # the header alone: the tensors stay on disk
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="numpy") as f:
-                keys = set(f.keys())
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    keys = set(f.keys())
+            except Exception:  # SafetensorError is no ValueError: the full reader's ValueError names the file
+                keys = set(read_file(path))
         elif path.suffix == ".npz":  # Google's ViTs: image towers only
             return False
         else:

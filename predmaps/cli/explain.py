@@ -223,8 +223,12 @@ def _explain(args, progress: dict) -> int:
     if getattr(args, "text", None) is not None:  # prompts for a CLIP model's text-to-patch maps (predmaps.cli.clip)
         from predmaps.cli.clip import explain_clip, is_clip_checkpoint, text_refusal
 
-        if is_clip_checkpoint(args.model):
-            return explain_clip(args, progress)
+        try:
+            if is_clip_checkpoint(args.model):
+                return explain_clip(args, progress)
+        except ValueError as e:  # an unreadable weights file
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"error: {text_refusal(args.model)}", file=sys.stderr)
         return 2
     if args.layers is None:  # None only to tell CLIP's default (-2) apart
