@@ -115,14 +115,14 @@ def _text_similarity_jit(model, layers, params, images, text):
 
 
 def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Sequence, prompts: Sequence[str],
-                out_dir: str | os.PathLike, *, layer: int = -2, cmap: str = "jet") -> dict:
+                out_dir: str | os.PathLike, *, layer: int = -2, cmap: str = "jet", alpha: float = 0.5) -> dict:
     """The paper's A.5 maps for photos and prompts, written into `out_dir` (the body of
     `predmaps explain photo.jpg --model <clip checkpoint> --text "a dog" --text "a cat"`).
 
     Per photo: `<stem>_<k>_<prompt>.png`, the inverted similarity map of prompt k at `layer` (the
     penultimate token layer by default, as the paper's Fig. 18) over the part of the photo the model
-    saw; `<stem>_layers.png`, every layer's map (rows: prompts, columns: layers 0..L). `clip.json`
-    lists the prompts, the layer, the files and, per photo and prompt, each layer's cosine range and
+    saw (`alpha`: the map's opacity); `<stem>_layers.png`, every layer's map (rows: prompts, columns:
+    layers 0..L). `clip.json` lists the prompts, the layer, the files and, per photo and prompt, each layer's cosine range and
     the shown layer's cosine grid; unreadable photos are listed under "skipped" with the reason (the CLI
     prints them and exits 1 under --strict, as `predmaps explain`). Returns what clip.json holds; ValueError
     when no photo is readable.
@@ -156,8 +156,8 @@ def clip_report(model: ViT, params: Params, text_tower: TextTower, images: Seque
         files = []
         for k, prompt in enumerate(prompts):
             name = f"{stem}_{k}_{_slug(prompt)[:40]}.png"
-            safe_write.write_bytes(out / name, viz.to_png_bytes(viz.show(photo, maps[shown, k], cfg, cmap=cmap)),
-                                   durable=False)
+            png = viz.to_png_bytes(viz.show(photo, maps[shown, k], cfg, cmap=cmap, alpha=alpha))
+            safe_write.write_bytes(out / name, png, durable=False)
             files.append(name)
         tiles = [maps[layer_, k] for k in range(len(prompts)) for layer_ in range(cfg.depth + 1)]
         titles = [f"{'*' if layer_ == shown else ''}L{layer_} {p[:12]}" for p in prompts for layer_ in range(cfg.depth + 1)]

@@ -447,6 +447,8 @@ def test_the_input_caption_says_which_part_of_the_image_the_model_and_overlays_s
         f"height shown (crop_pct 0.9, {cfg.interpolation})")
     squash = report.input_caption(773, 170, dataclasses.replace(cfg, crop_mode="squash"))
     assert "773×170 image squashed to 248×248 (aspect ratio not kept), 90% of each side shown" in squash
+    hf_squash = report.input_caption(773, 170, dataclasses.replace(cfg, crop_mode="hf_squash"))  # transformers'
+    assert "773×170 image squashed to 249×249 (aspect ratio not kept)" in hf_squash  # round(224 / 0.9), not floor
     border = report.input_caption(773, 170, dataclasses.replace(cfg, crop_mode="border"))
     assert "resized to 248×55, cut to its centre 224×55 and padded to 224×224 with the mean colour" in border
     assert report.input_caption(224, 224, dataclasses.replace(cfg, crop_pct=1.0)).startswith(

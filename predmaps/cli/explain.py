@@ -4,6 +4,7 @@
     predmaps explain IMAGE... [--model NAME|PATH [--model-name NAME]] [--classes top5|281,285]
                      [--method predicatt] [--layers -1,-2] [--labels 3,7] [--cmap jet] [--alpha 0.5]
                      [--shared-scale] [--out DIR]
+    predmaps explain PHOTO... --model CLIP_CHECKPOINT --text PROMPT [--text PROMPT ...] [--layers -2] [--out DIR]
 
 Both write PNG overlays into --out and a self-contained HTML report (no script, images embedded)
 into --out/report: index.html, one page per image (see `predmaps.report`).
@@ -224,6 +225,19 @@ def _explain(args, progress: dict) -> int:
     from predmaps import report
     from predmaps.data import load_images
 
+    if getattr(args, "text", None) is not None:  # prompts for a CLIP model's text-to-patch maps (predmaps.cli.clip)
+        from predmaps.cli.clip import explain_clip, is_clip_checkpoint, text_refusal
+
+        try:
+            if is_clip_checkpoint(args.model):
+                return explain_clip(args, progress)
+        except ValueError as e:  # an unreadable weights file
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"error: {text_refusal(args.model)}", file=sys.stderr)
+        return 2
+    if args.layers is None:  # None only to tell CLIP's default (-2) apart
+        args.layers = [-1]
     if args.labels is not None and len(args.labels) != len(args.images):
         print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
               "image, in order", file=sys.stderr)
@@ -379,7 +393,9 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
                    + methods_help())
-    p.add_argument("--layers", type=parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
+    p.add_argument("--layers", type=parse_layers, help="prediction layers, 0..L or negative from the end, e.g. -1,-2 "
+                   "(default: -1); with --text and a CLIP model, one token layer (there -2 unless given: the "
+                   "penultimate, as the paper's Fig. 18)")
     p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index (or ImageNet WordNet id) "
                    "per image, e.g. 3,7 (3+7: two labels for one image); adds per-layer accuracy, confidence and "
                    "entropy plots")
@@ -394,6 +410,9 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=4, help="most and least contributing heads shown per class")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
+    p.add_argument("--text", action="append", metavar="TEXT", help="with a CLIP --model (open_clip or transformers "
+                   "CLIPModel, both towers): a prompt (repeat for more); writes one inverted text-to-patch similarity "
+                   "map per photo and prompt, every layer's maps and clip.json into --out (the paper's A.5)")
     p.set_defaults(fn=cmd_explain)
     return p
 

@@ -229,7 +229,7 @@ def input_caption(width: int, height: int, cfg) -> str:
     ch, cw = (cfg.img_size, cfg.img_size) if np.ndim(cfg.img_size) == 0 else tuple(cfg.img_size)
     rh, rw = preprocess.eval_resize_size((height, width), img_size=(ch, cw), crop_pct=crop_pct, crop_mode=mode)
     image = f"the {width}×{height} image"
-    if mode == "squash":
+    if mode in ("squash", "hf_squash"):  # timm's squash and transformers' size={height, width} processors
         image += f" squashed to {rw}×{rh} (aspect ratio not kept)"
     elif (rw, rh) != (width, height):
         image += f" resized to {rw}×{rh}"
