@@ -34,7 +34,7 @@ from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedMod
                               check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
                               resize_params, resolve_config, state_dict_from_params, timm_config)
 from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
-from convert.clip_text import CLIP, load_clip, load_clip_text  # noqa: E402  (CLIP's text tower; both towers)
+from convert.clip_text import CLIP, load_clip_text  # noqa: E402  (CLIP's text tower)
 
 __all__ = ["CLIP", "CheckpointMismatchError", "HubUnavailableError", "UnknownModelError", "UnsupportedModelError",
            "export_state_dict", "load", "load_clip", "load_clip_text", "load_config", "load_text", "save_timm"]
@@ -385,3 +385,23 @@ def _timm_model_args(config: ViTConfig, default: ViTConfig | None) -> dict:
     if exact and (default is None or ratio != default.mlp_dim / default.embed_dim):
         args["mlp_ratio"] = ratio
     return args
+
+
+def load_clip(source: Any, *, image_source: Any = None, model_name: str | None = None,
+              quick_gelu: bool | None = None, heads: int | None = None, tokenizer: Any = None,
+              dtype=jnp.float32) -> CLIP:
+    """A CLIP checkpoint's image tower (`convert.load`), text tower and tokenizer (`load_clip_text`) in one call.
+
+    `image_source`: where the image tower comes from when not from `source` (e.g. a timm name such as
+    `vit_base_patch16_clip_224.openai`, whose hub repo holds no text tower); `model_name` is passed to
+    `convert.load` with it. The towers must share the embedding size.
+    """
+    text_model, text_params, tok = load_clip_text(source, quick_gelu=quick_gelu, heads=heads, tokenizer=tokenizer,
+                                                  dtype=dtype)
+    image_model, image_params = load(source if image_source is None else image_source, model_name=model_name,
+                                     dtype=dtype)
+    e_img, e_txt = image_model.config.num_classes, text_model.config.embed_dim
+    if e_img != e_txt:
+        raise CheckpointMismatchError(f"the image tower embeds into {e_img} dimensions and the text tower into {e_txt}: "
+                                      "both must come from the same CLIP model")
+    return CLIP(image_model, image_params, text_model, text_params, tok)

@@ -405,25 +405,3 @@ class CLIP(NamedTuple):
     @property
     def text_tower(self) -> TextTower:
         return TextTower(self.text_model, self.text_params, self.tokenizer)
-
-
-def load_clip(source: Any, *, image_source: Any = None, model_name: str | None = None,
-              quick_gelu: bool | None = None, heads: int | None = None, tokenizer: Any = None,
-              dtype=jnp.float32) -> CLIP:
-    """A CLIP checkpoint's image tower (`convert.load`), text tower and tokenizer (`load_clip_text`) in one call.
-
-    `image_source`: where the image tower comes from when not from `source` (e.g. a timm name such as
-    `vit_base_patch16_clip_224.openai`, whose hub repo holds no text tower); `model_name` is passed to
-    `convert.load` with it. The towers must share the embedding size.
-    """
-    import convert
-
-    text_model, text_params, tok = load_clip_text(source, quick_gelu=quick_gelu, heads=heads, tokenizer=tokenizer,
-                                                  dtype=dtype)
-    image_model, image_params = convert.load(source if image_source is None else image_source, model_name=model_name,
-                                             dtype=dtype)
-    e_img, e_txt = image_model.config.num_classes, text_model.config.embed_dim
-    if e_img != e_txt:
-        raise CheckpointMismatchError(f"the image tower embeds into {e_img} dimensions and the text tower into {e_txt}: "
-                                      "both must come from the same CLIP model")
-    return CLIP(image_model, image_params, text_model, text_params, tok)
