@@ -12,6 +12,8 @@ from pathlib import Path
 from predmaps.runtime import int_at_least
 
 DEFAULT_MODEL = "vit_digits_patch8_64"
+# The small sentiment classifier `predmaps demo --text` explains (a transformers-format folder in assets).
+DEFAULT_TEXT_MODEL = Path(str(resources.files("predmaps").joinpath("assets", "text_sentiment")))
 
 
 def default_model_path() -> Path:

@@ -4,6 +4,8 @@
     predmaps explain IMAGE... [--model NAME|PATH [--model-name NAME]] [--classes top5|281,285]
                      [--method predicatt] [--layers -1,-2] [--labels 3,7] [--cmap jet] [--alpha 0.5]
                      [--shared-scale] [--out DIR]
+    predmaps explain --text "..." [--text-file FILE] --model TEXT_CLASSIFIER [--json]   # predmaps.cli.text
+    predmaps demo --text                            # offline: the shipped text classifier
 
 Both write PNG overlays into --out and a self-contained HTML report (no script, images embedded)
 into --out/report: index.html, one page per image (see `predmaps.report`).
@@ -219,6 +221,20 @@ def _explain(args, progress: dict) -> int:
     from predmaps import report
     from predmaps.data import load_images
 
+    if args.text is not None or args.text_file is not None:  # the model decides what the texts are
+        from predmaps.cli import text as text_cli
+
+        if text_cli.is_text_model(args.model):
+            return text_cli.explain_texts(args, progress)
+        print("error: --text/--text-file explain texts with a text classifier: give --model a transformers "
+              "BERT, RoBERTa or DistilBERT sequence-classification checkpoint (a folder with config.json)",
+              file=sys.stderr)
+        return 2
+    if not args.images:
+        print("error: no image given: name image files (or --text with a text classifier --model)", file=sys.stderr)
+        return 2
+    if args.classes is None:  # the default for images; a text classifier's is all its classes
+        args.classes = "top"
     if args.labels is not None and len(args.labels) != len(args.images):
         print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
               "image, in order", file=sys.stderr)
@@ -319,6 +335,10 @@ def _demo(args, progress: dict) -> int:
     from jaxvit import safe_write
     from predmaps import digits, report
 
+    if args.text:  # the shipped text classifier on bundled sentences
+        from predmaps.cli.text import demo_text
+
+        return demo_text(args, progress)
     if args.model is not None:  # real photos, the model's own top classes
         ns = argparse.Namespace(
             images=[str(p) for p in demo_photos()], model=args.model, model_name=args.model_name, labels=None,
@@ -368,10 +388,11 @@ def _demo(args, progress: dict) -> int:
 def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     """Register `explain` on `subparsers` (from `add_subparsers`)."""
     p = subparsers.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
-    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
-    p.add_argument("--classes", type=_parse_classes, default="top", help="top, topK (e.g. top5), all, or class indices like 281,285")
+    p.add_argument("--classes", type=_parse_classes, help="top, topK (e.g. top5), all, or class indices like 281,285 "
+                   "(default: top for images; all for a text classifier of up to 10 classes, else top3)")
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
                    + methods_help())
@@ -389,6 +410,11 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=4, help="most and least contributing heads shown per class")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
+    p.add_argument("--text", action="append", metavar="TEXT", help="a text to explain with a text classifier "
+                   "--model (repeat for more); its page colours the words per class")
+    p.add_argument("--text-file", metavar="FILE", help="texts to explain, one a line (UTF-8; empty lines skipped)")
+    p.add_argument("--json", action="store_true", help="texts: also write tokens, offsets, words and every map to "
+                   "--out/text_maps.json")
     p.set_defaults(fn=cmd_explain)
     return p
 
@@ -406,6 +432,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    "with this ImageNet ViT instead: timm name (with its pretrained tag), checkpoint file or "
                    "directory (default: the embedded digit-scenes model on generated scenes)")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
+    p.add_argument("--text", action="store_true", help="explain bundled sentences with the shipped text "
+                   "classifier instead (offline)")
     p.add_argument("--n", type=positive_int, default=4, help="number of scenes")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="scene seed")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")

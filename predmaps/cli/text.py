@@ -1,0 +1,165 @@
+"""`predmaps explain --text` with a text classifier, and `predmaps demo --text`.
+
+    predmaps explain --text "a wonderful film" [--text ...] [--text-file FILE] --model CHECKPOINT
+                     [--method predicatt] [--layers -1] [--classes all|top2|0,1] [--shared-scale] [--json] [--out DIR]
+    predmaps demo --text [--out DIR]        # offline: the shipped text classifier on bundled sentences
+
+The model decides: a transformers sequence-classification checkpoint (`convert.hf_text.is_text_checkpoint`)
+explains the texts; the report (one page per text, the words coloured per class) goes to --out/report and,
+with --json, every map to --out/text_maps.json (`predmaps.report.text`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from predmaps.cli import common
+
+# What `predmaps demo --text` explains: plain sentences, some with words of both polarities.
+DEMO_SENTENCES = (
+    "the plot was wonderful but the ending was dull",
+    "a warm, funny and beautifully acted film",
+    "i found the whole thing boring and far too long",
+    "not bad at all, the music was great",
+    "the acting was terrible and the story made no sense",
+)
+JSON_NAME = "text_maps.json"
+# Classes explained when --classes is not given: every class of a model with up to this many.
+ALL_CLASSES_UP_TO = 10
+
+
+def is_text_model(spec) -> bool:
+    """Whether --model names a text classifier checkpoint (config.json says so)."""
+    from convert.hf_text import is_text_checkpoint
+
+    return spec is not None and is_text_checkpoint(spec)
+
+
+def read_texts(args) -> tuple[list[str], int]:
+    """--text values then --text-file lines (one text a line) -> (texts, empty lines skipped); ValueError
+    naming the empty --text or the unreadable file."""
+    texts = []
+    for i, t in enumerate(args.text or []):
+        if not t.strip():
+            raise ValueError(f"--text {i + 1} is empty: give at least one word to explain")
+        texts.append(t)
+    skipped = 0
+    if args.text_file is not None:
+        path = Path(args.text_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"--text-file {path} is not UTF-8 text; save it as UTF-8, one text a line") from None
+        except OSError as e:
+            raise ValueError(f"--text-file {path}: {e.strerror or e}") from None
+        for line in lines:
+            if line.strip():
+                texts.append(line)
+            else:
+                skipped += 1
+    if not texts:
+        raise ValueError("no text to explain: --text is empty and --text-file holds only empty lines" if
+                         args.text_file is not None else "no text to explain: give --text or --text-file")
+    return texts, skipped
+
+
+def _refuse_image_options(args) -> None:
+    given = [flag for flag, value in (("image arguments", getattr(args, "images", None)),
+                                      ("--labels", getattr(args, "labels", None)),
+                                      ("--map-class", getattr(args, "map_class", None)),
+                                      ("--model-name", getattr(args, "model_name", None))) if value]
+    if given:
+        raise ValueError(f"{', '.join(given)} are for images; a text classifier explains the --text / --text-file "
+                         "texts only: leave them out")
+
+
+def explain_texts(args, progress: dict | None = None) -> int:
+    """The --text path of `predmaps explain` for a text classifier; exit status (2: bad input, one line)."""
+    import warnings
+
+    from convert.hf_text import load_text
+    from predmaps.cli.explain import _check_class_options, _check_out, _make_out
+    from predmaps.report import text as text_report
+    from predmaps.text import TEXT_METHODS
+
+    try:  # before the model loads
+        _refuse_image_options(args)
+        texts, skipped = read_texts(args)
+        if args.method not in TEXT_METHODS:
+            raise ValueError(f"--method: unknown text method {args.method!r}; available: {', '.join(TEXT_METHODS)}")
+        _check_out(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # transformers-era config chatter; errors still raise
+            model, params, tokenizer = load_text(args.model)
+    except (ValueError, OSError) as e:  # unsupported architecture, missing tokenizer, strict key errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    classes = args.classes
+    if classes is None:
+        classes = "all" if cfg.num_classes <= ALL_CLASSES_UP_TO else "top3"
+    try:
+        columns = text_report.plan_text_columns(args.method, args.layers, cfg.num_layers)
+        from predmaps.text import check_text_request
+
+        for method, layer in columns:
+            check_text_request(model, method, -1 if layer is None else layer, {})
+        _check_class_options(argparse.Namespace(classes=classes, map_class=None), cfg.num_classes)
+        out = _make_out(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    notes = [f"{skipped} empty line(s) of {args.text_file} skipped."] if skipped else []
+    if skipped:
+        print(f"note: {skipped} empty line(s) of {args.text_file} skipped", file=sys.stderr)
+    options = text_report.TextReportOptions(title=getattr(args, "title", None) or "predmaps: text explanations",
+                                            model_name=str(args.model), shared_scale=args.shared_scale,
+                                            notes=notes)
+
+    def warn(i, message):
+        print(f"warning: text {i + 1}: {message}", file=sys.stderr)
+
+    from jaxvit import safe_write
+
+    folder = safe_write.make_dir(out / "report", own=True)  # a symlinked report/ is refused, never written into
+    if progress is not None:
+        progress["report"] = folder
+    entries = []
+    results = text_report.analyse_texts(model, params, tokenizer, texts, columns=columns, target=classes,
+                                        batch_size=args.batch_size, reduce=options.reduce, on_warning=warn)
+    collect = (lambda r: entries.append(text_report.text_result_json(r, cfg))) if args.json else None
+    try:
+        rep = text_report.write_text_report(results, folder, cfg, options, on_result=collect)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(rep.lines))
+    print(f"{len(rep.pages)} text(s) explained in {rep.seconds:.1f}s")
+    if args.json:
+        path = out / JSON_NAME
+        safe_write.write_text(path, json.dumps(text_report.text_results_json(entries, cfg, options)))
+        print(f"maps: {path.resolve()}")
+    print(f"report: {rep.index.resolve()}")
+    return 0
+
+
+def demo_text(args, progress: dict | None = None) -> int:
+    """`predmaps demo --text`: the shipped text classifier (common.DEFAULT_TEXT_MODEL) on DEMO_SENTENCES."""
+    folder = Path(common.DEFAULT_TEXT_MODEL)
+    if not (folder / "config.json").is_file():
+        print(f"error: the shipped text classifier is missing from {folder}; reinstall predmaps, or explain with "
+              "your own: predmaps explain --text '...' --model CHECKPOINT", file=sys.stderr)
+        return 2
+    print(f"demo: explaining {len(DEMO_SENTENCES)} sentences with the shipped text classifier; writing the report "
+          f"to {Path(args.out).resolve()}", flush=True)
+    ns = argparse.Namespace(text=list(DEMO_SENTENCES), text_file=None, model=str(folder), method="predicatt",
+                            layers=[-1], classes=None, shared_scale=False, json=True, out=args.out, batch_size=8,
+                            title="predmaps demo: text classifier")
+    return explain_texts(ns, progress)
