@@ -8,6 +8,7 @@ A tiny random BERT classifier (hidden 32, 2 layers) built here stands in for a r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import io
 import json
@@ -221,7 +222,8 @@ def test_page_values_equal_the_word_maps_of_predmaps_text(explained, ckpt):
                 scale = float(np.abs(values).max())
                 for v, style, _ in shown[c]:
                     want_style = "transparent" if v == 0 else f"rgba(214,39,40,{abs(v) / scale:.3f})"
-                    assert style == f"background:{want_style}"
+                    assert style.split(";")[0] == f"background:{want_style}"
+                    assert style.endswith(";color:#fff") == (abs(v) / scale > 0.6)  # legible on dark red
 
 
 def test_json_word_values_are_the_token_maps_summed_over_each_words_pieces(explained):
@@ -270,17 +272,38 @@ def test_the_page_names_the_prediction_and_explains_the_colour_scale(explained):
     assert "PredicAtt<sub>L</sub>" in page and "Ψ<sub>L−1</sub>" in page
 
 
+def _fake_result(i: int, text: str = "good bad") -> text_report.TextResult:
+    return text_report.TextResult(index=i, text=text, tokens=("[CLS]", "good", "bad", "[SEP]"),
+                                  offsets=((0, 0), (0, 4), (5, 8), (0, 0)), words=("good", "bad"),
+                                  spans=((0, 4), (5, 8)), probs=np.array([0.25, 0.75]), classes=np.array([0, 1]),
+                                  word_maps={("predicatt", 2): np.array([[0.5, 0.2], [0.2, 0.1]], np.float32)},
+                                  token_maps={("predicatt", 2): np.zeros((2, 4), np.float32)})
+
+
 def test_negative_values_are_blue_and_a_shared_scale_is_said():
     cfg = TextConfig.from_hf(_hf_config())
-    r = text_report.TextResult(index=0, text="good bad", tokens=("[CLS]", "good", "bad", "[SEP]"),
-                               offsets=((0, 0), (0, 4), (5, 8), (0, 0)), words=("good", "bad"),
-                               spans=((0, 4), (5, 8)), probs=np.array([0.25, 0.75]), classes=np.array([0, 1]),
-                               word_maps={("prediction_map", 2): np.array([[0.5, -1.0], [0.2, 0.1]], np.float32)},
-                               token_maps={("prediction_map", 2): np.zeros((2, 4), np.float32)})
+    r = dataclasses.replace(_fake_result(0), word_maps={
+        ("prediction_map", 2): np.array([[0.5, -1.0], [0.2, 0.1]], np.float32)})
     page = text_report.text_page(r, cfg, text_report.TextReportOptions(shared_scale=True), "")
     assert "rgba(31,119,180,1.000)" in page  # -1.0, the largest |value| of the shared scale: full blue
     assert "rgba(214,39,40,0.500)" in page and "rgba(214,39,40,0.100)" in page  # 0.5 and 0.1 of 1.0
     assert "blue marks negative values" in page and "one scale per method and layer" in page
+
+
+def test_a_run_stopped_midway_still_writes_the_index_of_its_pages(tmp_path):
+    cfg = TextConfig.from_hf(_hf_config())
+
+    def results():
+        yield _fake_result(0)
+        yield _fake_result(1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        text_report.write_text_report(results(), tmp_path / "r", cfg)
+    index = tmp_path / "r" / "index.html"
+    assert report.verify(index) == []  # both pages written and linked, no link to a page never made
+    assert len(list((tmp_path / "r").glob("0*.html"))) == 2
+    assert "Incomplete: this run was interrupted after 2 text(s)" in index.read_text()
 
 
 @pytest.mark.parametrize("case", ["empty text", "no tokenizer", "unsupported architecture", "not a text model",

@@ -392,7 +392,7 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
     p.add_argument("--classes", type=_parse_classes, help="top, topK (e.g. top5), all, or class indices like 281,285 "
-                   "(default: top for images; all for a text classifier of up to 10 classes, else top3)")
+                   "(default: top); for --text, default all of a text classifier's classes (top3 past 10)")
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
                    + methods_help())

@@ -146,12 +146,14 @@ def _column_title(key, depth: int) -> str:
 
 
 def word_colour(v: float, scale: float) -> str:
-    """The CSS background of a word of value v on a scale of max |value| `scale`: red (positive) or blue
-    (negative) at opacity |v| / scale; transparent at 0 or on an all-zero scale."""
+    """The CSS style of a word of value v on a scale of max |value| `scale`: a red (positive) or blue
+    (negative) background at opacity |v| / scale, transparent at 0 or on an all-zero scale; white letters
+    on the darker backgrounds, where dark ones would be hard to read."""
     if not np.isfinite(v) or scale <= 0 or v == 0:
-        return "transparent"
+        return "background:transparent"
     r, g, b = POSITIVE_RGB if v > 0 else NEGATIVE_RGB
-    return f"rgba({r},{g},{b},{min(1.0, abs(v) / scale):.3f})"
+    alpha = min(1.0, abs(v) / scale)
+    return f"background:rgba({r},{g},{b},{alpha:.3f})" + (";color:#fff" if alpha > 0.6 else "")
 
 
 def _scale_of(values: np.ndarray) -> float:
@@ -166,7 +168,7 @@ def coloured_text(r: TextResult, values: np.ndarray, scale: float) -> str:
     for (s, e), v in zip(r.spans, values):
         parts.append(html.escape(r.text[pos:s]))
         v = float(v)
-        parts.append(f"<span class='w' data-v='{v!r}' style='background:{word_colour(v, scale)}' "
+        parts.append(f"<span class='w' data-v='{v!r}' style='{word_colour(v, scale)}' "
                      f"title='{v:.4g}'>{html.escape(r.text[s:e])}</span>")
         pos = e
     tail = r.text[pos:]
@@ -187,10 +189,11 @@ def _legend(o: TextReportOptions, negative: bool) -> str:
              "gives one scale per method and layer)")
     sign = (f"blue marks negative values (<span class='scale' style='background:linear-gradient(90deg,{blue},"
             "#fff)'></span>)" if negative else "no value on this page is negative, so there is no blue")
-    return (f"<p class='note'>Colour: red = how much of the row's class's map falls on the word, from none (white) "
+    return (f"<p>One row per class: red = how much of the row's class's map falls on the word, from none (white) "
             f"to the scale's largest<span class='scale' style='background:linear-gradient(90deg,#fff,{red})'>"
             f"</span>; {sign}. Scale: {scale}. A word's value is its pieces' {html.escape(o.reduce)} "
-            "(hover a word for its value).</p>")
+            "(hover a word for its value). PredicAtt<sub>L</sub>: the [CLS] attention of all heads, weighted by their "
+            "similarity to the last layer's prediction map Ψ (the classifier head on every token), times Ψ.</p>")
 
 
 def _meta(cfg, o: TextReportOptions) -> str:
@@ -219,7 +222,7 @@ def text_page(r: TextResult, cfg, o: TextReportOptions, nav: str) -> str:
                  f"<p class='txt'>{coloured_text(r, np.zeros(len(r.spans)), 0.0)}</p>"
                  f"<table class='preds'><tr><th>class</th><th>p</th><th></th></tr>{rows}</table>{more}</section>")
     negative = any((m < 0).any() for m in r.word_maps.values())
-    legend = _legend(o, negative)
+    parts.append(f"<section><h2>Reading the colours</h2>{_legend(o, negative)}</section>")
     for key, maps in r.word_maps.items():
         shared = _scale_of(maps)
         body = []
@@ -230,11 +233,11 @@ def text_page(r: TextResult, cfg, o: TextReportOptions, nav: str) -> str:
         method = key[0]
         agnostic = "" if TEXT_METHODS[method].class_specific else " (the same map for every class)"
         parts.append(f"<section data-method='{html.escape(method)}' data-layer='{'' if key[1] is None else key[1]}'>"
-                     f"<h2>{_column_title(key, depth)}{agnostic}</h2>{legend}<table class='tmaps'>{''.join(body)}"
+                     f"<h2>{_column_title(key, depth)}{agnostic}</h2><table class='tmaps'>{''.join(body)}"
                      "</table></section>")
     parts.append("<section><h2>Word pieces</h2><p class='note'>The tokens the model saw ([CLS]/[SEP] or &lt;s&gt;/"
-                 "&lt;/s&gt; are never explained); the word-level maps above sum (or take the max of) the pieces of "
-                 "each word, by their character offsets.</p><p>"
+                 "&lt;/s&gt; are never explained); the word-level maps above take the "
+                 f"{html.escape(o.reduce)} of each word's pieces, found by their character offsets.</p><p>"
                  + " ".join(f"<code>{html.escape(t)}</code>" for t in r.tokens) + "</p></section>")
     header = (f"<h1>{html.escape(o.title)} · text {r.index + 1}</h1>{_meta(cfg, o)}{nav}")
     return _page(f"text {r.index + 1} · {o.title}", header, "\n".join(parts), TEXT_CSS)
@@ -276,26 +279,43 @@ def write_text_report(results: Iterable[TextResult], out_dir, cfg, options: Text
             safe_write.write_text(out / name, text_page(r, cfg, o, nav))
             pages.append(out / name)
 
-    for r in results:
-        name = page_name(r)
-        prev = pending[0][1] if pending else None
-        flush(name)
-        pending.append([r, name, prev])
-        rows.append(_index_row(r, cfg, name))
-        pred = int(np.argmax(r.probs))
-        lines.append(f"text {r.index + 1}: {cfg.labels[pred]} {r.probs[pred]:.3f}"
-                     + (" (truncated)" if r.truncation else ""))
-        if on_result is not None:
-            on_result(r)
-    flush(None)
-    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in o.notes)
-    body = (f"<section><h2>Texts ({len(pages)})</h2>{notes}<p class='note'>Each row shows the text coloured by "
-            f"PredicAtt<sub>L</sub> of the predicted class (red: more of the map; each row its own scale) and links to the "
-            "text's page: every class's map, per method and layer.</p><table class='index'><tr><th>#</th>"
-            f"<th>prediction</th><th>map of</th><th>text</th></tr>{''.join(rows)}</table></section>")
-    header = f"<h1>{html.escape(o.title)}</h1>{_meta(cfg, o)}"
-    index = out / "index.html"
-    safe_write.write_text(index, _page(o.title, header, body, TEXT_CSS))
+    def write_index(stopped=None):
+        notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in o.notes)
+        if stopped:
+            notes = (f"<p class='bad'>Incomplete: this run {html.escape(stopped)} after {len(pages)} text(s); the "
+                     f"report holds only those.</p>{notes}")
+        body = (f"<section><h2>Texts ({len(pages)})</h2>{notes}<p class='note'>Each row shows the text coloured by "
+                f"PredicAtt<sub>L</sub> of the predicted class (red: more of the map; each row its own scale) and "
+                "links to the text's page: every class's map, per method and layer.</p><table class='index'><tr>"
+                f"<th>#</th><th>prediction</th><th>map of</th><th>text</th></tr>{''.join(rows[:len(pages)])}</table>"
+                "</section>")
+        header = f"<h1>{html.escape(o.title)}</h1>{_meta(cfg, o)}"
+        safe_write.write_text(out / "index.html", _page(o.title, header, body, TEXT_CSS))
+        return out / "index.html"
+
+    try:
+        for r in results:
+            name = page_name(r)
+            prev = pending[0][1] if pending else None
+            flush(name)
+            pending.append([r, name, prev])
+            rows.append(_index_row(r, cfg, name))
+            pred = int(np.argmax(r.probs))
+            lines.append(f"text {r.index + 1}: {cfg.labels[pred]} {r.probs[pred]:.3f}"
+                         + (" (truncated)" if r.truncation else ""))
+            if on_result is not None:
+                on_result(r)
+        flush(None)
+    except BaseException as e:  # Ctrl-C included: the pages already written stay reachable from an index
+        why = "was interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"stopped on an error ({type(e).__name__}: {e})"
+        try:
+            flush(None)
+            write_index(why)
+        except Exception:  # noqa: BLE001 - e.g. the disk that failed the run; the first error is the one to report
+            pass
+        raise
+    index = write_index()
     return Report(index=index, pages=pages, index_pages=[index], lines=lines, seconds=time.perf_counter() - t0)
 
 
