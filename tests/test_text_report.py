@@ -307,7 +307,8 @@ def test_a_run_stopped_midway_still_writes_the_index_of_its_pages(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty text", "no tokenizer", "unsupported architecture", "not a text model",
-                                  "missing text file", "image arguments", "unknown method", "out not ours"])
+                                  "missing text file", "image arguments", "unknown method", "out not ours",
+                                  "nothing to explain"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, ckpt, tmp_path):
     model = str(ckpt)
     argv = ["--text", "a film"]
@@ -332,6 +333,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, ckpt, tmp_path
     elif case == "image arguments":
         argv = ["cat.jpg", "--text", "a film"]
         want = "image arguments are for images"
+    elif case == "nothing to explain":
+        argv, model = [], None
+        want = "no image given"
     elif case == "unknown method":
         argv += ["--method", "transattr"]
         want = "unknown text method 'transattr'"
@@ -384,6 +388,12 @@ def test_demo_text_runs_offline_on_the_shipped_model_folder(demo):
     data = json.loads((out / text_cli.JSON_NAME).read_text())
     assert [e["text"] for e in data["texts"]] == list(text_cli.DEMO_SENTENCES)
     assert "predmaps demo: text classifier" in index.read_text()
+
+
+def test_demo_text_with_a_model_that_is_no_text_classifier_says_so(tmp_path):
+    rc, stdout, stderr = run_cli(["demo", "--text", "--model", str(common.default_model_path()),
+                                  "--out", str(tmp_path / "out")])
+    assert rc == 2 and "not a text classifier checkpoint" in stderr and not (tmp_path / "out").exists()
 
 
 def test_demo_text_without_the_shipped_model_says_so(tmp_path, monkeypatch):

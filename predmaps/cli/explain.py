@@ -14,7 +14,6 @@ into --out/report: index.html, one page per image (see `predmaps.report`).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from importlib import resources
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, catch_signals, exit_status, load_model, methods_help,
-                                 nonnegative_int, parse_layers, positive_int, restore_signals)
+from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, catch_signals, check_class_options, check_out,
+                                 exit_status, load_model, make_out, methods_help, nonnegative_int, parse_layers,
+                                 positive_int, restore_signals)
 
 
 def _parse_classes(text: str):
@@ -104,93 +104,6 @@ def _check_view_options(args) -> None:
         raise ValueError(f"--alpha (the heat map's opacity) must be in [0, 1]; got {args.alpha}")
 
 
-def _check_class_options(args, num_classes: int) -> None:
-    """--classes and --map-class against the model's classes; ValueError naming the option."""
-    model = f"a {num_classes}-class model (0..{num_classes - 1})"
-    if isinstance(args.classes, str) and args.classes[3:].isdigit() and not 1 <= int(args.classes[3:]) <= num_classes:
-        raise ValueError(f"--classes {args.classes}: K must be 1..{num_classes} for {model}")
-    if isinstance(args.classes, list):
-        bad = [c for c in args.classes if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"--classes {','.join(map(str, bad))} out of range for {model}")
-    if args.map_class is not None and not 0 <= args.map_class < num_classes:
-        raise ValueError(f"--map-class {args.map_class} out of range for {model}")
-
-
-def _check_out(path: str) -> Path:
-    """--out as a folder that is missing, or writable and explain/demo's own (see `_check_owned`), or a
-    ValueError that says why it cannot be one; creates nothing (cheap: for before the model loads)."""
-    if not path:  # Path("") would be the current directory
-        raise ValueError("--out is empty; give a folder (created when missing)")
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
-    if out.is_dir():
-        _probe_writable(out)
-        _check_owned(out)
-    return out
-
-
-def _probe_writable(out: Path) -> None:
-    # A file made and removed: os.access misses read-only mounts and ACLs, and a read-only --out
-    # otherwise failed after the model load and the first batch with a bare "[Errno 13]".
-    import tempfile
-
-    try:
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".predmaps-tmp-write-probe-")
-    except OSError as e:
-        raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-# explain/demo mark the folders they write: they overwrite their own overlays and report on a rerun, never a
-# user's files in a folder predmaps did not make.
-OUT_MARKER = ".predmaps-out"
-
-
-def _check_owned(out: Path) -> bool:
-    """Whether the existing folder out carries explain/demo's marker; False for an empty folder; a
-    ValueError for any other (a user's files, or a marker that is a symlink)."""
-    marker = out / OUT_MARKER
-    if os.path.islink(marker) or (os.path.lexists(marker) and not marker.is_file()):
-        raise ValueError(f"--out {out}: {marker} is not the marker file predmaps writes (a symlink or folder); "
-                         "choose another --out")
-    if marker.is_file():
-        return True
-    try:
-        held = sorted(e.name for e in os.scandir(out))
-    except OSError as e:
-        raise ValueError(f"cannot list --out {out}: {e.strerror or e}; choose another --out") from None
-    if held:
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        raise ValueError(f"--out {out} is not empty ({shown}) and was not made by predmaps explain/demo: they "
-                         "write only into a new or empty folder (or one they made), so nothing of yours is "
-                         "overwritten. Choose another --out")
-    return False
-
-
-def _make_out(path: str) -> Path:
-    """--out as a created, writable folder that explain/demo own (empty, or marked by an earlier run),
-    or a ValueError that says why it cannot be one."""
-    from jaxvit import safe_write
-
-    out = _check_out(path)  # an existing folder is probed and checked there
-    if not out.is_dir():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
-        _probe_writable(out)
-    if not _check_owned(out):
-        try:
-            safe_write.write_text(out / OUT_MARKER, "predmaps explain/demo output folder: reruns may overwrite "
-                                                    "its overlays and report/\n")
-        except OSError as e:
-            raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
-    return out
-
-
 def cmd_explain(args) -> int:
     return _interruptible(_explain, args)
 
@@ -221,7 +134,7 @@ def _explain(args, progress: dict) -> int:
     from predmaps import report
     from predmaps.data import load_images
 
-    if args.text is not None or args.text_file is not None:  # the model decides what the texts are
+    if getattr(args, "text", None) is not None or getattr(args, "text_file", None) is not None:  # texts: by model
         from predmaps.cli import text as text_cli
 
         if text_cli.is_text_model(args.model):
@@ -241,7 +154,7 @@ def _explain(args, progress: dict) -> int:
         return 2
     try:  # before the model loads (seconds, or a download)
         _check_view_options(args)
-        _check_out(args.out)
+        check_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -265,8 +178,8 @@ def _explain(args, progress: dict) -> int:
             print(f"error: label(s) {bad} out of range 0..{cfg.num_classes - 1}", file=sys.stderr)
             return 2
     try:
-        _check_class_options(args, cfg.num_classes)
-        out = _make_out(args.out)
+        check_class_options(args, cfg.num_classes)
+        out = make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -347,7 +260,7 @@ def _demo(args, progress: dict) -> int:
         return _explain(ns, progress)
     try:  # before anything is written
         _check_view_options(args)
-        out = _make_out(args.out)
+        out = make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -432,8 +345,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    "with this ImageNet ViT instead: timm name (with its pretrained tag), checkpoint file or "
                    "directory (default: the embedded digit-scenes model on generated scenes)")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
-    p.add_argument("--text", action="store_true", help="explain bundled sentences with the shipped text "
-                   "classifier instead (offline)")
+    p.add_argument("--text", action="store_true", help="explain bundled sentences with the shipped sentiment "
+                   "classifier instead (offline), or with --model's text classifier")
     p.add_argument("--n", type=positive_int, default=4, help="number of scenes")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="scene seed")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")

@@ -81,7 +81,6 @@ def explain_texts(args, progress: dict | None = None) -> int:
     import warnings
 
     from convert.hf_text import load_text
-    from predmaps.cli.explain import _check_class_options, _check_out, _make_out
     from predmaps.report import text as text_report
     from predmaps.text import TEXT_METHODS
 
@@ -90,7 +89,7 @@ def explain_texts(args, progress: dict | None = None) -> int:
         texts, skipped = read_texts(args)
         if args.method not in TEXT_METHODS:
             raise ValueError(f"--method: unknown text method {args.method!r}; available: {', '.join(TEXT_METHODS)}")
-        _check_out(args.out)
+        common.check_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -111,8 +110,8 @@ def explain_texts(args, progress: dict | None = None) -> int:
 
         for method, layer in columns:
             check_text_request(model, method, -1 if layer is None else layer, {})
-        _check_class_options(argparse.Namespace(classes=classes, map_class=None), cfg.num_classes)
-        out = _make_out(args.out)
+        common.check_class_options(argparse.Namespace(classes=classes, map_class=None), cfg.num_classes)
+        out = common.make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -151,13 +150,19 @@ def explain_texts(args, progress: dict | None = None) -> int:
 
 
 def demo_text(args, progress: dict | None = None) -> int:
-    """`predmaps demo --text`: the shipped text classifier (common.DEFAULT_TEXT_MODEL) on DEMO_SENTENCES."""
-    folder = Path(common.DEFAULT_TEXT_MODEL)
-    if not (folder / "config.json").is_file():
+    """`predmaps demo --text`: the shipped text classifier (common.DEFAULT_TEXT_MODEL), or --model's, on
+    DEMO_SENTENCES."""
+    folder = Path(args.model or common.DEFAULT_TEXT_MODEL)
+    if args.model is None and not (folder / "config.json").is_file():
         print(f"error: the shipped text classifier is missing from {folder}; reinstall predmaps, or explain with "
               "your own: predmaps explain --text '...' --model CHECKPOINT", file=sys.stderr)
         return 2
-    print(f"demo: explaining {len(DEMO_SENTENCES)} sentences with the shipped text classifier; writing the report "
+    if args.model is not None and not is_text_model(args.model):
+        print(f"error: demo --text --model {args.model}: not a text classifier checkpoint (a transformers folder "
+              "whose config.json names a *ForSequenceClassification)", file=sys.stderr)
+        return 2
+    which = "the shipped text classifier" if args.model is None else args.model
+    print(f"demo: explaining {len(DEMO_SENTENCES)} sentences with {which}; writing the report "
           f"to {Path(args.out).resolve()}", flush=True)
     ns = argparse.Namespace(text=list(DEMO_SENTENCES), text_file=None, model=str(folder), method="predicatt",
                             layers=[-1], classes=None, shared_scale=False, json=True, out=args.out, batch_size=8,

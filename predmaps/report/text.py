@@ -19,7 +19,6 @@ import html
 import re
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
