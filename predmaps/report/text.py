@@ -94,6 +94,27 @@ def plan_text_columns(method: str, layers: Sequence[int], depth: int) -> list[tu
 _TRUNCATED = re.compile(r"^text (\d+) (has .*)$", re.S)
 
 
+def bucket_length(t: int, limit: int) -> int:
+    """The padded length a batch of longest text t tokens runs at: the next power of two (at least 16),
+    at most the model's `limit`, so a file of texts of every length compiles a few shapes, not one per length."""
+    return min(max(16, 1 << (t - 1).bit_length()), max(limit, t))
+
+
+def pad_batch(batch, length: int, pad_id: int):
+    """`batch` (a TextBatch) padded to `length` tokens with `pad_id`: padding is masked out of attention and
+    of every map, so each text's maps are those of the unpadded batch."""
+    extra = length - batch.input_ids.shape[1]
+    if extra <= 0:
+        return batch
+
+    def pad(a, value):
+        return np.pad(a, ((0, 0), (0, extra)), constant_values=value)
+
+    return dataclasses.replace(batch, input_ids=pad(batch.input_ids, pad_id),
+                               attention_mask=pad(batch.attention_mask, False),
+                               token_type_ids=pad(batch.token_type_ids, 0), special=pad(batch.special, True))
+
+
 def analyse_texts(model, params, tokenizer, texts: Sequence[str], *, columns, target="all", batch_size: int = 8,
                   reduce: str = "sum", on_warning: Callable[[int, str], None] | None = None) -> Iterator[TextResult]:
     """Explain `texts` in batches of `batch_size` -> one TextResult per text, in order. on_warning(i, message):
@@ -105,6 +126,8 @@ def analyse_texts(model, params, tokenizer, texts: Sequence[str], *, columns, ta
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             batch = tokenizer(chunk)
+        batch = pad_batch(batch, bucket_length(batch.input_ids.shape[1], tokenizer.config.max_tokens),
+                          tokenizer.config.pad_token_id)
         cut = {}
         for w in caught:
             m = _TRUNCATED.match(str(w.message))
