@@ -402,7 +402,7 @@ def test_demo_text_runs_offline_on_the_shipped_model_folder(demo):
     assert len(_pages(out)) == len(text_cli.DEMO_SENTENCES)
     data = json.loads((out / text_cli.JSON_NAME).read_text())
     assert [e["text"] for e in data["texts"]] == list(text_cli.DEMO_SENTENCES)
-    assert "predmaps demo: text classifier" in index.read_text()
+    assert "predmaps demo: text classifier" in index.read_text() and "ckpt (shipped with predmaps)" in index.read_text()
 
 
 def test_demo_text_with_a_model_that_is_no_text_classifier_says_so(tmp_path):

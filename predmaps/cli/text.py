@@ -119,7 +119,7 @@ def explain_texts(args, progress: dict | None = None) -> int:
     if skipped:
         print(f"note: {skipped} empty line(s) of {args.text_file} skipped", file=sys.stderr)
     options = text_report.TextReportOptions(title=getattr(args, "title", None) or "predmaps: text explanations",
-                                            model_name=str(args.model), shared_scale=args.shared_scale,
+                                            model_name=getattr(args, "model_label", None) or str(args.model), shared_scale=args.shared_scale,
                                             notes=notes)
 
     def warn(i, message):
@@ -166,5 +166,6 @@ def demo_text(args, progress: dict | None = None) -> int:
           f"to {Path(args.out).resolve()}", flush=True)
     ns = argparse.Namespace(text=list(DEMO_SENTENCES), text_file=None, model=str(folder), method="predicatt",
                             layers=[-1], classes=None, shared_scale=False, json=True, out=args.out, batch_size=8,
-                            title="predmaps demo: text classifier")
+                            title="predmaps demo: text classifier",
+                            model_label=f"{folder.name} (shipped with predmaps)" if args.model is None else None)
     return explain_texts(ns, progress)
