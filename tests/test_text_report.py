@@ -252,7 +252,11 @@ def test_text_file_empty_lines_are_counted_and_truncation_is_said_on_the_page(ex
     assert re.search(rf"warning: text 4: this text has \d+ tokens and the model takes {MAX_POS}: truncated", stderr)
     page = _pages(out)[3].read_text()
     assert "<h2>Truncated</h2>" in page and f"the model takes {MAX_POS}: truncated to its first {MAX_POS}" in page
-    assert "class='unseen'" in page  # the words the model did not see, struck through
+    # the words the model did not see, struck through: in the text shown and in every map row, after the same words
+    unseen = re.findall(r"<span class='unseen'[^>]*>([^<]*)</span>", page)
+    assert len(unseen) == 1 + 2 * 3 and len(set(unseen)) == 1  # the text, then 2 classes x 3 maps
+    data = json.loads((out / text_cli.JSON_NAME).read_text())
+    assert LONG.endswith(unseen[0]) and LONG[:-len(unseen[0])].rstrip() == LONG[:data["texts"][3]["spans"][-1][1]]
     data = json.loads((out / text_cli.JSON_NAME).read_text())
     assert [e["truncated"] for e in data["texts"]] == [False, False, False, True]
     assert len(data["texts"][3]["tokens"]) == MAX_POS

@@ -31,7 +31,7 @@ POSITIVE_RGB = (214, 39, 40)
 NEGATIVE_RGB = (31, 119, 180)
 
 TEXT_CSS = """
-.txt{font-size:16px;line-height:2.1}
+.txt{font-size:16px;line-height:2.1;white-space:pre-wrap}
 .w{padding:1px 3px;border-radius:3px}
 .unseen{color:#8a909c;text-decoration:line-through}
 table.tmaps{width:100%}
@@ -183,16 +183,20 @@ def _scale_of(values: np.ndarray) -> float:
     return float(finite.max()) if finite.size else 0.0
 
 
-def coloured_text(r: TextResult, values: np.ndarray, scale: float) -> str:
-    """The text, HTML-escaped, each explained word in a span coloured by its value; characters the model
-    did not see (a truncated text's tail) struck through."""
+def coloured_text(r: TextResult, values: np.ndarray | None, scale: float = 0.0) -> str:
+    """The text, HTML-escaped, each explained word in a span coloured by its value (values None: the
+    plain text); characters the model did not see (a truncated text's tail) struck through."""
     parts, pos = [], 0
-    for (s, e), v in zip(r.spans, values):
-        parts.append(html.escape(r.text[pos:s]))
-        v = float(v)
-        parts.append(f"<span class='w' data-v='{v!r}' style='{word_colour(v, scale)}' "
-                     f"title='{v:.4g}'>{html.escape(r.text[s:e])}</span>")
-        pos = e
+    if values is None:
+        pos = r.spans[-1][1] if r.spans else 0
+        parts.append(html.escape(r.text[:pos]))
+    else:
+        for (s, e), v in zip(r.spans, values):
+            parts.append(html.escape(r.text[pos:s]))
+            v = float(v)
+            parts.append(f"<span class='w' data-v='{v!r}' style='{word_colour(v, scale)}' "
+                         f"title='{v:.4g}'>{html.escape(r.text[s:e])}</span>")
+            pos = e
     tail = r.text[pos:]
     if r.truncation and tail.strip():
         lead = len(tail) - len(tail.lstrip())
@@ -241,7 +245,7 @@ def text_page(r: TextResult, cfg, o: TextReportOptions, nav: str) -> str:
     more = f"<p class='note'>{cfg.num_classes - len(order)} more classes not listed.</p>" if len(order) < cfg.num_classes \
         else ""
     parts.append(f"<section><h2>Prediction: {_label(cfg, pred)}, p = {_pct(r.probs[pred])}</h2>"
-                 f"<p class='txt'>{coloured_text(r, np.zeros(len(r.spans)), 0.0)}</p>"
+                 f"<p class='txt'>{coloured_text(r, None)}</p>"
                  f"<table class='preds'><tr><th>class</th><th>p</th><th></th></tr>{rows}</table>{more}</section>")
     negative = any((m < 0).any() for m in r.word_maps.values())
     parts.append(f"<section><h2>Reading the colours</h2>{_legend(o, negative)}</section>")
