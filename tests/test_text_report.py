@@ -327,7 +327,7 @@ def test_a_run_stopped_midway_still_writes_the_index_of_its_pages(tmp_path):
 
 @pytest.mark.parametrize("case", ["empty text", "no tokenizer", "unsupported architecture", "not a text model",
                                   "missing text file", "image arguments", "unknown method", "out not ours",
-                                  "nothing to explain"])
+                                  "nothing to explain", "no tokens"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, ckpt, tmp_path):
     model = str(ckpt)
     argv = ["--text", "a film"]
@@ -352,6 +352,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, ckpt, tmp_path
     elif case == "image arguments":
         argv = ["cat.jpg", "--text", "a film"]
         want = "image arguments are for images"
+    elif case == "no tokens":  # a zero-width space: not whitespace, but BERT's normaliser drops it
+        argv = ["--text", "a film", "--text", "\u200b"]
+        want = "text 2 ('\\u200b') has no tokens once tokenised"  # the text's repr
     elif case == "nothing to explain":
         argv, model = [], None
         want = "no image given"

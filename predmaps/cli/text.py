@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def read_texts(args) -> tuple[list[str], int]:
     return texts, skipped
 
 
+def check_tokenisable(tokenizer, texts: list[str], size: int) -> None:
+    """Tokenise the texts batch by batch before anything is written: the tokenizer's ValueError (a text
+    with no tokens, ids past the model's vocabulary) numbered as the CLI numbers texts (from 1)."""
+    import warnings
+
+    for start in range(0, len(texts), size):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # truncation is warned once, as the texts are explained
+                tokenizer(texts[start:start + size])
+        except ValueError as e:
+            raise ValueError(re.sub(r"^text (\d+)", lambda m: f"text {start + int(m.group(1)) + 1}", str(e))) from None
+
+
 def _refuse_image_options(args) -> None:
     given = [flag for flag, value in (("image arguments", getattr(args, "images", None)),
                                       ("--labels", getattr(args, "labels", None)),
@@ -78,8 +93,6 @@ def _refuse_image_options(args) -> None:
 
 def explain_texts(args, progress: dict | None = None) -> int:
     """The --text path of `predmaps explain` for a text classifier; exit status (2: bad input, one line)."""
-    import warnings
-
     from convert.hf_text import load_text
     from predmaps.report import text as text_report
     from predmaps.text import TEXT_METHODS
@@ -94,9 +107,7 @@ def explain_texts(args, progress: dict | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # transformers-era config chatter; errors still raise
-            model, params, tokenizer = load_text(args.model)
+        model, params, tokenizer = load_text(args.model)
     except (ValueError, OSError) as e:  # unsupported architecture, missing tokenizer, strict key errors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -111,6 +122,7 @@ def explain_texts(args, progress: dict | None = None) -> int:
         for method, layer in columns:
             check_text_request(model, method, -1 if layer is None else layer, {})
         common.check_class_options(argparse.Namespace(classes=classes, map_class=None), cfg.num_classes)
+        check_tokenisable(tokenizer, texts, args.batch_size)
         out = common.make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -119,8 +131,8 @@ def explain_texts(args, progress: dict | None = None) -> int:
     if skipped:
         print(f"note: {skipped} empty line(s) of {args.text_file} skipped", file=sys.stderr)
     options = text_report.TextReportOptions(title=getattr(args, "title", None) or "predmaps: text explanations",
-                                            model_name=getattr(args, "model_label", None) or str(args.model), shared_scale=args.shared_scale,
-                                            notes=notes)
+                                            model_name=getattr(args, "model_label", None) or str(args.model),
+                                            shared_scale=args.shared_scale, notes=notes)
 
     def warn(i, message):
         print(f"warning: text {i + 1}: {message}", file=sys.stderr)
