@@ -451,3 +451,12 @@ def test_text_page_renders_in_headless_chromium_with_its_words_coloured(explaine
     # some words are drawn on red: pixels where red clearly dominates
     reddish = (arr[..., 0] > 200) & (arr[..., 1] < 170) & (arr[..., 2] < 170)
     assert reddish.sum() > 100, reddish.sum()
+
+
+def test_the_method_help_names_the_methods_text_lacks():
+    # explain --help says text takes every image method but the LRP ones; kept true here
+    from predmaps.explain import METHODS
+    from predmaps.text import TEXT_METHODS
+
+    assert set(METHODS) - set(TEXT_METHODS) == {"transattr", "lrp", "partial_lrp"}
+    assert set(TEXT_METHODS) <= set(METHODS)

@@ -308,7 +308,8 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
                    "(default: top); for --text, default all of a text classifier's classes (top3 past 10)")
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
-                   + methods_help())
+                   + methods_help() + "; for --text, a text page's maps beside PredicAtt_L: any of these but the "
+                   "LRP methods (transattr, lrp, partial_lrp)")
     p.add_argument("--layers", type=parse_layers, default=[-1], help="prediction layers, 0..L or negative from the end, e.g. -1,-2")
     p.add_argument("--labels", type=_parse_labels, help="ground truth, one class index per image, e.g. 3,7 "
                    "(3+7: two labels for one image); adds per-layer accuracy, confidence and entropy plots")
