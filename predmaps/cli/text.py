@@ -19,13 +19,15 @@ from pathlib import Path
 
 from predmaps.cli import common
 
-# What `predmaps demo --text` explains: plain sentences, some with words of both polarities.
+# What `predmaps demo --text` explains: sentences in the shipped model's own vocabulary (the neutral filler
+# and VADER-rated words it was trained on, predmaps/sentiment.py), one or both polarities; on words it never
+# saw ("the plot was ... dull") that model is confidently wrong, which a demo should not show as typical.
 DEMO_SENTENCES = (
-    "the plot was wonderful but the ending was dull",
-    "a warm, funny and beautifully acted film",
-    "i found the whole thing boring and far too long",
-    "not bad at all, the music was great",
-    "the acting was terrible and the story made no sense",
+    "the wonderful garden stood beside the river on monday",
+    "a horrible train waited behind the station at noon",
+    "the great and lovely garden stood beside the broken bridge",
+    "a horrible and stupid train waited beside the wonderful station at noon",
+    "we walked past the ruined tower and the terrified village this morning",
 )
 JSON_NAME = "text_maps.json"
 # Classes explained when --classes is not given: every class of a model with up to this many.
