@@ -137,10 +137,11 @@ def analyse_texts(model, params, tokenizer, texts: Sequence[str], *, columns, ta
             cut[int(m.group(1))] = f"this text {m.group(2)}"
             if on_warning is not None:
                 on_warning(start + int(m.group(1)), cut[int(m.group(1))])
-        per_col = {}
+        per_col, given = {}, target
         for method, layer in columns:
-            ex = explain_text(model, params, batch, method=method, target=target, layer=-1 if layer is None else layer)
+            ex = explain_text(model, params, batch, method=method, target=given, layer=-1 if layer is None else layer)
             per_col[(method, layer)] = (ex, word_maps(ex, batch, reduce))
+            given = np.asarray(ex.classes)  # the first column's classes for every column: the rows line up
         ex0 = per_col[columns[0]][0]
         probs = np.asarray(ex0.logits, np.float64)
         probs = np.exp(probs - probs.max(-1, keepdims=True))
@@ -160,11 +161,6 @@ def analyse_texts(model, params, tokenizer, texts: Sequence[str], *, columns, ta
 def _label(cfg, c: int) -> str:
     name = cfg.labels[int(c)]
     return html.escape(name) if name == str(int(c)) else f"{html.escape(name)} <span class='note'>({int(c)})</span>"
-
-
-def _column_title(key, depth: int) -> str:
-    method, layer = key
-    return method_title(method, layer, depth)
 
 
 def word_colour(v: float, scale: float) -> str:
@@ -259,7 +255,7 @@ def text_page(r: TextResult, cfg, o: TextReportOptions, nav: str) -> str:
         method = key[0]
         agnostic = "" if TEXT_METHODS[method].class_specific else " (the same map for every class)"
         parts.append(f"<section data-method='{html.escape(method)}' data-layer='{'' if key[1] is None else key[1]}'>"
-                     f"<h2>{_column_title(key, depth)}{agnostic}</h2><table class='tmaps'>{''.join(body)}"
+                     f"<h2>{method_title(*key, depth)}{agnostic}</h2><table class='tmaps'>{''.join(body)}"
                      "</table></section>")
     parts.append("<section><h2>Word pieces</h2><p class='note'>The tokens the model saw ([CLS]/[SEP] or &lt;s&gt;/"
                  "&lt;/s&gt; are never explained); the word-level maps above take the "
