@@ -193,3 +193,36 @@ def export_state_dict(params, config: TextConfig) -> dict[str, np.ndarray]:
             out[prefix + (".weight" if leaf in ("kernel", "embedding", "scale") else ".bias")] = \
                 np.ascontiguousarray(value.T) if leaf == "kernel" else value
     return out
+
+
+# model_type values of text encoders: a checkpoint naming one is a text checkpoint even when this module
+# refuses its architecture (load_text then names the architecture and what is supported).
+_TEXT_MODEL_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "camembert", "albert", "electra", "deberta",
+                     "deberta-v2", "xlnet", "mpnet", "longformer", "modernbert")
+
+
+def is_text_checkpoint(source) -> bool:
+    """Whether `source` (a folder, a weights file in one, or a hub repo id) is a transformers text classifier
+    by its config.json: an architecture of the form *ForSequenceClassification, or a text encoder's model_type.
+    False when there is no readable config.json (a hub repo is looked up as `load_text` would, cache first)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source)
+    config_path = path / "config.json" if path.is_dir() else path.parent / "config.json" if path.is_file() else None
+    if config_path is None and _is_hub_repo_id(str(source)):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config_path = Path(hf_hub_download(str(source).removeprefix("hf-hub:"), "config.json"))
+        except Exception:  # noqa: BLE001 - no such repo, offline, no config.json: not a text checkpoint we can tell
+            return False
+    try:
+        hf = read_json(config_path) if config_path is not None else None
+    except (ValueError, OSError):
+        return False
+    if not isinstance(hf, dict):
+        return False
+    archs = hf.get("architectures") or []
+    named = isinstance(archs, list) and any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+                                            for a in archs)
+    return named or hf.get("model_type") in _TEXT_MODEL_TYPES

@@ -19,7 +19,8 @@ _TEXT_KEYS = ("token_embedding.weight", "text.token_embedding.weight", "text_mod
 CLIP_DEFAULT_LAYER = -2  # the penultimate token layer, as the paper's Fig. 18
 TEXT_NEEDS = ("--text takes prompts for a CLIP checkpoint that holds both towers: an open_clip folder or hub repo "
               "(open_clip_config.json), or a transformers CLIPModel folder or hub repo id such as "
-              "openai/clip-vit-base-patch16")
+              "openai/clip-vit-base-patch16; or texts for a text classifier: a transformers BERT, RoBERTa or "
+              "DistilBERT sequence-classification folder or hub repo")
 
 
 def is_clip_checkpoint(source: str | os.PathLike | None) -> bool:
@@ -77,7 +78,7 @@ def text_refusal(model: str | None) -> str:
 def _unused_options(args) -> list[str]:
     """explain's options that mean nothing for CLIP maps, where given (an error, never silently ignored)."""
     given = {"--labels": args.labels is not None, "--map-class": args.map_class is not None,
-             "--classes": args.classes != "top", "--method": args.method != "predicatt",
+             "--classes": args.classes not in (None, "top"), "--method": args.method != "predicatt",
              "--shared-scale": args.shared_scale}
     return [name for name, on in given.items() if on]
 
@@ -85,7 +86,7 @@ def _unused_options(args) -> list[str]:
 def explain_clip(args, progress: dict) -> int:
     """The CLIP path of `predmaps explain` (--text with a CLIP --model): 0, 1 under --strict when photos were
     skipped, 2 with one line for bad input; writes only into --out."""
-    from predmaps.cli.explain import _check_out, _check_view_options, _make_out
+    from predmaps.cli.common import check_out, check_view_options, make_out
     from predmaps.core import layer_index
 
     def error(text: str) -> int:
@@ -104,8 +105,8 @@ def explain_clip(args, progress: dict) -> int:
         return error(f"--layers: CLIP maps take one token layer (every layer is in each photo's layers grid); got "
                      f"{','.join(map(str, layers))}")
     try:  # before the model loads
-        _check_view_options(args)
-        _check_out(args.out)
+        check_view_options(args)
+        check_out(args.out)
     except ValueError as e:
         return error(str(e))
     import convert
@@ -119,7 +120,7 @@ def explain_clip(args, progress: dict) -> int:
     except ValueError as e:
         return error(f"--layers: {e}")
     try:
-        out = _make_out(args.out)
+        out = make_out(args.out)
     except ValueError as e:
         return error(str(e))
     from predmaps.clip import clip_report

@@ -4,6 +4,7 @@ argv fix for negative --layers."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from importlib import resources
@@ -12,6 +13,8 @@ from pathlib import Path
 from predmaps.runtime import int_at_least
 
 DEFAULT_MODEL = "vit_digits_patch8_64"
+# The small sentiment classifier `predmaps demo --text` explains (a transformers-format folder in assets).
+DEFAULT_TEXT_MODEL = Path(str(resources.files("predmaps").joinpath("assets", "text_sentiment")))
 
 
 def default_model_path() -> Path:
@@ -130,3 +133,110 @@ def restore_signals(previous: dict) -> None:
     for sig, handler in previous.items():
         if signal.getsignal(sig) is _interrupt_once:  # not once a signal came: it stays ignored while exiting
             signal.signal(sig, handler)
+
+
+# ---- explain and demo (images and texts): --classes against the model, and the --out folder they own ----
+
+def check_class_options(args, num_classes: int) -> None:
+    """--classes and --map-class against the model's classes; ValueError naming the option."""
+    model = f"a {num_classes}-class model (0..{num_classes - 1})"
+    if isinstance(args.classes, str) and args.classes[3:].isdigit() and not 1 <= int(args.classes[3:]) <= num_classes:
+        raise ValueError(f"--classes {args.classes}: K must be 1..{num_classes} for {model}")
+    if isinstance(args.classes, list):
+        bad = [c for c in args.classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"--classes {','.join(map(str, bad))} out of range for {model}")
+    if args.map_class is not None and not 0 <= args.map_class < num_classes:
+        raise ValueError(f"--map-class {args.map_class} out of range for {model}")
+
+
+def check_out(path: str) -> Path:
+    """--out as a folder that is missing, or writable and explain/demo's own (see `_check_owned`), or a
+    ValueError that says why it cannot be one; creates nothing (cheap: for before the model loads)."""
+    if not path:  # Path("") would be the current directory
+        raise ValueError("--out is empty; give a folder (created when missing)")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
+    if out.is_dir():
+        _probe_writable(out)
+        _check_owned(out)
+    return out
+
+
+def _probe_writable(out: Path) -> None:
+    # A file made and removed: os.access misses read-only mounts and ACLs, and a read-only --out
+    # otherwise failed after the model load and the first batch with a bare "[Errno 13]".
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".predmaps-tmp-write-probe-")
+    except OSError as e:
+        raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# explain/demo mark the folders they write: they overwrite their own overlays and report on a rerun, never a
+# user's files in a folder predmaps did not make.
+OUT_MARKER = ".predmaps-out"
+
+
+def _check_owned(out: Path) -> bool:
+    """Whether the existing folder out carries explain/demo's marker; False for an empty folder; a
+    ValueError for any other (a user's files, or a marker that is a symlink)."""
+    marker = out / OUT_MARKER
+    if os.path.islink(marker) or (os.path.lexists(marker) and not marker.is_file()):
+        raise ValueError(f"--out {out}: {marker} is not the marker file predmaps writes (a symlink or folder); "
+                         "choose another --out")
+    if marker.is_file():
+        return True
+    try:
+        held = sorted(e.name for e in os.scandir(out))
+    except OSError as e:
+        raise ValueError(f"cannot list --out {out}: {e.strerror or e}; choose another --out") from None
+    if held:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}) and was not made by predmaps explain/demo: they "
+                         "write only into a new or empty folder (or one they made), so nothing of yours is "
+                         "overwritten. Choose another --out")
+    return False
+
+
+def make_out(path: str) -> Path:
+    """--out as a created, writable folder that explain/demo own (empty, or marked by an earlier run),
+    or a ValueError that says why it cannot be one."""
+    from jaxvit import safe_write
+
+    out = check_out(path)  # an existing folder is probed and checked there
+    if not out.is_dir():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
+        _probe_writable(out)
+    if not _check_owned(out):
+        try:
+            safe_write.write_text(out / OUT_MARKER, "predmaps explain/demo output folder: reruns may overwrite "
+                                                    "its overlays and report/\n")
+        except OSError as e:
+            raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
+    return out
+
+
+def check_view_options(args) -> None:
+    """The options that need no model, checked before it loads; ValueError naming the option."""
+    from predmaps import viz
+    from predmaps.explain import get_method
+
+    if hasattr(args, "method"):
+        try:
+            get_method(args.method)
+        except ValueError as e:
+            raise ValueError(f"--method: {e}") from None
+    try:
+        viz.check_cmap(args.cmap)
+    except ValueError as e:
+        raise ValueError(f"--cmap: {e}") from None
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha (the heat map's opacity) must be in [0, 1]; got {args.alpha}")

@@ -5,6 +5,8 @@
                      [--method predicatt] [--layers -1,-2] [--labels 3,7] [--cmap jet] [--alpha 0.5]
                      [--shared-scale] [--out DIR]
     predmaps explain PHOTO... --model CLIP_CHECKPOINT --text PROMPT [--text PROMPT ...] [--layers -2] [--out DIR]
+    predmaps explain --text "..." [--text-file FILE] --model TEXT_CLASSIFIER [--json]   # predmaps.cli.text
+    predmaps demo --text                            # offline: the shipped text classifier
 
 Both write PNG overlays into --out and a self-contained HTML report (no script, images embedded)
 into --out/report: index.html, one page per image (see `predmaps.report`).
@@ -13,7 +15,6 @@ into --out/report: index.html, one page per image (see `predmaps.report`).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from importlib import resources
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, catch_signals, exit_status, load_model, methods_help,
-                                 nonnegative_int, parse_layers, positive_int, restore_signals)
+from predmaps.cli.common import (DEFAULT_MODEL, MODEL_NAME_HELP, catch_signals, check_class_options, check_out,
+                                 check_view_options, exit_status, load_model, make_out, methods_help, nonnegative_int,
+                                 parse_layers, positive_int, restore_signals)
 
 
 def _parse_classes(text: str):
@@ -90,111 +92,6 @@ def _run_report(model, params, batches, out: Path, options, png_layers, progress
     return report.write_report(model, params, batches, folder, options, on_result=pngs)
 
 
-def _check_view_options(args) -> None:
-    """The options that need no model, checked before it loads; ValueError naming the option."""
-    from predmaps import viz
-    from predmaps.explain import get_method
-
-    if hasattr(args, "method"):
-        try:
-            get_method(args.method)
-        except ValueError as e:
-            raise ValueError(f"--method: {e}") from None
-    try:
-        viz.check_cmap(args.cmap)
-    except ValueError as e:
-        raise ValueError(f"--cmap: {e}") from None
-    if not 0 <= args.alpha <= 1:
-        raise ValueError(f"--alpha (the heat map's opacity) must be in [0, 1]; got {args.alpha}")
-
-
-def _check_class_options(args, num_classes: int) -> None:
-    """--classes and --map-class against the model's classes; ValueError naming the option."""
-    model = f"a {num_classes}-class model (0..{num_classes - 1})"
-    if isinstance(args.classes, str) and args.classes[3:].isdigit() and not 1 <= int(args.classes[3:]) <= num_classes:
-        raise ValueError(f"--classes {args.classes}: K must be 1..{num_classes} for {model}")
-    if isinstance(args.classes, list):
-        bad = [c for c in args.classes if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"--classes {','.join(map(str, bad))} out of range for {model}")
-    if args.map_class is not None and not 0 <= args.map_class < num_classes:
-        raise ValueError(f"--map-class {args.map_class} out of range for {model}")
-
-
-def _check_out(path: str) -> Path:
-    """--out as a folder that is missing, or writable and explain/demo's own (see `_check_owned`), or a
-    ValueError that says why it cannot be one; creates nothing (cheap: for before the model loads)."""
-    if not path:  # Path("") would be the current directory
-        raise ValueError("--out is empty; give a folder (created when missing)")
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder (created when missing)")
-    if out.is_dir():
-        _probe_writable(out)
-        _check_owned(out)
-    return out
-
-
-def _probe_writable(out: Path) -> None:
-    # A file made and removed: os.access misses read-only mounts and ACLs, and a read-only --out
-    # otherwise failed after the model load and the first batch with a bare "[Errno 13]".
-    import tempfile
-
-    try:
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".predmaps-tmp-write-probe-")
-    except OSError as e:
-        raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-# explain/demo mark the folders they write: they overwrite their own overlays and report on a rerun, never a
-# user's files in a folder predmaps did not make.
-OUT_MARKER = ".predmaps-out"
-
-
-def _check_owned(out: Path) -> bool:
-    """Whether the existing folder out carries explain/demo's marker; False for an empty folder; a
-    ValueError for any other (a user's files, or a marker that is a symlink)."""
-    marker = out / OUT_MARKER
-    if os.path.islink(marker) or (os.path.lexists(marker) and not marker.is_file()):
-        raise ValueError(f"--out {out}: {marker} is not the marker file predmaps writes (a symlink or folder); "
-                         "choose another --out")
-    if marker.is_file():
-        return True
-    try:
-        held = sorted(e.name for e in os.scandir(out))
-    except OSError as e:
-        raise ValueError(f"cannot list --out {out}: {e.strerror or e}; choose another --out") from None
-    if held:
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        raise ValueError(f"--out {out} is not empty ({shown}) and was not made by predmaps explain/demo: they "
-                         "write only into a new or empty folder (or one they made), so nothing of yours is "
-                         "overwritten. Choose another --out")
-    return False
-
-
-def _make_out(path: str) -> Path:
-    """--out as a created, writable folder that explain/demo own (empty, or marked by an earlier run),
-    or a ValueError that says why it cannot be one."""
-    from jaxvit import safe_write
-
-    out = _check_out(path)  # an existing folder is probed and checked there
-    if not out.is_dir():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {out} cannot be created ({e.strerror or e}); choose another folder") from None
-        _probe_writable(out)
-    if not _check_owned(out):
-        try:
-            safe_write.write_text(out / OUT_MARKER, "predmaps explain/demo output folder: reruns may overwrite "
-                                                    "its overlays and report/\n")
-        except OSError as e:
-            raise ValueError(f"cannot write to {out}: {e.strerror or e}; choose another --out") from None
-    return out
-
-
 def cmd_explain(args) -> int:
     return _interruptible(_explain, args)
 
@@ -225,26 +122,39 @@ def _explain(args, progress: dict) -> int:
     from predmaps import report
     from predmaps.data import load_images
 
-    if getattr(args, "text", None) is not None:  # prompts for a CLIP model's text-to-patch maps (predmaps.cli.clip)
+    if getattr(args, "text", None) is not None or getattr(args, "text_file", None) is not None:
+        # --text: prompts for a CLIP model (predmaps.cli.clip, A.5) or texts for a text classifier (predmaps.cli.text,
+        # A.4); the checkpoint decides which
+        from predmaps.cli import text as text_cli
         from predmaps.cli.clip import explain_clip, is_clip_checkpoint, text_refusal
 
         try:
-            if is_clip_checkpoint(args.model):
+            if args.text_file is None and is_clip_checkpoint(args.model):
                 return explain_clip(args, progress)
         except ValueError as e:  # an unreadable weights file
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if args.layers is None:
+            args.layers = [-1]
+        if text_cli.is_text_model(args.model):
+            return text_cli.explain_texts(args, progress)
         print(f"error: {text_refusal(args.model)}", file=sys.stderr)
         return 2
     if args.layers is None:  # None only to tell CLIP's default (-2) apart
         args.layers = [-1]
+    if not args.images:
+        print("error: no image given: name image files (or --text with a text classifier or CLIP --model)",
+              file=sys.stderr)
+        return 2
+    if args.classes is None:  # the default for images; a text classifier's is all its classes
+        args.classes = "top"
     if args.labels is not None and len(args.labels) != len(args.images):
         print(f"error: --labels gives {len(args.labels)} label(s) for {len(args.images)} image(s); give one per "
               "image, in order", file=sys.stderr)
         return 2
     try:  # before the model loads (seconds, or a download)
-        _check_view_options(args)
-        _check_out(args.out)
+        check_view_options(args)
+        check_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -267,8 +177,8 @@ def _explain(args, progress: dict) -> int:
 
         for c in [c for row in args.labels or () for c in row]:  # the range rule (and message) of run and eval
             check_label(c, cfg.num_classes, "--labels")
-        _check_class_options(args, cfg.num_classes)
-        out = _make_out(args.out)
+        check_class_options(args, cfg.num_classes)
+        out = make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -337,6 +247,10 @@ def _demo(args, progress: dict) -> int:
     from jaxvit import safe_write
     from predmaps import digits, report
 
+    if args.text:  # the shipped text classifier on bundled sentences
+        from predmaps.cli.text import demo_text
+
+        return demo_text(args, progress)
     if args.model is not None:  # real photos, the model's own top classes
         ns = argparse.Namespace(
             images=[str(p) for p in demo_photos()], model=args.model, model_name=args.model_name, labels=None,
@@ -344,8 +258,8 @@ def _demo(args, progress: dict) -> int:
             shared_scale=False, top_k=5, heads=4, batch_size=8, strict=True, out=args.out)
         return _explain(ns, progress)
     try:  # before anything is written
-        _check_view_options(args)
-        out = _make_out(args.out)
+        check_view_options(args)
+        out = make_out(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -386,13 +300,15 @@ def _demo(args, progress: dict) -> int:
 def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     """Register `explain` on `subparsers` (from `add_subparsers`)."""
     p = subparsers.add_parser("explain", help="explain images with a ViT; writes PNG overlays and an HTML report")
-    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("images", nargs="*", help="image files (any format PIL reads)")
     p.add_argument("--model", help=f"timm name, checkpoint file or directory (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
-    p.add_argument("--classes", type=_parse_classes, default="top", help="top, topK (e.g. top5), all, or class indices like 281,285")
+    p.add_argument("--classes", type=_parse_classes, help="top, topK (e.g. top5), all, or class indices like 281,285 "
+                   "(default: top); for --text, default all of a text classifier's classes (top3 past 10)")
     p.add_argument("--method", default="predicatt", help="the method of the PNG overlays and the report's extra "
                    "columns (the report always shows PredicAtt_L, PredicAtt_L-1, raw attention and rollout): "
-                   + methods_help())
+                   + methods_help() + "; for --text, a text page's maps beside PredicAtt_L: any of these but the "
+                   "LRP methods (transattr, lrp, partial_lrp)")
     p.add_argument("--layers", type=parse_layers, help="prediction layers, 0..L or negative from the end, e.g. -1,-2 "
                    "(default: -1); with --text and a CLIP model, one token layer (there -2 unless given: the "
                    "penultimate, as the paper's Fig. 18)")
@@ -410,9 +326,14 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=4, help="most and least contributing heads shown per class")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image could not be read")
-    p.add_argument("--text", action="append", metavar="TEXT", help="with a CLIP --model (open_clip or transformers "
-                   "CLIPModel, both towers): a prompt (repeat for more); writes one inverted text-to-patch similarity "
-                   "map per photo and prompt, every layer's maps and clip.json into --out (the paper's A.5)")
+    p.add_argument("--text", action="append", metavar="TEXT", help="repeat for more. With a text classifier --model "
+                   "(transformers BERT, RoBERTa or DistilBERT): a text to explain, its page colouring the words per "
+                   "class. With a CLIP --model (open_clip or transformers CLIPModel, both towers): a prompt; writes "
+                   "one inverted text-to-patch similarity map per photo and prompt, every layer's maps and clip.json "
+                   "into --out (the paper's A.5)")
+    p.add_argument("--text-file", metavar="FILE", help="texts to explain, one a line (UTF-8; empty lines skipped)")
+    p.add_argument("--json", action="store_true", help="texts: also write tokens, offsets, words and every map to "
+                   "--out/text_maps.json")
     p.set_defaults(fn=cmd_explain)
     return p
 
@@ -430,6 +351,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    "with this ImageNet ViT instead: timm name (with its pretrained tag), checkpoint file or "
                    "directory (default: the embedded digit-scenes model on generated scenes)")
     p.add_argument("--model-name", help=MODEL_NAME_HELP)
+    p.add_argument("--text", action="store_true", help="explain bundled sentences with the shipped sentiment "
+                   "classifier instead (offline), or with --model's text classifier")
     p.add_argument("--n", type=positive_int, default=4, help="number of scenes")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="scene seed")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map")

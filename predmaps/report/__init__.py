@@ -22,6 +22,8 @@ a run has: the index is split into pages of `per_index_page` rows.
 
 Modules, each importing only those before it: `compute` (Batch, ReportOptions, `analyse` ->
 ImageResult), `png` (overlays from an ImageResult, no HTML), `html` (pages, `write_report`, `verify`).
+`text` (text classifiers: one page per text, its words coloured per class; `write_text_report`) builds on
+`html`'s page helpers.
 """
 
 from predmaps.report.compute import (AGNOSTIC, Batch, ImageResult, ReportOptions, analyse, check_model, display_name,

@@ -84,10 +84,11 @@ vertical-align:middle}
 """
 
 
-def _page(title: str, header: str, body: str) -> str:
+def _page(title: str, header: str, body: str, css: str = "") -> str:
+    """A whole page: the shared CSS plus `css` (a page kind's own rules), no script."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{CSS}</style></head>\n'
+            f'<link rel="icon" href="data:,"><title>{html.escape(title)}</title><style>{CSS}{css}</style></head>\n'
             f"<body><header>{header}</header><main>\n{body}\n</main></body></html>\n")
 
 
