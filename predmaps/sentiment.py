@@ -149,7 +149,7 @@ def _filler(rng: np.random.Generator) -> list[str]:
     return out
 
 
-def _draw(rng, kind: str, neg: list[str], pos: list[str], lexicon: dict[str, float]) -> Sentence:
+def _draw(rng, kind: str, neg: np.ndarray, pos: np.ndarray, lexicon: dict[str, float]) -> Sentence:
     while True:
         if kind == "single":
             pool = pos if rng.random() < 0.5 else neg
@@ -173,8 +173,8 @@ def generate(n: int, kind: str = "single", seed: int = 0, lexicon: dict[str, flo
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer; got {n!r}")
     lexicon = load_lexicon() if lexicon is None else lexicon
-    neg = sorted(w for w, r in lexicon.items() if r < 0)
-    pos = sorted(w for w, r in lexicon.items() if r > 0)
+    neg = np.array(sorted(w for w, r in lexicon.items() if r < 0))
+    pos = np.array(sorted(w for w, r in lexicon.items() if r > 0))
     rng = np.random.default_rng([seed, KINDS.index(kind)])
     return [_draw(rng, kind, neg, pos, lexicon) for _ in range(n)]
 
