@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -228,7 +229,7 @@ def run_benchmark(model, params, tokenizer, *, sentences: int = 1000, seed: int 
     info = {"model": model_name, "depth": model.config.num_layers, "sentences": sentences, "seed": seed,
             "batch_size": batch_size, **acc,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{jax.default_backend()} ({cpu_name()}, {platform.machine()})", "jax": jax.__version__,
+            "machine": f"{os.cpu_count()}-core CPU ({cpu_name()}), {platform.machine()}", "jax": jax.__version__,
             "seconds": time.perf_counter() - t_all}
     return TextBenchmarkResult(out, info)
 
