@@ -101,6 +101,8 @@ def test_score_aggregates_by_hand():
     assert hit == pytest.approx((0 + 1) / 2)
     assert spec.n == 2 and spec.win_rate == pytest.approx((1 + 0.5) / 2)
     assert spec.mean_share == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert text_scenes.no_mass([np.array([[0.0, -1.0], [1.0, 0.0]]), np.array([[0.0, 2.0], [0.0, 0.0]])], [0, 1]) == 1.0
+    assert text_scenes.no_mass(single_maps, [0, 1]) == 0.0
 
 
 def test_bounds_are_one_and_chance():

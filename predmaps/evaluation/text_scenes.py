@@ -8,6 +8,7 @@ word pieces summed), and a map's "mass" is its non-negative part. Two tests:
   the PREDICTED class; `mass share` = its mass on the rated words / its mass on all words (0 when it has
   no positive mass); `top-k hit` = with k = the number of rated words, the share of the map's k highest
   words that are rated (ties: the earlier word first). A map spread evenly scores (rated words / words).
+  `no positive mass`: the share of sentences whose map is <= 0 on every word (their mass share is 0).
 - class specificity, on mixed sentences (1-2 negative and 1-2 positive words): for each class c the map
   for c; m_own = its mass on the words of class c, m_other = on the words of the other class. Reported,
   as in the digit benchmark (`digit_scenes.Specificity`): the mean correct share m_own / (m_own + m_other)
@@ -92,12 +93,14 @@ class TextRow:
     class_specific: bool
     mass_share: float
     topk_hit: float
+    no_mass: float  # share of single-class sentences whose map has no positive mass (share 0 there)
     specificity: Specificity
     seconds: float
 
     def to_dict(self) -> dict:
         return {"method": self.method, "layer": self.layer, "class_specific": self.class_specific,
                 "decisive_mass_share": self.mass_share, "decisive_topk_hit": self.topk_hit,
+                "no_positive_mass": self.no_mass,
                 "specificity": {"mean_correct_share": self.specificity.mean_share,
                                 "win_rate": self.specificity.win_rate, "pairs": self.specificity.n},
                 "seconds": self.seconds}
@@ -118,13 +121,13 @@ class TextBenchmarkResult:
         lines = [f"{i['sentences']} single-class and {i['sentences']} mixed sentences (seed {i['seed']}); model "
                  f"`{i['model']}`: accuracy {100 * i['accuracy_single']:.2f}% (single-class), "
                  f"{100 * i['accuracy_mixed']:.2f}% (mixed).", "",
-                 "| method | layer | class-specific | decisive mass share | decisive top-k hit | correct share (mixed) "
-                 "| own > other (mixed) |", "|---|---|---|---|---|---|---|"]
+                 "| method | layer | class-specific | decisive mass share | decisive top-k hit | no positive mass "
+                 "| correct share (mixed) | own > other (mixed) |", "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             layer = "" if r.layer is None else layer_name(r.layer, i["depth"])
             sp = r.specificity
             lines.append(f"| {r.method} | {layer} | {'yes' if r.class_specific else 'no'} | {r.mass_share:.4f} | "
-                         f"{r.topk_hit:.4f} | {sp.mean_share:.4f} | {sp.win_rate:.4f} |")
+                         f"{r.topk_hit:.4f} | {r.no_mass:.4f} | {sp.mean_share:.4f} | {sp.win_rate:.4f} |")
         lines += ["", f"Run: {i['date']}, {i['machine']}, jax {i['jax']}, batch {i['batch_size']}; "
                       f"{i['seconds']:.0f} s for all rows."]
         return "\n".join(lines)
@@ -171,6 +174,11 @@ def _accuracy(model, params, batches, sents) -> float:
     return float(np.mean(np.concatenate(preds) == [s.label for s in sents]))
 
 
+def no_mass(maps, classes) -> float:
+    """Share of the (2, W) word maps whose row for its class has no positive value."""
+    return float(np.mean([not (np.asarray(m[int(c)]) > 0).any() for m, c in zip(maps, classes)]))
+
+
 def score(single, single_maps, single_pred, mixed, mixed_maps) -> tuple[float, float, Specificity]:
     """(mean decisive mass share, mean top-k hit, Specificity) of word maps (2, W) per sentence."""
     shares, hits = [], []
@@ -212,9 +220,10 @@ def run_benchmark(model, params, tokenizer, *, sentences: int = 1000, seed: int 
         s_maps, s_pred = method_word_maps(model, params, sb, single, method, layer)
         m_maps, _ = method_word_maps(model, params, mb, mixed, method, layer)
         share, hit, spec = score(single, s_maps, s_pred, mixed, m_maps)
+        empty = no_mass(s_maps, s_pred)
         m = TEXT_METHODS[method]
         depth = model.config.num_layers
-        out.append(TextRow(method, (layer % (depth + 1)) if m.uses_layer else None, m.class_specific, share, hit, spec,
+        out.append(TextRow(method, (layer % (depth + 1)) if m.uses_layer else None, m.class_specific, share, hit, empty, spec,
                            time.perf_counter() - t0))
         if progress:
             print(f"{method} {layer}: share {share:.4f} top-k {hit:.4f} specificity {spec.win_rate:.4f} "
@@ -224,8 +233,10 @@ def run_benchmark(model, params, tokenizer, *, sentences: int = 1000, seed: int 
     for kind in BOUNDS:
         t0 = time.perf_counter()
         s_maps, m_maps = bound_maps(kind, single, rng), bound_maps(kind, mixed, rng)
-        share, hit, spec = score(single, s_maps, [s.label for s in single], mixed, m_maps)
-        out.append(TextRow(kind, None, kind != "random", share, hit, spec, time.perf_counter() - t0))
+        labels = [s.label for s in single]
+        share, hit, spec = score(single, s_maps, labels, mixed, m_maps)
+        out.append(TextRow(kind, None, kind != "random", share, hit, no_mass(s_maps, labels), spec,
+                           time.perf_counter() - t0))
     info = {"model": model_name, "depth": model.config.num_layers, "sentences": sentences, "seed": seed,
             "batch_size": batch_size, **acc,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
