@@ -228,7 +228,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(open_clip_folder,
     out = tmp_path / "out"
     main = cli.main
     # --text with a vision model that has no text tower: says what --text needs
-    _refused(capsys, _explain(photos, tiny_vit, out), "--text takes prompts for a CLIP checkpoint", "is not one")
+    _refused(capsys, _explain(photos, tiny_vit, out), "--text also takes prompts for a CLIP checkpoint", "is not one")
     _refused(capsys, main(["explain", str(photos[0]), "--text", "a dog", "--out", str(out)]), "embedded digit model")
     _refused(capsys, _explain(photos, "vit_base_patch16_clip_224.openai", out), "image towers alone")
     _refused(capsys, main(["explain", str(photos[0]), "--model", str(open_clip_folder), "--text", " ",

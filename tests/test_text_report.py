@@ -345,7 +345,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, ckpt, tmp_path
         want = "architecture 'XLNetForSequenceClassification' is not supported"
     elif case == "not a text model":
         model = None
-        want = "--text/--text-file explain texts with a text classifier"
+        want = "--text and --text-file take texts for a text classifier"
     elif case == "missing text file":
         argv = ["--text-file", str(tmp_path / "nope.txt")]
         want = "--text-file"

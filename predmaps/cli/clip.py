@@ -17,10 +17,10 @@ _BOTH_TOWERS = ("clip", "siglip")
 # The text tower's first tensor in open_clip (CLIP, CustomTextCLIP) and transformers checkpoints.
 _TEXT_KEYS = ("token_embedding.weight", "text.token_embedding.weight", "text_model.embeddings.token_embedding.weight")
 CLIP_DEFAULT_LAYER = -2  # the penultimate token layer, as the paper's Fig. 18
-TEXT_NEEDS = ("--text takes prompts for a CLIP checkpoint that holds both towers: an open_clip folder or hub repo "
-              "(open_clip_config.json), or a transformers CLIPModel folder or hub repo id such as "
-              "openai/clip-vit-base-patch16; or texts for a text classifier: a transformers BERT, RoBERTa or "
-              "DistilBERT sequence-classification folder or hub repo")
+TEXT_NEEDS = ("--text and --text-file take texts for a text classifier (a transformers BERT, RoBERTa or DistilBERT "
+              "sequence-classification folder or hub repo); --text also takes prompts for a CLIP checkpoint that "
+              "holds both towers (an open_clip folder or hub repo with open_clip_config.json, or a transformers "
+              "CLIPModel folder or hub repo id such as openai/clip-vit-base-patch16)")
 
 
 def is_clip_checkpoint(source: str | os.PathLike | None) -> bool:
