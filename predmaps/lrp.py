@@ -46,7 +46,8 @@ tokens and the DeiT distillation token are ordinary tokens and are dropped from 
 class token; DeiT distilled heads, whose logits are (head(x_cls) + head_dist(x_dist)) / 2, are
 treated as a residual add of the two halves (split by contribution under the active rule), then
 each head's Linear rule to its token. Models without a class token (or pooling other than the
-class token) are refused: these methods read the class-token row.
+class token) are refused: these methods read the class-token row; so are heads reading the class token
+and the patch-token mean (head_input='token_and_patch_mean', DINOv2's classifiers).
 
 The computation runs in float32 whatever the model's compute dtype (float64 when the images are
 float64 and jax_enable_x64 is on: the parity tests use it), with matmuls at full precision
@@ -103,6 +104,10 @@ def _check(model, rule: str | None = None):
     from predmaps.request import check
 
     check(model, "lrp", None, None if rule is None else {"rule": rule})
+    if model.config.head_input != "token":  # the rules start from one token's Linear; this head reads every token
+        raise ValueError(f"LRP (lrp, partial_lrp, transattr) does not support head_input={model.config.head_input!r} "
+                         "(a classifier reading the class token and the patch-token mean, as DINOv2's): its relevance "
+                         "rules start from the class token alone. Use predicatt, prediction_map or generic_attention")
 
 
 # ----------------------------------------------------------------------------- forward
