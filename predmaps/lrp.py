@@ -104,10 +104,6 @@ def _check(model, rule: str | None = None):
     from predmaps.request import check
 
     check(model, "lrp", None, None if rule is None else {"rule": rule})
-    if model.config.head_input != "token":  # the rules start from one token's Linear; this head reads every token
-        raise ValueError(f"LRP (lrp, partial_lrp, transattr) does not support head_input={model.config.head_input!r} "
-                         "(a classifier reading the class token and the patch-token mean, as DINOv2's): its relevance "
-                         "rules start from the class token alone. Use predicatt, prediction_map or generic_attention")
 
 
 # ----------------------------------------------------------------------------- forward
