@@ -286,6 +286,8 @@ class ViTConfig:
     # JSON round trip: tuples become lists; the 1000 ImageNet names are stored by name.
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.head_input == "token":  # written only when set: older configs, their files and hashes stay as they were
+            del d["head_input"]
         if self.label_names is not None:
             from jaxvit import labels
 
