@@ -287,6 +287,16 @@ def export_state_dict(params: jaxvit.Params) -> dict[str, np.ndarray]:
     return state_dict_from_params(jax.tree_util.tree_map(np.asarray, params))
 
 
+def timm_export_refusal(config: ViTConfig) -> str | None:
+    """Why timm cannot hold `config`'s network, or None: timm has no head reading the class token and the
+    patch-token mean (DINOv2's transformers classifiers)."""
+    if config.head_input == "token":
+        return None
+    return (f"timm has no head like this model's (head_input={config.head_input!r}: the class token and the "
+            "patch-token mean concatenated, as transformers' Dinov2ForImageClassification), so it cannot be "
+            "exported to timm; save it as a jaxvit checkpoint (jaxvit.save, or --out) instead")
+
+
 def save_timm(params: jaxvit.Params, config: ViTConfig, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` + timm's `config.json` into `out_dir`, the layout of a timm hub repo:
     `timm.create_model("local-dir:" + out_dir, pretrained=True)` (built at the stored size and shape,
@@ -301,6 +311,9 @@ def save_timm(params: jaxvit.Params, config: ViTConfig, out_dir: str | os.PathLi
     from jaxvit.checkpoint import check_params
 
     check_params(config, params, "convert.save_timm(params, config, out_dir)")
+    refusal = timm_export_refusal(config)
+    if refusal:
+        raise ValueError(refusal)
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"convert.save_timm(params, config, out_dir): out_dir must be a directory path; got "
                         f"{type(out_dir).__name__}")

@@ -58,6 +58,10 @@ def main(argv=None) -> int:
     cfg = model.config
     print(f"{cfg.name or 'model'}: {cfg.depth} blocks x {cfg.num_heads} heads, width {cfg.embed_dim}, "
           f"{cfg.img_size[0]}x{cfg.img_size[1]} / {cfg.patch_size}, {cfg.num_classes} classes, {n / 1e6:.1f}M params")
+    refusal = convert.timm_export_refusal(cfg) if args.to_timm else None
+    if refusal:  # before anything is written
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     for out, what, save in ((args.out, "the jaxvit checkpoint", jaxvit.save),
                             (args.to_timm, "the timm weights", lambda d, c, p: convert.save_timm(p, c, d))):
         if not out:

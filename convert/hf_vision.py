@@ -3,7 +3,9 @@
 Supported (config.json `model_type`, class in `architectures`):
   vit     ViTModel, ViTForImageClassification
   deit    DeiTModel, DeiTForImageClassification, DeiTForImageClassificationWithTeacher
-  dinov2  Dinov2Model;  dinov2_with_registers  Dinov2WithRegistersModel
+  dinov2  Dinov2Model, Dinov2ForImageClassification;  dinov2_with_registers  Dinov2WithRegistersModel,
+          Dinov2WithRegistersForImageClassification (head_input='token_and_patch_mean': the classifier reads
+          the class token and the mean of the patch tokens, registers excluded, concatenated)
   clip / clip_vision_model   CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (its vision half)
 Key mapping (prefix `vit.` / `deit.` / `dinov2.` / none; CLIP under `vision_model.`):
   embeddings.cls_token / class_embedding        -> cls_token
@@ -15,15 +17,15 @@ Key mapping (prefix `vit.` / `deit.` / `dinov2.` / none; CLIP under `vision_mode
      layernorm_after, norm2, layer_norm2 -> norm2; intermediate.dense / mlp.fc1 -> mlp.fc1;
      output.dense / mlp.fc2 -> mlp.fc2; layer_scale{1,2}.lambda1 -> ls{1,2}.gamma
   pre_layrnorm -> norm_pre; layernorm / post_layernorm -> norm
-  classifier / cls_classifier -> head; distillation_classifier -> head_dist;
+  classifier / cls_classifier -> head (DINOv2: its (C, 2D) weight as is, class-token half first);
+  distillation_classifier -> head_dist;
   visual_projection -> head (bias zero: CLIP's projection has none), as timm's CLIP towers hold it.
 (*) DeiTForImageClassification's distillation token, which no head reads, is exactly a register token.
 Left out by name: `embeddings.mask_token` (masked-image training only), ViTModel's `pooler` (dense +
 tanh, not on any classification path), `position_ids` (a buffer), and a CLIPModel's text tower
 (`text_model.*`, `text_projection`, `logit_scale`: `split_clip` hands them over untouched).
 Refused by name: every other model_type (Swin, BEiT's relative position bias, SigLIP's MAP head, ...),
-Dinov2(WithRegisters)ForImageClassification (its head reads the class token and the patch mean
-together) and DINOv2's SwiGLU MLP. DINOv2's registers have no position rows: the class token's row is
+and DINOv2's SwiGLU MLP. DINOv2's registers have no position rows: the class token's row is
 folded into it, as timm does.
 
 The eval transform comes from preprocessor_config.json (ViTImageProcessor, DeiTImageProcessor,
@@ -46,7 +48,8 @@ from jaxvit.config import ConfigError, ViTConfig, is_real
 POS_RESAMPLING = dict(interpolation="bicubic", antialias=False)
 _ANTIALIASED = dict(interpolation="bicubic", antialias=True)
 SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-             "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel", "CLIPVisionModel",
+             "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
+             "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
              "CLIPVisionModelWithProjection", "CLIPModel")
 _MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model")
 _REFUSED_TYPES = {"swin": "shifted-window attention", "swinv2": "shifted-window attention",
@@ -54,10 +57,7 @@ _REFUSED_TYPES = {"swin": "shifted-window attention", "swinv2": "shifted-window 
                   "siglip": "a MAP attention-pool head", "siglip_vision_model": "a MAP attention-pool head",
                   "vit_mae": "a masked-autoencoder decoder", "vit-hybrid": "a hybrid CNN stem",
                   "convnext": "no transformer", "levit": "a hybrid convolutional transformer"}
-_TWO_TOKEN_HEAD = ("its classifier reads the class token and the mean patch token concatenated, a head jaxvit's "
-                   "ViT lacks (load the backbone instead)")
 _REFUSED_CLASSES = {
-    "Dinov2ForImageClassification": _TWO_TOKEN_HEAD, "Dinov2WithRegistersForImageClassification": _TWO_TOKEN_HEAD,
     "ViTForMaskedImageModeling": "a masked-image decoder", "DeiTForMaskedImageModeling": "a masked-image decoder",
 }
 # What each family's config.json leaves out when it equals transformers' default (save_pretrained
@@ -264,6 +264,9 @@ def config_of(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], *
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
         raise ConfigError(f"num_attention_heads must be a positive integer; got {heads!r}")
     out = infer_config(state_dict, num_heads=heads).replace(norm_eps=eps, act=_ACTS[hidden_act], name=name)
+    head = state_dict.get("head.weight")
+    if model_type.startswith("dinov2") and head is not None and head.ndim == 2 and head.shape[1] == 2 * out.embed_dim:
+        out = out.replace(head_input="token_and_patch_mean")  # Dinov2(WithRegisters)ForImageClassification
     if out.num_classes and model_type != "clip":
         out = out.replace(label_names=_label_names(config, out.num_classes))
     return out

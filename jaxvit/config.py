@@ -20,6 +20,9 @@ from typing import Any
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 GLOBAL_POOLS = ("token", "avg", "avgmax", "max")
+# What the head reads after the final norm: the class token, or (DINOv2's classifiers) the class token and the
+# mean of the patch tokens concatenated, a head of 2 * embed_dim inputs.
+HEAD_INPUTS = ("token", "token_and_patch_mean")
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -115,6 +118,8 @@ def check_fields(cfg: "ViTConfig") -> None:
     if not isinstance(cfg.global_pool, str) or cfg.global_pool not in GLOBAL_POOLS:
         raise ConfigError(f"unsupported global_pool {cfg.global_pool!r}; jaxvit supports {GLOBAL_POOLS} "
                           "(attention-pool heads 'map'/'prr' are not implemented)")
+    if not isinstance(cfg.head_input, str) or cfg.head_input not in HEAD_INPUTS:
+        raise ConfigError(f"unsupported head_input {cfg.head_input!r}; jaxvit supports {HEAD_INPUTS}")
     if not is_real(cfg.norm_eps) or not 0 < cfg.norm_eps <= 1:
         raise ConfigError(f"norm_eps must be a number in (0, 1]; {_got(cfg.norm_eps)}")
     for field in ("mean", "std"):
@@ -172,6 +177,7 @@ class ViTConfig:
     fc_norm: bool = False  # `fc_norm` after pooling (replaces `norm`)
     global_pool: str = "token"
     pool_include_prefix: bool = False
+    head_input: str = "token"  # HEAD_INPUTS; "token_and_patch_mean": DINOv2's classifiers (transformers)
     act: str = "gelu"
     norm_eps: float = 1e-6
     num_classes: int = 1000
@@ -200,6 +206,11 @@ class ViTConfig:
         if self.distilled and (not self.class_token or self.global_pool != "token"):
             raise ConfigError("a distilled (DeiT) model reads the class and distillation tokens: "
                               "it needs class_token=True and global_pool='token'")
+        if self.head_input != "token" and (not self.class_token or self.global_pool != "token" or self.distilled
+                                           or self.fc_norm):
+            raise ConfigError(f"head_input={self.head_input!r} reads the class token and the patch tokens after the "
+                              "final norm: it needs class_token=True, global_pool='token', no distillation token and "
+                              "no fc_norm")
         if self.label_names is not None and len(self.label_names) != self.num_classes:
             raise ConfigError(f"{len(self.label_names)} label names for {self.num_classes} classes")
 
@@ -275,6 +286,8 @@ class ViTConfig:
     # JSON round trip: tuples become lists; the 1000 ImageNet names are stored by name.
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.head_input == "token":  # written only when set: older configs, their files and hashes stay as they were
+            del d["head_input"]
         if self.label_names is not None:
             from jaxvit import labels
 

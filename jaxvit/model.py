@@ -74,7 +74,7 @@ class ViTOutput:
       logits: (B, C) float32 classifier output (DeiT distilled: mean of both heads); None
         for a model without a head (num_classes=0).
       pre_logits: (B, D) the pooled, normalised features the head reads (timm's
-        `forward_head(x, pre_logits=True)`).
+        `forward_head(x, pre_logits=True)`; (B, 2D) with head_input='token_and_patch_mean').
       tokens: (B, L + 1, T, D): x^(0) (embeddings after `norm_pre`, the first block's input)
         and the output of each of the L blocks, before the final norm.
       attn_cls: (B, L, H, T) float32, the class token's attention row of every head of every
@@ -579,6 +579,8 @@ class ViT(nn.Module):
         nu(t) = head(fc_norm(norm(t))) with absent norms as identity; for DeiT distilled,
         (head(norm t) + head_dist(norm t)) / 2. The final norm is re-applied per token, which
         is what makes every layer's tokens decodable (prediction maps).
+        head_input='token_and_patch_mean' (DINOv2's classifiers): nu(t) = head([norm t, norm t]), what the head
+        would say if the class token and every patch token were t (the paper defines nu for one-token heads only).
         """
         if self.head is None:
             raise ValueError("this model has no classifier head (num_classes=0)")
@@ -587,14 +589,20 @@ class ViT(nn.Module):
             x = self.norm(x)
         if self.fc_norm is not None:
             x = self.fc_norm(x)
+        if self.config.head_input == "token_and_patch_mean":
+            x = jnp.concatenate([x, x], axis=-1)
         logits = self.head(x).astype(_wide(self.dtype))
         if self.head_dist is not None:
             logits = (logits + self.head_dist(x).astype(_wide(self.dtype))) / 2
         return logits
 
     def pool(self, x):
-        """Final tokens (B, T, D) -> the pooled (B, D) the head reads (before `norm`/`fc_norm`)."""
+        """Final tokens (B, T, D) -> the pooled (B, D) the head reads (before `norm`/`fc_norm`); with
+        head_input='token_and_patch_mean', (B, 2D): the class token and the mean of the patch tokens (registers
+        excluded, as transformers' Dinov2(WithRegisters)ForImageClassification)."""
         cfg = self.config
+        if cfg.head_input == "token_and_patch_mean":
+            return jnp.concatenate([x[:, 0], x[:, cfg.num_prefix_tokens:].mean(1)], axis=-1)
         if cfg.global_pool == "token":
             return x[:, 0]
         x = x if cfg.pool_include_prefix else x[:, cfg.num_prefix_tokens:]

@@ -171,8 +171,11 @@ def _head_input(model: ViT, params, x):
 
 def _head_weights(params, cfg):
     """(D, C) kernel and (C,) bias of nu's final linear map (DeiT distilled: the two heads averaged,
-    which equals averaging their logits since both read the same normalised token)."""
+    which equals averaging their logits since both read the same normalised token; head_input
+    'token_and_patch_mean': the (2D, C) kernel's two halves summed, nu(t) = head([t, t]) as `ViT.classify`)."""
     w, b = params["head"]["kernel"], params["head"]["bias"]
+    if cfg.head_input == "token_and_patch_mean":
+        w = w[:cfg.embed_dim] + w[cfg.embed_dim:]
     if cfg.distilled:
         w = (w + params["head_dist"]["kernel"]) / 2
         b = (b + params["head_dist"]["bias"]) / 2

@@ -138,6 +138,7 @@ _PA_CHOICES = dict(similarity=core.SIMILARITIES, **_PM_CHOICES)
 _LRP_CHOICES = dict(rule=lrp.RULES)
 _LRP_HEAD = ("propagates relevance from the class-token read-out", "its relevance would start from a token the "
              "logits do not come from")
+_LRP_HEADS = ("token",)  # its rules start from one token's Linear, not the class token + patch-mean head
 for _m in [
     Method("predicatt", _run_predicatt, dict(similarity="dot", **_PM_OPTIONS), True, True, True,
            "PredicAtt_i(c) = A~(c) * Psi^(i)(c): head-weighted class-token attention times the prediction map",
@@ -158,11 +159,11 @@ for _m in [
            "Chefer 2021a: gradient x attention rollout"),
     Method("transattr", _run_transattr, dict(start_layer=1, rule="ours"), True, True, False,
            "Chefer 2021b Transformer Attribution: LRP relevance x gradient of attention, rollout", _LRP_CHOICES,
-           _LRP_HEAD),
+           _LRP_HEAD, _LRP_HEADS),
     Method("lrp", _run_lrp, dict(rule="orig"), True, True, False,
-           "full LRP to the input pixels, summed per patch", _LRP_CHOICES, _LRP_HEAD),
+           "full LRP to the input pixels, summed per patch", _LRP_CHOICES, _LRP_HEAD, _LRP_HEADS),
     Method("partial_lrp", _run_partial_lrp, dict(rule="orig"), True, True, False,
-           "partial LRP (Voita et al.): the last block's attention relevance", _LRP_CHOICES, _LRP_HEAD),
+           "partial LRP (Voita et al.): the last block's attention relevance", _LRP_CHOICES, _LRP_HEAD, _LRP_HEADS),
 ]:
     register(_m)
 

@@ -46,7 +46,8 @@ tokens and the DeiT distillation token are ordinary tokens and are dropped from 
 class token; DeiT distilled heads, whose logits are (head(x_cls) + head_dist(x_dist)) / 2, are
 treated as a residual add of the two halves (split by contribution under the active rule), then
 each head's Linear rule to its token. Models without a class token (or pooling other than the
-class token) are refused: these methods read the class-token row.
+class token) are refused: these methods read the class-token row; so are heads reading the class token
+and the patch-token mean (head_input='token_and_patch_mean', DINOv2's classifiers).
 
 The computation runs in float32 whatever the model's compute dtype (float64 when the images are
 float64 and jax_enable_x64 is on: the parity tests use it), with matmuls at full precision

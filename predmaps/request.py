@@ -25,7 +25,8 @@ class Method:
     `run(model, params, images, targets, layer, **options)` returns a dict with `maps`
     (B, K, N), `classes` (B, K), `logits` (B, C) and optional extras. `choices`: the values an
     option may take, where they are few; `head_token`: (why, what would go wrong) when the method
-    needs a head that reads the class token (global_pool='token'), empty when it does not.
+    needs a head that reads the class token (global_pool='token'), empty when it does not;
+    `head_inputs`: the `ViTConfig.head_input` values it supports (None: all).
     """
 
     name: str
@@ -37,6 +38,7 @@ class Method:
     description: str
     choices: dict[str, tuple] = dataclasses.field(default_factory=dict)
     head_token: tuple[str, str] | tuple[()] = ()
+    head_inputs: tuple[str, ...] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -82,6 +84,10 @@ def _check_model(model, method: str) -> Method:
         why, consequence = m.head_token
         raise ValueError(f"{method} {why}, which a head pooling with global_pool={cfg.global_pool!r} never reads: "
                          f"{consequence}. Use generic_attention or prediction_map")
+    if m.head_inputs is not None and cfg.head_input not in m.head_inputs:
+        raise ValueError(f"{method} does not support head_input={cfg.head_input!r} (a classifier reading the class "
+                         "token and the patch-token mean, as DINOv2's): its relevance rules start from the class token "
+                         "alone. Use predicatt, prediction_map or generic_attention")
     return m
 
 

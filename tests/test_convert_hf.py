@@ -176,8 +176,6 @@ def jax_leaves(tree):
 def test_unsupported_transformers_models_are_refused_by_name(tmp_path):
     small = {k: v for k, v in SMALL.items() if k != "intermediate_size"}
     cases = [
-        (transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**small, num_labels=3)),
-         "Dinov2ForImageClassification: its classifier reads the class token and the mean patch token"),
         (transformers.Dinov2Model(transformers.Dinov2Config(**small, use_swiglu_ffn=True)),
          "DINOv2 with a SwiGLU MLP"),
         (transformers.BeitModel(transformers.BeitConfig(**SMALL)), r"model_type 'beit' \(relative position bias\)"),
@@ -190,6 +188,72 @@ def test_unsupported_transformers_models_are_refused_by_name(tmp_path):
         with pytest.raises(convert.UnsupportedModelError, match=message) as e:
             convert.load(path)
         assert "supported Hugging Face classes: ViTModel" in str(e.value)
+
+
+def _dinov2_classifier(registers: int):
+    small = dict({k: v for k, v in SMALL.items() if k != "intermediate_size"}, mlp_ratio=2, num_labels=5)
+    if registers:
+        return _randomize(transformers.Dinov2WithRegistersForImageClassification(
+            transformers.Dinov2WithRegistersConfig(**small, num_register_tokens=registers)))
+    return _randomize(transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**small)))
+
+
+def _layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+@pytest.mark.parametrize("registers", [0, 3])
+def test_dinov2_classifiers_match_transformers_and_decode_every_token(registers, tmp_path):
+    # Dinov2(WithRegisters)ForImageClassification reads [class token, mean of the patch tokens (registers
+    # excluded)] after the final LayerNorm. Logits: transformers is the reference (TOL, float32). Per-token
+    # prediction nu(t) = W[:D] norm(t) + W[D:] norm(t) + b (the head on [t, t]): a numpy computation from
+    # transformers' own weights and tokens, at TOL, through both the lean and the materialised prediction map.
+    from predmaps import explain
+
+    hf = _dinov2_classifier(registers)
+    path = _save(hf, _vit_processor(), tmp_path / "dinov2_cls")
+    x = _x(32)
+    model, out = _run_ours(path, x)
+    assert model.config.head_input == "token_and_patch_mean" and model.config.reg_tokens == registers
+    np.testing.assert_allclose(np.asarray(out.logits), _run_hf(lambda t: hf(t).logits, x), atol=TOL, rtol=0)
+
+    with torch.no_grad():
+        hidden = hf.base_model(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states
+    tokens = hidden[-1].numpy()[:, 1 + registers:]  # the last block's patch tokens, before the final norm
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    ln = _layer_norm(tokens, sd[f"{hf.base_model_prefix}.layernorm.weight"],
+                     sd[f"{hf.base_model_prefix}.layernorm.bias"], hf.config.layer_norm_eps)
+    w, b, d = sd["classifier.weight"], sd["classifier.bias"], tokens.shape[-1]
+    nu = ln @ w[:, :d].T + ln @ w[:, d:].T + b  # (B, N, C)
+    expected = np.moveaxis(nu, -1, 1).reshape(2, 5, 4, 4)
+    for lean in (True, False):
+        ex = explain(model, convert.load(path)[1], x, method="prediction_map", target="all", scores="logits",
+                     lean=lean)
+        np.testing.assert_allclose(np.asarray(ex.maps), expected, atol=TOL, rtol=0)
+
+
+def test_dinov2_classifier_explains_with_predicatt_and_refuses_lrp_and_timm(tmp_path, capsys):
+    from convert.__main__ import main
+    from predmaps import explain
+
+    path = _save(_dinov2_classifier(0), _vit_processor(), tmp_path / "dinov2_cls")
+    model, params = convert.load(path)
+    x = _x(32)
+    ex = explain(model, params, x, method="predicatt", target="top2")
+    # Equal up to float32 rounding: explain's jit fuses the same forward differently from a plain apply.
+    np.testing.assert_allclose(np.asarray(ex.logits), np.asarray(model.apply({"params": params}, x).logits),
+                               atol=TOL, rtol=0)
+    assert ex.maps.shape == (2, 2, 4, 4) and np.isfinite(np.asarray(ex.maps)).all()
+    for method in ("transattr", "lrp", "partial_lrp"):
+        with pytest.raises(ValueError, match=f"^{method} does not support head_input='token_and_patch_mean'"):
+            explain(model, params, x, method=method)
+    with pytest.raises(ValueError, match="timm has no head like this model's"):
+        convert.save_timm(params, model.config, tmp_path / "timm")
+    assert not (tmp_path / "timm").exists()
+    assert main([str(path), "--to-timm", str(tmp_path / "timm2"), "--out", str(tmp_path / "ours")]) == 2
+    assert "cannot be exported to timm" in capsys.readouterr().err
+    assert not (tmp_path / "timm2").exists() and not (tmp_path / "ours").exists()
 
 
 def test_transformers_loading_is_strict(tmp_path):

@@ -46,6 +46,13 @@ def test_config_json_round_trip_and_validation():
         ViTConfig(act="swiglu")
     with pytest.raises(ValueError, match="global_pool='token' needs a class token"):
         ViTConfig(class_token=False)
+    assert "head_input" not in cfg.to_dict()  # the default is left out: configs written before it read the same
+    two = SMALL.replace(head_input="token_and_patch_mean")
+    assert ViTConfig.from_json(two.to_json()) == two
+    with pytest.raises(ValueError, match="unsupported head_input 'patch_mean'"):
+        ViTConfig(head_input="patch_mean")
+    with pytest.raises(ValueError, match="head_input='token_and_patch_mean' .* needs class_token=True, global_pool"):
+        ViTConfig(head_input="token_and_patch_mean", distilled=True)
     with pytest.raises(ValueError, match="unknown ViTConfig fields \\['rope'\\]"):
         ViTConfig.from_dict({**dataclasses.asdict(SMALL), "rope": True})
     with pytest.raises(KeyError, match="unknown pretrained tag 'nope' for vit_base_patch16_224; known tags"):
