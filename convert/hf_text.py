@@ -134,7 +134,7 @@ def _hub_folder(repo_id: str) -> tuple[Path, dict | None]:
     from convert.sources import HubUnavailableError, _hub_answers
 
     try:
-        weights, hf_config = download(repo_id, model_name=repo_id)
+        weights, sides = download(repo_id, model_name=repo_id)
     except HubUnavailableError as e:  # its advice names the ViT loader: name this one
         raise HubUnavailableError(str(e).split(", or pass a local file instead")[0] + ", or pass the checkpoint's "
                                   "folder instead: load_text('path/to/folder')") from None
@@ -144,7 +144,7 @@ def _hub_folder(repo_id: str) -> tuple[Path, dict | None]:
             hf_hub_download(repo_id, filename, local_files_only=cache_only)
         except (LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError):
             pass  # a repo holds one of the tokenizer layouts; from_folder names what is missing
-    return weights.parent, hf_config
+    return weights.parent, sides.get("config.json")
 
 
 def load_text(source: str | os.PathLike, *, dtype=jnp.float32) -> tuple[TextEncoder, dict, TextTokenizer]:
