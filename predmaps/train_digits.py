@@ -111,7 +111,8 @@ def curriculum_difficulty(n: int, seed: int, step: int, curriculum: int) -> np.n
 
 
 def _train_batch(n: int, seed: int, step: int, two_digit_frac: float, size: int, curriculum: int = 0,
-                 *, patch: int = 8, multilabel: bool = False, cutmix: float = 0.0):
+                 *, patch: int = 8, multilabel: bool = False, cutmix: float = 0.0, mixup: float = 0.0,
+                 strong_aug: bool = False):
     """One step's normalised images (n, S, S, 3), scene targets (n, 10) and per-patch targets
     (n, N, 10); deterministic in (seed, step).
 
@@ -119,7 +120,9 @@ def _train_batch(n: int, seed: int, step: int, two_digit_frac: float, size: int,
     Patch targets (for token labelling): each patch's share of digit pixels on that digit's class,
     the rest spread uniformly over the classes (a patch of background carries no class).
     `cutmix`: the share of scenes that get a patch-aligned box from the next scene of the batch
-    pasted in (CutMix); their scene targets mix by the box's area, their patch targets follow the box."""
+    pasted in (CutMix); their scene targets mix by the box's area, their patch targets follow the box.
+    `mixup`: the share of scenes blended with the next scene (Mixup), targets blended alike.
+    `strong_aug`: two random photometric operations per scene and random erasing (`_strong_aug`)."""
     n2 = int(round(n * two_digit_frac)) if step >= curriculum else 0  # two-digit scenes after the curriculum
     step_seed = seed * 1_000_003 + step
     diff = curriculum_difficulty(n - n2, seed, step, curriculum)
@@ -136,10 +139,91 @@ def _train_batch(n: int, seed: int, step: int, two_digit_frac: float, size: int,
         d2 = (c2[..., :1] * eye[lab2[:, 0]][:, None] + c2[..., 1:] * eye[lab2[:, 1]][:, None]
               + (1 - c2.sum(-1, keepdims=True)) * 0.1)
         images, targets, dense = np.concatenate([images, im2]), np.concatenate([targets, t2]), np.concatenate([dense, d2])
+    if strong_aug:
+        images, dense = _strong_aug(images, dense, np.random.default_rng([seed, step, 13]), patch)
     x = digits.normalize(images)
     if cutmix > 0:
         x, targets, dense = _cutmix(x, targets, dense, cutmix, np.random.default_rng([seed, step, 11]), patch)
+    if mixup > 0:
+        x, targets, dense = _mixup(x, targets, dense, mixup, np.random.default_rng([seed, step, 12]))
     return x, targets, dense
+
+
+def _mixup(x, targets, dense, share, rng, alpha: float = 0.8):
+    """Mixup (Zhang et al., 2018; alpha 0.8 as DeiT): `share` of the scenes become lam x scene +
+    (1 - lam) x the next scene of the batch, lam ~ Beta(alpha, alpha); targets blend by lam."""
+    n = x.shape[0]
+    lam = np.where(rng.random(n) < share, rng.beta(alpha, alpha, n), 1.0).astype(np.float32)
+    src = np.roll(np.arange(n), -1)
+    return (lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[src],
+            lam[:, None] * targets + (1 - lam[:, None]) * targets[src],
+            lam[:, None, None] * dense + (1 - lam[:, None, None]) * dense[src])
+
+
+# RandAugment-like photometric operations that keep a digit a digit (no flips or rotations: a
+# flipped 2 is no 2; the scenes already vary position, size, warp and polarity).
+def _brightness(x, rng):
+    return x * rng.uniform(0.5, 1.5)
+
+
+def _contrast(x, rng):
+    return x.mean() + (x - x.mean()) * rng.uniform(0.5, 1.5)
+
+
+def _solarize(x, rng):
+    t = rng.uniform(0.5, 1.0)
+    return np.where(x >= t, 1.0 - x, x)
+
+
+def _posterize(x, rng):
+    levels = 2 ** rng.integers(2, 5)
+    return np.floor(x * levels) / levels
+
+
+def _invert(x, rng):
+    return 1.0 - x
+
+
+def _noise(x, rng):
+    return x + rng.normal(0.0, 0.08, x.shape)
+
+
+def _blur(x, rng):
+    pad = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return sum(pad[i:i + x.shape[0], j:j + x.shape[1]] for i in range(3) for j in range(3)) / 9.0
+
+
+def _channel_shuffle(x, rng):
+    return x[..., rng.permutation(3)]
+
+
+PHOTOMETRIC_OPS = (_brightness, _contrast, _solarize, _posterize, _invert, _noise, _blur, _channel_shuffle)
+
+
+def _strong_aug(images, dense, rng, patch, erase_p: float = 0.25):
+    """Strong augmentation, in the spirit of DeiT's recipe: two operations of `PHOTOMETRIC_OPS`
+    per scene, then random erasing (Zhong et al., 2020; p 0.25, 2-33% of the image, aspect
+    0.3-3.3, filled with uniform noise). Erased pixels carry no class: a patch's token-labelling
+    target moves towards uniform by the share of it erased."""
+    n, size = images.shape[0], images.shape[1]
+    g = size // patch
+    x = images.astype(np.float32) / 255.0
+    dense = dense.copy()
+    for i in range(n):
+        for k in rng.choice(len(PHOTOMETRIC_OPS), 2, replace=False):
+            x[i] = np.clip(PHOTOMETRIC_OPS[k](x[i], rng), 0.0, 1.0)
+        if rng.random() < erase_p:
+            area = rng.uniform(0.02, 1 / 3) * size * size
+            aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+            h = int(min(size, max(1, round(np.sqrt(area * aspect)))))
+            w = int(min(size, max(1, round(np.sqrt(area / aspect)))))
+            top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            x[i, top:top + h, left:left + w] = rng.random((h, w, 3))
+            erased = np.zeros((size, size), np.float32)
+            erased[top:top + h, left:left + w] = 1.0
+            e = erased.reshape(g, patch, g, patch).mean((1, 3)).reshape(g * g, 1)
+            dense[i] = (1 - e) * dense[i] + e * 0.1
+    return np.round(x * 255.0).astype(np.uint8), dense
 
 
 def _cutmix(x, targets, dense, share, rng, patch):
@@ -192,7 +276,7 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
           embed_dim: int = 128, depth: int = 6, num_heads: int = 4, two_digit_frac: float = 0.0, curriculum: int = 300,
           eval_scenes: int = EVAL_SCENES, log_every: int = 50, command: str | None = None,
           init: str | os.PathLike | None = None, token_label: float = 0.0, multilabel: bool = False,
-          cutmix: float = 0.0, drop_path: float = 0.0) -> dict:
+          cutmix: float = 0.0, drop_path: float = 0.0, mixup: float = 0.0, strong_aug: bool = False) -> dict:
     """Train, evaluate, save with `convert.save_timm` and write TRAINING.md; returns the record.
 
     `init`: a checkpoint directory (this script's output) to continue from, with a fresh optimiser
@@ -201,7 +285,8 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
 
     The recipes of the locality study (docs/digit-locality.md): `token_label` (weight of the
     token-labelling loss, `_train_batch`'s patch targets), `multilabel` (sigmoid loss), `cutmix`
-    (share of CutMix scenes), `drop_path` (stochastic depth's largest rate)."""
+    (share of CutMix scenes), `mixup` (share of Mixup scenes), `strong_aug` (photometric operations
+    and random erasing), `drop_path` (stochastic depth's largest rate)."""
     import convert
 
     t_start = time.time()
@@ -256,7 +341,8 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
 
     print(f"{MODEL_NAME}: {n_params:,} parameters, embed_dim={embed_dim} depth={depth} heads={num_heads}, "
           f"batch {batch}, {steps} steps, seed {seed}, jax {jax.__version__} on {jax.default_backend()}", flush=True)
-    batch_args = dict(patch=config.patch_size, multilabel=multilabel, cutmix=cutmix)
+    batch_args = dict(patch=config.patch_size, multilabel=multilabel, cutmix=cutmix, mixup=mixup,
+                      strong_aug=strong_aug)
     x, t, dense = _train_batch(batch, seed, 0, two_digit_frac, size, curriculum, **batch_args)
     drop_key = jax.random.key(seed + 17)
     window_loss, window_acc, window_t, window_n = [], [], time.time(), 0
@@ -294,7 +380,8 @@ def train(out: str | os.PathLike, *, steps: int = 1500, seed: int = 0, batch: in
         command=command or "python -m predmaps.train_digits " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         seed=seed, steps=steps, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay,
         label_smoothing=label_smoothing, clip=clip, two_digit_frac=two_digit_frac, curriculum=curriculum, n_params=n_params,
-        token_label=token_label, multilabel=multilabel, cutmix=cutmix, drop_path=drop_path,
+        token_label=token_label, multilabel=multilabel, cutmix=cutmix, drop_path=drop_path, mixup=mixup,
+        strong_aug=strong_aug,
         train_time_s=train_time, wall_time_s=wall, test_acc=test_acc, train_acc=train_acc, two_digit_top2=two_acc,
         eval_scenes=eval_scenes, config=config, init=None if init is None else str(init), earlier=earlier)
     _write_record(out, record)
@@ -318,6 +405,10 @@ def _recipe_text(r: dict) -> str:
                      "towards the class of the digit it covers, uniform on background)")
     if r.get("cutmix"):
         parts.append(f"CutMix on {r['cutmix']:.0%} of the scenes (patch-aligned boxes)")
+    if r.get("mixup"):
+        parts.append(f"Mixup on {r['mixup']:.0%} of the scenes (Beta(0.8, 0.8))")
+    if r.get("strong_aug"):
+        parts.append("strong augmentation (two photometric operations per scene, random erasing p 0.25)")
     if r.get("drop_path"):
         parts.append(f"stochastic depth up to {r['drop_path']}")
     return "; ".join(parts)
@@ -408,6 +499,9 @@ def main(argv=None) -> int:
                          "the class of the digit it covers (uniform on background); 0: off")
     ap.add_argument("--multilabel", action="store_true", help="sigmoid loss per class (two digits: both 1)")
     ap.add_argument("--cutmix", type=float, default=0.0, help="share of scenes given a CutMix box (0: off)")
+    ap.add_argument("--mixup", type=float, default=0.0, help="share of scenes blended with another (Mixup; 0: off)")
+    ap.add_argument("--strong-aug", action="store_true",
+                    help="two photometric operations per scene and random erasing (DeiT-style strong augmentation)")
     ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth: the deepest block's drop rate")
     ap.add_argument("--eval-scenes", type=int, default=EVAL_SCENES)
     ap.add_argument("--log-every", type=int, default=50)
@@ -417,7 +511,8 @@ def main(argv=None) -> int:
     train(a.out, steps=a.steps, seed=a.seed, batch=a.batch, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
           label_smoothing=a.label_smoothing, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.heads,
           two_digit_frac=a.two_digit_frac, curriculum=a.curriculum, eval_scenes=a.eval_scenes, log_every=a.log_every,
-          init=a.init, token_label=a.token_label, multilabel=a.multilabel, cutmix=a.cutmix, drop_path=a.drop_path)
+          init=a.init, token_label=a.token_label, multilabel=a.multilabel, cutmix=a.cutmix, drop_path=a.drop_path,
+          mixup=a.mixup, strong_aug=a.strong_aug)
     return 0
 
 

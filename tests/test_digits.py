@@ -192,16 +192,59 @@ def test_train_batch_patch_targets_follow_the_digits_and_cutmix_moves_them():
     np.testing.assert_allclose(tm[i].sum(), 1, atol=1e-6)
 
 
+def test_mixup_blends_each_scene_with_the_next_and_its_targets_alike():
+    """Mixup: a mixed scene is lam x itself + (1 - lam) x the next scene, with the same lam on its scene
+    and patch targets (recovered from the images, by hand); share 0 changes nothing."""
+    x, t, dense = train_digits._train_batch(16, 3, 5, 0.25, 64)
+    xm, tm, dm = train_digits._train_batch(16, 3, 5, 0.25, 64, mixup=1.0)
+    mixed = 0
+    for i in range(16):
+        j = (i + 1) % 16
+        d = (x[i] - x[j]).ravel()
+        lam = float(d @ (xm[i] - x[j]).ravel() / (d @ d))
+        np.testing.assert_allclose(xm[i], lam * x[i] + (1 - lam) * x[j], atol=1e-4)
+        np.testing.assert_allclose(tm[i], lam * t[i] + (1 - lam) * t[j], atol=1e-4)
+        np.testing.assert_allclose(dm[i], lam * dense[i] + (1 - lam) * dense[j], atol=1e-4)
+        mixed += not 0.999 < lam < 1.001
+    assert mixed >= 12
+    np.testing.assert_allclose(dm.sum(-1), 1, atol=1e-5)
+    x0, t0, d0 = train_digits._train_batch(16, 3, 5, 0.25, 64, mixup=0.0)
+    assert np.array_equal(x0, x) and np.array_equal(t0, t)
+
+
+def test_strong_augmentation_changes_pixels_not_labels_and_erased_patches_lose_their_class():
+    """Strong augmentation: every scene's pixels change, its scene target does not; a patch's
+    token-labelling target moves to uniform by the share of it erased (an erased box is found by
+    hand as the pixels that differ from every photometric operation's range)."""
+    x, t, dense = train_digits._train_batch(32, 3, 5, 0.25, 64)
+    xa, ta, da = train_digits._train_batch(32, 3, 5, 0.25, 64, strong_aug=True)
+    assert xa.shape == x.shape and xa.dtype == np.float32
+    assert all(not np.array_equal(xa[i], x[i]) for i in range(32))
+    assert np.array_equal(ta, t)
+    np.testing.assert_allclose(da.sum(-1), 1, atol=1e-5)
+    changed = [i for i in range(32) if not np.allclose(da[i], dense[i])]
+    assert 2 <= len(changed) <= 20  # random erasing at p 0.25 on 32 scenes
+    for i in changed:
+        moved = ~np.isclose(da[i], dense[i]).all(-1)
+        # where the target moved it moved towards uniform, never away
+        assert (np.abs(da[i][moved] - 0.1) <= np.abs(dense[i][moved] - 0.1) + 1e-6).all()
+    # one operation by hand: posterize at 2**k levels leaves only those levels
+    rng = np.random.default_rng(0)
+    img = rng.random((8, 8, 3))
+    out = train_digits._posterize(img, np.random.default_rng(1))
+    assert len(np.unique(out)) <= 16 and (out <= img).all()
+
+
 def test_train_smoke_with_every_recipe(tmp_path):
     """Token labelling, the sigmoid loss, CutMix and stochastic depth together: finite losses, a
     loadable checkpoint, and the recipe written in TRAINING.md."""
     rec = train_digits.train(tmp_path, steps=2, batch=8, warmup=1, embed_dim=32, depth=2, num_heads=2,
                              two_digit_frac=0.25, eval_scenes=8, log_every=1, command="test", token_label=1.0,
-                             multilabel=True, cutmix=0.5, drop_path=0.2)
+                             multilabel=True, cutmix=0.5, drop_path=0.2, mixup=0.5, strong_aug=True)
     assert rec["token_label"] == 1.0 and rec["multilabel"] and rec["drop_path"] == 0.2
     text = (tmp_path / "TRAINING.md").read_text()
     assert "token labelling, weight 1.0" in text and "sigmoid loss" in text and "CutMix on 50%" in text
-    assert "stochastic depth up to 0.2" in text
+    assert "stochastic depth up to 0.2" in text and "Mixup on 50%" in text and "strong augmentation" in text
     convert.load(tmp_path)
 
 
