@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 
 from jaxvit import ViT
-from predmaps import core
+from predmaps import core, targets
 
 
 @struct.dataclass
@@ -85,13 +85,7 @@ def layer_statistics(model: ViT, params, images, labels) -> LayerStats:
     if num_classes <= 0:
         raise ValueError("per-layer statistics need a classifier head (num_classes > 0)")
     if not isinstance(labels, jax.core.Tracer):  # concrete: checked, as a shifted label set scores 0 silently
-        host = np.asarray(labels)
-        if host.dtype.kind not in "iu":
-            raise ValueError(f"labels must be integer class indices; got dtype {host.dtype}")
-        bad = sorted({int(v) for v in host.ravel() if not 0 <= v < num_classes})
-        if bad:
-            raise ValueError(f"labels out of range: {bad[:5]}; the model has {num_classes} classes "
-                             f"(0..{num_classes - 1})")
+        targets.check_class_indices(labels, num_classes, "labels (class indices)")
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},); got {labels.shape}")

@@ -109,13 +109,19 @@ def _parse(target: Target, num_classes: int, batch: int | None):
         if arr.shape[-1] == 0:
             raise ValueError(f"target {target!r} names no class: {_FORMS}")
     if not isinstance(arr, jax.core.Tracer):
-        host = np.asarray(arr)
-        if not np.issubdtype(host.dtype, np.integer):
-            raise ValueError(f"target classes must be integers; got dtype {host.dtype}")
-        if host.size and (host.min() < 0 or host.max() >= num_classes):
-            bad = host[(host < 0) | (host >= num_classes)].ravel()[:5].tolist()
-            raise ValueError(f"class index out of range: {bad}; the model has {num_classes} classes (0..{num_classes - 1})")
+        check_class_indices(arr, num_classes, "target classes", "class index")
     return TargetForm("given", int(arr.shape[-1])), arr
+
+
+def check_class_indices(values, num_classes: int, what: str = "labels", each: str = "labels") -> None:
+    """Refuse concrete class indices that are not integers in [0, num_classes): a shifted label set
+    scores 0 silently. `what` names them in the dtype error, `each` in the range error."""
+    host = np.asarray(values)
+    if not np.issubdtype(host.dtype, np.integer):
+        raise ValueError(f"{what} must be integers; got dtype {host.dtype}")
+    if host.size and (host.min() < 0 or host.max() >= num_classes):
+        bad = sorted({int(v) for v in host[(host < 0) | (host >= num_classes)].ravel()})[:5]
+        raise ValueError(f"{each} out of range: {bad}; the model has {num_classes} classes (0..{num_classes - 1})")
 
 
 def target_form(target: Target, num_classes: int, batch: int | None = None) -> TargetForm:

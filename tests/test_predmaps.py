@@ -571,7 +571,7 @@ def test_layer_statistics(small):
     # float labels were truncated; images as a list of arrays are taken as a batch.
     for bad, match in ((labels + 10, r"labels out of range: \[1\d\]; the model has 10 classes"),
                        (np.full(4, -1), r"labels out of range: \[-1\]"),
-                       (labels + 0.7, "labels must be integer class indices; got dtype float64")):
+                       (labels + 0.7, r"labels \(class indices\) must be integers; got dtype float64")):
         with pytest.raises(ValueError, match=match):
             stats.layer_statistics(model, params, x, bad)
     listed = stats.layer_statistics(model, params, list(np.asarray(x)), labels)
