@@ -308,16 +308,16 @@ def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | 
         text_cfg = dict(model_cfg.get("text_cfg") or {})
         if oc is not None:  # open_clip's own default: GELU unless the model config says quick_gelu
             text_cfg["quick_gelu"] = bool(model_cfg.get("quick_gelu", False))
-        cfg = open_clip_config(sd, text_cfg=text_cfg, quick_gelu=quick_gelu, heads=heads, name=where)
-        params = params_from_open_clip(sd, cfg)
-    else:
-        raise CheckpointMismatchError(f"{where} holds no CLIP text tower: expected open_clip's token_embedding.weight "
-                                      "or transformers' text_model.embeddings.token_embedding.weight")
         if tokenizer is None and (text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_kwargs")):
             raise UnsupportedModelError(
                 f"{where}: open_clip tokenises this model with {text_cfg.get('hf_tokenizer_name') or 'its'} tokenizer "
                 f"and text cleaning {text_cfg.get('tokenizer_kwargs')}, which predmaps does not reproduce: load the "
                 "transformers version of the checkpoint (its tokenizer.json), or pass tokenizer=")
+        cfg = open_clip_config(sd, text_cfg=text_cfg, quick_gelu=quick_gelu, heads=heads, name=where)
+        params = params_from_open_clip(sd, cfg)
+    else:
+        raise CheckpointMismatchError(f"{where} holds no CLIP text tower: expected open_clip's token_embedding.weight "
+                                      "or transformers' text_model.embeddings.token_embedding.weight")
     params = check_shapes(params, cfg)
     return CLIPText(cfg, dtype=dtype), params, _tokenizer(tokenizer, folder, cfg, where)
 

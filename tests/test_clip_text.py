@@ -100,6 +100,13 @@ def test_open_clip_siglip_style_tower_parity(tmp_path):
     # Without its config a causal mask would be applied: far outside the tolerance.
     causal = CLIPText(CLIPTextConfig(**{**cfg.to_dict(), "causal": True}))
     assert np.abs(np.asarray(causal.apply({"params": params}, ids).features) - want).max() > 100 * TOL
+    # A tower open_clip tokenises with a transformers tokenizer (SigLIP's) is refused when asked for
+    # our tokenizer, by name, and loads when the caller brings none.
+    text_cfg["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, "text_cfg": text_cfg}}))
+    with pytest.raises(UnsupportedModelError, match="timm/ViT-B-16-SigLIP tokenizer.*pass tokenizer="):
+        load_clip_text(folder)
+    assert load_clip_text(folder, tokenizer=False)[2] is None
 
 
 def test_open_clip_state_dict_is_read_strictly():
