@@ -184,6 +184,8 @@ def test_option_values_that_would_fail_late_or_be_ignored_are_refused_up_front(t
           "--out", str(tmp_path / "o")], "is a jaxvit checkpoint, whose config.json names its model: leave "
                                          "--model-name out"),
         (["explain", str(image), "--out", str(image)], f"--out {image} is a file; give a folder"),
+        (["explain", str(image), "--json", "--out", str(tmp_path / "o")],
+         "--json writes a text classifier's maps (with --text)"),
         (["demo", "--cmap", "nosuch", "--out", str(tmp_path / "demo")], "unknown colour map 'nosuch'"),
         (["demo", "--alpha", "2", "--out", str(tmp_path / "demo")], "--alpha (the heat map's opacity) must be in"),
     ]:

@@ -146,6 +146,10 @@ def _explain(args, progress: dict) -> int:
         print("error: no image given: name image files (or --text with a text classifier or CLIP --model)",
               file=sys.stderr)
         return 2
+    if args.json:  # as CLIP and text refuse the image options: an option that would do nothing is an error
+        print("error: --json writes a text classifier's maps (with --text); for images the maps are the PNGs and the "
+              "report in --out, and `predmaps run` writes them as data: leave --json out", file=sys.stderr)
+        return 2
     if args.classes is None:  # the default for images; a text classifier's is all its classes
         args.classes = "top"
     if args.labels is not None and len(args.labels) != len(args.images):
