@@ -155,3 +155,37 @@ def patch_locality(model: ViT, params, images, labels, masks, *, batch: int = 20
                on_patches=int(on.sum()), background_patches=int(bg.sum()))
     res["gap"] = res["on_accuracy"] - res["background_accuracy"]
     return res
+
+
+def object_locality(model: ViT, params, images, labels, masks, *, batch: int = 200,
+                    on_object: float = ON_OBJECT_SHARE) -> dict[str, np.ndarray]:
+    """On scenes of several objects of different classes: does a patch token predict ITS object's class?
+
+    images (B, H, W, 3) normalised; labels (B, K) int, distinct within a scene; masks (B, K, H, W)
+    bool. Per layer l = 0..L: `own_accuracy`, the share of patch tokens on an object (at least
+    `on_object` of their pixels) whose top class is that object's class, and `other_accuracy`, the
+    share whose top class is another object's of the same scene. A token that reads its location:
+    own high, other low; a token that carries the scene's labels: the two alike.
+    `patch_locality`'s one-object gap cannot tell those apart."""
+    labels = np.asarray(labels)
+    masks = np.asarray(masks)
+    if labels.ndim != 2 or masks.shape[:2] != labels.shape:
+        raise ValueError(f"labels (B, K) and masks (B, K, H, W) must agree; got {labels.shape} and {masks.shape}")
+    if any(len(set(row)) != len(row) for row in labels.tolist()):
+        raise ValueError("object_locality needs objects of different classes within a scene")
+    b, k = labels.shape
+    hits = []  # per object: (B, L + 1, N), is that object's class the top class
+    for j in range(k):
+        h = [np.asarray(_patch_hits(model, params, jnp.asarray(images[i:i + batch]),
+                                    jnp.asarray(labels[i:i + batch, j], jnp.int32))[0]) for i in range(0, b, batch)]
+        hits.append(np.concatenate(h))
+    own = other = 0.0
+    count = 0
+    for j in range(k):
+        on = patch_cover(masks[:, j], model.config.patch_size) >= on_object  # (B, N)
+        own = own + (hits[j] * on[:, None]).sum((0, 2))
+        other = other + sum((hits[i] * on[:, None]).sum((0, 2)) for i in range(k) if i != j)
+        count += int(on.sum())
+    count = max(count, 1)
+    return dict(own_accuracy=own / count, other_accuracy=other / count, patches=count)
+

@@ -289,6 +289,36 @@ def test_patch_locality_counts_patches_on_the_digit_and_on_background():
     assert np.isclose(res["gap"][-1], res["on_accuracy"][-1] - res["background_accuracy"][-1])
 
 
+def test_object_locality_counts_each_digits_patches_for_its_class_and_the_others():
+    """stats.object_locality on two-digit scenes against a hand count: the head applied (numpy) to
+    every patch token, each digit's patches scored against its own class and the other digit's."""
+    from predmaps import stats
+
+    cfg = train_digits.make_config(32, 2, 2)
+    model = jaxvit.ViT(cfg)
+    images, labels, masks = digits.two_digit_scenes(6, "test", 4)
+    x = digits.normalize(images)
+    params = train_digits.jax_init(model.init(jax.random.key(0), x[:1])["params"], jax.random.key(1))
+    params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
+    res = stats.object_locality(model, params, x, labels, masks, batch=4)
+    tokens = np.asarray(model.apply({"params": params}, x).tokens, np.float64)[:, :, 1:]
+    mu, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
+    n = np.asarray(params["norm"]["scale"]) * (tokens - mu) / np.sqrt(var + cfg.norm_eps) + np.asarray(params["norm"]["bias"])
+    top = (n @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])).argmax(-1)  # (B, L+1, N)
+    own, other, count = np.zeros(3), np.zeros(3), 0
+    for b in range(6):
+        for j in range(2):
+            on = masks[b, j].reshape(8, 8, 8, 8).mean((1, 3)).reshape(64) >= 0.25
+            own += (top[b][:, on] == labels[b, j]).sum(-1)
+            other += (top[b][:, on] == labels[b, 1 - j]).sum(-1)
+            count += on.sum()
+    np.testing.assert_allclose(res["own_accuracy"], own / count, atol=1e-6)
+    np.testing.assert_allclose(res["other_accuracy"], other / count, atol=1e-6)
+    assert res["patches"] == count
+    with pytest.raises(ValueError, match="different classes"):
+        stats.object_locality(model, params, x[:1], labels[:1, [0, 0]], masks[:1])
+
+
 # ---------------------------------------------------------------- the shipped model
 
 @pytest.fixture(scope="module")

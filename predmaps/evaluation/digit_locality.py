@@ -70,7 +70,20 @@ def study_model(name: str, path: str, *, scenes: int = 400, bench_scenes: int = 
     return {"name": name, "path": str(path), "recipe": recipe_of(Path(path)), "params": n_params,
             "depth": cfg.depth, "embed_dim": cfg.embed_dim, "heads": cfg.num_heads,
             "locality": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in loc.items()},
+            "locality_two_digit": two_digit_locality(model, params, batch_size=batch_size),
             "a6": a6, "benchmark": bench.to_dict(), "seconds": time.perf_counter() - t0}
+
+
+TWO_DIGIT_SCENES = 200  # two-digit test scenes of the object locality (seed LOCALITY_SEED)
+
+
+def two_digit_locality(model, params, *, scenes: int = TWO_DIGIT_SCENES, batch_size: int = 100) -> dict:
+    """`stats.object_locality` on two-digit test scenes: per layer, the share of a digit's patch
+    tokens whose top class is that digit's, and the share whose top class is the other digit's."""
+    images, labels, masks = digits.two_digit_scenes(scenes, "test", LOCALITY_SEED, model.config.img_size[0])
+    res = stats.object_locality(model, params, digits.normalize(images), labels, masks, batch=batch_size)
+    return {"own_accuracy": res["own_accuracy"].tolist(), "other_accuracy": res["other_accuracy"].tolist(),
+            "patches": res["patches"], "scenes": scenes}
 
 
 def _row(bench: dict, method: str, layer: int) -> dict:
@@ -80,12 +93,26 @@ def _row(bench: dict, method: str, layer: int) -> dict:
     raise KeyError((method, layer))
 
 
+def _two_digit_cell(m: dict) -> str:
+    two = m.get("locality_two_digit")
+    return "-" if two is None else f"{100 * two['own_accuracy'][-1]:.1f} / {100 * two['other_accuracy'][-1]:.1f}"
+
+
+def fill_two_digit(models: dict, batch_size: int = 100) -> None:
+    """Measure the two-digit locality of stored study entries that predate it, from their `path`."""
+    for name, m in models.items():
+        if m.get("locality_two_digit") is None and Path(m["path"]).is_dir():
+            model, params = digits.load_model(m["path"])
+            m["locality_two_digit"] = two_digit_locality(model, params, batch_size=batch_size)
+            print(f"{name}: two-digit locality measured", file=sys.stderr, flush=True)
+
+
 def markdown(models: list[dict], info: dict) -> str:
     lines = [
         "| model | recipe | depth x width | params | one-digit acc | last layer: patch acc on digit | "
-        "on background | gap | L-1 gap | PredicAtt_L own > other | Psi_L own > other | PredicAtt_L mAP | "
-        "PredicAtt_L pert. pos AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "on background | gap | L-1 gap | two digits: on its digit, its class / the other's | "
+        "PredicAtt_L own > other | Psi_L own > other | PredicAtt_L mAP | PredicAtt_L pert. pos AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         loc, b = m["locality"], m["benchmark"]
         last = m["depth"]  # the benchmark's 0-based prediction layer of L
@@ -94,7 +121,7 @@ def markdown(models: list[dict], info: dict) -> str:
             f"| {m['name']} | {m['recipe']} | {m['depth']} x {m['embed_dim']} | {m['params']:,} | "
             f"{100 * b['one_digit_accuracy']:.1f} | {100 * loc['on_accuracy'][-1]:.1f} | "
             f"{100 * loc['background_accuracy'][-1]:.1f} | **{100 * loc['gap'][-1]:+.1f}** | "
-            f"{100 * loc['gap'][-2]:+.1f} | {pa['specificity']['win_rate']:.3f} | "
+            f"{100 * loc['gap'][-2]:+.1f} | {_two_digit_cell(m)} | {pa['specificity']['win_rate']:.3f} | "
             f"{psi['specificity']['win_rate']:.3f} | {100 * pa['segmentation']['map']:.1f} | "
             f"{pa['perturbation']['auc'].get('positive', float('nan')):.2f} |")
     lines += ["", "Per layer (x^(0) = the embeddings, then each block's output): patch-token accuracy on the "
@@ -152,6 +179,8 @@ def main(argv=None) -> int:
                     help="benchmark rows: the study's six (default) or every method")
     ap.add_argument("--json", help="write every number here (models already in it are kept, by name)")
     ap.add_argument("--markdown", help="write the tables here")
+    ap.add_argument("--fill-two-digit", action="store_true",
+                    help="with --json: measure the two-digit locality of stored models that lack it (from their paths)")
     a = ap.parse_args(argv)
     from predmaps.runtime import configure_compile_cache
 
@@ -163,6 +192,11 @@ def main(argv=None) -> int:
         if not (a.json and a.markdown and Path(a.json).is_file()):
             ap.error("give NAME=DIR checkpoints (or --measured DIR, or --json and --markdown to render a study)")
         study = json.loads(Path(a.json).read_text())
+        if a.fill_two_digit:
+            models = {m["name"]: m for m in study["models"]}
+            fill_two_digit(models, a.batch_size)
+            study["models"] = list(models.values())
+            safe_write.write_text(a.json, json.dumps(study, indent=1) + "\n")
         safe_write.write_text(a.markdown, markdown(study["models"], study["info"]) + "\n")
         return 0
     pairs = []
