@@ -115,15 +115,18 @@ def patch_cover(masks, patch: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _patch_hits(model: ViT, params, images, labels):
-    """Per layer l = 0..L and patch: is the label nu(x_i^(l))'s top class, and its probability.
-    Two (B, L + 1, N) float32 arrays."""
+    """Per layer l = 0..L and patch: is the label nu(x_i^(l))'s top class, its probability, and
+    A.6's confidence (logit margin) and entropy. Four (B, L + 1, N) float32 arrays."""
     out = model.apply({"params": params}, images)
-    hits, probs = [], []
+    hits, probs, conf, ent = [], [], [], []
     for layer in range(model.config.depth + 1):
         z = core.token_logits(model, params, core.patch_tokens(model, out.tokens[:, layer]))  # (B, N, C)
-        hits.append((jnp.argmax(z, -1) == labels[:, None]).astype(jnp.float32))
+        acc, margin, entropy = _summaries(z, labels[:, None])
+        hits.append(acc)
         probs.append(jnp.take_along_axis(jax.nn.softmax(z, -1), labels[:, None, None], -1)[..., 0])
-    return jnp.stack(hits, 1), jnp.stack(probs, 1)
+        conf.append(margin)
+        ent.append(entropy)
+    return jnp.stack(hits, 1), jnp.stack(probs, 1), jnp.stack(conf, 1), jnp.stack(ent, 1)
 
 
 def patch_locality(model: ViT, params, images, labels, masks, *, batch: int = 200,
@@ -134,24 +137,26 @@ def patch_locality(model: ViT, params, images, labels, masks, *, batch: int = 20
     pixels. Per layer l = 0..L (arrays of L + 1): `on_accuracy` / `background_accuracy`, the share
     of patch tokens whose top class under the head is the label, over the patches with at least
     `on_object` of their pixels on the object / with none; `on_prob` / `background_prob`, the
-    label's mean softmax probability there; `gap` = on_accuracy - background_accuracy (a pretrained
-    ViT's last layers: large; a token that carries only the scene's label: 0). Also the patch counts.
+    label's mean softmax probability there; `on_confidence` / `background_confidence` and
+    `on_entropy` / `background_entropy`, A.6's confidence (largest logit minus the second) and
+    entropy (nats) there, split by location; `gap` = on_accuracy - background_accuracy (a
+    pretrained ViT's last layers: large; a token that carries only the scene's label: 0). Also the
+    patch counts.
     """
     labels = np.asarray(labels)
     cover = patch_cover(masks, model.config.patch_size)
     if cover.shape[1] != model.config.num_patches:
         raise ValueError(f"masks of shape {np.shape(masks)} do not tile into the model's "
                          f"{model.config.num_patches} patches")
-    hits, probs = [], []
-    for i in range(0, len(labels), batch):
-        h, p = _patch_hits(model, params, jnp.asarray(images[i:i + batch]), jnp.asarray(labels[i:i + batch], jnp.int32))
-        hits.append(np.asarray(h))
-        probs.append(np.asarray(p))
-    hits, probs = np.concatenate(hits), np.concatenate(probs)  # (B, L + 1, N)
+    parts = [_patch_hits(model, params, jnp.asarray(images[i:i + batch]), jnp.asarray(labels[i:i + batch], jnp.int32))
+             for i in range(0, len(labels), batch)]
+    hits, probs, conf, ent = (np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(4))  # (B, L + 1, N)
     on, bg = cover >= on_object, cover == 0
     mean = lambda a, sel: (a * sel[:, None]).sum((0, 2)) / max(int(sel.sum()), 1)
     res = dict(on_accuracy=mean(hits, on), background_accuracy=mean(hits, bg),
                on_prob=mean(probs, on), background_prob=mean(probs, bg),
+               on_confidence=mean(conf, on), background_confidence=mean(conf, bg),
+               on_entropy=mean(ent, on), background_entropy=mean(ent, bg),
                on_patches=int(on.sum()), background_patches=int(bg.sum()))
     res["gap"] = res["on_accuracy"] - res["background_accuracy"]
     return res

@@ -280,11 +280,18 @@ def test_patch_locality_counts_patches_on_the_digit_and_on_background():
     n = np.asarray(params["norm"]["scale"]) * (tokens - mu) / np.sqrt(var + cfg.norm_eps) + np.asarray(params["norm"]["bias"])
     z = n @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])  # (B, L+1, N, C)
     hit = z.argmax(-1) == labels[:, None, None]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top2 = np.sort(z, -1)[..., -2:]
+    conf, ent = top2[..., 1] - top2[..., 0], -(p * np.log(p)).sum(-1)  # A.6: the logit margin, the entropy
     cover = masks.reshape(6, 8, 8, 8, 8).mean((2, 4)).reshape(6, 64)
     on, bg = cover >= 0.25, cover == 0
     for layer in range(3):
         assert np.isclose(res["on_accuracy"][layer], hit[:, layer][on].mean(), atol=1e-6)
         assert np.isclose(res["background_accuracy"][layer], hit[:, layer][bg].mean(), atol=1e-6)
+        for key, ref in (("confidence", conf), ("entropy", ent)):
+            assert np.isclose(res[f"on_{key}"][layer], ref[:, layer][on].mean(), atol=1e-5)
+            assert np.isclose(res[f"background_{key}"][layer], ref[:, layer][bg].mean(), atol=1e-5)
     assert res["on_patches"] == on.sum() and res["background_patches"] == bg.sum()
     assert np.isclose(res["gap"][-1], res["on_accuracy"][-1] - res["background_accuracy"][-1])
 
@@ -300,7 +307,7 @@ def test_object_locality_counts_each_digits_patches_for_its_class_and_the_others
     x = digits.normalize(images)
     params = train_digits.jax_init(model.init(jax.random.key(0), x[:1])["params"], jax.random.key(1))
     params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
-    res = stats.object_locality(model, params, x, labels, masks, batch=4)
+    res = stats.object_locality(model, params, x, labels, masks, batch=6)
     tokens = np.asarray(model.apply({"params": params}, x).tokens, np.float64)[:, :, 1:]
     mu, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
     n = np.asarray(params["norm"]["scale"]) * (tokens - mu) / np.sqrt(var + cfg.norm_eps) + np.asarray(params["norm"]["bias"])

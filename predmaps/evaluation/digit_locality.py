@@ -58,7 +58,6 @@ def study_model(name: str, path: str, *, scenes: int = 400, bench_scenes: int = 
     t0 = time.perf_counter()
     images, labels, masks = digits.one_digit_scenes(scenes, "test", LOCALITY_SEED, cfg.img_size[0])
     x = digits.normalize(images)
-    loc = stats.patch_locality(model, params, x, labels, masks, batch=batch_size)
     a6 = [stats.layer_statistics(model, params, x[i:i + batch_size], labels[i:i + batch_size])
           for i in range(0, scenes, batch_size)]
     a6 = {k: np.concatenate([np.asarray(getattr(s, k)) for s in a6]).mean(0).tolist()
@@ -69,21 +68,24 @@ def study_model(name: str, path: str, *, scenes: int = 400, bench_scenes: int = 
     n_params = sum(int(v.size) for v in jax.tree_util.tree_leaves(params))
     return {"name": name, "path": str(path), "recipe": recipe_of(Path(path)), "params": n_params,
             "depth": cfg.depth, "embed_dim": cfg.embed_dim, "heads": cfg.num_heads,
-            "locality": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in loc.items()},
-            "locality_two_digit": two_digit_locality(model, params, batch_size=batch_size),
+            **locality_of(model, params, scenes=scenes, batch_size=batch_size),
             "a6": a6, "benchmark": bench.to_dict(), "seconds": time.perf_counter() - t0}
 
 
 TWO_DIGIT_SCENES = 200  # two-digit test scenes of the object locality (seed LOCALITY_SEED)
 
 
-def two_digit_locality(model, params, *, scenes: int = TWO_DIGIT_SCENES, batch_size: int = 100) -> dict:
-    """`stats.object_locality` on two-digit test scenes: per layer, the share of a digit's patch
-    tokens whose top class is that digit's, and the share whose top class is the other digit's."""
-    images, labels, masks = digits.two_digit_scenes(scenes, "test", LOCALITY_SEED, model.config.img_size[0])
-    res = stats.object_locality(model, params, digits.normalize(images), labels, masks, batch=batch_size)
-    return {"own_accuracy": res["own_accuracy"].tolist(), "other_accuracy": res["other_accuracy"].tolist(),
-            "patches": res["patches"], "scenes": scenes}
+def locality_of(model, params, *, scenes: int = 400, batch_size: int = 100) -> dict:
+    """The study's locality numbers (forward passes only): `locality`, `stats.patch_locality` on
+    `scenes` one-digit test scenes, and `locality_two_digit`, `stats.object_locality` on
+    TWO_DIGIT_SCENES two-digit test scenes (a digit's patch tokens naming its class / the other's)."""
+    size = model.config.img_size[0]
+    images, labels, masks = digits.one_digit_scenes(scenes, "test", LOCALITY_SEED, size)
+    loc = stats.patch_locality(model, params, digits.normalize(images), labels, masks, batch=batch_size)
+    images, labels, masks = digits.two_digit_scenes(TWO_DIGIT_SCENES, "test", LOCALITY_SEED, size)
+    two = stats.object_locality(model, params, digits.normalize(images), labels, masks, batch=batch_size)
+    listed = lambda d: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+    return {"locality": listed(loc), "locality_two_digit": {**listed(two), "scenes": TWO_DIGIT_SCENES}}
 
 
 def _row(bench: dict, method: str, layer: int) -> dict:
@@ -98,16 +100,19 @@ def _two_digit_cell(m: dict) -> str:
     return "-" if two is None else f"{100 * two['own_accuracy'][-1]:.1f} / {100 * two['other_accuracy'][-1]:.1f}"
 
 
-def fill_two_digit(models: dict, batch_size: int = 100) -> None:
-    """Measure the two-digit locality of stored study entries that predate it, from their `path`."""
-    for name, m in models.items():
-        if m.get("locality_two_digit") is None and Path(m["path"]).is_dir():
-            model, params = digits.load_model(m["path"])
-            m["locality_two_digit"] = two_digit_locality(model, params, batch_size=batch_size)
-            print(f"{name}: two-digit locality measured", file=sys.stderr, flush=True)
+def refresh_locality(models: list[dict], scenes: int = 400, batch_size: int = 100) -> None:
+    """Measure the locality numbers of stored study entries again from their `path` (entries that
+    predate a statistic get it; the benchmark columns are kept). A missing path is an error."""
+    for m in models:
+        if not Path(m["path"]).is_dir():
+            raise FileNotFoundError(f"{m['name']}: {m['path']} is gone; cannot measure its locality again")
+        model, params = digits.load_model(m["path"])
+        m.update(locality_of(model, params, scenes=scenes, batch_size=batch_size))
+        print(f"{m['name']}: locality measured again", file=sys.stderr, flush=True)
 
 
 def markdown(models: list[dict], info: dict) -> str:
+    depth_max = max(m["depth"] for m in models)
     lines = [
         "| model | recipe | depth x width | params | one-digit acc | last layer: patch acc on digit | "
         "on background | gap | L-1 gap | two digits: on its digit, its class / the other's | "
@@ -126,13 +131,28 @@ def markdown(models: list[dict], info: dict) -> str:
             f"{pa['perturbation']['auc'].get('positive', float('nan')):.2f} |")
     lines += ["", "Per layer (x^(0) = the embeddings, then each block's output): patch-token accuracy on the "
               "digit / on background, and the class token's accuracy (A.6).", "",
-              "| model | " + " | ".join(f"layer {i}" for i in range(max(m["depth"] for m in models) + 1)) + " |",
-              "|---|" + "---|" * (max(m["depth"] for m in models) + 1)]
+              "| model | " + " | ".join(f"layer {i}" for i in range(depth_max + 1)) + " |",
+              "|---|" + "---|" * (depth_max + 1)]
     for m in models:
         loc, a6 = m["locality"], m["a6"]
         cells = [f"{100 * on:.0f} / {100 * bg:.0f} (cls {100 * c:.0f})"
                  for on, bg, c in zip(loc["on_accuracy"], loc["background_accuracy"], a6["cls_accuracy"])]
         lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    for key, what, fmt in (("confidence", "A.6's: the largest logit minus the second", "{:.2f}"),
+                           ("entropy", "the entropy of the head's softmax (nats; uniform over 10 classes: 2.30)",
+                            "{:.2f}")):
+        lines += ["", f"Per layer: patch tokens' {key} ({what}) on the digit / on background, and the class "
+                  f"token's (A.6).", "",
+                  "| model | " + " | ".join(f"layer {i}" for i in range(depth_max + 1)) + " |",
+                  "|---|" + "---|" * (depth_max + 1)]
+        for m in models:
+            loc, a6 = m["locality"], m["a6"]
+            if f"on_{key}" not in loc:
+                lines.append(f"| {m['name']} | " + " | ".join("-" for _ in range(m["depth"] + 1)) + " |")
+                continue
+            cells = [f"{fmt.format(on)} / {fmt.format(bg)} (cls {fmt.format(c)})" for on, bg, c in
+                     zip(loc[f"on_{key}"], loc[f"background_{key}"], a6[f"cls_{key}"])]
+            lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
     lines += ["", f"Run: {info['date']}, {info['machine']}, jax {info['jax']}; {info['scenes']} locality scenes "
               f"(test digits, seed {LOCALITY_SEED}), benchmark on {info['bench_scenes']} + {info['bench_scenes']} "
               f"scenes (seed {digit_scenes.DEFAULT_SEED})."]
@@ -179,8 +199,9 @@ def main(argv=None) -> int:
                     help="benchmark rows: the study's six (default) or every method")
     ap.add_argument("--json", help="write every number here (models already in it are kept, by name)")
     ap.add_argument("--markdown", help="write the tables here")
-    ap.add_argument("--fill-two-digit", action="store_true",
-                    help="with --json: measure the two-digit locality of stored models that lack it (from their paths)")
+    ap.add_argument("--refresh-locality", action="store_true",
+                    help="with --json and --markdown alone: measure the locality numbers of every stored model again "
+                         "from its path (forward passes only; the benchmark columns are kept)")
     a = ap.parse_args(argv)
     from predmaps.runtime import configure_compile_cache
 
@@ -192,10 +213,8 @@ def main(argv=None) -> int:
         if not (a.json and a.markdown and Path(a.json).is_file()):
             ap.error("give NAME=DIR checkpoints (or --measured DIR, or --json and --markdown to render a study)")
         study = json.loads(Path(a.json).read_text())
-        if a.fill_two_digit:
-            models = {m["name"]: m for m in study["models"]}
-            fill_two_digit(models, a.batch_size)
-            study["models"] = list(models.values())
+        if a.refresh_locality:
+            refresh_locality(study["models"], study["info"]["scenes"], a.batch_size)
             safe_write.write_text(a.json, json.dumps(study, indent=1) + "\n")
         safe_write.write_text(a.markdown, markdown(study["models"], study["info"]) + "\n")
         return 0
