@@ -55,8 +55,8 @@ from pathlib import Path
 from jaxvit.model import KERNEL_IMPLS, pallas_parts
 from predmaps.runtime import int_at_least
 from bench.measure import memory_child, rss_supported
-from bench.models import (BF16_TOL, CPU_LARGE_BATCH, FP8_DTYPES, FP8_TOL, FP32_TOL, GPU_LARGE_BATCH, HEADLINE, METHODS, METHOD_ALIASES,
-                          MODELS, MODEL_ALIASES, REPO, TF32_TOL, _loadavg, _log)
+from bench.models import (BF16_TOL, CPU_LARGE_BATCH, FP8_DTYPES, FP8_TOL, FP32_TOL, GPU_LARGE_BATCH, HEADLINE,
+                          METHODS, METHOD_ALIASES, MODELS, MODEL_ALIASES, REPO, TF32_TOL, _loadavg, _log)
 from bench.render import add_missing_spreads, render_markdown, target_checks
 from bench.runner import Runner, _err, _parse_list, _replace_case, device_slug, environment
 
@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batch_arg,
                    help="comma list of batch sizes (default: GPU 1 and 256, 128 for ViT-L; CPU 1,8)")
     p.add_argument("--dtypes", type=_names_arg(["fp32", "bf16", *FP8_DTYPES], {}, "dtype"),
-                   help="comma list of fp32, bf16, fp8, fp8_fast (default: GPU fp32,bf16; CPU fp32); fp8 rows: the bf16 "
-                        "model with e4m3 block GEMMs (jaxvit.ViT(gemm='fp8'), fp8_fast: cuBLASLt's fast accumulation), "
+                   help="comma list of fp32, bf16, fp8, fp8_fast (default: GPU fp32,bf16; CPU fp32); fp8 rows: the "
+                        "bf16 model with e4m3 block GEMMs (jaxvit.ViT(gemm='fp8'), fp8_fast: cuBLASLt's fast accumulation), "
                         "JAX only, parity against the torch fp32 maps within FP8_TOL")
     p.add_argument("--impls", type=_names_arg(["torch", "jax"], {}, "impl"), default="torch,jax",
                    help="comma list of torch, jax (default both)")

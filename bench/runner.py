@@ -17,8 +17,8 @@ import numpy as np
 
 from predmaps.machine import cpu_name
 from bench.measure import _enable_compile_cache, _summary, parity, rss_overhead, rss_supported, run_memory_child
-from bench.models import (FP8_DTYPES, ForeignLoad, HEADLINE, INTERLEAVED, INTERLEAVED_ROUNDS, METHODS, METHOD_ALIASES, MODELS, MiB,
-                          _loadavg, _log, _to_numpy, build_timm, jax_compile, jax_methods_available, load_jax,
+from bench.models import (FP8_DTYPES, ForeignLoad, HEADLINE, INTERLEAVED, INTERLEAVED_ROUNDS, METHODS,
+                          METHOD_ALIASES, MODELS, MiB, _loadavg, _log, _to_numpy, build_timm, jax_compile, jax_methods_available, load_jax,
                           make_images, torch_function, torch_reference_output)
 from bench.render import MEASURED_JAX_MEMORY, STATIC_JAX_MEMORY
 from bench.timing import time_calls

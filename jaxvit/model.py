@@ -314,7 +314,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, dh = cfg.num_heads, cfg.dim_head
         separate = self.attention == "fused" and not want_full and _cudnn_attention(self.dtype)
-        q, k, v = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, self.precision, self.gemm, name="qkv")(x)  # (B, T, H, dh)
+        qkv = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, self.precision, self.gemm, name="qkv")
+        q, k, v = qkv(x)  # (B, T, H, dh)
         if cfg.qk_norm:
             q = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="q_norm")(q)
             k = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="k_norm")(k)

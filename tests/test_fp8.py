@@ -171,8 +171,8 @@ def test_gemm_option_refused_where_it_cannot_hold():
 
 
 def test_explainers_run_unchanged_on_an_fp8_model():
-    """Prediction maps, gradient methods (straight-through gradients: finite, nonzero) and LRP, which
-    runs any model in float32 from its stored weights and so gives the bf16 model's maps exactly."""
+    """PredicAtt and a gradient method (straight-through gradients: finite, nonzero). LRP clones any model
+    to float32, where gemm='fp8' is the float32 model itself (the jaxpr test above)."""
     import predmaps
 
     rng = np.random.default_rng(2)
@@ -183,14 +183,11 @@ def test_explainers_run_unchanged_on_an_fp8_model():
         jnp.asarray(rng.standard_normal(a.shape) * (a.shape[0] ** -0.5 if a.ndim >= 2 else 0.1), a.dtype)
         for a in leaves])
     m8, m16 = ViT(SMALL, dtype=BF16, gemm="fp8"), ViT(SMALL, dtype=BF16)
-    for method in ("predicatt", "prediction_map", "gradcam", "generic_attention"):
+    for method in ("predicatt", "generic_attention"):
         e8 = predmaps.explain(m8, params, x, method=method, target="top")
         e16 = predmaps.explain(m16, params, x, method=method, target="top")
         a, b = np.asarray(e8.maps, np.float64), np.asarray(e16.maps, np.float64)
         assert np.isfinite(a).all() and np.abs(a).max() > 0, method
-        # the same maps up to fp8 noise (measured 0.03-0.11 here); gradients through JAX's own rule for the
-        # e4m3 convert (tangents rounded to e4m3 unscaled) missed the bf16 maps entirely (1.0)
+        # the same maps up to fp8 noise (generic attention measured 0.03 here); gradients through JAX's own
+        # rule for the e4m3 convert (tangents rounded to e4m3 unscaled) missed the bf16 maps entirely (1.0)
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.5, method
-    lrp8 = predmaps.explain(m8, params, x, method="transattr", target=3)
-    lrp16 = predmaps.explain(m16, params, x, method="transattr", target=3)
-    np.testing.assert_array_equal(np.asarray(lrp8.maps), np.asarray(lrp16.maps))
