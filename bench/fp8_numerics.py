@@ -13,7 +13,7 @@ Benchmark models: timm architectures with random unit-fan-in weights (bench/mode
 trained weights have outlier features that random ones lack) on seeded normal images. Digits: the shipped
 trained ViT on one-digit test scenes, with its accuracy per variant.
 On CPU, XLA emulates e4m3 exactly: the numbers are a GPU's up to float32 accumulation order.
---hlo-check MODEL counts, in the compiled fp8 headline (PredicAtt_L + L-1) of that benchmark model, the GEMMs
+--hlo-check MODEL counts, in the compiled fp8 and fp8_fast headline (PredicAtt_L + L-1) of that model, the GEMMs
 XLA made cuBLASLt fp8 calls (custom call __cublas$lt$matmul$f8): on a GPU the fp8 rows are fp8 GEMMs only if
 this is every block GEMM (4 per block, 6 where qkv runs as three for cuDNN attention); on CPU it is 0.
 """
@@ -141,8 +141,9 @@ def digits_case(n: int, seed: int, floor: bool = True) -> dict:
                 jnp.asarray(digits.normalize(images)), labels, floor=floor)
 
 
-def gemm_calls(key: str, batch: int = 8, seed: int = 0) -> dict:
-    """The custom calls (by target) in the compiled fp8 headline of a benchmark model, and how many are fp8 GEMMs."""
+def gemm_calls(key: str, dtype: str = "fp8", batch: int = 8, seed: int = 0) -> dict:
+    """The custom calls (by target) in the compiled headline of a benchmark model at bench dtype fp8 or fp8_fast,
+    and how many are fp8 GEMMs (HIGHEST and DEFAULT precision dots: either could keep XLA from rewriting)."""
     import collections
     import re
 
@@ -152,12 +153,12 @@ def gemm_calls(key: str, batch: int = 8, seed: int = 0) -> dict:
     from bench.models import HEADLINE, MODELS, build_timm, jax_function, load_jax, make_images
 
     tmodel, size = build_timm(key, seed)
-    model, params = load_jax(tmodel, "fp8")
+    model, params = load_jax(tmodel, dtype)
     x = jnp.asarray(make_images(batch, size).transpose(0, 2, 3, 1))
     text = jax.jit(jax_function(model, HEADLINE)).lower(params, x).compile().as_text()
     calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
     depth = model.config.depth
-    return {"model": MODELS[key][3], "batch": batch, "custom_calls": dict(calls),
+    return {"model": MODELS[key][3], "dtype": dtype, "batch": batch, "custom_calls": dict(calls),
             "fp8_gemms": calls.get("__cublas$lt$matmul$f8", 0), "block_gemms_expected": [4 * depth, 6 * depth]}
 
 
@@ -198,9 +199,9 @@ def main(argv=None) -> int:
     import jax
 
     t0 = time.perf_counter()
-    hlo = [gemm_calls(key, seed=args.seed) for key in args.hlo_check]
+    hlo = [gemm_calls(key, dt, seed=args.seed) for key in args.hlo_check for dt in ("fp8", "fp8_fast")]
     for h in hlo:  # first: the shortest answer to whether the fp8 rows time fp8 GEMMs at all
-        print(f"{h['model']}: {h['fp8_gemms']} fp8 cuBLASLt GEMMs (block GEMMs: {h['block_gemms_expected']}); custom "
+        print(f"{h['model']} {h['dtype']}: {h['fp8_gemms']} fp8 cuBLASLt GEMMs (block GEMMs: {h['block_gemms_expected']}); custom "
               f"calls {h['custom_calls']}", flush=True)
     results = []
     for key in args.models:
