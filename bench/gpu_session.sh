@@ -9,9 +9,13 @@
 #   bash bench/gpu_session.sh followup  # what the first H200 session left (bench/NOTES.md): Pallas LayerNorm and
 #                                     # normaliser together, at b256 and b1, the bf16 rows with the winner, then the
 #                                     # other methods at b256 (TransAttr's LRP sub-batches first)
+#   BUDGET=420 bash bench/gpu_session.sh fp8  # issue 29's fp8 GEMMs: whether XLA made them cuBLASLt fp8 calls,
+#                                     # ViT-B/16 bf16 and fp8 rows (b1, b256, torch beside), the fp8 maps' deviation
+#                                     # (bench.fp8_numerics), then fp8 with fast accumulation at b256 if time is left
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
-# BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256").
+# BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256"; for fp8 add
+# FP8_MODEL=tiny, the model of its numerics and HLO check, ViT-B/16 otherwise).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -125,7 +129,25 @@ case "$1" in
     tuned_rows 200
     other_methods --batch 256  # the large batch, which the H200's 'final' ran out of time for
     ;;
-  *) echo "usage: bench/gpu_session.sh final|retime|followup" >&2; exit 2 ;;
+  fp8)
+    # ~7 min on an H200 (estimate: ~12 compiles of ViT-B/16 at ~15 s, the numerics' ~30 small ones); stages
+    # bounded from BUDGET, each keeping back what the later ones need (numerics ~120 s, fast accumulation ~60 s)
+    timeout $(( $(left) - 300 )) $PY -m bench.fp8_numerics --models none --digit-scenes 0 \
+      --hlo-check ${FP8_MODEL:-vit_b16} --out "$OUT/fp8_hlo.json" 2>&1 | tee -a "$log"
+    timeout $(( $(left) - 170 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes bf16,fp8 \
+      --methods forward,predicatt_L+L-1 --batch 1,${FP8_BATCH:-256} --memory-check none --no-bounds \
+      --deadline $(( $(left) - 200 )) --out "$OUT/bench_fp8" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT/bench_fp8/results.md"  # `python -m bench --render` rebuilds it
+    timeout $(( $(left) - 50 )) $PY -m bench.fp8_numerics --models ${FP8_MODEL:-vit_b16} --batch 16 \
+      --digit-scenes 200 --no-floor --out "$OUT/fp8_numerics.json" 2>&1 | tee -a "$log"
+    if [ "$(left)" -gt 45 ]; then
+      timeout $(( $(left) - 5 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes fp8_fast \
+        --methods forward,predicatt_L+L-1 --batch ${FP8_BATCH:-256} --memory-check none --no-bounds \
+        --deadline $(( $(left) - 30 )) --out "$OUT/bench_fp8_fast" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+      rm -f "$OUT/bench_fp8_fast/results.md"
+    fi
+    ;;
+  *) echo "usage: bench/gpu_session.sh final|retime|followup|fp8" >&2; exit 2 ;;
 esac
 echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
 rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary

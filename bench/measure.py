@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.models import BF16_TOL, FP32_TOL, MiB, REPO, TF32_TOL, build_timm, jax_compile, load_jax, make_images
+from bench.models import (BF16_TOL, FP8_DTYPES, FP8_TOL, FP32_TOL, MiB, REPO, TF32_TOL, build_timm, jax_compile,
+                          load_jax, make_images)
 
 
 def _status_kb(field: str) -> int:
@@ -71,7 +72,7 @@ def parity(out: dict, ref: dict, dtype: str, fp32_precision: str, torch_err: flo
         ok = err <= tol and mism == 0
         note = f"predicted class differs on {mism} image(s)" if mism else ""
         return {"status": "PASS" if ok else "FAIL", "rel_err": err, "tol": tol, "class_mismatch": mism, "note": note}
-    tol = BF16_TOL if torch_err is None else max(BF16_TOL, 2 * torch_err)
+    tol = FP8_TOL if dtype in FP8_DTYPES else BF16_TOL if torch_err is None else max(BF16_TOL, 2 * torch_err)
     if not keep.any():
         return {"status": "FAIL", "rel_err": None, "tol": tol, "class_mismatch": mism,
                 "note": "predicted class differs from fp32 on every image"}

@@ -44,6 +44,10 @@ INTERLEAVED_ROUNDS = 10  # at most; each round calls every row twice, so this bo
 FP32_TOL = 1e-4
 TF32_TOL = 1e-2
 BF16_TOL = 5e-2
+# fp8 rows (bf16 with e4m3 block GEMMs, jaxvit.fp8): maps against the torch fp32 reference; e4m3's 3 mantissa
+# bits put 3-5% (rel. L2) on the maps of random-weight ViTs on CPU (bench/NOTES.md, issue 29), any scaling
+FP8_TOL = 0.15
+FP8_DTYPES = {"fp8": "fp8", "fp8_fast": "fp8_fast"}  # bench dtype -> jaxvit.ViT(gemm=...) at compute dtype bf16
 MiB = 1024 * 1024
 
 
@@ -117,7 +121,8 @@ def build_timm(key: str, seed: int = 0):
 
 
 def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla", kernel_tiles: str = ""):
-    """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16. bf16 with
+    """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16, or fp8 / fp8_fast (bf16 with
+    `ViT(gemm=...)`'s e4m3 block GEMMs). bf16 with
     bf16_weights='cast' stores the block matmul weights in bf16 (`jaxvit.cast_params`: the same
     output bits as casting them on every call, without that per-call conversion). kernels and
     kernel_tiles (`jaxvit.kernels.Tiles` text, '' for the defaults) set `ViT.kernels` and its tiles."""
@@ -127,11 +132,14 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
     import jaxvit
     from jaxvit.kernels import Tiles
 
-    model, params = convert.load(tmodel, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
-    if dtype == "bf16" and bf16_weights == "cast":
+    half = dtype == "bf16" or dtype in FP8_DTYPES
+    model, params = convert.load(tmodel, dtype=jnp.bfloat16 if half else jnp.float32)
+    if half and bf16_weights == "cast":
         params = jaxvit.cast_params(params, jnp.bfloat16)
     if kernels != "xla" or kernel_tiles:
         model = model.clone(kernels=kernels, kernel_tiles=Tiles.parse(kernel_tiles))
+    if dtype in FP8_DTYPES:
+        model = model.clone(gemm=FP8_DTYPES[dtype])
     return model, params
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.models import HEADLINE, INTERLEAVED, METHODS, MODELS, MiB
+from bench.models import FP8_DTYPES, HEADLINE, INTERLEAVED, METHODS, MODELS, MiB
 
 
 def _fmt_ms(v):
@@ -151,6 +151,12 @@ def target_checks(records, gpu: bool, bounds: list[dict] | None = None,
             if tf:
                 add(f"ViT-B/16 bf16 b{batch}: vs torch forward >= 1.2x", th / tf, 1.2, th / tf >= 1.2, *key, 1.2 * tf,
                     versus=("torch", "forward"))
+        for dt in FP8_DTYPES:  # issue 29's fp8 target, beside bf16's
+            for batch in sorted({r["batch"] for r in records if r["model"] == "vit_b16" and r["batch"] > 1}):
+                th = _get(idx, "vit_b16", dt, HEADLINE, "jax", batch, field="throughput")
+                if th is not None:
+                    add(f"ViT-B/16 {dt} b{batch}: JAX PredicAtt_L+L-1 >= 20,000 img/s", th, 20000, th >= 20000,
+                        "vit_b16", dt, batch, 20000)
         lat = _get(idx, "vit_b16", "bf16", HEADLINE, "jax", 1)
         if lat is not None:
             add("ViT-B/16 bf16 b1: JAX PredicAtt_L+L-1 latency <= 1.5 ms", lat, 1.5, lat <= 1.5)
@@ -190,6 +196,8 @@ def render_markdown(result: dict) -> str:
               f"torch threads: {env['threads']['torch_num_threads']}; XLA_FLAGS: `{env['threads']['XLA_FLAGS']}`",
               f"- fp32 precision: JAX {env['precision']['jax_fp32_matmul']}; torch {env['precision']['torch_fp32']}",
               f"- bf16: JAX {env['precision']['jax_bf16']}; torch {env['precision']['torch_bf16']}",
+              *([f"- {env['precision']['jax_fp8']}"] if "jax_fp8" in env["precision"] and any(
+                  r["dtype"] in FP8_DTYPES for r in result["records"]) else []),
               f"- weights: {env['weights']}; inputs: {env['inputs']}; targets: {env['targets']}",
               f"- timing: {env['timing']}",
               f"- memory: {result['memory_mode']}"]

@@ -52,11 +52,11 @@ import sys
 import time
 from pathlib import Path
 
-from jaxvit.model import KERNEL_IMPLS
+from jaxvit.model import KERNEL_IMPLS, pallas_parts
 from predmaps.runtime import int_at_least
 from bench.measure import memory_child, rss_supported
-from bench.models import (BF16_TOL, CPU_LARGE_BATCH, FP32_TOL, GPU_LARGE_BATCH, HEADLINE, METHODS, METHOD_ALIASES,
-                          MODELS, MODEL_ALIASES, REPO, TF32_TOL, _loadavg, _log)
+from bench.models import (BF16_TOL, CPU_LARGE_BATCH, FP8_DTYPES, FP8_TOL, FP32_TOL, GPU_LARGE_BATCH, HEADLINE,
+                          METHODS, METHOD_ALIASES, MODELS, MODEL_ALIASES, REPO, TF32_TOL, _loadavg, _log)
 from bench.render import add_missing_spreads, render_markdown, target_checks
 from bench.runner import Runner, _err, _parse_list, _replace_case, device_slug, environment
 
@@ -263,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(METHODS)} (default: all)")
     p.add_argument("--batch", type=_batch_arg,
                    help="comma list of batch sizes (default: GPU 1 and 256, 128 for ViT-L; CPU 1,8)")
-    p.add_argument("--dtypes", type=_names_arg(["fp32", "bf16"], {}, "dtype"),
-                   help="comma list of fp32, bf16 (default: GPU fp32,bf16; CPU fp32)")
+    p.add_argument("--dtypes", type=_names_arg(["fp32", "bf16", *FP8_DTYPES], {}, "dtype"),
+                   help="comma list of fp32, bf16, fp8, fp8_fast (default: GPU fp32,bf16; CPU fp32); fp8 rows: the "
+                        "bf16 model with e4m3 block GEMMs (jaxvit.ViT(gemm='fp8'), fp8_fast: cuBLASLt's fast accumulation), "
+                        "JAX only, parity against the torch fp32 maps within FP8_TOL")
     p.add_argument("--impls", type=_names_arg(["torch", "jax"], {}, "impl"), default="torch,jax",
                    help="comma list of torch, jax (default both)")
     p.add_argument("--repeats", type=int_at_least(1), help="timed calls at batch 1 (default 20)")
@@ -372,6 +374,10 @@ def main(argv=None) -> int:
         print(md)
         return 0
 
+    if any(d in FP8_DTYPES for d in args.dtypes or []) and "mlp" in pallas_parts(args.kernels):
+        parser.error(f"--dtypes {','.join(args.dtypes)} with --kernels {args.kernels}: the fp8 rows quantise fc1, "
+                     "which that kernel set runs as a Pallas bf16 kernel; use --kernels xla, pallas_layernorm, "
+                     "pallas_head or pallas_layernorm_head")
     import jax
     import torch
 
@@ -442,7 +448,9 @@ def main(argv=None) -> int:
             "notes": notes,
             "tolerances": {"fp32": FP32_TOL if args.fp32_precision == "highest" else TF32_TOL,
                            "bf16": f"max({BF16_TOL}, 2 x the torch version's bf16 error), images whose predicted "
-                                   "class agrees with fp32"},
+                                   "class agrees with fp32",
+                           **{dt: f"{FP8_TOL} against the torch fp32 maps, images whose predicted class agrees with "
+                                  "fp32" for dt in FP8_DTYPES if dt in dtypes}},
             "wall_s": time.perf_counter() - t0,
             "skipped_jax_methods": getattr(runner, "skipped", []),
             "records": runner.records,

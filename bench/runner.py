@@ -17,8 +17,8 @@ import numpy as np
 
 from predmaps.machine import cpu_name
 from bench.measure import _enable_compile_cache, _summary, parity, rss_overhead, rss_supported, run_memory_child
-from bench.models import (ForeignLoad, HEADLINE, INTERLEAVED, INTERLEAVED_ROUNDS, METHODS, METHOD_ALIASES, MODELS, MiB,
-                          _loadavg, _log, _to_numpy, build_timm, jax_compile, jax_methods_available, load_jax,
+from bench.models import (FP8_DTYPES, ForeignLoad, HEADLINE, INTERLEAVED, INTERLEAVED_ROUNDS, METHODS,
+                          METHOD_ALIASES, MODELS, MiB, _loadavg, _log, _to_numpy, build_timm, jax_compile, jax_methods_available, load_jax,
                           make_images, torch_function, torch_reference_output)
 from bench.render import MEASURED_JAX_MEMORY, STATIC_JAX_MEMORY
 from bench.timing import time_calls
@@ -61,6 +61,10 @@ def environment(args, torch_device) -> dict:
                         + ("" if args.kernels == "xla" else
                            f"; kernels={args.kernels} (jaxvit.kernels, tiles {args.kernel_tiles or 'default'})"),
             "torch_bf16": f"torch.autocast('{torch_device.type}', dtype=torch.bfloat16)",
+            "jax_fp8": "fp8 / fp8_fast rows: the bf16 model with jaxvit.ViT(gemm='fp8' / 'fp8_fast'): qkv, proj, fc1, "
+                       "fc2 with e4m3 inputs and weights, per-tensor power-of-two scales, float32 / cuBLASLt fast "
+                       "accumulation (jaxvit.fp8); torch has no fp8 rows (its bf16 rows stand beside; the "
+                       "interleaved rounds time torch in bf16); no bounds",
         },
         "threads": {"torch_num_threads": torch.get_num_threads(),
                     "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
@@ -159,7 +163,7 @@ class Runner:
         """A context-manager factory for the torch side of a row: bf16 autocast, or nothing."""
         import torch
 
-        if dtype == "bf16":
+        if dtype == "bf16" or dtype in FP8_DTYPES:  # torch has no fp8 rows: fp8's interleaved torch rows are bf16
             return lambda: torch.autocast(self.tdev.type, dtype=torch.bfloat16)
         return contextlib.nullcontext
 
@@ -188,7 +192,7 @@ class Runner:
         import torch
 
         spec = torch_function(tmodel, method)
-        if spec is None:
+        if spec is None or dtype in FP8_DTYPES:  # the torch version has no fp8 path; its bf16 rows stand beside
             return None
         fn, setup, teardown = spec
         base = dict(model=mkey, model_label=MODELS[mkey][3], method=method, impl="torch", dtype=dtype, batch=batch,
@@ -448,7 +452,7 @@ class Runner:
                         self.measured(lambda: self.interleaved_case(tmodel, jmodel, jparams, mkey, dtype, batch, xt, xj,
                                                                     methods))
                     del xt, xj
-                if self.args.bounds and not self._past_deadline(f"{mkey} {dtype} bounds"):
+                if self.args.bounds and dtype not in FP8_DTYPES and not self._past_deadline(f"{mkey} {dtype} bounds"):
                     self.bounds_case(jmodel.config, mkey, dtype, max(batches), impls)
                 if self.mem_mode == "device" and "jax" in impls:
                     for method in methods:

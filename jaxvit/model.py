@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxvit import fp8
 from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
@@ -269,6 +270,7 @@ class QKV(nn.Module):
     dtype: Any = jnp.float32
     separate: bool = False
     precision: Any = None
+    gemm: str = "dtype"
 
     @nn.compact
     def __call__(self, x):
@@ -279,6 +281,9 @@ class QKV(nn.Module):
         bias = None if bias is None else bias.astype(self.dtype)
         x = x.astype(self.dtype)
         mm = lambda a, b: jnp.matmul(a, b, precision=self.precision)  # noqa: E731
+        if fp8.active(self.gemm, self.dtype):  # x and kernel quantised once; the slices of `separate` follow
+            x, kernel = fp8.fake_quant(x, self.dtype), fp8.fake_quant(kernel, self.dtype)
+            mm = lambda a, b: fp8.matmul(a, b, self.gemm)  # noqa: E731
         if not self.separate:
             y = mm(x, kernel) if bias is None else mm(x, kernel) + bias
             return tuple(jnp.moveaxis(y.reshape(b, t, 3, self.num_heads, self.dim_head), 2, 0))
@@ -301,6 +306,7 @@ class Attention(nn.Module):
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
+    gemm: str = "dtype"
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
@@ -308,7 +314,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, dh = cfg.num_heads, cfg.dim_head
         separate = self.attention == "fused" and not want_full and _cudnn_attention(self.dtype)
-        q, k, v = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, self.precision, name="qkv")(x)  # (B, T, H, dh)
+        qkv = QKV(h, dh, cfg.qkv_bias, self.dtype, separate, self.precision, self.gemm, name="qkv")
+        q, k, v = qkv(x)  # (B, T, H, dh)
         if cfg.qk_norm:
             q = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="q_norm")(q)
             k = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="k_norm")(k)
@@ -339,7 +346,8 @@ class Attention(nn.Module):
             out = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(out)
         _sow(self, "proj_in", out)
         out = nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
-                       kernel_init=_dense_init, name="proj")(out)
+                       kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
+                       name="proj")(out)
         return out, attn_cls, attn
 
 
@@ -375,6 +383,7 @@ class Mlp(nn.Module):
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
+    gemm: str = "dtype"
 
     @nn.compact
     def __call__(self, x):
@@ -385,13 +394,15 @@ class Mlp(nn.Module):
             x = DenseAct(cfg.mlp_dim, cfg.act, cfg.proj_bias, self.dtype, tile, name="fc1")(x)
         else:
             x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
-                         kernel_init=_dense_init, name="fc1")(x)
+                         kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
+                         name="fc1")(x)
             x = activation(cfg.act)(x)
         if cfg.scale_mlp_norm:
             x = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(x)
         _sow(self, "fc2_in", x)
         return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
-                        kernel_init=_dense_init, name="fc2")(x)
+                        kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
+                        name="fc2")(x)
 
 
 class LayerScale(nn.Module):
@@ -414,6 +425,7 @@ class Block(nn.Module):
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
+    gemm: str = "dtype"
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
@@ -422,7 +434,7 @@ class Block(nn.Module):
         y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm1")(x)
         _sow(self, "attn_in", y)
         attention = Attention(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, self.precision,
-                              name="attn")
+                              self.gemm, name="attn")
         y, attn_cls, attn = attention(y, want_cls=want_cls, want_full=want_full)
         if cfg.layer_scale:
             y = LayerScale(name="ls1")(y)
@@ -431,7 +443,7 @@ class Block(nn.Module):
         _sow(self, "mid", x)
         y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm2")(x)
         _sow(self, "mlp_in", y)
-        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, self.precision, name="mlp")(y)
+        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, self.precision, self.gemm, name="mlp")(y)
         if cfg.layer_scale:
             y = LayerScale(name="ls2")(y)
         _sow(self, "mlp_out", y)
@@ -481,6 +493,9 @@ class ViT(nn.Module):
       kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
       precision: `jax.lax.Precision` of every matmul (None: the backend's default, TF32 for float32
         on recent GPUs; predmaps' LRP asks for HIGHEST, since its rules divide by pre-activations).
+      gemm: "dtype" (every GEMM in the compute dtype) or, opt-in, "fp8" / "fp8_fast": in half precision, the
+        blocks' qkv, proj, fc1 and fc2 with e4m3 inputs and weights, per-tensor scales, float32 (or
+        cuBLASLt's fast) accumulation (`jaxvit.fp8`). float32 compute is the same either way, as for `kernels`.
 
     `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float, at the
     config's img_size or any multiple of the patch size (`ViTConfig.patch_grid`); another
@@ -501,6 +516,7 @@ class ViT(nn.Module):
     kernels: str = "xla"
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
+    gemm: str = "dtype"
 
     def __post_init__(self):
         # At construction, so convert.load(..., attention="flash") fails where it is asked.
@@ -508,7 +524,7 @@ class ViT(nn.Module):
             raise TypeError(f"ViT(config=...) takes a jaxvit.ViTConfig; got {type(self.config).__name__}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {self.attention!r}; choose from {ATTENTION_IMPLS}")
-        pallas_parts(self.kernels)  # an unknown name fails here, with the choices
+        fp8.check(self.gemm, pallas_parts(self.kernels))  # an unknown name fails here, with the choices
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"ViT dtype must be a float dtype (float32, bfloat16); got {self.dtype!r}")
         super().__post_init__()
@@ -528,7 +544,7 @@ class ViT(nn.Module):
         ln = lambda name: LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name=name)
         self.norm_pre = ln("norm_pre") if cfg.pre_norm else None
         self.blocks = [Block(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, self.precision,
-                             name=f"blocks_{i}") for i in range(cfg.depth)]
+                             self.gemm, name=f"blocks_{i}") for i in range(cfg.depth)]
         use_fc_norm = cfg.final_norm and cfg.fc_norm
         self.norm = ln("norm") if cfg.final_norm and not cfg.fc_norm else None
         self.fc_norm = ln("fc_norm") if use_fc_norm else None

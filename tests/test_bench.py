@@ -540,6 +540,7 @@ def _bench_fails(argv, capsys) -> str:
     (["--wait-quiet-max", "-5"], "argument --wait-quiet-max: takes a number of seconds >= 0"),
     (["--bf16-weights", "fp8"], "argument --bf16-weights: invalid choice"),
     (["--kernels", "cuda"], "argument --kernels: invalid choice"),
+    (["--dtypes", "bf16,fp8", "--kernels", "pallas_mlp"], "the fp8 rows quantise fc1, which that kernel set runs as"),
     (["--kernel-tiles", "dense=a"], "argument --kernel-tiles: kernel tiles 'dense=a': dense takes up to"),
     (["--memory-check", "lrp"], "unknown method 'lrp'; choose from forward"),
     (["--deadline", "soon"], "argument --deadline: takes a number of seconds"),
@@ -681,3 +682,21 @@ def test_jax_memory_without_the_subprocess_reading_is_marked_static():
     assert render._mem_cell({key: measured}, *key) == "123"
     torch_row = {"memory_bytes": 123 << 20, "memory_kind": "torch.cuda max_memory_allocated - memory_allocated before"}
     assert render._mem_cell({key: torch_row}, *key) == "123"
+
+
+def test_fp8_rows_are_held_to_the_fp8_tolerance():
+    """An fp8 row's maps pass within FP8_TOL of the fp32 reference and fail beyond it; bf16's tighter
+    tolerance would fail the same maps (the two are told apart)."""
+    import numpy as np
+
+    from bench.measure import parity
+    from bench.models import FP8_TOL
+
+    ref = {"maps": np.ones((2, 1, 4)), "classes": np.zeros((2, 1), int)}
+    for dtype in ("fp8", "fp8_fast"):
+        for factor, want in ((0.9, "PASS"), (1.1, "FAIL")):
+            got = {"maps": ref["maps"] * (1 + factor * FP8_TOL), "classes": ref["classes"]}
+            res = parity(got, ref, dtype, "highest")
+            assert (res["status"], res["tol"]) == (want, FP8_TOL), (dtype, factor, res)
+    assert parity({"maps": ref["maps"] * (1 + 0.9 * FP8_TOL), "classes": ref["classes"]}, ref, "bf16",
+                  "highest")["status"] == "FAIL"

@@ -1,0 +1,224 @@
+"""How far the fp8 GEMMs (`jaxvit.ViT(gemm="fp8")`, issue 29) move the maps: fp8 against bf16 and fp32, and
+bf16 against fp32 for scale, on the benchmark's models and inputs and on the digits model predmaps ships.
+
+    python -m bench.fp8_numerics [--models tiny,vit_s16] [--batch 8] [--digit-scenes 200] [--hlo-check vit_b16]
+                                 [--out FILE.json]
+
+For each case the fp32, bf16 and fp8 (bf16 with e4m3 GEMMs) models explain the same images for the same
+classes (fp32's top-1, so the maps compare like with like) and the script reports, per output, the relative
+L2 deviation ||a - b|| / ||b|| over the batch and the largest deviation max|a - b| / max|b|, for
+PredicAtt_L, PredicAtt_{L-1}, the prediction maps (layer L) and the logits, and the logits' top-1 agreement.
+"mant3" is the floor of any scaling: the same GEMM inputs rounded to 3 mantissa bits with no range limit.
+Benchmark models: timm architectures with random unit-fan-in weights (bench/models.py; not pretrained ones:
+trained weights have outlier features that random ones lack) on seeded normal images. Digits: the shipped
+trained ViT on one-digit test scenes, with its accuracy per variant.
+On CPU, XLA emulates e4m3 exactly: the numbers are a GPU's up to float32 accumulation order.
+--hlo-check MODEL counts, in the compiled fp8 and fp8_fast headline (PredicAtt_L + L-1) of that model, the GEMMs
+XLA made cuBLASLt fp8 calls (custom call __cublas$lt$matmul$f8): on a GPU the fp8 rows are fp8 GEMMs only if
+this is every block GEMM (4 per block, 6 where qkv runs as three for cuDNN attention); on CPU it is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUTPUTS = ("predicatt_L", "predicatt_L-1", "prediction_map", "logits")
+PAIRS = (("fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32"), ("mant3", "bf16"))
+
+
+def _mantissa3(x, dtype):
+    """x rounded to e4m3's 3 mantissa bits with no exponent limit: what any scale granularity (per tensor,
+    channel, token, block) at best gives, since e4m3's relative precision is the same across its range."""
+    import jax.numpy as jnp
+
+    x32 = x.astype(jnp.float32)
+    m, e = jnp.frexp(x32)  # m in [0.5, 1): 4 significant bits = m rounded to 1/16
+    return jnp.ldexp(jnp.round(m * 16) / 16, e).astype(dtype)
+
+
+def variants(model, params):
+    """{name: (module, params)}: fp32, bf16 (block weights stored bf16, as the benchmark's rows), fp8."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxvit
+
+    p16 = jaxvit.cast_params(params, jnp.bfloat16)
+    p32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return {"fp32": (model.clone(dtype=jnp.float32), p32), "bf16": (model.clone(dtype=jnp.bfloat16), p16),
+            "fp8": (model.clone(dtype=jnp.bfloat16, gemm="fp8"), p16)}
+
+
+def outputs(model, params, x, classes) -> dict:
+    """The four outputs of one variant for images x (B, H, W, C) and classes (B,), as float64 numpy."""
+    import contextlib
+
+    import jax
+    import jax.numpy as jnp
+
+    import predmaps
+
+    # fp32 as true fp32 (TF32 on a GPU otherwise); the half-precision variants as the benchmark runs them
+    ctx = jax.default_matmul_precision("highest") if model.dtype == jnp.float32 else contextlib.nullcontext()
+    with ctx:
+        out = {"logits": np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x).logits)(params, x), np.float64)}
+        for name, method, layer in (("predicatt_L", "predicatt", -1), ("predicatt_L-1", "predicatt", -2),
+                                    ("prediction_map", "prediction_map", -1)):
+            e = predmaps.explain(model, params, x, method=method, target=classes, layer=layer)
+            out[name] = np.asarray(e.maps, np.float64)
+    return out
+
+
+def mantissa_floor(model, params, x, classes) -> dict:
+    """`outputs` of the fp8 model with its fake quantisation replaced by `_mantissa3` (compiled afresh)."""
+    import jax
+
+    from jaxvit import fp8
+
+    saved = fp8.fake_quant
+    jax.clear_caches()  # explain's jit would reuse the fp8 model's executable (the module compares equal)
+    fp8.fake_quant = _mantissa3
+    try:
+        return outputs(model, params, x, classes)
+    finally:
+        fp8.fake_quant = saved
+        jax.clear_caches()
+
+
+def deviations(got: dict, ref: dict) -> dict:
+    res = {}
+    for k in OUTPUTS:
+        a, b = got[k], ref[k]
+        res[k] = {"rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                  "rel_max": float(np.abs(a - b).max() / np.abs(b).max())}
+    res["top1_agreement"] = float((got["logits"].argmax(-1) == ref["logits"].argmax(-1)).mean())
+    return res
+
+
+def case(label: str, model, params, x, labels=None, floor: bool = True) -> dict:
+    import jax
+
+    vs = variants(model, params)
+    m32, p32 = vs["fp32"]
+    with jax.default_matmul_precision("highest"):
+        classes = np.asarray(m32.apply({"params": p32}, x).logits).argmax(-1)  # what every variant explains
+    outs = {name: outputs(m, p, x, classes) for name, (m, p) in vs.items()}
+    if floor:
+        outs["mant3"] = mantissa_floor(*vs["fp8"], x, classes)
+    res = {"case": label, "images": int(x.shape[0]),
+           "pairs": {f"{a} vs {b}": deviations(outs[a], outs[b]) for a, b in PAIRS if a in outs}}
+    if labels is not None:
+        res["accuracy"] = {name: float((o["logits"].argmax(-1) == labels).mean()) for name, o in outs.items()}
+    return res
+
+
+def bench_case(key: str, batch: int, seed: int, floor: bool = True) -> dict:
+    import jax.numpy as jnp
+
+    import convert
+    from bench.models import MODELS, build_timm, make_images
+
+    tmodel, size = build_timm(key, seed)
+    model, params = convert.load(tmodel, dtype=jnp.float32)
+    x = jnp.asarray(make_images(batch, size).transpose(0, 2, 3, 1))
+    return case(f"{MODELS[key][3]}, random weights, b{batch}", model, params, x, floor=floor)
+
+
+def digits_case(n: int, seed: int, floor: bool = True) -> dict:
+    import jax.numpy as jnp
+
+    from predmaps import digits
+
+    model, params = digits.load_model()
+    images, labels, _ = digits.one_digit_scenes(n, "test", seed)
+    return case(f"digits ViT (shipped), {n} one-digit test scenes", model, params,
+                jnp.asarray(digits.normalize(images)), labels, floor=floor)
+
+
+def gemm_calls(key: str, dtype: str = "fp8", batch: int = 8, seed: int = 0) -> dict:
+    """The custom calls (by target) in the compiled headline of a benchmark model at bench dtype fp8 or fp8_fast,
+    and how many are fp8 GEMMs (HIGHEST and DEFAULT precision dots: either could keep XLA from rewriting)."""
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench.models import HEADLINE, MODELS, build_timm, jax_function, load_jax, make_images
+
+    tmodel, size = build_timm(key, seed)
+    model, params = load_jax(tmodel, dtype)
+    x = jnp.asarray(make_images(batch, size).transpose(0, 2, 3, 1))
+    text = jax.jit(jax_function(model, HEADLINE)).lower(params, x).compile().as_text()
+    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
+    depth = model.config.depth
+    return {"model": MODELS[key][3], "dtype": dtype, "batch": batch, "custom_calls": dict(calls),
+            "fp8_gemms": calls.get("__cublas$lt$matmul$f8", 0), "block_gemms_expected": [4 * depth, 6 * depth]}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| case | pair | " + " | ".join(f"{o} rel L2 / max" for o in OUTPUTS) + " | top-1 agree |",
+             "|---|---|" + "---|" * (len(OUTPUTS) + 1)]
+    for r in results:
+        for pair, d in r["pairs"].items():
+            cells = [f"{d[o]['rel_l2']:.2e} / {d[o]['rel_max']:.2e}" for o in OUTPUTS]
+            lines.append(f"| {r['case']} | {pair} | " + " | ".join(cells) + f" | {d['top1_agreement']:.3f} |")
+    acc = [f"- {r['case']}: accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
+           for r in results if "accuracy" in r]
+    return "\n".join(lines + ([""] + acc if acc else []))
+
+
+def main(argv=None) -> int:
+    from bench.models import MODELS, MODEL_ALIASES
+    from bench.run import _batch_arg, _names_arg
+
+    p = argparse.ArgumentParser(prog="python -m bench.fp8_numerics", description=__doc__.split("\n\n")[0])
+    models = _names_arg(MODELS, MODEL_ALIASES, "model")
+    p.add_argument("--models", type=lambda t: [] if t == "none" else models(t), default=["tiny", "vit_s16"],
+                   help=f"benchmark models, comma list of {', '.join(MODELS)}, or none (default tiny,vit_s16)")
+    p.add_argument("--batch", type=_batch_arg, default=[8], help="images per benchmark model (default 8)")
+    p.add_argument("--digit-scenes", type=int, default=200, help="one-digit test scenes for the digits model "
+                   "(default 200; 0 skips it)")
+    p.add_argument("--hlo-check", type=_names_arg(MODELS, MODEL_ALIASES, "model"), default=[],
+                   help="count the fp8 cuBLASLt GEMMs in these models' compiled fp8 headline (b8)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the mant3 variant (3 mantissa bits, no range limit: the floor of any scaling)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the results as JSON to this file")
+    args = p.parse_args(argv)
+    if args.digit_scenes < 0:
+        p.error(f"--digit-scenes takes a count >= 0; got {args.digit_scenes}")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
+        p.error(f"--out takes a file path in an existing folder; got {args.out}")
+    import jax
+
+    t0 = time.perf_counter()
+    hlo = [gemm_calls(key, dt, seed=args.seed) for key in args.hlo_check for dt in ("fp8", "fp8_fast")]
+    for h in hlo:  # first: the shortest answer to whether the fp8 rows time fp8 GEMMs at all
+        print(f"{h['model']} {h['dtype']}: {h['fp8_gemms']} fp8 cuBLASLt GEMMs (block GEMMs: {h['block_gemms_expected']}); custom "
+              f"calls {h['custom_calls']}", flush=True)
+    results = []
+    for key in args.models:
+        results.append(bench_case(key, max(args.batch), args.seed, args.floor))
+        print(f"{results[-1]['case']}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if args.digit_scenes:
+        results.append(digits_case(args.digit_scenes, args.seed, args.floor))
+    env = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    if results:
+        print(markdown(results))
+    print(f"\n{env}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"environment": env, "hlo_check": hlo, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
