@@ -256,10 +256,12 @@ def _demo(args, progress: dict) -> int:
 
         return demo_text(args, progress)
     if args.model is not None:  # real photos, the model's own top classes
-        ns = argparse.Namespace(
-            images=[str(p) for p in demo_photos()], model=args.model, model_name=args.model_name, labels=None,
-            classes="top3", method="predicatt", layers=[-1, -2], map_class=None, cmap=args.cmap, alpha=args.alpha,
-            shared_scale=False, top_k=5, heads=4, batch_size=8, strict=True, out=args.out)
+        # explain's own parser, so every option explain reads has explain's default
+        parser = argparse.ArgumentParser(prog="predmaps")
+        add_explain_parser(parser.add_subparsers())
+        argv = ["explain", *map(str, demo_photos()), "--model", args.model, "--classes", "top3", "--layers=-1,-2",
+                "--cmap", args.cmap, "--alpha", str(args.alpha), "--strict", "--out", args.out]
+        ns = parser.parse_args(argv + ([] if args.model_name is None else ["--model-name", args.model_name]))
         return _explain(ns, progress)
     try:  # before anything is written
         check_view_options(args)
