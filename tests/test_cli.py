@@ -155,8 +155,11 @@ def test_explain_rejects_empty_and_out_of_range_layers_for_every_method(tiny_che
                 cli.main([*command, "--model", str(tiny_checkpoint), "--layers", empty])
             assert e.value.code == 2
             assert "--layers takes comma-separated integers" in capsys.readouterr().err, (command, empty)
-    # rollout has no prediction layer, but a layer the model does not have is still a mistake to report
+    # rollout has no prediction layer: any --layers but the default is a mistake to report, said as such
     assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--method", "rollout", "--layers", "50",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "--layers: rollout takes no prediction layer" in capsys.readouterr().err
+    assert cli.main(["explain", str(good), "--model", str(tiny_checkpoint), "--layers", "50",
                      "--out", str(tmp_path / "o")]) == 2
     assert "--layers: layer 50 out of range" in capsys.readouterr().err
 
@@ -186,6 +189,8 @@ def test_option_values_that_would_fail_late_or_be_ignored_are_refused_up_front(t
         (["explain", str(image), "--out", str(image)], f"--out {image} is a file; give a folder"),
         (["explain", str(image), "--json", "--out", str(tmp_path / "o")],
          "--json writes a text classifier's maps (with --text)"),
+        (["explain", str(image), "--method", "rollout", "--layers=-1,-2", "--out", str(tmp_path / "o")],
+         "--layers: rollout takes no prediction layer"),
         (["demo", "--cmap", "nosuch", "--out", str(tmp_path / "demo")], "unknown colour map 'nosuch'"),
         (["demo", "--alpha", "2", "--out", str(tmp_path / "demo")], "--alpha (the heat map's opacity) must be in"),
     ]:

@@ -140,6 +140,7 @@ def _explain(args, progress: dict) -> int:
             return text_cli.explain_texts(args, progress)
         print(f"error: {text_refusal(args.model)}", file=sys.stderr)
         return 2
+    layers_given = args.layers is not None
     if args.layers is None:  # None only to tell CLIP's default (-2) apart
         args.layers = [-1]
     if not args.images:
@@ -159,6 +160,11 @@ def _explain(args, progress: dict) -> int:
     try:  # before the model loads (seconds, or a download)
         check_view_options(args)
         check_out(args.out)
+        from predmaps.request import METHODS
+
+        if layers_given and not METHODS[args.method].uses_layer and args.layers != [-1]:
+            raise ValueError(f"--layers: {args.method} takes no prediction layer (it reads the attention of every "
+                             "block it needs), so its overlays would ignore it; leave --layers out")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
