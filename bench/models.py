@@ -153,10 +153,9 @@ def jax_function(model, method: str):
     """The function JAX times: (params, images NHWC) -> dict(maps (B, K, gh, gw), classes) or dict(logits)."""
     import jax.numpy as jnp
 
-    from predmaps import explain_fn
-    from predmaps.targets import Targets
+    from predmaps import explain_fn, make_targets
 
-    top = Targets(kind="top")
+    top = make_targets("top", 1, model.config.num_classes)  # "top" holds no per-image array: any batch
     if method == "forward":
         return lambda p, x: {"logits": model.apply({"params": p}, x).logits}
     if method == HEADLINE:
