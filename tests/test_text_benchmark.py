@@ -184,3 +184,37 @@ def test_train_text_writes_a_checkpoint_load_text_reads(tmp_path):
     model, params, tok = load_text(tmp_path / "m")
     assert model.config.labels == ("negative", "positive") and model.config.num_layers == 1
     assert "steps x batch | 2 x 8" in (tmp_path / "m" / "TRAINING.md").read_text()
+
+
+def test_shipped_model_gradcam_equals_torch_reference_and_chefers_pooling():
+    # GradCAM's empty maps on the shipped model (docs/text-benchmark.md) are the method's, not ours: on benchmark
+    # sentences ours equals the torch reference (<= 1e-6: float32 maps of scale ~1e-2, same computation in two
+    # libraries), and Chefer's BERT generate_attn_gradcam pooling (per head the mean of the gradient over all
+    # T x T entries, clamp(mean_h(A * w)), [CLS] row), written here in numpy on transformers' autograd, is
+    # positive on exactly the same tokens.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from bench.torch_text_reference import gradcam
+    from convert.hf_text import load_text
+    from predmaps import text as ptext
+
+    model, params, tok = load_text(MODEL_DIR)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, attn_implementation="eager").eval()
+    sents = sentiment.generate(8, "single", text_scenes.DEFAULT_SEED) + sentiment.generate(8, "mixed", text_scenes.DEFAULT_SEED)
+    batch = tok([s.text for s in sents])
+    ours = np.asarray(ptext.explain_text(model, params, batch, method="gradcam", target="all").maps)
+    ids, mask = torch.as_tensor(batch.input_ids).long(), torch.as_tensor(batch.attention_mask).long()
+    want = gradcam(hf, ids, mask, target=torch.arange(2).expand(len(ids), 2)).numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-6, rtol=0)
+    out = hf(input_ids=ids, attention_mask=mask, output_attentions=True)
+    real = batch.attention_mask.astype(bool)
+    pair = (real[:, None, :, None] & real[:, None, None, :]).astype(np.float32)
+    a = out.attentions[-1].detach().numpy()
+    for c in (0, 1):
+        (g,) = torch.autograd.grad(out.logits[:, c].sum(), out.attentions[-1], retain_graph=True)
+        w = (g.numpy() * pair).sum((2, 3), keepdims=True) / pair.sum((2, 3), keepdims=True)
+        chefer = np.maximum((a * w).mean(1), 0)[:, 0] * batch.content_mask
+        np.testing.assert_array_equal(chefer > 0, ours[:, c] > 0)
+    predicted = ours[np.arange(len(sents)), np.asarray(out.logits.argmax(-1))]
+    assert (ours > 0).any(-1).sum() >= 8  # the parity above compares non-empty maps too
+    assert (predicted[:8] > 0).any(-1).sum() <= 1  # single-class, predicted class: empty (99.0% of 1000 in the doc)
