@@ -6,7 +6,8 @@ On the benchmark's sentences (seed 2024), with transformers' BertForSequenceClas
 last layer, [CLS] row, predicted class: how often each GradCAM variant has a positive word; how often the
 per-head weight w_h (mean gradient over the content columns) has the sign of <A_h, g_h> = d logit / d
 lambda_h, lambda_h scaling head h's [CLS] context; and the predicted logit with the last layer's [CLS]
-attention output scaled by lambda (all heads).
+attention output scaled by lambda (all heads); and, with predmaps.text's GradCAM, the map of the class that
+was not predicted, and on mixed sentences own > other (text_scenes' score) per kind of class.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ def measure(kind: str, n: int) -> None:
     import transformers
 
     from convert.hf_text import load_text
+    from predmaps import text as ptext
+    from predmaps.evaluation.text_scenes import class_masses
 
-    _, _, tok = load_text(DEFAULT_MODEL)
+    model, params, tok = load_text(DEFAULT_MODEL)
+    sents = sentiment.generate(n, kind, DEFAULT_SEED)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(DEFAULT_MODEL,
                                                                          attn_implementation="eager").eval()
-    batch = tok([s.text for s in sentiment.generate(n, kind, DEFAULT_SEED)])
+    batch = tok([s.text for s in sents])
     ids, am = torch.as_tensor(batch.input_ids).long(), torch.as_tensor(batch.attention_mask).long()
     content, real = batch.content_mask, batch.attention_mask.astype(bool)
     sa = hf.bert.encoder.layer[-1].attention.self
@@ -76,6 +80,18 @@ def measure(kind: str, n: int) -> None:
             print(f"  lambda {v:.1f}: predicted logit {z.gather(1, pred[:, None]).mean():.3f}, "
                   f"margin {margin.mean():.3f}, still predicted {(margin > 0).float().mean():.3f}")
     hook.remove()
+    ex = ptext.explain_text(model, params, batch, method="gradcam", target="all")
+    p = np.asarray(pred)
+    other = np.asarray(ex.maps)[np.arange(len(p)), 1 - p]
+    w0, w1 = hf.classifier.weight.detach()
+    print(f"  predmaps GradCAM, class not predicted: any positive word {np.mean((other > 0).any(-1)):.3f}; "
+          f"cosine of the classifier's two rows {float(torch.nn.functional.cosine_similarity(w0, w1, dim=0)):.3f}")
+    if kind == "mixed":
+        masses = np.stack([class_masses(wm.maps, s.word_classes) for s, wm in zip(sents, ptext.word_maps(ex, batch))])
+        for name, c in (("predicted", p), ("not predicted", 1 - p)):
+            own, oth = masses[np.arange(len(c)), c, c], masses[np.arange(len(c)), c, 1 - c]
+            print(f"  own > other, map of the {name} class: "
+                  f"{np.mean(np.where(own > oth, 1.0, np.where(own == oth, 0.5, 0.0))):.3f}")
 
 
 def main(argv=None) -> int:
