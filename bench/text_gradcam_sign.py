@@ -70,8 +70,9 @@ def measure(kind: str, n: int) -> None:
     print(f"  |mean_j g| / std_j g over the columns, median: {np.median(np.abs(w_all) / spread):.2f}; "
           f"sign(w_h) == sign(<A_h, g_h>): {np.mean(np.sign(w[..., 0]) == np.sign(ag)):.3f}; "
           f"sum_h <A_h, g_h> < 0: {np.mean(ag.sum(1) < 0):.3f}")
-    print(f"  [CLS] row attention on [CLS] / [SEP] / words (mean over heads): {a[..., 0].sum(-1).mean() / a.shape[1]:.3f} / "
-          f"{(a * (real & ~content)[:, None]).sum(-1).mean() - a[..., 0].mean():.3f} / {(a * content[:, None]).sum(-1).mean():.3f}")
+    on_cls, on_special = a[..., 0].mean(), (a * (real & ~content)[:, None]).sum(-1).mean()  # special: [CLS] + [SEP]
+    print(f"  [CLS] row attention on [CLS] / [SEP] / words (mean over heads): {on_cls:.3f} / "
+          f"{on_special - on_cls:.3f} / {(a * content[:, None]).sum(-1).mean():.3f}")
     with torch.no_grad():
         for v in (0.0, 0.5, 0.9, 1.0, 1.1, 1.5):
             lam["v"] = v

@@ -141,7 +141,8 @@ def rollout(model, input_ids, attention_mask, start_layer=0):
 
 def gradcam(model, input_ids, attention_mask, target="top"):
     """Last layer: per head, weight = mean over content tokens of d logit_c / dA's first row; map =
-    mean over heads of A_CLS * weight, clamped at 0. -> (B, K, T), one backward pass per class."""
+    mean over heads of A_CLS * weight, clamped at 0. -> (B, K, T), one backward pass per class. (Chefer's BERT
+    generate_attn_gradcam means over all T x T entries instead: same positive tokens, tests/test_text_benchmark.py.)"""
     logits, _, attn = forward_with_internals(model, input_ids, attention_mask)
     mask = content_mask(model, input_ids, attention_mask)
     classes = _resolve(logits.detach(), target)

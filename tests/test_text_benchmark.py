@@ -200,7 +200,8 @@ def test_shipped_model_gradcam_equals_torch_reference_and_chefers_pooling():
 
     model, params, tok = load_text(MODEL_DIR)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, attn_implementation="eager").eval()
-    sents = sentiment.generate(8, "single", text_scenes.DEFAULT_SEED) + sentiment.generate(8, "mixed", text_scenes.DEFAULT_SEED)
+    seed = text_scenes.DEFAULT_SEED
+    sents = sentiment.generate(8, "single", seed) + sentiment.generate(8, "mixed", seed)
     batch = tok([s.text for s in sents])
     ours = np.asarray(ptext.explain_text(model, params, batch, method="gradcam", target="all").maps)
     ids, mask = torch.as_tensor(batch.input_ids).long(), torch.as_tensor(batch.attention_mask).long()
