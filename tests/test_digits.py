@@ -264,21 +264,28 @@ def test_stochastic_depth_drops_whole_blocks_and_is_the_model_without_it():
     np.testing.assert_allclose(last, out.tokens[:, 1], atol=1e-6)
 
 
-def test_patch_locality_counts_patches_on_the_digit_and_on_background():
-    """stats.patch_locality against a hand count: the head applied (numpy) to every patch token."""
-    from predmaps import stats
-
+def _random_head_model(x):
+    """A 2-block digits ViT with a random head (so patch tokens' top classes vary) and the head applied
+    in numpy, float64, to every patch token of every layer: the hand reference of the locality tests."""
     cfg = train_digits.make_config(32, 2, 2)
     model = jaxvit.ViT(cfg)
-    images, labels, masks = digits.one_digit_scenes(6, "test", 4)
-    x = digits.normalize(images)
     params = train_digits.jax_init(model.init(jax.random.key(0), x[:1])["params"], jax.random.key(1))
     params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
-    res = stats.patch_locality(model, params, x, labels, masks, batch=4)
     tokens = np.asarray(model.apply({"params": params}, x).tokens, np.float64)[:, :, 1:]  # (B, L+1, N, D)
     mu, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
     n = np.asarray(params["norm"]["scale"]) * (tokens - mu) / np.sqrt(var + cfg.norm_eps) + np.asarray(params["norm"]["bias"])
     z = n @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])  # (B, L+1, N, C)
+    return model, params, z
+
+
+def test_patch_locality_counts_patches_on_the_digit_and_on_background():
+    """stats.patch_locality against a hand count: the head applied (numpy) to every patch token."""
+    from predmaps import stats
+
+    images, labels, masks = digits.one_digit_scenes(6, "test", 4)
+    x = digits.normalize(images)
+    model, params, z = _random_head_model(x)
+    res = stats.patch_locality(model, params, x, labels, masks, batch=4)
     hit = z.argmax(-1) == labels[:, None, None]
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -301,17 +308,11 @@ def test_object_locality_counts_each_digits_patches_for_its_class_and_the_others
     every patch token, each digit's patches scored against its own class and the other digit's."""
     from predmaps import stats
 
-    cfg = train_digits.make_config(32, 2, 2)
-    model = jaxvit.ViT(cfg)
     images, labels, masks = digits.two_digit_scenes(6, "test", 4)
     x = digits.normalize(images)
-    params = train_digits.jax_init(model.init(jax.random.key(0), x[:1])["params"], jax.random.key(1))
-    params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
+    model, params, z = _random_head_model(x)
     res = stats.object_locality(model, params, x, labels, masks, batch=6)
-    tokens = np.asarray(model.apply({"params": params}, x).tokens, np.float64)[:, :, 1:]
-    mu, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
-    n = np.asarray(params["norm"]["scale"]) * (tokens - mu) / np.sqrt(var + cfg.norm_eps) + np.asarray(params["norm"]["bias"])
-    top = (n @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])).argmax(-1)  # (B, L+1, N)
+    top = z.argmax(-1)  # (B, L+1, N)
     own, other, count = np.zeros(3), np.zeros(3), 0
     for b in range(6):
         for j in range(2):
