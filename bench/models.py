@@ -47,7 +47,7 @@ BF16_TOL = 5e-2
 # fp8 rows (bf16 with e4m3 block GEMMs, jaxvit.fp8): maps against the torch fp32 reference; e4m3's 3 mantissa
 # bits put 3-5% (rel. L2) on the maps of random-weight ViTs on CPU (bench/NOTES.md, issue 29), any scaling
 FP8_TOL = 0.15
-FP8_DTYPES = {"fp8": "fp8", "fp8_fast": "fp8_fast"}  # bench dtype -> jaxvit.ViT(gemm=...) at compute dtype bf16
+FP8_DTYPES = ("fp8", "fp8_fast")  # bench dtypes = jaxvit.ViT(gemm=...) names (jaxvit.fp8.GEMMS), at bf16
 MiB = 1024 * 1024
 
 
@@ -139,7 +139,7 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
     if kernels != "xla" or kernel_tiles:
         model = model.clone(kernels=kernels, kernel_tiles=Tiles.parse(kernel_tiles))
     if dtype in FP8_DTYPES:
-        model = model.clone(gemm=FP8_DTYPES[dtype])
+        model = model.clone(gemm=dtype)
     return model, params
 
 

@@ -52,6 +52,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxvit import fp8
 from jaxvit.model import KERNEL_IMPLS, pallas_parts
 from predmaps.runtime import int_at_least
 from bench.measure import memory_child, rss_supported
@@ -374,7 +375,10 @@ def main(argv=None) -> int:
         print(md)
         return 0
 
-    if any(d in FP8_DTYPES for d in args.dtypes or []) and "mlp" in pallas_parts(args.kernels):
+    try:  # jaxvit's own rule for which kernel sets an fp8 model refuses
+        for d in set(args.dtypes or []) & set(FP8_DTYPES):
+            fp8.check(d, pallas_parts(args.kernels))
+    except ValueError:
         parser.error(f"--dtypes {','.join(args.dtypes)} with --kernels {args.kernels}: the fp8 rows quantise fc1, "
                      "which that kernel set runs as a Pallas bf16 kernel; use --kernels xla, pallas_layernorm, "
                      "pallas_head or pallas_layernorm_head")

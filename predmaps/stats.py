@@ -114,19 +114,19 @@ def patch_cover(masks, patch: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _patch_hits(model: ViT, params, images, labels):
-    """Per layer l = 0..L and patch: is the label nu(x_i^(l))'s top class, its probability, and
-    A.6's confidence (logit margin) and entropy. Four (B, L + 1, N) float32 arrays."""
+def _patch_tops(model: ViT, params, images, labels):
+    """Per layer l = 0..L and patch: nu(x_i^(l))'s top class (int32), the label's probability, and
+    A.6's confidence (logit margin) and entropy (float32). Four (B, L + 1, N) arrays."""
     out = model.apply({"params": params}, images)
-    hits, probs, conf, ent = [], [], [], []
+    tops, probs, conf, ent = [], [], [], []
     for layer in range(model.config.depth + 1):
         z = core.token_logits(model, params, core.patch_tokens(model, out.tokens[:, layer]))  # (B, N, C)
-        acc, margin, entropy = _summaries(z, labels[:, None])
-        hits.append(acc)
+        _, margin, entropy = _summaries(z, labels[:, None])
+        tops.append(jnp.argmax(z, -1).astype(jnp.int32))
         probs.append(jnp.take_along_axis(jax.nn.softmax(z, -1), labels[:, None, None], -1)[..., 0])
         conf.append(margin)
         ent.append(entropy)
-    return jnp.stack(hits, 1), jnp.stack(probs, 1), jnp.stack(conf, 1), jnp.stack(ent, 1)
+    return jnp.stack(tops, 1), jnp.stack(probs, 1), jnp.stack(conf, 1), jnp.stack(ent, 1)
 
 
 def patch_locality(model: ViT, params, images, labels, masks, *, batch: int = 200,
@@ -148,9 +148,10 @@ def patch_locality(model: ViT, params, images, labels, masks, *, batch: int = 20
     if cover.shape[1] != model.config.num_patches:
         raise ValueError(f"masks of shape {np.shape(masks)} do not tile into the model's "
                          f"{model.config.num_patches} patches")
-    parts = [_patch_hits(model, params, jnp.asarray(images[i:i + batch]), jnp.asarray(labels[i:i + batch], jnp.int32))
+    parts = [_patch_tops(model, params, jnp.asarray(images[i:i + batch]), jnp.asarray(labels[i:i + batch], jnp.int32))
              for i in range(0, len(labels), batch)]
-    hits, probs, conf, ent = (np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(4))  # (B, L + 1, N)
+    top, probs, conf, ent = (np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(4))  # (B, L + 1, N)
+    hits = (top == labels[:, None, None]).astype(np.float32)
     on, bg = cover >= on_object, cover == 0
     mean = lambda a, sel: (a * sel[:, None]).sum((0, 2)) / max(int(sel.sum()), 1)
     res = dict(on_accuracy=mean(hits, on), background_accuracy=mean(hits, bg),
@@ -179,11 +180,10 @@ def object_locality(model: ViT, params, images, labels, masks, *, batch: int = 2
     if any(len(set(row)) != len(row) for row in labels.tolist()):
         raise ValueError("object_locality needs objects of different classes within a scene")
     b, k = labels.shape
-    hits = []  # per object: (B, L + 1, N), is that object's class the top class
-    for j in range(k):
-        h = [np.asarray(_patch_hits(model, params, jnp.asarray(images[i:i + batch]),
-                                    jnp.asarray(labels[i:i + batch, j], jnp.int32))[0]) for i in range(0, b, batch)]
-        hits.append(np.concatenate(h))
+    top = np.concatenate([np.asarray(_patch_tops(model, params, jnp.asarray(images[i:i + batch]),
+                                                 jnp.asarray(labels[i:i + batch, 0], jnp.int32))[0])
+                          for i in range(0, b, batch)])  # (B, L + 1, N): one forward for every object
+    hits = [top == labels[:, j, None, None] for j in range(k)]  # per object: is its class the top class
     own = other = 0.0
     count = 0
     for j in range(k):
