@@ -206,7 +206,6 @@ def _strong_aug(images, dense, rng, patch, erase_p: float = 0.25):
     0.3-3.3, filled with uniform noise). Erased pixels carry no class: a patch's token-labelling
     target moves towards uniform by the share of it erased."""
     n, size = images.shape[0], images.shape[1]
-    g = size // patch
     x = images.astype(np.float32) / 255.0
     dense = dense.copy()
     for i in range(n):
@@ -219,9 +218,9 @@ def _strong_aug(images, dense, rng, patch, erase_p: float = 0.25):
             w = int(min(size, max(1, round(np.sqrt(area / aspect)))))
             top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
             x[i, top:top + h, left:left + w] = rng.random((h, w, 3))
-            erased = np.zeros((size, size), np.float32)
-            erased[top:top + h, left:left + w] = 1.0
-            e = erased.reshape(g, patch, g, patch).mean((1, 3)).reshape(g * g, 1)
+            erased = np.zeros((1, size, size), bool)
+            erased[0, top:top + h, left:left + w] = True
+            e = stats.patch_cover(erased, patch)[0][:, None]  # (N, 1): each patch's erased share
             dense[i] = (1 - e) * dense[i] + e * 0.1
     return np.round(x * 255.0).astype(np.uint8), dense
 

@@ -138,9 +138,8 @@ def markdown(models: list[dict], info: dict) -> str:
         cells = [f"{100 * on:.0f} / {100 * bg:.0f} (cls {100 * c:.0f})"
                  for on, bg, c in zip(loc["on_accuracy"], loc["background_accuracy"], a6["cls_accuracy"])]
         lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
-    for key, what, fmt in (("confidence", "A.6's: the largest logit minus the second", "{:.2f}"),
-                           ("entropy", "the entropy of the head's softmax (nats; uniform over 10 classes: 2.30)",
-                            "{:.2f}")):
+    for key, what in (("confidence", "A.6's: the largest logit minus the second"),
+                      ("entropy", "the entropy of the head's softmax (nats; uniform over 10 classes: 2.30)")):
         lines += ["", f"Per layer: patch tokens' {key} ({what}) on the digit / on background, and the class "
                   f"token's (A.6).", "",
                   "| model | " + " | ".join(f"layer {i}" for i in range(depth_max + 1)) + " |",
@@ -150,7 +149,7 @@ def markdown(models: list[dict], info: dict) -> str:
             if f"on_{key}" not in loc:
                 lines.append(f"| {m['name']} | " + " | ".join("-" for _ in range(m["depth"] + 1)) + " |")
                 continue
-            cells = [f"{fmt.format(on)} / {fmt.format(bg)} (cls {fmt.format(c)})" for on, bg, c in
+            cells = [f"{on:.2f} / {bg:.2f} (cls {c:.2f})" for on, bg, c in
                      zip(loc[f"on_{key}"], loc[f"background_{key}"], a6[f"cls_{key}"])]
             lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
     lines += ["", f"Run: {info['date']}, {info['machine']}, jax {info['jax']}; {info['scenes']} locality scenes "
