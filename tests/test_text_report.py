@@ -325,6 +325,20 @@ def test_a_run_stopped_midway_still_writes_the_index_of_its_pages(tmp_path):
     assert "Incomplete: this run was interrupted after 2 text(s)" in index.read_text()
 
 
+def test_the_index_is_split_into_pages_of_per_index_page_rows_as_the_image_reports(tmp_path):
+    cfg = TextConfig.from_hf(_hf_config())
+    rep = text_report.write_text_report((_fake_result(i, f"text {i}") for i in range(5)), tmp_path / "r", cfg,
+                                        text_report.TextReportOptions(per_index_page=2))
+    assert report.verify(rep.index) == []  # every index page and text page reachable, no dead link
+    assert [p.name for p in rep.index_pages] == ["index.html", "index_2.html", "index_3.html"]
+    listed = [re.findall(r"<tr><td><a href='([^']+)'", p.read_text()) for p in rep.index_pages]
+    assert listed == [[p.name for p in rep.pages[:2]], [p.name for p in rep.pages[2:4]], [rep.pages[4].name]]
+    index = rep.index.read_text()
+    assert "Texts (5)" in index and "href='index_3.html'" in index and 'href="index_2.html">next index page' in index
+    for i, page in enumerate(rep.pages):  # each text's page leads up to the index page that lists it
+        assert f'href="{rep.index_pages[i // 2].name}">↑ index' in page.read_text()
+
+
 @pytest.mark.parametrize("case", ["empty text", "no tokenizer", "unsupported architecture", "not a text model",
                                   "missing text file", "image arguments", "unknown method", "out not ours",
                                   "nothing to explain", "no tokens"])

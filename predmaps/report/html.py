@@ -320,6 +320,56 @@ def _index_name(page: int) -> str:
     return "index.html" if page == 0 else f"index_{page + 1}.html"
 
 
+class IndexPages:
+    """An index's rows in pages of `per_page`: the first page's rows are kept for index.html (its owner writes it
+    last, with the summary); each later page is written as index_N.html once it is known whether another
+    follows, so memory holds one page of rows however many there are. table(rows) -> a page's table."""
+
+    def __init__(self, out: Path, per_page: int, title: str, meta: str, table: Callable[[list[str]], str],
+                 css: str = ""):
+        if per_page < 1:
+            raise ValueError(f"rows per index page must be at least 1; got {per_page}")
+        self.out, self.per_page, self.title, self.meta, self.table, self.css = out, per_page, title, meta, table, css
+        self.rows: list[str] = []
+        self.first_rows: list[str] | None = None
+        self.paths: list[Path] = []  # index_2.html onwards
+
+    def page_of(self, position: int) -> str:
+        """The index file listing row `position` (0-based)."""
+        return _index_name(position // self.per_page)
+
+    def add(self, row: str):
+        if len(self.rows) == self.per_page:  # only now is it known that another index page follows
+            self._flush(more=True)
+        self.rows.append(row)
+
+    def _flush(self, more: bool):
+        page = len(self.paths) + (self.first_rows is not None)
+        if page == 0:
+            self.first_rows = self.rows
+        else:
+            nav = _nav([("↑ summary", "index.html"), ("← previous", _index_name(page - 1)),
+                        ("next →", _index_name(page + 1) if more else None)])
+            title = f"{self.title} · index page {page + 1}"
+            path = self.out / _index_name(page)
+            safe_write.write_text(path, _page(title, f"<h1>{html.escape(title)}</h1>{self.meta}{nav}",
+                                              f"<section>{self.table(self.rows)}</section>", self.css))
+            self.paths.append(path)
+        self.rows = []
+
+    def finish(self) -> tuple[str, str, str]:
+        """Write the last page (once; calling again changes nothing) -> what index.html shows: the first page's
+        table, the links to every index page ('' when there is one) and its header's link to page 2 ('')."""
+        if self.rows or self.first_rows is None:
+            self._flush(more=False)
+        table = self.table(self.first_rows or [])
+        if not self.paths:
+            return table, "", ""
+        links = [("1", None)] + [(str(p + 1), _index_name(p)) for p in range(1, 1 + len(self.paths))]
+        pager = "<p>index pages: " + " · ".join(f"<a href='{h}'>{t}</a>" if h else f"<b>{t}</b>" for t, h in links)
+        return table, pager + "</p>", _nav([("next index page →", _index_name(1))])
+
+
 class ReportWriter:
     """Writes pages as images arrive; `finish()` writes the index. Memory and files stay bounded:
     one pending page, one index page of rows, and per-image statistics curves (a few floats)."""
@@ -328,9 +378,8 @@ class ReportWriter:
         self.out = safe_write.make_dir(out_dir)  # a symlinked report/ would put the pages where it points
         self.cfg, self.o = cfg, options
         self.pending: tuple[ImageResult, str, str] | None = None  # result, file name, previous file name
-        self.rows: list[str] = []
-        self.first_rows: list[str] | None = None
-        self.index_pages: list[Path] = []
+        self.index = IndexPages(self.out, options.per_index_page, options.title, _meta(cfg, options), _index_table)
+        self.index_pages = self.index.paths
         self.pages: list[Path] = []
         self.stats: list[dict] = []
         self.top_blocks: list[int] = []
@@ -341,7 +390,7 @@ class ReportWriter:
         if self.pending is None:
             return
         r, name, prev = self.pending
-        nav = _nav([("↑ index", _index_name(r.index // self.o.per_index_page)), ("← previous", prev),
+        nav = _nav([("↑ index", self.index.page_of(r.index)), ("← previous", prev),
                     ("next →", next_name)])
         path = self.out / name
         safe_write.write_text(path, image_page(r, self.cfg, self.o, nav))
@@ -353,35 +402,17 @@ class ReportWriter:
         prev = self.pending[1] if self.pending else None
         self._flush_pending(name)
         self.pending = (r, name, prev)
-        if len(self.rows) == self.o.per_index_page:  # only now is it known that another index page follows
-            self._flush_rows(more=True)
-        self.rows.append(_index_row(r, self.cfg, self.o, name))
+        self.index.add(_index_row(r, self.cfg, self.o, name))
         if r.stats is not None:
             self.stats.append(r.stats)
             self.top_blocks.append(r.top_head_block)
             self.correct.append(int(np.argmax(r.probs)) in {int(x) for x in r.labels if x >= 0})
         self.count += 1
 
-    def _flush_rows(self, more: bool):
-        page = len(self.index_pages) + (self.first_rows is not None)
-        if page == 0:
-            self.first_rows = self.rows
-        else:
-            nav = _nav([("↑ summary", "index.html"), ("← previous", _index_name(page - 1)),
-                        ("next →", _index_name(page + 1) if more else None)])
-            header = f"<h1>{html.escape(self.o.title)} · index page {page + 1}</h1>{_meta(self.cfg, self.o)}{nav}"
-            path = self.out / _index_name(page)
-            safe_write.write_text(path, _page(f"{self.o.title} · index page {page + 1}", header,
-                                              f"<section>{_index_table(self.rows)}</section>"))
-            self.index_pages.append(path)
-        self.rows = []
-
     def finish(self, stopped: str | None = None) -> Path:
         """Write the index. stopped: why the run ended before its last image (said on the index)."""
         self._flush_pending(None)
-        if self.rows or self.first_rows is None:
-            self._flush_rows(more=False)
-        n_pages = 1 + len(self.index_pages)
+        table, pager, next_page = self.index.finish()
         parts = [_reading_guide(self.o)]
         if stopped:
             parts.append(f"<section><h2>Incomplete</h2><p>This run {html.escape(stopped)} after {self.count} "
@@ -403,17 +434,10 @@ class ReportWriter:
                 f"prediction map. Top-1 accuracy of the model: {100 * acc:.1f}% ({sum(self.correct)}/"
                 f"{len(self.correct)}).</p><div class='flex'>{_img(plot, 'per-layer statistics')}"
                 f"{_img(hist, 'top head block histogram')}</div></section>")
-        pager = ""
-        if n_pages > 1:
-            links = [("1", None)] + [(str(p + 1), _index_name(p)) for p in range(1, n_pages)]
-            pager = "<p>index pages: " + " · ".join(
-                f"<a href='{h}'>{t}</a>" if h else f"<b>{t}</b>" for t, h in links) + "</p>"
         parts.append(f"<section><h2>Images ({self.count})</h2>{pager}<p class='note'>Each row links to the image's "
                      "page: predictions, PredicAtt per class beside raw attention and rollout, the prediction map at "
-                     "every layer, and the heads ranked by α̃.</p>"
-                     f"{_index_table(self.first_rows or [])}{pager}</section>")
-        header = (f"<h1>{html.escape(self.o.title)}</h1>{_meta(self.cfg, self.o)}"
-                  + (_nav([("next index page →", _index_name(1))]) if n_pages > 1 else ""))
+                     f"every layer, and the heads ranked by α̃.</p>{table}{pager}</section>")
+        header = f"<h1>{html.escape(self.o.title)}</h1>{_meta(self.cfg, self.o)}{next_page}"
         path = self.out / "index.html"
         safe_write.write_text(path, _page(self.o.title, header, "\n".join(parts)))
         return path

@@ -1,5 +1,5 @@
 """The text report: one self-contained HTML page per text, its words coloured per class (the paper's
-Figs. 16-17), and an index page linking them; `text_results_json` gives the same numbers as JSON.
+Figs. 16-17), and index pages linking them (as the image report's, `per_index_page` rows a page); `text_results_json` gives the same numbers as JSON.
 
     from predmaps.report import text as text_report
     results = text_report.analyse_texts(model, params, tokenizer, ["a wonderful film"],
@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from jaxvit import safe_write
-from predmaps.report.html import METHOD_TITLES, Report, _nav, _page, _pct, method_title
+from predmaps.report.html import METHOD_TITLES, IndexPages, Report, _nav, _page, _pct, method_title
 
 # Diverging colours: red for positive values (the word's share of the class's map), blue for negative ones.
 POSITIVE_RGB = (214, 39, 40)
@@ -66,13 +66,14 @@ class TextResult:
 class TextReportOptions:
     """title; model_name: shown in the header; shared_scale: one colour scale per method / layer over all
     its class rows (default: each row its own); reduce: how word pieces merge into a word ("sum" / "max");
-    notes: lines for the index (e.g. the empty lines skipped)."""
+    notes: lines for the index (e.g. the empty lines skipped); per_index_page: rows per index page."""
 
     title: str = "predmaps: text explanations"
     model_name: str = ""
     shared_scale: bool = False
     reduce: str = "sum"
     notes: Sequence[str] = ()
+    per_index_page: int = 100
 
 
 def plan_text_columns(method: str, layers: Sequence[int], depth: int) -> list[tuple[str, int | None]]:
@@ -284,34 +285,41 @@ def _index_row(r: TextResult, cfg, href: str) -> str:
             f"<td class='txt'>{coloured_text(r, values, _scale_of(values))}{cut}</td></tr>")
 
 
+def _index_table(rows: list[str]) -> str:
+    return ("<table class='index'><tr><th>#</th><th>prediction</th><th>map of</th><th>text</th></tr>"
+            + "".join(rows) + "</table>")
+
+
 def write_text_report(results: Iterable[TextResult], out_dir, cfg, options: TextReportOptions | None = None, *,
                       on_result: Callable[[TextResult], None] | None = None) -> Report:
-    """Write one page per result and index.html into out_dir (pages as results arrive: a page holds links
-    to its neighbours, so each is written once the next is known). Returns the paths and one line per text."""
+    """Write one page per result and index.html (+ index_N.html past `per_index_page` texts) into out_dir
+    (pages as results arrive: a page holds links to its neighbours, so each is written once the next is known).
+    Returns the paths and one line per text."""
     o = options or TextReportOptions()
     t0 = time.perf_counter()
     out = safe_write.make_dir(out_dir)
-    pages, rows, lines = [], [], []
+    index = IndexPages(out, o.per_index_page, o.title, _meta(cfg, o), _index_table, TEXT_CSS)
+    pages, lines = [], []
     pending: list = []  # [result, name, previous name]
 
     def flush(next_name):
         if pending:
             r, name, prev = pending.pop()
-            nav = _nav([("↑ index", "index.html"), ("← previous", prev), ("next →", next_name)])
+            nav = _nav([("↑ index", index.page_of(len(pages))), ("← previous", prev), ("next →", next_name)])
             safe_write.write_text(out / name, text_page(r, cfg, o, nav))
             pages.append(out / name)
+            index.add(_index_row(r, cfg, name))  # once its page exists: the index never links to a page not written
 
     def write_index(stopped=None):
+        table, pager, next_page = index.finish()
         notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in o.notes)
         if stopped:
             notes = (f"<p class='bad'>Incomplete: this run {html.escape(stopped)} after {len(pages)} text(s); the "
                      f"report holds only those.</p>{notes}")
-        body = (f"<section><h2>Texts ({len(pages)})</h2>{notes}<p class='note'>Each row shows the text coloured by "
-                f"PredicAtt<sub>L</sub> of the predicted class (red: more of the map; each row its own scale) and "
-                "links to the text's page: every class's map, per method and layer.</p><table class='index'><tr>"
-                f"<th>#</th><th>prediction</th><th>map of</th><th>text</th></tr>{''.join(rows[:len(pages)])}</table>"
-                "</section>")
-        header = f"<h1>{html.escape(o.title)}</h1>{_meta(cfg, o)}"
+        body = (f"<section><h2>Texts ({len(pages)})</h2>{notes}{pager}<p class='note'>Each row shows the text coloured "
+                f"by PredicAtt<sub>L</sub> of the predicted class (red: more of the map; each row its own scale) and "
+                f"links to the text's page: every class's map, per method and layer.</p>{table}{pager}</section>")
+        header = f"<h1>{html.escape(o.title)}</h1>{_meta(cfg, o)}{next_page}"
         safe_write.write_text(out / "index.html", _page(o.title, header, body, TEXT_CSS))
         return out / "index.html"
 
@@ -321,7 +329,6 @@ def write_text_report(results: Iterable[TextResult], out_dir, cfg, options: Text
             prev = pending[0][1] if pending else None
             flush(name)
             pending.append([r, name, prev])
-            rows.append(_index_row(r, cfg, name))
             pred = int(np.argmax(r.probs))
             lines.append(f"text {r.index + 1}: {cfg.labels[pred]} {r.probs[pred]:.3f}"
                          + (" (truncated)" if r.truncation else ""))
@@ -337,8 +344,8 @@ def write_text_report(results: Iterable[TextResult], out_dir, cfg, options: Text
         except Exception:  # noqa: BLE001 - e.g. the disk that failed the run; the first error is the one to report
             pass
         raise
-    index = write_index()
-    return Report(index=index, pages=pages, index_pages=[index], lines=lines, seconds=time.perf_counter() - t0)
+    return Report(index=write_index(), pages=pages, index_pages=[out / "index.html"] + index.paths, lines=lines,
+                  seconds=time.perf_counter() - t0)
 
 
 def _column_name(key, depth: int) -> str:
