@@ -11,6 +11,9 @@ file goes through both command lines, which must print the same error line and e
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -113,6 +116,28 @@ def test_a_bad_label_file_is_refused_the_same_way_by_run_and_eval(case, ckpt, fl
     assert run_line == eval_line and len(run_line) == 1, (run_err, eval_err)
     assert message in run_line[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before any work
+
+
+def test_eval_reads_a_label_file_once(ckpt, flat, tmp_path, monkeypatch):
+    """`predmaps eval perturbation --labels` reads the file once (it read it three times: checked before the
+    model loads, listed, range-checked again) and still scores the images with its labels."""
+    from jaxvit import safe_write
+
+    label_file = tmp_path / "labels.txt"
+    label_file.write_text("".join(f"{s}.png {c}\n" for s, c in zip(STEMS, (7, 3, 999))))
+    reads, read_regular = [], safe_write.read_regular
+
+    def counting(path, *args, **kwargs):
+        reads.append(Path(path))
+        return read_regular(path, *args, **kwargs)
+
+    monkeypatch.setattr(safe_write, "read_regular", counting)
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "perturbation", "--model", str(ckpt), "--data", str(flat), "--labels", str(label_file),
+                     "--batch-size", "3", "--mode", "positive", "--quiet", "--json", str(out)]) == 0
+    assert reads.count(label_file) == 1, reads
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 3 and result["layout"] == "flat files + label file labels.txt"
 
 
 def test_run_reads_the_devkit_ground_truth_end_to_end(ckpt, flat, tmp_path):

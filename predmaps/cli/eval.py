@@ -228,12 +228,12 @@ def _cmd_eval(args, ev) -> int:
     # What needs no model is checked before it loads (it may download): the label file's lines, then the data
     # folder, in the order `predmaps run` reads them. The images are listed once the model's class count is
     # known, every label checked against it as run checks it, so both refuse bad labels with one message.
-    images = seg = None
+    images = seg = labels = None
     if test == "perturbation" and args.maps is None:
-        from predmaps.data import imagenet_root, read_label_file
+        from predmaps.data import imagenet_root, parse_label_file
 
         if args.labels is not None:
-            read_label_file(args.labels, check_range=False)
+            labels = parse_label_file(args.labels)  # read once: listing and the range check use these lines
         imagenet_root(args.data)
     if test == "segmentation":
         seg = ev.ImageNetSegmentation(args.data)
@@ -242,7 +242,7 @@ def _cmd_eval(args, ev) -> int:
     model, params = load_model(args.model, args.model_name)
     cfg = model.config
     if test == "perturbation" and args.maps is None:
-        images = ev.imagenet_val(args.data, labels_file=args.labels, class_order=args.class_order, limit=args.limit,
+        images = ev.imagenet_val(args.data, labels_file=labels, class_order=args.class_order, limit=args.limit,
                                  subset=args.subset, seed=args.seed, num_classes=cfg.num_classes)
     options = dict(args.options)
     if args.normalization == "model":

@@ -28,7 +28,7 @@ import numpy as np
 
 from predmaps.data.decode import prefetch_batches, stack_padded
 from predmaps.data.inputs import IMAGE_EXTENSIONS
-from predmaps.data.labels import DataLayoutError, lookup, out_of_range, read_label_file, wnid_index
+from predmaps.data.labels import DataLayoutError, LabelFile, lookup, out_of_range, parse_label_file, wnid_index
 
 LABEL_FILE_NAMES = ("val_labels.txt", "labels.txt", "val.txt", "LOC_val_solution.csv",
                     "ILSVRC2012_validation_ground_truth.txt")
@@ -57,18 +57,23 @@ class ImageList:
     layout: str
     root: Path
     class_order: str = "imagenet"
-    label_file: Path | None = None  # where the labels came from, when a label file gave them
+    label_source: LabelFile | None = dataclasses.field(default=None, repr=False)  # when a label file gave the labels
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def label_file(self) -> Path | None:
+        """Where the labels came from, when a label file gave them."""
+        return None if self.label_source is None else self.label_source.path
+
     def check_classes(self, num_classes: int) -> None:
         """Raise unless every label is a class of a `num_classes`-class model, with the message
-        `predmaps run` gives for the same data: a label file is checked whole, line by line, by
-        `read_label_file` (`labels.check_label`); other layouts name their first bad images
-        (`labels.out_of_range`)."""
-        if self.label_file is not None:
-            read_label_file(self.label_file, num_classes)  # every line, as run reads it (~0.2 s per 50,000)
+        `predmaps run` gives for the same data: a label file is checked whole, line by line, as
+        `read_label_file` checks it (`labels.check_label`; from the lines read when listing, not read again);
+        other layouts name their first bad images (`labels.out_of_range`)."""
+        if self.label_source is not None:
+            self.label_source.table(num_classes)  # every line, as run checks it
             return
         bad = (self.labels < 0) | (self.labels >= num_classes)
         if bad.any():
@@ -98,7 +103,8 @@ def subset_indices(n: int, limit: int | None, *, mode: str = "random", seed: int
 
 def imagenet_val(path, *, labels_file=None, class_order: str = "imagenet", limit: int | None = None,
                  subset: str = "random", seed: int = 0, num_classes: int | None = None) -> ImageList:
-    """List ImageNet validation images and labels from `path` (see the module docstring).
+    """List ImageNet validation images and labels from `path` (see the module docstring). `labels_file`: a
+    path, or a `LabelFile` already read (`parse_label_file`: then it is not read again).
 
     Raises `DataLayoutError` naming the expected layouts when `path` is missing, empty or
     malformed. `num_classes`: the model's class count, every label checked against it as
@@ -114,18 +120,19 @@ def imagenet_val(path, *, labels_file=None, class_order: str = "imagenet", limit
     if not files and [d.name for d in dirs] in (["val"], ["validation"]) and labels_file is None:
         return imagenet_val(dirs[0], class_order=class_order, limit=limit, subset=subset, seed=seed,
                             num_classes=num_classes)
-    label_file = None
+    source = None
     if labels_file is not None:
-        label_file = Path(labels_file)
-        items = _flat_with_label_file(root, files, label_file, num_classes)
-        layout = f"flat files + label file {label_file.name}"
+        source = labels_file if isinstance(labels_file, LabelFile) else parse_label_file(labels_file)
+        items = _flat_with_label_file(root, files, source, num_classes)
+        layout = f"flat files + label file {source.path.name}"
     elif dirs and not files:
         items, layout = _image_folder(root, dirs, class_order), "class folders"
     elif files:
-        label_file = _find_label_file(root)
-        if label_file is not None:
-            items = _flat_with_label_file(root, files, label_file, num_classes)
-            layout = f"flat files + label file {label_file.name}"
+        found = _find_label_file(root)
+        if found is not None:
+            source = parse_label_file(found)
+            items = _flat_with_label_file(root, files, source, num_classes)
+            layout = f"flat files + label file {found.name}"
         else:
             items, layout = _flat_wnid_named(root, files), "flat files named <wnid>_*"
     else:
@@ -134,8 +141,8 @@ def imagenet_val(path, *, labels_file=None, class_order: str = "imagenet", limit
         raise DataLayoutError(f"{root}: no labelled images found; {IMAGENET_LAYOUTS}")
     paths, labels = zip(*items)
     out = ImageList(tuple(paths), np.asarray(labels, np.int32), layout, root,
-                    class_order if layout == "class folders" else "imagenet", label_file)
-    if num_classes is not None and label_file is None:  # a label file's lines were checked as it was read
+                    class_order if layout == "class folders" else "imagenet", source)
+    if num_classes is not None and source is None:  # a label file's lines were checked as it was read
         out.check_classes(num_classes)
     return out.subset(limit, mode=subset, seed=seed)
 
@@ -206,9 +213,9 @@ def _flat_wnid_named(root: Path, files: list[Path]) -> list[tuple[Path, int]]:
     return items
 
 
-def _flat_with_label_file(root: Path, files: list[Path], label_file: Path,
+def _flat_with_label_file(root: Path, files: list[Path], source: LabelFile,
                           num_classes: int | None) -> list[tuple[Path, int]]:
-    table = read_label_file(label_file, num_classes)
+    table, label_file = source.table(num_classes), source.path
     if not files:
         raise DataLayoutError(f"{root} holds no image files directly (label file {label_file.name}); "
                               f"{IMAGENET_LAYOUTS}")

@@ -13,6 +13,7 @@ among the 1000 sorted ids, as timm and torchvision number the classes). Layouts 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -70,14 +71,32 @@ def out_of_range(labelled: list[tuple[str, int]], num_classes: int) -> ValueErro
     return ValueError(f"labels out of range for a {num_classes}-class model: {labelled[:5]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelFile:
+    """A label file read and parsed once: (name, class, where) per label, in file order, the classes not yet
+    checked against a model. `table(num_classes)` checks them: the whole file is parsed before any class is
+    range-checked, so parsing it before the model is known and checking later gives the same first error as
+    `read_label_file` with the count, without reading the file again."""
+
+    path: Path
+    entries: tuple[tuple[str, int, str], ...]
+
+    def table(self, num_classes: int | None = None, *, check_range: bool = True) -> dict[str, int]:
+        """{file name or stem: class}, each class checked by `check_label` (unless not `check_range`)."""
+        return _checked(self.entries, num_classes, check_range)
+
+
 def read_label_file(path: str | os.PathLike, num_classes: int | None = None, *,
                     check_range: bool = True) -> dict[str, int]:
     """{file name or stem: class} from a label file in any layout of the module docstring; every
     label checked by `check_label` against `num_classes` (None: only that it is not negative).
-    Raises `LabelFileError` naming the file (and line) and what to do. The whole file is parsed
-    before any label is range-checked, in file order: so reading it without the check
-    (`check_range=False`, before the model is known) and again with the model's class count later
-    gives the same first error as reading it once with the count."""
+    Raises `LabelFileError` naming the file (and line) and what to do."""
+    return parse_label_file(path).table(num_classes, check_range=check_range)
+
+
+def parse_label_file(path: str | os.PathLike) -> LabelFile:
+    """Read and parse a label file once (`LabelFile`); its classes are checked by `LabelFile.table`.
+    Raises `LabelFileError` for a file that cannot be read or parsed."""
     path = Path(path)
     if not path.exists():  # a FIFO or device exists: read_regular refuses it, naming what it is
         raise LabelFileError(f"label file {path} not found: give the path of an existing label file")
@@ -92,7 +111,7 @@ def read_label_file(path: str | os.PathLike, num_classes: int | None = None, *,
     if not lines:
         raise LabelFileError(f"{path}: no labels found (the file is empty): give 'file label' lines")
     if all(re.fullmatch(r"\d+", ln) for _, ln in lines):
-        return _checked(_devkit_ground_truth(path, lines), num_classes, check_range)
+        return LabelFile(path, tuple(_devkit_ground_truth(path, lines)))
     out: list[tuple[str, int, str]] = []
     for i, (n, line) in enumerate(lines):
         fields = line.split(",", 1) if "," in line else line.split(None, 1)
@@ -108,10 +127,10 @@ def read_label_file(path: str | os.PathLike, num_classes: int | None = None, *,
         out.append((fields[0].strip(), label, f"{path}:{n}"))
     if not out:
         raise LabelFileError(f"{path}: no labels found: give 'file label' lines")
-    return _checked(out, num_classes, check_range)
+    return LabelFile(path, tuple(out))
 
 
-def _checked(entries: list[tuple[str, int, str]], num_classes: int | None, check_range: bool) -> dict[str, int]:
+def _checked(entries: tuple[tuple[str, int, str], ...], num_classes: int | None, check_range: bool) -> dict[str, int]:
     """{name: class} of (name, class, where) lines, each class checked in file order (unless not `check_range`)."""
     return {name: check_label(label, num_classes, where) if check_range else label for name, label, where in entries}
 
