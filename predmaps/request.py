@@ -112,6 +112,12 @@ def check_options(model, m: Method, options: dict | None) -> tuple[tuple[str, An
     return tuple(sorted(opts.items()))
 
 
+def layer_ignored(method: str, layer: int | None) -> bool:
+    """Whether `method` would ignore `layer`: a method without a prediction layer takes only None and the
+    default -1. Needs no model, so a command line can refuse such a layer before its model loads."""
+    return not get_method(method).uses_layer and layer not in (None, -1)
+
+
 def check(model, method: str = "predicatt", layer: int | None = -1, options: dict | None = None,
           target: Target | None = None, *, words: tuple[str, ...] | None = None) -> Request:
     """Check a request against `model` and return it as a `Request`.
@@ -126,7 +132,7 @@ def check(model, method: str = "predicatt", layer: int | None = -1, options: dic
     """
     m = _check_model(model, method)
     opts = check_options(model, m, options)
-    if not m.uses_layer and layer not in (None, -1):
+    if layer_ignored(method, layer):
         raise ValueError(f"method {method!r} takes no layer (it reads the attention of every block it needs); got "
                          f"layer={layer!r}: leave layer out. The methods with a prediction layer: "
                          f"{', '.join(n for n, x in METHODS.items() if x.uses_layer)}")

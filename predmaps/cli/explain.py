@@ -140,7 +140,6 @@ def _explain(args, progress: dict) -> int:
             return text_cli.explain_texts(args, progress)
         print(f"error: {text_refusal(args.model)}", file=sys.stderr)
         return 2
-    layers_given = args.layers is not None
     if args.layers is None:  # None only to tell CLIP's default (-2) apart
         args.layers = [-1]
     if not args.images:
@@ -160,9 +159,9 @@ def _explain(args, progress: dict) -> int:
     try:  # before the model loads (seconds, or a download)
         check_view_options(args)
         check_out(args.out)
-        from predmaps.request import METHODS
+        from predmaps.request import layer_ignored
 
-        if layers_given and not METHODS[args.method].uses_layer and args.layers != [-1]:
+        if any(layer_ignored(args.method, layer) for layer in args.layers):  # request.check's rule, before the model
             raise ValueError(f"--layers: {args.method} takes no prediction layer (it reads the attention of every "
                              "block it needs), so its overlays would ignore it; leave --layers out")
     except ValueError as e:
