@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import download, is_file_name, read_file, read_json
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, clean_state_dict
+from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, clean_state_dict, key_mismatch
 from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
 from jaxvit.clip_tokenizer import CLIPTokenizer
 
@@ -252,13 +252,7 @@ def _check(sd, taken, missing) -> None:
     """Strict: every text key consumed, every parameter found; image-tower keys are left for the image reader."""
     unexpected = [k for k in sd if k not in taken and k not in _IGNORED and not k.startswith(_VISION_PREFIXES)]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}"
-                         + (" ..." if len(unexpected) > 5 else ""))
-        raise CheckpointMismatchError("the CLIP text tower does not match the checkpoint: " + "; ".join(parts))
+        raise key_mismatch("the CLIP text tower does not match the checkpoint", missing=missing, unexpected=unexpected)
 
 
 def check_shapes(params, cfg: CLIPTextConfig) -> dict:

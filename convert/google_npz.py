@@ -24,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config
+from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config, key_mismatch
 from jaxvit.config import ViTConfig
 
 # The big_vision "B/16" variant names: (width, depth, mlp_dim, heads), as big_vision's ViT defines them.
@@ -99,7 +99,7 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
 
     def take(key: str, idx: int | None = None) -> np.ndarray:
         if key not in w:
-            raise CheckpointMismatchError(f"Google ViT checkpoint is missing {prefix}{key}")
+            raise key_mismatch("Google ViT checkpoint does not match a plain ViT", missing=[prefix + key], noun="arrays")
         used.add(key)
         value = np.asarray(w[key])
         return value[idx] if idx is not None else value
@@ -154,11 +154,11 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
         for r in (0, 1):
             sd[f"{dst}mlp.fc{r + 1}.weight"] = take(f"{src}{mlp}/Dense_{r}/kernel", idx).T
             sd[f"{dst}mlp.fc{r + 1}.bias"] = take(f"{src}{mlp}/Dense_{r}/bias", idx)
-    unexpected = sorted(f"{prefix}{k}" for k in set(w) - used) + outside
+    unexpected = [f"{prefix}{k}" for k in set(w) - used] + outside
     if unexpected:
-        shown = unexpected[:12] + ([f"and {len(unexpected) - 12} more"] if len(unexpected) > 12 else [])
-        raise CheckpointMismatchError(f"Google ViT checkpoint has unexpected arrays {shown}: jaxvit reads plain ViTs "
-                                      "(patch embedding, class token, position embedding, blocks, encoder_norm, head)")
+        raise key_mismatch("Google ViT checkpoint does not match a plain ViT", unexpected=unexpected, noun="arrays",
+                           advice="jaxvit reads plain ViTs (patch embedding, class token, position embedding, blocks, "
+                                  "encoder_norm, head)")
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}, heads, "big_vision" if big_vision else \
         "vision_transformer"
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import WEIGHT_FILES, download, read_file, read_json
-from convert.timm_vit import CheckpointMismatchError
+from convert.timm_vit import key_mismatch
 from jaxvit.text import TextConfig, TextEncoder, init_params
 from jaxvit.tokenizer import TOKENIZER_FILES, TextTokenizer
 
@@ -104,17 +104,10 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig
         for part in path.split("/")[:-1]:
             target = target.setdefault(part, {})
         target[path.split("/")[-1]] = leaves
-    unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:4])}")
-    if misshapen:
-        problems.append(f"misshapen: {'; '.join(misshapen[:3])}")
-    if problems:
-        raise CheckpointMismatchError(f"{where} does not match a {config.architecture} of its config.json: "
-                                      f"{'; '.join(problems)}")
+    unexpected = [k for k in sd if k not in used and not _IGNORED.search(k)]
+    if missing or unexpected or misshapen:
+        raise key_mismatch(f"{where} does not match a {config.architecture} of its config.json", missing=missing,
+                           unexpected=unexpected, misshapen=misshapen)
     return params
 
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config
+from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config, key_mismatch
 from jaxvit.config import ConfigError, ViTConfig
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,10 +56,10 @@ def split_towers(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     refused (CheckpointMismatchError naming it): nothing is dropped unseen."""
     visual = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
     text = {k: v for k, v in state_dict.items() if k.startswith(TEXT_KEYS)}
-    neither = sorted(k for k in state_dict if not k.startswith(("visual.",) + TEXT_KEYS))
+    neither = [k for k in state_dict if not k.startswith(("visual.",) + TEXT_KEYS)]
     if neither:
-        raise CheckpointMismatchError(f"open_clip checkpoint has unexpected keys {neither[:12]}: neither the image "
-                                      "tower (visual.*) nor the text tower")
+        raise key_mismatch("open_clip checkpoint has keys of neither tower", unexpected=neither,
+                           advice="They belong to neither the image tower (visual.*) nor the text tower")
     return visual, text
 
 

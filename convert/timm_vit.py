@@ -32,6 +32,20 @@ class CheckpointMismatchError(ValueError):
     """A state dict that does not fill a jaxvit ViT exactly (missing, unexpected or misshapen keys)."""
 
 
+def key_mismatch(what: str, *, missing=(), unexpected=(), misshapen=(), advice: str = "",
+                 noun: str = "keys") -> CheckpointMismatchError:
+    """The strict loaders' one error: `what` (e.g. "checkpoint does not match vit_base"), then the missing,
+    unexpected and misshapen keys (`noun`: what the format calls them), each sorted, the first 12 named and
+    the rest counted, then `advice` (what to do)."""
+    def some(keys) -> str:
+        keys = sorted(keys)
+        return str(keys) if len(keys) <= 12 else f"{keys[:12]} and {len(keys) - 12} more"
+
+    parts = [f"{label} {some(keys)}" for label, keys in ((f"missing {noun}", missing), (f"unexpected {noun}", unexpected),
+                                                        ("wrong shapes", misshapen)) if keys]
+    return CheckpointMismatchError(f"{what}: " + "; ".join(parts) + (f". {advice}" if advice else ""))
+
+
 class UnsupportedModelError(ValueError):
     """A timm model whose architecture jaxvit does not implement."""
 
@@ -154,22 +168,10 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig) -> 
     missing = [_path_to_timm(p) for p in want if p not in got and _path_to_timm(p) not in misshapen]
     missing = [m for m in missing if not any(s.startswith(m + ":") for s in misshapen)]
     if unexpected or missing or misshapen:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_some(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_some(unexpected)}")
-        if misshapen:
-            parts.append(f"wrong shapes {_some(misshapen)}")
-        raise CheckpointMismatchError(
-            f"checkpoint does not match {config.name or 'the ViT config'}: " + "; ".join(parts)
-            + ". Check model_name (architecture and tag) against the checkpoint.")
+        raise key_mismatch(f"checkpoint does not match {config.name or 'the ViT config'}", missing=missing,
+                           unexpected=unexpected, misshapen=misshapen,
+                           advice="Check model_name (architecture and tag) against the checkpoint.")
     return _unflatten(got)
-
-
-def _some(keys: list[str], n: int = 12) -> str:
-    keys = sorted(keys)
-    return str(keys) if len(keys) <= n else f"{keys[:n]} and {len(keys) - n} more"
 
 
 def state_dict_from_params(params: Mapping) -> dict[str, np.ndarray]:
@@ -318,6 +320,8 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
         what = f"embed_dim {d}" if width == d else f"the attention width {width} (qkv rows / 3)"
         raise ValueError(f"{what} is not divisible by num_heads {num_heads}: pass the model's head count, or "
                          "model_name (a timm name such as 'vit_small_patch16_224')")
+    if "blocks.0.mlp.fc1.weight" not in sd:  # the MLP width is read from it (a KeyError here named nothing)
+        raise key_mismatch("the checkpoint does not hold a whole ViT", missing=["blocks.0.mlp.fc1.weight"])
     fc_norm = "fc_norm.weight" in sd
     distilled = "dist_token" in sd
     cfg = ViTConfig(

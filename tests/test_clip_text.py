@@ -122,11 +122,11 @@ def test_open_clip_state_dict_is_read_strictly():
         load_clip_text(sd, heads=2, tokenizer=False)
     with pytest.raises(ValueError, match="heads="):  # nor, below OpenAI's 64 per head, the head count
         load_clip_text(sd, quick_gelu=True, tokenizer=False)
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected 1 key\(s\): transformer.resblocks.0.ls_1.gamma"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \['transformer.resblocks.0.ls_1.gamma'\]"):
         load_clip_text({**sd, "transformer.resblocks.0.ls_1.gamma": torch.ones(32)}, quick_gelu=True, heads=2,
                        tokenizer=False)
     missing = {k: v for k, v in sd.items() if k != "transformer.resblocks.1.mlp.c_proj.bias"}
-    with pytest.raises(CheckpointMismatchError, match=r"missing 1 key\(s\): transformer.resblocks.1.mlp.c_proj.bias"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \['transformer.resblocks.1.mlp.c_proj.bias'\]"):
         load_clip_text(missing, quick_gelu=True, heads=2, tokenizer=False)
 
 
@@ -243,7 +243,7 @@ def test_transformers_siglip_prompts_through_its_folders_tokenizer_json(tmp_path
     assert np.abs(got - want).max() <= TOL
 
 
-def test_transformers_unexpected_key_is_named(tmp_path):
+def test_transformers_missing_and_unexpected_keys_are_named(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**_hf_text_config()))
@@ -251,7 +251,11 @@ def test_transformers_unexpected_key_is_named(tmp_path):
     sd["text_model.encoder.layers.0.extra.weight"] = torch.zeros(2)
     folder = _safetensors_dir(tmp_path, sd, "model.safetensors")
     model.config.to_json_file(folder / "config.json")
-    with pytest.raises(CheckpointMismatchError, match="text_model.encoder.layers.0.extra.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \['text_model.encoder.layers.0.extra.weight'\]"):
+        load_clip_text(folder, tokenizer=False)
+    sd = {k: v for k, v in model.state_dict().items() if k != "text_model.encoder.layers.1.mlp.fc2.bias"}
+    _safetensors_dir(tmp_path, sd, "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \['text_model.encoder.layers.1.mlp.fc2.bias'\]"):
         load_clip_text(folder, tokenizer=False)
 
 

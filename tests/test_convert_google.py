@@ -159,7 +159,7 @@ def test_npz_loading_is_strict_and_refuses_what_jaxvit_lacks(tmp_path):
     with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected arrays \['Transformer/extra/kernel'\]"):
         load({"Transformer/extra/kernel": np.zeros(3, np.float32)})
     with pytest.raises(convert.CheckpointMismatchError,
-                       match="missing Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"):
+                       match=r"missing arrays \['Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias'\]"):
         load(drop="Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias")
     # A two-tower file: the image tower under params/img/ is read, the text tower and logit scale are set
     # aside, and anything else is named.

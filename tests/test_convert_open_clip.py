@@ -123,6 +123,10 @@ def test_open_clip_refusals_name_what_is_missing(tmp_path):
     sd["visual.extra"] = torch.zeros(2)
     with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected keys \['visual.extra'\]"):
         convert.load(_resave(sd, path, tmp_path / "extra"))
+    # A missing image-tower tensor is named by its timm name, the reader's (a KeyError named nothing for this one)
+    sd = {k: v for k, v in oc.state_dict().items() if k != "visual.transformer.resblocks.0.mlp.c_fc.weight"}
+    with pytest.raises(convert.CheckpointMismatchError, match=r"missing keys \['blocks.0.mlp.fc1.weight'\]"):
+        convert.load(_resave(sd, path, tmp_path / "missing"))
 
 
 def _resave(sd, like: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
