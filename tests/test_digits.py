@@ -395,3 +395,23 @@ def test_shipped_matches_timm(shipped):
     ours = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x).logits)(params, jnp.asarray(x)))
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+# ---------------------------------------------------------------- the locality study
+
+@needs_asset
+def test_the_study_renders_its_one_digit_scenes_once_for_the_a6_statistics_and_the_locality(monkeypatch):
+    """study_model rendered the same one-digit scenes twice (A.6 statistics, then `locality_of`); now once,
+    and its locality equals `locality_of` rendering them itself. The benchmark is left out (its own tests)."""
+    import types
+
+    from predmaps.evaluation import digit_locality, digit_scenes
+
+    rendered, render = [], digits.one_digit_scenes
+    monkeypatch.setattr(digits, "one_digit_scenes", lambda *a, **k: rendered.append(a) or render(*a, **k))
+    monkeypatch.setattr(digit_scenes, "run_benchmark", lambda *a, **k: types.SimpleNamespace(to_dict=dict))
+    study = digit_locality.study_model("shipped", str(ASSET), scenes=20, batch_size=10)
+    assert len(rendered) == 1
+    model, params = digits.load_model(ASSET)
+    alone = digit_locality.locality_of(model, params, scenes=20, batch_size=10)
+    assert study["locality"] == alone["locality"] and len(study["a6"]["cls_accuracy"]) == model.config.depth + 1

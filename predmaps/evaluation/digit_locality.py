@@ -56,8 +56,8 @@ def study_model(name: str, path: str, *, scenes: int = 400, bench_scenes: int = 
     model, params = digits.load_model(path)
     cfg = model.config
     t0 = time.perf_counter()
-    images, labels, masks = digits.one_digit_scenes(scenes, "test", LOCALITY_SEED, cfg.img_size[0])
-    x = digits.normalize(images)
+    one_digit = digits.one_digit_scenes(scenes, "test", LOCALITY_SEED, cfg.img_size[0])
+    x, labels = digits.normalize(one_digit[0]), one_digit[1]
     a6 = [stats.layer_statistics(model, params, x[i:i + batch_size], labels[i:i + batch_size])
           for i in range(0, scenes, batch_size)]
     a6 = {k: np.concatenate([np.asarray(getattr(s, k)) for s in a6]).mean(0).tolist()
@@ -68,19 +68,22 @@ def study_model(name: str, path: str, *, scenes: int = 400, bench_scenes: int = 
     n_params = sum(int(v.size) for v in jax.tree_util.tree_leaves(params))
     return {"name": name, "path": str(path), "recipe": recipe_of(Path(path)), "params": n_params,
             "depth": cfg.depth, "embed_dim": cfg.embed_dim, "heads": cfg.num_heads,
-            **locality_of(model, params, scenes=scenes, batch_size=batch_size),
+            **locality_of(model, params, scenes=scenes, batch_size=batch_size, one_digit=one_digit),
             "a6": a6, "benchmark": bench.to_dict(), "seconds": time.perf_counter() - t0}
 
 
 TWO_DIGIT_SCENES = 200  # two-digit test scenes of the object locality (seed LOCALITY_SEED)
 
 
-def locality_of(model, params, *, scenes: int = 400, batch_size: int = 100) -> dict:
+def locality_of(model, params, *, scenes: int = 400, batch_size: int = 100, one_digit=None) -> dict:
     """The study's locality numbers (forward passes only): `locality`, `stats.patch_locality` on
     `scenes` one-digit test scenes, and `locality_two_digit`, `stats.object_locality` on
-    TWO_DIGIT_SCENES two-digit test scenes (a digit's patch tokens naming its class / the other's)."""
+    TWO_DIGIT_SCENES two-digit test scenes (a digit's patch tokens naming its class / the other's).
+    one_digit: those one-digit scenes (images, labels, masks) when the caller has rendered them already."""
     size = model.config.img_size[0]
-    images, labels, masks = digits.one_digit_scenes(scenes, "test", LOCALITY_SEED, size)
+    if one_digit is None:
+        one_digit = digits.one_digit_scenes(scenes, "test", LOCALITY_SEED, size)
+    images, labels, masks = one_digit
     loc = stats.patch_locality(model, params, digits.normalize(images), labels, masks, batch=batch_size)
     images, labels, masks = digits.two_digit_scenes(TWO_DIGIT_SCENES, "test", LOCALITY_SEED, size)
     two = stats.object_locality(model, params, digits.normalize(images), labels, masks, batch=batch_size)
