@@ -30,9 +30,9 @@ import jaxvit
 from convert import google_npz, hf_vision, openclip
 from convert.hf_text import load_text  # BERT / RoBERTa / DistilBERT classifiers (issue 28)
 from convert.sources import WEIGHT_FILES, HubUnavailableError, config_file_of, is_file_name, read_source_files
-from convert.timm_vit import (TIMM_ARGS, CheckpointMismatchError, UnsupportedModelError, adapt_config,
-                              check_model_args, config_from_timm_module, infer_config, params_from_state_dict,
-                              resize_params, resolve_config, state_dict_from_params, timm_config)
+from convert.errors import CheckpointMismatchError, UnsupportedModelError
+from convert.timm_vit import (TIMM_ARGS, adapt_config, check_model_args, config_from_timm_module, infer_config,
+                              params_from_state_dict, resize_params, resolve_config, state_dict_from_params, timm_config)
 from jaxvit.config import ConfigError, UnknownModelError, ViTConfig, is_real
 from convert.clip_text import CLIP, load_clip_text  # noqa: E402  (CLIP's text tower)
 

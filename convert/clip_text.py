@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import download, is_file_name, read_file, read_json
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, clean_state_dict, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.timm_vit import clean_state_dict
 from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
 from jaxvit.clip_tokenizer import CLIPTokenizer
 

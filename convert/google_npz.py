@@ -24,7 +24,8 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.timm_vit import infer_config
 from jaxvit.config import ViTConfig
 
 # The big_vision "B/16" variant names: (width, depth, mlp_dim, heads), as big_vision's ViT defines them.

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import WEIGHT_FILES, download, read_file, read_json
-from convert.timm_vit import key_mismatch
+from convert.errors import key_mismatch
 from jaxvit.text import TextConfig, TextEncoder, init_params
 from jaxvit.tokenizer import TOKENIZER_FILES, TextTokenizer
 

@@ -41,7 +41,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config
+from convert.errors import CheckpointMismatchError, UnsupportedModelError
+from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
 # transformers' interpolate_pos_encoding: plain bicubic (ViT, DeiT, DINOv2), antialiased for DINOv2 with registers.

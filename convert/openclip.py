@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError, infer_config, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

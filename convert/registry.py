@@ -16,7 +16,8 @@ import logging
 import warnings
 from pathlib import Path
 
-from convert.timm_vit import UnsupportedModelError, config_from_timm_module
+from convert.errors import UnsupportedModelError
+from convert.timm_vit import config_from_timm_module
 from jaxvit import labels
 
 ARCH_FIELDS_EXCLUDED = ("name", "mean", "std", "interpolation", "crop_pct", "crop_mode", "label_names", "hf_hub_id")

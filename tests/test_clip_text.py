@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from convert.clip_text import load_clip_text
-from convert.timm_vit import CheckpointMismatchError, UnsupportedModelError
+from convert.errors import CheckpointMismatchError, UnsupportedModelError
 from jaxvit.clip_text import CLIPText, CLIPTextConfig
 from jaxvit.clip_tokenizer import CLIPTokenizer
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from convert.hf_text import export_state_dict, load_text
-from convert.timm_vit import CheckpointMismatchError
+from convert.errors import CheckpointMismatchError
 from jaxvit.text import TextConfig, TextEncoder, UnsupportedArchitectureError, init_params
 from jaxvit.tokenizer import MissingTokenizerError
 from predmaps import make_targets
