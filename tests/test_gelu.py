@@ -154,3 +154,29 @@ def test_gelu_option_refused_where_it_cannot_hold():
         with pytest.raises(ValueError, match="gelu='tanh' computes fc1's GELU in the GEMM's epilogue"):
             ViT(SMALL, dtype=BF16, gelu="tanh", kernels=kernels)
     ViT(SMALL, dtype=BF16, gelu="tanh", kernels="pallas_layernorm_head")
+
+
+@pytest.mark.slow
+def test_gelu_numerics_variants_swap_the_function_and_put_it_back():
+    """bench.gelu_numerics' float32-math variants: the tanh formula where the option puts it, nothing else
+    changed (close to the spelled variant, far from zero difference in float32), and the library restored."""
+    from bench.fp8_numerics import deviations, outputs
+    from bench.gelu_numerics import fp32_tanh_outputs, tanh_f32_outputs
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
+    init = ViT(SMALL).init(jax.random.key(0), x)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(init)
+    params = jax.tree_util.tree_unflatten(treedef, [
+        jnp.asarray(rng.standard_normal(a.shape) * (a.shape[0] ** -0.5 if a.ndim >= 2 else 0.1), a.dtype)
+        for a in leaves])
+    spelled, active = gelu.tanh_gelu, gelu.active
+    m32 = ViT(SMALL)
+    classes = np.zeros(2, int)
+    base = outputs(m32, params, x, classes)
+    # the approximation alone in float32: nonzero, and under 1e-2 (tanh vs erf GELU differ by at most ~5e-4)
+    d = deviations(fp32_tanh_outputs(m32, params, x, classes), base)["logits"]["rel_l2"]
+    assert 0 < d < 1e-2
+    t16 = tanh_f32_outputs(ViT(SMALL, dtype=BF16, gelu="tanh"), params, x, classes)
+    assert deviations(t16, base)["logits"]["rel_l2"] < 5e-2  # bf16 model: within bf16's own distance
+    assert gelu.tanh_gelu is spelled and gelu.active is active
