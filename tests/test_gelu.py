@@ -127,16 +127,20 @@ def test_default_and_float32_models_keep_exact_gelu():
     assert ViT(SMALL).gelu == "erf"
 
 
+def _images_and_unit_params(seed, batch):
+    """Normal images and unit-fan-in random weights (the init's zero head explains nothing)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)), jnp.float32)
+    leaves, treedef = jax.tree_util.tree_flatten(ViT(SMALL).init(jax.random.key(0), x)["params"])
+    return x, jax.tree_util.tree_unflatten(treedef, [
+        jnp.asarray(rng.standard_normal(a.shape) * (a.shape[0] ** -0.5 if a.ndim >= 2 else 0.1), a.dtype)
+        for a in leaves])
+
+
 def test_tanh_option_moves_a_bf16_forward_by_less_than_bf16_itself():
     """Logits of a random unit-fan-in model: tanh vs erf in bf16 differ by less than bf16 differs from float32
     (bench/NOTES.md has the measured sizes); a wrong GELU (e.g. ReLU-like) would exceed it."""
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
-    init = ViT(SMALL).init(jax.random.key(0), x)["params"]
-    leaves, treedef = jax.tree_util.tree_flatten(init)
-    params = jax.tree_util.tree_unflatten(treedef, [
-        jnp.asarray(rng.standard_normal(a.shape) * (a.shape[0] ** -0.5 if a.ndim >= 2 else 0.1), a.dtype)
-        for a in leaves])
+    x, params = _images_and_unit_params(3, 4)
 
     def logits(model):
         with jax.default_matmul_precision("highest"):
@@ -163,13 +167,7 @@ def test_gelu_numerics_variants_swap_the_function_and_put_it_back():
     from bench.fp8_numerics import deviations, outputs
     from bench.gelu_numerics import fp32_tanh_outputs, tanh_f32_outputs
 
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
-    init = ViT(SMALL).init(jax.random.key(0), x)["params"]
-    leaves, treedef = jax.tree_util.tree_flatten(init)
-    params = jax.tree_util.tree_unflatten(treedef, [
-        jnp.asarray(rng.standard_normal(a.shape) * (a.shape[0] ** -0.5 if a.ndim >= 2 else 0.1), a.dtype)
-        for a in leaves])
+    x, params = _images_and_unit_params(4, 2)
     spelled, active = gelu.tanh_gelu, gelu.active
     m32 = ViT(SMALL)
     classes = np.zeros(2, int)
