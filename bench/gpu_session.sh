@@ -9,11 +9,11 @@
 #   bash bench/gpu_session.sh followup  # what the first H200 session left (bench/NOTES.md): Pallas LayerNorm and
 #                                     # normaliser together, at b256 and b1, the bf16 rows with the winner, then the
 #                                     # other methods at b256 (TransAttr's LRP sub-batches first)
+#   BUDGET=360 bash bench/gpu_session.sh levers  # issue 29's tanh GELU in fc1's cuBLASLt epilogue (b256, b1) and
+#                                     # the b1 levers: materialised attention, command-buffer options (one process)
 #   BUDGET=420 bash bench/gpu_session.sh fp8  # issue 29's fp8 GEMMs: whether XLA made them cuBLASLt fp8 calls,
 #                                     # ViT-B/16 bf16 and fp8 rows (b1, b256, torch beside), the fp8 maps' deviation
 #                                     # (bench.fp8_numerics), then fp8 with fast accumulation at b256 if time is left
-#   BUDGET=360 bash bench/gpu_session.sh levers  # issue 29's tanh GELU in fc1's cuBLASLt epilogue (b256, b1) and
-#                                     # the b1 levers: materialised attention, command-buffer options (one process)
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256"; for fp8 add
