@@ -496,11 +496,11 @@ class ViT(nn.Module):
       kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
       precision: `jax.lax.Precision` of every matmul (None: the backend's default, TF32 for float32
         on recent GPUs; predmaps' LRP asks for HIGHEST, since its rules divide by pre-activations).
+      gelu: "erf" (exact GELU, timm's) or, opt-in, "tanh": in half precision, GELU models compute the tanh
+        approximation, spelled so that XLA:GPU can fold it into fc1's cuBLASLt epilogue (`jaxvit.gelu`).
       gemm: "dtype" (every GEMM in the compute dtype) or, opt-in, "fp8" / "fp8_fast": in half precision, the
         blocks' qkv, proj, fc1 and fc2 with e4m3 inputs and weights, per-tensor scales, float32 (or
         cuBLASLt's fast) accumulation (`jaxvit.fp8`). float32 compute is the same either way, as for `kernels`.
-      gelu: "erf" (exact GELU, timm's) or, opt-in, "tanh": in half precision, GELU models compute the tanh
-        approximation, spelled so that XLA:GPU can fold it into fc1's cuBLASLt epilogue (`jaxvit.gelu`).
 
     `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float, at the
     config's img_size or any multiple of the patch size (`ViTConfig.patch_grid`); another
