@@ -90,8 +90,8 @@ def epilogue_gelus(jaxpr) -> int:
             if not sq or list(sq.invars) != [y, y] or not is_gemm_out(y):
                 continue
             one = [u for u in users.get(id(t.outvars[0]), []) if u.primitive.name == "add"]
-            half = [u for a in one if split(a, 1.0, 0) is not None
-                    for u in users.get(id(a.outvars[0]), []) if u.primitive.name == "mul" and split(u, 0.5, 0) is not None]
+            half = [u for a in one if split(a, 1.0, 0) is not None for u in users.get(id(a.outvars[0]), [])
+                    if u.primitive.name == "mul" and split(u, 0.5, 0) is not None]
             final = [u for h in half for u in users.get(id(h.outvars[0]), [])
                      if u.primitive.name == "mul" and y in u.invars]
             if final and len(users[id(y)]) == 4:
