@@ -8,7 +8,8 @@ them:
   variants   forward / headline with block weights cast to bf16 (jaxvit.cast_params) or fp32,
              attention through cuDNN (the default on GPU in half precision), through jaxvit's own
              heads-first kernel, or materialised; the prediction-column normaliser chunked (default)
-             or as one GEMM.
+             or as one GEMM; tanh GELU (ViT(gelu="tanh"), for cuBLASLt's GELU epilogue). Each records
+             its compiled cuBLAS(Lt) calls and their epilogues (`gemm_epilogues`).
   floors     a large matmul (the card's matrix rate) and each dense layer's GEMM at the model's
              shapes, alone (both from bench.bounds); cuDNN attention alone (x L).
   kernels    jaxvit.kernels' Pallas LayerNorm, fc1+GELU and prediction-map normaliser against XLA's,
@@ -37,12 +38,23 @@ from jaxvit.model import KERNEL_IMPLS  # noqa: E402 (after the allocator setting
 
 MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
                "vit_l16": "vit_large_patch16_224", "tiny": None}
+# XLA options of single compiles (jax's compile(compiler_options=...)), so they time in the default's process:
+# cuBLASLt GEMMs, whose epilogue can take fc1's tanh GELU (the legacy cuBLAS call cannot), without and with it;
+# at batch 1, command buffers (CUDA graphs) around every region of 1+ ops (default 5), regions' independent ops
+# run concurrently, and no command buffers at all (what graphs give there). bench/NOTES.md has the flags' docs.
+_CUBLASLT = {"xla_gpu_enable_cublaslt": True}
+COMPILE_OPTIONS = {"headline_cublaslt": _CUBLASLT, "headline_gelu_tanh_cublaslt": _CUBLASLT,
+                   "headline_graph_min1": {"xla_gpu_graph_min_graph_size": 1},
+                   "headline_graph_concurrent": {"xla_gpu_graph_min_graph_size": 1,
+                                                 "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+                   "headline_no_graphs": {"xla_gpu_enable_command_buffer": ""}}
 # the headline with each ViT(kernels=...) other than XLA's: headline_pallas, headline_pallas_mlp, ...
 PALLAS_VARIANTS = tuple(f"headline_{k}" for k in KERNEL_IMPLS if k != "xla")
 VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
             "headline_f32_patch",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
-            "headline_own_attn", "forward_fp32w", "forward_scan") + PALLAS_VARIANTS
+            "headline_own_attn", "forward_fp32w", "forward_scan", "headline_gelu_tanh") + tuple(COMPILE_OPTIONS) \
+    + PALLAS_VARIANTS
 # tiles tried by `tune_kernels`: (block_rows, num_warps) and (block_m, block_n, block_k, num_warps, num_stages)
 LAYER_NORM_TILES = ((4, 4), (8, 4), (8, 8), (16, 8), (2, 2))
 DENSE_TILES = ((128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
@@ -204,6 +216,21 @@ def best_kernels(probe: dict, margin: float = 0.02) -> tuple[str, str] | None:
     return None if best is None else (variant_kernels(best), probe.get("kernels", {}).get("tiles", ""))
 
 
+def gemm_epilogues(hlo_text: str) -> dict:
+    """{custom-call target or 'target epilogue': count} of the GEMM custom calls in optimised HLO text:
+    '__cublas$lt$matmul BIAS_GELU' is fc1 with its bias and GELU in cuBLASLt's epilogue."""
+    import collections
+    import re
+
+    calls = collections.Counter()
+    for line in hlo_text.splitlines():
+        target = re.search(r'custom_call_target="(__cublas[^"]*)"', line)
+        if target:
+            epilogue = re.search(r'"epilogue":"(\w+)"', line)
+            calls[target.group(1) + (f" {epilogue.group(1)}" if epilogue else "")] += 1
+    return dict(calls)
+
+
 def _time_or_error(fn, args, warmup, repeats):
     """{'ms': median of jit(fn)(*args)} or {'error': ...} (a tile Triton cannot compile, say)."""
     import jax
@@ -308,7 +335,7 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
 
     attention = "materialized" if name == "headline_materialized" else "fused"
     model = jaxvit.ViT(cfg, dtype=dtype, attention=attention, kernels=variant_kernels(name),
-                       kernel_tiles=Tiles.parse(tiles))
+                       kernel_tiles=Tiles.parse(tiles), gelu="tanh" if name.startswith("headline_gelu_tanh") else "erf")
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
     if name == "forward_scan":
@@ -599,14 +626,16 @@ def main(argv=None) -> int:
                 fn, params, ctx = build_variant(name, cfg, dtype, params32, tiles)
                 with ctx():
                     t0 = time.perf_counter()
-                    compiled = fn.lower(params, x).compile()
+                    compiled = fn.lower(params, x).compile(COMPILE_OPTIONS.get(name))
                     csecs = time.perf_counter() - t0
                 med, best = timeit(compiled, (params, x), args.warmup, reps)
                 ma = compiled.memory_analysis()
+                gemms = gemm_epilogues(compiled.as_text())
                 res["variants"][key] = {"batch": batch, "median_ms": med * 1e3, "min_ms": best * 1e3,
                                         "img_per_s": batch / med, "compile_s": csecs,
-                                        "temp_mib": ma.temp_size_in_bytes / 2 ** 20 if ma else None}
-                _log(f"{key:40s} {med * 1e3:8.3f} ms  {batch / med:9.1f} img/s  (compile {csecs:.1f} s)")
+                                        "temp_mib": ma.temp_size_in_bytes / 2 ** 20 if ma else None, "gemms": gemms,
+                                        "compile_options": COMPILE_OPTIONS.get(name)}
+                _log(f"{key:40s} {med * 1e3:8.3f} ms  {batch / med:9.1f} img/s  (compile {csecs:.1f} s)  {gemms}")
                 del compiled
             except Exception as e:
                 res["variants"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -642,7 +671,7 @@ def main(argv=None) -> int:
             fn, params, ctx = build_variant(args.profile_variant, cfg, dtype, params32, tiles)
             x = jax.random.normal(jax.random.key(5), (big, size, size, 3), jnp.float32)
             with ctx():
-                compiled = fn.lower(params, x).compile()
+                compiled = fn.lower(params, x).compile(COMPILE_OPTIONS.get(args.profile_variant))
             res["profile"] = profile_summary(compiled, (params, x), 5, str(out_path.with_suffix("")) + "_trace")
         except Exception as e:
             res["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh followup  # what the first H200 session left (bench/NOTES.md): Pallas LayerNorm and
 #                                     # normaliser together, at b256 and b1, the bf16 rows with the winner, then the
 #                                     # other methods at b256 (TransAttr's LRP sub-batches first)
+#   BUDGET=360 bash bench/gpu_session.sh levers  # issue 29's tanh GELU in fc1's cuBLASLt epilogue (b256, b1) and
+#                                     # the b1 levers: materialised attention, command-buffer options (one process)
 #   BUDGET=420 bash bench/gpu_session.sh fp8  # issue 29's fp8 GEMMs: whether XLA made them cuBLASLt fp8 calls,
 #                                     # ViT-B/16 bf16 and fp8 rows (b1, b256, torch beside), the fp8 maps' deviation
 #                                     # (bench.fp8_numerics), then fp8 with fast accumulation at b256 if time is left
@@ -129,6 +131,17 @@ case "$1" in
     tuned_rows 200
     other_methods --batch 256  # the large batch, which the H200's 'final' ran out of time for
     ;;
+  levers)
+    # ~3-4 min on an H200 (estimate: 11 ViT-B/16 compiles, ~15 s each at b256, less at b1), one process, so every
+    # variant times beside the default headline: b256 first (the default, tanh GELU with cuBLASLt, then each half
+    # alone), then b1 (those two, materialised attention, command buffers around regions of 1+ ops, their ops
+    # concurrent, none at all, cuBLASLt alone). Each variant's "gemms" says what XLA made of its GEMMs: the lever
+    # holds only where headline_gelu_tanh_cublaslt has 12 '__cublas$lt$matmul BIAS_GELU' calls (ViT-B/16)
+    timeout $(( $(left) - 5 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 40 )) \
+      --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_gelu_tanh \
+      --b1-variants headline,headline_gelu_tanh_cublaslt,headline_materialized,headline_graph_min1,headline_graph_concurrent,headline_no_graphs,headline_cublaslt \
+      --out "$OUT/levers.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    ;;
   fp8)
     # ~7 min on an H200 (estimate: ~12 compiles of ViT-B/16 at ~15 s, the numerics' ~30 small ones); stages
     # bounded from BUDGET, each keeping back what the later ones need (numerics ~120 s, fast accumulation ~60 s)
@@ -147,7 +160,7 @@ case "$1" in
       rm -f "$OUT/bench_fp8_fast/results.md"
     fi
     ;;
-  *) echo "usage: bench/gpu_session.sh final|retime|followup|fp8" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_session.sh final|retime|followup|levers|fp8" >&2; exit 2 ;;
 esac
 echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
 rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary

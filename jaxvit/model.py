@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxvit import fp8
+from jaxvit import gelu as gelu_opt
 from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
 from jaxvit.posemb import resample_abs_pos_embed
@@ -384,6 +385,7 @@ class Mlp(nn.Module):
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
     gemm: str = "dtype"
+    gelu: str = "erf"
 
     @nn.compact
     def __call__(self, x):
@@ -396,7 +398,7 @@ class Mlp(nn.Module):
             x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
                          kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
                          name="fc1")(x)
-            x = activation(cfg.act)(x)
+            x = (gelu_opt.tanh_gelu if gelu_opt.active(self.gelu, cfg.act, self.dtype) else activation(cfg.act))(x)
         if cfg.scale_mlp_norm:
             x = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(x)
         _sow(self, "fc2_in", x)
@@ -426,6 +428,7 @@ class Block(nn.Module):
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
     gemm: str = "dtype"
+    gelu: str = "erf"
 
     @nn.compact
     def __call__(self, x, *, want_cls: bool, want_full: bool):
@@ -443,7 +446,7 @@ class Block(nn.Module):
         _sow(self, "mid", x)
         y = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm2")(x)
         _sow(self, "mlp_in", y)
-        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, self.precision, self.gemm, name="mlp")(y)
+        y = Mlp(cfg, self.dtype, self.kernels, self.kernel_tiles, self.precision, self.gemm, self.gelu, name="mlp")(y)
         if cfg.layer_scale:
             y = LayerScale(name="ls2")(y)
         _sow(self, "mlp_out", y)
@@ -493,6 +496,8 @@ class ViT(nn.Module):
       kernel_tiles: the tiles of those kernels (`jaxvit.kernels.Tiles`).
       precision: `jax.lax.Precision` of every matmul (None: the backend's default, TF32 for float32
         on recent GPUs; predmaps' LRP asks for HIGHEST, since its rules divide by pre-activations).
+      gelu: "erf" (exact GELU, timm's) or, opt-in, "tanh": in half precision, GELU models compute the tanh
+        approximation, spelled so that XLA:GPU can fold it into fc1's cuBLASLt epilogue (`jaxvit.gelu`).
       gemm: "dtype" (every GEMM in the compute dtype) or, opt-in, "fp8" / "fp8_fast": in half precision, the
         blocks' qkv, proj, fc1 and fc2 with e4m3 inputs and weights, per-tensor scales, float32 (or
         cuBLASLt's fast) accumulation (`jaxvit.fp8`). float32 compute is the same either way, as for `kernels`.
@@ -517,6 +522,7 @@ class ViT(nn.Module):
     kernel_tiles: pallas_kernels.Tiles = pallas_kernels.Tiles()
     precision: Any = None
     gemm: str = "dtype"
+    gelu: str = "erf"
 
     def __post_init__(self):
         # At construction, so convert.load(..., attention="flash") fails where it is asked.
@@ -525,6 +531,7 @@ class ViT(nn.Module):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention implementation {self.attention!r}; choose from {ATTENTION_IMPLS}")
         fp8.check(self.gemm, pallas_parts(self.kernels))  # an unknown name fails here, with the choices
+        gelu_opt.check(self.gelu, pallas_parts(self.kernels))
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"ViT dtype must be a float dtype (float32, bfloat16); got {self.dtype!r}")
         super().__post_init__()
@@ -544,7 +551,7 @@ class ViT(nn.Module):
         ln = lambda name: LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name=name)
         self.norm_pre = ln("norm_pre") if cfg.pre_norm else None
         self.blocks = [Block(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, self.precision,
-                             self.gemm, name=f"blocks_{i}") for i in range(cfg.depth)]
+                             self.gemm, self.gelu, name=f"blocks_{i}") for i in range(cfg.depth)]
         use_fc_norm = cfg.final_norm and cfg.fc_norm
         self.norm = ln("norm") if cfg.final_norm and not cfg.fc_norm else None
         self.fc_norm = ln("fc_norm") if use_fc_norm else None

@@ -447,7 +447,7 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_probe", "--model", "tiny", "--batches", "2,1", "--variants",
-         "headline,headline_ln_twopass,headline_pallas", "--b1-variants", "headline", "--repeats", "2", "--warmup", "1",
+         "headline,headline_ln_twopass,headline_pallas", "--b1-variants", "headline,headline_gelu_tanh_cublaslt", "--repeats", "2", "--warmup", "1",
          "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true", "--flag-set-variants", "headline,headline_ln_twopass",
          "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -455,6 +455,10 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     assert {"headline_b2", "headline_ln_twopass_b2", "headline_pallas_b2", "headline_b1"} <= set(res["variants"])
     for v in res["variants"].values():
         assert v["median_ms"] > 0
+    # a variant with its own XLA options compiles with them (a GPU option is a no-op on CPU: no cuBLAS calls)
+    lt = res["variants"]["headline_gelu_tanh_cublaslt_b1"]
+    assert lt["compile_options"] == {"xla_gpu_enable_cublaslt": True} and lt["gemms"] == {}
+    assert res["variants"]["headline_b1"]["compile_options"] is None
     # a headline_pallas* variant tunes the kernels' tiles first (on CPU: the XLA reference of each)
     from jaxvit.kernels import Tiles
 
@@ -473,6 +477,26 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     # the flag set's run warms up as the parent does (it used to take its own default, 3)
     child = json.loads((tmp_path / "probe_flags0.json").read_text())
     assert (child["warmup"], child["repeats"]) == (1, 2) and res["fp32_matmul_precision"] is None
+
+
+def test_probe_reads_gemm_epilogues_from_optimised_hlo():
+    """Custom-call lines as XLA:GPU prints them (gemm_rewriter_test.cc's expectations): counted by target and
+    epilogue; other custom calls and ops are not GEMMs."""
+    from bench.gpu_probe import gemm_epilogues
+
+    text = "\n".join([
+        '  %cublas-lt-matmul.1 = (bf16[394,3072]{1,0}, s8[4194304]{0}) custom-call(%p0, %p1, %b), '
+        'custom_call_target="__cublas$lt$matmul", backend_config={"operation_queue_id":"0","gemm_backend_config":'
+        '{"alpha_real":1,"beta":0,"epilogue":"BIAS_GELU","grad_x":false}}',
+        '  %cublas-lt-matmul.2 = (bf16[394,768]{1,0}, s8[0]{0}) custom-call(%a, %w, %c), '
+        'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"beta":1,"epilogue":"BIAS"}}',
+        '  %cublas-gemm.3 = (bf16[394,768]{1,0}, s8[0]{0}) custom-call(%a, %w), custom_call_target="__cublas$gemm", '
+        'backend_config={"gemm_backend_config":{"beta":0,"epilogue":"DEFAULT"}}',
+        '  %fmha = (bf16[2,12,197,64]{3,2,1,0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"',
+        '  %add.4 = bf16[394,768]{1,0} add(%x, %y)'])
+    assert gemm_epilogues(text) == {"__cublas$lt$matmul BIAS_GELU": 1, "__cublas$lt$matmul BIAS": 1,
+                                    "__cublas$gemm DEFAULT": 1}
+    assert gemm_epilogues("") == {}
 
 
 def test_probe_scanned_forward_equals_the_unrolled_one():
