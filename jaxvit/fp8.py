@@ -249,7 +249,7 @@ def input_amax(model, params, images) -> dict:
     """{(block, layer): max |input|} over `images` of each GEMM `model.gemm` runs in e4m3, from `model` itself."""
     from jaxvit.model import INTERMEDIATES
 
-    _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=[INTERMEDIATES]))(params, images)
+    _, state = model.apply({"params": params}, images, mutable=[INTERMEDIATES])  # eager: one call, no compile
     inter = state[INTERMEDIATES]
     out = {}
     for blk, layer in _fp8_layers(params, model.gemm):
