@@ -190,13 +190,7 @@ def test_explainers_run_unchanged_on_an_fp8_model():
     to float32, where gemm='fp8' is the float32 model itself (the jaxpr test above)."""
     import predmaps
 
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
-    init = ViT(SMALL).init(jax.random.key(0), x)["params"]
-    leaves, treedef = jax.tree_util.tree_flatten(init)
-    params = jax.tree_util.tree_unflatten(treedef, [  # unit fan-in weights: the init's zero head explains nothing
-        jnp.asarray(rng.standard_normal(a.shape) * (a.shape[0] ** -0.5 if a.ndim >= 2 else 0.1), a.dtype)
-        for a in leaves])
+    params, x = _random_params(SMALL)
     m8, m16 = ViT(SMALL, dtype=BF16, gemm="fp8"), ViT(SMALL, dtype=BF16)
     for method in ("predicatt", "generic_attention"):
         e8 = predmaps.explain(m8, params, x, method=method, target="top")
