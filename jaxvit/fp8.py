@@ -247,10 +247,9 @@ _INPUTS = {"qkv": ("attn_in",), "proj": ("attn", "proj_in"), "fc1": ("mlp_in",),
 
 def input_amax(model, params, images) -> dict:
     """{(block, layer): max |input|} over `images` of each GEMM `model.gemm` runs in e4m3, from `model` itself."""
-    from jaxvit.model import INTERMEDIATES
-
-    _, state = model.apply({"params": params}, images, mutable=[INTERMEDIATES])  # eager: one call, no compile
-    inter = state[INTERMEDIATES]
+    # "intermediates": jaxvit.model.INTERMEDIATES (not imported: jaxvit.model imports this module)
+    _, state = model.apply({"params": params}, images, mutable=["intermediates"])  # eager: one call, no compile
+    inter = state["intermediates"]
     out = {}
     for blk, layer in _fp8_layers(params, model.gemm):
         node = inter[blk]
