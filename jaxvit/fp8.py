@@ -60,10 +60,11 @@ GEMMS = ("dtype", *LAYOUTS)
 def layout(gemm) -> Layout | None:
     """The `Layout` of a `ViT.gemm` value (a name in `GEMMS` or a `Layout`); None for "dtype"."""
     if isinstance(gemm, Layout):
-        if not gemm.layers or not set(gemm.layers) <= set(LAYERS) or not isinstance(gemm.bf16_last, int) \
-                or gemm.bf16_last < 0:
-            raise ValueError(f"jaxvit.fp8.Layout takes layers from {LAYERS} (at least one) and bf16_last >= 0; "
-                             f"got {gemm}")
+        # a tuple: a module's fields must hash
+        if not isinstance(gemm.layers, tuple) or not gemm.layers or not set(gemm.layers) <= set(LAYERS) \
+                or not isinstance(gemm.bf16_last, int) or gemm.bf16_last < 0:
+            raise ValueError(f"jaxvit.fp8.Layout takes layers, a tuple from {LAYERS} (at least one), and "
+                             f"bf16_last >= 0; got {gemm}")
         return gemm
     if gemm == "dtype":
         return None

@@ -166,8 +166,8 @@ def test_gemm_option_refused_where_it_cannot_hold():
     with pytest.raises(ValueError, match=r"unknown gemm 'int8'; choose from \('dtype', 'fp8', 'fp8_fast', 'fp8_mlp', "
                        r"'fp8_mlp_fast'\) or pass a jaxvit.fp8.Layout"):
         ViT(SMALL, dtype=BF16, gemm="int8")
-    for bad in (fp8.Layout(()), fp8.Layout(("fc3",)), fp8.Layout(bf16_last=-1)):
-        with pytest.raises(ValueError, match="jaxvit.fp8.Layout takes layers from"):
+    for bad in (fp8.Layout(()), fp8.Layout(("fc3",)), fp8.Layout(["fc1"]), fp8.Layout(bf16_last=-1)):
+        with pytest.raises(ValueError, match="jaxvit.fp8.Layout takes layers, a tuple from"):
             ViT(SMALL, dtype=BF16, gemm=bad)
     for gemm in ("fp8", "fp8_mlp", fp8.Layout(("fc1",))):
         for kernels in ("pallas", "pallas_mlp"):
