@@ -2,7 +2,7 @@
 bf16 against fp32 for scale, on the benchmark's models and inputs and on the digits model predmaps ships.
 
     python -m bench.fp8_numerics [--models tiny,vit_s16] [--batch 8] [--digit-scenes 200] [--hlo-check vit_b16]
-                                 [--out FILE.json]
+                                 [--layouts all|none|fc1,mlp,...] [--out FILE.json]
 
 For each case the fp32, bf16 and fp8 (bf16 with e4m3 GEMMs) models explain the same images for the same
 classes (fp32's top-1, so the maps compare like with like) and the script reports, per output, the relative
@@ -12,10 +12,15 @@ PredicAtt_L, PredicAtt_{L-1}, the prediction maps (layer L) and the logits, and 
 Benchmark models: timm architectures with random unit-fan-in weights (bench/models.py; not pretrained ones:
 trained weights have outlier features that random ones lack) on seeded normal images. Digits: the shipped
 trained ViT on one-digit test scenes, with its accuracy per variant.
+--layouts: other fp8 layouts against bf16 (`LAYOUT_CHOICES`: one GEMM alone, the MLP only, the last blocks in
+bf16, weights quantised once, static input scales calibrated on other images than those explained: the
+benchmark models' images of seed 2 (explained: seed 1), the digits' training scenes), each with its share of a ViT-B/16 block's GEMM
+MACs in e4m3 (a proxy for its speed until a GPU times it).
 On CPU, XLA emulates e4m3 exactly: the numbers are a GPU's up to float32 accumulation order.
---hlo-check MODEL counts, in the compiled fp8 and fp8_fast headline (PredicAtt_L + L-1) of that model, the GEMMs
-XLA made cuBLASLt fp8 calls (custom call __cublas$lt$matmul$f8): on a GPU the fp8 rows are fp8 GEMMs only if
-this is every block GEMM (4 per block, 6 where qkv runs as three for cuDNN attention); on CPU it is 0.
+--hlo-check MODEL counts, in the compiled fp8 and fp8_mlp headline (PredicAtt_L + L-1) of that model as the
+benchmark loads it (e4m3 weights stored, calibrated input scales), the GEMMs XLA made cuBLASLt fp8 calls (custom
+call __cublas$lt$matmul$f8): on a GPU the fp8 rows are fp8 GEMMs only if this is every e4m3 block GEMM (fp8: 4
+per block, 6 where qkv runs as three for cuDNN attention; fp8_mlp: 2); on CPU it is 0.
 """
 
 from __future__ import annotations
@@ -30,6 +35,22 @@ import numpy as np
 
 OUTPUTS = ("predicatt_L", "predicatt_L-1", "prediction_map", "logits")
 PAIRS = (("fp8", "bf16"), ("fp8", "fp32"), ("bf16", "fp32"), ("mant3", "bf16"))
+
+
+def _layout_choices() -> dict:
+    """{--layouts key: (fp8.Layout, how its weights and input scales are made: 'call', 'prequant', 'static')}."""
+    from jaxvit.fp8 import LAYERS, Layout
+
+    mlp = ("fc1", "fc2")
+    out = {k: (Layout((k,)), "call") for k in LAYERS}
+    out |= {"mlp": (Layout(mlp), "call"), "all_last1": (Layout(bf16_last=1), "call"),
+            "all_last2": (Layout(bf16_last=2), "call"), "mlp_last1": (Layout(mlp, bf16_last=1), "call"),
+            "mlp_last2": (Layout(mlp, bf16_last=2), "call"), "prequant": (Layout(), "prequant"),
+            "static": (Layout(), "static"), "static_mlp": (Layout(mlp), "static")}
+    return out
+
+
+VIT_B = (768, 3072, 12)  # embed_dim, mlp_dim, depth: the e4m3 share is reported for ViT-B/16's blocks
 
 
 def _mantissa3(x, dtype):
@@ -101,8 +122,30 @@ def deviations(got: dict, ref: dict) -> dict:
     return res
 
 
-def case(label: str, model, params, x, labels=None, floor: bool = True) -> dict:
+def layout_outputs(model, params, x, classes, layouts, calib) -> dict:
+    """{key: `outputs`} of each --layouts key: the bf16 model with that layout on the bf16 params, weights
+    prequantised ('prequant') or input scales calibrated on the images `calib` ('static', never x itself)."""
+    import jax.numpy as jnp
+
+    from jaxvit import fp8
+
+    choices, out = _layout_choices(), {}
+    for key in layouts:
+        lay, how = choices[key]
+        m = model.clone(dtype=jnp.bfloat16, gemm=lay)
+        p = fp8.prequantize(params, lay) if how == "prequant" else (
+            fp8.calibrate(m, params, calib) if how == "static" else params)
+        out[key] = outputs(m, p, x, classes)
+        if how == "static":  # clipping risk: the held-out inputs' amax against the calibration set's
+            held, cal = fp8.input_amax(m, params, x), fp8.input_amax(m, params, calib)
+            out[key]["amax_ratio"] = max(float(held[k] / cal[k]) for k in held)
+    return out
+
+
+def case(label: str, model, params, x, labels=None, floor: bool = True, layouts=(), calib=None) -> dict:
     import jax
+
+    from jaxvit import fp8
 
     vs = variants(model, params)
     m32, p32 = vs["fp32"]
@@ -113,12 +156,24 @@ def case(label: str, model, params, x, labels=None, floor: bool = True) -> dict:
         outs["mant3"] = mantissa_floor(*vs["fp8"], x, classes)
     res = {"case": label, "images": int(x.shape[0]),
            "pairs": {f"{a} vs {b}": deviations(outs[a], outs[b]) for a, b in PAIRS if a in outs}}
+    if layouts:
+        louts = layout_outputs(model, vs["bf16"][1], x, classes, layouts, calib)
+        choices = _layout_choices()
+        res["layouts"] = {}
+        for key, o in louts.items():
+            ref = outs["fp8"] if key == "prequant" else outs["bf16"]  # prequant must equal per-call quantisation
+            res["layouts"][key] = {"vs": "fp8" if key == "prequant" else "bf16",
+                                   "fp8_share_vit_b": fp8.fp8_share(choices[key][0], *VIT_B), **deviations(o, ref)}
+            if "amax_ratio" in o:
+                res["layouts"][key]["held_out_amax_over_calibration"] = o["amax_ratio"]
+            if labels is not None:
+                res["layouts"][key]["accuracy"] = float((o["logits"].argmax(-1) == labels).mean())
     if labels is not None:
         res["accuracy"] = {name: float((o["logits"].argmax(-1) == labels).mean()) for name, o in outs.items()}
     return res
 
 
-def bench_case(key: str, batch: int, seed: int, floor: bool = True) -> dict:
+def bench_case(key: str, batch: int, seed: int, floor: bool = True, layouts=()) -> dict:
     import jax.numpy as jnp
 
     import convert
@@ -127,23 +182,27 @@ def bench_case(key: str, batch: int, seed: int, floor: bool = True) -> dict:
     tmodel, size = build_timm(key, seed)
     model, params = convert.load(tmodel, dtype=jnp.float32)
     x = jnp.asarray(make_images(batch, size).transpose(0, 2, 3, 1))
-    return case(f"{MODELS[key][3]}, random weights, b{batch}", model, params, x, floor=floor)
+    calib = jnp.asarray(make_images(batch, size, seed=2).transpose(0, 2, 3, 1))  # other images than x's (seed 1)
+    return case(f"{MODELS[key][3]}, random weights, b{batch}", model, params, x, floor=floor, layouts=layouts,
+                calib=calib)
 
 
-def digits_case(n: int, seed: int, floor: bool = True) -> dict:
+def digits_case(n: int, seed: int, floor: bool = True, layouts=()) -> dict:
     import jax.numpy as jnp
 
     from predmaps import digits
 
     model, params = digits.load_model()
     images, labels, _ = digits.one_digit_scenes(n, "test", seed)
+    calib, _, _ = digits.one_digit_scenes(n, "train", seed)  # calibrated on training scenes, explained on test
     return case(f"digits ViT (shipped), {n} one-digit test scenes", model, params,
-                jnp.asarray(digits.normalize(images)), labels, floor=floor)
+                jnp.asarray(digits.normalize(images)), labels, floor=floor, layouts=layouts,
+                calib=jnp.asarray(digits.normalize(calib)))
 
 
 def gemm_calls(key: str, dtype: str = "fp8", batch: int = 8, seed: int = 0) -> dict:
-    """The custom calls (by target) in the compiled headline of a benchmark model at bench dtype fp8 or fp8_fast,
-    and how many are fp8 GEMMs (HIGHEST and DEFAULT precision dots: either could keep XLA from rewriting)."""
+    """The custom calls (by target) in the compiled headline of a benchmark model at an fp8 bench dtype, and how
+    many are fp8 GEMMs."""
     import collections
     import re
 
@@ -151,15 +210,17 @@ def gemm_calls(key: str, dtype: str = "fp8", batch: int = 8, seed: int = 0) -> d
     import jax.numpy as jnp
 
     from bench.models import HEADLINE, MODELS, build_timm, jax_function, load_jax, make_images
+    from jaxvit import fp8
 
     tmodel, size = build_timm(key, seed)
     model, params = load_jax(tmodel, dtype)
     x = jnp.asarray(make_images(batch, size).transpose(0, 2, 3, 1))
     text = jax.jit(jax_function(model, HEADLINE)).lower(params, x).compile().as_text()
     calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
-    depth = model.config.depth
+    depth, layers = model.config.depth, fp8.layout(dtype).layers
+    expected = sorted({len(layers) * depth, (len(layers) + 2 * ("qkv" in layers)) * depth})
     return {"model": MODELS[key][3], "dtype": dtype, "batch": batch, "custom_calls": dict(calls),
-            "fp8_gemms": calls.get("__cublas$lt$matmul$f8", 0), "block_gemms_expected": [4 * depth, 6 * depth]}
+            "fp8_gemms": calls.get("__cublas$lt$matmul$f8", 0), "block_gemms_expected": expected}
 
 
 def markdown(results: list[dict]) -> str:
@@ -169,6 +230,18 @@ def markdown(results: list[dict]) -> str:
         for pair, d in r["pairs"].items():
             cells = [f"{d[o]['rel_l2']:.2e} / {d[o]['rel_max']:.2e}" for o in OUTPUTS]
             lines.append(f"| {r['case']} | {pair} | " + " | ".join(cells) + f" | {d['top1_agreement']:.3f} |")
+    if any("layouts" in r for r in results):
+        lines += ["", "| case | layout (against) | e4m3 share of ViT-B/16 block MACs | "
+                  + " | ".join(f"{o} rel L2 / max" for o in OUTPUTS) + " | top-1 agree | note |",
+                  "|---|---|---|" + "---|" * (len(OUTPUTS) + 2)]
+        for r in results:
+            for key, d in r.get("layouts", {}).items():
+                cells = [f"{d[o]['rel_l2']:.2e} / {d[o]['rel_max']:.2e}" for o in OUTPUTS]
+                note = "; ".join(([f"held-out amax / calibration amax {d['held_out_amax_over_calibration']:.2f}"]
+                                  if "held_out_amax_over_calibration" in d else [])
+                                 + ([f"accuracy {d['accuracy']:.3f}"] if "accuracy" in d else []))
+                lines.append(f"| {r['case']} | {key} ({d['vs']}) | {d['fp8_share_vit_b']:.1%} | " + " | ".join(cells)
+                             + f" | {d['top1_agreement']:.3f} | {note} |")
     acc = [f"- {r['case']}: accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
            for r in results if "accuracy" in r]
     return "\n".join(lines + ([""] + acc if acc else []))
@@ -186,9 +259,13 @@ def main(argv=None) -> int:
     p.add_argument("--digit-scenes", type=int, default=200, help="one-digit test scenes for the digits model "
                    "(default 200; 0 skips it)")
     p.add_argument("--hlo-check", type=_names_arg(MODELS, MODEL_ALIASES, "model"), default=[],
-                   help="count the fp8 cuBLASLt GEMMs in these models' compiled fp8 headline (b8)")
+                   help="count the fp8 cuBLASLt GEMMs in these models' compiled fp8 and fp8_mlp headline (b8)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the mant3 variant (3 mantissa bits, no range limit: the floor of any scaling)")
+    choices = list(_layout_choices())
+    p.add_argument("--layouts", type=lambda t: choices if t == "all" else [] if t == "none" else _names_arg(
+                   choices, {}, "layout")(t), default=[],
+                   help=f"fp8 layouts to compare with bf16: all, none (default), or a comma list of {', '.join(choices)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -199,16 +276,19 @@ def main(argv=None) -> int:
     import jax
 
     t0 = time.perf_counter()
-    hlo = [gemm_calls(key, dt, seed=args.seed) for key in args.hlo_check for dt in ("fp8", "fp8_fast")]
-    for h in hlo:  # first: the shortest answer to whether the fp8 rows time fp8 GEMMs at all
+    hlo = []
+    for key, dt in ((key, dt) for key in args.hlo_check for dt in ("fp8", "fp8_mlp")):
+        # first: the shortest answer to whether the fp8 rows time fp8 GEMMs at all
+        h = gemm_calls(key, dt, seed=args.seed)
+        hlo.append(h)
         print(f"{h['model']} {h['dtype']}: {h['fp8_gemms']} fp8 cuBLASLt GEMMs (block GEMMs: {h['block_gemms_expected']}); custom "
               f"calls {h['custom_calls']}", flush=True)
     results = []
     for key in args.models:
-        results.append(bench_case(key, max(args.batch), args.seed, args.floor))
+        results.append(bench_case(key, max(args.batch), args.seed, args.floor, args.layouts))
         print(f"{results[-1]['case']}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.digit_scenes:
-        results.append(digits_case(args.digit_scenes, args.seed, args.floor))
+        results.append(digits_case(args.digit_scenes, args.seed, args.floor, args.layouts))
     env = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "wall_s": round(time.perf_counter() - t0, 1)}

@@ -47,7 +47,8 @@ BF16_TOL = 5e-2
 # fp8 rows (bf16 with e4m3 block GEMMs, jaxvit.fp8): maps against the torch fp32 reference; e4m3's 3 mantissa
 # bits put 3-5% (rel. L2) on the maps of random-weight ViTs on CPU (bench/NOTES.md, issue 29), any scaling
 FP8_TOL = 0.15
-FP8_DTYPES = ("fp8", "fp8_fast")  # bench dtypes = jaxvit.ViT(gemm=...) names (jaxvit.fp8.GEMMS), at bf16
+FP8_DTYPES = ("fp8", "fp8_fast", "fp8_mlp", "fp8_mlp_fast")  # bench dtypes = jaxvit.ViT(gemm=...) names, at bf16
+FP8_CALIBRATION = (8, 2)  # fp8 rows' input scales: calibrated on this many images of this seed (timed: seed 1)
 MiB = 1024 * 1024
 
 
@@ -121,15 +122,19 @@ def build_timm(key: str, seed: int = 0):
 
 
 def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla", kernel_tiles: str = ""):
-    """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16, or fp8 / fp8_fast (bf16 with
+    """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16, or one of FP8_DTYPES (bf16 with
     `ViT(gemm=...)`'s e4m3 block GEMMs). bf16 with
     bf16_weights='cast' stores the block matmul weights in bf16 (`jaxvit.cast_params`: the same
-    output bits as casting them on every call, without that per-call conversion). kernels and
+    output bits as casting them on every call, without that per-call conversion); fp8 rows with 'cast'
+    also store the e4m3 weights (`jaxvit.fp8.prequantize`, same bits) and input scales calibrated on
+    other images than the timed ones (`jaxvit.fp8.calibrate`): no per-call amax pass; with 'fp32', every
+    scale is taken on every call. kernels and
     kernel_tiles (`jaxvit.kernels.Tiles` text, '' for the defaults) set `ViT.kernels` and its tiles."""
     import jax.numpy as jnp
 
     import convert
     import jaxvit
+    from jaxvit import fp8
     from jaxvit.kernels import Tiles
 
     half = dtype == "bf16" or dtype in FP8_DTYPES
@@ -140,6 +145,10 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
         model = model.clone(kernels=kernels, kernel_tiles=Tiles.parse(kernel_tiles))
     if dtype in FP8_DTYPES:
         model = model.clone(gemm=dtype)
+        if bf16_weights == "cast":
+            n, seed = FP8_CALIBRATION
+            calib = jnp.asarray(make_images(n, model.config.img_size[0], seed).transpose(0, 2, 3, 1))
+            params = fp8.calibrate(model, fp8.prequantize(params, dtype), calib)
     return model, params
 
 

@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batch_arg,
                    help="comma list of batch sizes (default: GPU 1 and 256, 128 for ViT-L; CPU 1,8)")
     p.add_argument("--dtypes", type=_names_arg(["fp32", "bf16", *FP8_DTYPES], {}, "dtype"),
-                   help="comma list of fp32, bf16, fp8, fp8_fast (default: GPU fp32,bf16; CPU fp32); fp8 rows: the "
-                        "bf16 model with e4m3 block GEMMs (jaxvit.ViT(gemm='fp8'), fp8_fast: cuBLASLt's fast accumulation), "
+                   help=f"comma list of fp32, bf16, {', '.join(FP8_DTYPES)} (default: GPU fp32,bf16; CPU fp32); fp8 "
+                        "rows: the bf16 model with e4m3 block GEMMs (jaxvit.ViT(gemm=<dtype>); _mlp: fc1 and fc2 only, "
+                        "_fast: cuBLASLt's fast accumulation), "
                         "JAX only, parity against the torch fp32 maps within FP8_TOL")
     p.add_argument("--impls", type=_names_arg(["torch", "jax"], {}, "impl"), default="torch,jax",
                    help="comma list of torch, jax (default both)")
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait per case, s (default 1800)")
     p.add_argument("--bf16-weights", choices=("cast", "fp32"), default="cast",
                    help="bf16 rows: store the block matmul weights in bf16 (cast, default; bit-identical outputs) "
-                        "or keep fp32 params cast on every call")
+                        "or keep fp32 params cast on every call; fp8 rows with cast also store e4m3 weights and "
+                        "calibrated input scales (jaxvit.fp8.prequantize, calibrate), with fp32 take every scale per call")
     p.add_argument("--kernels", choices=KERNEL_IMPLS, default="xla",
                    help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or jaxvit.kernels' "
                         "Pallas kernels (LayerNorm, fc1+GELU, the prediction-map normaliser: all, or one of them)")

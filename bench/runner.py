@@ -61,10 +61,14 @@ def environment(args, torch_device) -> dict:
                         + ("" if args.kernels == "xla" else
                            f"; kernels={args.kernels} (jaxvit.kernels, tiles {args.kernel_tiles or 'default'})"),
             "torch_bf16": f"torch.autocast('{torch_device.type}', dtype=torch.bfloat16)",
-            "jax_fp8": "fp8 / fp8_fast rows: the bf16 model with jaxvit.ViT(gemm='fp8' / 'fp8_fast'): qkv, proj, fc1, "
-                       "fc2 with e4m3 inputs and weights, per-tensor power-of-two scales, float32 / cuBLASLt fast "
-                       "accumulation (jaxvit.fp8); torch has no fp8 rows (its bf16 rows stand beside; the "
-                       "interleaved rounds time torch in bf16); no bounds",
+            "jax_fp8": "fp8 rows: the bf16 model with jaxvit.ViT(gemm=<the row's dtype>): fp8 / fp8_fast qkv, proj, "
+                       "fc1, fc2, fp8_mlp / fp8_mlp_fast fc1, fc2 with e4m3 inputs and weights, per-tensor power-of-two "
+                       "scales, float32 / cuBLASLt fast accumulation (jaxvit.fp8); "
+                       + ("e4m3 weights stored once (jaxvit.fp8.prequantize), input scales calibrated on 8 other "
+                          "images (jaxvit.fp8.calibrate)" if args.bf16_weights == "cast" else
+                          "weight and input scales taken on every call")
+                       + "; torch has no fp8 rows (its bf16 rows stand beside; the interleaved rounds time torch "
+                         "in bf16); no bounds",
         },
         "threads": {"torch_num_threads": torch.get_num_threads(),
                     "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),

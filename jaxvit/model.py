@@ -282,8 +282,8 @@ class QKV(nn.Module):
         bias = None if bias is None else bias.astype(self.dtype)
         x = x.astype(self.dtype)
         mm = lambda a, b: jnp.matmul(a, b, precision=self.precision)  # noqa: E731
-        if fp8.active(self.gemm, self.dtype):  # x and kernel quantised once; the slices of `separate` follow
-            x, kernel = fp8.fake_quant(x, self.dtype), fp8.fake_quant(kernel, self.dtype)
+        if fp8.active(self.gemm, self.dtype, "qkv"):  # x and kernel quantised once; the slices of `separate` follow
+            x, kernel = fp8.operands(self, x, kernel, self.dtype)
             mm = lambda a, b: fp8.matmul(a, b, self.gemm)  # noqa: E731
         if not self.separate:
             y = mm(x, kernel) if bias is None else mm(x, kernel) + bias
@@ -346,9 +346,8 @@ class Attention(nn.Module):
         if cfg.scale_attn_norm:
             out = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(out)
         _sow(self, "proj_in", out)
-        out = nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
-                       kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
-                       name="proj")(out)
+        out = fp8.dense(self.gemm, self.dtype, "proj")(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype,
+                                                       precision=self.precision, kernel_init=_dense_init, name="proj")(out)
         return out, attn_cls, attn
 
 
@@ -395,16 +394,14 @@ class Mlp(nn.Module):
                 and pallas_kernels.dense_act_supported(k, cfg.mlp_dim, self.dtype, tile)):
             x = DenseAct(cfg.mlp_dim, cfg.act, cfg.proj_bias, self.dtype, tile, name="fc1")(x)
         else:
-            x = nn.Dense(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
-                         kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
-                         name="fc1")(x)
+            x = fp8.dense(self.gemm, self.dtype, "fc1")(cfg.mlp_dim, use_bias=cfg.proj_bias, dtype=self.dtype,
+                                                        precision=self.precision, kernel_init=_dense_init, name="fc1")(x)
             x = (gelu_opt.tanh_gelu if gelu_opt.active(self.gelu, cfg.act, self.dtype) else activation(cfg.act))(x)
         if cfg.scale_mlp_norm:
             x = LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name="norm")(x)
         _sow(self, "fc2_in", x)
-        return nn.Dense(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype, precision=self.precision,
-                        kernel_init=_dense_init, dot_general=fp8.dense_dot_general(self.gemm, self.dtype),
-                        name="fc2")(x)
+        return fp8.dense(self.gemm, self.dtype, "fc2")(cfg.embed_dim, use_bias=cfg.proj_bias, dtype=self.dtype,
+                                                       precision=self.precision, kernel_init=_dense_init, name="fc2")(x)
 
 
 class LayerScale(nn.Module):
@@ -500,7 +497,8 @@ class ViT(nn.Module):
         approximation, spelled so that XLA:GPU can fold it into fc1's cuBLASLt epilogue (`jaxvit.gelu`).
       gemm: "dtype" (every GEMM in the compute dtype) or, opt-in, "fp8" / "fp8_fast": in half precision, the
         blocks' qkv, proj, fc1 and fc2 with e4m3 inputs and weights, per-tensor scales, float32 (or
-        cuBLASLt's fast) accumulation (`jaxvit.fp8`). float32 compute is the same either way, as for `kernels`.
+        cuBLASLt's fast) accumulation (`jaxvit.fp8`); "fp8_mlp" / "fp8_mlp_fast": fc1 and fc2 only; or a
+        `jaxvit.fp8.Layout`. float32 compute is the same either way, as for `kernels`.
 
     `__call__(images, return_attn=False)` takes images (B, H, W, C), normalised float, at the
     config's img_size or any multiple of the patch size (`ViTConfig.patch_grid`); another
@@ -551,7 +549,8 @@ class ViT(nn.Module):
         ln = lambda name: LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name=name)
         self.norm_pre = ln("norm_pre") if cfg.pre_norm else None
         self.blocks = [Block(cfg, self.dtype, self.attention, self.kernels, self.kernel_tiles, self.precision,
-                             self.gemm, self.gelu, name=f"blocks_{i}") for i in range(cfg.depth)]
+                             fp8.block_gemm(self.gemm, i, cfg.depth), self.gelu, name=f"blocks_{i}")
+                       for i in range(cfg.depth)]
         use_fc_norm = cfg.final_norm and cfg.fc_norm
         self.norm = ln("norm") if cfg.final_norm and not cfg.fc_norm else None
         self.fc_norm = ln("fc_norm") if use_fc_norm else None

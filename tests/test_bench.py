@@ -708,16 +708,34 @@ def test_jax_memory_without_the_subprocess_reading_is_marked_static():
     assert render._mem_cell({key: torch_row}, *key) == "123"
 
 
+def test_fp8_rows_load_e4m3_weights_and_calibrated_scales_unless_fp32_weights():
+    """bf16_weights='cast' (the default) gives an fp8 row the stored e4m3 weights and input scales of its layout's
+    GEMMs only (fp8_mlp: fc1, fc2); 'fp32' leaves the params as the bf16 row's fp32 ones (scales per call)."""
+    import jax.numpy as jnp
+
+    from bench.models import build_timm, load_jax
+
+    tmodel, _ = build_timm("tiny", 0)
+    model, params = load_jax(tmodel, "fp8_mlp")
+    assert model.gemm == "fp8_mlp" and model.dtype == jnp.bfloat16
+    for blk in ("blocks_0", "blocks_1"):
+        fc1 = params[blk]["mlp"]["fc1"]
+        assert fc1["kernel_e4m3"].dtype == jnp.float8_e4m3fn and fc1["input_scale"] > 0
+        assert "input_scale" in params[blk]["mlp"]["fc2"] and "kernel_e4m3" not in params[blk]["attn"]["qkv"]
+    _, per_call = load_jax(tmodel, "fp8_mlp", "fp32")
+    assert set(per_call["blocks_0"]["mlp"]["fc1"]) == {"kernel", "bias"}
+
+
 def test_fp8_rows_are_held_to_the_fp8_tolerance():
     """An fp8 row's maps pass within FP8_TOL of the fp32 reference and fail beyond it; bf16's tighter
     tolerance would fail the same maps (the two are told apart)."""
     import numpy as np
 
     from bench.measure import parity
-    from bench.models import FP8_TOL
+    from bench.models import FP8_DTYPES, FP8_TOL
 
     ref = {"maps": np.ones((2, 1, 4)), "classes": np.zeros((2, 1), int)}
-    for dtype in ("fp8", "fp8_fast"):
+    for dtype in FP8_DTYPES:
         for factor, want in ((0.9, "PASS"), (1.1, "FAIL")):
             got = {"maps": ref["maps"] * (1 + factor * FP8_TOL), "classes": ref["classes"]}
             res = parity(got, ref, dtype, "highest")
