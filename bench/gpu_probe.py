@@ -8,7 +8,8 @@ them:
   variants   forward / headline with block weights cast to bf16 (jaxvit.cast_params) or fp32,
              attention through cuDNN (the default on GPU in half precision), through jaxvit's own
              heads-first kernel, or materialised; the prediction-column normaliser chunked (default)
-             or as one GEMM; tanh GELU (ViT(gelu="tanh"), for cuBLASLt's GELU epilogue). Each records
+             or as one GEMM; tanh GELU (ViT(gelu="tanh"), for cuBLASLt's GELU epilogue); fp8 block GEMMs
+             (ViT(gemm=...), weights and scales as the benchmark's fp8 rows). Each records
              its compiled cuBLAS(Lt) calls and their epilogues (`gemm_epilogues`).
   floors     a large matmul (the card's matrix rate) and each dense layer's GEMM at the model's
              shapes, alone (both from bench.bounds); cuDNN attention alone (x L).
@@ -48,13 +49,17 @@ COMPILE_OPTIONS = {"headline_cublaslt": _CUBLASLT, "headline_gelu_tanh_cublaslt"
                    "headline_graph_concurrent": {"xla_gpu_graph_min_graph_size": 1,
                                                  "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
                    "headline_no_graphs": {"xla_gpu_enable_command_buffer": ""}}
+# the headline with fp8 block GEMMs (ViT(gemm=...)), loaded as the benchmark loads fp8 rows: e4m3 weights stored
+# once, input scales calibrated on other images (bench.models.load_jax); "gemms" counts the cuBLASLt fp8 calls.
+# fp8 GEMMs are cuBLASLt calls with or without the flag, so tanh GELU may go into fp8 fc1's epilogue without it
+FP8_VARIANTS = {"headline_fp8": "fp8", "headline_fp8_mlp": "fp8_mlp", "headline_fp8_gelu_tanh": "fp8"}
 # the headline with each ViT(kernels=...) other than XLA's: headline_pallas, headline_pallas_mlp, ...
 PALLAS_VARIANTS = tuple(f"headline_{k}" for k in KERNEL_IMPLS if k != "xla")
 VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch", "headline_cls_einsum",
             "headline_f32_patch",
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
             "headline_own_attn", "forward_fp32w", "forward_scan", "headline_gelu_tanh") + tuple(COMPILE_OPTIONS) \
-    + PALLAS_VARIANTS
+    + tuple(FP8_VARIANTS) + PALLAS_VARIANTS
 # tiles tried by `tune_kernels`: (block_rows, num_warps) and (block_m, block_n, block_k, num_warps, num_stages)
 LAYER_NORM_TILES = ((4, 4), (8, 4), (8, 8), (16, 8), (2, 2))
 DENSE_TILES = ((128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
@@ -335,9 +340,12 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
 
     attention = "materialized" if name == "headline_materialized" else "fused"
     model = jaxvit.ViT(cfg, dtype=dtype, attention=attention, kernels=variant_kernels(name),
-                       kernel_tiles=Tiles.parse(tiles), gelu="tanh" if name.startswith("headline_gelu_tanh") else "erf")
+                       kernel_tiles=Tiles.parse(tiles), gelu="tanh" if "_gelu_tanh" in name else "erf",
+                       gemm=FP8_VARIANTS.get(name, "dtype"))
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
+    if name in FP8_VARIANTS:
+        params = fp8_params(model, params)
     if name == "forward_scan":
         fn, params = jax.jit(scanned_forward(model)), scan_params(params, cfg.depth)
     else:
@@ -371,6 +379,22 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
              jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention) = saved
 
     return fn, params, ctx
+
+
+def fp8_params(model, params):
+    """`params` (compute-dtype block weights) with e4m3 weights and calibrated input scales, as bench.models
+    loads the benchmark's fp8 rows (same calibration images)."""
+    import jax.numpy as jnp
+
+    from bench.models import FP8_CALIBRATION, make_images
+    from jaxvit import fp8
+
+    if not fp8.active(model.gemm, model.dtype):
+        raise ValueError(f"the fp8 variants need --dtype bf16 (fp8 GEMMs act in half precision only); "
+                         f"got {jnp.dtype(model.dtype).name}")
+    n, seed = FP8_CALIBRATION
+    calib = jnp.asarray(make_images(n, model.config.img_size[0], seed).transpose(0, 2, 3, 1))
+    return fp8.calibrate(model, fp8.prequantize(params, model.gemm, model.dtype), calib)
 
 
 def scan_params(params, depth):

@@ -14,6 +14,8 @@
 #   BUDGET=420 bash bench/gpu_session.sh fp8  # issue 29's fp8 GEMMs: whether XLA made them cuBLASLt fp8 calls,
 #                                     # ViT-B/16 headline rows bf16, fp8, fp8_mlp (b1, b256, torch beside), the digits
 #                                     # maps' deviation (bench.fp8_numerics), then the _fast rows at b256 if time is left
+#   BUDGET=480 bash bench/gpu_session.sh issue29  # one call for both when a session can have only one: the
+#                                     # levers' and fp8's headline variants in one probe, then the fp8 rows at b256
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256"; for fp8 add
@@ -163,7 +165,24 @@ case "$1" in
       rm -f "$OUT/bench_fp8_fast/results.md"
     fi
     ;;
-  *) echo "usage: bench/gpu_session.sh final|retime|followup|levers|fp8" >&2; exit 2 ;;
+  issue29)
+    # issue 29 in one lent session (~6-7 min on an H200, estimate), when levers and fp8 cannot both have one.
+    # One probe process, so every lever times beside the default headline (same autotuning and clocks), and
+    # each variant's "gemms" says what XLA made of it (12 BIAS_GELU epilogues; 48/24 cuBLASLt fp8 calls):
+    # b256 (~2.5 min): the default, tanh GELU with cuBLASLt, cuBLASLt alone, fp8, fp8_mlp, fp8 with tanh GELU;
+    # b1 (~1 min): the default, materialised attention, command buffers around regions of 1+ ops, none, fp8.
+    # Then the targets' form: bf16, fp8 and fp8_mlp rows at b256 interleaved with torch, the maps' parity
+    # against torch fp32 (~2 min); the digits numerics stay in the fp8 stage.
+    timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 170 )) \
+      --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_fp8,headline_fp8_mlp,headline_fp8_gelu_tanh \
+      --b1-variants headline,headline_materialized,headline_graph_min1,headline_no_graphs,headline_fp8 \
+      --out "$OUT/issue29.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    timeout $(( $(left) - 5 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes bf16,fp8,fp8_mlp \
+      --methods predicatt_L+L-1 --batch ${FP8_BATCH:-256} --memory-check none --no-bounds \
+      --deadline $(( $(left) - 30 )) --out "$OUT/bench_i29" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
+    rm -f "$OUT/bench_i29/results.md"  # `python -m bench --render` rebuilds it
+    ;;
+  *) echo "usage: bench/gpu_session.sh final|retime|followup|levers|fp8|issue29" >&2; exit 2 ;;
 esac
 echo "session $1 done in $(( $(date +%s) - start )) s" | tee -a "$log"
 rm -rf "$OUT"/*_trace  # raw traces stay on the device; profile.json holds the summary

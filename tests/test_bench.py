@@ -520,6 +520,36 @@ def test_probe_scanned_forward_equals_the_unrolled_one():
     np.testing.assert_allclose(logits["forward_scan"], logits["forward"], rtol=1e-6, atol=1e-6)
 
 
+def test_probe_fp8_variants_load_as_the_benchmark_rows():
+    """The probe's fp8 variants run ViT(gemm=...) on the benchmark's fp8 params: e4m3 weights and calibrated
+    input scales for exactly the layout's GEMMs (fp8_mlp: fc1, fc2 of every block), tanh GELU where named;
+    their maps stay within the benchmark's fp8 parity tolerance of the bf16 headline (a broken path: ~1.0).
+    A float32 probe refuses them (fp8 acts in half precision only)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.gpu_probe import build_variant, config_for, jaxvit_model, random_params
+    from bench.models import FP8_TOL
+
+    cfg = config_for("tiny")
+    params32 = random_params(jaxvit_model(cfg), cfg.img_size[0])
+    x = jax.random.normal(jax.random.key(5), (4,) + cfg.img_size + (3,))
+    fn, params, _ = build_variant("headline", cfg, jnp.bfloat16, params32)
+    want = np.asarray(fn(params, x)["maps"], np.float32)
+    for name, layers, gelu in (("headline_fp8_mlp", {"fc1", "fc2"}, "erf"),
+                               ("headline_fp8_gelu_tanh", {"qkv", "proj", "fc1", "fc2"}, "tanh")):
+        fn, params, _ = build_variant(name, cfg, jnp.bfloat16, params32)
+        stored = {(blk, layer) for blk in params if blk.startswith("blocks_") for part in params[blk].values()
+                  for layer, leaves in part.items() if isinstance(leaves, dict) and "kernel_e4m3" in leaves
+                  and "input_scale" in leaves}
+        assert stored == {(f"blocks_{i}", layer) for i in range(cfg.depth) for layer in layers}, name
+        got = np.asarray(fn(params, x)["maps"], np.float32)
+        assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < FP8_TOL, name
+    with pytest.raises(ValueError, match="the fp8 variants need --dtype bf16"):
+        build_variant("headline_fp8", cfg, jnp.float32, params32)
+
+
 # -- bad input: a one-line error naming the problem, exit status 2 (argparse's), no traceback; no benchmark runs
 
 
