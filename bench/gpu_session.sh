@@ -168,7 +168,7 @@ case "$1" in
   issue29)
     # issue 29 in one lent session (~6-7 min on an H200, estimate), when levers and fp8 cannot both have one.
     # One probe process, so every lever times beside the default headline (same autotuning and clocks), and
-    # each variant's "gemms" says what XLA made of it (12 BIAS_GELU epilogues; 48/24 cuBLASLt fp8 calls):
+    # each variant's "gemms" says what XLA made of it (12 BIAS_GELU epilogues; 48 or 72, 24 fp8 calls):
     # b256 (~2.5 min): the default, tanh GELU with cuBLASLt, cuBLASLt alone, fp8, fp8_mlp, fp8 with tanh GELU;
     # b1 (~1 min): the default, materialised attention, command buffers around regions of 1+ ops, none, fp8.
     # Then the targets' form: bf16, fp8 and fp8_mlp rows at b256 interleaved with torch, the maps' parity

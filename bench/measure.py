@@ -140,7 +140,7 @@ def memory_child(spec: dict) -> dict:
         _enable_compile_cache(spec["cache_dir"])
     tmodel, size = build_timm(spec["model"], spec["seed"])
     model, params = load_jax(tmodel, spec["dtype"], spec.get("bf16_weights", "cast"), spec.get("kernels", "xla"),
-                             spec.get("kernel_tiles", ""))
+                             spec.get("kernel_tiles", ""), spec.get("gelu", "erf"))
     del tmodel
     dev = jax.devices()[0]
     if dev.memory_stats() is None:

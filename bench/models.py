@@ -121,7 +121,8 @@ def build_timm(key: str, seed: int = 0):
     return redraw_(timm.create_model(arch, pretrained=False, **kw), seed), size
 
 
-def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla", kernel_tiles: str = ""):
+def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla", kernel_tiles: str = "",
+             gelu: str = "erf"):
     """(jaxvit module, params) for a timm model at compute dtype fp32 or bf16, or one of FP8_DTYPES (bf16 with
     `ViT(gemm=...)`'s e4m3 block GEMMs). bf16 with
     bf16_weights='cast' stores the block matmul weights in bf16 (`jaxvit.cast_params`: the same
@@ -129,7 +130,8 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
     also store the e4m3 weights (`jaxvit.fp8.prequantize`, same bits) and input scales calibrated on
     other images than the timed ones (`jaxvit.fp8.calibrate`): no per-call amax pass; with 'fp32', every
     scale is taken on every call. kernels and
-    kernel_tiles (`jaxvit.kernels.Tiles` text, '' for the defaults) set `ViT.kernels` and its tiles."""
+    kernel_tiles (`jaxvit.kernels.Tiles` text, '' for the defaults) set `ViT.kernels` and its tiles; gelu sets
+    `ViT.gelu` ("tanh": the approximation, in half precision only)."""
     import jax.numpy as jnp
 
     import convert
@@ -143,6 +145,8 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
         params = jaxvit.cast_params(params, jnp.bfloat16)
     if kernels != "xla" or kernel_tiles:
         model = model.clone(kernels=kernels, kernel_tiles=Tiles.parse(kernel_tiles))
+    if gelu != "erf":
+        model = model.clone(gelu=gelu)
     if dtype in FP8_DTYPES:
         model = model.clone(gemm=dtype)
         if bf16_weights == "cast":

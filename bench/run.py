@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 from jaxvit import fp8
+from jaxvit import gelu as gelu_opt
 from jaxvit.model import KERNEL_IMPLS, pallas_parts
 from predmaps.runtime import int_at_least
 from bench.measure import memory_child, rss_supported
@@ -73,6 +74,11 @@ def merge_results(results: list[dict]) -> dict:
     env["commands"] = [r["environment"]["command"] for r in results]
     env["command"] = " ; ".join(env["commands"])
     env["dates"] = [r["environment"]["date"] for r in results]
+    # runs with other model options (--kernels, --gelu, --bf16-weights) say so per run, not as the first run's
+    precision = [r["environment"].get("precision", {}) for r in results]
+    env["precision"] = {k: precision[0][k] if all(p.get(k) == precision[0][k] for p in precision) else
+                        " | ".join(f"run {i}: {p.get(k, '-')}" for i, p in enumerate(precision, 1))
+                        for k in precision[0]}
     records = {}
     for r in results:
         for rec in r["records"]:
@@ -295,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=KERNEL_IMPLS, default="xla",
                    help="JAX half-precision rows: jaxvit.ViT(kernels=...): XLA's fusions (default) or jaxvit.kernels' "
                         "Pallas kernels (LayerNorm, fc1+GELU, the prediction-map normaliser: all, or one of them)")
+    p.add_argument("--gelu", choices=gelu_opt.GELUS, default="erf",
+                   help="JAX half-precision rows: jaxvit.ViT(gelu=...): exact erf GELU (default, timm's) or the tanh "
+                        "approximation, which XLA:GPU can fold into fc1's cuBLASLt epilogue (with "
+                        "XLA_FLAGS=--xla_gpu_enable_cublaslt=true; bench/NOTES.md)")
     p.add_argument("--kernel-tiles", type=_tiles_arg, default="",
                    help="tiles of those kernels, jaxvit.kernels.Tiles text, e.g. 'layer_norm=8,4;dense=128,256,64,8,3;"
                         "head=128,128,64,4,4' "
@@ -377,6 +387,10 @@ def main(argv=None) -> int:
         print(md)
         return 0
 
+    try:  # jaxvit's own rule for which kernel sets tanh GELU refuses
+        gelu_opt.check(args.gelu, pallas_parts(args.kernels))
+    except ValueError as e:
+        parser.error(f"--gelu {args.gelu} with --kernels {args.kernels}: {e}")
     try:  # jaxvit's own rule for which kernel sets an fp8 model refuses
         for d in set(args.dtypes or []) & set(FP8_DTYPES):
             fp8.check(d, pallas_parts(args.kernels))

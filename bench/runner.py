@@ -59,7 +59,10 @@ def environment(args, torch_device) -> dict:
                         "logits; " + ("block matmul weights stored in bf16 (jaxvit.cast_params), the rest fp32"
                                       if args.bf16_weights == "cast" else "fp32 params, cast per call")
                         + ("" if args.kernels == "xla" else
-                           f"; kernels={args.kernels} (jaxvit.kernels, tiles {args.kernel_tiles or 'default'})"),
+                           f"; kernels={args.kernels} (jaxvit.kernels, tiles {args.kernel_tiles or 'default'})")
+                        + ("" if args.gelu == "erf" else
+                           "; gelu=tanh: the tanh approximation in fc1's output dtype (jaxvit.gelu; cuBLASLt's GELU "
+                           "epilogue with --xla_gpu_enable_cublaslt=true), also in the fp8 rows"),
             "torch_bf16": f"torch.autocast('{torch_device.type}', dtype=torch.bfloat16)",
             "jax_fp8": "fp8 rows: the bf16 model with jaxvit.ViT(gemm=<the row's dtype>): fp8 / fp8_fast qkv, proj, "
                        "fc1, fc2, fp8_mlp / fp8_mlp_fast fc1, fc2 with e4m3 inputs and weights, per-tensor power-of-two "
@@ -424,8 +427,8 @@ class Runner:
         for mkey in models:
             _log(f"== {MODELS[mkey][3]}: building random weights")
             tmodel, size = build_timm(mkey, self.args.seed)
-            jax_models = {dt: load_jax(tmodel, dt, self.args.bf16_weights, self.args.kernels, self.args.kernel_tiles)
-                          for dt in dtypes}
+            jax_models = {dt: load_jax(tmodel, dt, self.args.bf16_weights, self.args.kernels, self.args.kernel_tiles,
+                                       self.args.gelu) for dt in dtypes}
             tmodel.to(self.tdev)
             batches = batches_for(mkey)
             for dtype in dtypes:
@@ -467,7 +470,7 @@ class Runner:
                         spec = dict(model=mkey, dtype=dtype, method=method, batches=batches, seed=self.args.seed,
                                     fp32_precision=self.args.fp32_precision, cache_dir=self.cache_dir,
                                     bf16_weights=self.args.bf16_weights, kernels=self.args.kernels,
-                                    kernel_tiles=self.args.kernel_tiles)
+                                    kernel_tiles=self.args.kernel_tiles, gelu=self.args.gelu)
                         res = run_memory_child(spec)
                         for rec in self.records:
                             if (rec["impl"], rec["model"], rec["dtype"], rec["method"]) == ("jax", mkey, dtype, method):

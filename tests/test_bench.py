@@ -92,6 +92,12 @@ def test_merge_keeps_every_row_once_and_refuses_other_devices(tiny_run, tmp_path
     key = ("model", "dtype", "method", "impl", "batch")
     first = tuple(res["records"][0][k] for k in key)
     assert [r["median_ms"] for r in merged["records"] if tuple(r[k] for k in key) == first] == [123.0]
+    assert merged["environment"]["precision"] == res["environment"]["precision"]
+    # a run with other model options (here --gelu tanh) keeps its own line beside the first run's
+    later["environment"]["precision"]["jax_bf16"] += "; gelu=tanh"
+    bf16 = merge_results([res, later])["environment"]["precision"]["jax_bf16"]
+    assert bf16 == (f"run 1: {res['environment']['precision']['jax_bf16']} | "
+                    f"run 2: {res['environment']['precision']['jax_bf16']}; gelu=tanh")
     (tmp_path / "a.json").write_text(json.dumps(res))
     (tmp_path / "b.json").write_text(json.dumps(later))
     assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 0
@@ -594,6 +600,8 @@ def _bench_fails(argv, capsys) -> str:
     (["--wait-quiet-max", "-5"], "argument --wait-quiet-max: takes a number of seconds >= 0"),
     (["--bf16-weights", "fp8"], "argument --bf16-weights: invalid choice"),
     (["--kernels", "cuda"], "argument --kernels: invalid choice"),
+    (["--gelu", "quick"], "argument --gelu: invalid choice"),
+    (["--gelu", "tanh", "--kernels", "pallas"], "--gelu tanh with --kernels pallas: gelu='tanh' computes fc1's GELU"),
     (["--dtypes", "bf16,fp8", "--kernels", "pallas_mlp"], "the fp8 rows quantise fc1, which that kernel set runs as"),
     (["--kernel-tiles", "dense=a"], "argument --kernel-tiles: kernel tiles 'dense=a': dense takes up to"),
     (["--memory-check", "lrp"], "unknown method 'lrp'; choose from forward"),
@@ -754,6 +762,28 @@ def test_fp8_rows_load_e4m3_weights_and_calibrated_scales_unless_fp32_weights():
         assert "input_scale" in params[blk]["mlp"]["fc2"] and "kernel_e4m3" not in params[blk]["attn"]["qkv"]
     _, per_call = load_jax(tmodel, "fp8_mlp", "fp32")
     assert set(per_call["blocks_0"]["mlp"]["fc1"]) == {"kernel", "bias"}
+
+
+def test_gelu_tanh_rows_load_the_approximation_and_keep_bf16_parity():
+    """--gelu tanh gives the bf16 and fp8 rows jaxvit.ViT(gelu="tanh") (fp8: calibrated through it), whose logits
+    stay within the bf16 rows' tolerance of timm's fp32 model (the approximation moves them ~1e-4, bf16 ~1e-2);
+    the default rows keep exact GELU."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from bench.models import BF16_TOL, build_timm, load_jax, make_images
+
+    tmodel, size = build_timm("tiny", 0)
+    x = make_images(4, size)
+    with torch.no_grad():
+        want = tmodel(torch.from_numpy(x)).numpy()
+    model, params = load_jax(tmodel, "bf16", gelu="tanh")
+    assert (model.gelu, model.dtype) == ("tanh", jnp.bfloat16) and load_jax(tmodel, "bf16")[0].gelu == "erf"
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))).logits, np.float32)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < BF16_TOL
+    fp8_model, fp8_params = load_jax(tmodel, "fp8_mlp", gelu="tanh")
+    assert (fp8_model.gelu, fp8_model.gemm) == ("tanh", "fp8_mlp") and "input_scale" in fp8_params["blocks_0"]["mlp"]["fc1"]
 
 
 def test_fp8_rows_are_held_to_the_fp8_tolerance():
