@@ -247,17 +247,50 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines + ([""] + acc if acc else []))
 
 
-def main(argv=None) -> int:
+def _json_file_arg(text: str) -> str:
+    if Path(text).is_dir() or not Path(text).resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"takes a file path in an existing folder; got {text!r}")
+    return text
+
+
+def numerics_parser(prog: str, description: str, default_models: list[str]) -> argparse.ArgumentParser:
+    """The arguments every maps-deviation script here takes (this one, bench.gelu_numerics): which models,
+    batch, digit scenes, seed and the JSON file."""
     from bench.models import MODELS, MODEL_ALIASES
     from bench.run import _batch_arg, _names_arg
+    from predmaps.runtime import int_at_least
 
-    p = argparse.ArgumentParser(prog="python -m bench.fp8_numerics", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=description)
     models = _names_arg(MODELS, MODEL_ALIASES, "model")
-    p.add_argument("--models", type=lambda t: [] if t == "none" else models(t), default=["tiny", "vit_s16"],
-                   help=f"benchmark models, comma list of {', '.join(MODELS)}, or none (default tiny,vit_s16)")
+    p.add_argument("--models", type=lambda t: [] if t == "none" else models(t), default=default_models,
+                   help=f"benchmark models, comma list of {', '.join(MODELS)}, or none (default {','.join(default_models)})")
     p.add_argument("--batch", type=_batch_arg, default=[8], help="images per benchmark model (default 8)")
-    p.add_argument("--digit-scenes", type=int, default=200, help="one-digit test scenes for the digits model "
-                   "(default 200; 0 skips it)")
+    p.add_argument("--digit-scenes", type=int_at_least(0), default=200, help="one-digit test scenes for the digits "
+                   "model (default 200; 0 skips it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=_json_file_arg, help="also write the results as JSON to this file")
+    return p
+
+
+def report(results: list[dict], t0: float, out: str | None, **extra) -> None:
+    """Print the table and the environment; write both (and `extra`) as JSON to `out` if given."""
+    import jax
+
+    env = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    if results:
+        print(markdown(results))
+    print(f"\n{env}")
+    if out:
+        Path(out).write_text(json.dumps({"environment": env, **extra, "results": results}, indent=1))
+
+
+def main(argv=None) -> int:
+    from bench.models import MODELS, MODEL_ALIASES
+    from bench.run import _names_arg
+
+    p = numerics_parser("python -m bench.fp8_numerics", __doc__.split("\n\n")[0], ["tiny", "vit_s16"])
     p.add_argument("--hlo-check", type=_names_arg(MODELS, MODEL_ALIASES, "model"), default=[],
                    help="count the fp8 cuBLASLt GEMMs in these models' compiled fp8 and fp8_mlp headline (b8)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
@@ -266,15 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", type=lambda t: choices if t == "all" else [] if t == "none" else _names_arg(
                    choices, {}, "layout")(t), default=[],
                    help=f"fp8 layouts to compare with bf16: all, none (default), or a comma list of {', '.join(choices)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="also write the results as JSON to this file")
     args = p.parse_args(argv)
-    if args.digit_scenes < 0:
-        p.error(f"--digit-scenes takes a count >= 0; got {args.digit_scenes}")
-    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
-        p.error(f"--out takes a file path in an existing folder; got {args.out}")
-    import jax
-
     t0 = time.perf_counter()
     hlo = []
     for key, dt in ((key, dt) for key in args.hlo_check for dt in ("fp8", "fp8_mlp")):
@@ -289,14 +314,7 @@ def main(argv=None) -> int:
         print(f"{results[-1]['case']}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.digit_scenes:
         results.append(digits_case(args.digit_scenes, args.seed, args.floor, args.layouts))
-    env = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "wall_s": round(time.perf_counter() - t0, 1)}
-    if results:
-        print(markdown(results))
-    print(f"\n{env}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": env, "hlo_check": hlo, "results": results}, indent=1))
+    report(results, t0, args.out, hlo_check=hlo)
     return 0
 
 

@@ -14,11 +14,8 @@ max, top-1 agreement).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 PAIRS = (("tanh", "bf16"), ("tanh_f32", "bf16"), ("tanh", "fp32"), ("bf16", "fp32"), ("fp32_tanh", "fp32"))
 
@@ -83,25 +80,11 @@ def case(label: str, model, params, x, labels=None) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench.fp8_numerics import markdown
-    from bench.models import MODELS, MODEL_ALIASES, build_timm, make_images
-    from bench.run import _batch_arg, _names_arg
+    from bench.fp8_numerics import numerics_parser, report
+    from bench.models import MODELS, build_timm, make_images
 
-    p = argparse.ArgumentParser(prog="python -m bench.gelu_numerics", description=__doc__.split("\n\n")[0])
-    models = _names_arg(MODELS, MODEL_ALIASES, "model")
-    p.add_argument("--models", type=lambda t: [] if t == "none" else models(t), default=["tiny", "vit_s16", "vit_b16"],
-                   help=f"benchmark models, comma list of {', '.join(MODELS)}, or none (default tiny,vit_s16,vit_b16)")
-    p.add_argument("--batch", type=_batch_arg, default=[8], help="images per benchmark model (default 8)")
-    p.add_argument("--digit-scenes", type=int, default=200,
-                   help="one-digit test scenes for the digits model (default 200; 0 skips it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="also write the results as JSON to this file")
-    args = p.parse_args(argv)
-    if args.digit_scenes < 0:
-        p.error(f"--digit-scenes takes a count >= 0; got {args.digit_scenes}")
-    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
-        p.error(f"--out takes a file path in an existing folder; got {args.out}")
-    import jax
+    args = numerics_parser("python -m bench.gelu_numerics", __doc__.split("\n\n")[0],
+                           ["tiny", "vit_s16", "vit_b16"]).parse_args(argv)
     import jax.numpy as jnp
 
     import convert
@@ -121,13 +104,7 @@ def main(argv=None) -> int:
         images, labels, _ = digits.one_digit_scenes(args.digit_scenes, "test", args.seed)
         results.append(case(f"digits ViT (shipped), {args.digit_scenes} one-digit test scenes", model, params,
                             jnp.asarray(digits.normalize(images)), labels))
-    env = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.perf_counter() - t0, 1)}
-    if results:
-        print(markdown(results))
-    print(f"\n{env}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    report(results, t0, args.out)
     return 0
 
 
