@@ -169,12 +169,13 @@ case "$1" in
     # issue 29 in one lent session (~6-7 min on an H200, estimate), when levers and fp8 cannot both have one.
     # One probe process, so every lever times beside the default headline (same autotuning and clocks), and
     # each variant's "gemms" says what XLA made of it (12 BIAS_GELU epilogues; 48 or 72, 24 fp8 calls):
-    # b256 (~2.5 min): the default, tanh GELU with cuBLASLt, cuBLASLt alone, fp8, fp8_mlp, fp8 with tanh GELU;
+    # b256 (~2.5 min): the default, tanh GELU with cuBLASLt, cuBLASLt alone, fp8, fp8_mlp, fp8 with tanh GELU,
+    # norm2 folded into fc1 (its LayerNorm apply pass gone into the GELU pass);
     # b1 (~1 min): the default, materialised attention, command buffers around regions of 1+ ops, none, fp8.
     # Then the targets' form: bf16, fp8 and fp8_mlp rows at b256 interleaved with torch, the maps' parity
     # against torch fp32 (~2 min); the digits numerics stay in the fp8 stage.
     timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 170 )) \
-      --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_fp8,headline_fp8_mlp,headline_fp8_gelu_tanh \
+      --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_fp8,headline_fp8_mlp,headline_fp8_gelu_tanh,headline_ln_fold \
       --b1-variants headline,headline_materialized,headline_graph_min1,headline_no_graphs,headline_fp8 \
       --out "$OUT/issue29.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     timeout $(( $(left) - 5 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes bf16,fp8,fp8_mlp \

@@ -526,6 +526,32 @@ def test_probe_scanned_forward_equals_the_unrolled_one():
     np.testing.assert_allclose(logits["forward_scan"], logits["forward"], rtol=1e-6, atol=1e-6)
 
 
+def test_probe_ln_fold_variant_is_the_same_function():
+    """The probe's headline_ln_fold (norm2 folded into fc1: the GEMM on the raw residual stream, LayerNorm's
+    statistics applied to its output) is the model's function: in float32 its maps equal the headline's to float32
+    rounding (1e-6 of the maps' max; a fold without the mean term or the shift is off by 1.5e-3 / 2.4e-3 of it), and
+    jaxvit's LayerNorm and Mlp are themselves again after the variant's context."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxvit.model as jm
+    from bench.gpu_probe import build_variant, config_for, jaxvit_model, random_params
+
+    cfg = config_for("tiny")
+    params32 = random_params(jaxvit_model(cfg), cfg.img_size[0])
+    x = jax.random.normal(jax.random.key(5), (4,) + cfg.img_size + (3,))
+    before = (jm.LayerNorm.__call__, jm.Mlp.__call__)
+    maps = {}
+    for name in ("headline", "headline_ln_fold"):
+        fn, params, ctx = build_variant(name, cfg, jnp.float32, params32)
+        with ctx():
+            maps[name] = np.asarray(fn(params, x)["maps"])
+    assert (jm.LayerNorm.__call__, jm.Mlp.__call__) == before
+    assert "kernel_folded" in params["blocks_1"]["mlp"]["fc1"]
+    np.testing.assert_allclose(maps["headline_ln_fold"], maps["headline"], rtol=1e-6, atol=1e-6 * np.abs(maps["headline"]).max())
+
+
 def test_probe_fp8_variants_load_as_the_benchmark_rows():
     """The probe's fp8 variants run ViT(gemm=...) on the benchmark's fp8 params: e4m3 weights and calibrated
     input scales for exactly the layout's GEMMs (fp8_mlp: fc1, fc2 of every block), tanh GELU where named;
