@@ -339,6 +339,21 @@ def test_the_index_is_split_into_pages_of_per_index_page_rows_as_the_image_repor
         assert f'href="{rep.index_pages[i // 2].name}">↑ index' in page.read_text()
 
 
+def test_a_bad_index_page_size_is_refused_before_the_folder_is_made(tmp_path):
+    """per_index_page < 1 (or not an integer) is refused by name, for the text and the image report alike, and
+    leaves no report folder behind."""
+    from jaxvit import ViTConfig
+    from predmaps.report.html import ReportWriter
+
+    cfg = TextConfig.from_hf(_hf_config())
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=f"rows per index page must be an integer >= 1; got {bad}"):
+            text_report.write_text_report(iter([]), tmp_path / "t", cfg, text_report.TextReportOptions(per_index_page=bad))
+        with pytest.raises(ValueError, match="rows per index page must be an integer >= 1"):
+            ReportWriter(tmp_path / "i", ViTConfig(), report.ReportOptions(per_index_page=bad))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("case", ["empty text", "no tokenizer", "unsupported architecture", "not a text model",
                                   "missing text file", "image arguments", "unknown method", "out not ours",
                                   "nothing to explain", "no tokens"])

@@ -323,12 +323,14 @@ def _index_name(page: int) -> str:
 class IndexPages:
     """An index's rows in pages of `per_page`: the first page's rows are kept for index.html (its owner writes it
     last, with the summary); each later page is written as index_N.html once it is known whether another
-    follows, so memory holds one page of rows however many there are. table(rows) -> a page's table."""
+    follows, so memory holds one page of rows however many there are. table(rows) -> a page's table.
+    Creates the report folder `out_dir` (`.out`), once `per_page` is known to be valid."""
 
-    def __init__(self, out: Path, per_page: int, title: str, meta: str, table: Callable[[list[str]], str],
+    def __init__(self, out_dir, per_page: int, title: str, meta: str, table: Callable[[list[str]], str],
                  css: str = ""):
-        if per_page < 1:
-            raise ValueError(f"rows per index page must be at least 1; got {per_page}")
+        if not isinstance(per_page, int) or per_page < 1:
+            raise ValueError(f"rows per index page must be an integer >= 1; got {per_page!r}")
+        out = safe_write.make_dir(out_dir)  # a symlinked report/ would put the pages where it points
         self.out, self.per_page, self.title, self.meta, self.table, self.css = out, per_page, title, meta, table, css
         self.rows: list[str] = []
         self.first_rows: list[str] | None = None
@@ -375,10 +377,10 @@ class ReportWriter:
     one pending page, one index page of rows, and per-image statistics curves (a few floats)."""
 
     def __init__(self, out_dir, cfg, options: ReportOptions):
-        self.out = safe_write.make_dir(out_dir)  # a symlinked report/ would put the pages where it points
         self.cfg, self.o = cfg, options
         self.pending: tuple[ImageResult, str, str] | None = None  # result, file name, previous file name
-        self.index = IndexPages(self.out, options.per_index_page, options.title, _meta(cfg, options), _index_table)
+        self.index = IndexPages(out_dir, options.per_index_page, options.title, _meta(cfg, options), _index_table)
+        self.out = self.index.out
         self.index_pages = self.index.paths
         self.pages: list[Path] = []
         self.stats: list[dict] = []

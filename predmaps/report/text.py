@@ -297,8 +297,8 @@ def write_text_report(results: Iterable[TextResult], out_dir, cfg, options: Text
     Returns the paths and one line per text."""
     o = options or TextReportOptions()
     t0 = time.perf_counter()
-    out = safe_write.make_dir(out_dir)
-    index = IndexPages(out, o.per_index_page, o.title, _meta(cfg, o), _index_table, TEXT_CSS)
+    index = IndexPages(out_dir, o.per_index_page, o.title, _meta(cfg, o), _index_table, TEXT_CSS)
+    out = index.out
     pages, lines = [], []
     pending: list = []  # [result, name, previous name]
 
