@@ -166,7 +166,7 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
     refusal = _model_name_refusal(source, model_name)
     if refusal:
         raise ValueError(refusal)
-    resize = None
+    resize, source_name = None, None
     if _is_torch_module(source):
         config = config_from_timm_module(source, name=model_name)
         state_dict = {k: v for k, v in source.state_dict().items()}
@@ -193,8 +193,8 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
                     raise unknown from None
                 hf_hub_id = None
         state_dict, sides, where = read_source_files(source, hf_hub_id=hf_hub_id)
-        state_dict, config, resize = _interpret(source, state_dict, sides, where, model_name, num_heads)
-    params = params_from_state_dict(state_dict, config)
+        state_dict, config, resize, source_name = _interpret(source, state_dict, sides, where, model_name, num_heads)
+    params = params_from_state_dict(state_dict, config, source_name)
     if img_size is None and resize is not None and tuple(resize[0]) != config.img_size:
         # transformers' processor input size: position embeddings resampled to it as transformers does
         params, config = resize_params(params, config, *resize)
@@ -206,31 +206,32 @@ def load(source: Any, *, model_name: str | None = None, dtype=jnp.float32, atten
 
 
 def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_name: str | None,
-               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[tuple[int, int], dict] | None]:
-    """(timm-layout state dict, config, None or (input size, resampling) to resample to), by what the weights' keys
-    are: a Google .npz, Hugging Face transformers, open_clip, else timm."""
+               num_heads: int | None) -> tuple[dict, ViTConfig, tuple[tuple[int, int], dict] | None, Any]:
+    """(timm-layout state dict, config, None or (input size, resampling) to resample to, None or a function naming
+    a timm key as the file names it), by what the weights' keys are: a Google .npz, Hugging Face transformers,
+    open_clip, else timm. (The .npz reader names what it misses itself; transformers' names are not mapped back.)"""
     hub_config = sides.get("config.json")
     name = where[len("hub:"):] if where.startswith("hub:") else ""
     with _naming(source):
         if google_npz.is_google_vit(state_dict):
             sd, heads, _ = google_npz.to_timm(state_dict)
             if model_name is None or google_npz.parse_variant(model_name) is not None:
-                return sd, google_npz.config_of(sd, heads, variant=model_name, num_heads=num_heads), None
+                return sd, google_npz.config_of(sd, heads, variant=model_name, num_heads=num_heads), None, None
             config = load_config(source, sd, model_name=model_name, num_heads=num_heads)
             if config.num_heads != heads:
                 raise CheckpointMismatchError(f"checkpoint does not match {model_name}: its attention kernels have "
                                               f"{heads} heads, {config.num_heads} expected")
-            return sd, config, None
+            return sd, config, None, None
         if hf_vision.looks_like_hf(state_dict) or hf_vision.is_hf_config(hub_config):
-            return hf_vision.load_state(state_dict, hub_config, sides.get("preprocessor_config.json"), name=name,
-                                        model_name=model_name, num_heads=num_heads)
+            return (*hf_vision.load_state(state_dict, hub_config, sides.get("preprocessor_config.json"), name=name,
+                                          model_name=model_name, num_heads=num_heads), None)
         if openclip.looks_like_open_clip(state_dict):
             sd, config = openclip.load_state(state_dict, sides.get("open_clip_config.json"), name=name,
                                              model_name=model_name, num_heads=num_heads)
-            return sd, config, None
+            return sd, config, None, openclip.source_name
     config = load_config(source, state_dict, model_name=model_name, hub_config=hub_config, num_heads=num_heads,
                          config_file=config_file_of(where))
-    return state_dict, config, None
+    return state_dict, config, None, None
 
 
 def _is_known_architecture(name: str) -> bool:

@@ -113,8 +113,11 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
     if "cls" in w:
         sd["cls_token"] = take("cls")
     pos = "pos_embedding" if "pos_embedding" in w else "Transformer/posembed_input/pos_embedding"
-    if pos in w:
-        sd["pos_embed"] = take(pos)
+    if pos not in w:  # else the shapes-only config would be a ViT without positions: another model, silently
+        raise UnsupportedModelError(
+            f"this Google ViT checkpoint stores no position embedding ({prefix}{pos}): big_vision's fixed "
+            "posemb='sincos2d' is computed, not stored, and jaxvit implements learned position embeddings only")
+    sd["pos_embed"] = take(pos)
     if "Transformer/encoder_norm/scale" in w:
         sd["norm.weight"] = take("Transformer/encoder_norm/scale")
         sd["norm.bias"] = take("Transformer/encoder_norm/bias")

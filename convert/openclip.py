@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.errors import UnsupportedModelError, key_mismatch
 from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig
 
@@ -118,6 +118,17 @@ _BLOCK = {f"{src}.{p}": f"{dst}.{p}" for p in ("weight", "bias") for src, dst in
 _BLOCK.update({"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
                "ls_1.gamma": "ls1.gamma", "ls_2.gamma": "ls2.gamma"})
 _TOP = {"conv1.weight": "patch_embed.proj.weight", "ln_pre.weight": "norm_pre.weight", "ln_pre.bias": "norm_pre.bias"}
+_BLOCK_SOURCE = {dst: src for src, dst in _BLOCK.items()}
+_TOP_SOURCE = {**{dst: src for src, dst in _TOP.items()}, "cls_token": "class_embedding", "pos_embed": "positional_embedding",
+               "head.weight": "proj", **{f"{n}.{p}": f"ln_post.{p}" for n in ("norm", "fc_norm") for p in ("weight", "bias")}}
+
+
+def source_name(timm_key: str) -> str:
+    """The open_clip name of a key of `to_timm`'s output (for errors: a missing tensor named as the file names it)."""
+    m = re.match(r"blocks\.(\d+)\.(.*)$", timm_key)
+    if m and m.group(2) in _BLOCK_SOURCE:
+        return f"visual.transformer.resblocks.{m.group(1)}.{_BLOCK_SOURCE[m.group(2)]}"
+    return "visual." + _TOP_SOURCE[timm_key] if timm_key in _TOP_SOURCE else timm_key
 
 
 def vision_settings(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -149,8 +160,11 @@ def vision_settings(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 def config_of(state_dict: Mapping[str, np.ndarray], settings: Mapping[str, Any], *, name: str = "",
               preprocess_cfg: Mapping[str, Any] | None = None, num_heads: int | None = None) -> ViTConfig:
     """The jaxvit config of `to_timm`'s state dict: sizes from the tensors, the rest from `settings`."""
-    if "blocks.0.attn.qkv.weight" not in state_dict:
-        raise CheckpointMismatchError("open_clip image tower has no transformer.resblocks.0.attn.in_proj_weight")
+    # every open_clip VisionTransformer has these; the shapes-only inference would read their absence as a ViT
+    # without a class token or position embedding and load a broken checkpoint as another model
+    missing = [source_name(k) for k in ("cls_token", "pos_embed", "blocks.0.attn.qkv.weight") if k not in state_dict]
+    if missing:
+        raise key_mismatch("open_clip image tower is incomplete", missing=missing)
     width = state_dict["blocks.0.attn.qkv.weight"].shape[1]
     head_width = settings["head_width"]
     if not isinstance(head_width, int) or isinstance(head_width, bool) or head_width < 1 or width % head_width:

@@ -17,7 +17,7 @@ dict, a timm module or a timm name are one contract with timm, checked together 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -123,11 +123,13 @@ def _numpy(v) -> np.ndarray:
     return np.asarray(v)
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig) -> dict:
+def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig,
+                           source_name: Callable[[str], str] | None = None) -> dict:
     """Strictly map a timm state dict onto jaxvit params of `config`.
 
     Every tensor must be consumed and every parameter filled with the right shape; otherwise
-    `CheckpointMismatchError` names the keys (timm names for the checkpoint side).
+    `CheckpointMismatchError` names the keys: timm names, or the checkpoint's own through `source_name`
+    (timm key -> its name in the file) where the state dict was converted from another format.
     """
     sd = clean_state_dict(state_dict)
     want = {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
@@ -148,6 +150,9 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig) -> 
     missing = [_path_to_timm(p) for p in want if p not in got and _path_to_timm(p) not in misshapen]
     missing = [m for m in missing if not any(s.startswith(m + ":") for s in misshapen)]
     if unexpected or missing or misshapen:
+        if source_name is not None:
+            missing = [source_name(k) for k in missing]
+            misshapen = [source_name(k) + sep + rest for k, sep, rest in (m.partition(":") for m in misshapen)]
         raise key_mismatch(f"checkpoint does not match {config.name or 'the ViT config'}", missing=missing,
                            unexpected=unexpected, misshapen=misshapen,
                            advice="Check model_name (architecture and tag) against the checkpoint.")

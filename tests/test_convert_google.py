@@ -172,6 +172,9 @@ def test_npz_loading_is_strict_and_refuses_what_jaxvit_lacks(tmp_path):
         convert.load(tmp_path / "two.npz")
     with pytest.raises(convert.UnsupportedModelError, match="MAP attention-pool head.*supported: plain ViTs"):
         load({"MAPHead_0/probe": np.zeros((1, 1, 48), np.float32)})
+    # no stored position embedding (big_vision's sincos2d): refused, not loaded as a ViT without positions
+    with pytest.raises(convert.UnsupportedModelError, match="stores no position embedding.*sincos2d"):
+        load(drop="Transformer/posembed_input/pos_embedding")
     with pytest.raises(convert.UnsupportedModelError, match="pre_logits representation layer"):
         load({"pre_logits/kernel": np.zeros((48, 48), np.float32)})
     with pytest.raises(convert.CheckpointMismatchError, match="its attention kernels have 4 heads, 3 expected"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -123,10 +124,17 @@ def test_open_clip_refusals_name_what_is_missing(tmp_path):
     sd["visual.extra"] = torch.zeros(2)
     with pytest.raises(convert.CheckpointMismatchError, match=r"unexpected keys \['visual.extra'\]"):
         convert.load(_resave(sd, path, tmp_path / "extra"))
-    # A missing image-tower tensor is named by its timm name, the reader's (a KeyError named nothing for this one)
-    sd = {k: v for k, v in oc.state_dict().items() if k != "visual.transformer.resblocks.0.mlp.c_fc.weight"}
-    with pytest.raises(convert.CheckpointMismatchError, match=r"missing keys \['blocks.0.mlp.fc1.weight'\]"):
-        convert.load(_resave(sd, path, tmp_path / "missing"))
+    # A missing or misshapen image-tower tensor is named as the file names it (not by the timm name it maps to)
+    for i, (key, why) in enumerate((("visual.transformer.resblocks.1.mlp.c_fc.weight", "missing keys"),
+                                    ("visual.transformer.resblocks.0.ln_2.bias", "missing keys"),
+                                    ("visual.positional_embedding", "missing keys"), ("visual.class_embedding", "missing keys"),
+                                    ("visual.ln_post.weight", "missing keys"),
+                                    ("visual.transformer.resblocks.1.attn.out_proj.bias", "wrong shapes"))):
+        sd = {k: v for k, v in oc.state_dict().items() if k != key}
+        if why == "wrong shapes":
+            sd[key] = torch.zeros(3)
+        with pytest.raises(convert.CheckpointMismatchError, match=rf"{why} \['{re.escape(key)}[':]"):
+            convert.load(_resave(sd, path, tmp_path / f"missing{i}"))
 
 
 def _resave(sd, like: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
