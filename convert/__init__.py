@@ -290,7 +290,11 @@ def export_state_dict(params: jaxvit.Params) -> dict[str, np.ndarray]:
 
 def timm_export_refusal(config: ViTConfig) -> str | None:
     """Why timm cannot hold `config`'s network, or None: timm has no head reading the class token and the
-    patch-token mean (DINOv2's transformers classifiers)."""
+    patch-token mean (DINOv2's transformers classifiers), and no fixed sincos2d position embedding."""
+    if config.posemb == "sincos2d":
+        return ("timm's VisionTransformer has no fixed sincos2d position embedding (big_vision's, computed for each "
+                "input's grid), so this model cannot be exported to timm; save it as a jaxvit checkpoint "
+                "(jaxvit.save, or --out) instead")
     if config.head_input == "token":
         return None
     return (f"timm has no head like this model's (head_input={config.head_input!r}: the class token and the "

@@ -78,7 +78,8 @@ def parse_variant(name: str) -> tuple[int, int, int, int, int] | None:
 
 
 def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, str]:
-    """(timm state dict, head count, layout name) of a Google ViT .npz's arrays.
+    """(timm state dict, head count, layout name) of a Google ViT .npz's arrays. A big_vision file without a
+    position embedding is a posemb='sincos2d' model (fixed, not stored): `config_of` says so.
 
     Every array is consumed or refused: unexpected ones raise CheckpointMismatchError naming them,
     missing ones CheckpointMismatchError naming the .npz key."""
@@ -113,11 +114,10 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
     if "cls" in w:
         sd["cls_token"] = take("cls")
     pos = "pos_embedding" if "pos_embedding" in w else "Transformer/posembed_input/pos_embedding"
-    if pos not in w:  # else the shapes-only config would be a ViT without positions: another model, silently
-        raise UnsupportedModelError(
-            f"this Google ViT checkpoint stores no position embedding ({prefix}{pos}): big_vision's fixed "
-            "posemb='sincos2d' is computed, not stored, and jaxvit implements learned position embeddings only")
-    sd["pos_embed"] = take(pos)
+    if pos in w:
+        sd["pos_embed"] = take(pos)
+    elif not big_vision:  # the original layout always stores one: a file without it is incomplete
+        take(pos)
     if "Transformer/encoder_norm/scale" in w:
         sd["norm.weight"] = take("Transformer/encoder_norm/scale")
         sd["norm.bias"] = take("Transformer/encoder_norm/bias")
@@ -176,6 +176,8 @@ def config_of(state_dict: Mapping[str, np.ndarray], heads: int, *, variant: str 
         raise ValueError(f"num_heads {num_heads!r} contradicts the checkpoint, whose attention kernels have {heads} "
                          "heads: leave num_heads out for a Google .npz")
     config = infer_config(state_dict, num_heads=heads).replace(act="gelu_tanh", name=variant or "")
+    if "pos_embed" not in state_dict:  # big_vision's sincos2d: added to the patch tokens before the class token joins
+        config = config.replace(pos_embed=True, posemb="sincos2d", no_embed_class=True)
     if variant is not None:
         width, depth, mlp_dim, want_heads, patch = parse_variant(variant)
         want = dict(embed_dim=width, depth=depth, mlp_dim=mlp_dim, num_heads=want_heads, patch_size=patch)

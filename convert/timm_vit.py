@@ -267,8 +267,8 @@ def resize_params(params: dict, config: ViTConfig, img_size: tuple[int, int],
         return params, config  # the native size, even when not a multiple (ViTConfig.patch_grid)
     img_size = check_img_size(img_size, config.patch_size)
     new = config.replace(img_size=img_size)
-    if img_size == tuple(config.img_size) or not config.pos_embed:
-        return params, new
+    if img_size == tuple(config.img_size) or not config.pos_embed or config.posemb != "learn":
+        return params, new  # nothing stored to resample (sincos2d rows are computed for any grid)
     prefix = 0 if config.no_embed_class else config.num_prefix_tokens
     pe = resample_abs_pos_embed(params["pos_embed"], new.grid_size, config.grid_size, prefix,
                                 **(resampling or checkpoint_resampling(config.name)))

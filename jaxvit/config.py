@@ -23,6 +23,9 @@ GLOBAL_POOLS = ("token", "avg", "avgmax", "max")
 # What the head reads after the final norm: the class token, or (DINOv2's classifiers) the class token and the
 # mean of the patch tokens concatenated, a head of 2 * embed_dim inputs.
 HEAD_INPUTS = ("token", "token_and_patch_mean")
+# "learn": a stored (resampled) position embedding, timm's; "sincos2d": big_vision's fixed 2-D sine-cosine one,
+# computed for the input's own grid and added to the patch tokens only (`jaxvit.posemb.sincos2d`)
+POSEMBS = ("learn", "sincos2d")
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -120,6 +123,14 @@ def check_fields(cfg: "ViTConfig") -> None:
                           "(attention-pool heads 'map'/'prr' are not implemented)")
     if not isinstance(cfg.head_input, str) or cfg.head_input not in HEAD_INPUTS:
         raise ConfigError(f"unsupported head_input {cfg.head_input!r}; jaxvit supports {HEAD_INPUTS}")
+    if not isinstance(cfg.posemb, str) or cfg.posemb not in POSEMBS:
+        raise ConfigError(f"unsupported posemb {cfg.posemb!r}; jaxvit supports {POSEMBS}")
+    if cfg.posemb == "sincos2d" and not (cfg.pos_embed and cfg.no_embed_class and cfg.embed_dim % 4 == 0
+                                         and cfg.embed_dim >= 8):
+        raise ConfigError("posemb='sincos2d' (big_vision's) covers the patch tokens only and splits the width in "
+                          f"four: it needs pos_embed=True, no_embed_class=True and embed_dim a multiple of 4 from 8; got "
+                          f"pos_embed={cfg.pos_embed!r}, no_embed_class={cfg.no_embed_class!r}, "
+                          f"embed_dim={cfg.embed_dim!r}")
     if not is_real(cfg.norm_eps) or not 0 < cfg.norm_eps <= 1:
         raise ConfigError(f"norm_eps must be a number in (0, 1]; {_got(cfg.norm_eps)}")
     for field in ("mean", "std"):
@@ -172,6 +183,7 @@ class ViTConfig:
     distilled: bool = False  # DeiT distillation token and `head_dist`
     no_embed_class: bool = False  # position embeddings cover the patch tokens only
     pos_embed: bool = True
+    posemb: str = "learn"  # POSEMBS: stored ("learn") or big_vision's fixed "sincos2d" (no parameter)
     pre_norm: bool = False  # `norm_pre` after the embeddings (CLIP)
     final_norm: bool = True  # `norm` before pooling
     fc_norm: bool = False  # `fc_norm` after pooling (replaces `norm`)
@@ -286,8 +298,9 @@ class ViTConfig:
     # JSON round trip: tuples become lists; the 1000 ImageNet names are stored by name.
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if self.head_input == "token":  # written only when set: older configs, their files and hashes stay as they were
-            del d["head_input"]
+        for field, default in (("head_input", "token"), ("posemb", "learn")):
+            if d[field] == default:  # written only when set: older configs, their files and hashes stay as they were
+                del d[field]
         if self.label_names is not None:
             from jaxvit import labels
 

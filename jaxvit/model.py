@@ -29,7 +29,7 @@ from jaxvit import fp8
 from jaxvit import gelu as gelu_opt
 from jaxvit import kernels as pallas_kernels
 from jaxvit.config import ViTConfig
-from jaxvit.posemb import resample_abs_pos_embed
+from jaxvit.posemb import resample_abs_pos_embed, sincos2d
 
 # The flax collection the model sows its layers' inputs into (free unless passed as mutable).
 INTERMEDIATES = "intermediates"
@@ -543,7 +543,7 @@ class ViT(nn.Module):
         self.cls_token = self.param("cls_token", tiny, (1, 1, d)) if cfg.class_token else None
         self.dist_token = self.param("dist_token", _dense_init, (1, 1, d)) if cfg.distilled else None
         self.reg_token = self.param("reg_token", tiny, (1, cfg.reg_tokens, d)) if cfg.reg_tokens else None
-        if cfg.pos_embed:
+        if cfg.pos_embed and cfg.posemb == "learn":
             length = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
             self.pos_embed = self.param("pos_embed", _dense_init, (1, length, d))
         ln = lambda name: LayerNorm(cfg.norm_eps, self.dtype, self.kernels, self.kernel_tiles, name=name)
@@ -578,8 +578,10 @@ class ViT(nn.Module):
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         prefix = [jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in prefix]
         if cfg.pos_embed:
-            pe = resample_abs_pos_embed(self.pos_embed, grid, cfg.grid_size,
-                                        0 if cfg.no_embed_class else cfg.num_prefix_tokens)
+            # sincos2d: computed for this input's grid (a constant), as big_vision does, not resampled
+            pe = jnp.asarray(sincos2d(grid, cfg.embed_dim)) if cfg.posemb == "sincos2d" else \
+                resample_abs_pos_embed(self.pos_embed, grid, cfg.grid_size,
+                                       0 if cfg.no_embed_class else cfg.num_prefix_tokens)
             _sow(self, "posemb", pe)
             if cfg.no_embed_class:
                 _sow(self, "patches", x)

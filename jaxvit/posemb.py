@@ -121,3 +121,18 @@ def grid_from_length(num_tokens: int) -> tuple[int, int]:
     if side * side != num_tokens:
         raise ValueError(f"{num_tokens} position rows are not a square grid; give the grid size explicitly")
     return side, side
+
+
+def sincos2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """(1, gh * gw, dim) float32: big_vision's fixed 2-D sine-cosine position embedding (`posemb="sincos2d"`)
+    for a patch grid, row-major. Channels in four quarters: sin and cos of the column index, then of the row
+    index, times frequencies temperature^(-k / (dim/4 - 1)), k = 0 .. dim/4 - 1. (MAE's variant, in
+    `predmaps.train_digits`, divides by dim/4 and puts the rows first: another embedding.)"""
+    if dim % 4 or dim < 8:
+        raise ValueError(f"sincos2d splits the width in four quarters of at least 2 channels; got width {dim}")
+    quarter = dim // 4
+    omega = temperature ** -(np.arange(quarter, dtype=np.float64) / (quarter - 1))
+    rows, cols = np.meshgrid(np.arange(grid[0], dtype=np.float64), np.arange(grid[1], dtype=np.float64),
+                             indexing="ij")
+    x, y = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)

@@ -117,6 +117,51 @@ def test_big_vision_gap_npz_matches_timm(scanned, tmp_path):
     assert jmodel.config.global_pool == "avg" and not jmodel.config.class_token
 
 
+def test_sincos2d_values_by_hand():
+    """big_vision's posemb_sincos_2d at grid (2, 3), width 8: quarters sin(col w), cos(col w), sin(row w),
+    cos(row w), w = 10000^(-k / (quarter - 1)) = (1, 1e-4); tokens row-major."""
+    from jaxvit.posemb import sincos2d
+
+    pe = sincos2d((2, 3), 8)
+    assert pe.shape == (1, 6, 8) and pe.dtype == np.float32
+    row, col = 1, 2  # token 5
+    want = [np.sin(col), np.sin(col * 1e-4), np.cos(col), np.cos(col * 1e-4),
+            np.sin(row), np.sin(row * 1e-4), np.cos(row), np.cos(row * 1e-4)]
+    np.testing.assert_allclose(pe[0, 5], want, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(pe[0, 0], [0, 0, 1, 1, 0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_big_vision_sincos2d_npz_matches_timm(class_token, tmp_path):
+    """A big_vision file without a position embedding is a posemb='sincos2d' model (the plain ViT baselines): fixed
+    sine-cosine rows added to the patch tokens before the class token joins, computed for each input's grid, so
+    a larger input gets the larger grid's rows, not resampled ones. Reference: timm with no_embed_class and its
+    pos_embed set to those rows, at each size."""
+    from jaxvit.posemb import sincos2d
+
+    args = dict(act_layer="gelu_tanh", class_token=class_token, no_embed_class=True,
+                **({} if class_token else dict(global_pool="avg", fc_norm=False)))
+    model = _random_timm(**args)
+    arrays = _google_arrays(model, big_vision=True, prefix="params/")
+    del arrays["params/pos_embedding"]
+    path = tmp_path / "bv_sincos.npz"
+    np.savez(path, **arrays)
+    for size in (32, 48):
+        ref = _random_timm(seed=123, img_size=size, **args)
+        ref.load_state_dict({k: v for k, v in model.state_dict().items() if k != "pos_embed"}, strict=False)
+        with torch.no_grad():
+            ref.pos_embed.copy_(torch.from_numpy(sincos2d((size // 8, size // 8), 48)))
+            want = ref(torch.from_numpy(_images(size)).permute(0, 3, 1, 2)).numpy()
+        ours, jmodel = _ours(path, _images(size))
+        np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
+    cfg = jmodel.config
+    assert (cfg.posemb, cfg.no_embed_class, cfg.class_token) == ("sincos2d", True, class_token)
+    assert "pos_embed" not in convert.load(path)[1]  # nothing stored: the rows are computed
+    assert convert.load(path, img_size=48)[0].config.img_size == (48, 48)  # nothing to resample either
+    with pytest.raises(ValueError, match="no fixed sincos2d position embedding.*jaxvit checkpoint"):
+        convert.save_timm(convert.load(path)[1], cfg, tmp_path / "timm_out")
+
+
 def test_timm_name_and_big_vision_variant_set_the_architecture(tmp_path):
     # A timm name gives timm's network (exact GELU) and data settings; "Ti/16" is big_vision's name for
     # the same sizes, with flax's GELU. Each is checked against timm reading the file.
@@ -172,8 +217,8 @@ def test_npz_loading_is_strict_and_refuses_what_jaxvit_lacks(tmp_path):
         convert.load(tmp_path / "two.npz")
     with pytest.raises(convert.UnsupportedModelError, match="MAP attention-pool head.*supported: plain ViTs"):
         load({"MAPHead_0/probe": np.zeros((1, 1, 48), np.float32)})
-    # no stored position embedding (big_vision's sincos2d): refused, not loaded as a ViT without positions
-    with pytest.raises(convert.UnsupportedModelError, match="stores no position embedding.*sincos2d"):
+    # the original layout always stores its position embedding (big_vision's sincos2d files are another layout)
+    with pytest.raises(convert.CheckpointMismatchError, match=r"missing arrays \['Transformer/posembed_input/pos_emb"):
         load(drop="Transformer/posembed_input/pos_embedding")
     with pytest.raises(convert.UnsupportedModelError, match="pre_logits representation layer"):
         load({"pre_logits/kernel": np.zeros((48, 48), np.float32)})

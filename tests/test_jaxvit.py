@@ -53,6 +53,15 @@ def test_config_json_round_trip_and_validation():
         ViTConfig(head_input="patch_mean")
     with pytest.raises(ValueError, match="head_input='token_and_patch_mean' .* needs class_token=True, global_pool"):
         ViTConfig(head_input="token_and_patch_mean", distilled=True)
+    assert "posemb" not in cfg.to_dict()  # likewise
+    sincos = SMALL.replace(posemb="sincos2d", no_embed_class=True)
+    assert ViTConfig.from_json(sincos.to_json()) == sincos
+    with pytest.raises(ValueError, match="unsupported posemb 'rope'"):
+        ViTConfig(posemb="rope")
+    for bad in (dict(), dict(no_embed_class=True, pos_embed=False), dict(no_embed_class=True, embed_dim=6, num_heads=1)):
+        with pytest.raises(ValueError, match="posemb='sincos2d' .* needs pos_embed=True, no_embed_class=True and "
+                                             "embed_dim a multiple of 4 from 8"):
+            ViTConfig(posemb="sincos2d", **bad)
     with pytest.raises(ValueError, match="unknown ViTConfig fields \\['rope'\\]"):
         ViTConfig.from_dict({**dataclasses.asdict(SMALL), "rope": True})
     with pytest.raises(KeyError, match="unknown pretrained tag 'nope' for vit_base_patch16_224; known tags"):
