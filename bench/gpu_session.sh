@@ -143,6 +143,7 @@ case "$1" in
       --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_gelu_tanh \
       --b1-variants headline,headline_gelu_tanh_cublaslt,headline_materialized,headline_graph_min1,headline_graph_concurrent,headline_no_graphs,headline_cublaslt \
       --out "$OUT/levers.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    $PY -m bench.probe_table "$OUT/levers.json" 2>&1 | tee -a "$log"  # each variant against its batch's headline
     ;;
   fp8)
     # ~7 min on an H200 (estimate: ~10 compiles of ViT-B/16 at ~15 s, the digits numerics' ~20 small ones);
@@ -178,6 +179,7 @@ case "$1" in
       --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_fp8,headline_fp8_mlp,headline_fp8_gelu_tanh,headline_ln_fold \
       --b1-variants headline,headline_materialized,headline_graph_min1,headline_no_graphs,headline_fp8 \
       --out "$OUT/issue29.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+    $PY -m bench.probe_table "$OUT/issue29.json" 2>&1 | tee -a "$log"  # each variant against its batch's headline
     timeout $(( $(left) - 5 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes bf16,fp8,fp8_mlp \
       --methods predicatt_L+L-1 --batch ${FP8_BATCH:-256} --memory-check none --no-bounds \
       --deadline $(( $(left) - 30 )) --out "$OUT/bench_i29" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"

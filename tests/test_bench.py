@@ -505,6 +505,30 @@ def test_probe_reads_gemm_epilogues_from_optimised_hlo():
     assert gemm_epilogues("") == {}
 
 
+def test_probe_table_reads_each_variant_against_its_batchs_headline():
+    """bench.probe_table: one row per variant and batch, largest batch first, headline first within it; the
+    change is against the same batch's headline (19 vs 20 ms: -5.0%); GEMM calls summed by short target name
+    with DEFAULT epilogues unnamed; an errored variant and the deadline's skips are listed."""
+    from bench.probe_table import gemm_summary, markdown
+
+    row = lambda batch, ms, gemms=None: {"batch": batch, "median_ms": ms, "min_ms": ms - 1, "img_per_s": batch / ms * 1e3,
+                                         "compile_s": 2.0, "gemms": gemms or {}}
+    probe = {"device": "H100", "jax": "0.11.2", "variants": {
+        "headline_b1": row(1, 1.4), "headline_gelu_tanh_cublaslt_b256": row(256, 19.0, {
+            "__cublas$lt$matmul DEFAULT": 24, "__cublas$lt$matmul BIAS": 12, "__cublas$lt$matmul BIAS_GELU": 12}),
+        "headline_b256": row(256, 20.0), "headline_materialized_b1": row(1, 1.05),
+        "headline_fp8_b256": {"error": "XlaRuntimeError: no fp8"}}, "skipped": ["headline_no_graphs_b1"]}
+    text = markdown(probe)
+    table = [ln for ln in text.splitlines() if ln.startswith("| headline")]
+    assert [ln.split(" | ")[0:2] for ln in table] == [["| headline", "256"], ["| headline_gelu_tanh_cublaslt", "256"],
+                                                      ["| headline", "1"], ["| headline_materialized", "1"]]
+    assert " | -5.0% | " in table[1] and " | -25.0% | " in table[3] and table[0].split(" | ")[5] == "-"
+    assert "lt 24, lt BIAS 12, lt BIAS_GELU 12" in table[1]
+    assert "- headline_fp8_b256: XlaRuntimeError: no fp8" in text and "skipped (deadline): headline_no_graphs_b1" in text
+    assert gemm_summary({"__cublas$lt$matmul$f8 DEFAULT": 36, "__cublas$lt$matmul$f8": 12}) == "lt f8 48"
+    assert gemm_summary({}) == "-"
+
+
 def test_probe_scanned_forward_equals_the_unrolled_one():
     """The probe's `forward_scan` variant (blocks under lax.scan over stacked parameters) computes the
     same logits as the model's unrolled forward: same ops per block, so equal to float32 rounding."""
