@@ -137,7 +137,11 @@ def _check_shapes(config: ViTConfig, params: dict, what: str) -> None:
     problems += [f"{k}: shape {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have))
                  if tuple(have[k]) != tuple(want[k])]
     if problems:
-        raise ValueError(f"{what} do not match the config {config.name!r}: " + "; ".join(problems[:20]))
+        fp8_leaves = ("['kernel_e4m3']", "['kernel_scale']", "['input_scale']")  # jaxvit.fp8's, added for one run
+        hint = (". The e4m3 weights and input scales of jaxvit.fp8.prequantize / calibrate are not saved: save the "
+                "params from before them, and prequantize / calibrate again after loading"
+                if any(k.endswith(fp8_leaves) for k in set(have) - set(want)) else "")
+        raise ValueError(f"{what} do not match the config {config.name!r}: " + "; ".join(problems[:20]) + hint)
 
 
 def _to_numpy(tree):

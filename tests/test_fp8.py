@@ -162,6 +162,18 @@ def test_default_and_float32_models_have_the_jaxpr_without_fp8(monkeypatch):
     assert fp8_f32 == before[jnp.float32]
 
 
+def test_saving_fp8_params_names_what_to_save_instead(tmp_path):
+    """jaxvit.save refuses params with prequantize's / calibrate's leaves (not part of a checkpoint), saying
+    to save the params from before them."""
+    import jaxvit
+
+    params = fp8.prequantize(_random_params(SMALL)[0], "fp8_mlp")
+    with pytest.raises(ValueError, match=r"unexpected \['blocks_0'\]\['mlp'\]\['fc1'\]\['kernel_e4m3'\].*save the params "
+                                         "from before them"):
+        jaxvit.save(tmp_path / "ck", SMALL, params)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_gemm_option_refused_where_it_cannot_hold():
     with pytest.raises(ValueError, match=r"unknown gemm 'int8'; choose from \('dtype', 'fp8', 'fp8_fast', 'fp8_mlp', "
                        r"'fp8_mlp_fast'\) or pass a jaxvit.fp8.Layout"):
