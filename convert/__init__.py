@@ -209,7 +209,7 @@ def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_nam
                num_heads: int | None) -> tuple[dict, ViTConfig, tuple[tuple[int, int], dict] | None, Any]:
     """(timm-layout state dict, config, None or (input size, resampling) to resample to, None or a function naming
     a timm key as the file names it), by what the weights' keys are: a Google .npz, Hugging Face transformers,
-    open_clip, else timm. (The .npz reader names what it misses itself; transformers' names are not mapped back.)"""
+    open_clip, else timm. (The .npz reader names what it misses itself.)"""
     hub_config = sides.get("config.json")
     name = where[len("hub:"):] if where.startswith("hub:") else ""
     with _naming(source):
@@ -224,7 +224,8 @@ def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_nam
             return sd, config, None, None
         if hf_vision.looks_like_hf(state_dict) or hf_vision.is_hf_config(hub_config):
             return (*hf_vision.load_state(state_dict, hub_config, sides.get("preprocessor_config.json"), name=name,
-                                          model_name=model_name, num_heads=num_heads), None)
+                                          model_name=model_name, num_heads=num_heads),
+                    hf_vision.source_namer(state_dict, hub_config))
         if openclip.looks_like_open_clip(state_dict):
             sd, config = openclip.load_state(state_dict, sides.get("open_clip_config.json"), name=name,
                                              model_name=model_name, num_heads=num_heads)

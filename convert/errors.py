@@ -3,6 +3,9 @@ the same way (missing / unexpected / wrong shapes), whatever the file."""
 
 from __future__ import annotations
 
+import re
+from typing import Callable, Iterable
+
 
 class CheckpointMismatchError(ValueError):
     """A state dict that does not fill a jaxvit ViT exactly (missing, unexpected or misshapen keys)."""
@@ -24,3 +27,20 @@ def key_mismatch(what: str, *, missing=(), unexpected=(), misshapen=(), advice: 
 
 class UnsupportedModelError(ValueError):
     """A timm model whose architecture jaxvit does not implement."""
+
+
+def sibling_name(timm_key: str, source_keys: Iterable[str], timm_names_of: Callable[[str], Iterable[str]]) -> str:
+    """A missing block tensor's name in the file's own scheme, read off the same tensor of another block:
+    `blocks.1.mlp.fc2.bias` -> `vit.encoder.layer.1.output.dense.bias` where the file holds
+    `vit.encoder.layer.0.output.dense.bias`. `timm_names_of(key)`: the timm names one source key converts to
+    (empty if it cannot alone, e.g. q of a q/k/v triple). Other keys, or none found: `timm_key` itself."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", timm_key)
+    if not m:
+        return timm_key
+    for source in source_keys:
+        for name in timm_names_of(source):
+            other = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+            if other and other.group(2) == m.group(2) and other.group(1) != m.group(1) \
+                    and len(re.findall(rf"\.{other.group(1)}\.", f".{source}.")) == 1:
+                return re.sub(rf"(^|\.){other.group(1)}\.", rf"\g<1>{m.group(1)}.", source, count=1)
+    return timm_key

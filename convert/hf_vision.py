@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.errors import CheckpointMismatchError, UnsupportedModelError
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, sibling_name
 from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
@@ -224,6 +224,18 @@ _CLIP_BLOCK = {f"{src}.{p}": f"{dst}.{p}" for p in ("weight", "bias") for src, d
 _CLIP_TOP = {"embeddings.patch_embedding.weight": "patch_embed.proj.weight", "pre_layrnorm.weight": "norm_pre.weight",
              "pre_layrnorm.bias": "norm_pre.bias", "post_layernorm.weight": "norm.weight",
              "post_layernorm.bias": "norm.bias"}
+
+
+def source_namer(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]):
+    """timm key -> its name in this transformers file, for errors: a missing block tensor named as the file
+    names the same tensor of another block (whichever transformers naming the file uses)."""
+    def timm_names_of(key: str) -> list[str]:
+        try:
+            return list(to_timm({key: state_dict[key]}, config))
+        except (CheckpointMismatchError, UnsupportedModelError):  # q alone: its k and v are elsewhere
+            return []
+
+    return lambda timm_key: sibling_name(timm_key, state_dict, timm_names_of)
 
 
 def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: Mapping[str, Any] | None, *,

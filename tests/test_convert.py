@@ -1270,3 +1270,18 @@ def test_infer_config_reproduces_architecture(name):
     want = {k: v for k, v in _arch_fields(live).items() if k not in NOT_IN_SHAPES}
     got = {k: v for k, v in _arch_fields(inferred).items() if k not in NOT_IN_SHAPES}
     assert got == want
+
+
+def test_sibling_name_reads_a_missing_block_tensor_off_another_block():
+    """convert.errors.sibling_name: the file's own name of a missing block tensor, from the same tensor of another
+    block (index swapped where it occurs once); no guess where the index is ambiguous or the key is no block's."""
+    from convert.errors import sibling_name
+
+    names = {"enc.layers.0.ffn.out.bias": ["blocks.0.mlp.fc2.bias"], "enc.layers.0.q.weight": [],
+             "x.1.y.1.z": ["blocks.1.norm1.weight"], "head.w": ["head.weight"]}
+    keys = list(names)
+    of = lambda key: names[key]
+    assert sibling_name("blocks.12.mlp.fc2.bias", keys, of) == "enc.layers.12.ffn.out.bias"
+    assert sibling_name("blocks.3.norm1.weight", keys, of) == "blocks.3.norm1.weight"  # ".1." twice: not guessed
+    assert sibling_name("blocks.3.attn.qkv.weight", keys, of) == "blocks.3.attn.qkv.weight"  # no sibling alone
+    assert sibling_name("head.weight", keys, of) == "head.weight"
