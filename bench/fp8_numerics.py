@@ -173,33 +173,6 @@ def case(label: str, model, params, x, labels=None, floor: bool = True, layouts=
     return res
 
 
-def bench_case(key: str, batch: int, seed: int, floor: bool = True, layouts=()) -> dict:
-    import jax.numpy as jnp
-
-    import convert
-    from bench.models import MODELS, build_timm, make_images
-
-    tmodel, size = build_timm(key, seed)
-    model, params = convert.load(tmodel, dtype=jnp.float32)
-    x = jnp.asarray(make_images(batch, size).transpose(0, 2, 3, 1))
-    calib = jnp.asarray(make_images(batch, size, seed=2).transpose(0, 2, 3, 1))  # other images than x's (seed 1)
-    return case(f"{MODELS[key][3]}, random weights, b{batch}", model, params, x, floor=floor, layouts=layouts,
-                calib=calib)
-
-
-def digits_case(n: int, seed: int, floor: bool = True, layouts=()) -> dict:
-    import jax.numpy as jnp
-
-    from predmaps import digits
-
-    model, params = digits.load_model()
-    images, labels, _ = digits.one_digit_scenes(n, "test", seed)
-    calib, _, _ = digits.one_digit_scenes(n, "train", seed)  # calibrated on training scenes, explained on test
-    return case(f"digits ViT (shipped), {n} one-digit test scenes", model, params,
-                jnp.asarray(digits.normalize(images)), labels, floor=floor, layouts=layouts,
-                calib=jnp.asarray(digits.normalize(calib)))
-
-
 def gemm_calls(key: str, dtype: str = "fp8", batch: int = 8, seed: int = 0) -> dict:
     """The custom calls (by target) in the compiled headline of a benchmark model at an fp8 bench dtype, and how
     many are fp8 GEMMs."""
@@ -272,6 +245,32 @@ def numerics_parser(prog: str, description: str, default_models: list[str]) -> a
     return p
 
 
+def inputs(args):
+    """(label, float32 model, params, images NHWC, labels or None, calib) of each case `numerics_parser`'s
+    arguments name: the benchmark models (random weights, seeded images), then the digits model on one-digit test
+    scenes. calib() gives other images than those, for fp8's input scales: seed 2 (the images are seed 1's), the
+    digits' training scenes."""
+    import jax.numpy as jnp
+
+    import convert
+    from bench.models import MODELS, build_timm, make_images
+
+    for key in args.models:
+        tmodel, size = build_timm(key, args.seed)
+        model, params = convert.load(tmodel, dtype=jnp.float32)
+        x = jnp.asarray(make_images(max(args.batch), size).transpose(0, 2, 3, 1))
+        calib = lambda size=size: jnp.asarray(make_images(max(args.batch), size, seed=2).transpose(0, 2, 3, 1))
+        yield f"{MODELS[key][3]}, random weights, b{max(args.batch)}", model, params, x, None, calib
+    if args.digit_scenes:
+        from predmaps import digits
+
+        model, params = digits.load_model()
+        images, labels, _ = digits.one_digit_scenes(args.digit_scenes, "test", args.seed)
+        calib = lambda: jnp.asarray(digits.normalize(digits.one_digit_scenes(args.digit_scenes, "train", args.seed)[0]))
+        yield (f"digits ViT (shipped), {args.digit_scenes} one-digit test scenes", model, params,
+               jnp.asarray(digits.normalize(images)), labels, calib)
+
+
 def report(results: list[dict], t0: float, out: str | None, **extra) -> None:
     """Print the table and the environment; write both (and `extra`) as JSON to `out` if given."""
     import jax
@@ -309,11 +308,9 @@ def main(argv=None) -> int:
         print(f"{h['model']} {h['dtype']}: {h['fp8_gemms']} fp8 cuBLASLt GEMMs (block GEMMs: {h['block_gemms_expected']}); custom "
               f"calls {h['custom_calls']}", flush=True)
     results = []
-    for key in args.models:
-        results.append(bench_case(key, max(args.batch), args.seed, args.floor, args.layouts))
-        print(f"{results[-1]['case']}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    if args.digit_scenes:
-        results.append(digits_case(args.digit_scenes, args.seed, args.floor, args.layouts))
+    for label, model, params, x, labels, calib in inputs(args):
+        results.append(case(label, model, params, x, labels, floor=args.floor, layouts=args.layouts, calib=calib()))
+        print(f"{label}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     report(results, t0, args.out, hlo_check=hlo)
     return 0
 

@@ -80,30 +80,15 @@ def case(label: str, model, params, x, labels=None) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench.fp8_numerics import numerics_parser, report
-    from bench.models import MODELS, build_timm, make_images
+    from bench.fp8_numerics import inputs, numerics_parser, report
 
     args = numerics_parser("python -m bench.gelu_numerics", __doc__.split("\n\n")[0],
                            ["tiny", "vit_s16", "vit_b16"]).parse_args(argv)
-    import jax.numpy as jnp
-
-    import convert
-
     t0 = time.perf_counter()
     results = []
-    for key in args.models:
-        tmodel, size = build_timm(key, args.seed)
-        model, params = convert.load(tmodel, dtype=jnp.float32)
-        x = jnp.asarray(make_images(max(args.batch), size).transpose(0, 2, 3, 1))
-        results.append(case(f"{MODELS[key][3]}, random weights, b{max(args.batch)}", model, params, x))
-        print(f"{results[-1]['case']}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    if args.digit_scenes:
-        from predmaps import digits
-
-        model, params = digits.load_model()
-        images, labels, _ = digits.one_digit_scenes(args.digit_scenes, "test", args.seed)
-        results.append(case(f"digits ViT (shipped), {args.digit_scenes} one-digit test scenes", model, params,
-                            jnp.asarray(digits.normalize(images)), labels))
+    for label, model, params, x, labels, _ in inputs(args):
+        results.append(case(label, model, params, x, labels))
+        print(f"{label}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     report(results, t0, args.out)
     return 0
 

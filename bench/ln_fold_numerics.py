@@ -72,30 +72,13 @@ def maps_errors(model, params, x) -> dict:
 
 
 def main(argv=None) -> int:
-    import jax.numpy as jnp
-
-    import convert
-    from bench.fp8_numerics import numerics_parser
-    from bench.models import MODELS, build_timm, make_images
+    from bench.fp8_numerics import inputs, numerics_parser
 
     args = numerics_parser("python -m bench.ln_fold_numerics", __doc__.split("\n\n")[0],
                            ["tiny", "vit_s16", "vit_b16"]).parse_args(argv)
     t0 = time.perf_counter()
-    cases = []
-    for key in args.models:
-        tmodel, size = build_timm(key, args.seed)
-        model, params = convert.load(tmodel, dtype=jnp.float32)
-        x = jnp.asarray(make_images(max(args.batch), size).transpose(0, 2, 3, 1))
-        cases.append((f"{MODELS[key][3]}, random weights, b{max(args.batch)}", fc1_errors(model, params, x),
-                      maps_errors(model, params, x)))
-    if args.digit_scenes:
-        from predmaps import digits
-
-        model, params = digits.load_model()
-        images, _, _ = digits.one_digit_scenes(args.digit_scenes, "test", args.seed)
-        x = jnp.asarray(digits.normalize(images))
-        cases.append((f"digits ViT (shipped), {args.digit_scenes} one-digit test scenes", fc1_errors(model, params, x),
-                      maps_errors(model, params, x)))
+    cases = [(label, fc1_errors(model, params, x), maps_errors(model, params, x))
+             for label, model, params, x, _, _ in inputs(args)]
     print("| case | block | bf16 | fold_bf16 | fold_f32 | median |mean|/std of fc1's input rows |")
     print("|---|---|---|---|---|---|")
     for label, rows, _ in cases:
