@@ -59,7 +59,7 @@ def maps_errors(model, params, x) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.gpu_probe import build_variant
+    from bench.probe_variants import build_variant
 
     def maps(name, dtype):
         fn, p, ctx = build_variant(name, model.config, dtype, params)

@@ -536,7 +536,7 @@ def test_probe_scanned_forward_equals_the_unrolled_one():
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.gpu_probe import build_variant, config_for, jaxvit_model, random_params
+    from bench.probe_variants import build_variant, config_for, jaxvit_model, random_params
 
     cfg = config_for("tiny")
     params32 = random_params(jaxvit_model(cfg), cfg.img_size[0])
@@ -560,7 +560,7 @@ def test_probe_ln_fold_variant_is_the_same_function():
     import numpy as np
 
     import jaxvit.model as jm
-    from bench.gpu_probe import build_variant, config_for, jaxvit_model, random_params
+    from bench.probe_variants import build_variant, config_for, jaxvit_model, random_params
 
     cfg = config_for("tiny")
     params32 = random_params(jaxvit_model(cfg), cfg.img_size[0])
@@ -585,7 +585,7 @@ def test_probe_fp8_variants_load_as_the_benchmark_rows():
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.gpu_probe import build_variant, config_for, jaxvit_model, random_params
+    from bench.probe_variants import build_variant, config_for, jaxvit_model, random_params
     from bench.models import FP8_TOL
 
     cfg = config_for("tiny")
