@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 import convert  # noqa: E402
+import jaxvit  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TOL = 1e-5
@@ -158,6 +159,10 @@ def test_big_vision_sincos2d_npz_matches_timm(class_token, tmp_path):
     assert (cfg.posemb, cfg.no_embed_class, cfg.class_token) == ("sincos2d", True, class_token)
     assert "pos_embed" not in convert.load(path)[1]  # nothing stored: the rows are computed
     assert convert.load(path, img_size=48)[0].config.img_size == (48, 48)  # nothing to resample either
+    jaxvit.save(tmp_path / "ck", cfg, convert.load(path)[1])  # a jaxvit checkpoint keeps posemb
+    m2, p2 = jaxvit.load(tmp_path / "ck")
+    assert m2.config == cfg
+    np.testing.assert_array_equal(np.asarray(m2.apply({"params": p2}, _images(48)).logits), ours)
     with pytest.raises(ValueError, match="no fixed sincos2d position embedding.*jaxvit checkpoint"):
         convert.save_timm(convert.load(path)[1], cfg, tmp_path / "timm_out")
 
