@@ -505,6 +505,39 @@ def test_probe_reads_gemm_epilogues_from_optimised_hlo():
     assert gemm_epilogues("") == {}
 
 
+def test_gpu_session_names_only_what_its_tools_know():
+    """bench/gpu_session.sh runs on a lent GPU, minutes at a time, and no CI runs it there: a typo in a probe variant,
+    a bench dtype or method or a numerics layout would cost a session. Every name it passes is known to the tool
+    it passes it to (read from the tools' own argument types), and bash parses the script."""
+    import argparse
+    import re
+
+    from bench.fp8_numerics import _layout_choices
+    from bench.gpu_probe import _variants_arg
+    from bench.run import build_parser
+
+    path = REPO / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    text = text.replace("$PALLAS", re.search(r"^PALLAS=(\S+)", text, re.M).group(1))
+    variants = re.findall(r"--(?:b1-|flag-set-)?variants[ =](\S+)", text) + re.findall(r"--profile-variant (\S+)", text)
+    assert len(variants) >= 10 and "headline_ln_fold" in ",".join(variants)
+    for names in variants:
+        _variants_arg(names)  # raises argparse.ArgumentTypeError naming an unknown variant
+    parser = build_parser()
+    types = {a.dest: a.type for a in parser._actions if a.dest in ("dtypes", "methods", "memory_check")}
+    for flag, dest in (("--dtypes", "dtypes"), ("--methods", "methods"), ("--memory-check", "memory_check")):
+        values = re.findall(rf"{flag} (\S+)", text)
+        assert values, flag
+        for value in values:
+            try:
+                types[dest](value)
+            except argparse.ArgumentTypeError as e:
+                raise AssertionError(f"gpu_session.sh: {flag} {value}: {e}") from None
+    for value in re.findall(r"--layouts (\S+)", text):
+        assert set(value.split(",")) <= set(_layout_choices()), value
+
+
 def test_probe_table_reads_each_variant_against_its_batchs_headline():
     """bench.probe_table: one row per variant and batch, largest batch first, headline first within it; the
     change is against the same batch's headline (19 vs 20 ms: -5.0%); GEMM calls summed by short target name
