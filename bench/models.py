@@ -136,7 +136,6 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
 
     import convert
     import jaxvit
-    from jaxvit import fp8
     from jaxvit.kernels import Tiles
 
     half = dtype == "bf16" or dtype in FP8_DTYPES
@@ -150,10 +149,20 @@ def load_jax(tmodel, dtype: str, bf16_weights: str = "cast", kernels: str = "xla
     if dtype in FP8_DTYPES:
         model = model.clone(gemm=dtype)
         if bf16_weights == "cast":
-            n, seed = FP8_CALIBRATION
-            calib = jnp.asarray(make_images(n, model.config.img_size[0], seed).transpose(0, 2, 3, 1))
-            params = fp8.calibrate(model, fp8.prequantize(params, dtype), calib)
+            params = fp8_params(model, params)
     return model, params
+
+
+def fp8_params(model, params):
+    """`params` of an fp8 model (`ViT(gemm=...)`) with its e4m3 weights stored once (`jaxvit.fp8.prequantize`) and
+    input scales calibrated on FP8_CALIBRATION's images, other ones than the timed (`jaxvit.fp8.calibrate`)."""
+    import jax.numpy as jnp
+
+    from jaxvit import fp8
+
+    n, seed = FP8_CALIBRATION
+    calib = jnp.asarray(make_images(n, model.config.img_size[0], seed).transpose(0, 2, 3, 1))
+    return fp8.calibrate(model, fp8.prequantize(params, model.gemm, model.dtype), calib)
 
 
 def make_images(batch: int, size: int, seed: int = 1) -> np.ndarray:

@@ -8,7 +8,9 @@ bench/NOTES.md has what each one measured.
 
 from __future__ import annotations
 
-from jaxvit.model import KERNEL_IMPLS
+from jaxvit.model import KERNEL_IMPLS, LayerNorm
+
+_LAYER_NORM = LayerNorm.__call__  # jaxvit's own, for the LayerNorms the ln_fold variant leaves in place
 
 MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
                "vit_l16": "vit_large_patch16_224", "tiny": None}
@@ -160,7 +162,7 @@ def ln_fold_params(params, depth: int, dtype):
 
 def _norm2_deferred(self, x):
     """LayerNorm with norm2 left to fc1 (`_ln_folded_mlp`): the residual stream passes through unnormalised."""
-    return x if self.name == "norm2" else _saved_layer_norm(self, x)
+    return x if self.name == "norm2" else _LAYER_NORM(self, x)
 
 
 def _ln_folded_mlp(self, x):
@@ -180,9 +182,6 @@ def _ln_folded_mlp(self, x):
     h = jm.activation(self.config.act)(rstd * (xw.astype(jnp.float32) - mean * fc1["colsum"]) + fc1["shift"])
     h = h.astype(self.dtype)
     return jnp.dot(h, fc2["kernel"].astype(self.dtype)) + fc2["bias"].astype(self.dtype)
-
-
-_saved_layer_norm = None  # jaxvit's LayerNorm.__call__ while the ln_fold variant's patch is in place
 
 
 def variant_kernels(name: str) -> str:
@@ -221,7 +220,6 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
 
     @contextlib.contextmanager
     def ctx():
-        global _saved_layer_norm
         saved = (jm._fused_attention, core._NORMALISER_CHUNK, jm._cls_logits, jm.activation,
                  jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention, jm.Mlp.__call__)
         if name == "headline_own_attn":
@@ -242,7 +240,6 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
         if name == "headline_ln_twopass":
             jm.LayerNorm.__call__ = _layer_norm_two_pass
         if name == "headline_ln_fold":
-            _saved_layer_norm = jm.LayerNorm.__call__
             jm.LayerNorm.__call__, jm.Mlp.__call__ = _norm2_deferred, _ln_folded_mlp
         try:
             yield
@@ -254,19 +251,17 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
 
 
 def fp8_params(model, params):
-    """`params` (compute-dtype block weights) with e4m3 weights and calibrated input scales, as bench.models
-    loads the benchmark's fp8 rows (same calibration images)."""
+    """`params` (compute-dtype block weights) with e4m3 weights and calibrated input scales: the benchmark's fp8
+    rows' (`bench.models.fp8_params`)."""
     import jax.numpy as jnp
 
-    from bench.models import FP8_CALIBRATION, make_images
+    from bench import models
     from jaxvit import fp8
 
     if not fp8.active(model.gemm, model.dtype):
         raise ValueError(f"the fp8 variants need --dtype bf16 (fp8 GEMMs act in half precision only); "
                          f"got {jnp.dtype(model.dtype).name}")
-    n, seed = FP8_CALIBRATION
-    calib = jnp.asarray(make_images(n, model.config.img_size[0], seed).transpose(0, 2, 3, 1))
-    return fp8.calibrate(model, fp8.prequantize(params, model.gemm, model.dtype), calib)
+    return models.fp8_params(model, params)
 
 
 def scan_params(params, depth):

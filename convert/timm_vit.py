@@ -135,7 +135,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig,
     want = {tuple(str(getattr(k, "key", k)) for k in path): leaf.shape
             for path, leaf in _tree_items(param_shapes(config))}
     got: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, misshapen = [], []
+    unexpected, misshapen = [], {}  # misshapen: {timm key: shapes}
     for key, value in sd.items():
         path = _timm_to_path(key, value.ndim)
         if path not in want:
@@ -143,18 +143,16 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: ViTConfig,
             continue
         value = _to_jax_layout(path, value)
         if tuple(value.shape) != tuple(want[path]):
-            misshapen.append(f"{key}: {tuple(_to_timm_layout(path, value).shape)} in the checkpoint, "
-                             f"{tuple(_to_timm_layout(path, np.empty(want[path])).shape)} expected")
+            misshapen[key] = (f"{tuple(_to_timm_layout(path, value).shape)} in the checkpoint, "
+                              f"{tuple(_to_timm_layout(path, np.empty(want[path])).shape)} expected")
             continue
         got[path] = np.ascontiguousarray(value)
     missing = [_path_to_timm(p) for p in want if p not in got and _path_to_timm(p) not in misshapen]
-    missing = [m for m in missing if not any(s.startswith(m + ":") for s in misshapen)]
     if unexpected or missing or misshapen:
-        if source_name is not None:
-            missing = [source_name(k) for k in missing]
-            misshapen = [source_name(k) + sep + rest for k, sep, rest in (m.partition(":") for m in misshapen)]
-        raise key_mismatch(f"checkpoint does not match {config.name or 'the ViT config'}", missing=missing,
-                           unexpected=unexpected, misshapen=misshapen,
+        name = source_name or (lambda key: key)
+        raise key_mismatch(f"checkpoint does not match {config.name or 'the ViT config'}",
+                           missing=[name(k) for k in missing], unexpected=unexpected,
+                           misshapen=[f"{name(k)}: {shapes}" for k, shapes in misshapen.items()],
                            advice="Check model_name (architecture and tag) against the checkpoint.")
     return _unflatten(got)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from jaxvit import safe_write
+from jaxvit import fp8, safe_write
 from jaxvit.config import ViTConfig
 from jaxvit.model import ViT
 
@@ -137,7 +137,7 @@ def _check_shapes(config: ViTConfig, params: dict, what: str) -> None:
     problems += [f"{k}: shape {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have))
                  if tuple(have[k]) != tuple(want[k])]
     if problems:
-        fp8_leaves = ("['kernel_e4m3']", "['kernel_scale']", "['input_scale']")  # jaxvit.fp8's, added for one run
+        fp8_leaves = tuple(f"[{k!r}]" for k in (fp8.KERNEL_E4M3, fp8.KERNEL_SCALE, fp8.INPUT_SCALE))
         hint = (". The e4m3 weights and input scales of jaxvit.fp8.prequantize / calibrate are not saved: save the "
                 "params from before them, and prequantize / calibrate again after loading"
                 if any(k.endswith(fp8_leaves) for k in set(have) - set(want)) else "")

@@ -381,7 +381,6 @@ class ReportWriter:
         self.pending: tuple[ImageResult, str, str] | None = None  # result, file name, previous file name
         self.index = IndexPages(out_dir, options.per_index_page, options.title, _meta(cfg, options), _index_table)
         self.out = self.index.out
-        self.index_pages = self.index.paths
         self.pages: list[Path] = []
         self.stats: list[dict] = []
         self.top_blocks: list[int] = []
@@ -484,7 +483,7 @@ def write_report(model, params, batches: Iterable[Batch], out_dir, options: Repo
             pass
         raise
     index = writer.finish()
-    return Report(index=index, pages=writer.pages, index_pages=[index] + writer.index_pages, lines=lines,
+    return Report(index=index, pages=writer.pages, index_pages=[index] + writer.index.paths, lines=lines,
                   seconds=time.perf_counter() - t0)
 
 
