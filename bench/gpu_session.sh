@@ -15,7 +15,8 @@
 #                                     # ViT-B/16 headline rows bf16, fp8, fp8_mlp (b1, b256, torch beside), the digits
 #                                     # maps' deviation (bench.fp8_numerics), then the _fast rows at b256 if time is left
 #   BUDGET=480 bash bench/gpu_session.sh issue29  # one call for both when a session can have only one: the
-#                                     # levers' and fp8's headline variants in one probe, then the fp8 rows at b256
+#                                     # levers' and fp8's headline variants and their stacks in one probe (b1, then
+#                                     # b256), then the fp8 rows at b256
 # BUDGET (s, default 560) bounds the whole script; stages get deadlines inside it. BENCH_ARGS and
 # PROBE_ARGS are appended to those commands (a CPU smoke run of this script:
 # BENCH_ARGS="--models tiny --batch 1,2" PROBE_ARGS="--model tiny --batches 4,1 --matmul-n 256"; for fp8 add
@@ -171,14 +172,16 @@ case "$1" in
     # and fp8 cannot both have one.
     # One probe process, so every lever times beside the default headline (same autotuning and clocks), and
     # each variant's "gemms" says what XLA made of it (12 BIAS_GELU epilogues; 48 or 72, 24 fp8 calls):
-    # b256 (~2.5 min): the default, tanh GELU with cuBLASLt, cuBLASLt alone, fp8, fp8_mlp, fp8 with tanh GELU,
-    # norm2 folded into fc1 (its LayerNorm apply pass gone into the GELU pass);
-    # b1 (~1 min): the default, materialised attention, command buffers around regions of 1+ ops, none, fp8.
+    # b1 first (~1 min; each call is short, so the deadline cannot take the latency target's reading): the
+    # default, materialised attention, with the all-Triton flag, command buffers around regions of 1+ ops, none, fp8;
+    # b256 (~3 min), the targets' variants first: the default, tanh GELU with cuBLASLt, the bf16 stack (that +
+    # the Pallas LayerNorm and normaliser), fp8, the fp8 stack, fp8_mlp, norm2 folded into fc1 (its LayerNorm
+    # apply pass gone into the GELU pass), cuBLASLt alone, fp8 with tanh GELU.
     # Then the targets' form: bf16, fp8 and fp8_mlp rows at b256 interleaved with torch, the maps' parity
     # against torch fp32 (~2 min); then, with 90 s left, the digits numerics (~1 min).
-    timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 170 )) \
-      --variants headline,headline_gelu_tanh_cublaslt,headline_cublaslt,headline_fp8,headline_fp8_mlp,headline_fp8_gelu_tanh,headline_ln_fold \
-      --b1-variants headline,headline_materialized,headline_graph_min1,headline_no_graphs,headline_fp8 \
+    timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 170 )) --batches ${PROBE_BATCHES:-1,256} \
+      --variants headline,headline_gelu_tanh_cublaslt,headline_stack,headline_fp8,headline_fp8_stack,headline_fp8_mlp,headline_ln_fold,headline_cublaslt,headline_fp8_gelu_tanh \
+      --b1-variants headline,headline_materialized,headline_materialized_all_triton,headline_graph_min1,headline_no_graphs,headline_fp8 \
       --out "$OUT/issue29.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     $PY -m bench.probe_table "$OUT/issue29.json" 2>&1 | tee -a "$log"  # each variant against its batch's headline
     timeout $(( $(left) - 5 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes bf16,fp8,fp8_mlp \

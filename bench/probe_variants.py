@@ -23,7 +23,11 @@ MODEL_NAMES = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_
 _CUBLASLT = {"xla_gpu_enable_cublaslt": True}
 
 
+_ALL_TRITON = {"xla_gpu_experimental_all_fusions_with_triton": True}
+
+
 COMPILE_OPTIONS = {"headline_cublaslt": _CUBLASLT, "headline_gelu_tanh_cublaslt": _CUBLASLT,
+                   "headline_stack": _CUBLASLT, "headline_materialized_all_triton": _ALL_TRITON,
                    "headline_graph_min1": {"xla_gpu_graph_min_graph_size": 1},
                    "headline_graph_concurrent": {"xla_gpu_graph_min_graph_size": 1,
                                                  "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
@@ -36,6 +40,16 @@ COMPILE_OPTIONS = {"headline_cublaslt": _CUBLASLT, "headline_gelu_tanh_cublaslt"
 FP8_VARIANTS = {"headline_fp8": "fp8", "headline_fp8_mlp": "fp8_mlp", "headline_fp8_gelu_tanh": "fp8"}
 
 
+# The levers that each won or may win alone, together, so the targets read off one variant each (the gains of
+# levers on different kernels should add; a probe says whether they do): tanh GELU in fc1's cuBLASLt epilogue
+# with the Pallas LayerNorm and prediction-map normaliser (the H200's tuned tiles, 2026-12-04), in bf16 and with
+# fp8 GEMMs; at batch 1 (compile option above) materialised attention under the all-Triton fusion flag.
+STACK_VARIANTS = {"headline_stack": dict(gelu="tanh", kernels="pallas_layernorm_head", gemm="dtype"),
+                  "headline_fp8_stack": dict(gelu="tanh", kernels="pallas_layernorm_head", gemm="fp8"),
+                  "headline_materialized_all_triton": dict(attention="materialized")}
+STACK_TILES = "layer_norm=8,8;head=128,256,64,8,3"
+
+
 # the headline with each ViT(kernels=...) other than XLA's: headline_pallas, headline_pallas_mlp, ...
 PALLAS_VARIANTS = tuple(f"headline_{k}" for k in KERNEL_IMPLS if k != "xla")
 
@@ -45,7 +59,7 @@ VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "h
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
             "headline_own_attn", "forward_fp32w", "forward_scan", "headline_gelu_tanh", "headline_ln_fold") \
     + tuple(COMPILE_OPTIONS) \
-    + tuple(FP8_VARIANTS) + PALLAS_VARIANTS
+    + tuple(FP8_VARIANTS) + PALLAS_VARIANTS + tuple(STACK_VARIANTS)
 
 
 DEFAULT_VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch",
@@ -185,8 +199,23 @@ def _ln_folded_mlp(self, x):
 
 
 def variant_kernels(name: str) -> str:
-    """The `ViT.kernels` a probe variant runs with: headline_pallas_mlp -> 'pallas_mlp', others 'xla'."""
+    """The `ViT.kernels` a probe variant runs with: headline_pallas_mlp -> 'pallas_mlp', a stack's own, others
+    'xla'."""
+    if name in STACK_VARIANTS:
+        return STACK_VARIANTS[name].get("kernels", "xla")
     return name[len("headline_"):] if name in PALLAS_VARIANTS else "xla"
+
+
+def variant_options(name: str, tiles: str = "") -> dict:
+    """The `jaxvit.ViT` options (attention, kernels, kernel_tiles, gelu, gemm) a probe variant runs with;
+    `tiles` for the headline_pallas* variants, a stack's own tiles for the stacks."""
+    from jaxvit.kernels import Tiles
+
+    stack = STACK_VARIANTS.get(name, {})
+    return dict(attention=stack.get("attention", "materialized" if name == "headline_materialized" else "fused"),
+                kernels=variant_kernels(name), kernel_tiles=Tiles.parse(STACK_TILES if "kernels" in stack else tiles),
+                gelu=stack.get("gelu", "tanh" if "_gelu_tanh" in name else "erf"),
+                gemm=stack.get("gemm", FP8_VARIANTS.get(name, "dtype")))
 
 
 def build_variant(name, cfg, dtype, params32, tiles: str = ""):
@@ -201,15 +230,10 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
     import predmaps.core as core
     from bench.models import HEADLINE, jax_function
 
-    from jaxvit.kernels import Tiles
-
-    attention = "materialized" if name == "headline_materialized" else "fused"
-    model = jaxvit.ViT(cfg, dtype=dtype, attention=attention, kernels=variant_kernels(name),
-                       kernel_tiles=Tiles.parse(tiles), gelu="tanh" if "_gelu_tanh" in name else "erf",
-                       gemm=FP8_VARIANTS.get(name, "dtype"))
+    model = jaxvit.ViT(cfg, dtype=dtype, **variant_options(name, tiles))
     cast = not name.endswith("_fp32w") and dtype != jax.numpy.float32
     params = jaxvit.cast_params(params32, dtype) if cast else params32
-    if name in FP8_VARIANTS:
+    if model.gemm != "dtype":
         params = fp8_params(model, params)
     if name == "headline_ln_fold":
         params = ln_fold_params(params, cfg.depth, dtype)

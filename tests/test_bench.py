@@ -639,6 +639,44 @@ def test_probe_fp8_variants_load_as_the_benchmark_rows():
         build_variant("headline_fp8", cfg, jnp.float32, params32)
 
 
+def test_probe_stack_variants_combine_the_levers_they_name():
+    """The probe's stacks run the levers together with what each does alone: headline_stack = tanh GELU + the
+    Pallas LayerNorm and normaliser at their tuned tiles (+ cuBLASLt), headline_fp8_stack the same with fp8
+    GEMMs on the benchmark's fp8 params, headline_materialized_all_triton = materialised attention (+ the
+    all-Triton flag). Their maps stay within the benchmark's parity tolerance of the bf16 headline (bf16's 5e-2;
+    fp8's 0.15), so a stack that lost a lever's correctness would not be timed as a win."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.models import BF16_TOL, FP8_TOL
+    from bench.probe_variants import (COMPILE_OPTIONS, STACK_TILES, build_variant, config_for, jaxvit_model,
+                                      random_params, variant_options)
+    from jaxvit.kernels import Tiles
+
+    stack = variant_options("headline_stack")
+    assert (stack["gelu"], stack["kernels"], stack["gemm"], stack["kernel_tiles"]) == \
+        ("tanh", "pallas_layernorm_head", "dtype", Tiles.parse(STACK_TILES))
+    assert variant_options("headline_fp8_stack") == dict(stack, gemm="fp8")
+    assert variant_options("headline_materialized_all_triton") == dict(variant_options("headline"),
+                                                                       attention="materialized")
+    assert COMPILE_OPTIONS["headline_stack"] == {"xla_gpu_enable_cublaslt": True}
+    assert COMPILE_OPTIONS["headline_materialized_all_triton"] == {"xla_gpu_experimental_all_fusions_with_triton": True}
+
+    cfg = config_for("tiny")
+    params32 = random_params(jaxvit_model(cfg), cfg.img_size[0])
+    x = jax.random.normal(jax.random.key(5), (4,) + cfg.img_size + (3,))
+    fn, params, _ = build_variant("headline", cfg, jnp.bfloat16, params32)
+    want = np.asarray(fn(params, x)["maps"], np.float32)
+    for name, tol in (("headline_stack", BF16_TOL), ("headline_fp8_stack", FP8_TOL),
+                      ("headline_materialized_all_triton", BF16_TOL)):
+        fn, params, ctx = build_variant(name, cfg, jnp.bfloat16, params32)
+        assert ("kernel_e4m3" in params["blocks_0"]["mlp"]["fc1"]) == (name == "headline_fp8_stack"), name
+        with ctx():
+            got = np.asarray(fn(params, x)["maps"], np.float32)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol, name
+
+
 # -- bad input: a one-line error naming the problem, exit status 2 (argparse's), no traceback; no benchmark runs
 
 
