@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, sibling_name
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, sibling_name
 from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
@@ -122,7 +122,7 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
                                     f"by jaxvit; {supported_message()}")
     teacher = arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
     out = _Placed()
-    qkv: dict[tuple[int, str, str], np.ndarray] = {}
+    qkv: dict[tuple[int, str, str], tuple[np.ndarray, str, bool]] = {}
     for key, value in state_dict.items():
         if _DROPPED.search(key):
             continue
@@ -132,7 +132,10 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
             i, rest = int(m.group(1)), m.group(2)
             a = re.match(r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$", rest)
             if a:
-                qkv[(i, a.group(1) or _QKV[a.group(2)], a.group(3))] = value
+                g = 1 if a.group(1) else 2  # the name's span in the key: "{}" there is the key of q, k or v
+                at = len(key) - len(rest)
+                qkv[(i, a.group(1) or _QKV[a.group(2)], a.group(3))] = (
+                    value, key[:at + a.start(g)] + "{}" + key[at + a.end(g):], g == 2)
                 continue
             name = _BLOCK.get(rest)
             out[f"blocks.{i}.{name}" if name else key] = value
@@ -179,19 +182,23 @@ _TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "
         "distillation_classifier.weight": "head_dist.weight", "distillation_classifier.bias": "head_dist.bias"}
 
 
-def _merge_qkv(parts: Mapping[tuple[int, str, str], np.ndarray], out: dict, names: tuple[str, str, str]) -> None:
-    """q, k and v of every block, stacked as timm's one qkv Linear (rows q, then k, then v)."""
+def _merge_qkv(parts: Mapping[tuple[int, str, str], tuple[np.ndarray, str, bool]], out: dict,
+               names: tuple[str, str, str]) -> None:
+    """q, k and v of every block, stacked as timm's one qkv Linear (rows q, then k, then v). `parts`: (block,
+    name, weight or bias) -> (tensor, its key with the name as "{}", whether the key spells the name q/k/v)."""
     for i, kind in sorted({(i, kind) for i, _, kind in parts}):
         have = [parts.get((i, n, kind)) for n in names]
         if any(p is None for p in have):
-            lacking = [n for n, p in zip(names, have) if p is None]
-            raise CheckpointMismatchError(f"block {i} has no {kind} for {', '.join(lacking)} (of {', '.join(names)})")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(have)
+            _, template, short = next(p for p in have if p is not None)
+            raise key_mismatch(f"block {i}'s attention has only part of its query, key and value",
+                               missing=[template.format(n[0] if short else n) for n, p in zip(names, have) if p is None],
+                               advice="The file is incomplete; download it again.")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([p[0] for p in have])
 
 
 def _clip_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = _Placed()
-    qkv: dict[tuple[int, str, str], np.ndarray] = {}
+    qkv: dict[tuple[int, str, str], tuple[np.ndarray, str, bool]] = {}
     for key, value in state_dict.items():
         if _DROPPED.search(key):
             continue
@@ -201,7 +208,8 @@ def _clip_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
             i, rest = int(m.group(1)), m.group(2)
             a = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)$", rest)
             if a:
-                qkv[(i, a.group(1), a.group(2))] = value
+                at = len(key) - len(rest)
+                qkv[(i, a.group(1), a.group(2))] = (value, key[:at + a.start(1)] + "{}" + key[at + a.end(1):], False)
                 continue
             name = _CLIP_BLOCK.get(rest)
             out[f"blocks.{i}.{name}" if name else key] = value
@@ -228,14 +236,57 @@ _CLIP_TOP = {"embeddings.patch_embedding.weight": "patch_embed.proj.weight", "pr
 
 def source_namer(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]):
     """timm key -> its name in this transformers file, for errors: a missing block tensor named as the file
-    names the same tensor of another block (whichever transformers naming the file uses)."""
+    names the same tensor of another block (whichever transformers naming the file uses), one outside the
+    blocks by the reader's own table under the prefix the file's other tensors carry (`vit.`, `vision_model.`)."""
     def timm_names_of(key: str) -> list[str]:
         try:
             return list(to_timm({key: state_dict[key]}, config))
         except (CheckpointMismatchError, UnsupportedModelError):  # q alone: its k and v are elsewhere
             return []
 
-    return lambda timm_key: sibling_name(timm_key, state_dict, timm_names_of)
+    top = _top_sources(state_dict, config)
+
+    def name(timm_key: str) -> str:
+        qkv = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", timm_key)
+        for key in split_clip(state_dict)[0] if qkv else ():  # a whole block's q, k, v: another block's, renumbered
+            m = _SOURCE_QUERY.search(key)
+            if m and m.group("kind") == qkv.group(2):
+                q = "long" if m.group("long") else "short"
+                names = "{query,key,value}" if q == "long" else "{q,k,v}"
+                return f"{key[:m.start('i')]}{qkv.group(1)}{key[m.end('i'):m.start(q)]}{names}{key[m.end(q):]}"
+        return top.get(timm_key) or sibling_name(timm_key, state_dict, timm_names_of)
+
+    return name
+
+
+# A block's tensor in any of the files' namings (transformers 4 files, 5 modules, CLIP), and a block's query.
+_SOURCE_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layers?|layers)\.(\d+)\.")
+_SOURCE_QUERY = re.compile(r"(?:^|\.)(?:encoder\.layers?|layers)\.(?P<i>\d+)\.(?:attention\.attention\.(?P<long>query)|"
+                           r"(?:attention|self_attn)\.(?P<short>q)_proj)\.(?P<kind>weight|bias)$")
+
+
+# A transformers model's base-model prefix, read off its tensors (the classifier and CLIP's projection sit outside it).
+_BASE = re.compile(r"^((?:vit|deit|dinov2|dinov2_with_registers|vision_model)\.)?"
+                   r"(?:embeddings|encoder|layernorm|pre_layrnorm|post_layernorm)\.")
+_UNPREFIXED = ("classifier.", "cls_classifier.", "distillation_classifier.", "visual_projection.")
+
+
+def _top_sources(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict[str, str]:
+    """timm key -> this file's name of each tensor outside the blocks: `_TOP` / `_CLIP_TOP` inverted, one name each
+    (DeiT with a teacher's head is `cls_classifier`)."""
+    model_type, arch = family(config)
+    prefix = next((m.group(1) or "" for k in state_dict if (m := _BASE.match(k))), "")
+    if model_type == "clip":
+        table = {**{dst: src for src, dst in _CLIP_TOP.items()}, "cls_token": "embeddings.class_embedding",
+                 "pos_embed": "embeddings.position_embedding.weight", "head.weight": "visual_projection.weight"}
+    else:
+        teacher = arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
+        drop = "classifier." if teacher else "cls_classifier."
+        table = {dst: src for src, dst in _TOP.items() if not src.startswith(drop)}
+        # DeiT's distillation token is timm's dist_token beside a teacher's head, an extra token (reg_token) without
+        table.update({"dist_token": "embeddings.distillation_token", "reg_token": "embeddings.distillation_token"
+                      if model_type == "deit" else "embeddings.register_tokens"})
+    return {dst: src if src.startswith(_UNPREFIXED) else prefix + src for dst, src in table.items()}
 
 
 def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: Mapping[str, Any] | None, *,
@@ -250,11 +301,55 @@ def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: 
         raise ValueError(f"model_name {model_name!r} does not apply to a Hugging Face transformers checkpoint: its "
                          "config.json names the architecture; leave model_name out")
     sd = to_timm(state_dict, config)
+    # Before the sizes and options are read off the tensors, which would take a missing tensor for an option the
+    # model does not have (no final norm, no bias, fewer blocks): config.json's class says which it has.
+    required, depth = _required(sd, config)
+    missing = [k for k in required if k not in sd]
+    extra = [k for k in split_clip(state_dict)[0] if (m := _SOURCE_BLOCK.search(k)) and int(m.group(1)) >= depth]
+    if missing or extra:
+        namer = source_namer(state_dict, config)
+        raise key_mismatch(f"checkpoint does not match its config.json ({'/'.join(filter(None, family(config)))}, "
+                           f"{depth} layers)", missing=[namer(k) for k in missing], unexpected=extra,
+                           advice="A model of this class has exactly these tensors: is the file incomplete, or "
+                                  "config.json another model's?")
     cfg = config_of(sd, config, name=name, num_heads=num_heads)
     settings = preprocess_settings(preprocessor, family(config)[0])
     input_size = settings.pop("img_size")
     resampling = _ANTIALIASED if family(config)[0] == "dinov2_with_registers" else POS_RESAMPLING
     return sd, cfg.replace(**settings), (input_size, resampling)
+
+
+def _required(timm_sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[list[str], int]:
+    """(the timm keys every model of config.json's class has, its number of blocks), transformers' defaults where
+    config.json leaves a setting out (it writes only what differs from them)."""
+    model_type, arch = family(config)
+    cfg = config.get("vision_config") if model_type == "clip" and isinstance(config.get("vision_config"), Mapping) \
+        else config
+    depth = cfg.get("num_hidden_layers", 12)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ConfigError(f"num_hidden_layers must be a positive integer; got {depth!r}")
+    block = ["norm1", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"] + (["attn.qkv"] if model_type == "clip" or
+                                                                       cfg.get("qkv_bias", True) else [])
+    keys = [f"blocks.{i}.{part}.{p}" for i in range(depth) for part in block for p in ("weight", "bias")]
+    keys += [f"blocks.{i}.attn.qkv.weight" for i in range(depth)]
+    if model_type.startswith("dinov2"):
+        keys += [f"blocks.{i}.ls{j}.gamma" for i in range(depth) for j in (1, 2)]
+    keys += ["cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "norm.bias"]
+    if model_type == "clip":
+        keys += ["norm_pre.weight", "norm_pre.bias"] + (["head.weight"] if arch in (
+            "CLIPVisionModelWithProjection", "CLIPModel") else [])
+        return keys, depth
+    keys.append("patch_embed.proj.bias")
+    teacher = "head_dist.weight" in timm_sd or arch == "DeiTForImageClassificationWithTeacher"
+    if model_type == "deit":
+        keys.append("dist_token" if teacher else "reg_token")
+    if model_type == "dinov2_with_registers" and config.get("num_register_tokens", 4):
+        keys.append("reg_token")
+    labels = config.get("id2label")
+    if arch.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")) and (
+            len(labels) if isinstance(labels, Mapping) else config.get("num_labels", 2)):  # 0 labels: no classifier
+        keys += ["head.weight", "head.bias"] + (["head_dist.weight", "head_dist.bias"] if teacher else [])
+    return keys, depth
 
 
 def config_of(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], *, name: str = "",
