@@ -226,7 +226,9 @@ def _interpret(source: Any, state_dict: dict, sides: dict, where: str, model_nam
             return (*hf_vision.load_state(state_dict, hub_config, sides.get("preprocessor_config.json"), name=name,
                                           model_name=model_name, num_heads=num_heads),
                     hf_vision.source_namer(state_dict, hub_config))
-        if openclip.looks_like_open_clip(state_dict):
+        # an image tower whose conv1 is missing is still open_clip's beside its config (and is refused, naming it)
+        if openclip.looks_like_open_clip(state_dict) or (sides.get("open_clip_config.json") is not None
+                                                          and any(k.startswith("visual.") for k in state_dict)):
             sd, config = openclip.load_state(state_dict, sides.get("open_clip_config.json"), name=name,
                                              model_name=model_name, num_heads=num_heads)
             return sd, config, None, openclip.source_name

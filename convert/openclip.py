@@ -159,12 +159,8 @@ def vision_settings(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def config_of(state_dict: Mapping[str, np.ndarray], settings: Mapping[str, Any], *, name: str = "",
               preprocess_cfg: Mapping[str, Any] | None = None, num_heads: int | None = None) -> ViTConfig:
-    """The jaxvit config of `to_timm`'s state dict: sizes from the tensors, the rest from `settings`."""
-    # every open_clip VisionTransformer has these; the shapes-only inference would read their absence as a ViT
-    # without a class token or position embedding and load a broken checkpoint as another model
-    missing = [source_name(k) for k in ("cls_token", "pos_embed", "blocks.0.attn.qkv.weight") if k not in state_dict]
-    if missing:
-        raise key_mismatch("open_clip image tower is incomplete", missing=missing)
+    """The jaxvit config of `to_timm`'s state dict (checked by `check_tensors`): sizes from the tensors, the rest
+    from `settings`."""
     width = state_dict["blocks.0.attn.qkv.weight"].shape[1]
     head_width = settings["head_width"]
     if not isinstance(head_width, int) or isinstance(head_width, bool) or head_width < 1 or width % head_width:
@@ -185,6 +181,29 @@ def config_of(state_dict: Mapping[str, np.ndarray], settings: Mapping[str, Any],
                        crop_mode="center" if mode == "shortest" else "squash")
 
 
+def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.ndarray], model_cfg: Mapping[str, Any]):
+    """Refuses an image tower without every tensor its vision_cfg gives it, or with blocks beyond its `layers`,
+    naming the keys as the file does. First: the sizes and options are read off the tensors, which would take a
+    missing one for an option the model lacks (no projection, no bias, fewer blocks) and load another model."""
+    vision = model_cfg.get("vision_cfg") or {}
+    depth = vision.get("layers", 12)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ConfigError(f"open_clip vision_cfg layers must be a positive integer; got {depth!r}")
+    block = [f"{part}.{p}" for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+             for p in ("weight", "bias")] + (["ls1.gamma", "ls2.gamma"] if vision.get("ls_init_value") else [])
+    final = "fc_norm" if "fc_norm.weight" in timm_sd or "fc_norm.bias" in timm_sd else "norm"
+    required = [f"blocks.{i}.{k}" for i in range(depth) for k in block] + [
+        "cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight", f"{final}.weight", f"{final}.bias"] + (
+        [] if vision.get("no_ln_pre") else ["norm_pre.weight", "norm_pre.bias"])
+    missing = [source_name(k) for k in required if k not in timm_sd]
+    extra = [f"visual.{k}" for k in visual if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))
+             and int(m.group(1)) >= depth]
+    if missing or extra:
+        raise key_mismatch(f"open_clip image tower does not match its model config ({depth} layers)", missing=missing,
+                           unexpected=extra, advice="A tower of this config has exactly these tensors: is the file "
+                                                    "incomplete, or the config another model's?")
+
+
 def load_state(state_dict: Mapping[str, np.ndarray], open_clip_config: Mapping[str, Any] | None, *, name: str = "",
                model_name: str | None = None, num_heads: int | None = None
                ) -> tuple[dict[str, np.ndarray], ViTConfig]:
@@ -193,6 +212,7 @@ def load_state(state_dict: Mapping[str, np.ndarray], open_clip_config: Mapping[s
     settings = vision_settings(model_cfg)
     visual, _text = split_towers(state_dict)
     sd = to_timm(visual, fc_norm=settings["fc_norm"])
+    check_tensors(sd, visual, model_cfg)
     pre = (open_clip_config or {}).get("preprocess_cfg")
     config = config_of(sd, settings, name=model_name or name, preprocess_cfg=pre if isinstance(pre, Mapping) else None,
                        num_heads=num_heads)

@@ -137,6 +137,29 @@ def test_open_clip_refusals_name_what_is_missing(tmp_path):
             convert.load(_resave(sd, path, tmp_path / f"missing{i}"))
 
 
+@pytest.mark.parametrize("vision", [{}, {"ls_init_value": 0.1}, {"no_ln_pre": True},
+                                    {"pool_type": "avg", "final_ln_after_pool": True}])
+def test_each_missing_image_tower_tensor_is_refused_by_its_own_name(vision, tmp_path):
+    """Every image-tower tensor, removed alone, is refused with exactly its open_clip name, and a block beyond
+    vision_cfg's layers is refused naming its tensors. The config is read off the tensors, so before these were
+    checked against the model config, a missing projection loaded a tower without one (another model's outputs),
+    a missing conv1 was taken for a timm file, and a missing bias or ln weight was reported as other keys."""
+    model_cfg = _model_cfg(**vision)
+    oc = _random_clip(model_cfg)
+    path = _save(oc, model_cfg, tmp_path / "oc")
+    sd = dict(oc.state_dict())
+    keys = [k for k in sd if k.startswith("visual.")]
+    assert len(keys) > 20
+    for i, key in enumerate(keys):
+        with pytest.raises(convert.CheckpointMismatchError, match=rf"missing keys \[{re.escape(repr(key))}\]"):
+            convert.load(_resave({k: v for k, v in sd.items() if k != key}, path, tmp_path / str(i)))
+    more = dict(sd, **{k.replace("resblocks.1.", "resblocks.2."): v.clone() for k, v in sd.items()
+                       if k.startswith("visual.transformer.resblocks.1.")})
+    with pytest.raises(convert.CheckpointMismatchError,
+                       match=r"\(2 layers\): unexpected keys \['visual.transformer.resblocks.2.attn.in_proj_bias'"):
+        convert.load(_resave(more, path, tmp_path / "more"))
+
+
 def _resave(sd, like: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     from safetensors.torch import save_file
 
