@@ -65,8 +65,17 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"cannot read {path} as an .npz archive: {e}") from None
 
 
+# Arrays only a Google ViT has, under one of `_PREFIXES` (any one: an incomplete file is still named as one)
+_MARKERS = ("embedding/kernel", "Transformer/encoder_norm/scale", "Transformer/encoderblock_0/LayerNorm_0/scale",
+            "Transformer/encoderblock/LayerNorm_0/scale")
+
+
+def _prefix(arrays: Mapping[str, np.ndarray]) -> str | None:
+    return next((p for p in _PREFIXES if any(p + m in arrays for m in _MARKERS)), None)
+
+
 def is_google_vit(arrays: Mapping[str, np.ndarray]) -> bool:
-    return any(f"{p}embedding/kernel" in arrays for p in _PREFIXES)
+    return _prefix(arrays) is not None
 
 
 def parse_variant(name: str) -> tuple[int, int, int, int, int] | None:
@@ -83,7 +92,7 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
 
     Every array is consumed or refused: unexpected ones raise CheckpointMismatchError naming them,
     missing ones CheckpointMismatchError naming the .npz key."""
-    prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in arrays), None)
+    prefix = _prefix(arrays)
     if prefix is None:
         raise UnsupportedModelError("this .npz is no Google ViT checkpoint: it has no embedding/kernel (keys "
                                     f"{sorted(arrays)[:5]}...)")
@@ -106,32 +115,36 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
         value = np.asarray(w[key])
         return value[idx] if idx is not None else value
 
+    # Both codebases' flax modules always have the conv's and the attention's biases and the encoder norm; a class
+    # token, a stored position embedding (big_vision) and a head are options. Optional or not, an array is only
+    # looked for where its absence cannot be an option, so a missing one is named, not read as another model.
     sd: dict[str, np.ndarray] = {}
     kernel = take("embedding/kernel")
     sd["patch_embed.proj.weight"] = kernel.transpose(3, 2, 0, 1)
-    if "embedding/bias" in w:
-        sd["patch_embed.proj.bias"] = take("embedding/bias")
-    if "cls" in w:
-        sd["cls_token"] = take("cls")
+    sd["patch_embed.proj.bias"] = take("embedding/bias")
     pos = "pos_embedding" if "pos_embedding" in w else "Transformer/posembed_input/pos_embedding"
     if pos in w:
         sd["pos_embed"] = take(pos)
     elif not big_vision:  # the original layout always stores one: a file without it is incomplete
         take(pos)
-    if "Transformer/encoder_norm/scale" in w:
-        sd["norm.weight"] = take("Transformer/encoder_norm/scale")
-        sd["norm.bias"] = take("Transformer/encoder_norm/bias")
-    if "head/kernel" in w:
+    rows = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
+    if "cls" in w or rows > 1 and not _square(rows) and _square(rows - 1):  # one row more than a square grid: a class token's
+        sd["cls_token"] = take("cls")
+    sd["norm.weight"] = take("Transformer/encoder_norm/scale")
+    sd["norm.bias"] = take("Transformer/encoder_norm/bias")
+    if "head/kernel" in w or "head/bias" in w:
         sd["head.weight"] = take("head/kernel").T
         sd["head.bias"] = take("head/bias")
 
-    scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
-    if scanned:
-        depth = int(w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+    stacked = [k for k in sorted(w) if k.startswith("Transformer/encoderblock/")]
+    scanned = bool(stacked)
+    if scanned:  # every stacked array has the depth as its leading axis
+        depth = int(np.shape(w[stacked[0]])[0])
     else:
         depth = len({k.split("/")[1] for k in w if k.startswith("Transformer/encoderblock_")})
     first = "Transformer/encoderblock/" if scanned else "Transformer/encoderblock_0/"
-    if f"{first}MultiHeadDotProductAttention_0/query/kernel" in w:  # big_vision's module names
+    if any(k.startswith(first + m) for k in w for m in ("MultiHeadDotProductAttention_0/", "MlpBlock_0/",
+                                                          "LayerNorm_1/")):  # big_vision's module names
         mha, mlp, ln2 = "MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1"
     else:
         mha, mlp, ln2 = "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2"
@@ -148,13 +161,11 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
                                           "its heads: (width, heads, head_dim)")
         heads = q.shape[1]
         sd[f"{dst}attn.qkv.weight"] = np.concatenate([t.reshape(t.shape[0], -1).T for t in (q, k, v)])
-        if f"{src}{mha}/query/bias" in w:
-            sd[f"{dst}attn.qkv.bias"] = np.concatenate(
-                [take(f"{src}{mha}/{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")])
+        sd[f"{dst}attn.qkv.bias"] = np.concatenate(
+            [take(f"{src}{mha}/{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")])
         out = take(f"{src}{mha}/out/kernel", idx)
         sd[f"{dst}attn.proj.weight"] = out.reshape(-1, out.shape[-1]).T
-        if f"{src}{mha}/out/bias" in w:
-            sd[f"{dst}attn.proj.bias"] = take(f"{src}{mha}/out/bias", idx)
+        sd[f"{dst}attn.proj.bias"] = take(f"{src}{mha}/out/bias", idx)
         for r in (0, 1):
             sd[f"{dst}mlp.fc{r + 1}.weight"] = take(f"{src}{mlp}/Dense_{r}/kernel", idx).T
             sd[f"{dst}mlp.fc{r + 1}.bias"] = take(f"{src}{mlp}/Dense_{r}/bias", idx)
@@ -165,6 +176,10 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
                                   "encoder_norm, head)")
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}, heads, "big_vision" if big_vision else \
         "vision_transformer"
+
+
+def _square(n: int) -> bool:
+    return int(round(n ** 0.5)) ** 2 == n
 
 
 def config_of(state_dict: Mapping[str, np.ndarray], heads: int, *, variant: str | None = None,

@@ -27,7 +27,7 @@ from jaxvit.config import (ACTIVATIONS, GLOBAL_POOLS, IMG_SIZE_LIMIT, INT_LIMITS
                            ViTConfig, check_int, get_config, is_real, unknown_model_error)
 from jaxvit.posemb import grid_from_length, resample_abs_pos_embed
 
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.errors import UnsupportedModelError, key_mismatch
 
 
 # ---------------------------------------------------------------------------------------------
