@@ -8,6 +8,7 @@ causal mask, the other GELU or a dropped bias moves the features by 1e-2 or more
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -257,6 +258,78 @@ def test_transformers_missing_and_unexpected_keys_are_named(tmp_path):
     _safetensors_dir(tmp_path, sd, "model.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \['text_model.encoder.layers.1.mlp.fc2.bias'\]"):
         load_clip_text(folder, tokenizer=False)
+
+
+HF_CLASSES = ["CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection", "SiglipModel", "SiglipTextModel"]
+# Tensors no text tower reads: the image tower's, the logit scale and bias.
+NOT_TEXT = re.compile(r"^(vision_model\.|visual_projection\.|logit_)")
+
+
+def _saved_hf(name, folder):
+    """(state dict, config.json) of a random two-layer transformers model of class `name`, as save_pretrained
+    writes them (transformers 5 writes CLIPTextModel and SiglipTextModel without the `text_model.` prefix)."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    if name == "SiglipModel":
+        config = transformers.SiglipConfig(text_config=_hf_text_config(), vision_config=vision)
+    elif name == "CLIPModel":
+        config = transformers.CLIPConfig(text_config=_hf_text_config(), vision_config=vision, projection_dim=24)
+    else:
+        config = getattr(transformers, name.replace("Model", "Config").replace("WithProjection", ""))(
+            **_hf_text_config(), **({"projection_dim": 24} if name.startswith("CLIP") else {}))
+    getattr(transformers, name)(config).save_pretrained(folder)
+    return load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", HF_CLASSES)
+def test_each_missing_transformers_text_tensor_is_refused_by_its_own_name(name, tmp_path):
+    """Every text-tower tensor of a transformers file, removed alone, is refused with exactly its name as the file
+    names it, nothing else named. The sizes are read off the tensors, so before they were checked against
+    config.json's class a missing CLIP projection loaded a model without one, a missing token or position
+    embedding or first MLP weight failed as a KeyError or "no CLIP text tower", a missing SigLIP head weight or
+    bias named the other as unexpected, and a prefix-less CLIPTextModel's keys were named with the prefix."""
+    from safetensors.numpy import save_file
+
+    sd, config = _saved_hf(name, tmp_path / "saved")
+    keys = [k for k in sd if not NOT_TEXT.search(k)]
+    assert len(keys) >= 36 and (name in ("CLIPTextModel", "SiglipTextModel")) != keys[0].startswith("text_model.")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for key in keys:
+        save_file({k: v for k, v in sd.items() if k != key}, str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointMismatchError, match=rf"missing keys \[{re.escape(repr(key))}\](\.|$)"):
+            load_clip_text(folder, tokenizer=False)
+
+
+@pytest.mark.parametrize("name", HF_CLASSES)
+def test_a_transformers_text_layer_more_or_fewer_than_config_is_named(name, tmp_path):
+    """A text layer beyond config.json's num_hidden_layers is refused naming its tensors as unexpected, a layer
+    fewer naming the last one's as missing, and a projection its class has not as unexpected: the depth and the
+    projection were read off the tensors, so each loaded another model than config.json's."""
+    from safetensors.numpy import save_file
+
+    sd, config = _saved_hf(name, tmp_path / "saved")
+    last = re.compile(r"(^|\.)encoder\.layers\.1\.")  # _hf_text_config: two layers
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    layer = r"(text_model\.)?encoder\.layers\.{}\."
+    save_file({**sd, **{last.sub(r"\1encoder.layers.2.", k): v for k, v in sd.items() if last.search(k)}},
+              str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"2 layers\): unexpected keys \['" + layer.format(2) + r"[^;]*$"):
+        load_clip_text(folder, tokenizer=False)
+    save_file({k: v for k, v in sd.items() if not last.search(k)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"2 layers\): missing keys \['" + layer.format(1) + r"[^;]*$"):
+        load_clip_text(folder, tokenizer=False)
+    if name == "CLIPTextModel":
+        save_file({**sd, "text_projection.weight": np.zeros((24, 32), np.float32)}, str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointMismatchError, match=r"2 layers\): unexpected keys \['text_projection.weight'\]"):
+            load_clip_text(folder, tokenizer=False)
 
 
 def _clip_tokenizer_fast(tmp_path, transformers, open_clip):
