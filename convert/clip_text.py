@@ -1,7 +1,7 @@
 """CLIP text towers from open_clip and transformers checkpoints onto `jaxvit.clip_text.CLIPText`.
 
 Key mapping (open_clip, optionally under `text.` for CustomTextCLIP such as SigLIP; transformers under
-`text_model.`):
+`text_model.`, or at the top level where transformers 5 saved a CLIPTextModel / SiglipTextModel):
   token_embedding.weight            | embeddings.token_embedding.weight     -> token_embedding
   positional_embedding              | embeddings.position_embedding.weight  -> positional_embedding
   transformer.resblocks.{i}.        | encoder.layers.{i}.
@@ -11,7 +11,9 @@ Key mapping (open_clip, optionally under `text.` for CustomTextCLIP such as SigL
   ln_final                          | final_layer_norm                      -> ln_final
   text_projection (D, E) or Linear  | text_projection (CLIP) / head (SigLIP) -> text_projection
 Every other key must belong to the image tower (`visual.*`, `vision_model.*`, `visual_projection.*`) or be
-one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected key, named.
+one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected key, named. Before the sizes are
+read off the tensors, the text tensors are checked against the model the config describes (its layers, whether
+it projects), so that a missing or extra one is named rather than read as another model.
 What the tensors cannot say (heads, activation, eps, pooling) comes from the checkpoint's config
 (transformers' config.json, open_clip's open_clip_config.json) or from the caller.
 """
@@ -48,9 +50,18 @@ _HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "sig
 
 # --- open_clip -------------------------------------------------------------------------------------------
 
+# An open_clip text tower's tensors outside its blocks, and each block's.
+_OPEN_CLIP_TOP = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias")
+_OPEN_CLIP_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                    "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                    "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
 def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
+    """The prefix of an open_clip text tower's tensors: "" (CLIP) or `text.` (CustomTextCLIP, e.g. SigLIP); None
+    where the state dict holds none (any of its tensors will do: a missing one is named by `_check_open_clip`)."""
     for prefix in ("", "text."):
-        if prefix + "token_embedding.weight" in sd:
+        if any(k.startswith(tuple(prefix + t for t in (*_OPEN_CLIP_TOP, "transformer.resblocks."))) for k in sd):
             return prefix
     if any(k.startswith("text.transformer.") and not k.startswith("text.transformer.resblocks.") for k in sd):
         raise UnsupportedModelError("this open_clip checkpoint's text tower is a transformers model (hf_model_name, "
@@ -60,13 +71,16 @@ def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
 
 
 def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any] | None = None,
-                     quick_gelu: bool | None = None, heads: int | None = None, name: str = "") -> CLIPTextConfig:
+                     embed_dim: int | None = None, quick_gelu: bool | None = None, heads: int | None = None,
+                     name: str = "") -> CLIPTextConfig:
     """The text tower's config: sizes from the tensors; heads, activation, eps and pooling from open_clip's
     `text_cfg` (open_clip_config.json's model_cfg) or the arguments. `quick_gelu` must be said somewhere:
-    the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same."""
+    the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same. `embed_dim`: model_cfg's;
+    given, the tensors must be exactly those of the model text_cfg describes (`_check_open_clip`)."""
     prefix = _open_clip_prefix(sd)
     if prefix is None:
-        raise CheckpointMismatchError("no open_clip text tower: the checkpoint lacks token_embedding.weight")
+        raise CheckpointMismatchError("no open_clip text tower: the checkpoint has no token_embedding.weight, "
+                                      "positional_embedding, transformer.resblocks.* or ln_final.*")
     text_cfg = dict(text_cfg or {})
     unsupported = {k: v for k, v in text_cfg.items() if k in _REFUSED_TEXT_CFG and v}
     if text_cfg.get("proj_type", "linear") not in ("linear", "none"):
@@ -74,6 +88,7 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
     if unsupported:
         raise UnsupportedModelError(f"open_clip text_cfg {unsupported} is not supported; supported: CLIP's text "
                                     "transformer (argmax/eos/last pooling, causal or not, linear projection)")
+    _check_open_clip(sd, prefix, text_cfg, embed_dim, name)
     vocab, width = sd[prefix + "token_embedding.weight"].shape
     layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))})
     if quick_gelu is None:
@@ -97,6 +112,45 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
         act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
         causal=not text_cfg.get("no_causal_mask", False), pool=pool, eos_token_id=int(text_cfg.get("eos_id", 2)),
         proj_bias=prefix + "text_projection.bias" in sd, name=name)
+
+
+def _check_open_clip(sd: Mapping[str, np.ndarray], prefix: str, text_cfg: Mapping[str, Any], embed_dim: int | None,
+                     name: str) -> None:
+    """Refuses a state dict without exactly the text tensors of its open_clip model, naming them as the file does.
+    Before the sizes are read off the tensors, which takes a missing projection for a model without one and counts
+    a missing or extra block into the depth. The model: open_clip_config.json's where `embed_dim` is given (open_clip's
+    defaults where text_cfg leaves a setting out), else what the tensors imply (every block up to the last found, a
+    Linear projection's weight with its bias)."""
+    blocks = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := blocks.match(k))}
+    configured = embed_dim is not None
+    depth = text_cfg.get("layers", 12) if configured else max(found, default=0) + 1
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"open_clip_config.json: text_cfg's layers must be a positive integer; got {depth!r}")
+    if configured and (not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 0):
+        raise ValueError(f"open_clip_config.json: embed_dim must be a non-negative integer; got {embed_dim!r}")
+    linear = ["text_projection.weight", "text_projection.bias"]  # open_clip makes it a Linear only with a bias
+    if configured:
+        projects, bias = embed_dim > 0 and text_cfg.get("proj_type", "linear") != "none", text_cfg.get("proj_bias")
+    else:  # nothing but the file says whether the model projects, nor which of open_clip's two forms it has
+        bias = any(prefix + k in sd for k in linear)
+        projects = bias or prefix + "text_projection" in sd
+    proj = (linear if bias else ["text_projection"]) if projects else []
+    required = [*_OPEN_CLIP_TOP, *proj] + [f"transformer.resblocks.{i}.{t}" for i in range(depth)
+                                           for t in _OPEN_CLIP_BLOCK]
+    missing = [prefix + k for k in required if prefix + k not in sd]
+    unexpected = [k for k in sd if (m := blocks.match(k)) and int(m.group(1)) >= depth]
+    unexpected += [prefix + k for k in ("text_projection", *linear) if k not in proj and prefix + k in sd]
+    if not (missing or unexpected):
+        return
+    if configured:
+        what = f"its open_clip_config.json ({depth} layers)"
+        advice = "A model of this configuration has exactly these tensors: is the file incomplete, or " \
+                 "open_clip_config.json another model's?"
+    else:
+        what, advice = "an open_clip text tower", "Is the file incomplete?"
+    raise key_mismatch(f"{name or 'the checkpoint'} does not match {what}", missing=missing, unexpected=unexpected,
+                       advice=advice)
 
 
 def _openai_heads(width: int) -> int:
@@ -369,7 +423,8 @@ def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | 
                 f"{where}: open_clip tokenises this model with {text_cfg.get('hf_tokenizer_name') or 'its'} tokenizer "
                 f"and text cleaning {text_cfg.get('tokenizer_kwargs')}, which predmaps does not reproduce: load the "
                 "transformers version of the checkpoint (its tokenizer.json), or pass tokenizer=")
-        cfg = open_clip_config(sd, text_cfg=text_cfg, quick_gelu=quick_gelu, heads=heads, name=where)
+        cfg = open_clip_config(sd, text_cfg=text_cfg, embed_dim=model_cfg.get("embed_dim"), quick_gelu=quick_gelu,
+                               heads=heads, name=where)
         params = params_from_open_clip(sd, cfg)
     else:
         raise CheckpointMismatchError(f"{where} holds no CLIP text tower: expected open_clip's token_embedding.weight "
