@@ -132,7 +132,7 @@ def test_open_clip_state_dict_is_read_strictly():
 
 
 def test_open_clip_text_cfg_beyond_clip_is_refused_by_name(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     tower = open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(
         context_length=8, vocab_size=100, width=32, heads=2, layers=1))
