@@ -1,7 +1,7 @@
 """CLIP text towers from open_clip and transformers checkpoints onto `jaxvit.clip_text.CLIPText`.
 
 Key mapping (open_clip, optionally under `text.` for CustomTextCLIP such as SigLIP; transformers under
-`text_model.`):
+`text_model.`, or at the top level where transformers 5 saved a CLIPTextModel / SiglipTextModel):
   token_embedding.weight            | embeddings.token_embedding.weight     -> token_embedding
   positional_embedding              | embeddings.position_embedding.weight  -> positional_embedding
   transformer.resblocks.{i}.        | encoder.layers.{i}.
@@ -11,7 +11,9 @@ Key mapping (open_clip, optionally under `text.` for CustomTextCLIP such as SigL
   ln_final                          | final_layer_norm                      -> ln_final
   text_projection (D, E) or Linear  | text_projection (CLIP) / head (SigLIP) -> text_projection
 Every other key must belong to the image tower (`visual.*`, `vision_model.*`, `visual_projection.*`) or be
-one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected key, named.
+one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected key, named. Before the sizes are
+read off the tensors, the text tensors are checked against the model the config describes (its layers, whether
+it projects), so that a missing or extra one is named rather than read as another model.
 What the tensors cannot say (heads, activation, eps, pooling) comes from the checkpoint's config
 (transformers' config.json, open_clip's open_clip_config.json) or from the caller.
 """
@@ -36,7 +38,8 @@ OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Scalars and buffers that are no part of the text tower's computation.
-_IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.position_ids", "text.attn_mask"}
+_IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.position_ids", "embeddings.position_ids",
+            "text.attn_mask"}
 # open_clip text_cfg entries that change the computation beyond what CLIPText implements (refused when set).
 _REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mask", "qk_norm", "block_type",
                      "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
@@ -47,9 +50,18 @@ _HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "sig
 
 # --- open_clip -------------------------------------------------------------------------------------------
 
+# An open_clip text tower's tensors outside its blocks, and each block's.
+_OPEN_CLIP_TOP = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias")
+_OPEN_CLIP_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                    "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                    "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
 def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
+    """The prefix of an open_clip text tower's tensors: "" (CLIP) or `text.` (CustomTextCLIP, e.g. SigLIP); None
+    where the state dict holds none (any of its tensors will do: a missing one is named by `_check_open_clip`)."""
     for prefix in ("", "text."):
-        if prefix + "token_embedding.weight" in sd:
+        if any(k.startswith(tuple(prefix + t for t in (*_OPEN_CLIP_TOP, "transformer.resblocks."))) for k in sd):
             return prefix
     if any(k.startswith("text.transformer.") and not k.startswith("text.transformer.resblocks.") for k in sd):
         raise UnsupportedModelError("this open_clip checkpoint's text tower is a transformers model (hf_model_name, "
@@ -59,13 +71,16 @@ def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
 
 
 def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any] | None = None,
-                     quick_gelu: bool | None = None, heads: int | None = None, name: str = "") -> CLIPTextConfig:
+                     embed_dim: int | None = None, quick_gelu: bool | None = None, heads: int | None = None,
+                     name: str = "") -> CLIPTextConfig:
     """The text tower's config: sizes from the tensors; heads, activation, eps and pooling from open_clip's
     `text_cfg` (open_clip_config.json's model_cfg) or the arguments. `quick_gelu` must be said somewhere:
-    the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same."""
+    the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same. `embed_dim`: model_cfg's;
+    given, the tensors must be exactly those of the model text_cfg describes (`_check_open_clip`)."""
     prefix = _open_clip_prefix(sd)
     if prefix is None:
-        raise CheckpointMismatchError("no open_clip text tower: the checkpoint lacks token_embedding.weight")
+        raise CheckpointMismatchError("no open_clip text tower: the checkpoint has no token_embedding.weight, "
+                                      "positional_embedding, transformer.resblocks.* or ln_final.*")
     text_cfg = dict(text_cfg or {})
     unsupported = {k: v for k, v in text_cfg.items() if k in _REFUSED_TEXT_CFG and v}
     if text_cfg.get("proj_type", "linear") not in ("linear", "none"):
@@ -73,6 +88,7 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
     if unsupported:
         raise UnsupportedModelError(f"open_clip text_cfg {unsupported} is not supported; supported: CLIP's text "
                                     "transformer (argmax/eos/last pooling, causal or not, linear projection)")
+    _check_open_clip(sd, prefix, text_cfg, embed_dim, name)
     vocab, width = sd[prefix + "token_embedding.weight"].shape
     layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))})
     if quick_gelu is None:
@@ -96,6 +112,45 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
         act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
         causal=not text_cfg.get("no_causal_mask", False), pool=pool, eos_token_id=int(text_cfg.get("eos_id", 2)),
         proj_bias=prefix + "text_projection.bias" in sd, name=name)
+
+
+def _check_open_clip(sd: Mapping[str, np.ndarray], prefix: str, text_cfg: Mapping[str, Any], embed_dim: int | None,
+                     name: str) -> None:
+    """Refuses a state dict without exactly the text tensors of its open_clip model, naming them as the file does.
+    Before the sizes are read off the tensors, which takes a missing projection for a model without one and counts
+    a missing or extra block into the depth. The model: open_clip_config.json's where `embed_dim` is given (open_clip's
+    defaults where text_cfg leaves a setting out), else what the tensors imply (every block up to the last found, a
+    Linear projection's weight with its bias)."""
+    blocks = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := blocks.match(k))}
+    configured = embed_dim is not None
+    depth = text_cfg.get("layers", 12) if configured else max(found, default=0) + 1
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"open_clip_config.json: text_cfg's layers must be a positive integer; got {depth!r}")
+    if configured and (not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 0):
+        raise ValueError(f"open_clip_config.json: embed_dim must be a non-negative integer; got {embed_dim!r}")
+    linear = ["text_projection.weight", "text_projection.bias"]  # open_clip makes it a Linear only with a bias
+    if configured:
+        projects, bias = embed_dim > 0 and text_cfg.get("proj_type", "linear") != "none", text_cfg.get("proj_bias")
+    else:  # nothing but the file says whether the model projects, nor which of open_clip's two forms it has
+        bias = any(prefix + k in sd for k in linear)
+        projects = bias or prefix + "text_projection" in sd
+    proj = (linear if bias else ["text_projection"]) if projects else []
+    required = [*_OPEN_CLIP_TOP, *proj] + [f"transformer.resblocks.{i}.{t}" for i in range(depth)
+                                           for t in _OPEN_CLIP_BLOCK]
+    missing = [prefix + k for k in required if prefix + k not in sd]
+    unexpected = [k for k in sd if (m := blocks.match(k)) and int(m.group(1)) >= depth]
+    unexpected += [prefix + k for k in ("text_projection", *linear) if k not in proj and prefix + k in sd]
+    if not (missing or unexpected):
+        return
+    if configured:
+        what = f"its open_clip_config.json ({depth} layers)"
+        advice = "A model of this configuration has exactly these tensors: is the file incomplete, or " \
+                 "open_clip_config.json another model's?"
+    else:
+        what, advice = "an open_clip text tower", "Is the file incomplete?"
+    raise key_mismatch(f"{name or 'the checkpoint'} does not match {what}", missing=missing, unexpected=unexpected,
+                       advice=advice)
 
 
 def _openai_heads(width: int) -> int:
@@ -173,34 +228,95 @@ def hf_family(config: Mapping[str, Any]) -> str:
     return _HF_TYPES[model_type]
 
 
-def hf_config(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, name: str = "") -> CLIPTextConfig:
-    """Sizes from the tensors, the rest from config.json (text_config of CLIPModel/SiglipModel, else the
-    top level of CLIPTextModel*), with transformers' defaults for what it leaves out."""
-    family = hf_family(config)
+def _hf_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The text tower's settings in config.json: text_config of CLIPModel/SiglipModel, else the top level of
+    CLIPTextModel* / SiglipTextModel."""
     text = config.get("text_config") if "text_config" in config else config
     if not isinstance(text, Mapping):
         raise ValueError("config.json: text_config must be a JSON object")
-    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
-    layers = len({m.group(1) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))})
+    return text
+
+
+def _hf_prefix(sd: Mapping[str, Any]) -> str | None:
+    """The prefix of a transformers text tower's tensors: `text_model.`, or none ("") where transformers 5 saved
+    CLIPTextModel / SiglipTextModel without it; None where the state dict holds no such tower."""
+    if any(k.startswith("text_model.") for k in sd):
+        return "text_model."
+    if any(k.startswith(("embeddings.token_embedding.", "embeddings.position_embedding.", "encoder.layers.",
+                         "final_layer_norm.")) for k in sd):
+        return ""
+    return None
+
+
+# A transformers text layer's tensors, each a .weight and a .bias.
+_HF_LAYER = ("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+             "layer_norm2", "mlp.fc1", "mlp.fc2")
+
+
+def _check_hf_class(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, prefix: str = "text_model.",
+                   name: str = "the checkpoint") -> None:
+    """Refuses a state dict without exactly the text tensors of config.json's class, naming them as the file does.
+    Called before `hf_config` reads the sizes off the tensors, which takes a missing projection for a class
+    without one and counts a missing or extra layer into the depth."""
+    family = hf_family(config)
+    text = _hf_text_config(config)
+    depth = text.get("num_hidden_layers", 12)  # transformers' default: config.json writes what differs from it
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"config.json: num_hidden_layers must be a positive integer; got {depth!r}")
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
+    required = [prefix + k for k in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                                     "final_layer_norm.weight", "final_layer_norm.bias")]
+    required += [f"{prefix}encoder.layers.{i}.{t}.{p}" for i in range(depth) for t in _HF_LAYER
+                 for p in ("weight", "bias")]
+    unexpected = [k for k in sd if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))
+                  and int(m.group(1)) >= depth]
+    if arch:  # CLIPModel and CLIPTextModelWithProjection project the pooled token, CLIPTextModel does not
+        projected = arch in ("CLIPModel", "CLIPTextModelWithProjection")
+    else:  # config.json names no class: a CLIPModel's text tower projects, a text model's as its file says
+        projected = config.get("model_type") == "clip" or "text_projection.weight" in sd
+    if family == "siglip":  # SiglipTextModel always ends in its head (SiglipModel's text projection)
+        required += [prefix + "head.weight", prefix + "head.bias"]
+    elif projected:
+        required.append("text_projection.weight")
+    elif "text_projection.weight" in sd:
+        unexpected.append("text_projection.weight")
+    missing = [k for k in required if k not in sd]
+    if missing or unexpected:
+        raise key_mismatch(f"{name} does not match its config.json ({arch or config.get('model_type')}, {depth} "
+                           "layers)", missing=missing, unexpected=unexpected,
+                           advice="A model of this class has exactly these tensors: is the file incomplete, or "
+                                  "config.json another model's?")
+
+
+def hf_config(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, prefix: str = "text_model.",
+              name: str = "") -> CLIPTextConfig:
+    """Sizes from the tensors (`_check_hf_class` first: the tensors of its class), the rest from config.json,
+    with transformers' defaults for what it leaves out. `prefix`: the text tower's (`_hf_prefix`)."""
+    family = hf_family(config)
+    text = _hf_text_config(config)
+    vocab, width = sd[prefix + "embeddings.token_embedding.weight"].shape
+    layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))})
     hidden_act = text.get("hidden_act", "quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
     if hidden_act not in _HF_ACTS:
         raise UnsupportedModelError(f"config.json: hidden_act {hidden_act!r} is not supported; supported: "
                                     f"{', '.join(_HF_ACTS)}")
-    proj = sd.get("text_projection.weight", sd.get("text_model.head.weight"))
+    proj = sd.get("text_projection.weight", sd.get(prefix + "head.weight"))
     eos = text.get("eos_token_id", 49407 if family == "clip" else 1)
     return CLIPTextConfig(
-        vocab_size=int(vocab), context_length=int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
+        vocab_size=int(vocab), context_length=int(sd[prefix + "embeddings.position_embedding.weight"].shape[0]),
         width=int(width), heads=int(text.get("num_attention_heads", 8 if family == "clip" else 12)), layers=layers,
-        mlp_dim=int(sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        mlp_dim=int(sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
         embed_dim=0 if proj is None else int(proj.shape[0]), act=_HF_ACTS[hidden_act],
         eps=float(text.get("layer_norm_eps", 1e-5 if family == "clip" else 1e-6)), causal=family == "clip",
         # transformers' CLIP pools at argmax(ids) when eos_token_id is the legacy 2, else at the first eos.
         pool=("argmax" if eos == 2 else "eos") if family == "clip" else "last", eos_token_id=int(eos),
-        proj_bias="text_model.head.bias" in sd, name=name)
+        proj_bias=prefix + "head.bias" in sd, name=name)
 
 
-def params_from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
-    """The text tower's params from a transformers CLIPModel / CLIPTextModel(WithProjection) / SigLIP state dict."""
+def params_from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig, *, prefix: str = "text_model.") -> dict:
+    """The text tower's params from a transformers CLIPModel / CLIPTextModel(WithProjection) / SigLIP state dict,
+    its text tower's tensors under `prefix`."""
     taken: dict[str, np.ndarray] = {}
     missing: list[str] = []
 
@@ -211,11 +327,11 @@ def params_from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
         taken[key] = sd[key]
         return np.asarray(sd[key])
 
-    e = "text_model.embeddings."
+    e = prefix + "embeddings."
     params: dict[str, Any] = {"token_embedding": take(e + "token_embedding.weight"),
                               "positional_embedding": take(e + "position_embedding.weight")}
     for i in range(cfg.layers):
-        b = f"text_model.encoder.layers.{i}."
+        b = f"{prefix}encoder.layers.{i}."
         q, k, v = (_linear(take, f"{b}self_attn.{n}_proj") for n in "qkv")
         qkv = None if any(p["kernel"] is None or p["bias"] is None for p in (q, k, v)) else {
             "kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1),
@@ -224,9 +340,9 @@ def params_from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
             "ln_1": _ln(take, b + "layer_norm1"), "ln_2": _ln(take, b + "layer_norm2"), "in_proj": qkv,
             "out_proj": _linear(take, b + "self_attn.out_proj"), "c_fc": _linear(take, b + "mlp.fc1"),
             "c_proj": _linear(take, b + "mlp.fc2")}
-    params["ln_final"] = _ln(take, "text_model.final_layer_norm")
+    params["ln_final"] = _ln(take, prefix + "final_layer_norm")
     if cfg.embed_dim:
-        head = "text_model.head" if cfg.proj_bias else "text_projection"
+        head = prefix + "head" if cfg.proj_bias else "text_projection"
         params["text_projection"] = _linear(take, head, bias=cfg.proj_bias)
     _check(sd, taken, missing)
     return params
@@ -288,15 +404,14 @@ def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | 
     vocabulary) OpenAI's BPE as open_clip tokenises. Strict: missing or unexpected keys are named.
     """
     sd, folder, where = _read(source)
-    if "embeddings.token_embedding.weight" in sd:  # transformers 5 saves CLIPTextModel without its prefix
-        sd = {f"text_model.{k}": v for k, v in sd.items()}
-    if "text_model.embeddings.token_embedding.weight" in sd:
+    if (prefix := _hf_prefix(sd)) is not None:
         config = read_json(folder / "config.json") if folder else None
         if not isinstance(config, dict):
             raise ValueError(f"{where}: transformers CLIP weights need their config.json (heads, activation, eos "
                              "token) beside them: load the checkpoint's folder")
-        cfg = hf_config(sd, config, name=where)
-        params = params_from_hf(sd, cfg)
+        _check_hf_class(sd, config, prefix=prefix, name=where)
+        cfg = hf_config(sd, config, prefix=prefix, name=where)
+        params = params_from_hf(sd, cfg, prefix=prefix)
     elif _open_clip_prefix(sd) is not None:
         oc = read_json(folder / "open_clip_config.json") if folder else None
         model_cfg = (oc or {}).get("model_cfg") or {}
@@ -308,7 +423,8 @@ def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | 
                 f"{where}: open_clip tokenises this model with {text_cfg.get('hf_tokenizer_name') or 'its'} tokenizer "
                 f"and text cleaning {text_cfg.get('tokenizer_kwargs')}, which predmaps does not reproduce: load the "
                 "transformers version of the checkpoint (its tokenizer.json), or pass tokenizer=")
-        cfg = open_clip_config(sd, text_cfg=text_cfg, quick_gelu=quick_gelu, heads=heads, name=where)
+        cfg = open_clip_config(sd, text_cfg=text_cfg, embed_dim=model_cfg.get("embed_dim"), quick_gelu=quick_gelu,
+                               heads=heads, name=where)
         params = params_from_open_clip(sd, cfg)
     else:
         raise CheckpointMismatchError(f"{where} holds no CLIP text tower: expected open_clip's token_embedding.weight "

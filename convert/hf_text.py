@@ -67,18 +67,25 @@ def tensor_names(config: TextConfig) -> dict[str, str]:
     return out
 
 
-def _normalise_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """TF-era LayerNorm names (gamma / beta), which transformers renames on load, as weight / bias."""
-    out = {}
+# TF-era LayerNorm names, which transformers renames on load: the file's suffix -> transformers'.
+_TF_NORM = {".gamma": ".weight", ".beta": ".bias"}
+
+
+def _normalise_keys(state_dict: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(the state dict with TF-era LayerNorm names (gamma / beta) as weight / bias, each key -> the file's name)."""
+    out, spelt = {}, {}
     for k, v in state_dict.items():
-        k = re.sub(r"\.gamma$", ".weight", k)
-        out[re.sub(r"\.beta$", ".bias", k)] = v
-    return out
+        suffix = next((s for s in _TF_NORM if k.endswith(s)), None)
+        name = k[:-len(suffix)] + _TF_NORM[suffix] if suffix else k
+        out[name], spelt[name] = v, k
+    return out, spelt
 
 
 def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig, where: str = "the checkpoint"):
-    """A transformers state dict -> TextEncoder params (float32 numpy), strictly."""
-    sd = _normalise_keys(state_dict)
+    """A transformers state dict -> TextEncoder params (float32 numpy), strictly; keys named as the file names them."""
+    sd, spelt = _normalise_keys(state_dict)
+    # A TF-era file names every LayerNorm gamma / beta, so an error names a missing one so too.
+    tf_suffix = {v: k for k, v in _TF_NORM.items()} if any(n != spelt[n] for n in sd) else {}
     shapes = jax.eval_shape(lambda: init_params(config))
     params: dict[str, Any] = {}
     used, missing, misshapen = set(), [], []
@@ -88,23 +95,24 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig
             node = node[part]
         leaves = {}
         for leaf, spec in node.items():
-            key = prefix + (".weight" if leaf in ("kernel", "embedding", "scale") else ".bias")
+            suffix = ".weight" if leaf in ("kernel", "embedding", "scale") else ".bias"
+            key = prefix + suffix
             if key not in sd:
-                missing.append(key)
+                missing.append(prefix + tf_suffix[suffix] if tf_suffix and "scale" in node else key)
                 continue
             value = np.asarray(sd[key])
             used.add(key)
             if leaf == "kernel":
                 value = value.T  # torch Linear (out, in) -> flax (in, out)
             if value.shape != spec.shape:
-                misshapen.append(f"{key} {tuple(np.shape(sd[key]))} (the config wants {spec.shape})")
+                misshapen.append(f"{spelt[key]} {tuple(np.shape(sd[key]))} (the config wants {spec.shape})")
                 continue
             leaves[leaf] = np.asarray(value, np.float32)
         target = params
         for part in path.split("/")[:-1]:
             target = target.setdefault(part, {})
         target[path.split("/")[-1]] = leaves
-    unexpected = [k for k in sd if k not in used and not _IGNORED.search(k)]
+    unexpected = [spelt[k] for k in sd if k not in used and not _IGNORED.search(k)]
     if missing or unexpected or misshapen:
         raise key_mismatch(f"{where} does not match a {config.architecture} of its config.json", missing=missing,
                            unexpected=unexpected, misshapen=misshapen)

@@ -8,6 +8,7 @@ causal mask, the other GELU or a dropped bias moves the features by 1e-2 or more
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,7 +132,7 @@ def test_open_clip_state_dict_is_read_strictly():
 
 
 def test_open_clip_text_cfg_beyond_clip_is_refused_by_name(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     tower = open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(
         context_length=8, vocab_size=100, width=32, heads=2, layers=1))
@@ -139,6 +140,85 @@ def test_open_clip_text_cfg_beyond_clip_is_refused_by_name(tmp_path):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": {"qk_norm": True}}}))
     with pytest.raises(UnsupportedModelError, match="qk_norm"):
         load_clip_text(folder, tokenizer=False)
+
+
+OPEN_CLIP_KINDS = ["CLIP", "CustomTextCLIP", "no-config"]
+
+
+def _saved_open_clip(kind):
+    """(state dict, open_clip_config.json) of a random open_clip model with a two-block text tower: a CLIP, a
+    CustomTextCLIP's SigLIP-style tower under `text.` (projection with bias), or a CLIP's without its config."""
+    pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    text_cfg = {"context_length": 16, "vocab_size": 300, "width": 32, "heads": 4, "layers": 2}
+    if kind == "CustomTextCLIP":
+        text_cfg.update(no_causal_mask=True, proj_bias=True, pool_type="last")
+        model_cfg = {"embed_dim": 16, "text_cfg": text_cfg}
+        sd = {f"text.{k}": v for k, v in open_clip.model._build_text_tower(
+            16, open_clip.model.CLIPTextCfg(**text_cfg)).state_dict().items()}
+    else:
+        model_cfg = {"embed_dim": 24, "quick_gelu": True, "text_cfg": text_cfg,
+                     "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}}
+        sd = open_clip.model.CLIP(**model_cfg).state_dict()
+    return {k: v.numpy().copy() for k, v in sd.items()}, None if kind == "no-config" else {"model_cfg": model_cfg}
+
+
+def _load_open_clip(sd, config, folder):
+    """load_clip_text of the state dict: from a folder with its open_clip_config.json, else as a dict."""
+    from safetensors.numpy import save_file
+
+    if config is None:
+        return load_clip_text(sd, quick_gelu=True, heads=4, tokenizer=False)
+    folder.mkdir(exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(sd, str(folder / "open_clip_model.safetensors"))
+    return load_clip_text(folder, tokenizer=False)
+
+
+@pytest.mark.parametrize("kind", OPEN_CLIP_KINDS)
+def test_each_missing_open_clip_text_tensor_is_refused_by_its_own_name(kind, tmp_path):
+    """Every text-tower tensor of an open_clip checkpoint, removed alone, is refused with exactly its name as the file
+    names it, nothing else named. The sizes are read off the tensors, so before they were checked against the
+    model, a missing projection (or a Linear projection's bias) loaded a model without one, a missing positional
+    embedding or first c_fc weight failed as a KeyError, and a missing token embedding as "no CLIP text tower".
+    Without open_clip_config.json, nothing says whether the tower has a projection: `text_projection` alone is
+    optional there."""
+    sd, config = _saved_open_clip(kind)
+    _load_open_clip(sd, config, tmp_path / "whole")
+    keys = [k for k in sd if not re.match(r"visual\.|logit_scale$", k) and not (kind == "no-config" and
+                                                                                k == "text_projection")]
+    assert len(keys) >= 28
+    for key in keys:
+        with pytest.raises(CheckpointMismatchError, match=rf"missing keys \[{re.escape(repr(key))}\](\.|$)"):
+            _load_open_clip({k: v for k, v in sd.items() if k != key}, config, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("kind", OPEN_CLIP_KINDS)
+def test_an_open_clip_text_block_more_or_fewer_than_config_is_named(kind, tmp_path):
+    """A text block beyond text_cfg's layers is refused naming its tensors as unexpected, a block fewer naming the
+    last one's as missing, and a projection the config says the model has not (proj_type "none") as unexpected:
+    the depth and the projection were read off the tensors, so each loaded another model than the config's.
+    Without open_clip_config.json the tensors are the only description: a gap in the blocks is named."""
+    sd, config = _saved_open_clip(kind)
+    prefix = "text." if kind == "CustomTextCLIP" else ""
+    block = re.compile(rf"^{prefix}transformer\.resblocks\.(\d+)\.")
+    if config is None:
+        with pytest.raises(CheckpointMismatchError, match=r"missing keys \['transformer.resblocks.0.attn.in_proj_bias"):
+            _load_open_clip({k: v for k, v in sd.items() if not k.startswith("transformer.resblocks.0.")}, None, None)
+        return
+    more = {**sd, **{block.sub(rf"{prefix}transformer.resblocks.2.", k): v for k, v in sd.items()
+                     if block.match(k) and block.match(k).group(1) == "1"}}
+    with pytest.raises(CheckpointMismatchError, match=rf"\(2 layers\): unexpected keys \['{prefix}transformer\."
+                                                      r"resblocks\.2\.[^;]*$"):
+        _load_open_clip(more, config, tmp_path / "ckpt")
+    fewer = {k: v for k, v in sd.items() if not (block.match(k) and block.match(k).group(1) == "1")}
+    with pytest.raises(CheckpointMismatchError, match=rf"\(2 layers\): missing keys \['{prefix}transformer\."
+                                                      r"resblocks\.1\.[^;]*$"):
+        _load_open_clip(fewer, config, tmp_path / "ckpt")
+    config["model_cfg"]["text_cfg"]["proj_type"] = "none"
+    projection = sorted(k for k in sd if k.startswith(prefix + "text_projection"))
+    with pytest.raises(CheckpointMismatchError, match=rf"\(2 layers\): unexpected keys {re.escape(repr(projection))}"):
+        _load_open_clip(sd, config, tmp_path / "ckpt")
 
 
 # --- transformers ------------------------------------------------------------------------------------------
@@ -257,6 +337,78 @@ def test_transformers_missing_and_unexpected_keys_are_named(tmp_path):
     _safetensors_dir(tmp_path, sd, "model.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \['text_model.encoder.layers.1.mlp.fc2.bias'\]"):
         load_clip_text(folder, tokenizer=False)
+
+
+HF_CLASSES = ["CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection", "SiglipModel", "SiglipTextModel"]
+# Tensors no text tower reads: the image tower's, the logit scale and bias.
+NOT_TEXT = re.compile(r"^(vision_model\.|visual_projection\.|logit_)")
+
+
+def _saved_hf(name, folder):
+    """(state dict, config.json) of a random two-layer transformers model of class `name`, as save_pretrained
+    writes them (transformers 5 writes CLIPTextModel and SiglipTextModel without the `text_model.` prefix)."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    if name == "SiglipModel":
+        config = transformers.SiglipConfig(text_config=_hf_text_config(), vision_config=vision)
+    elif name == "CLIPModel":
+        config = transformers.CLIPConfig(text_config=_hf_text_config(), vision_config=vision, projection_dim=24)
+    else:
+        config = getattr(transformers, name.replace("Model", "Config").replace("WithProjection", ""))(
+            **_hf_text_config(), **({"projection_dim": 24} if name.startswith("CLIP") else {}))
+    getattr(transformers, name)(config).save_pretrained(folder)
+    return load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", HF_CLASSES)
+def test_each_missing_transformers_text_tensor_is_refused_by_its_own_name(name, tmp_path):
+    """Every text-tower tensor of a transformers file, removed alone, is refused with exactly its name as the file
+    names it, nothing else named. The sizes are read off the tensors, so before they were checked against
+    config.json's class a missing CLIP projection loaded a model without one, a missing token or position
+    embedding or first MLP weight failed as a KeyError or "no CLIP text tower", a missing SigLIP head weight or
+    bias named the other as unexpected, and a prefix-less CLIPTextModel's keys were named with the prefix."""
+    from safetensors.numpy import save_file
+
+    sd, config = _saved_hf(name, tmp_path / "saved")
+    keys = [k for k in sd if not NOT_TEXT.search(k)]
+    assert len(keys) >= 36 and (name in ("CLIPTextModel", "SiglipTextModel")) != keys[0].startswith("text_model.")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for key in keys:
+        save_file({k: v for k, v in sd.items() if k != key}, str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointMismatchError, match=rf"missing keys \[{re.escape(repr(key))}\](\.|$)"):
+            load_clip_text(folder, tokenizer=False)
+
+
+@pytest.mark.parametrize("name", HF_CLASSES)
+def test_a_transformers_text_layer_more_or_fewer_than_config_is_named(name, tmp_path):
+    """A text layer beyond config.json's num_hidden_layers is refused naming its tensors as unexpected, a layer
+    fewer naming the last one's as missing, and a projection its class has not as unexpected: the depth and the
+    projection were read off the tensors, so each loaded another model than config.json's."""
+    from safetensors.numpy import save_file
+
+    sd, config = _saved_hf(name, tmp_path / "saved")
+    last = re.compile(r"(^|\.)encoder\.layers\.1\.")  # _hf_text_config: two layers
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    layer = r"(text_model\.)?encoder\.layers\.{}\."
+    save_file({**sd, **{last.sub(r"\1encoder.layers.2.", k): v for k, v in sd.items() if last.search(k)}},
+              str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"2 layers\): unexpected keys \['" + layer.format(2) + r"[^;]*$"):
+        load_clip_text(folder, tokenizer=False)
+    save_file({k: v for k, v in sd.items() if not last.search(k)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"2 layers\): missing keys \['" + layer.format(1) + r"[^;]*$"):
+        load_clip_text(folder, tokenizer=False)
+    if name == "CLIPTextModel":
+        save_file({**sd, "text_projection.weight": np.zeros((24, 32), np.float32)}, str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointMismatchError, match=r"2 layers\): unexpected keys \['text_projection.weight'\]"):
+            load_clip_text(folder, tokenizer=False)
 
 
 def _clip_tokenizer_fast(tmp_path, transformers, open_clip):

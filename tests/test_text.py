@@ -419,6 +419,48 @@ def test_strict_keys(checkpoint, tmp_path):
         load_text(folder)
 
 
+@pytest.mark.parametrize("tf_era", [False, True], ids=["weight-bias", "gamma-beta"])
+def test_each_missing_tensor_is_refused_by_its_own_name(checkpoint, tmp_path, tf_era):
+    """Every tensor of each family's checkpoint, removed alone, is refused with exactly its name as the file
+    names it, nothing else named. A TF-era file names its LayerNorms gamma / beta (transformers renames them on
+    load): before, a missing one was named by the renamed weight / bias, which the file never held."""
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    if tf_era:
+        sd = {re.sub(r"(LayerNorm|layer_norm)\.weight$", r"\1.gamma", re.sub(r"(LayerNorm|layer_norm)\.bias$",
+                                                                            r"\1.beta", k)): v for k, v in sd.items()}
+        assert sum(k.endswith((".gamma", ".beta")) for k in sd) == 2 * (1 + 2 * SIZES["layers"])
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(checkpoint / "config.json", folder)
+    assert len(sd) > 35
+    for key in sd:
+        save_file({k: v for k, v in sd.items() if k != key}, str(folder / "model.safetensors"))
+        with pytest.raises(CheckpointMismatchError, match=rf"\.safetensors does not match a \w+ of its config.json: "
+                                                          rf"missing keys \[{re.escape(repr(key))}\]$"):
+            load_text(folder)
+
+
+def test_a_layer_more_or_fewer_than_config_is_named(checkpoint, tmp_path):
+    """A layer beyond config.json's layer count is refused naming its tensors as unexpected, a layer fewer naming
+    the last layer's as missing (each in the file's own names, and only those)."""
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    last = re.compile(r"\.layer\.1\.")  # SIZES["layers"] == 2
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(checkpoint / "config.json", folder)
+    save_file({**sd, **{last.sub(".layer.2.", k): v for k, v in sd.items() if last.search(k)}},
+              str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"config.json: unexpected keys \['\w+\.\w+\.layer\.2\.[^;]*$"):
+        load_text(folder)
+    save_file({k: v for k, v in sd.items() if not last.search(k)}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"config.json: missing keys \['\w+\.\w+\.layer\.1\.[^;]*$"):
+        load_text(folder)
+
+
 def test_pytorch_model_bin_with_and_without_torch(checkpoint, loaded, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
