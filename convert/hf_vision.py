@@ -61,11 +61,15 @@ _REFUSED_TYPES = {"swin": "shifted-window attention", "swinv2": "shifted-window 
 _REFUSED_CLASSES = {
     "ViTForMaskedImageModeling": "a masked-image decoder", "DeiTForMaskedImageModeling": "a masked-image decoder",
 }
-# What each family's config.json leaves out when it equals transformers' default (save_pretrained
-# writes only the differences): heads, LayerNorm eps and activation; sizes come from the tensors.
-_DEFAULTS = {"vit": (12, 1e-12, "gelu"), "deit": (12, 1e-12, "gelu"), "dinov2": (12, 1e-6, "gelu"),
-             "dinov2_with_registers": (12, 1e-6, "gelu"),
-             "clip": (12, 1e-5, "quick_gelu")}
+# What each family's config.json leaves out when it equals transformers' default (save_pretrained writes only the
+# differences), by transformers' names: what the tensors cannot say (heads, eps, activation), and what they must
+# agree with (a config.json of another model would set another model's heads on these weights).
+_VIT_DEFAULTS = dict(num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", num_hidden_layers=12,
+                     qkv_bias=True, hidden_size=768, intermediate_size=3072, patch_size=16, image_size=224)
+_DINOV2_DEFAULTS = dict(_VIT_DEFAULTS, layer_norm_eps=1e-6, intermediate_size=None, mlp_ratio=4, patch_size=14)
+_DEFAULTS = {"vit": _VIT_DEFAULTS, "deit": _VIT_DEFAULTS, "dinov2": _DINOV2_DEFAULTS,
+             "dinov2_with_registers": dict(_DINOV2_DEFAULTS, patch_size=16, num_register_tokens=4),
+             "clip": dict(_VIT_DEFAULTS, layer_norm_eps=1e-5, hidden_act="quick_gelu", qkv_bias=None, patch_size=32)}
 _ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
          "gelu_fast": "gelu_tanh"}
 _DROPPED = re.compile(r"(^|\.)(embeddings\.mask_token|pooler\.dense\.(weight|bias)|embeddings\.position_ids)$")
@@ -323,13 +327,12 @@ def _required(timm_sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> t
     """(the timm keys every model of config.json's class has, its number of blocks), transformers' defaults where
     config.json leaves a setting out (it writes only what differs from them)."""
     model_type, arch = family(config)
-    cfg = config.get("vision_config") if model_type == "clip" and isinstance(config.get("vision_config"), Mapping) \
-        else config
-    depth = cfg.get("num_hidden_layers", 12)
+    setting = _settings(config)
+    depth = setting("num_hidden_layers")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ConfigError(f"num_hidden_layers must be a positive integer; got {depth!r}")
     block = ["norm1", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"] + (["attn.qkv"] if model_type == "clip" or
-                                                                       cfg.get("qkv_bias", True) else [])
+                                                                       setting("qkv_bias") else [])
     keys = [f"blocks.{i}.{part}.{p}" for i in range(depth) for part in block for p in ("weight", "bias")]
     keys += [f"blocks.{i}.attn.qkv.weight" for i in range(depth)]
     if model_type.startswith("dinov2"):
@@ -343,7 +346,7 @@ def _required(timm_sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> t
     teacher = "head_dist.weight" in timm_sd or arch == "DeiTForImageClassificationWithTeacher"
     if model_type == "deit":
         keys.append("dist_token" if teacher else "reg_token")
-    if model_type == "dinov2_with_registers" and config.get("num_register_tokens", 4):
+    if model_type == "dinov2_with_registers" and setting("num_register_tokens"):
         keys.append("reg_token")
     labels = config.get("id2label")
     if arch.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")) and (
@@ -357,27 +360,50 @@ def config_of(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], *
     """The jaxvit config of a timm-layout state dict from `to_timm`: sizes from the tensors, heads,
     LayerNorm eps and activation from config.json (transformers' defaults where it leaves them out),
     label names from id2label."""
-    model_type, _ = family(config)
-    cfg = config.get("vision_config") if model_type == "clip" and isinstance(config.get("vision_config"), Mapping) \
-        else config
-    heads, eps, act = _DEFAULTS[model_type]
-    heads = cfg.get("num_attention_heads", heads)
+    model_type, arch = family(config)
+    setting = _settings(config)
+    heads = setting("num_attention_heads")
     if num_heads is not None and num_heads != heads:
         raise ValueError(f"num_heads {num_heads!r} contradicts config.json's num_attention_heads {heads}: leave "
                          "num_heads out for a Hugging Face checkpoint")
-    eps = cfg.get("layer_norm_eps", eps)
-    hidden_act = cfg.get("hidden_act", act)
+    eps = setting("layer_norm_eps")
+    hidden_act = setting("hidden_act")
     if hidden_act not in _ACTS:
         raise ConfigError(f"hidden_act {hidden_act!r} is not supported by jaxvit; supported: {', '.join(_ACTS)}")
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
         raise ConfigError(f"num_attention_heads must be a positive integer; got {heads!r}")
     out = infer_config(state_dict, num_heads=heads).replace(norm_eps=eps, act=_ACTS[hidden_act], name=name)
+    _check_sizes(out, setting, f"{model_type}/{arch}" if arch else model_type)
     head = state_dict.get("head.weight")
     if model_type.startswith("dinov2") and head is not None and head.ndim == 2 and head.shape[1] == 2 * out.embed_dim:
         out = out.replace(head_input="token_and_patch_mean")  # Dinov2(WithRegisters)ForImageClassification
     if out.num_classes and model_type != "clip":
         out = out.replace(label_names=_label_names(config, out.num_classes))
     return out
+
+
+def _settings(config: Mapping[str, Any]):
+    """name -> the image tower's setting in config.json (CLIPModel's vision_config), else transformers' default."""
+    model_type, _ = family(config)
+    cfg = config.get("vision_config") if model_type == "clip" and isinstance(config.get("vision_config"), Mapping) \
+        else config
+    return lambda name: cfg.get(name, _DEFAULTS[model_type][name])
+
+
+def _check_sizes(cfg: ViTConfig, setting, what: str) -> None:
+    """Refuses tensors of other sizes than config.json's (whose heads, eps and activation they are given)."""
+    hidden, patch, image = setting("hidden_size"), setting("patch_size"), setting("image_size")
+    mlp = setting("intermediate_size")
+    if mlp is None and is_real(setting("mlp_ratio")) and is_real(hidden):  # DINOv2: int(hidden_size * mlp_ratio)
+        mlp = int(hidden * setting("mlp_ratio"))
+    grid = image // patch if isinstance(image, int) and isinstance(patch, int) and patch > 0 else None
+    wrong = [f"{name} {want} in config.json, {got} in the tensors" for name, want, got in (
+        ("hidden_size", hidden, cfg.embed_dim), ("intermediate size", mlp, cfg.mlp_dim), ("patch_size", patch, cfg.patch_size),
+        ("patch grid (image_size / patch_size)", grid, cfg.img_size[0] // cfg.patch_size)) if want is not None and want != got]
+    if wrong:
+        raise CheckpointMismatchError(f"checkpoint does not match its config.json ({what}): " + "; ".join(wrong)
+                                      + ". Is config.json another model's? Its heads, eps and activation would be "
+                                        "applied to these weights")
 
 
 def _label_names(config: Mapping[str, Any], n: int) -> tuple[str, ...] | None:

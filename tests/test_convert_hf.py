@@ -297,6 +297,37 @@ def test_transformers_loading_is_strict(tmp_path):
         convert.load(bare / "model.safetensors")
 
 
+def test_defaults_for_what_config_json_leaves_out_are_transformers():
+    """save_pretrained leaves out what equals the config class's default, so hf_vision's table of them must be
+    transformers' own: each entry against a default-constructed config of its family (the reference)."""
+    classes = {"vit": transformers.ViTConfig, "deit": transformers.DeiTConfig, "dinov2": transformers.Dinov2Config,
+               "dinov2_with_registers": transformers.Dinov2WithRegistersConfig, "clip": transformers.CLIPVisionConfig}
+    assert set(classes) == set(hf_vision._DEFAULTS)
+    for family, cls in classes.items():
+        theirs = cls()
+        for name, ours in hf_vision._DEFAULTS[family].items():
+            assert getattr(theirs, name, None) == ours, (family, name)
+
+
+def test_a_config_json_of_other_sizes_is_refused(tmp_path):
+    """config.json gives the weights their heads, eps and activation, so one of another model (other width, MLP,
+    patch or grid) is refused naming the setting, not applied to these tensors."""
+    from safetensors.numpy import load_file
+
+    hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
+    saved = _save(hf, None, tmp_path / "saved")
+    sd, config = load_file(str(saved / "model.safetensors")), json.loads((saved / "config.json").read_text())
+    for i, (key, value, named) in enumerate((("hidden_size", 64, "hidden_size 64 in config.json, 32 in the tensors"),
+                                             ("intermediate_size", 128, "intermediate size 128 in config.json"),
+                                             ("patch_size", 4, "patch_size 4 in config.json"),
+                                             ("image_size", 64, r"patch grid \(image_size / patch_size\) 8"))):
+        with pytest.raises(convert.CheckpointMismatchError, match=f"does not match its config.json.*{named}"):
+            convert.load(_folder(tmp_path / str(i), sd, dict(config, **{key: value})))
+    # left out, a setting is transformers' default (hidden_size 768): these 32-wide tensors are not that model
+    with pytest.raises(convert.CheckpointMismatchError, match="hidden_size 768 in config.json, 32 in the tensors"):
+        convert.load(_folder(tmp_path / "default", sd, {k: v for k, v in config.items() if k != "hidden_size"}))
+
+
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher",
                                   "DeiTForImageClassification", "Dinov2Model", "CLIPVisionModelWithProjection",
                                   "CLIPModel"])
