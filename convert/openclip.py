@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.errors import UnsupportedModelError, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
 from convert.timm_vit import infer_config
-from jaxvit.config import ConfigError, ViTConfig
+from jaxvit.config import ConfigError, ViTConfig, is_real
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,6 +41,10 @@ _KNOWN_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "m
                  "pool_type", "final_ln_after_pool", "no_ln_pre", "patch_dropout", "output_tokens",
                  "global_average_pool", "embed_cls", "output_dim", "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained",
                  "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
+
+
+# open_clip's CLIPVisionCfg defaults, for what vision_cfg leaves out (open_clip_config.json spells only what differs).
+VISION_DEFAULTS = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, image_size=224)
 
 
 def looks_like_open_clip(state_dict: Mapping[str, Any]) -> bool:
@@ -152,7 +156,7 @@ def vision_settings(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     pool = vision.get("pool_type", "avg" if vision.get("global_average_pool") else "tok")
     if pool not in ("tok", "avg"):
         raise UnsupportedModelError(f"open_clip pool_type {pool!r} is not supported by jaxvit (supported: tok, avg)")
-    return dict(head_width=vision.get("head_width", 64), act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+    return dict(head_width=vision.get("head_width", VISION_DEFAULTS["head_width"]), act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
                 pool="avg" if pool == "avg" else "token",
                 fc_norm=bool(vision.get("final_ln_after_pool")) and pool == "avg")
 
@@ -186,7 +190,8 @@ def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.nda
     naming the keys as the file does. First: the sizes and options are read off the tensors, which would take a
     missing one for an option the model lacks (no projection, no bias, fewer blocks) and load another model."""
     vision = model_cfg.get("vision_cfg") or {}
-    depth = vision.get("layers", 12)
+    setting = lambda name: vision.get(name, VISION_DEFAULTS[name])  # noqa: E731
+    depth = setting("layers")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ConfigError(f"open_clip vision_cfg layers must be a positive integer; got {depth!r}")
     block = [f"{part}.{p}" for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -202,6 +207,24 @@ def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.nda
         raise key_mismatch(f"open_clip image tower does not match its model config ({depth} layers)", missing=missing,
                            unexpected=extra, advice="A tower of this config has exactly these tensors: is the file "
                                                     "incomplete, or the config another model's?")
+    # the config gives the tensors their heads (width / head_width) and activation: its sizes must be theirs
+    width, patch, image, ratio = setting("width"), setting("patch_size"), setting("image_size"), setting("mlp_ratio")
+    image = image[0] if isinstance(image, (list, tuple)) and len(image) == 2 and image[0] == image[1] else image
+    got_width = timm_sd["blocks.0.attn.qkv.weight"].shape[1]
+    got_patch = timm_sd["patch_embed.proj.weight"].shape[-1]
+    rows = timm_sd["pos_embed"].shape[1] - 1
+    wrong = [f"{name} {want} in the config, {got} in the tensors" for name, want, got in (
+        ("width", width, got_width), ("MLP width (width x mlp_ratio)",
+                                      int(width * ratio) if isinstance(width, int) and is_real(ratio) else None,
+                                      timm_sd["blocks.0.mlp.fc1.weight"].shape[0]),
+        ("patch_size", patch, got_patch),
+        ("patch grid (image_size / patch_size)", image // patch if isinstance(image, int) and isinstance(patch, int)
+         and patch > 0 else None, round(rows ** 0.5)),
+        ("embed_dim", model_cfg.get("embed_dim"), timm_sd["head.weight"].shape[0])) if want is not None and want != got]
+    if wrong:
+        raise CheckpointMismatchError("open_clip image tower does not match its model config: " + "; ".join(wrong)
+                                      + ". Is the config another model's? Its heads and activation would be applied "
+                                        "to these weights")
 
 
 def load_state(state_dict: Mapping[str, np.ndarray], open_clip_config: Mapping[str, Any] | None, *, name: str = "",

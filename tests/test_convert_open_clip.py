@@ -160,6 +160,44 @@ def test_each_missing_image_tower_tensor_is_refused_by_its_own_name(vision, tmp_
         convert.load(_resave(more, path, tmp_path / "more"))
 
 
+def test_vision_defaults_are_open_clips():
+    """What vision_cfg leaves out is open_clip's CLIPVisionCfg default: the table against the dataclass itself."""
+    import dataclasses
+
+    from open_clip.model import CLIPVisionCfg
+
+    defaults = {f.name: f.default for f in dataclasses.fields(CLIPVisionCfg)}
+    assert {k: defaults[k] for k in openclip.VISION_DEFAULTS} == openclip.VISION_DEFAULTS
+
+
+def test_a_model_config_of_other_sizes_is_refused(tmp_path):
+    """The model config gives the tensors their heads (width / head_width) and activation, so one of another
+    model (width, MLP, patch, grid, embed_dim) is refused naming the setting; a setting it leaves out is open_clip's
+    default (width 768), which these 32-wide tensors are not."""
+    model_cfg = _model_cfg()
+    oc = _random_clip(model_cfg)
+    path = _save(oc, model_cfg, tmp_path / "oc")
+    for i, (change, named) in enumerate(((dict(width=64), "width 64 in the config, 32 in the tensors"),
+                                         (dict(mlp_ratio=2.0), r"MLP width \(width x mlp_ratio\) 64 in the config, 128"),
+                                         (dict(patch_size=4), "patch_size 4 in the config, 8"),
+                                         (dict(image_size=64), r"patch grid \(image_size / patch_size\) 8 in the config, 4"),
+                                         (dict(embed_dim=12), "embed_dim 12 in the config, 24"),
+                                         (dict(width=None), "width 768 in the config, 32"))):
+        cfg = json.loads((path / "open_clip_config.json").read_text())
+        for key, value in change.items():
+            where = cfg["model_cfg"] if key == "embed_dim" else cfg["model_cfg"]["vision_cfg"]
+            if value is None:
+                where.pop(key)
+            else:
+                where[key] = value
+        other = tmp_path / f"cfg{i}"
+        other.mkdir()
+        (other / "open_clip_model.safetensors").write_bytes((path / "open_clip_model.safetensors").read_bytes())
+        (other / "open_clip_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(convert.CheckpointMismatchError, match=f"does not match its model config: .*{named}"):
+            convert.load(other)
+
+
 def _resave(sd, like: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     from safetensors.torch import save_file
 
