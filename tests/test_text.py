@@ -461,6 +461,32 @@ def test_a_layer_more_or_fewer_than_config_is_named(checkpoint, tmp_path):
         load_text(folder)
 
 
+def test_a_config_json_of_other_sizes_is_refused_naming_the_setting(checkpoint, tmp_path):
+    """config.json gives the weights their heads, eps and activation, so one whose sizes (width, MLP, vocabulary,
+    positions, token types, classes) the tensors have not is refused naming the setting, its value and the
+    tensors': it may be another model's. Before, the refusal listed the misshapen tensors alone (up to 12 of them)."""
+    from safetensors.numpy import load_file
+
+    hf = json.loads((checkpoint / "config.json").read_text())
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    distilbert = hf["model_type"] == "distilbert"
+    sizes = {"vocab_size": next(v.shape[0] for k, v in sd.items() if k.endswith("word_embeddings.weight")),
+             "num_labels": len(LABELS), "max_position_embeddings": hf["max_position_embeddings"],
+             **{k: hf[k] for k in (("dim", "hidden_dim") if distilbert else
+                                   ("hidden_size", "intermediate_size", "type_vocab_size"))}}
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    for name, have in sizes.items():
+        edited = dict(hf, **{name: 2 * have})
+        if name == "num_labels":  # id2label names the classes, num_labels counts them: both say twice as many
+            edited["id2label"] = {str(i): f"c{i}" for i in range(2 * have)}
+        (folder / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointMismatchError, match=rf"does not match a \w+ of its config.json: wrong shapes .*"
+                                                          rf"\. {name} {2 * have} in config.json, {have} in the tensors\. "
+                                                          r"Is config.json another model's\?"):
+            load_text(folder)
+
+
 def test_pytorch_model_bin_with_and_without_torch(checkpoint, loaded, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
