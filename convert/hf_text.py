@@ -120,7 +120,8 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig
             if leaf == "kernel":
                 value = value.T  # torch Linear (out, in) -> flax (in, out)
             if value.shape != spec.shape:
-                misshapen.append(f"{spelt[key]} {tuple(np.shape(sd[key]))} (the config wants {spec.shape})")
+                want = spec.shape[::-1] if leaf == "kernel" else spec.shape  # in the file's layout, as its shape
+                misshapen.append(f"{spelt[key]} {tuple(np.shape(sd[key]))} (the config wants {want})")
                 axes = _AXES.get(path.split("/")[-1], ("hidden_size",) * 2)[-value.ndim:] \
                     if value.ndim == len(spec.shape) else ()
                 sizes.update({size: got for size, got, want in zip(axes, value.shape, spec.shape)

@@ -500,6 +500,13 @@ def test_a_config_json_of_other_sizes_is_refused_naming_the_setting(checkpoint, 
                                                           rf"\. {name} {2 * have} in config.json, {have} in the tensors\. "
                                                           r"Is config.json another model's\?"):
             load_text(folder)
+    # each misshapen tensor is named with the shape config.json wants in the file's layout (torch's (out, in))
+    ffn = "hidden_dim" if distilbert else "intermediate_size"
+    (folder / "config.json").write_text(json.dumps(dict(hf, **{ffn: 2 * sizes[ffn]})))
+    fc = next(k for k, v in sd.items() if re.search(r"\.0\.(intermediate\.dense|ffn\.lin1)\.weight$", k))
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"'{fc} {sd[fc].shape} (the config wants "
+                                                                f"{(2 * sizes[ffn], sd[fc].shape[1])})'")):
+        load_text(folder)
 
 
 def test_a_size_config_json_leaves_out_is_transformers_default(checkpoint, tmp_path):
