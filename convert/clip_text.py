@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import download, is_file_name, read_file, read_json
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes
 from convert.timm_vit import clean_state_dict
 from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
 from jaxvit.clip_tokenizer import CLIPTokenizer
@@ -46,6 +46,17 @@ _REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mas
 _VISION_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "siglip_text_model": "siglip"}
+# What each family's config.json leaves out of its text tower when it equals transformers' default (save_pretrained
+# writes only what differs), by transformers' names: what the tensors cannot say (heads, eps, activation, eos), and
+# what they must agree with (a config.json of another model would set another model's heads on these weights).
+# CLIPModel's projection_dim is its own (CLIPConfig's, the same default); SigLIP's projection_size None: hidden_size.
+_HF_DEFAULTS = {
+    "clip": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 eos_token_id=49407, projection_dim=512),
+    "siglip": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                   layer_norm_eps=1e-6, eos_token_id=49407, projection_size=None)}
 
 
 # --- open_clip -------------------------------------------------------------------------------------------
@@ -237,6 +248,18 @@ def _hf_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return text
 
 
+def _hf_settings(config: Mapping[str, Any]):
+    """name -> the text tower's setting in config.json (`_hf_text_config`), else transformers' default."""
+    family, text = hf_family(config), _hf_text_config(config)
+    return lambda name: text.get(name, _HF_DEFAULTS[family][name])
+
+
+def _hf_class(config: Mapping[str, Any]) -> str | None:
+    """The class config.json names (its one architecture), if any."""
+    archs = config.get("architectures")
+    return archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
+
+
 def _hf_prefix(sd: Mapping[str, Any]) -> str | None:
     """The prefix of a transformers text tower's tensors: `text_model.`, or none ("") where transformers 5 saved
     CLIPTextModel / SiglipTextModel without it; None where the state dict holds no such tower."""
@@ -259,12 +282,10 @@ def _check_hf_class(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, 
     Called before `hf_config` reads the sizes off the tensors, which takes a missing projection for a class
     without one and counts a missing or extra layer into the depth."""
     family = hf_family(config)
-    text = _hf_text_config(config)
-    depth = text.get("num_hidden_layers", 12)  # transformers' default: config.json writes what differs from it
+    depth = _hf_settings(config)("num_hidden_layers")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"config.json: num_hidden_layers must be a positive integer; got {depth!r}")
-    archs = config.get("architectures")
-    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
+    arch = _hf_class(config)
     required = [prefix + k for k in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
                                      "final_layer_norm.weight", "final_layer_norm.bias")]
     required += [f"{prefix}encoder.layers.{i}.{t}.{p}" for i in range(depth) for t in _HF_LAYER
@@ -291,24 +312,36 @@ def _check_hf_class(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, 
 
 def hf_config(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, prefix: str = "text_model.",
               name: str = "") -> CLIPTextConfig:
-    """Sizes from the tensors (`_check_hf_class` first: the tensors of its class), the rest from config.json,
-    with transformers' defaults for what it leaves out. `prefix`: the text tower's (`_hf_prefix`)."""
+    """Sizes from the tensors (`_check_hf_class` first: the tensors of its class), which must be config.json's,
+    the rest from config.json, with transformers' defaults for what it leaves out. `prefix`: the text tower's
+    (`_hf_prefix`)."""
     family = hf_family(config)
-    text = _hf_text_config(config)
+    setting = _hf_settings(config)
     vocab, width = sd[prefix + "embeddings.token_embedding.weight"].shape
     layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))})
-    hidden_act = text.get("hidden_act", "quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
+    hidden_act = setting("hidden_act")
     if hidden_act not in _HF_ACTS:
         raise UnsupportedModelError(f"config.json: hidden_act {hidden_act!r} is not supported; supported: "
                                     f"{', '.join(_HF_ACTS)}")
     proj = sd.get("text_projection.weight", sd.get(prefix + "head.weight"))
-    eos = text.get("eos_token_id", 49407 if family == "clip" else 1)
+    context = int(sd[prefix + "embeddings.position_embedding.weight"].shape[0])
+    mlp = int(sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0])
+    embed = 0 if proj is None else int(proj.shape[0])
+    sizes = [(k, setting(k), got) for k, got in (("hidden_size", width), ("intermediate_size", mlp),
+                                                 ("vocab_size", vocab), ("max_position_embeddings", context))]
+    # A CLIPModel projects into its own projection_dim (its text_config's is unused), SigLIP's head into projection_size.
+    if embed:
+        sizes.append(("projection_dim", config.get("projection_dim", _HF_DEFAULTS["clip"]["projection_dim"]), embed)
+                     if family == "clip" else ("projection_size", setting("projection_size") or setting("hidden_size"),
+                                               embed))
+    if wrong := other_sizes(sizes):
+        raise CheckpointMismatchError(f"{name or 'the checkpoint'} does not match its config.json "
+                                      f"({_hf_class(config) or config.get('model_type')}): {wrong}")
+    eos = setting("eos_token_id")
     return CLIPTextConfig(
-        vocab_size=int(vocab), context_length=int(sd[prefix + "embeddings.position_embedding.weight"].shape[0]),
-        width=int(width), heads=int(text.get("num_attention_heads", 8 if family == "clip" else 12)), layers=layers,
-        mlp_dim=int(sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        embed_dim=0 if proj is None else int(proj.shape[0]), act=_HF_ACTS[hidden_act],
-        eps=float(text.get("layer_norm_eps", 1e-5 if family == "clip" else 1e-6)), causal=family == "clip",
+        vocab_size=int(vocab), context_length=context, width=int(width), heads=int(setting("num_attention_heads")),
+        layers=layers, mlp_dim=mlp, embed_dim=embed, act=_HF_ACTS[hidden_act],
+        eps=float(setting("layer_norm_eps")), causal=family == "clip",
         # transformers' CLIP pools at argmax(ids) when eos_token_id is the legacy 2, else at the first eos.
         pool=("argmax" if eos == 2 else "eos") if family == "clip" else "last", eos_token_id=int(eos),
         proj_bias=prefix + "head.bias" in sd, name=name)
