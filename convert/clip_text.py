@@ -43,6 +43,10 @@ _IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.pos
 # open_clip text_cfg entries that change the computation beyond what CLIPText implements (refused when set).
 _REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mask", "qk_norm", "block_type",
                      "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+# What open_clip builds where open_clip_config.json's text_cfg leaves a setting out (its CLIPTextCfg's defaults), by
+# open_clip's names.
+_OPEN_CLIP_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0,
+                           pool_type="argmax", eos_id=2, no_causal_mask=False, proj_type="linear", proj_bias=False)
 _VISION_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "siglip_text_model": "siglip"}
@@ -81,6 +85,11 @@ def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _open_clip_settings(text_cfg: Mapping[str, Any]):
+    """name -> text_cfg's setting, else open_clip's default."""
+    return lambda name: text_cfg.get(name, _OPEN_CLIP_DEFAULTS[name])
+
+
 def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any] | None = None,
                      embed_dim: int | None = None, quick_gelu: bool | None = None, heads: int | None = None,
                      name: str = "") -> CLIPTextConfig:
@@ -93,8 +102,9 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
         raise CheckpointMismatchError("no open_clip text tower: the checkpoint has no token_embedding.weight, "
                                       "positional_embedding, transformer.resblocks.* or ln_final.*")
     text_cfg = dict(text_cfg or {})
+    setting = _open_clip_settings(text_cfg)
     unsupported = {k: v for k, v in text_cfg.items() if k in _REFUSED_TEXT_CFG and v}
-    if text_cfg.get("proj_type", "linear") not in ("linear", "none"):
+    if setting("proj_type") not in ("linear", "none"):
         unsupported["proj_type"] = text_cfg["proj_type"]
     if unsupported:
         raise UnsupportedModelError(f"open_clip text_cfg {unsupported} is not supported; supported: CLIP's text "
@@ -111,17 +121,19 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
                          "from a folder with its open_clip_config.json)")
     act = "quick_gelu" if quick_gelu else ("gelu_tanh" if act_kwargs.get("approximate") == "tanh" else "gelu")
     proj = sd.get(prefix + "text_projection", sd.get(prefix + "text_projection.weight"))
-    pool = text_cfg.get("pool_type", "argmax")
+    pool = setting("pool_type")
     if pool not in ("argmax", "eos", "last"):
         raise UnsupportedModelError(f"open_clip text pool_type {pool!r} is not supported; supported: argmax, eos, last")
+    context = int(sd[prefix + "positional_embedding"].shape[0])
+    mlp = int(sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    embed = 0 if proj is None else int(proj.shape[1] if proj.ndim == 2 and prefix + "text_projection" in sd
+                                       else proj.shape[0])
+    # open_clip builds text_cfg's heads (8 where it is silent); without a config, OpenAI's rule, 64 wide each
+    heads = heads or (setting("heads") if embed_dim is not None else text_cfg.get("heads") or _openai_heads(width))
     return CLIPTextConfig(
-        vocab_size=int(vocab), context_length=int(sd[prefix + "positional_embedding"].shape[0]), width=int(width),
-        heads=int(heads or text_cfg.get("heads") or _openai_heads(width)), layers=layers,
-        mlp_dim=int(sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-        embed_dim=0 if proj is None else int(proj.shape[1] if proj.ndim == 2 and prefix + "text_projection" in sd
-                                             else proj.shape[0]),
-        act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
-        causal=not text_cfg.get("no_causal_mask", False), pool=pool, eos_token_id=int(text_cfg.get("eos_id", 2)),
+        vocab_size=int(vocab), context_length=context, width=int(width), heads=int(heads), layers=layers, mlp_dim=mlp,
+        embed_dim=embed, act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        causal=not setting("no_causal_mask"), pool=pool, eos_token_id=int(setting("eos_id")),
         proj_bias=prefix + "text_projection.bias" in sd, name=name)
 
 
@@ -135,14 +147,15 @@ def _check_open_clip(sd: Mapping[str, np.ndarray], prefix: str, text_cfg: Mappin
     blocks = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
     found = {int(m.group(1)) for k in sd if (m := blocks.match(k))}
     configured = embed_dim is not None
-    depth = text_cfg.get("layers", 12) if configured else max(found, default=0) + 1
+    setting = _open_clip_settings(text_cfg)
+    depth = setting("layers") if configured else max(found, default=0) + 1
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"open_clip_config.json: text_cfg's layers must be a positive integer; got {depth!r}")
     if configured and (not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 0):
         raise ValueError(f"open_clip_config.json: embed_dim must be a non-negative integer; got {embed_dim!r}")
     linear = ["text_projection.weight", "text_projection.bias"]  # open_clip makes it a Linear only with a bias
     if configured:
-        projects, bias = embed_dim > 0 and text_cfg.get("proj_type", "linear") != "none", text_cfg.get("proj_bias")
+        projects, bias = embed_dim > 0 and setting("proj_type") != "none", setting("proj_bias")
     else:  # nothing but the file says whether the model projects, nor which of open_clip's two forms it has
         bias = any(prefix + k in sd for k in linear)
         projects = bias or prefix + "text_projection" in sd
@@ -329,7 +342,8 @@ def hf_config(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, prefix
     embed = 0 if proj is None else int(proj.shape[0])
     sizes = [(k, setting(k), got) for k, got in (("hidden_size", width), ("intermediate_size", mlp),
                                                  ("vocab_size", vocab), ("max_position_embeddings", context))]
-    # A CLIPModel projects into its own projection_dim (its text_config's is unused), SigLIP's head into projection_size.
+    # A CLIPModel projects into its own projection_dim (its text_config's is unused), SigLIP's head into
+    # projection_size.
     if embed:
         sizes.append(("projection_dim", config.get("projection_dim", _HF_DEFAULTS["clip"]["projection_dim"]), embed)
                      if family == "clip" else ("projection_size", setting("projection_size") or setting("hidden_size"),

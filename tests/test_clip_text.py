@@ -222,6 +222,38 @@ def test_an_open_clip_text_block_more_or_fewer_than_config_is_named(kind, tmp_pa
         _load_open_clip(sd, config, tmp_path / "ckpt")
 
 
+def test_open_clip_defaults_for_what_text_cfg_leaves_out_are_open_clips():
+    """open_clip builds what text_cfg leaves out with its CLIPTextCfg's defaults, so clip_text's table of them must be
+    open_clip's own: each entry against the dataclass's default (the reference)."""
+    import dataclasses
+
+    open_clip = pytest.importorskip("open_clip")
+    from convert.clip_text import _OPEN_CLIP_DEFAULTS
+
+    theirs = {f.name: f.default for f in dataclasses.fields(open_clip.model.CLIPTextCfg)}
+    for name, ours in _OPEN_CLIP_DEFAULTS.items():
+        assert theirs.get(name, dataclasses.MISSING) == ours, name
+
+
+def test_open_clip_heads_text_cfg_leaves_out_are_open_clips_default(tmp_path):
+    """A text_cfg without heads is built by open_clip with CLIPTextCfg's 8, whatever the width; it was read as OpenAI's
+    width // 64 (1 head for this 64-wide tower, far from open_clip's output; a narrower one was refused as "without
+    its open_clip_config.json", which it had)."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    text_cfg = {"context_length": 8, "vocab_size": 100, "width": 64, "layers": 1}
+    tower = open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(**text_cfg))
+    _randomize(tower.eval(), torch, seed=2)
+    folder = _safetensors_dir(tmp_path, tower.state_dict(), "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, "text_cfg": text_cfg}}))
+    ids = _ids(np.random.RandomState(2), 100, 3, 8, eot=99)
+    with torch.no_grad():
+        want = tower(torch.as_tensor(ids)).numpy()
+    jmodel, params, _ = load_clip_text(folder, tokenizer=False)
+    assert jmodel.config.heads == 8 == tower.transformer.resblocks[0].attn.num_heads
+    assert np.abs(np.asarray(jmodel.apply({"params": params}, ids).features) - want).max() <= TOL
+
+
 # --- transformers ------------------------------------------------------------------------------------------
 
 def _hf_text_config(**kw):
