@@ -33,6 +33,7 @@ from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_m
 from convert.timm_vit import clean_state_dict
 from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
 from jaxvit.clip_tokenizer import CLIPTokenizer
+from jaxvit.config import is_real
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -44,7 +45,8 @@ _IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.pos
 _REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mask", "qk_norm", "block_type",
                      "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 # What open_clip builds where open_clip_config.json's text_cfg leaves a setting out (its CLIPTextCfg's defaults), by
-# open_clip's names.
+# open_clip's names: what the tensors cannot say (heads, pooling, causal mask), and what they must agree with (a
+# text_cfg of another model would set another model's heads on these weights).
 _OPEN_CLIP_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0,
                            pool_type="argmax", eos_id=2, no_causal_mask=False, proj_type="linear", proj_bias=False)
 _VISION_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
@@ -96,7 +98,9 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
     """The text tower's config: sizes from the tensors; heads, activation, eps and pooling from open_clip's
     `text_cfg` (open_clip_config.json's model_cfg) or the arguments. `quick_gelu` must be said somewhere:
     the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same. `embed_dim`: model_cfg's;
-    given, the tensors must be exactly those of the model text_cfg describes (`_check_open_clip`)."""
+    given, the tensors must be exactly those of the model text_cfg describes (`_check_open_clip`), of its sizes
+    (width, vocab_size, context_length, mlp_ratio, embed_dim), open_clip's defaults where it is silent. Without it
+    (no open_clip_config.json) nothing says the sizes but the tensors: there is nothing to compare them with."""
     prefix = _open_clip_prefix(sd)
     if prefix is None:
         raise CheckpointMismatchError("no open_clip text tower: the checkpoint has no token_embedding.weight, "
@@ -128,6 +132,15 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
     mlp = int(sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
     embed = 0 if proj is None else int(proj.shape[1] if proj.ndim == 2 and prefix + "text_projection" in sd
                                        else proj.shape[0])
+    if embed_dim is not None:  # open_clip_config.json's model, whose heads, eps and activation these weights get
+        said, ratio = setting("width"), setting("mlp_ratio")
+        sizes = [("width", said, width), ("vocab_size", setting("vocab_size"), vocab),
+                 ("context_length", setting("context_length"), context),
+                 ("MLP width (width * mlp_ratio)", int(said * ratio) if is_real(said) and is_real(ratio) else None,
+                  mlp)] + ([("embed_dim", embed_dim, embed)] if embed else [])
+        if wrong := other_sizes(sizes, "open_clip_config.json"):
+            raise CheckpointMismatchError(f"{name or 'the checkpoint'} does not match its open_clip_config.json: "
+                                          f"{wrong}")
     # open_clip builds text_cfg's heads (8 where it is silent); without a config, OpenAI's rule, 64 wide each
     heads = heads or (setting("heads") if embed_dim is not None else text_cfg.get("heads") or _openai_heads(width))
     return CLIPTextConfig(

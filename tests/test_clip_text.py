@@ -235,6 +235,37 @@ def test_open_clip_defaults_for_what_text_cfg_leaves_out_are_open_clips():
         assert theirs.get(name, dataclasses.MISSING) == ours, name
 
 
+@pytest.mark.parametrize("kind", OPEN_CLIP_KINDS)
+def test_an_open_clip_config_of_other_sizes_is_refused(kind, tmp_path):
+    """open_clip_config.json gives the text tower its heads, eps and activation, so one whose sizes (text_cfg's width,
+    vocab_size, context_length, mlp_ratio; model_cfg's embed_dim) the tensors have not is refused naming the setting,
+    its value and the tensors': it may be another model's. Before, the sizes were read off the tensors and the
+    config's never compared: each loaded, with the other model's heads. A size text_cfg leaves out is open_clip's
+    default (width 512 here). Without open_clip_config.json nothing says the sizes but the tensors: nothing to
+    compare, the tower loads."""
+    sd, config = _saved_open_clip(kind)
+    if config is None:
+        assert _load_open_clip(sd, None, None)[0].config.width == 32
+        return
+    text_cfg = config["model_cfg"]["text_cfg"]  # width 32, vocab_size 300, context_length 16, open_clip's mlp_ratio 4
+    named = {"width": "width 64 in open_clip_config.json, 32 in the tensors",
+             "vocab_size": "vocab_size 600 in open_clip_config.json, 300 in the tensors",
+             "context_length": "context_length 32 in open_clip_config.json, 16 in the tensors",
+             "mlp_ratio": r"MLP width \(width \* mlp_ratio\) 256 in open_clip_config.json, 128 in the tensors",
+             "embed_dim": f"embed_dim {2 * config['model_cfg']['embed_dim']} in open_clip_config.json, "
+                          f"{config['model_cfg']['embed_dim']} in the tensors"}
+    for setting, message in named.items():
+        edited = json.loads(json.dumps(config))
+        cfg = edited["model_cfg"] if setting == "embed_dim" else edited["model_cfg"]["text_cfg"]
+        cfg[setting] = 2 * cfg.get(setting, 4)
+        with pytest.raises(CheckpointMismatchError, match=rf"does not match its open_clip_config.json: (.*; )?{message}"
+                                                          r"[.;].*Is open_clip_config.json another model's\?"):
+            _load_open_clip(sd, edited, tmp_path / "ckpt")
+    del text_cfg["width"]
+    with pytest.raises(CheckpointMismatchError, match="width 512 in open_clip_config.json, 32 in the tensors"):
+        _load_open_clip(sd, config, tmp_path / "ckpt")
+
+
 def test_open_clip_heads_text_cfg_leaves_out_are_open_clips_default(tmp_path):
     """A text_cfg without heads is built by open_clip with CLIPTextCfg's 8, whatever the width; it was read as OpenAI's
     width // 64 (1 head for this 64-wide tower, far from open_clip's output; a narrower one was refused as "without
