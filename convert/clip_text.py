@@ -15,7 +15,9 @@ one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected k
 read off the tensors, the text tensors are checked against the model the config describes (its layers, whether
 it projects), so that a missing or extra one is named rather than read as another model.
 What the tensors cannot say (heads, activation, eps, pooling) comes from the checkpoint's config
-(transformers' config.json, open_clip's open_clip_config.json) or from the caller.
+(transformers' config.json, open_clip's open_clip_config.json) or from the caller, so the sizes read off the
+tensors must be the config's (its library's defaults where it is silent): another model's config is refused, naming
+the setting. A bare open_clip state dict has no config: nothing but its tensors says its sizes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 Weights: `model.safetensors` (read without torch) or `pytorch_model.bin` (torch.load with
 weights_only=True; torch must be installed), as the ViT path reads them (convert/sources.py). The
 architecture comes from config.json's `architectures`; others are refused by name. Strict: every tensor
-is consumed and every parameter filled, else `CheckpointMismatchError` naming the keys.
+is consumed and every parameter filled, of config.json's sizes (transformers' defaults where it is silent), else
+`CheckpointMismatchError` naming the keys, and the sizes config.json gives that the tensors have not.
 """
 
 from __future__ import annotations
