@@ -15,7 +15,9 @@ one of the scalars/buffers named in `_IGNORED`; anything else is an unexpected k
 read off the tensors, the text tensors are checked against the model the config describes (its layers, whether
 it projects), so that a missing or extra one is named rather than read as another model.
 What the tensors cannot say (heads, activation, eps, pooling) comes from the checkpoint's config
-(transformers' config.json, open_clip's open_clip_config.json) or from the caller.
+(transformers' config.json, open_clip's open_clip_config.json) or from the caller, so the sizes read off the
+tensors must be the config's (its library's defaults where it is silent): another model's config is refused, naming
+the setting. A bare open_clip state dict has no config: nothing but its tensors says its sizes.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import download, is_file_name, read_file, read_json
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes
 from convert.timm_vit import clean_state_dict
 from jaxvit.clip_text import CLIPText, CLIPTextConfig, TextTower
 from jaxvit.clip_tokenizer import CLIPTokenizer
+from jaxvit.config import is_real
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -43,9 +46,25 @@ _IGNORED = {"attn_mask", "logit_scale", "logit_bias", "text_model.embeddings.pos
 # open_clip text_cfg entries that change the computation beyond what CLIPText implements (refused when set).
 _REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mask", "qk_norm", "block_type",
                      "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+# What open_clip builds where open_clip_config.json's text_cfg leaves a setting out (its CLIPTextCfg's defaults), by
+# open_clip's names: what the tensors cannot say (heads, pooling, causal mask), and what they must agree with (a
+# text_cfg of another model would set another model's heads on these weights).
+_OPEN_CLIP_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0,
+                           pool_type="argmax", eos_id=2, no_causal_mask=False, proj_type="linear", proj_bias=False)
 _VISION_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "siglip_text_model": "siglip"}
+# What each family's config.json leaves out of its text tower when it equals transformers' default (save_pretrained
+# writes only what differs), by transformers' names: what the tensors cannot say (heads, eps, activation, eos), and
+# what they must agree with (a config.json of another model would set another model's heads on these weights).
+# CLIPModel's projection_dim is its own (CLIPConfig's, the same default); SigLIP's projection_size None: hidden_size.
+_HF_DEFAULTS = {
+    "clip": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 eos_token_id=49407, projection_dim=512),
+    "siglip": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                   layer_norm_eps=1e-6, eos_token_id=49407, projection_size=None)}
 
 
 # --- open_clip -------------------------------------------------------------------------------------------
@@ -70,20 +89,28 @@ def _open_clip_prefix(sd: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _open_clip_settings(text_cfg: Mapping[str, Any]):
+    """name -> text_cfg's setting, else open_clip's default."""
+    return lambda name: text_cfg.get(name, _OPEN_CLIP_DEFAULTS[name])
+
+
 def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any] | None = None,
                      embed_dim: int | None = None, quick_gelu: bool | None = None, heads: int | None = None,
                      name: str = "") -> CLIPTextConfig:
     """The text tower's config: sizes from the tensors; heads, activation, eps and pooling from open_clip's
     `text_cfg` (open_clip_config.json's model_cfg) or the arguments. `quick_gelu` must be said somewhere:
     the tensors of OpenAI's (QuickGELU) and LAION's (GELU) checkpoints look the same. `embed_dim`: model_cfg's;
-    given, the tensors must be exactly those of the model text_cfg describes (`_check_open_clip`)."""
+    given, the tensors must be exactly those of the model text_cfg describes (`_check_open_clip`), of its sizes
+    (width, vocab_size, context_length, mlp_ratio, embed_dim), open_clip's defaults where it is silent. Without it
+    (no open_clip_config.json) nothing says the sizes but the tensors: there is nothing to compare them with."""
     prefix = _open_clip_prefix(sd)
     if prefix is None:
         raise CheckpointMismatchError("no open_clip text tower: the checkpoint has no token_embedding.weight, "
                                       "positional_embedding, transformer.resblocks.* or ln_final.*")
     text_cfg = dict(text_cfg or {})
+    setting = _open_clip_settings(text_cfg)
     unsupported = {k: v for k, v in text_cfg.items() if k in _REFUSED_TEXT_CFG and v}
-    if text_cfg.get("proj_type", "linear") not in ("linear", "none"):
+    if setting("proj_type") not in ("linear", "none"):
         unsupported["proj_type"] = text_cfg["proj_type"]
     if unsupported:
         raise UnsupportedModelError(f"open_clip text_cfg {unsupported} is not supported; supported: CLIP's text "
@@ -100,17 +127,28 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
                          "from a folder with its open_clip_config.json)")
     act = "quick_gelu" if quick_gelu else ("gelu_tanh" if act_kwargs.get("approximate") == "tanh" else "gelu")
     proj = sd.get(prefix + "text_projection", sd.get(prefix + "text_projection.weight"))
-    pool = text_cfg.get("pool_type", "argmax")
+    pool = setting("pool_type")
     if pool not in ("argmax", "eos", "last"):
         raise UnsupportedModelError(f"open_clip text pool_type {pool!r} is not supported; supported: argmax, eos, last")
+    context = int(sd[prefix + "positional_embedding"].shape[0])
+    mlp = int(sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    embed = 0 if proj is None else int(proj.shape[1] if proj.ndim == 2 and prefix + "text_projection" in sd
+                                       else proj.shape[0])
+    if embed_dim is not None:  # open_clip_config.json's model, whose heads, eps and activation these weights get
+        said, ratio = setting("width"), setting("mlp_ratio")
+        sizes = [("width", said, width), ("vocab_size", setting("vocab_size"), vocab),
+                 ("context_length", setting("context_length"), context),
+                 ("MLP width (width * mlp_ratio)", int(said * ratio) if is_real(said) and is_real(ratio) else None,
+                  mlp)] + ([("embed_dim", embed_dim, embed)] if embed else [])
+        if wrong := other_sizes(sizes, "open_clip_config.json"):
+            raise CheckpointMismatchError(f"{name or 'the checkpoint'} does not match its open_clip_config.json: "
+                                          f"{wrong}")
+    # open_clip builds text_cfg's heads (8 where it is silent); without a config, OpenAI's rule, 64 wide each
+    heads = heads or (setting("heads") if embed_dim is not None else text_cfg.get("heads") or _openai_heads(width))
     return CLIPTextConfig(
-        vocab_size=int(vocab), context_length=int(sd[prefix + "positional_embedding"].shape[0]), width=int(width),
-        heads=int(heads or text_cfg.get("heads") or _openai_heads(width)), layers=layers,
-        mlp_dim=int(sd[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-        embed_dim=0 if proj is None else int(proj.shape[1] if proj.ndim == 2 and prefix + "text_projection" in sd
-                                             else proj.shape[0]),
-        act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
-        causal=not text_cfg.get("no_causal_mask", False), pool=pool, eos_token_id=int(text_cfg.get("eos_id", 2)),
+        vocab_size=int(vocab), context_length=context, width=int(width), heads=int(heads), layers=layers, mlp_dim=mlp,
+        embed_dim=embed, act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        causal=not setting("no_causal_mask"), pool=pool, eos_token_id=int(setting("eos_id")),
         proj_bias=prefix + "text_projection.bias" in sd, name=name)
 
 
@@ -124,14 +162,15 @@ def _check_open_clip(sd: Mapping[str, np.ndarray], prefix: str, text_cfg: Mappin
     blocks = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
     found = {int(m.group(1)) for k in sd if (m := blocks.match(k))}
     configured = embed_dim is not None
-    depth = text_cfg.get("layers", 12) if configured else max(found, default=0) + 1
+    setting = _open_clip_settings(text_cfg)
+    depth = setting("layers") if configured else max(found, default=0) + 1
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"open_clip_config.json: text_cfg's layers must be a positive integer; got {depth!r}")
     if configured and (not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 0):
         raise ValueError(f"open_clip_config.json: embed_dim must be a non-negative integer; got {embed_dim!r}")
     linear = ["text_projection.weight", "text_projection.bias"]  # open_clip makes it a Linear only with a bias
     if configured:
-        projects, bias = embed_dim > 0 and text_cfg.get("proj_type", "linear") != "none", text_cfg.get("proj_bias")
+        projects, bias = embed_dim > 0 and setting("proj_type") != "none", setting("proj_bias")
     else:  # nothing but the file says whether the model projects, nor which of open_clip's two forms it has
         bias = any(prefix + k in sd for k in linear)
         projects = bias or prefix + "text_projection" in sd
@@ -237,6 +276,18 @@ def _hf_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return text
 
 
+def _hf_settings(config: Mapping[str, Any]):
+    """name -> the text tower's setting in config.json (`_hf_text_config`), else transformers' default."""
+    family, text = hf_family(config), _hf_text_config(config)
+    return lambda name: text.get(name, _HF_DEFAULTS[family][name])
+
+
+def _hf_class(config: Mapping[str, Any]) -> str | None:
+    """The class config.json names (its one architecture), if any."""
+    archs = config.get("architectures")
+    return archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
+
+
 def _hf_prefix(sd: Mapping[str, Any]) -> str | None:
     """The prefix of a transformers text tower's tensors: `text_model.`, or none ("") where transformers 5 saved
     CLIPTextModel / SiglipTextModel without it; None where the state dict holds no such tower."""
@@ -259,12 +310,10 @@ def _check_hf_class(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, 
     Called before `hf_config` reads the sizes off the tensors, which takes a missing projection for a class
     without one and counts a missing or extra layer into the depth."""
     family = hf_family(config)
-    text = _hf_text_config(config)
-    depth = text.get("num_hidden_layers", 12)  # transformers' default: config.json writes what differs from it
+    depth = _hf_settings(config)("num_hidden_layers")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"config.json: num_hidden_layers must be a positive integer; got {depth!r}")
-    archs = config.get("architectures")
-    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
+    arch = _hf_class(config)
     required = [prefix + k for k in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
                                      "final_layer_norm.weight", "final_layer_norm.bias")]
     required += [f"{prefix}encoder.layers.{i}.{t}.{p}" for i in range(depth) for t in _HF_LAYER
@@ -291,24 +340,37 @@ def _check_hf_class(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, 
 
 def hf_config(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, prefix: str = "text_model.",
               name: str = "") -> CLIPTextConfig:
-    """Sizes from the tensors (`_check_hf_class` first: the tensors of its class), the rest from config.json,
-    with transformers' defaults for what it leaves out. `prefix`: the text tower's (`_hf_prefix`)."""
+    """Sizes from the tensors (`_check_hf_class` first: the tensors of its class), which must be config.json's,
+    the rest from config.json, with transformers' defaults for what it leaves out. `prefix`: the text tower's
+    (`_hf_prefix`)."""
     family = hf_family(config)
-    text = _hf_text_config(config)
+    setting = _hf_settings(config)
     vocab, width = sd[prefix + "embeddings.token_embedding.weight"].shape
     layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))})
-    hidden_act = text.get("hidden_act", "quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
+    hidden_act = setting("hidden_act")
     if hidden_act not in _HF_ACTS:
         raise UnsupportedModelError(f"config.json: hidden_act {hidden_act!r} is not supported; supported: "
                                     f"{', '.join(_HF_ACTS)}")
     proj = sd.get("text_projection.weight", sd.get(prefix + "head.weight"))
-    eos = text.get("eos_token_id", 49407 if family == "clip" else 1)
+    context = int(sd[prefix + "embeddings.position_embedding.weight"].shape[0])
+    mlp = int(sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0])
+    embed = 0 if proj is None else int(proj.shape[0])
+    sizes = [(k, setting(k), got) for k, got in (("hidden_size", width), ("intermediate_size", mlp),
+                                                 ("vocab_size", vocab), ("max_position_embeddings", context))]
+    # A CLIPModel projects into its own projection_dim (its text_config's is unused), SigLIP's head into
+    # projection_size.
+    if embed:
+        sizes.append(("projection_dim", config.get("projection_dim", _HF_DEFAULTS["clip"]["projection_dim"]), embed)
+                     if family == "clip" else ("projection_size", setting("projection_size") or setting("hidden_size"),
+                                               embed))
+    if wrong := other_sizes(sizes):
+        raise CheckpointMismatchError(f"{name or 'the checkpoint'} does not match its config.json "
+                                      f"({_hf_class(config) or config.get('model_type')}): {wrong}")
+    eos = setting("eos_token_id")
     return CLIPTextConfig(
-        vocab_size=int(vocab), context_length=int(sd[prefix + "embeddings.position_embedding.weight"].shape[0]),
-        width=int(width), heads=int(text.get("num_attention_heads", 8 if family == "clip" else 12)), layers=layers,
-        mlp_dim=int(sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        embed_dim=0 if proj is None else int(proj.shape[0]), act=_HF_ACTS[hidden_act],
-        eps=float(text.get("layer_norm_eps", 1e-5 if family == "clip" else 1e-6)), causal=family == "clip",
+        vocab_size=int(vocab), context_length=context, width=int(width), heads=int(setting("num_attention_heads")),
+        layers=layers, mlp_dim=mlp, embed_dim=embed, act=_HF_ACTS[hidden_act],
+        eps=float(setting("layer_norm_eps")), causal=family == "clip",
         # transformers' CLIP pools at argmax(ids) when eos_token_id is the legacy 2, else at the first eos.
         pool=("argmax" if eos == 2 else "eos") if family == "clip" else "last", eos_token_id=int(eos),
         proj_bias=prefix + "head.bias" in sd, name=name)

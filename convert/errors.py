@@ -4,7 +4,7 @@ the same way (missing / unexpected / wrong shapes), whatever the file."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 
 class CheckpointMismatchError(ValueError):
@@ -23,6 +23,16 @@ def key_mismatch(what: str, *, missing=(), unexpected=(), misshapen=(), advice: 
     parts = [f"{label} {some(keys)}" for label, keys in ((f"missing {noun}", missing), (f"unexpected {noun}", unexpected),
                                                         ("wrong shapes", misshapen)) if keys]
     return CheckpointMismatchError(f"{what}: " + "; ".join(parts) + (f". {advice}" if advice else ""))
+
+
+def other_sizes(sizes: Iterable[tuple[str, Any, Any]], config: str = "config.json") -> str:
+    """What a reader says of tensors of other sizes than their config file's: each (setting, the config's value,
+    the tensors' value) that differs (a config value of None, which says nothing, is not compared), then why it
+    matters; "" where all agree."""
+    wrong = [f"{name} {want} in {config}, {got} in the tensors" for name, want, got in sizes
+             if want is not None and want != got]
+    return "; ".join(wrong) + (f". Is {config} another model's? Its heads, eps and activation would be applied to "
+                               "these weights" if wrong else "")
 
 
 class UnsupportedModelError(ValueError):

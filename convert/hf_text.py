@@ -7,7 +7,8 @@
 Weights: `model.safetensors` (read without torch) or `pytorch_model.bin` (torch.load with
 weights_only=True; torch must be installed), as the ViT path reads them (convert/sources.py). The
 architecture comes from config.json's `architectures`; others are refused by name. Strict: every tensor
-is consumed and every parameter filled, else `CheckpointMismatchError` naming the keys.
+is consumed and every parameter filled, of config.json's sizes (transformers' defaults where it is silent), else
+`CheckpointMismatchError` naming the keys, and the sizes config.json gives that the tensors have not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.sources import WEIGHT_FILES, download, read_file, read_json
-from convert.errors import key_mismatch
+from convert.errors import key_mismatch, other_sizes
 from jaxvit.text import TextConfig, TextEncoder, init_params
 from jaxvit.tokenizer import TOKENIZER_FILES, TextTokenizer
 
@@ -67,6 +68,20 @@ def tensor_names(config: TextConfig) -> dict[str, str]:
     return out
 
 
+# The config.json size along each axis of a parameter (flax's layout; a bias has its kernel's last), by BERT's names;
+# every other parameter's are hidden_size. DistilBERT names two of them its own way.
+_AXES = {"word": ("vocab_size", "hidden_size"), "position": ("max_position_embeddings", "hidden_size"),
+         "token_type": ("type_vocab_size", "hidden_size"), "ffn_in": ("hidden_size", "intermediate_size"),
+         "ffn_out": ("intermediate_size", "hidden_size"), "head_out": ("hidden_size", "num_labels")}
+_DISTILBERT_NAMES = {"hidden_size": "dim", "intermediate_size": "hidden_dim"}
+
+
+def _said(config: TextConfig, size: str) -> tuple[str, int]:
+    """(config.json's name of a size of `_AXES`, its value)."""
+    value = config.num_classes if size == "num_labels" else getattr(config, size)
+    return (_DISTILBERT_NAMES.get(size, size) if config.family == "distilbert" else size), value
+
+
 # TF-era LayerNorm names, which transformers renames on load: the file's suffix -> transformers'.
 _TF_NORM = {".gamma": ".weight", ".beta": ".bias"}
 
@@ -89,6 +104,7 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig
     shapes = jax.eval_shape(lambda: init_params(config))
     params: dict[str, Any] = {}
     used, missing, misshapen = set(), [], []
+    sizes: dict[str, int] = {}  # a config.json size -> the first other one a misshapen tensor has
     for path, prefix in tensor_names(config).items():
         node = shapes
         for part in path.split("/"):
@@ -105,7 +121,12 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig
             if leaf == "kernel":
                 value = value.T  # torch Linear (out, in) -> flax (in, out)
             if value.shape != spec.shape:
-                misshapen.append(f"{spelt[key]} {tuple(np.shape(sd[key]))} (the config wants {spec.shape})")
+                want = spec.shape[::-1] if leaf == "kernel" else spec.shape  # in the file's layout, as its shape
+                misshapen.append(f"{spelt[key]} {tuple(np.shape(sd[key]))} (the config wants {want})")
+                axes = _AXES.get(path.split("/")[-1], ("hidden_size",) * 2)[-value.ndim:] \
+                    if value.ndim == len(spec.shape) else ()
+                sizes.update({size: got for size, got, want in zip(axes, value.shape, spec.shape)
+                              if got != want and size not in sizes})
                 continue
             leaves[leaf] = np.asarray(value, np.float32)
         target = params
@@ -114,8 +135,11 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: TextConfig
         target[path.split("/")[-1]] = leaves
     unexpected = [spelt[k] for k in sd if k not in used and not _IGNORED.search(k)]
     if missing or unexpected or misshapen:
+        # A size config.json gives that the tensors have not: the setting is named, as config.json may be another
+        # model's (whose heads, eps and activation these weights would be given).
         raise key_mismatch(f"{where} does not match a {config.architecture} of its config.json", missing=missing,
-                           unexpected=unexpected, misshapen=misshapen)
+                           unexpected=unexpected, misshapen=misshapen,
+                           advice=other_sizes((*_said(config, size), got) for size, got in sizes.items()))
     return params
 
 

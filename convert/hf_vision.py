@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, sibling_name
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes, sibling_name
 from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
@@ -397,13 +397,11 @@ def _check_sizes(cfg: ViTConfig, setting, what: str) -> None:
     if mlp is None and is_real(setting("mlp_ratio")) and is_real(hidden):  # DINOv2: int(hidden_size * mlp_ratio)
         mlp = int(hidden * setting("mlp_ratio"))
     grid = image // patch if isinstance(image, int) and isinstance(patch, int) and patch > 0 else None
-    wrong = [f"{name} {want} in config.json, {got} in the tensors" for name, want, got in (
-        ("hidden_size", hidden, cfg.embed_dim), ("intermediate size", mlp, cfg.mlp_dim), ("patch_size", patch, cfg.patch_size),
-        ("patch grid (image_size / patch_size)", grid, cfg.img_size[0] // cfg.patch_size)) if want is not None and want != got]
+    wrong = other_sizes((("hidden_size", hidden, cfg.embed_dim), ("intermediate size", mlp, cfg.mlp_dim),
+                         ("patch_size", patch, cfg.patch_size),
+                         ("patch grid (image_size / patch_size)", grid, cfg.img_size[0] // cfg.patch_size)))
     if wrong:
-        raise CheckpointMismatchError(f"checkpoint does not match its config.json ({what}): " + "; ".join(wrong)
-                                      + ". Is config.json another model's? Its heads, eps and activation would be "
-                                        "applied to these weights")
+        raise CheckpointMismatchError(f"checkpoint does not match its config.json ({what}): {wrong}")
 
 
 def _label_names(config: Mapping[str, Any], n: int) -> tuple[str, ...] | None:

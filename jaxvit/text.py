@@ -45,6 +45,14 @@ ACTIVATIONS = {
     "swish": nn.silu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
+# What each family's config.json leaves out when it equals transformers' default (save_pretrained writes only what
+# differs from the config class's), by transformers' names; the tensors must have the sizes it gives.
+_BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+                      layer_norm_eps=1e-12, pad_token_id=0, num_labels=2)
+HF_DEFAULTS = {"bert": _BERT_DEFAULTS, "roberta": dict(_BERT_DEFAULTS, vocab_size=50265, pad_token_id=1),
+               "distilbert": dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072,
+                                  activation="gelu", max_position_embeddings=512, pad_token_id=0, num_labels=2)}
 # The classification head of each family: its hidden layer's activation (nu = out(act(dense(t)))).
 HEAD_ACTIVATIONS = {"bert": jnp.tanh, "roberta": jnp.tanh, "distilbert": nn.relu}
 
@@ -131,30 +139,30 @@ class TextConfig:
         if pos_type != "absolute":
             raise UnsupportedArchitectureError(f"position_embedding_type {pos_type!r} is not supported (only "
                                                "'absolute' position embeddings)")
-        if family == "distilbert":
-            sizes = dict(hidden_size=hf.get("dim", 768), num_layers=hf.get("n_layers", 6), num_heads=hf.get("n_heads", 12),
-                         intermediate_size=hf.get("hidden_dim", 3072), type_vocab_size=0, layer_norm_eps=1e-12,
-                         hidden_act=hf.get("activation", "gelu"))
+        said = lambda name: hf.get(name, HF_DEFAULTS[family][name])  # noqa: E731
+        if family == "distilbert":  # its own names; no token types, its LayerNorm eps fixed by transformers' code
+            sizes = dict(hidden_size=said("dim"), num_layers=said("n_layers"), num_heads=said("n_heads"),
+                         intermediate_size=said("hidden_dim"), type_vocab_size=0, layer_norm_eps=1e-12,
+                         hidden_act=said("activation"))
         else:
-            sizes = dict(hidden_size=hf.get("hidden_size", 768), num_layers=hf.get("num_hidden_layers", 12),
-                         num_heads=hf.get("num_attention_heads", 12),
-                         intermediate_size=hf.get("intermediate_size", 3072),
-                         type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                         hidden_act=hf.get("hidden_act", "gelu"))
+            sizes = dict(hidden_size=said("hidden_size"), num_layers=said("num_hidden_layers"),
+                         num_heads=said("num_attention_heads"), intermediate_size=said("intermediate_size"),
+                         type_vocab_size=said("type_vocab_size"), layer_norm_eps=said("layer_norm_eps"),
+                         hidden_act=said("hidden_act"))
         eps = sizes["layer_norm_eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"layer_norm_eps must be a small positive number; got {eps!r}")
         sizes["layer_norm_eps"] = float(eps)
-        return cls(architecture=arch, vocab_size=hf.get("vocab_size"),
-                   max_position_embeddings=hf.get("max_position_embeddings", 512),
-                   pad_token_id=hf.get("pad_token_id", 1 if family == "roberta" else 0),
-                   labels=_labels(hf), **sizes)
+        return cls(architecture=arch, vocab_size=said("vocab_size"),
+                   max_position_embeddings=said("max_position_embeddings"), pad_token_id=said("pad_token_id"),
+                   labels=_labels(hf, HF_DEFAULTS[family]["num_labels"]), **sizes)
 
 
-def _labels(hf: dict) -> tuple[str, ...]:
-    """Class names in index order: id2label when it names every class, else LABEL_i, as transformers."""
+def _labels(hf: dict, default: int) -> tuple[str, ...]:
+    """Class names in index order: id2label when it names every class, else LABEL_i, as transformers
+    (`default`: transformers' num_labels, where config.json says neither)."""
     id2label = hf.get("id2label")
-    n = hf.get("num_labels", len(id2label) if isinstance(id2label, dict) and id2label else 2)
+    n = hf.get("num_labels", len(id2label) if isinstance(id2label, dict) and id2label else default)
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ConfigError(f"num_labels must be a positive integer; got {n!r}")
     if isinstance(id2label, dict) and id2label:

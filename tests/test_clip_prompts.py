@@ -48,7 +48,8 @@ def clip_dir(tmp_path_factory):
     tparams = jax.tree_util.tree_map_with_path(_draw(0), shapes)
     save_file(export_open_clip(tparams, tcfg), str(root / "open_clip_model.safetensors"))
     (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": EMBED, "quick_gelu": True,
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}}))
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                     "mlp_ratio": 2}}}))
     vcfg = ViTConfig(name="tiny-clip", img_size=(32, 32), patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=64,
                      num_classes=EMBED, crop_pct=1.0, pre_norm=True, patch_bias=False, norm_eps=1e-5)
     vparams = jax.tree_util.tree_map_with_path(_draw(1), param_shapes(vcfg))

@@ -9,6 +9,7 @@ causal mask, the other GELU or a dropped bias moves the features by 1e-2 or more
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -221,6 +222,69 @@ def test_an_open_clip_text_block_more_or_fewer_than_config_is_named(kind, tmp_pa
         _load_open_clip(sd, config, tmp_path / "ckpt")
 
 
+def test_open_clip_defaults_for_what_text_cfg_leaves_out_are_open_clips():
+    """open_clip builds what text_cfg leaves out with its CLIPTextCfg's defaults, so clip_text's table of them must be
+    open_clip's own: each entry against the dataclass's default (the reference)."""
+    import dataclasses
+
+    open_clip = pytest.importorskip("open_clip")
+    from convert.clip_text import _OPEN_CLIP_DEFAULTS
+
+    theirs = {f.name: f.default for f in dataclasses.fields(open_clip.model.CLIPTextCfg)}
+    for name, ours in _OPEN_CLIP_DEFAULTS.items():
+        assert theirs.get(name, dataclasses.MISSING) == ours, name
+
+
+@pytest.mark.parametrize("kind", OPEN_CLIP_KINDS)
+def test_an_open_clip_config_of_other_sizes_is_refused(kind, tmp_path):
+    """open_clip_config.json gives the text tower its heads, eps and activation, so one whose sizes (text_cfg's width,
+    vocab_size, context_length, mlp_ratio; model_cfg's embed_dim) the tensors have not is refused naming the setting,
+    its value and the tensors': it may be another model's. Before, the sizes were read off the tensors and the
+    config's never compared: each loaded, with the other model's heads. A size text_cfg leaves out is open_clip's
+    default (width 512 here). Without open_clip_config.json nothing says the sizes but the tensors: nothing to
+    compare, the tower loads."""
+    sd, config = _saved_open_clip(kind)
+    if config is None:
+        assert _load_open_clip(sd, None, None)[0].config.width == 32
+        return
+    text_cfg = config["model_cfg"]["text_cfg"]  # width 32, vocab_size 300, context_length 16, open_clip's mlp_ratio 4
+    named = {"width": "width 64 in open_clip_config.json, 32 in the tensors",
+             "vocab_size": "vocab_size 600 in open_clip_config.json, 300 in the tensors",
+             "context_length": "context_length 32 in open_clip_config.json, 16 in the tensors",
+             "mlp_ratio": r"MLP width \(width \* mlp_ratio\) 256 in open_clip_config.json, 128 in the tensors",
+             "embed_dim": f"embed_dim {2 * config['model_cfg']['embed_dim']} in open_clip_config.json, "
+                          f"{config['model_cfg']['embed_dim']} in the tensors"}
+    for setting, message in named.items():
+        edited = json.loads(json.dumps(config))
+        cfg = edited["model_cfg"] if setting == "embed_dim" else edited["model_cfg"]["text_cfg"]
+        cfg[setting] = 2 * cfg.get(setting, 4)
+        with pytest.raises(CheckpointMismatchError, match=rf"does not match its open_clip_config.json: (.*; )?{message}"
+                                                          r"[.;].*Is open_clip_config.json another model's\?"):
+            _load_open_clip(sd, edited, tmp_path / "ckpt")
+    del text_cfg["width"]
+    with pytest.raises(CheckpointMismatchError, match="width 512 in open_clip_config.json, 32 in the tensors"):
+        _load_open_clip(sd, config, tmp_path / "ckpt")
+
+
+def test_open_clip_heads_text_cfg_leaves_out_are_open_clips_default(tmp_path):
+    """A text_cfg without heads is built by open_clip with CLIPTextCfg's 8, whatever the width; it was read as OpenAI's
+    width // 64 (1 head for this 64-wide tower, far from open_clip's output; a narrower one was refused as "without
+    its open_clip_config.json", which it had)."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    text_cfg = {"context_length": 8, "vocab_size": 100, "width": 64, "layers": 1}
+    tower = open_clip.model._build_text_tower(16, open_clip.model.CLIPTextCfg(**text_cfg))
+    _randomize(tower.eval(), torch, seed=2)
+    folder = _safetensors_dir(tmp_path, tower.state_dict(), "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, "text_cfg": text_cfg}}))
+    ids = _ids(np.random.RandomState(2), 100, 3, 8, eot=99)
+    with torch.no_grad():
+        want = tower(torch.as_tensor(ids)).numpy()
+    jmodel, params, _ = load_clip_text(folder, tokenizer=False)
+    assert jmodel.config.heads == 8 == tower.transformer.resblocks[0].attn.num_heads
+    assert np.abs(np.asarray(jmodel.apply({"params": params}, ids).features) - want).max() <= TOL
+
+
 # --- transformers ------------------------------------------------------------------------------------------
 
 def _hf_text_config(**kw):
@@ -409,6 +473,77 @@ def test_a_transformers_text_layer_more_or_fewer_than_config_is_named(name, tmp_
         save_file({**sd, "text_projection.weight": np.zeros((24, 32), np.float32)}, str(folder / "model.safetensors"))
         with pytest.raises(CheckpointMismatchError, match=r"2 layers\): unexpected keys \['text_projection.weight'\]"):
             load_clip_text(folder, tokenizer=False)
+
+
+def test_transformers_defaults_for_what_config_json_leaves_out_are_transformers():
+    """save_pretrained leaves out what equals the config class's default, so clip_text's table of them must be
+    transformers' own: each entry against a default-constructed text config of its family (the reference); a
+    CLIPModel's projection_dim is CLIPConfig's, and SigLIP's projection_size left out is its hidden_size."""
+    transformers = pytest.importorskip("transformers")
+    from convert.clip_text import _HF_DEFAULTS
+
+    classes = {"clip": transformers.CLIPTextConfig, "siglip": transformers.SiglipTextConfig}
+    assert set(classes) == set(_HF_DEFAULTS)
+    for family, cls in classes.items():
+        theirs = cls()
+        for name, ours in _HF_DEFAULTS[family].items():
+            want = theirs.hidden_size if (family, name, ours) == ("siglip", "projection_size", None) else ours
+            assert getattr(theirs, name, None) == want, (family, name)
+    assert transformers.CLIPConfig().projection_dim == _HF_DEFAULTS["clip"]["projection_dim"]
+
+
+@pytest.mark.parametrize("name", HF_CLASSES)
+def test_a_transformers_config_json_of_other_sizes_is_refused(name, tmp_path):
+    """config.json gives the text tower its heads, eps and activation, so one whose sizes (width, MLP, vocabulary,
+    positions, projection) the tensors have not is refused naming the setting, its value and the tensors': it may
+    be another model's. Before, the sizes were read off the tensors and config.json's were never compared: each
+    loaded, with the other model's heads. A CLIPModel's projection is its own projection_dim, not its
+    text_config's (which transformers does not read either)."""
+    sd, config = _saved_hf(name, tmp_path / "saved")
+    text = "text_config" if "text_config" in config else None
+    sizes = ["hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings"]
+    sizes += {"CLIPModel": ["projection_dim"], "CLIPTextModelWithProjection": ["projection_dim"]}.get(name, [])
+    sizes += ["projection_size"] if name.startswith("Siglip") else []
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tmp_path / "saved", folder)
+    for setting in sizes:
+        top = setting == "projection_dim" or text is None  # CLIPModel's projection_dim is the model's own
+        have = (config if top else config[text])[setting]
+        other = json.loads(json.dumps(config))
+        (other if top else other[text])[setting] = 2 * have
+        (folder / "config.json").write_text(json.dumps(other))
+        with pytest.raises(CheckpointMismatchError, match=rf"does not match its config.json \({name}\): {setting} "
+                                                          rf"{2 * have} in config.json, {have} in the tensors\. "
+                                                          r"Is config.json another model's\?"):
+            load_clip_text(folder, tokenizer=False)
+    if name == "CLIPModel":  # its text_config's projection_dim is no size of the model
+        config["text_config"]["projection_dim"] = 7
+        (folder / "config.json").write_text(json.dumps(config))
+        assert load_clip_text(folder, tokenizer=False)[0].config.embed_dim == 24
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipTextModel"])
+def test_a_transformers_size_config_json_leaves_out_is_transformers_default(name, tmp_path):
+    """A size config.json leaves out is its class's default (save_pretrained writes only what differs from it):
+    position embeddings of transformers' default count (CLIP 77, SigLIP 64) load without max_position_embeddings,
+    others are refused naming the default. Before, any count loaded."""
+    from safetensors.numpy import save_file
+
+    from convert.clip_text import _HF_DEFAULTS
+
+    sd, config = _saved_hf(name, tmp_path / "saved")
+    text = config.get("text_config", config)
+    del text["max_position_embeddings"]
+    default = _HF_DEFAULTS["siglip" if name.startswith("Siglip") else "clip"]["max_position_embeddings"]
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tmp_path / "saved", folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match=rf"max_position_embeddings {default} in config.json, 16 in "
+                                                      "the tensors"):
+        load_clip_text(folder, tokenizer=False)
+    key = next(k for k in sd if k.endswith("position_embedding.weight") and not k.startswith("vision_model."))
+    save_file({**sd, key: np.zeros((default, sd[key].shape[1]), np.float32)}, str(folder / "model.safetensors"))
+    assert load_clip_text(folder, tokenizer=False)[0].config.context_length == default
 
 
 def _clip_tokenizer_fast(tmp_path, transformers, open_clip):

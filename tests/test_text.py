@@ -461,6 +461,75 @@ def test_a_layer_more_or_fewer_than_config_is_named(checkpoint, tmp_path):
         load_text(folder)
 
 
+def test_defaults_for_what_config_json_leaves_out_are_transformers():
+    """save_pretrained leaves out what equals the config class's default, so the table of them TextConfig.from_hf
+    reads must be transformers' own: each entry against a default-constructed config of its family (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    from jaxvit.text import HF_DEFAULTS
+
+    classes = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+               "distilbert": transformers.DistilBertConfig}
+    assert set(classes) == set(HF_DEFAULTS)
+    for family, cls in classes.items():
+        theirs = cls()
+        for name, ours in HF_DEFAULTS[family].items():
+            assert getattr(theirs, name, None) == ours, (family, name)
+
+
+def test_a_config_json_of_other_sizes_is_refused_naming_the_setting(checkpoint, tmp_path):
+    """config.json gives the weights their heads, eps and activation, so one whose sizes (width, MLP, vocabulary,
+    positions, token types, classes) the tensors have not is refused naming the setting, its value and the
+    tensors': it may be another model's. Before, the refusal listed the misshapen tensors alone (up to 12 of them)."""
+    from safetensors.numpy import load_file
+
+    hf = json.loads((checkpoint / "config.json").read_text())
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    distilbert = hf["model_type"] == "distilbert"
+    sizes = {"vocab_size": next(v.shape[0] for k, v in sd.items() if k.endswith("word_embeddings.weight")),
+             "num_labels": len(LABELS), "max_position_embeddings": hf["max_position_embeddings"],
+             **{k: hf[k] for k in (("dim", "hidden_dim") if distilbert else
+                                   ("hidden_size", "intermediate_size", "type_vocab_size"))}}
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    for name, have in sizes.items():
+        edited = dict(hf, **{name: 2 * have})
+        if name == "num_labels":  # id2label names the classes, num_labels counts them: both say twice as many
+            edited["id2label"] = {str(i): f"c{i}" for i in range(2 * have)}
+        (folder / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointMismatchError, match=rf"does not match a \w+ of its config.json: wrong shapes .*"
+                                                          rf"\. {name} {2 * have} in config.json, {have} in the tensors\. "
+                                                          r"Is config.json another model's\?"):
+            load_text(folder)
+    # each misshapen tensor is named with the shape config.json wants in the file's layout (torch's (out, in))
+    ffn = "hidden_dim" if distilbert else "intermediate_size"
+    (folder / "config.json").write_text(json.dumps(dict(hf, **{ffn: 2 * sizes[ffn]})))
+    fc = next(k for k, v in sd.items() if re.search(r"\.0\.(intermediate\.dense|ffn\.lin1)\.weight$", k))
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"'{fc} {sd[fc].shape} (the config wants "
+                                                                f"{(2 * sizes[ffn], sd[fc].shape[1])})'")):
+        load_text(folder)
+
+
+def test_a_size_config_json_leaves_out_is_transformers_default(checkpoint, tmp_path):
+    """A size config.json leaves out is its class's default (save_pretrained writes only what differs from it):
+    a vocabulary of transformers' default size loads without vocab_size; another is refused naming the default.
+    Before, a config.json without vocab_size was refused as "vocab_size must be a positive integer; got None"."""
+    from safetensors.numpy import load_file, save_file
+    from jaxvit.text import HF_DEFAULTS
+
+    hf = json.loads((checkpoint / "config.json").read_text())
+    default = HF_DEFAULTS[hf["model_type"]]["vocab_size"]
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    word = next(k for k in sd if k.endswith("word_embeddings.weight"))
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if k != "vocab_size"}))
+    with pytest.raises(CheckpointMismatchError, match=rf"vocab_size {default} in config.json, {sd[word].shape[0]} "
+                                                      r"in the tensors\. Is config.json another model's\?"):
+        load_text(folder)
+    save_file({**sd, word: np.zeros((default, sd[word].shape[1]), np.float32)}, str(folder / "model.safetensors"))
+    assert load_text(folder)[0].config.vocab_size == default
+
+
 def test_pytorch_model_bin_with_and_without_torch(checkpoint, loaded, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
