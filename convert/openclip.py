@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch
+from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes
 from convert.timm_vit import infer_config
 from jaxvit.config import ConfigError, ViTConfig, is_real
 
@@ -185,10 +185,12 @@ def config_of(state_dict: Mapping[str, np.ndarray], settings: Mapping[str, Any],
                        crop_mode="center" if mode == "shortest" else "squash")
 
 
-def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.ndarray], model_cfg: Mapping[str, Any]):
+def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.ndarray], model_cfg: Mapping[str, Any],
+                  source: str = "open_clip_config.json"):
     """Refuses an image tower without every tensor its vision_cfg gives it, or with blocks beyond its `layers`,
     naming the keys as the file does. First: the sizes and options are read off the tensors, which would take a
-    missing one for an option the model lacks (no projection, no bias, fewer blocks) and load another model."""
+    missing one for an option the model lacks (no projection, no bias, fewer blocks) and load another model. Then
+    refuses tensors of other sizes than the config's (`source`: where it came from, for the message)."""
     vision = model_cfg.get("vision_cfg") or {}
     setting = lambda name: vision.get(name, VISION_DEFAULTS[name])  # noqa: E731
     depth = setting("layers")
@@ -213,18 +215,16 @@ def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.nda
     got_width = timm_sd["blocks.0.attn.qkv.weight"].shape[1]
     got_patch = timm_sd["patch_embed.proj.weight"].shape[-1]
     rows = timm_sd["pos_embed"].shape[1] - 1
-    wrong = [f"{name} {want} in the config, {got} in the tensors" for name, want, got in (
+    wrong = other_sizes((
         ("width", width, got_width), ("MLP width (width x mlp_ratio)",
                                       int(width * ratio) if isinstance(width, int) and is_real(ratio) else None,
                                       timm_sd["blocks.0.mlp.fc1.weight"].shape[0]),
         ("patch_size", patch, got_patch),
         ("patch grid (image_size / patch_size)", image // patch if isinstance(image, int) and isinstance(patch, int)
          and patch > 0 else None, round(rows ** 0.5)),
-        ("embed_dim", model_cfg.get("embed_dim"), timm_sd["head.weight"].shape[0])) if want is not None and want != got]
+        ("embed_dim", model_cfg.get("embed_dim"), timm_sd["head.weight"].shape[0])), source)
     if wrong:
-        raise CheckpointMismatchError("open_clip image tower does not match its model config: " + "; ".join(wrong)
-                                      + ". Is the config another model's? Its heads and activation would be applied "
-                                        "to these weights")
+        raise CheckpointMismatchError(f"open_clip image tower does not match its model config: {wrong}")
 
 
 def load_state(state_dict: Mapping[str, np.ndarray], open_clip_config: Mapping[str, Any] | None, *, name: str = "",
@@ -235,7 +235,8 @@ def load_state(state_dict: Mapping[str, np.ndarray], open_clip_config: Mapping[s
     settings = vision_settings(model_cfg)
     visual, _text = split_towers(state_dict)
     sd = to_timm(visual, fc_norm=settings["fc_norm"])
-    check_tensors(sd, visual, model_cfg)
+    check_tensors(sd, visual, model_cfg, "open_clip_config.json" if open_clip_config is not None
+                  else f"open_clip's {model_name} config")
     pre = (open_clip_config or {}).get("preprocess_cfg")
     config = config_of(sd, settings, name=model_name or name, preprocess_cfg=pre if isinstance(pre, Mapping) else None,
                        num_heads=num_heads)

@@ -71,7 +71,8 @@ def open_clip_folder(tmp_path_factory):
     save_file(sd, str(root / "open_clip_model.safetensors"))
     (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
         "embed_dim": EMBED, "quick_gelu": True,
-        "vision_cfg": {"image_size": SIZE, "layers": DEPTH, "width": WIDTH, "patch_size": PATCH, "head_width": 16},
+        "vision_cfg": {"image_size": SIZE, "layers": DEPTH, "width": WIDTH, "patch_size": PATCH, "head_width": 16,
+                       "mlp_ratio": 64 / WIDTH},
         "text_cfg": {"context_length": CTX, "vocab_size": VOCAB, "width": WIDTH, "heads": 2, "layers": 2,
                      "mlp_ratio": 64 / WIDTH}}}))
     return root

@@ -177,12 +177,12 @@ def test_a_model_config_of_other_sizes_is_refused(tmp_path):
     model_cfg = _model_cfg()
     oc = _random_clip(model_cfg)
     path = _save(oc, model_cfg, tmp_path / "oc")
-    for i, (change, named) in enumerate(((dict(width=64), "width 64 in the config, 32 in the tensors"),
-                                         (dict(mlp_ratio=2.0), r"MLP width \(width x mlp_ratio\) 64 in the config, 128"),
-                                         (dict(patch_size=4), "patch_size 4 in the config, 8"),
-                                         (dict(image_size=64), r"patch grid \(image_size / patch_size\) 8 in the config, 4"),
-                                         (dict(embed_dim=12), "embed_dim 12 in the config, 24"),
-                                         (dict(width=None), "width 768 in the config, 32"))):
+    for i, (change, named) in enumerate(((dict(width=64), "width 64 in open_clip_config.json, 32 in the tensors"),
+                                         (dict(mlp_ratio=2.0), r"MLP width \(width x mlp_ratio\) 64 in open_clip_config.json, 128"),
+                                         (dict(patch_size=4), "patch_size 4 in open_clip_config.json, 8"),
+                                         (dict(image_size=64), r"patch grid \(image_size / patch_size\) 8 in open_clip_config.json, 4"),
+                                         (dict(embed_dim=12), "embed_dim 12 in open_clip_config.json, 24"),
+                                         (dict(width=None), "width 768 in open_clip_config.json, 32"))):
         cfg = json.loads((path / "open_clip_config.json").read_text())
         for key, value in change.items():
             where = cfg["model_cfg"] if key == "embed_dim" else cfg["model_cfg"]["vision_cfg"]
