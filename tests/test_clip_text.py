@@ -228,7 +228,7 @@ def test_open_clip_defaults_for_what_text_cfg_leaves_out_are_open_clips():
     import dataclasses
 
     open_clip = pytest.importorskip("open_clip")
-    from convert.clip_text import _OPEN_CLIP_DEFAULTS
+    from convert.clip_text.openclip import DEFAULTS as _OPEN_CLIP_DEFAULTS
 
     theirs = {f.name: f.default for f in dataclasses.fields(open_clip.model.CLIPTextCfg)}
     for name, ours in _OPEN_CLIP_DEFAULTS.items():
@@ -480,7 +480,7 @@ def test_transformers_defaults_for_what_config_json_leaves_out_are_transformers(
     transformers' own: each entry against a default-constructed text config of its family (the reference); a
     CLIPModel's projection_dim is CLIPConfig's, and SigLIP's projection_size left out is its hidden_size."""
     transformers = pytest.importorskip("transformers")
-    from convert.clip_text import _HF_DEFAULTS
+    from convert.clip_text.hf import DEFAULTS as _HF_DEFAULTS
 
     classes = {"clip": transformers.CLIPTextConfig, "siglip": transformers.SiglipTextConfig}
     assert set(classes) == set(_HF_DEFAULTS)
@@ -529,7 +529,7 @@ def test_a_transformers_size_config_json_leaves_out_is_transformers_default(name
     others are refused naming the default. Before, any count loaded."""
     from safetensors.numpy import save_file
 
-    from convert.clip_text import _HF_DEFAULTS
+    from convert.clip_text.hf import DEFAULTS as _HF_DEFAULTS
 
     sd, config = _saved_hf(name, tmp_path / "saved")
     text = config.get("text_config", config)
