@@ -685,3 +685,31 @@ def test_load_clip_transformers_folder_gives_image_and_text_features(tmp_path):
     assert np.abs(np.asarray(clip.text_tower.encode(PROMPTS_SHORT)) - want_text).max() <= TOL
     got_image = clip.image_model.apply({"params": clip.image_params}, xj).logits
     assert np.abs(np.asarray(got_image) - want_image).max() <= TOL
+
+
+def test_heads_and_quick_gelu_that_contradict_the_checkpoints_config_are_refused(tmp_path):
+    """`heads=` and `quick_gelu=` say what a config-less open_clip state dict cannot; where the checkpoint's config
+    says them (open_clip_config.json, its default 8 heads where text_cfg is silent; transformers' config.json), a
+    different value is refused naming both, as convert.load refuses a num_heads config.json contradicts; the same
+    value is accepted. Before, open_clip's were obeyed over the config and transformers' ignored without a word."""
+    sd, config = _saved_open_clip("CLIP")  # text_cfg: 4 heads; model_cfg: quick_gelu
+    folder = tmp_path / "oc"
+    _load_open_clip(sd, config, folder)
+    assert load_clip_text(folder, heads=4, quick_gelu=True, tokenizer=False)[0].config.heads == 4
+    with pytest.raises(ValueError, match=r"heads=2 contradicts the checkpoint's open_clip config \(4 heads\)"):
+        load_clip_text(folder, heads=2, tokenizer=False)
+    with pytest.raises(ValueError, match=r"quick_gelu=False contradicts the checkpoint's open_clip config"):
+        load_clip_text(folder, quick_gelu=False, tokenizer=False)
+    silent = {"model_cfg": dict(config["model_cfg"], text_cfg={k: v for k, v in config["model_cfg"]["text_cfg"].items()
+                                                               if k != "heads"})}
+    (folder / "open_clip_config.json").write_text(json.dumps(silent))
+    with pytest.raises(ValueError, match=r"heads=4 contradicts .*\(8 heads, open_clip default where text_cfg is"):
+        load_clip_text(folder, heads=4, tokenizer=False)
+    hf = tmp_path / "hf"
+    _saved_hf("CLIPTextModel", hf)
+    said = load_clip_text(hf, tokenizer=False)[0].config
+    assert load_clip_text(hf, heads=said.heads, tokenizer=False)[0].config.heads == said.heads
+    with pytest.raises(ValueError, match=rf"heads={said.heads + 1} contradicts .*config.json \(heads {said.heads}\)"):
+        load_clip_text(hf, heads=said.heads + 1, tokenizer=False)
+    with pytest.raises(ValueError, match=r"quick_gelu=False contradicts .*config.json \(quick_gelu True\)"):
+        load_clip_text(hf, quick_gelu=False, tokenizer=False)

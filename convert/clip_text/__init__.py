@@ -56,7 +56,7 @@ def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | 
     SigLIP checkpoint (config.json + model.safetensors, tokenizer.json) or an open_clip one
     (open_clip_model.safetensors + open_clip_config.json); or a hub repo id, read through huggingface_hub's
     cache (HF_HUB_OFFLINE honoured). `quick_gelu`, `heads`: what an open_clip checkpoint without its
-    open_clip_config.json does not say. `tokenizer`: a CLIPTokenizer, a tokenizer.json (or its folder) or
+    open_clip_config.json does not say (where the checkpoint's config says them, a different value is refused). `tokenizer`: a CLIPTokenizer, a tokenizer.json (or its folder) or
     CLIP BPE merges file, or False (none: the caller brings token ids); default: the checkpoint folder's tokenizer.json, else (CLIP's 49,408-token
     vocabulary) OpenAI's BPE as open_clip tokenises. Strict: missing or unexpected keys are named.
     """
@@ -68,6 +68,10 @@ def load_clip_text(source: Any, *, quick_gelu: bool | None = None, heads: int | 
                              "token) beside them: load the checkpoint's folder")
         check_hf_class(sd, config, prefix=prefix, name=where)
         cfg = hf_config(sd, config, prefix=prefix, name=where)
+        for arg, given, said in (("heads", heads, cfg.heads), ("quick_gelu", quick_gelu, cfg.act == "quick_gelu")):
+            if given is not None and given != said:  # config.json says it: a contradiction is refused, not obeyed
+                raise ValueError(f"{arg}={given!r} contradicts {where}'s config.json ({arg} {said!r}): leave {arg} "
+                                 "out for a transformers checkpoint")
         params = params_from_hf(sd, cfg, prefix=prefix)
     elif open_clip_prefix(sd) is not None:
         oc = read_json(folder / "open_clip_config.json") if folder else None

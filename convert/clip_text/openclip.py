@@ -72,8 +72,12 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
     _check_open_clip(sd, prefix, text_cfg, embed_dim, name)
     vocab, width = sd[prefix + "token_embedding.weight"].shape
     layers = len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))})
+    said = text_cfg.get("quick_gelu")
+    if quick_gelu is not None and said is not None and bool(quick_gelu) != bool(said):  # as hf_vision's num_heads
+        raise ValueError(f"quick_gelu={quick_gelu!r} contradicts the checkpoint's open_clip config (quick_gelu "
+                         f"{said!r}): leave quick_gelu out for a checkpoint with its open_clip_config.json")
     if quick_gelu is None:
-        quick_gelu = text_cfg.get("quick_gelu")
+        quick_gelu = said
     act_kwargs = text_cfg.get("act_kwargs") or {}
     if quick_gelu is None and not act_kwargs:
         raise ValueError("an open_clip checkpoint does not say its activation: pass quick_gelu=True for OpenAI's "
@@ -98,7 +102,12 @@ def open_clip_config(sd: Mapping[str, np.ndarray], *, text_cfg: Mapping[str, Any
             raise CheckpointMismatchError(f"{name or 'the checkpoint'} does not match its open_clip_config.json: "
                                           f"{wrong}")
     # open_clip builds text_cfg's heads (8 where it is silent); without a config, OpenAI's rule, 64 wide each
-    heads = heads or (setting("heads") if embed_dim is not None else text_cfg.get("heads") or _openai_heads(width))
+    said = setting("heads") if embed_dim is not None else text_cfg.get("heads")
+    if heads is not None and said is not None and heads != said:
+        raise ValueError(f"heads={heads!r} contradicts the checkpoint's open_clip config ({said} heads"
+                         f"{'' if 'heads' in text_cfg else ', open_clip default where text_cfg is silent'}): leave "
+                         "heads out for a checkpoint with its open_clip_config.json")
+    heads = heads or said or _openai_heads(width)
     return CLIPTextConfig(
         vocab_size=int(vocab), context_length=context, width=int(width), heads=int(heads), layers=layers, mlp_dim=mlp,
         embed_dim=embed, act=act, eps=float((text_cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
