@@ -128,7 +128,7 @@ def to_timm(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], in
     elif not big_vision:  # the original layout always stores one: a file without it is incomplete
         take(pos)
     rows = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
-    if "cls" in w or rows > 1 and not _square(rows) and _square(rows - 1):  # one row more than a square grid: a class token's
+    if "cls" in w or rows > 1 and not _square(rows) and _square(rows - 1):  # a square grid's rows + a class token's
         sd["cls_token"] = take("cls")
     sd["norm.weight"] = take("Transformer/encoder_norm/scale")
     sd["norm.bias"] = take("Transformer/encoder_norm/bias")

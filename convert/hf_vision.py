@@ -124,7 +124,7 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
     if model_type.startswith("dinov2") and any(".mlp.weights_in." in k for k in state_dict):
         raise UnsupportedModelError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn, the giant models) is not supported "
                                     f"by jaxvit; {supported_message()}")
-    teacher = arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
+    teacher = _is_teacher(arch, state_dict)
     out = _Placed()
     qkv: dict[tuple[int, str, str], tuple[np.ndarray, str, bool]] = {}
     for key, value in state_dict.items():
@@ -159,6 +159,11 @@ def to_timm(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> 
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
         out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
+
+
+def _is_teacher(arch: str, state_dict: Mapping[str, Any]) -> bool:
+    """Whether a DeiT file has a teacher's head (its distillation token is then timm's dist_token, not an extra token)."""
+    return arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
 
 
 class _Placed(dict):
@@ -249,10 +254,11 @@ def source_namer(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]
             return []
 
     top = _top_sources(state_dict, config)
+    image_keys = list(split_clip(state_dict)[0])
 
     def name(timm_key: str) -> str:
         qkv = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", timm_key)
-        for key in split_clip(state_dict)[0] if qkv else ():  # a whole block's q, k, v: another block's, renumbered
+        for key in image_keys if qkv else ():  # a whole block's q, k, v: another block's, renumbered
             m = _SOURCE_QUERY.search(key)
             if m and m.group("kind") == qkv.group(2):
                 q = "long" if m.group("long") else "short"
@@ -284,8 +290,7 @@ def _top_sources(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]
         table = {**{dst: src for src, dst in _CLIP_TOP.items()}, "cls_token": "embeddings.class_embedding",
                  "pos_embed": "embeddings.position_embedding.weight", "head.weight": "visual_projection.weight"}
     else:
-        teacher = arch == "DeiTForImageClassificationWithTeacher" or "distillation_classifier.weight" in state_dict
-        drop = "classifier." if teacher else "cls_classifier."
+        drop = "classifier." if _is_teacher(arch, state_dict) else "cls_classifier."
         table = {dst: src for src, dst in _TOP.items() if not src.startswith(drop)}
         # DeiT's distillation token is timm's dist_token beside a teacher's head, an extra token (reg_token) without
         table.update({"dist_token": "embeddings.distillation_token", "reg_token": "embeddings.distillation_token"
@@ -307,7 +312,7 @@ def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: 
     sd = to_timm(state_dict, config)
     # Before the sizes and options are read off the tensors, which would take a missing tensor for an option the
     # model does not have (no final norm, no bias, fewer blocks): config.json's class says which it has.
-    required, depth = _required(sd, config)
+    required, depth = _required(state_dict, config)
     missing = [k for k in required if k not in sd]
     extra = [k for k in split_clip(state_dict)[0] if (m := _SOURCE_BLOCK.search(k)) and int(m.group(1)) >= depth]
     if missing or extra:
@@ -323,9 +328,9 @@ def load_state(state_dict: Mapping[str, np.ndarray], config: Any, preprocessor: 
     return sd, cfg.replace(**settings), (input_size, resampling)
 
 
-def _required(timm_sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[list[str], int]:
+def _required(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[list[str], int]:
     """(the timm keys every model of config.json's class has, its number of blocks), transformers' defaults where
-    config.json leaves a setting out (it writes only what differs from them)."""
+    config.json leaves a setting out (it writes only what differs from them). `state_dict`: the file's."""
     model_type, arch = family(config)
     setting = _settings(config)
     depth = setting("num_hidden_layers")
@@ -343,7 +348,7 @@ def _required(timm_sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> t
             "CLIPVisionModelWithProjection", "CLIPModel") else [])
         return keys, depth
     keys.append("patch_embed.proj.bias")
-    teacher = "head_dist.weight" in timm_sd or arch == "DeiTForImageClassificationWithTeacher"
+    teacher = _is_teacher(arch, state_dict)
     if model_type == "deit":
         keys.append("dist_token" if teacher else "reg_token")
     if model_type == "dinov2_with_registers" and setting("num_register_tokens"):

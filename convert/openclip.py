@@ -156,8 +156,8 @@ def vision_settings(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     pool = vision.get("pool_type", "avg" if vision.get("global_average_pool") else "tok")
     if pool not in ("tok", "avg"):
         raise UnsupportedModelError(f"open_clip pool_type {pool!r} is not supported by jaxvit (supported: tok, avg)")
-    return dict(head_width=vision.get("head_width", VISION_DEFAULTS["head_width"]), act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-                pool="avg" if pool == "avg" else "token",
+    return dict(head_width=vision.get("head_width", VISION_DEFAULTS["head_width"]),
+                act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", pool="avg" if pool == "avg" else "token",
                 fc_norm=bool(vision.get("final_ln_after_pool")) and pool == "avg")
 
 
