@@ -43,7 +43,7 @@ import numpy as np
 
 from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes, sibling_name
 from convert.timm_vit import infer_config
-from jaxvit.config import ConfigError, ViTConfig, is_real
+from jaxvit.config import INT_LIMITS, ConfigError, ViTConfig, check_int, is_real
 
 # transformers' interpolate_pos_encoding: plain bicubic (ViT, DeiT, DINOv2), antialiased for DINOv2 with registers.
 POS_RESAMPLING = dict(interpolation="bicubic", antialias=False)
@@ -334,8 +334,7 @@ def _required(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -
     model_type, arch = family(config)
     setting = _settings(config)
     depth = setting("num_hidden_layers")
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ConfigError(f"num_hidden_layers must be a positive integer; got {depth!r}")
+    check_int("num_hidden_layers", depth, *INT_LIMITS["depth"])  # bounded: the required keys are listed per block
     block = ["norm1", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"] + (["attn.qkv"] if model_type == "clip" or
                                                                        setting("qkv_bias") else [])
     keys = [f"blocks.{i}.{part}.{p}" for i in range(depth) for part in block for p in ("weight", "bias")]

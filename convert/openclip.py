@@ -24,7 +24,7 @@ import numpy as np
 
 from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes
 from convert.timm_vit import infer_config
-from jaxvit.config import ConfigError, ViTConfig, is_real
+from jaxvit.config import INT_LIMITS, ConfigError, ViTConfig, check_int, is_real
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,8 +194,7 @@ def check_tensors(timm_sd: Mapping[str, np.ndarray], visual: Mapping[str, np.nda
     vision = model_cfg.get("vision_cfg") or {}
     setting = lambda name: vision.get(name, VISION_DEFAULTS[name])  # noqa: E731
     depth = setting("layers")
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ConfigError(f"open_clip vision_cfg layers must be a positive integer; got {depth!r}")
+    check_int("open_clip vision_cfg layers", depth, *INT_LIMITS["depth"])  # bounded: required keys listed per block
     block = [f"{part}.{p}" for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
              for p in ("weight", "bias")] + (["ls1.gamma", "ls2.gamma"] if vision.get("ls_init_value") else [])
     final = "fc_norm" if "fc_norm.weight" in timm_sd or "fc_norm.bias" in timm_sd else "norm"

@@ -713,3 +713,22 @@ def test_heads_and_quick_gelu_that_contradict_the_checkpoints_config_are_refused
         load_clip_text(hf, heads=said.heads + 1, tokenizer=False)
     with pytest.raises(ValueError, match=r"quick_gelu=False contradicts .*config.json \(quick_gelu True\)"):
         load_clip_text(hf, quick_gelu=False, tokenizer=False)
+
+
+def test_a_hostile_text_layer_count_is_refused_before_any_work(tmp_path):
+    """The layer count sizes the list of tensors a text tower must have: 10**9 in config.json or open_clip_config.json
+    is refused by jaxvit's limit on depth at once (listing its keys would take the memory of the machine)."""
+    from safetensors.numpy import save_file
+
+    sd, config = _saved_hf("CLIPTextModel", tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=10 ** 9)))
+    with pytest.raises(ValueError, match=r"num_hidden_layers must be an integer from 1 to 256; got 1000000000"):
+        load_clip_text(tmp_path / "hf", tokenizer=False)
+    sd, config = _saved_open_clip("CLIP")
+    config["model_cfg"]["text_cfg"]["layers"] = 10 ** 9
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(sd, str(folder / "open_clip_model.safetensors"))
+    with pytest.raises(ValueError, match=r"text_cfg's layers must be an integer from 1 to 256; got 1000000000"):
+        load_clip_text(folder, tokenizer=False)

@@ -521,3 +521,15 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_hostile_layer_count_is_refused_before_any_work(tmp_path):
+    """num_hidden_layers sizes the list of tensors the class must have: a config.json saying 10**9 is refused by
+    jaxvit's limit on depth at once (listing its keys would take the memory of the machine)."""
+    from safetensors.numpy import load_file
+
+    hf = _randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, num_labels=5)))
+    saved = _save(hf, None, tmp_path / "saved")
+    sd, config = load_file(str(saved / "model.safetensors")), json.loads((saved / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"num_hidden_layers must be an integer from 1 to 256; got 1000000000"):
+        convert.load(_folder(tmp_path / "deep", sd, dict(config, num_hidden_layers=10 ** 9)))

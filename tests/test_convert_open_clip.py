@@ -248,3 +248,17 @@ def test_a_bare_state_dict_with_an_open_clip_model_name(tmp_path):
     assert model.config.name == "predmaps-test-tiny" and model.config.act == "gelu"
     with pytest.raises(ValueError, match="open_clip has no model named 'no-such-clip'"):
         convert.load(tmp_path / "weights.safetensors", model_name="no-such-clip")
+
+
+def test_a_hostile_layer_count_is_refused_before_any_work(tmp_path):
+    """vision_cfg's layers sizes the list of tensors the tower must have: 10**9 is refused by jaxvit's limit on
+    depth at once (listing its keys would take the memory of the machine)."""
+    from jaxvit.config import ConfigError
+
+    model_cfg = _model_cfg()
+    path = _save(_random_clip(model_cfg), model_cfg, tmp_path / "oc")
+    cfg = json.loads((path / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["vision_cfg"]["layers"] = 10 ** 9
+    (path / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"vision_cfg layers must be an integer from 1 to 256; got 1000000000"):
+        convert.load(path)

@@ -11,6 +11,7 @@ import numpy as np
 from convert.clip_text.common import check_consumed, layer_norm, linear
 from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes
 from jaxvit.clip_text import CLIPTextConfig
+from jaxvit.config import INT_LIMITS, check_int
 
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 HF_TYPES = {"clip": "clip", "clip_text_model": "clip", "siglip": "siglip", "siglip_text_model": "siglip"}
@@ -79,8 +80,7 @@ def check_hf_class(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *, p
     without one and counts a missing or extra layer into the depth."""
     family = hf_family(config)
     depth = _hf_settings(config)("num_hidden_layers")
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"config.json: num_hidden_layers must be a positive integer; got {depth!r}")
+    check_int("config.json: num_hidden_layers", depth, *INT_LIMITS["depth"])  # bounded: keys listed per layer
     arch = _hf_class(config)
     required = [prefix + k for k in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
                                      "final_layer_norm.weight", "final_layer_norm.bias")]

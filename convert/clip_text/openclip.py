@@ -11,7 +11,7 @@ import numpy as np
 from convert.clip_text.common import check_consumed, layer_norm, linear, transposed
 from convert.errors import CheckpointMismatchError, UnsupportedModelError, key_mismatch, other_sizes
 from jaxvit.clip_text import CLIPTextConfig
-from jaxvit.config import is_real
+from jaxvit.config import INT_LIMITS, check_int, is_real
 
 # open_clip text_cfg entries that change the computation beyond what CLIPText implements (refused when set).
 _REFUSED_TEXT_CFG = ("hf_model_name", "ls_init_value", "embed_cls", "use_pad_mask", "qk_norm", "block_type",
@@ -127,8 +127,7 @@ def _check_open_clip(sd: Mapping[str, np.ndarray], prefix: str, text_cfg: Mappin
     configured = embed_dim is not None
     setting = _open_clip_settings(text_cfg)
     depth = setting("layers") if configured else max(found, default=0) + 1
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"open_clip_config.json: text_cfg's layers must be a positive integer; got {depth!r}")
+    check_int("open_clip_config.json: text_cfg's layers", depth, *INT_LIMITS["depth"])  # keys are listed per block
     if configured and (not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 0):
         raise ValueError(f"open_clip_config.json: embed_dim must be a non-negative integer; got {embed_dim!r}")
     linear = ["text_projection.weight", "text_projection.bias"]  # open_clip makes it a Linear only with a bias
