@@ -120,6 +120,23 @@ def gemm_epilogues(hlo_text: str) -> dict:
     return dict(calls)
 
 
+def output_deviation(name: str, out: dict, refs: dict) -> dict:
+    """{'maps_vs_headline' or 'logits_vs_forward': ||out - ref|| / ||ref||} against the same batch's headline maps
+    or forward logits in `refs` (which `headline` and `forward` themselves fill), so a variant's timing is read
+    with whether it computes what the default computes (bf16 variants ~1e-2, fp8 ~5e-2; a broken kernel ~1)."""
+    import numpy as np
+
+    for key, ref_name in (("maps", "headline"), ("logits", "forward")):
+        if key not in out:
+            continue
+        got = np.asarray(out[key], np.float64)
+        if name == ref_name:
+            refs[key] = got
+        elif key in refs and refs[key].shape == got.shape:
+            return {f"{key}_vs_{ref_name}": float(np.linalg.norm(got - refs[key]) / np.linalg.norm(refs[key]))}
+    return {}
+
+
 def _time_or_error(fn, args, warmup, repeats):
     """{'ms': median of jit(fn)(*args)} or {'error': ...} (a tile Triton cannot compile, say)."""
     import jax
@@ -419,6 +436,7 @@ def main(argv=None) -> int:
             floors()
         x = jax.random.normal(jax.random.key(5), (batch, size, size, 3), jnp.float32)
         reps = args.repeats if batch > 1 else max(args.repeats, 50)
+        refs = {}  # this batch's headline maps and forward logits, which every later variant is compared with
         for name in (b1_variants if batch == 1 else variants):
             key = f"{name}_b{batch}"
             if late(key):
@@ -435,7 +453,8 @@ def main(argv=None) -> int:
                 res["variants"][key] = {"batch": batch, "median_ms": med * 1e3, "min_ms": best * 1e3,
                                         "img_per_s": batch / med, "compile_s": csecs,
                                         "temp_mib": ma.temp_size_in_bytes / 2 ** 20 if ma else None, "gemms": gemms,
-                                        "compile_options": COMPILE_OPTIONS.get(name)}
+                                        "compile_options": COMPILE_OPTIONS.get(name),
+                                        **output_deviation(name, jax.device_get(compiled(params, x)), refs)}
                 _log(f"{key:40s} {med * 1e3:8.3f} ms  {batch / med:9.1f} img/s  (compile {csecs:.1f} s)  {gemms}")
                 del compiled
             except Exception as e:

@@ -540,26 +540,45 @@ def test_gpu_session_names_only_what_its_tools_know():
 
 def test_probe_table_reads_each_variant_against_its_batchs_headline():
     """bench.probe_table: one row per variant and batch, largest batch first, headline first within it; the
-    change is against the same batch's headline (19 vs 20 ms: -5.0%); GEMM calls summed by short target name
-    with DEFAULT epilogues unnamed; an errored variant and the deadline's skips are listed."""
+    change is against the same batch's headline (19 vs 20 ms: -5.0%), and so is the output (maps 1.2% from the
+    headline's, '-' where not compared); GEMM calls summed by short target name with DEFAULT epilogues unnamed; an
+    errored variant and the deadline's skips are listed."""
     from bench.probe_table import gemm_summary, markdown
 
     row = lambda batch, ms, gemms=None: {"batch": batch, "median_ms": ms, "min_ms": ms - 1, "img_per_s": batch / ms * 1e3,
                                          "compile_s": 2.0, "gemms": gemms or {}}
     probe = {"device": "H100", "jax": "0.11.2", "variants": {
-        "headline_b1": row(1, 1.4), "headline_gelu_tanh_cublaslt_b256": row(256, 19.0, {
+        "headline_b1": row(1, 1.4), "headline_gelu_tanh_cublaslt_b256": dict(row(256, 19.0, {
             "__cublas$lt$matmul DEFAULT": 24, "__cublas$lt$matmul BIAS": 12, "__cublas$lt$matmul BIAS_GELU": 12}),
+            maps_vs_headline=0.0123),
         "headline_b256": row(256, 20.0), "headline_materialized_b1": row(1, 1.05),
         "headline_fp8_b256": {"error": "XlaRuntimeError: no fp8"}}, "skipped": ["headline_no_graphs_b1"]}
     text = markdown(probe)
     table = [ln for ln in text.splitlines() if ln.startswith("| headline")]
     assert [ln.split(" | ")[0:2] for ln in table] == [["| headline", "256"], ["| headline_gelu_tanh_cublaslt", "256"],
                                                       ["| headline", "1"], ["| headline_materialized", "1"]]
-    assert " | -5.0% | " in table[1] and " | -25.0% | " in table[3] and table[0].split(" | ")[5] == "-"
+    assert " | -5.0% | 1.2% | " in table[1] and " | -25.0% | - | " in table[3]
+    assert table[0].split(" | ")[5:7] == ["-", "-"]
     assert "lt 24, lt BIAS 12, lt BIAS_GELU 12" in table[1]
     assert "- headline_fp8_b256: XlaRuntimeError: no fp8" in text and "skipped (deadline): headline_no_graphs_b1" in text
     assert gemm_summary({"__cublas$lt$matmul$f8 DEFAULT": 36, "__cublas$lt$matmul$f8": 12}) == "lt f8 48"
     assert gemm_summary({}) == "-"
+
+
+def test_probe_compares_each_variants_output_with_the_defaults():
+    """bench.gpu_probe.output_deviation: `headline` and `forward` set the batch's references; a later variant gets
+    its maps' (or logits') relative L2 distance from them; nothing where there is no reference of that shape."""
+    import numpy as np
+
+    from bench.gpu_probe import output_deviation
+
+    refs, maps = {}, np.ones((2, 2, 4, 4))
+    assert output_deviation("headline", {"maps": maps, "classes": np.zeros(2)}, refs) == {}
+    assert output_deviation("forward", {"logits": np.ones((2, 10))}, refs) == {}
+    got = output_deviation("headline_stack", {"maps": maps * 1.01}, refs)
+    assert got.keys() == {"maps_vs_headline"} and abs(got["maps_vs_headline"] - 0.01) < 1e-12
+    assert output_deviation("forward_scan", {"logits": np.zeros((2, 10))}, refs) == {"logits_vs_forward": 1.0}
+    assert output_deviation("headline_x", {"maps": np.ones((3, 2, 4, 4))}, refs) == {}
 
 
 def test_probe_scanned_forward_equals_the_unrolled_one():
