@@ -76,6 +76,23 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def cuda_lowering(fn, *args) -> str:
+    """StableHLO of fn lowered for CUDA on this (GPU-less) machine. jax >= 0.11 asks the device for
+    its compute capability when lowering Pallas to Triton; give it an H100's."""
+    try:
+        from jax._src.pallas.triton import gpu_info
+    except ImportError:  # jax 0.10: the lowering does not ask
+        gpu_info = None
+    saved = getattr(gpu_info, "get_gpu_info", None)
+    if saved is not None:
+        gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    try:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        if saved is not None:
+            gpu_info.get_gpu_info = saved
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     torch = pytest.importorskip("torch")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cuda_lowering
 from jaxvit import ViT, ViTConfig, kernels
 from jaxvit.model import _gelu_erf
 
@@ -18,23 +19,6 @@ SMALL = ViTConfig(name="small", img_size=(32, 32), patch_size=8, embed_dim=96, d
                   num_classes=10)
 SMALL_TILES = kernels.Tiles(kernels.LayerNormConfig(4, 4), kernels.DenseConfig(16, 64, 32, 4, 2),
                             kernels.DenseConfig(16, 4, 32, 4, 2))  # head: 10 classes in blocks of 4, padded
-
-
-def _cuda_lowering(fn, *args) -> str:
-    """StableHLO of fn lowered for CUDA on this (GPU-less) machine. jax >= 0.11 asks the device for
-    its compute capability when lowering Pallas to Triton; give it an H100's."""
-    try:
-        from jax._src.pallas.triton import gpu_info
-    except ImportError:  # jax 0.10: the lowering does not ask
-        gpu_info = None
-    saved = getattr(gpu_info, "get_gpu_info", None)
-    if saved is not None:
-        gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    try:
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    finally:
-        if saved is not None:
-            gpu_info.get_gpu_info = saved
 
 
 def _triton_calls(hlo: str) -> int:
@@ -143,13 +127,13 @@ def test_kernels_lower_to_triton_for_cuda():
     x = jnp.zeros((2, 197, 768), jnp.bfloat16)
     # rows a multiple of the tile (b256's 50432 = 394 x 128) and not: unmasked and masked loads
     for rows in (x, x[:, :128]):
-        hlo = _cuda_lowering(lambda x, w, b: kernels.dense_act(x, w, b, "gelu", kernels.DenseConfig(128, 256, 64, 8, 3)),
+        hlo = cuda_lowering(lambda x, w, b: kernels.dense_act(x, w, b, "gelu", kernels.DenseConfig(128, 256, 64, 8, 3)),
                              rows, jnp.zeros((768, 3072), jnp.bfloat16), jnp.zeros((3072,), jnp.bfloat16))
         assert _triton_calls(hlo) == 1 and "num_warps = 8" in hlo
-        hlo = _cuda_lowering(lambda x, w, b: kernels.dense_logsumexp(x, w, b), rows,
+        hlo = cuda_lowering(lambda x, w, b: kernels.dense_logsumexp(x, w, b), rows,
                              jnp.zeros((768, 1000), jnp.bfloat16), jnp.zeros((1000,)))
         assert _triton_calls(hlo) == 1
-    hlo = _cuda_lowering(lambda x, s, b: kernels.layer_norm(x, s, b, 1e-6), x, jnp.ones((768,)), jnp.zeros((768,)))
+    hlo = cuda_lowering(lambda x, s, b: kernels.layer_norm(x, s, b, 1e-6), x, jnp.ones((768,)), jnp.zeros((768,)))
     assert _triton_calls(hlo) == 1
     # on the CPU the same call is the XLA reference: no custom call
     assert "custom_call" not in jax.jit(lambda x: kernels.layer_norm(x, jnp.ones(768), jnp.zeros(768), 1e-6)).lower(
@@ -186,7 +170,7 @@ def test_vit_kernels_option_same_params_same_outputs():
 def test_vit_kernels_option_lowers_each_layer_norm_and_fc1_to_triton():
     images = jnp.zeros((2, 32, 32, 3))
     params = _model_params(ViT(SMALL), images)
-    count = lambda impl, dtype: _triton_calls(_cuda_lowering(
+    count = lambda impl, dtype: _triton_calls(cuda_lowering(
         lambda p, x: ViT(SMALL, dtype=dtype, kernels=impl, kernel_tiles=SMALL_TILES).apply({"params": p}, x).logits,
         params, images))
     depth = SMALL.depth
@@ -212,7 +196,7 @@ def test_headline_lowers_the_prediction_map_normaliser_to_triton():
     norms_and_head = 2 * SMALL.depth + 1 + 1 + 1  # the same without the fc1 kernels
     for impl, calls in (("xla", 0), ("pallas_head", 2), ("pallas", 2 * every), ("pallas_layernorm_head", 2 * norms_and_head)):
         model = ViT(SMALL, dtype=jnp.bfloat16, kernels=impl, kernel_tiles=SMALL_TILES)
-        assert _triton_calls(_cuda_lowering(jax_function(model, HEADLINE), params, images)) == calls, impl
+        assert _triton_calls(cuda_lowering(jax_function(model, HEADLINE), params, images)) == calls, impl
 
 
 def test_tiles_text_round_trip_and_errors():
