@@ -46,8 +46,16 @@ FP8_VARIANTS = {"headline_fp8": "fp8", "headline_fp8_mlp": "fp8_mlp", "headline_
 # fp8 GEMMs; at batch 1 (compile option above) materialised attention under the all-Triton fusion flag.
 STACK_VARIANTS = {"headline_stack": dict(gelu="tanh", kernels="pallas_layernorm_head", gemm="dtype"),
                   "headline_fp8_stack": dict(gelu="tanh", kernels="pallas_layernorm_head", gemm="fp8"),
-                  "headline_materialized_all_triton": dict(attention="materialized")}
+                  "headline_materialized_all_triton": dict(attention="materialized"),
+                  "headline_mosaic_stack": dict(kernels="pallas")}  # + the Mosaic fc1 below
 STACK_TILES = "layer_norm=8,8;head=128,256,64,8,3"
+
+
+# fc1 + bias + exact GELU as one Mosaic GPU (Hopper wgmma) kernel (bench/mosaic_mlp.py), by tile, in place of the
+# Triton dense_act that ViT(kernels="pallas_mlp") runs: the exact-GELU default's GELU pass gone into fc1 at (if the
+# kernel reaches it) cuBLAS's rate; and the exact-GELU stack, that with the Pallas LayerNorm and normaliser.
+MOSAIC_VARIANTS = {"headline_mosaic_mlp": "128x128", "headline_mosaic_mlp_s2": "128x128s2",
+                   "headline_mosaic_mlp_64x256": "64x256", "headline_mosaic_stack": "128x128"}
 
 
 # the headline with each ViT(kernels=...) other than XLA's: headline_pallas, headline_pallas_mlp, ...
@@ -59,7 +67,8 @@ VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "h
             "headline_ln_twopass", "headline_fp32w", "headline_one_gemm_normaliser", "headline_materialized",
             "headline_own_attn", "forward_fp32w", "forward_scan", "headline_gelu_tanh", "headline_ln_fold") \
     + tuple(COMPILE_OPTIONS) \
-    + tuple(FP8_VARIANTS) + PALLAS_VARIANTS + tuple(STACK_VARIANTS)
+    + tuple(FP8_VARIANTS) + PALLAS_VARIANTS + tuple(STACK_VARIANTS) \
+    + tuple(v for v in MOSAIC_VARIANTS if v not in STACK_VARIANTS)
 
 
 DEFAULT_VARIANTS = ("headline", "forward", "headline_fused_qkv", "headline_old_gelu", "headline_conv_patch",
@@ -203,6 +212,8 @@ def variant_kernels(name: str) -> str:
     'xla'."""
     if name in STACK_VARIANTS:
         return STACK_VARIANTS[name].get("kernels", "xla")
+    if name in MOSAIC_VARIANTS:
+        return "pallas_mlp"
     return name[len("headline_"):] if name in PALLAS_VARIANTS else "xla"
 
 
@@ -216,6 +227,22 @@ def variant_options(name: str, tiles: str = "") -> dict:
                 kernels=variant_kernels(name), kernel_tiles=Tiles.parse(STACK_TILES if "kernels" in stack else tiles),
                 gelu=stack.get("gelu", "tanh" if "_gelu_tanh" in name else "erf"),
                 gemm=stack.get("gemm", FP8_VARIANTS.get(name, "dtype")))
+
+
+def _mosaic_dense_act(tile_name: str):
+    """jaxvit.kernels.dense_act with the exact GELU as bench.mosaic_mlp's kernel where its tile fits, else the
+    Triton kernel it replaces."""
+    import jaxvit.kernels as K
+    from bench import mosaic_mlp
+
+    triton, tile = K.dense_act, mosaic_mlp.TILES[tile_name]
+
+    def dense_act(x, w, b, act="identity", config=None, interpret=False):
+        if act == "gelu" and not interpret and mosaic_mlp.supported(*w.shape, x.dtype, tile):
+            return mosaic_mlp.dense_gelu(x, w, b, tile)
+        return triton(x, w, b, act, config, interpret)
+
+    return dense_act
 
 
 def build_variant(name, cfg, dtype, params32, tiles: str = ""):
@@ -245,7 +272,10 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
     @contextlib.contextmanager
     def ctx():
         saved = (jm._fused_attention, core._NORMALISER_CHUNK, jm._cls_logits, jm.activation,
-                 jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention, jm.Mlp.__call__)
+                 jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention, jm.Mlp.__call__,
+                 jm.pallas_kernels.dense_act)
+        if name in MOSAIC_VARIANTS:
+            jm.pallas_kernels.dense_act = _mosaic_dense_act(MOSAIC_VARIANTS[name])
         if name == "headline_own_attn":
             jm._fused_attention = jm._heads_first_attention
         if name == "headline_one_gemm_normaliser":
@@ -269,7 +299,8 @@ def build_variant(name, cfg, dtype, params32, tiles: str = ""):
             yield
         finally:
             (jm._fused_attention, core._NORMALISER_CHUNK, jm._cls_logits, jm.activation,
-             jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention, jm.Mlp.__call__) = saved
+             jm.PatchEmbed.__call__, jm.LayerNorm.__call__, jm._cudnn_attention, jm.Mlp.__call__,
+             jm.pallas_kernels.dense_act) = saved
 
     return fn, params, ctx
 

@@ -519,9 +519,10 @@ def test_gpu_session_names_only_what_its_tools_know():
     path = REPO / "bench" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     text = path.read_text()
-    text = text.replace("$PALLAS", re.search(r"^PALLAS=(\S+)", text, re.M).group(1))
+    for var in ("PALLAS", "MOSAIC"):
+        text = text.replace(f"${var}", re.search(rf"^{var}=(\S+)", text, re.M).group(1))
     variants = re.findall(r"--(?:b1-|flag-set-)?variants[ =](\S+)", text) + re.findall(r"--profile-variant (\S+)", text)
-    assert len(variants) >= 10 and "headline_ln_fold" in ",".join(variants)
+    assert len(variants) >= 10 and "headline_ln_fold" in ",".join(variants) and "headline_mosaic_mlp," in ",".join(variants)
     for names in variants:
         _variants_arg(names)  # raises argparse.ArgumentTypeError naming an unknown variant
     parser = build_parser()
@@ -663,7 +664,9 @@ def test_probe_stack_variants_combine_the_levers_they_name():
     Pallas LayerNorm and normaliser at their tuned tiles (+ cuBLASLt), headline_fp8_stack the same with fp8
     GEMMs on the benchmark's fp8 params, headline_materialized_all_triton = materialised attention (+ the
     all-Triton flag). Their maps stay within the benchmark's parity tolerance of the bf16 headline (bf16's 5e-2;
-    fp8's 0.15), so a stack that lost a lever's correctness would not be timed as a win."""
+    fp8's 0.15), so a stack that lost a lever's correctness would not be timed as a win. headline_mosaic_stack is
+    the exact-GELU stack: all three Pallas kernels, fc1 + GELU as bench/mosaic_mlp.py's (its reference off a GPU;
+    tests/test_mosaic_mlp.py runs the kernel itself)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -687,8 +690,9 @@ def test_probe_stack_variants_combine_the_levers_they_name():
     x = jax.random.normal(jax.random.key(5), (4,) + cfg.img_size + (3,))
     fn, params, _ = build_variant("headline", cfg, jnp.bfloat16, params32)
     want = np.asarray(fn(params, x)["maps"], np.float32)
+    assert variant_options("headline_mosaic_stack") == dict(stack, gelu="erf", kernels="pallas")
     for name, tol in (("headline_stack", BF16_TOL), ("headline_fp8_stack", FP8_TOL),
-                      ("headline_materialized_all_triton", BF16_TOL)):
+                      ("headline_materialized_all_triton", BF16_TOL), ("headline_mosaic_stack", BF16_TOL)):
         fn, params, ctx = build_variant(name, cfg, jnp.bfloat16, params32)
         assert ("kernel_e4m3" in params["blocks_0"]["mlp"]["fc1"]) == (name == "headline_fp8_stack"), name
         with ctx():
