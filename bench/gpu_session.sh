@@ -68,7 +68,7 @@ other_methods() {
     --deadline $(( $(left) - 30 )) --out "$OUT/bench_b16_methods" "$@" ${BENCH_ARGS:-} 2>&1 | tee -a "$log"
   rm -f "$OUT/bench_b16_methods/results.md"
 }
-MOSAIC=headline_mosaic_mlp,headline_mosaic_stack,headline_mosaic_mlp_s2,headline_mosaic_mlp_64x256
+MOSAIC=headline_mosaic_mlp_ws,headline_mosaic_stack,headline_mosaic_mlp,headline_mosaic_mlp_s2,headline_mosaic_mlp_64x256
 PALLAS=headline_pallas,headline_pallas_layernorm,headline_pallas_mlp,headline_pallas_head,headline_pallas_layernorm_head
 # the jaxvit.kernels tiles the probe tuned ('' for the library's)
 probe_tiles() {
@@ -179,7 +179,7 @@ case "$1" in
     # the Pallas LayerNorm and normaliser), fp8, the fp8 stack, fp8_mlp, norm2 folded into fc1 (its LayerNorm
     # apply pass gone into the GELU pass), cuBLASLt alone, fp8 with tanh GELU; last (a hand-written kernel never
     # run on a GPU before: if it hangs, only it is lost), fc1 + exact GELU as one Mosaic GPU wgmma kernel, alone at
-    # three tiles and in the exact-GELU stack. Each variant's output is compared with the default's.
+    # four tiles (one warp-specialised) and in the exact-GELU stack. Each variant's output is compared with the default's.
     # Then the targets' form: bf16, fp8 and fp8_mlp rows at b256 interleaved with torch, the maps' parity
     # against torch fp32 (~2 min); then, with 90 s left, the digits numerics (~1 min).
     timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 170 )) --batches ${PROBE_BATCHES:-1,256} \

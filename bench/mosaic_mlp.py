@@ -27,26 +27,35 @@ SWIZZLE = 128  # bytes: the widest wgmma shared-memory swizzle; a K step is one 
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
-    """Output tile (block_m x block_n) per program, `stages` K steps of loads in flight."""
+    """Output tile (block_m x block_n) per compute warpgroup, `stages` K steps of loads in flight, `wgs` compute
+    warpgroups per program: 1, which also issues the loads (`emit_pipeline`), or 2 beside a third that only loads
+    (warp specialisation, `emit_pipeline_warp_specialized`), each computing its own block_n columns."""
 
     block_m: int = 128
     block_n: int = 128
     stages: int = 4
+    wgs: int = 1
 
     @property
     def block_k(self) -> int:
         return SWIZZLE // 2  # bf16 elements per swizzle row
 
+    @property
+    def program_n(self) -> int:
+        return self.block_n * self.wgs
 
-# One warpgroup per program holds the (block_m, block_n) float32 accumulator: 128 registers per thread at
-# 128x128 or 64x256 (128x256 would spill). Shared memory: 4 stages of 128x128 take 160 KiB (one program per SM),
-# 2 stages 96 KiB (two per SM, so one program's epilogue overlaps the other's loads).
-TILES = {"128x128": Tile(), "128x128s2": Tile(stages=2), "64x256": Tile(64, 256, 4)}
+
+# One warpgroup holds its (block_m, block_n) float32 accumulator: 128 registers per thread at 128x128 or 64x256
+# (128x256 would spill). Shared memory per program: 4 stages of 128x128 take 160 KiB (one program per SM), 2 stages
+# 96 KiB (two per SM, so one program's epilogue overlaps the other's loads); warp-specialised 2 x 128x128 with 3
+# stages 208 KiB.
+TILES = {"128x128": Tile(), "128x128s2": Tile(stages=2), "64x256": Tile(64, 256, 4),
+         "ws2x128x128": Tile(stages=3, wgs=2)}
 
 
 def supported(k: int, n: int, dtype, tile: Tile = Tile()) -> bool:
     """Whether the kernel tiles a (K, N) bf16 weight: K a multiple of the K step, N of block_n."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and k % tile.block_k == 0 and n % tile.block_n == 0
+    return jnp.dtype(dtype) == jnp.bfloat16 and k % tile.block_k == 0 and n % tile.program_n == 0
 
 
 def reference(x, w, b):
@@ -70,17 +79,38 @@ def _load(ref, layout):
         return plgpu.load(ref, (), layout=layout)
 
 
+def _swizzled():
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE)
+
+
+def _epilogue(acc, b_gmem, o_gmem, o_smem, b_smem, bias_ready, rows, cols):
+    """o[rows, cols] = GELU(acc + b[cols]) from the float32 accumulator's value `acc`, one bf16 rounding, through
+    shared memory and TMA. The bias copy is issued first thing by the caller (`_bias_copy`), so it lands during
+    the GEMM."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    plgpu.barrier_wait(bias_ready)
+    # the bias in the accumulator's column layout, so it broadcasts over rows in registers
+    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+    o_smem[...] = _gelu(acc + jax.lax.broadcast_in_dim(bias, acc.shape, (1,))).astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile: Tile, k_steps: int):
+    """One warpgroup per program: it issues the TMA loads (`emit_pipeline`) and the wgmmas."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     bm, bn, bk = tile.block_m, tile.block_n, tile.block_k
-    swizzled = (plgpu.TilingTransform((8, bk)), plgpu.SwizzleTransform(SWIZZLE))
     # n is the grid's minor axis: programs running at once share x's row block (from L2), and w (4.5 MiB at
     # ViT-B) stays in L2
     j, i = jax.lax.axis_index("n"), jax.lax.axis_index("m")
     cols = pl.ds(j * bn, bn)
-    plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem, bias_ready)  # lands while the GEMM runs
+    plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem.at[0], bias_ready.at[0])
 
     def gemm(acc):  # the register accumulator in its own scope (the interpreter wants it apart from SMEM's)
         def step(_, x_smem, w_smem):
@@ -89,21 +119,44 @@ def _kernel(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile:
 
         plgpu.emit_pipeline(
             step, grid=(k_steps,), max_concurrent_steps=tile.stages,
-            in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (i, k), transforms=swizzled, delay_release=1),
-                      plgpu.BlockSpec((bk, bn), lambda k: (k, j), transforms=swizzled, delay_release=1)],
+            in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (i, k), transforms=_swizzled(), delay_release=1),
+                      plgpu.BlockSpec((bk, bn), lambda k: (k, j), transforms=_swizzled(), delay_release=1)],
         )(x_gmem, w_gmem)
         plgpu.wgmma_wait(0)
         return acc[...]
 
-    y = pl.run_scoped(gemm, plgpu.ACC((bm, bn), jnp.float32))
-    plgpu.barrier_wait(bias_ready)
-    # the bias in the accumulator's column layout, so it broadcasts over rows in registers
-    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
-    y = y + jax.lax.broadcast_in_dim(bias, (bm, bn), (1,))
-    o_smem[...] = _gelu(y).astype(o_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(i * bm, bm), cols])
-    plgpu.wait_smem_to_gmem(0)
+    acc = pl.run_scoped(gemm, plgpu.ACC((bm, bn), jnp.float32))
+    _epilogue(acc, b_gmem, o_gmem, o_smem.at[0], b_smem.at[0], bias_ready.at[0], pl.ds(i * bm, bm), cols)
+
+
+def _kernel_ws(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile: Tile, k_steps: int):
+    """Warp-specialised: a memory warpgroup issues the TMA loads of x's (block_m, K step) and w's (K step,
+    wgs x block_n) tiles; `tile.wgs` compute warpgroups each run the wgmmas of their block_n columns and the
+    epilogue (the pipeline's compute context), so loads never wait behind an epilogue."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    bm, bn, bk = tile.block_m, tile.block_n, tile.block_k
+    j, i = jax.lax.axis_index("n"), jax.lax.axis_index("m")
+
+    def compute(run_pipeline):  # on the compute warpgroups only
+        wg = jax.lax.axis_index("wg")
+        cols = pl.ds(j * tile.program_n + wg * bn, bn)
+        plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem.at[wg], bias_ready.at[wg])
+        acc = pl.run_scoped(lambda acc: run_pipeline(acc)[...], plgpu.ACC((bm, bn), jnp.float32))
+        _epilogue(acc, b_gmem, o_gmem, o_smem.at[wg], b_smem.at[wg], bias_ready.at[wg], pl.ds(i * bm, bm), cols)
+
+    def step(_, x_smem, w_smem, acc):
+        plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(jax.lax.axis_index("wg") * bn, bn)])
+        plgpu.wgmma_wait(0)  # the memory warpgroup refills this slot once every compute warpgroup is done with it
+        return acc
+
+    plgpu.emit_pipeline_warp_specialized(
+        step, grid=(k_steps,), max_concurrent_steps=tile.stages, memory_registers=40, wg_axis="wg",
+        num_compute_wgs=tile.wgs, compute_context=compute,
+        in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (i, k), transforms=_swizzled()),
+                  plgpu.BlockSpec((bk, tile.program_n), lambda k: (k, j), transforms=_swizzled())],
+    )(x_gmem, w_gmem)
 
 
 def interpret_params(**kw):
@@ -124,15 +177,16 @@ def _call(x, w, b, *, tile: Tile, interpret):
     n = w.shape[1]
     padded = -(-rows // tile.block_m) * tile.block_m  # TMA tiles whole blocks; zero rows, sliced off below
     xp = jnp.pad(x, ((0, padded - rows), (0, 0))) if padded != rows else x
-    out_swizzle = (plgpu.TilingTransform((8, tile.block_k)), plgpu.SwizzleTransform(SWIZZLE))
     kwargs = {"interpret": interpret_params() if interpret is True else interpret} if interpret else {}
+    if tile.wgs > 1:  # the compute warpgroups and one more for the loads
+        kwargs.update(num_threads=tile.wgs + 1, thread_name="wg")
     call = plgpu.kernel(
-        functools.partial(_kernel, tile=tile, k_steps=k // tile.block_k),
+        functools.partial(_kernel_ws if tile.wgs > 1 else _kernel, tile=tile, k_steps=k // tile.block_k),
         out_type=jax.ShapeDtypeStruct((padded, n), x.dtype),
-        scratch_types=[plgpu.SMEM((tile.block_m, tile.block_n), x.dtype, transforms=out_swizzle),
-                       plgpu.SMEM((tile.block_n,), b.dtype),
-                       plgpu.Barrier()],
-        grid=(n // tile.block_n, padded // tile.block_m),  # the first axis is launched fastest (CUDA's x)
+        scratch_types=[plgpu.SMEM((tile.wgs, tile.block_m, tile.block_n), x.dtype, transforms=_swizzled()),
+                       plgpu.SMEM((tile.wgs, tile.block_n), b.dtype),
+                       plgpu.Barrier(num_barriers=tile.wgs)],
+        grid=(n // tile.program_n, padded // tile.block_m),  # the first axis is launched fastest (CUDA's x)
         grid_names=("n", "m"),
         # per-lane semantics: Mosaic's warpgroup layout inference has no rule for erf
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
