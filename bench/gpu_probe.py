@@ -368,8 +368,11 @@ def main(argv=None) -> int:
                    help="tiles of the headline_pallas* variants: 'auto' (the fastest correct ones of the kernels "
                         "stage, run first when such a variant is asked for) or jaxvit.kernels.Tiles text")
     p.add_argument("--profile", action="store_true",
-                   help="trace --profile-variant at the largest batch and summarise device time by XLA op")
+                   help="trace --profile-variant at --profile-batch and summarise device time by XLA op")
     p.add_argument("--profile-variant", default="headline", choices=VARIANTS)
+    p.add_argument("--profile-batch", type=int_at_least(1), default=None,
+                   help="batch of the trace (default: the largest of --batches); it runs right after that batch's "
+                        "variants, so a deadline that cuts later batches leaves it")
     p.add_argument("--out", type=_json_out_arg, required=True, help="JSON file, rewritten after every measurement")
     args = p.parse_args(argv)
 
@@ -387,6 +390,8 @@ def main(argv=None) -> int:
     cfg = config_for(args.model)
     size = cfg.img_size[0]
     batches = [int(b) for b in args.batches.split(",") if b]
+    if args.profile and args.profile_batch and args.profile_batch not in batches:
+        p.error(f"--profile-batch {args.profile_batch} is not one of --batches {args.batches}")
     variants = [v for v in args.variants.split(",") if v]
     b1_variants = [v for v in args.b1_variants.split(",") if v]
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
@@ -430,6 +435,22 @@ def main(argv=None) -> int:
             res["kernels"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         _log(f"kernels: tiles {tiles or 'default'}")
         save()
+    def profile(batch):
+        if late("profile"):
+            return
+        try:
+            fn, params, ctx = build_variant(args.profile_variant, cfg, dtype, params32, tiles)
+            x = jax.random.normal(jax.random.key(5), (batch, size, size, 3), jnp.float32)
+            with ctx():
+                compiled = fn.lower(params, x).compile(COMPILE_OPTIONS.get(args.profile_variant))
+            res["profile"] = profile_summary(compiled, (params, x), 5, str(out_path.with_suffix("")) + "_trace")
+        except Exception as e:
+            res["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res["profile"].update(variant=args.profile_variant, batch=batch)
+        _log(f"profile: {json.dumps(res['profile'])[:2000]}")
+        save()
+
+    profile_batch = args.profile_batch or max(batches)
     params32 = random_params(jaxvit_model(cfg), size)
     for i_batch, batch in enumerate(batches):
         if i_batch == 1 and args.floors:
@@ -461,6 +482,8 @@ def main(argv=None) -> int:
                 res["variants"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 _log(f"{key}: {res['variants'][key]['error']}")
             save()
+        if args.profile and batch == profile_batch:
+            profile(batch)
     if args.floors and len(batches) < 2:
         floors()
     for i, flags in enumerate(s for s in args.xla_flags_sets.split(";") if s.strip()):
@@ -484,19 +507,6 @@ def main(argv=None) -> int:
         entry["wall_s"] = time.perf_counter() - t0
         res["flag_sets"][flags] = entry
         _log(f"XLA_FLAGS+={flags}: {json.dumps(entry)[:400]}")
-        save()
-    if args.profile and not late("profile"):
-        big = max(batches)
-        try:
-            fn, params, ctx = build_variant(args.profile_variant, cfg, dtype, params32, tiles)
-            x = jax.random.normal(jax.random.key(5), (big, size, size, 3), jnp.float32)
-            with ctx():
-                compiled = fn.lower(params, x).compile(COMPILE_OPTIONS.get(args.profile_variant))
-            res["profile"] = profile_summary(compiled, (params, x), 5, str(out_path.with_suffix("")) + "_trace")
-        except Exception as e:
-            res["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        res["profile"]["variant"] = args.profile_variant
-        _log(f"profile: {json.dumps(res['profile'])[:2000]}")
         save()
     res["wall_s"] = time.perf_counter() - t_start
     save()

@@ -174,7 +174,8 @@ case "$1" in
     # One probe process, so every lever times beside the default headline (same autotuning and clocks), and
     # each variant's "gemms" says what XLA made of it (12 BIAS_GELU epilogues; 48 or 72, 24 fp8 calls):
     # b1 first (~1 min; each call is short, so the deadline cannot take the latency target's reading): the
-    # default, materialised attention, with the all-Triton flag, command buffers around regions of 1+ ops, none, fp8;
+    # default, materialised attention, with the all-Triton flag, command buffers around regions of 1+ ops, none, fp8,
+    # then a trace of the default at b1 (its kernels' busy time against the call's: what bounds the latency target);
     # b256 (~3 min), the targets' variants first: the default, tanh GELU with cuBLASLt, the bf16 stack (that +
     # the Pallas LayerNorm and normaliser), fp8, the fp8 stack, fp8_mlp, norm2 folded into fc1 (its LayerNorm
     # apply pass gone into the GELU pass), cuBLASLt alone, fp8 with tanh GELU; last (a hand-written kernel never
@@ -185,7 +186,7 @@ case "$1" in
     timeout $(( $(left) - 130 )) $PY -m bench.gpu_probe --deadline $(( $(left) - 170 )) --batches ${PROBE_BATCHES:-1,256} \
       --variants headline,headline_gelu_tanh_cublaslt,headline_stack,headline_fp8,headline_fp8_stack,headline_fp8_mlp,headline_ln_fold,headline_cublaslt,headline_fp8_gelu_tanh,$MOSAIC \
       --b1-variants headline,headline_materialized,headline_materialized_all_triton,headline_graph_min1,headline_no_graphs,headline_fp8 \
-      --out "$OUT/issue29.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
+      --profile --profile-batch 1 --out "$OUT/issue29.json" ${PROBE_ARGS:-} 2>&1 | tee -a "$log"
     $PY -m bench.probe_table "$OUT/issue29.json" 2>&1 | tee -a "$log"  # each variant against its batch's headline
     timeout $(( $(left) - 5 )) $PY -m bench --models ${FP8_MODEL:-vit_b16} --dtypes bf16,fp8,fp8_mlp \
       --methods predicatt_L+L-1 --batch ${FP8_BATCH:-256} --memory-check none --no-bounds \

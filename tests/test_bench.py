@@ -447,7 +447,7 @@ def test_best_kernels_needs_a_margin_at_the_largest_batch():
 @pytest.mark.slow
 def test_probe_times_variants_under_a_flag_set(tmp_path):
     """`python -m bench.gpu_probe` on CPU: the variants, then each flag set's variants in a subprocess
-    whose XLA_FLAGS carry the set instead of the CLI default it overrides."""
+    whose XLA_FLAGS carry the set instead of the CLI default it overrides; the trace at --profile-batch."""
     out = tmp_path / "probe.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)
@@ -455,7 +455,8 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
         [sys.executable, "-m", "bench.gpu_probe", "--model", "tiny", "--batches", "2,1", "--variants",
          "headline,headline_ln_twopass,headline_pallas", "--b1-variants", "headline,headline_gelu_tanh_cublaslt", "--repeats", "2", "--warmup", "1",
          "--xla-flags-sets=--xla_gpu_enable_triton_gemm=true", "--flag-set-variants", "headline,headline_ln_twopass",
-         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+         "--profile", "--profile-batch", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert {"headline_b2", "headline_ln_twopass_b2", "headline_pallas_b2", "headline_b1"} <= set(res["variants"])
@@ -465,6 +466,10 @@ def test_probe_times_variants_under_a_flag_set(tmp_path):
     lt = res["variants"]["headline_gelu_tanh_cublaslt_b1"]
     assert lt["compile_options"] == {"xla_gpu_enable_cublaslt": True} and lt["gemms"] == {}
     assert res["variants"]["headline_b1"]["compile_options"] is None
+    # each variant's output against the default's: the same function, so within bf16-vs-bf16 rounding
+    assert res["variants"]["headline_ln_twopass_b2"]["maps_vs_headline"] < 5e-2
+    # the trace at the batch asked for (here the smaller one), with the default headline
+    assert (res["profile"]["batch"], res["profile"]["variant"]) == (1, "headline") and res["profile"]["lines"]
     # a headline_pallas* variant tunes the kernels' tiles first (on CPU: the XLA reference of each)
     from jaxvit.kernels import Tiles
 
@@ -832,6 +837,8 @@ def test_rss_memory_where_it_cannot_be_read_is_refused(tmp_path, capsys, monkeyp
     (["--deadline", "soon"], "argument --deadline: takes a number of seconds"),
     (["--kernel-tiles", "dense=a"], "argument --kernel-tiles: kernel tiles 'dense=a'"),
     (["--model", "vit_h14"], "argument --model: invalid choice"),
+    (["--profile", "--profile-batch", "8", "--batches", "256,1"], "--profile-batch 8 is not one of --batches 256,1"),
+    (["--profile-batch", "0"], "argument --profile-batch: expected a positive integer"),
 ])
 def test_gpu_probe_bad_arguments_fail_at_parse_time(argv, message, tmp_path, capsys):
     """The GPU probe runs inside a device session's few minutes: a bad option stops it at once with
