@@ -351,11 +351,11 @@ def test_shipped_config(shipped):
 @needs_asset
 def test_shipped_accuracy(shipped):
     model, params = shipped
-    # Golden value of the committed checkpoint (TRAINING.md: 0.976 on 1000 test scenes). The scenes
+    # Golden value of the committed checkpoint (TRAINING.md: 0.980 on 1000 test scenes). The scenes
     # are seeded and the forward deterministic on CPU; 0.01 leaves room for another XLA build
     # flipping a borderline scene or two (1 scene = 0.0033).
     acc = train_digits.evaluate(model, params, n=300, split="test", seed=train_digits.EVAL_SEED, batch=150)
-    assert abs(acc - 0.9667) <= 0.01, acc
+    assert abs(acc - 0.97) <= 0.01, acc
 
 
 @needs_asset
