@@ -435,6 +435,7 @@ def main(argv=None) -> int:
             res["kernels"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         _log(f"kernels: tiles {tiles or 'default'}")
         save()
+
     def profile(batch):
         if late("profile"):
             return

@@ -9,8 +9,8 @@ rounds once to bf16 (`jaxvit.kernels.dense_act_reference`'s function), staged th
 by TMA. Not a model option: the probe patches it into `ViT(kernels="pallas_mlp")`'s fc1 while it traces, until
 a GPU says whether it pays (bench/NOTES.md).
 
-Checked here (CPU): `interpret=True` runs the kernel in jax's Mosaic GPU interpreter (jax >= 0.11) against the
-reference; lowered for CUDA it is one Mosaic GPU custom call (jax 0.10 and 0.11). On other platforms
+Checked here (CPU): `interpret=True` runs the kernel in jax's Mosaic GPU interpreter (jax 0.10 and 0.11) against
+the reference; lowered for CUDA it is one Mosaic GPU custom call (jax 0.10 and 0.11). On other platforms
 `dense_gelu` computes the reference, as jaxvit's kernels do.
 """
 
@@ -69,14 +69,14 @@ def _gelu(y):
     return 0.5 * y * (1.0 + jax.lax.erf(y * (2 ** -0.5)))
 
 
-def _load(ref, layout):
-    """The whole of `ref` in registers in `layout` (jax 0.10 takes an index argument, 0.11 deprecates it)."""
+def _bias_row(b_smem, interpreted: bool):
+    """The bias tile in registers, in the accumulator's column layout so it broadcasts over rows there. The
+    interpreter has no layouts (and jax 0.10's no rule for layout_cast): there a plain load, the same values."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    try:
-        return plgpu.load(ref, layout=layout)
-    except TypeError:
-        return plgpu.load(ref, (), layout=layout)
+    if interpreted:
+        return b_smem[...]
+    return plgpu.layout_cast(b_smem[...], plgpu.Layout.WGMMA.reduce(0))
 
 
 def _swizzled():
@@ -85,22 +85,21 @@ def _swizzled():
     return plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE)
 
 
-def _epilogue(acc, b_gmem, o_gmem, o_smem, b_smem, bias_ready, rows, cols):
+def _epilogue(acc, o_gmem, o_smem, b_smem, bias_ready, rows, cols, interpreted):
     """o[rows, cols] = GELU(acc + b[cols]) from the float32 accumulator's value `acc`, one bf16 rounding, through
     shared memory and TMA. The bias copy is issued first thing by the caller (`_bias_copy`), so it lands during
     the GEMM."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     plgpu.barrier_wait(bias_ready)
-    # the bias in the accumulator's column layout, so it broadcasts over rows in registers
-    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+    bias = _bias_row(b_smem, interpreted).astype(jnp.float32)
     o_smem[...] = _gelu(acc + jax.lax.broadcast_in_dim(bias, acc.shape, (1,))).astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile: Tile, k_steps: int):
+def _kernel(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile: Tile, k_steps: int, interpreted):
     """One warpgroup per program: it issues the TMA loads (`emit_pipeline`) and the wgmmas."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -126,10 +125,11 @@ def _kernel(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile:
         return acc[...]
 
     acc = pl.run_scoped(gemm, plgpu.ACC((bm, bn), jnp.float32))
-    _epilogue(acc, b_gmem, o_gmem, o_smem.at[0], b_smem.at[0], bias_ready.at[0], pl.ds(i * bm, bm), cols)
+    _epilogue(acc, o_gmem, o_smem.at[0], b_smem.at[0], bias_ready.at[0], pl.ds(i * bm, bm), cols, interpreted)
 
 
-def _kernel_ws(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile: Tile, k_steps: int):
+def _kernel_ws(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, tile: Tile, k_steps: int,
+               interpreted):
     """Warp-specialised: a memory warpgroup issues the TMA loads of x's (block_m, K step) and w's (K step,
     wgs x block_n) tiles; `tile.wgs` compute warpgroups each run the wgmmas of their block_n columns and the
     epilogue (the pipeline's compute context), so loads never wait behind an epilogue."""
@@ -144,7 +144,8 @@ def _kernel_ws(x_gmem, w_gmem, b_gmem, o_gmem, o_smem, b_smem, bias_ready, *, ti
         cols = pl.ds(j * tile.program_n + wg * bn, bn)
         plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem.at[wg], bias_ready.at[wg])
         acc = pl.run_scoped(lambda acc: run_pipeline(acc)[...], plgpu.ACC((bm, bn), jnp.float32))
-        _epilogue(acc, b_gmem, o_gmem, o_smem.at[wg], b_smem.at[wg], bias_ready.at[wg], pl.ds(i * bm, bm), cols)
+        _epilogue(acc, o_gmem, o_smem.at[wg], b_smem.at[wg], bias_ready.at[wg], pl.ds(i * bm, bm), cols,
+                  interpreted)
 
     def step(_, x_smem, w_smem, acc):
         plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(jax.lax.axis_index("wg") * bn, bn)])
@@ -181,7 +182,8 @@ def _call(x, w, b, *, tile: Tile, interpret):
     if tile.wgs > 1:  # the compute warpgroups and one more for the loads
         kwargs.update(num_threads=tile.wgs + 1, thread_name="wg")
     call = plgpu.kernel(
-        functools.partial(_kernel_ws if tile.wgs > 1 else _kernel, tile=tile, k_steps=k // tile.block_k),
+        functools.partial(_kernel_ws if tile.wgs > 1 else _kernel, tile=tile, k_steps=k // tile.block_k,
+                          interpreted=bool(interpret)),
         out_type=jax.ShapeDtypeStruct((padded, n), x.dtype),
         scratch_types=[plgpu.SMEM((tile.wgs, tile.block_m, tile.block_n), x.dtype, transforms=_swizzled()),
                        plgpu.SMEM((tile.wgs, tile.block_n), b.dtype),

@@ -1,5 +1,5 @@
 """bench/mosaic_mlp.py, the probe's fc1 + exact GELU as one Mosaic GPU (Hopper wgmma) kernel: it computes
-jaxvit's dense_act reference (run in jax's Mosaic GPU interpreter, jax >= 0.11), lowers for CUDA to one Mosaic
+jaxvit's dense_act reference (run in jax's Mosaic GPU interpreter), lowers for CUDA to one Mosaic
 GPU call per fc1, and the probe's variants put it in the model where they say."""
 
 import functools
@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 
 from bench import mosaic_mlp
-from conftest import cuda_lowering
 from bench.probe_variants import MOSAIC_VARIANTS, build_variant, config_for, jaxvit_model, random_params
+from conftest import cuda_lowering
 
-try:
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - every jax this project supports has it
-    plgpu = None
-
-# jax 0.10's interpreter cannot run plgpu.load (the bias); 0.11's runs the whole kernel
-needs_interpreter = pytest.mark.skipif(plgpu is None or not hasattr(plgpu, "InterpretGPUParams"),
-                                       reason="jax's Mosaic GPU interpreter runs this kernel from jax 0.11")
 
 
 def _operands(rows=300, k=768, n=512, seed=1):
@@ -52,7 +44,6 @@ def test_the_equality_bar_tells_exact_from_tanh_gelu():
     assert _bitwise_share(mosaic_mlp.reference(x, w, b), erf) == 1.0
 
 
-@needs_interpreter
 @pytest.mark.parametrize("tile", sorted(mosaic_mlp.TILES))
 def test_kernel_equals_the_reference_in_the_interpreter(tile):
     x, w, b = _operands()
@@ -110,7 +101,6 @@ def test_probe_variants_lower_each_fc1_to_the_mosaic_kernel(name):
     assert jaxvit.model.pallas_kernels.dense_act is jaxvit.kernels.dense_act
 
 
-@needs_interpreter
 def test_probe_variant_runs_the_kernel_inside_the_model(monkeypatch):
     """The tiny model's headline with fc1 + GELU in the interpreted kernel: its maps are the bf16 headline's
     within the benchmark's bf16 parity tolerance (the kernel rounds fc1 + GELU once where XLA rounds twice)."""
