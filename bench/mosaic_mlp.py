@@ -87,8 +87,8 @@ def _swizzled():
 
 def _epilogue(acc, o_gmem, o_smem, b_smem, bias_ready, rows, cols, interpreted):
     """o[rows, cols] = GELU(acc + b[cols]) from the float32 accumulator's value `acc`, one bf16 rounding, through
-    shared memory and TMA. The bias copy is issued first thing by the caller (`_bias_copy`), so it lands during
-    the GEMM."""
+    shared memory and TMA. The kernels issue the bias tile's copy (`bias_ready`) before their GEMM, so it lands
+    during it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     plgpu.barrier_wait(bias_ready)
