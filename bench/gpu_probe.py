@@ -375,6 +375,9 @@ def main(argv=None) -> int:
                         "variants, so a deadline that cuts later batches leaves it")
     p.add_argument("--out", type=_json_out_arg, required=True, help="JSON file, rewritten after every measurement")
     args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if args.profile and args.profile_batch and args.profile_batch not in batches:
+        p.error(f"--profile-batch {args.profile_batch} is not one of --batches {args.batches}")
 
     from bench.bounds import jax_dense_gemms, jax_matmul_peak
     from predmaps.runtime import configure_xla_flags
@@ -389,9 +392,6 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision", "highest")
     cfg = config_for(args.model)
     size = cfg.img_size[0]
-    batches = [int(b) for b in args.batches.split(",") if b]
-    if args.profile and args.profile_batch and args.profile_batch not in batches:
-        p.error(f"--profile-batch {args.profile_batch} is not one of --batches {args.batches}")
     variants = [v for v in args.variants.split(",") if v]
     b1_variants = [v for v in args.b1_variants.split(",") if v]
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,

@@ -24,7 +24,7 @@ import numpy as np
 
 from convert.sources import WEIGHT_FILES, download, read_file, read_json
 from convert.errors import key_mismatch, other_sizes
-from jaxvit.text import TextConfig, TextEncoder, init_params
+from jaxvit.text import TextConfig, TextEncoder, hf_name, init_params
 from jaxvit.tokenizer import TOKENIZER_FILES, TextTokenizer
 
 # Each family's tensor (without .weight / .bias) for every TextEncoder parameter; {i} is the layer.
@@ -69,17 +69,16 @@ def tensor_names(config: TextConfig) -> dict[str, str]:
 
 
 # The config.json size along each axis of a parameter (flax's layout; a bias has its kernel's last), by BERT's names;
-# every other parameter's are hidden_size. DistilBERT names two of them its own way.
+# every other parameter's are hidden_size.
 _AXES = {"word": ("vocab_size", "hidden_size"), "position": ("max_position_embeddings", "hidden_size"),
          "token_type": ("type_vocab_size", "hidden_size"), "ffn_in": ("hidden_size", "intermediate_size"),
          "ffn_out": ("intermediate_size", "hidden_size"), "head_out": ("hidden_size", "num_labels")}
-_DISTILBERT_NAMES = {"hidden_size": "dim", "intermediate_size": "hidden_dim"}
 
 
 def _said(config: TextConfig, size: str) -> tuple[str, int]:
     """(config.json's name of a size of `_AXES`, its value)."""
     value = config.num_classes if size == "num_labels" else getattr(config, size)
-    return (_DISTILBERT_NAMES.get(size, size) if config.family == "distilbert" else size), value
+    return hf_name(config.family, size), value
 
 
 # TF-era LayerNorm names, which transformers renames on load: the file's suffix -> transformers'.

@@ -53,6 +53,16 @@ _BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, n
 HF_DEFAULTS = {"bert": _BERT_DEFAULTS, "roberta": dict(_BERT_DEFAULTS, vocab_size=50265, pad_token_id=1),
                "distilbert": dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072,
                                   activation="gelu", max_position_embeddings=512, pad_token_id=0, num_labels=2)}
+# DistilBERT's config.json names for BERT's settings (transformers' DistilBertConfig); the other families use BERT's.
+DISTILBERT_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                    "intermediate_size": "hidden_dim", "hidden_act": "activation"}
+
+
+def hf_name(family: str, name: str) -> str:
+    """config.json's name, in `family`, of the setting BERT's config.json calls `name`."""
+    return DISTILBERT_NAMES.get(name, name) if family == "distilbert" else name
+
+
 # The classification head of each family: its hidden layer's activation (nu = out(act(dense(t)))).
 HEAD_ACTIVATIONS = {"bert": jnp.tanh, "roberta": jnp.tanh, "distilbert": nn.relu}
 
@@ -139,16 +149,17 @@ class TextConfig:
         if pos_type != "absolute":
             raise UnsupportedArchitectureError(f"position_embedding_type {pos_type!r} is not supported (only "
                                                "'absolute' position embeddings)")
-        said = lambda name: hf.get(name, HF_DEFAULTS[family][name])  # noqa: E731
-        if family == "distilbert":  # its own names; no token types, its LayerNorm eps fixed by transformers' code
-            sizes = dict(hidden_size=said("dim"), num_layers=said("n_layers"), num_heads=said("n_heads"),
-                         intermediate_size=said("hidden_dim"), type_vocab_size=0, layer_norm_eps=1e-12,
-                         hidden_act=said("activation"))
+        def said(name):  # config.json's value of BERT's setting `name`, transformers' default where it is silent
+            name = hf_name(family, name)
+            return hf.get(name, HF_DEFAULTS[family][name])
+
+        sizes = dict(hidden_size=said("hidden_size"), num_layers=said("num_hidden_layers"),
+                     num_heads=said("num_attention_heads"), intermediate_size=said("intermediate_size"),
+                     hidden_act=said("hidden_act"))
+        if family == "distilbert":  # no token types; its LayerNorm eps fixed by transformers' code
+            sizes.update(type_vocab_size=0, layer_norm_eps=1e-12)
         else:
-            sizes = dict(hidden_size=said("hidden_size"), num_layers=said("num_hidden_layers"),
-                         num_heads=said("num_attention_heads"), intermediate_size=said("intermediate_size"),
-                         type_vocab_size=said("type_vocab_size"), layer_norm_eps=said("layer_norm_eps"),
-                         hidden_act=said("hidden_act"))
+            sizes.update(type_vocab_size=said("type_vocab_size"), layer_norm_eps=said("layer_norm_eps"))
         eps = sizes["layer_norm_eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"layer_norm_eps must be a small positive number; got {eps!r}")
