@@ -17,9 +17,23 @@ os.environ["PREDMAPS_COMPILE_CACHE"] = "off"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, as many as memory holds. One process running the suite peaked at
+    4.8 GB resident (2-core VM, 2026-12-07); 6 GiB each leaves the rest of the machine room."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(len(os.sched_getaffinity(0)), memory // (6 << 30)))
+
+
 def pytest_configure(config):
     """Under CI (the CI variable set, as .ci/run does) a missing [torch] extra stops the run: the
     parity tests would otherwise skip, and a failed install would pass as green."""
+    # Under pytest-xdist each worker takes its share of the cores for torch's OpenMP threads, set before
+    # torch is imported: two workers with a thread per core each spun against each other (10% of the time
+    # of two test files run side by side on the 2-core VM, 2026-12-07). XLA's pool is left as it is:
+    # pinning each worker to its own core saved nothing there.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
     if os.environ.get("CI"):
         try:
             import open_clip  # noqa: F401
