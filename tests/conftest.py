@@ -17,11 +17,16 @@ os.environ["PREDMAPS_COMPILE_CACHE"] = "off"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def _cores() -> int:
+    """The cores this process may run on (sched_getaffinity is Linux's; elsewhere all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker per core, as many as memory holds. One process running the suite peaked at
     4.8 GB resident (2-core VM, 2026-12-07); 6 GiB each leaves the rest of the machine room."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(1, min(len(os.sched_getaffinity(0)), memory // (6 << 30)))
+    return max(1, min(_cores(), memory // (6 << 30)))
 
 
 def pytest_configure(config):
@@ -30,10 +35,10 @@ def pytest_configure(config):
     # Under pytest-xdist each worker takes its share of the cores for torch's OpenMP threads, set before
     # torch is imported: two workers with a thread per core each spun against each other (10% of the time
     # of two test files run side by side on the 2-core VM, 2026-12-07). XLA's pool is left as it is:
-    # pinning each worker to its own core saved nothing there.
+    # pinning each of the two to its own core used the cores no better there.
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // int(workers))))
     if os.environ.get("CI"):
         try:
             import open_clip  # noqa: F401
