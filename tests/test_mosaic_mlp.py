@@ -14,7 +14,6 @@ from bench.probe_variants import MOSAIC_VARIANTS, build_variant, config_for, jax
 from conftest import cuda_lowering
 
 
-
 def _operands(rows=300, k=768, n=512, seed=1):
     """Rows not a multiple of any tile's (the padded last block), K = 768 (12 steps: more than any tile's
     stages, so pipeline buffers are reused), N = 512 (several column blocks)."""
